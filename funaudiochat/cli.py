@@ -1,0 +1,62 @@
+"""The `funaudiochat` command. Each sub-command lives in its own module, imported only when used.
+
+A sub-command module defines `add_arguments(parser)` and `main(args) -> int`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from funaudiochat.errors import FunAudioChatError
+
+# name -> (module, one-line help). Keep sorted by topic, not alphabet.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "infer": ("funaudiochat.engine.cli_infer", "answer one spoken (or typed) question: text, speech tokens, wav"),
+    "chat": ("funaudiochat.engine.cli_chat", "multi-turn voice/text chat in the terminal"),
+    "check-reference": ("funaudiochat.check.cli", "replay a golden reference directory and compare outputs"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = [f"  {name:<18} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return argparse.ArgumentParser(
+        prog="funaudiochat",
+        description="Fun-Audio-Chat: speech in, text and speech out.",
+        epilog="commands:\n" + "\n".join(lines) + "\n\nRun `funaudiochat COMMAND --help` for its options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="funaudiochat [-v] COMMAND [options]",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = False
+    while argv and argv[0] in ("-v", "--verbose"):
+        verbose = True
+        argv.pop(0)
+    if not argv or argv[0] in ("-h", "--help"):
+        _top_parser().print_help()
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"funaudiochat: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"funaudiochat {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.main(args) or 0)
+    except FunAudioChatError as err:
+        print(f"funaudiochat {name}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

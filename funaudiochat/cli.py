@@ -1,5 +1,7 @@
 """The `funaudiochat` command. Each sub-command lives in its own module, imported only when used.
 
+Commands are one or two words (`infer`, `data synth`).
+
 A sub-command module defines `add_arguments(parser)` and `main(args) -> int`.
 """
 from __future__ import annotations
@@ -39,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         _top_parser().print_help()
         return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
+    # commands may be two words ("data synth"): the longer match wins
+    two = " ".join(argv[:2])
+    name, rest = (two, argv[2:]) if two in COMMANDS else (argv[0], argv[1:])
     if name not in COMMANDS:
         print(f"funaudiochat: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

@@ -1,0 +1,190 @@
+"""Checkpoint I/O in the released format: `config.json` + safetensors (one file, or shards + index).
+
+Key names are the released ones. The tied speech embedding may be stored as `audio_tower.embed_tokens.weight`
+(what HF `save_pretrained` keeps) or as `audio_invert_tower.lm_head.weight`; either loads. A checkpoint without any
+`audio_invert_tower.*` tensor loads as a speech-to-text model. Non-persistent buffers (positional sinusoids, rotary
+frequencies) are never stored.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from funaudiochat.config import FunAudioChatConfig
+from funaudiochat.errors import CheckpointError
+from funaudiochat.model.funaudiochat import FunAudioChatModel
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SPEECH_EMBED = "audio_tower.embed_tokens.weight"
+SPEECH_HEAD = "audio_invert_tower.lm_head.weight"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+    return DTYPES[dtype]
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (the index decides when present)."""
+    index = directory / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from err
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+    elif (directory / SINGLE_FILE).exists():
+        files = [directory / SINGLE_FILE]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors found")
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{directory}: the index names shard(s) that do not exist: {', '.join(missing)}")
+    return files
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in checkpoint_files(directory):
+        try:
+            part = load_file(str(f))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{f}: cannot read safetensors file ({err}); is it complete?") from err
+        dup = state.keys() & part.keys()
+        if dup:
+            raise CheckpointError(f"{f}: tensors also present in another shard: {', '.join(sorted(dup)[:5])}")
+        state.update(part)
+    return state
+
+
+def _expected(model: torch.nn.Module) -> dict[str, torch.Size]:
+    # state_dict() lists a tied tensor under every name; tensors that only exist as buffers are skipped
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def load_state_dict_checked(model: FunAudioChatModel, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                            allow_missing_speech_head: bool = True) -> None:
+    """Load `state` into `model` strictly, with one clear error naming every problem."""
+    state = dict(state)
+    if SPEECH_HEAD in state and SPEECH_EMBED not in state:
+        state[SPEECH_EMBED] = state[SPEECH_HEAD]
+    state.pop(SPEECH_HEAD, None)
+    if model.cfg.text_config.tie_word_embeddings:
+        state.pop("language_model.lm_head.weight", None)
+    has_head = any(k.startswith("audio_invert_tower.") for k in state)
+    if model.audio_invert_tower is not None and not has_head and allow_missing_speech_head:
+        log.warning("%s has no audio_invert_tower.* tensors: loading it as a speech-to-text model", source)
+        model.drop_speech_head()
+
+    expected = _expected(model)
+    expected.pop(SPEECH_HEAD, None)
+    if model.cfg.text_config.tie_word_embeddings:
+        expected.pop("language_model.lm_head.weight", None)
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+                  for k in sorted(expected.keys() & state.keys()) if state[k].shape != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {_few(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_few(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model built from its config.json: " + "; ".join(problems))
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+
+
+def _few(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+               speech_head: bool = True) -> FunAudioChatModel:
+    """Build the model from `directory/config.json` and load its safetensors weights.
+
+    dtype: None keeps the stored dtype of each tensor cast to fp32/bf16/fp16 when given. speech_head=False drops
+    the SRH (pure speech-to-text, less memory).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory not found")
+    cfg = FunAudioChatConfig.load(directory)
+    if not speech_head:
+        cfg.audio_config.enable_audio_invert_tower = False
+    with torch.device("meta"):
+        model = FunAudioChatModel(cfg)
+    state = read_state_dict(directory)
+    if not speech_head:
+        state = {k: v for k, v in state.items() if not k.startswith("audio_invert_tower.")}
+    load_state_dict_checked(model, state, str(directory))
+    _materialize_buffers(model)
+    dt = resolve_dtype(dtype)
+    model = model.to(device=device, dtype=dt) if dt is not None else model.to(device)
+    return model.eval()
+
+
+def _materialize_buffers(model: FunAudioChatModel) -> None:
+    """Recompute non-persistent buffers that were created on the meta device."""
+    from funaudiochat.model.backbone import Backbone, rope_inv_freq
+    from funaudiochat.model.encoder import AudioEncoder, sinusoids
+
+    for m in model.modules():
+        if isinstance(m, Backbone):
+            m.inv_freq = rope_inv_freq(m.cfg)
+        elif isinstance(m, AudioEncoder):
+            m.positional_embedding = sinusoids(m.cfg.max_source_positions, m.cfg.d_model)
+
+
+def save_model(model: FunAudioChatModel, directory: str | Path, max_shard_bytes: int | None = None) -> None:
+    """Write config.json + safetensors in the released layout (sharded with an index if `max_shard_bytes`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.cfg.save(directory / "config.json")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != SPEECH_HEAD}
+    if model.cfg.text_config.tie_word_embeddings:
+        state.pop("language_model.lm_head.weight", None)
+    meta = {"format": "pt"}
+    if max_shard_bytes is None:
+        _atomic_save(state, directory / SINGLE_FILE, meta)
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _atomic_save(shard, directory / name, meta)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _atomic_save(state: dict[str, torch.Tensor], path: Path, meta: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)

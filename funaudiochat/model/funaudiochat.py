@@ -1,0 +1,255 @@
+"""The composite Fun-Audio-Chat model: audio encoder + grouping adapter + LLM + Speech Refined Head.
+
+This file holds the input merge (audio groups into `<|AUDIO|>` positions, text/speech fusion) and the training
+forward with its losses, exactly as SPEC.md §6 describes (including the released training-only halving of user
+audio features, §13 item 5). Generation lives in `funaudiochat.engine`.
+
+Shape legend: B batch, L tokens, A audios, N speech tokens per audio (padded to a multiple of k), G = N/k groups,
+k group size (5), D LLM width, V text vocab, Vs speech codebook.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from funaudiochat.config import FunAudioChatConfig
+from funaudiochat.errors import InputError
+from funaudiochat.model.adapter import GroupingAdapter
+from funaudiochat.model.backbone import CausalLM, attention_mask_4d, load_balancing_loss
+from funaudiochat.model.encoder import AudioEncoder
+from funaudiochat.model.srh import SpeechRefinedHead
+
+
+@dataclass
+class ModelOutput:
+    text_logits: torch.Tensor                  # [B, L, V]
+    speech_logits: torch.Tensor | None = None  # [B, kL, Vs]
+    loss: torch.Tensor | None = None           # text_loss + speech_loss
+    text_loss: torch.Tensor | None = None      # includes router_aux_loss_coef * aux_loss for MoE, as released
+    speech_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None       # raw MoE load-balancing loss
+    last_hidden: torch.Tensor | None = None    # [B, L, D] post-norm
+
+
+@dataclass
+class AudioGroups:
+    """Per-audio 5 Hz vectors ready to be scattered into `<|AUDIO|>` positions."""
+
+    features: torch.Tensor         # [A, G, D]
+    n_groups: torch.Tensor         # [A] groups kept per audio = ceil(valid speech tokens / k)
+    speech_ids: torch.Tensor       # [A, N] padded to a multiple of k
+    speech_labels: torch.Tensor    # [A, N] valid ids, -100 elsewhere
+    text_features: torch.Tensor | None = None  # [A, G, D] transcript embeddings (training), zero rows without text
+    text_labels: torch.Tensor | None = None    # [A, G]
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """[A, G] bool: which groups are real (the first n_groups of each audio)."""
+        g = self.features.shape[1]
+        return torch.arange(g, device=self.n_groups.device)[None] < self.n_groups[:, None]
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy over non-ignored targets, in fp32 (as HF's causal-LM loss)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=ignore_index)
+
+
+class FunAudioChatModel(nn.Module):
+    def __init__(self, cfg: FunAudioChatConfig):
+        super().__init__()
+        self.cfg = cfg
+        a = cfg.audio_config
+        self.continuous_audio_tower = AudioEncoder(a)
+        self.audio_tower = GroupingAdapter(a)
+        self.audio_invert_tower = SpeechRefinedHead(a) if a.enable_audio_invert_tower else None
+        self.language_model = CausalLM(cfg.text_config)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """The SRH output layer shares the adapter's speech embedding table (released `tie_weights`)."""
+        if self.audio_invert_tower is not None:
+            self.audio_invert_tower.lm_head.weight = self.audio_tower.embed_tokens.weight
+        if self.cfg.text_config.tie_word_embeddings:
+            self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
+
+    def drop_speech_head(self) -> None:
+        """Turn into a speech-to-text model (no SRH), e.g. for a checkpoint saved without one."""
+        self.audio_invert_tower = None
+        self.cfg.audio_config.enable_audio_invert_tower = False
+
+    @property
+    def group_size(self) -> int:
+        return self.cfg.audio_config.group_size
+
+    # ------------------------------------------------------------------ audio -> 5 Hz groups
+    def encode_audio(self, speech_ids: torch.Tensor, speech_attention_mask: torch.Tensor,
+                     input_features: torch.Tensor | None = None, feature_attention_mask: torch.Tensor | None = None,
+                     feature_exist_mask: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
+                     text_attention_mask: torch.Tensor | None = None, trace: dict | None = None) -> AudioGroups:
+        """Speech tokens [A, S] (+ encoder features of the rows in `feature_exist_mask`, + transcripts) -> groups."""
+        cfg, a_cfg, k = self.cfg, self.cfg.audio_config, self.group_size
+        speech_attention_mask = speech_attention_mask.to(speech_ids.device)
+        labels = torch.where(speech_attention_mask == 1, speech_ids, cfg.ignore_index)
+        pad = (-speech_ids.shape[-1]) % k
+        if pad:
+            speech_ids = F.pad(speech_ids, (0, pad), value=a_cfg.pad_token_id)
+            labels = F.pad(labels, (0, pad), value=cfg.ignore_index)
+        n_tokens = speech_ids.shape[-1]
+        n_groups = (speech_attention_mask.sum(-1) + k - 1) // k
+
+        continuous = None
+        if input_features is not None:
+            if feature_attention_mask is None:
+                raise InputError("input_features were given without feature_attention_mask")
+            lengths = feature_attention_mask.sum(-1)
+            continuous = self.continuous_audio_tower(input_features, lengths, n_tokens)
+            if trace is not None:
+                trace["cont_audio_features"] = continuous
+            if feature_exist_mask is None:
+                feature_exist_mask = torch.ones(speech_ids.shape[0], dtype=torch.bool, device=speech_ids.device)
+            if int(feature_exist_mask.sum()) != continuous.shape[0]:
+                raise InputError(f"feature_exist_mask marks {int(feature_exist_mask.sum())} audios with features but "
+                                 f"{continuous.shape[0]} feature rows were given")
+        groups = self.audio_tower(speech_ids, continuous, feature_exist_mask)
+        if trace is not None:
+            trace["audio_tower_fused"] = groups
+        out = AudioGroups(groups, n_groups, speech_ids, labels)
+
+        if text_ids is not None and text_ids.numel() > 0:
+            out.text_features, out.text_labels = self._transcripts(text_ids, text_attention_mask,
+                                                                   speech_attention_mask, n_tokens // k)
+            # Released training fuses every audio row with its transcript embedding, zero for user audio:
+            # user features enter the LLM halved in training only (SPEC §13 item 5, reproduced on purpose).
+            out.features = (out.text_features + groups) / 2
+        return out
+
+    def _transcripts(self, text_ids, text_attention_mask, speech_attention_mask, n_groups: int):
+        """Transcript ids [A, T] -> embeddings [A, G, D] and per-group text labels [A, G] (SPEC §6.1 step 6)."""
+        t = self.cfg.text_config
+        text_ids = text_ids.clone()
+        if text_ids.shape[1] > n_groups:
+            text_ids = text_ids[:, :n_groups]
+        elif text_ids.shape[1] < n_groups:
+            fill = t.pad_token_id if t.pad_token_id is not None else _first(t.eos_token_id)
+            text_ids = F.pad(text_ids, (0, n_groups - text_ids.shape[1]), value=fill)
+        for special in _as_list(t.eos_token_id) + _as_list(t.pad_token_id):
+            text_ids[text_ids == special] = t.sil_index
+        if text_attention_mask is None:
+            text_attention_mask = torch.ones(text_ids.shape[0], dtype=torch.bool, device=text_ids.device)
+        has_text = text_attention_mask.bool()
+        labels = torch.where(speech_attention_mask[:, :: self.group_size] == 1, text_ids, self.cfg.ignore_index)
+        labels = labels.masked_fill(~has_text[:, None], self.cfg.ignore_index)
+        feats = self.language_model.embed(text_ids).masked_fill(~has_text[:, None, None], 0.0)
+        return feats, labels
+
+    # ------------------------------------------------------------------ input merge
+    def merge_audio(self, input_ids: torch.Tensor, embeds: torch.Tensor, audio: AudioGroups) -> torch.Tensor:
+        """Scatter the kept groups of every audio, in order, into the `<|AUDIO|>` positions of `embeds` [B, L, D]."""
+        slots = input_ids == self.cfg.audio_token_index
+        feats = audio.features[audio.kept]  # [sum n_groups, D]
+        if int(slots.sum()) != feats.shape[0]:
+            raise InputError(f"the prompt has {int(slots.sum())} <|AUDIO|> placeholders but the audios give "
+                             f"{feats.shape[0]} groups (one placeholder per {self.group_size} speech tokens)")
+        return embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                speech_ids: torch.Tensor | None = None, speech_attention_mask: torch.Tensor | None = None,
+                input_features: torch.Tensor | None = None, feature_attention_mask: torch.Tensor | None = None,
+                feature_exist_mask: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
+                text_attention_mask: torch.Tensor | None = None, output_router_logits: bool | None = None,
+                speech: bool = True, trace: dict | None = None) -> ModelOutput:
+        """Full-sequence forward (training, scoring). Inputs are named as the released forward's (SPEC §6).
+
+        `speech=False` skips the SRH (pure text/S2T). `trace`, if a dict, receives named intermediates.
+        """
+        cfg, k, ign = self.cfg, self.group_size, self.cfg.ignore_index
+        b, l = input_ids.shape
+        embeds = self.language_model.embed(input_ids)
+        audio = None
+        if speech_ids is not None and speech_ids.numel() > 0:
+            if speech_attention_mask is None:
+                speech_attention_mask = torch.ones_like(speech_ids)
+            audio = self.encode_audio(speech_ids, speech_attention_mask, input_features, feature_attention_mask,
+                                      feature_exist_mask, text_ids, text_attention_mask, trace)
+            embeds = self.merge_audio(input_ids, embeds, audio)
+        slots = input_ids == cfg.audio_token_index
+
+        speech_labels = None
+        if labels is not None:
+            labels = labels.clone()
+            speech_labels, labels = self._labels(labels, slots, audio)
+        if trace is not None:
+            trace.update(lm_inputs_embeds=embeds, lm_labels=labels)
+
+        positions = position_ids if position_ids is not None else torch.arange(l, device=embeds.device)[None].expand(b, -1)
+        mask = attention_mask_4d(attention_mask, l, l, 0, b, embeds.device)
+        want_router = cfg.text_config.output_router_logits if output_router_logits is None else output_router_logits
+        router_logits = [] if want_router else None
+        hidden = self.language_model.model(embeds, positions, mask, router_logits=router_logits)
+        text_logits = self.language_model.lm_head(hidden)
+        out = ModelOutput(text_logits=text_logits, last_hidden=hidden)
+        if trace is not None:
+            trace["lm_last_hidden"] = hidden
+
+        if labels is not None:
+            out.text_loss = cross_entropy(text_logits[:, :-1], labels[:, 1:], ign)
+        if router_logits:
+            t = cfg.text_config
+            out.aux_loss = load_balancing_loss(router_logits, t.num_experts, t.num_experts_per_tok, attention_mask)
+            if out.text_loss is not None:
+                out.text_loss = out.text_loss + t.router_aux_loss_coef * out.aux_loss
+
+        if self.audio_invert_tower is not None and speech:
+            text_embeds = self.language_model.embed(input_ids)
+            if audio is not None and audio.text_features is not None:
+                text_embeds = text_embeds.masked_scatter(slots[..., None], audio.text_features[audio.kept])
+            u = hidden + text_embeds.detach()
+            label_ids = (speech_labels if speech_labels is not None
+                         else torch.full((b, l * k), ign, dtype=torch.long, device=embeds.device))
+            label_embeds = self.audio_tower.token_embeddings(label_ids.masked_fill(label_ids == ign,
+                                                                                   cfg.audio_config.pad_token_id))
+            if trace is not None:
+                trace.update(crq_inputs_embeds=u, crq_speech_labels=speech_labels,
+                             crq_audio_embeds=label_embeds.reshape(b, l, -1))
+            out.speech_logits = self.audio_invert_tower.forward_train(u, label_embeds, attention_mask, position_ids)
+            if speech_labels is not None:
+                targets = F.pad(speech_labels, (0, k), value=ign)[:, k:]  # token j+5 is predicted at fine index j
+                out.speech_loss = cross_entropy(out.speech_logits, targets, ign)
+
+        if out.text_loss is not None:
+            out.loss = out.text_loss + (out.speech_loss if out.speech_loss is not None else 0.0)
+        return out
+
+    def _labels(self, labels: torch.Tensor, slots: torch.Tensor, audio: AudioGroups | None):
+        """Speech labels [B, kL] and rewritten text labels [B, L] (SPEC §6.2)."""
+        cfg, k, ign = self.cfg, self.group_size, self.cfg.ignore_index
+        b, l = labels.shape
+        prompt = labels == ign
+        speech = torch.full((b, l, k), ign, dtype=labels.dtype, device=labels.device)
+        if audio is not None:
+            groups = audio.speech_labels.view(audio.speech_labels.shape[0], -1, k)[audio.kept]  # [sum n, k]
+            speech = speech.masked_scatter(slots[..., None], groups.to(labels.dtype))
+        speech = speech.masked_fill(prompt[..., None], ign)
+        speech = speech.masked_fill((labels == cfg.text_config.audio_eos_index)[..., None],
+                                    cfg.audio_config.eos_token_id)
+        labels = labels.masked_fill(labels == cfg.audio_token_index, ign)
+        if audio is not None and audio.text_labels is not None:
+            labels = labels.masked_scatter(slots, audio.text_labels[audio.kept].to(labels.dtype))
+            labels = labels.masked_fill(prompt, ign)
+        return speech.reshape(b, l * k), labels
+
+
+def _as_list(v) -> list[int]:
+    if v is None:
+        return []
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _first(v):
+    return _as_list(v)[0] if _as_list(v) else None

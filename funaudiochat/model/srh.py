@@ -1,0 +1,68 @@
+"""Speech Refined Head (`audio_invert_tower`, the released "crq" decoder). SPEC.md §3.3, §6.3, §7.2.
+
+One LLM state u_p (5 Hz) is ungrouped by `pre_matching` into k=5 vectors P[5p .. 5p+4] (25 Hz). A small causal
+transformer then predicts the speech tokens one by one: the input at fine position q is P[q] plus the embedding of
+the previous speech token, so token j = q+5 is predicted from P[j-5] and token j-1 (teacher forcing in training, the
+token just sampled in generation). `lm_head` is tied to the adapter's speech embedding table.
+
+Shape legend: B batch, L LLM positions, Q = 5L fine positions, D LLM width, Dc SRH width, V speech codebook.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from funaudiochat.config import AudioConfig
+from funaudiochat.model.backbone import Backbone, KVCache, attention_mask_4d
+
+
+class SpeechRefinedHead(nn.Module):
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.group_size = k = cfg.group_size
+        d, crq = cfg.output_dim, cfg.crq_transformer_config
+        self.pre_matching = nn.Linear(d, d * k, bias=True)
+        self.crq_transformer = Backbone(crq, with_embeddings=False)
+        self.input_matching = nn.Linear(d, crq.hidden_size, bias=False)
+        self.output_matching = nn.Linear(crq.hidden_size, d, bias=False)
+        self.lm_head = nn.Linear(d, cfg.codebook_size, bias=False)
+
+    def ungroup(self, u: torch.Tensor) -> torch.Tensor:
+        """u [B, L, D] -> P [B, 5L, D]; fine position 5p+k belongs to LLM position p."""
+        b, l, _ = u.shape
+        return self.pre_matching(u).view(b, l * self.group_size, -1)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Speech token ids -> their (tied) embeddings."""
+        return F.embedding(tokens, self.lm_head.weight)
+
+    def decode(self, z: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+               cache: KVCache | None = None, cache_start: int = 0, read_len: int | None = None) -> torch.Tensor:
+        """z [B, t, D] (P + previous-token embedding) -> speech logits [B, t, V]."""
+        h = self.crq_transformer(self.input_matching(z), positions, mask, cache, cache_start, read_len)
+        return self.lm_head(self.output_matching(h))
+
+    def forward_train(self, u: torch.Tensor, label_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                      position_ids: torch.Tensor | None) -> torch.Tensor:
+        """Teacher-forced logits [B, 5L, V].
+
+        u [B, L, D]: LLM last hidden + text embeddings; label_embeds [B, 5L, D]: embeddings of the speech labels
+        (-100 replaced by pad). Mask and positions follow the released code: the LLM mask repeated 5x and positions
+        5p+k, zeroed after the last non-zero LLM position (the packing tail).
+        """
+        b, l, _ = u.shape
+        k = self.group_size
+        z = self.ungroup(u) + torch.roll(label_embeds, shifts=-(k - 1), dims=1)
+        mask2d = attention_mask.repeat_interleave(k, dim=1) if attention_mask is not None else None
+        if position_ids is None:
+            positions = torch.arange(l * k, device=u.device)[None].expand(b, -1)
+        else:
+            positions = (position_ids[..., None] * k + torch.arange(k, device=u.device)).reshape(b, l * k)
+            nonzero = position_ids != 0
+            last = l - nonzero.flip(-1).long().argmax(-1)  # one past the last non-zero position
+            last = torch.where(nonzero.any(-1), last, torch.zeros_like(last))
+            tail = torch.arange(l, device=u.device)[None] >= last[:, None]
+            positions = positions.masked_fill(tail.repeat_interleave(k, dim=1), 0)
+        mask = attention_mask_4d(mask2d, l * k, l * k, 0, b, u.device)
+        return self.decode(z, positions, mask)

@@ -1,0 +1,124 @@
+"""Whisper log-mel front-end in torch: `log_mel` (openai-whisper / s3tokenizer) and `WhisperFrontend` (transformers).
+
+Both compute, at 16 kHz: a centred STFT (n_fft 400, hop 160, periodic Hann, reflect padding) without its last
+frame, power spectrum, Slaney mel filters (80 or 128 bins, 0-8 kHz), log10(max(mel, 1e-10)), a floor at the
+item's maximum - 8, then (x + 4) / 4. They run on the input's device, in float32.
+
+Shapes: B batch, S samples, T frames (S // 160), M mel bins.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from funaudiochat.errors import InputError
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP = 160
+_BLOCK = 1024  # frames per FFT block: keeps the working set small (cache-resident, no huge allocations)
+_LOG_SILENCE = math.log10(1e-10)  # the log-mel of a frame of exact zeros
+
+
+def _hz_to_mel(f):
+    """Slaney mel scale: linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, dtype=np.float64)
+    return np.where(f < 1000.0, 3.0 * f / 200.0, 15.0 + np.log(np.maximum(f, 1e-12) / 1000.0) * 27.0 / np.log(6.4))
+
+
+def _mel_to_hz(m):
+    m = np.asarray(m, dtype=np.float64)
+    return np.where(m < 15.0, 200.0 * m / 3.0, 1000.0 * np.exp((m - 15.0) * np.log(6.4) / 27.0))
+
+
+def mel_filters(n_mels: int) -> np.ndarray:
+    """Slaney-normalised triangular mel filters over the rfft bins, [n_mels, N_FFT // 2 + 1] float32."""
+    fft_hz = np.linspace(0.0, SAMPLE_RATE / 2, N_FFT // 2 + 1)
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(SAMPLE_RATE / 2), n_mels + 2))  # [M + 2]
+    rise = (fft_hz[None, :] - edges[:-2, None]) / np.diff(edges)[:-1, None]  # [M, F]
+    fall = (edges[2:, None] - fft_hz[None, :]) / np.diff(edges)[1:, None]
+    weights = np.maximum(0.0, np.minimum(rise, fall)) * (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    return weights.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _constants(n_mels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(mel_filters(n_mels)).to(device), torch.hann_window(N_FFT, device=device)
+
+
+def _log_mel_unfloored(wav: torch.Tensor, n_mels: int) -> torch.Tensor:
+    """log10 mel power of wav [B, S] -> [B, M, S // HOP], before the max - 8 floor."""
+    batch, samples = wav.shape
+    if samples <= N_FFT // 2:
+        raise InputError(f"audio of {samples} samples is too short for the log-mel front-end (needs more than "
+                         f"{N_FFT // 2} samples, {N_FFT // 2 / SAMPLE_RATE * 1000:.1f} ms at 16 kHz)")
+    filters, window = _constants(n_mels, wav.device)
+    half = N_FFT // 2
+    padded = torch.cat([wav[:, 1:half + 1].flip(-1), wav, wav[:, -half - 1:-1].flip(-1)], dim=-1)  # reflect
+    n_frames = samples // HOP
+    frames = padded.unfold(-1, N_FFT, HOP)  # [B, T + 1, N_FFT] view; the last frame is never used
+    out = wav.new_empty(batch, n_mels, n_frames)
+    for b in range(batch):
+        for start in range(0, n_frames, _BLOCK):
+            stop = min(start + _BLOCK, n_frames)
+            spec = torch.view_as_real(torch.fft.rfft(frames[b, start:stop] * window))  # [t, F, 2]
+            power = torch.addcmul(spec[..., 0].square(), spec[..., 1], spec[..., 1])  # [t, F]
+            torch.matmul(filters, power.T, out=out[b, :, start:stop])
+    return out.clamp_(min=1e-10).log10_()
+
+
+def _floor_and_scale_(log_spec: torch.Tensor) -> torch.Tensor:
+    """In place on [B, M, T]: max(x, item max - 8), then (x + 4) / 4."""
+    floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0  # [B, 1, 1]
+    return torch.maximum(log_spec, floor, out=log_spec).add_(4.0).mul_(0.25)
+
+
+def log_mel(wav: torch.Tensor, n_mels: int = 128) -> torch.Tensor:
+    """openai-whisper's `log_mel_spectrogram` without padding: [S] -> [M, S // 160], [B, S] -> [B, M, S // 160].
+
+    The max - 8 floor is per item. This is what s3tokenizer's `log_mel_spectrogram` computes.
+    """
+    wav = torch.as_tensor(wav, dtype=torch.float32)
+    out = _floor_and_scale_(_log_mel_unfloored(wav.reshape(-1, wav.shape[-1]), n_mels))
+    return out[0] if wav.dim() == 1 else out
+
+
+class WhisperFrontend:
+    """transformers' `WhisperFeatureExtractor(feature_size=n_mels, chunk_length=...)` with
+    `sampling_rate=16000, return_attention_mask=True`, as batched torch on the input's device.
+
+    `padding="max_length"` truncates/pads each wave to chunk_length s (T = chunk_length * 100 frames);
+    `"longest"` pads to the longest wave (T = its length // 160). The mask has ceil(L / 160) ones per item.
+    Frames that see only zero padding are not computed: they are exactly log10(1e-10) before the floor.
+    """
+
+    def __init__(self, n_mels: int = 128, chunk_length: int = 30):
+        self.n_mels = n_mels
+        self.n_samples = chunk_length * SAMPLE_RATE
+
+    def __call__(self, wavs: list, padding: str = "max_length") -> tuple[torch.Tensor, torch.Tensor]:
+        """wavs: list of 1-D 16 kHz waves (numpy or torch). Returns features [B, M, T] float32, mask [B, T] int64."""
+        if padding not in ("max_length", "longest"):
+            raise InputError(f"padding must be 'max_length' or 'longest', got {padding!r}")
+        if not wavs:
+            raise InputError("WhisperFrontend got an empty list of waves")
+        device = wavs[0].device if isinstance(wavs[0], torch.Tensor) else torch.device("cpu")
+        wavs = [torch.as_tensor(w, dtype=torch.float32, device=device).reshape(-1) for w in wavs]
+        if padding == "max_length":
+            wavs = [w[: self.n_samples] for w in wavs]
+        lengths = torch.tensor([w.shape[0] for w in wavs], device=device)  # [B]
+        total = self.n_samples if padding == "max_length" else int(lengths.max())
+        # Beyond the longest wave + N_FFT samples, every frame window holds only zeros.
+        computed = min(total, int(lengths.max()) + N_FFT)
+        batch = wavs[0].new_zeros(len(wavs), computed)  # [B, S']
+        for row, w in zip(batch, wavs):
+            row[: w.shape[0]] = w
+        log_spec = _log_mel_unfloored(batch, self.n_mels)  # [B, M, S' // HOP]
+        n_frames = total // HOP
+        log_spec = torch.nn.functional.pad(log_spec, (0, n_frames - log_spec.shape[-1]), value=_LOG_SILENCE)
+        features = _floor_and_scale_(log_spec)
+        mask = (torch.arange(n_frames, device=device) < (lengths[:, None] + HOP - 1) // HOP).long()  # [B, T]
+        return features, mask

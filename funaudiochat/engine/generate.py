@@ -1,0 +1,361 @@
+"""Generation: prefill + step loop over pre-allocated KV caches, text and speech at once (SPEC.md §7).
+
+Each step feeds one input per row to the LLM (the last text token, fused with the last speech group while speech is
+active: (E_text(t) + Enc(g)) / 2), runs the Speech Refined Head 5 times (one fine position each, the first seeded
+with the embedding of the SRH's previous token), then picks the next text token. The SRH runs on every step, also
+outside speech mode, as released: its cache covers every LLM position x 5 and the discarded group seeds the next.
+
+Unlike the released code (SPEC §13 item 4) a batch is exact: left padding is masked in the LLM and the SRH, rope
+positions start at each row's first real token, speech gating, forcing and stopping are per row. All state lives
+in `DecodeState`; modules hold none.
+
+Shape legend: B batch, P prompt length, S cache slots, k group size, D LLM width, V text vocab, Vs speech codebook.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from funaudiochat.engine.prompt import Prompt
+from funaudiochat.engine.sampling import SamplingParams, choose, process
+from funaudiochat.errors import ConfigError, ContextLengthError
+from funaudiochat.model.backbone import KVCache, attention_mask_4d
+from funaudiochat.model.funaudiochat import FunAudioChatModel
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Released generate kwargs + `sp_gen_kwargs` (SPEC §4, §7). Sampling settings shape text and speech alike."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_id: int | tuple = 151645
+    pad_token_id: int = 151643
+    bad_words_ids: tuple = ()          # text only, e.g. ((audio_bos, sil),) bans <|sil|> right after <|audio_bos|>
+    text_greedy: bool = False          # text = argmax of raw logits
+    disable_speech: bool = False       # pure speech-to-text: the SRH never runs
+    force_text_abos: bool = False      # first text token is <|audio_bos|> (starts speech)
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self.sampling  # validates the sampling fields
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.do_sample, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return tuple(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else (self.eos_token_id,)
+
+    def with_(self, **changes) -> "GenerationConfig":
+        return replace(self, **changes)
+
+
+@dataclass
+class DecodeState:
+    """Everything that changes during one generation call."""
+
+    llm_cache: KVCache
+    srh_cache: KVCache | None
+    key_valid: torch.Tensor       # [B, S] LLM slots that may be attended (left pads are not)
+    srh_key_valid: torch.Tensor   # [B, kS]
+    pos: torch.Tensor             # [B] rope position of the next LLM input
+    slot: int                     # next LLM cache slot (shared by all rows)
+    prompt_ids: torch.Tensor      # [B, P]
+    tokens: list[torch.Tensor] = field(default_factory=list)  # generated text ids, one [B] per step
+    speech: list[list[int]] = field(default_factory=list)      # per row: appended speech ids (groups of k)
+    last_token: torch.Tensor | None = None    # [B] input of the next step
+    last_group: torch.Tensor | None = None    # [B, k] last appended speech group
+    fuse: torch.Tensor | None = None          # [B] next input fuses text and speech
+    active: torch.Tensor | None = None        # [B] speech mode
+    finished: torch.Tensor | None = None      # [B]
+    srh_embed: torch.Tensor | None = None     # [B, D] embedding of the SRH's last sampled token
+    text_counts: torch.Tensor | None = None   # [B, V] history for the text repetition penalty
+    speech_counts: torch.Tensor | None = None  # [B, Vs]
+    generator: torch.Generator | None = None
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finished.all())
+
+
+@dataclass
+class StepResult:
+    """What one step produced: text ids [B] (after the speech-EOS overwrite), the speech group [B, k] appended to
+    rows with `speech_mask`, rows whose speech ended, and rows that finished."""
+
+    text: torch.Tensor
+    speech: torch.Tensor | None
+    speech_mask: torch.Tensor
+    speech_ended: torch.Tensor
+    finished: torch.Tensor
+
+
+class Tracer:
+    """Collects what the golden files record: per-step text logits/scores, every SRH call's logits/scores/tokens."""
+
+    def __init__(self):
+        self.text_logits, self.text_scores = [], []
+        self.srh_logits, self.srh_scores, self.srh_tokens = [], [], []
+        self.prefill_embeds = None
+
+
+class Engine:
+    """Runs a `FunAudioChatModel` for generation. Stateless between calls; `DecodeState` holds a call's state."""
+
+    def __init__(self, model: FunAudioChatModel, max_seq_len: int | None = None):
+        self.model = model
+        self.cfg = model.cfg
+        self.k = model.group_size
+        t = self.cfg.text_config
+        self.max_seq_len = min(max_seq_len or t.max_position_embeddings, t.max_position_embeddings)
+
+    @property
+    def device(self):
+        return self.model.language_model.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.model.language_model.lm_head.weight.dtype
+
+    # ------------------------------------------------------------------ prefill
+    @torch.no_grad()
+    def prefill(self, prompt: Prompt, gen: GenerationConfig, tracer: Tracer | None = None):
+        m, t_cfg, k = self.model, self.cfg.text_config, self.k
+        speech_on = not gen.disable_speech and m.audio_invert_tower is not None
+        ids = prompt.input_ids.to(self.device)
+        b, p = ids.shape
+        mask2d = (prompt.attention_mask if prompt.attention_mask is not None else torch.ones_like(ids)).to(self.device)
+        total = p + gen.max_new_tokens
+        if total > self.max_seq_len:
+            raise ContextLengthError(f"prompt of {p} tokens + max_new_tokens {gen.max_new_tokens} = {total} exceeds the "
+                                     f"context of {self.max_seq_len} tokens; shorten the prompt or history, or lower "
+                                     f"max_new_tokens")
+        t0 = time.perf_counter()
+        embeds = m.language_model.embed(ids)
+        if prompt.speech_ids is not None and prompt.speech_ids.numel() > 0:
+            audio = m.encode_audio(prompt.speech_ids.to(self.device), prompt.speech_attention_mask.to(self.device),
+                                   _opt(prompt.input_features, self.device, self.dtype),
+                                   _opt(prompt.feature_attention_mask, self.device),
+                                   _opt(prompt.feature_exist_mask, self.device))
+            embeds = m.merge_audio(ids, embeds, audio)
+        if tracer is not None:
+            tracer.prefill_embeds = embeds
+        pos = (mask2d.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
+        llm_cache = KVCache(t_cfg, b, total, self.dtype, self.device)
+        key_valid = torch.zeros(b, total, dtype=torch.bool, device=self.device)
+        key_valid[:, :p] = mask2d.bool()
+        mask = attention_mask_4d(key_valid[:, :p], p, p, 0, b, self.device)
+        hidden = m.language_model.model(embeds, pos, mask, llm_cache, 0, p)
+        text_logits = m.language_model.lm_head(hidden[:, -1]).float()
+
+        state = DecodeState(llm_cache, None, key_valid, torch.zeros(0), pos[:, -1] + 1, p, ids,
+                            speech=[[] for _ in range(b)])
+        state.last_group = torch.full((b, k), self.cfg.audio_config.pad_token_id, device=self.device)
+        state.fuse = torch.zeros(b, dtype=torch.bool, device=self.device)
+        state.active = torch.zeros(b, dtype=torch.bool, device=self.device)
+        state.finished = torch.zeros(b, dtype=torch.bool, device=self.device)
+        if gen.seed is not None:
+            state.generator = torch.Generator(device=self.device).manual_seed(gen.seed)
+        if gen.repetition_penalty != 1.0:
+            state.text_counts = torch.zeros(b, t_cfg.vocab_size, dtype=torch.int32, device=self.device)
+            state.text_counts.scatter_add_(1, ids, mask2d.int())
+
+        group = None
+        if speech_on:
+            srh = m.audio_invert_tower
+            state.srh_cache = KVCache(self.cfg.audio_config.crq_transformer_config, b, k * total, self.dtype, self.device)
+            state.srh_key_valid = key_valid.repeat_interleave(k, dim=1)
+            if gen.repetition_penalty != 1.0:
+                state.speech_counts = torch.zeros(b, self.cfg.audio_config.codebook_size, dtype=torch.int32,
+                                                  device=self.device)
+            fine = srh.ungroup(hidden + m.language_model.embed(ids))  # [B, kP, D]
+            fine_pos = (pos[..., None] * k + torch.arange(k, device=self.device)).reshape(b, k * p)
+            bos = srh.embed(torch.full((b,), self.cfg.audio_config.bos_token_id, device=self.device))
+            group = self._srh_group(state, fine, fine_pos, bos, p, gen, tracer)
+        state.timings["prefill_s"] = time.perf_counter() - t0
+        return state, text_logits, group
+
+    # ------------------------------------------------------------------ SRH
+    def _srh_group(self, state: DecodeState, fine: torch.Tensor, fine_pos: torch.Tensor, embed: torch.Tensor,
+                   llm_len: int, gen: GenerationConfig, tracer: Tracer | None) -> torch.Tensor:
+        """Sample one group of k speech tokens for the last LLM position.
+
+        fine [B, kl, D] / fine_pos [B, kl]: ungrouped LLM states of the l new positions (l = P at prefill, else 1),
+        whose SRH slots are [k*(llm_len-l), k*llm_len). The first call covers all but the last k-1 fine positions.
+        """
+        srh, k, b = self.model.audio_invert_tower, self.k, fine.shape[0]
+        n_fine = fine.shape[1]
+        start = k * llm_len - n_fine
+        counts = state.speech_counts.clone() if state.speech_counts is not None else None
+        tokens = []
+        for j in range(k):
+            if j == 0:
+                q0, q1 = 0, n_fine - (k - 1)
+                z = fine[:, q0:q1] + embed[:, None]
+            else:
+                q0, q1 = n_fine - k + j, n_fine - k + j + 1
+                z = fine[:, q0:q1] + embed[:, None]
+            s0, s1 = start + q0, start + q1
+            mask = attention_mask_4d(state.srh_key_valid[:, :s1], q1 - q0, s1, s0, b, self.device)
+            logits = srh.decode(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1)[:, -1].float()
+            scores = process(logits, gen.sampling, counts)
+            tok = choose(scores, gen.sampling, state.generator)
+            if counts is not None:
+                counts.scatter_add_(1, tok[:, None], torch.ones_like(tok[:, None], dtype=counts.dtype))
+            if tracer is not None:
+                tracer.srh_logits.append(logits)
+                tracer.srh_scores.append(scores)
+                tracer.srh_tokens.append(tok)
+            tokens.append(tok)
+            embed = srh.embed(tok)
+        state.srh_embed = embed
+        return torch.stack(tokens, dim=1)  # [B, k]
+
+    # ------------------------------------------------------------------ one decode forward
+    @torch.no_grad()
+    def forward_step(self, state: DecodeState, gen: GenerationConfig, tracer: Tracer | None = None):
+        """Feed `state.last_token` (fused with the last speech group where `state.fuse`) -> text logits, SRH group."""
+        m, k, b = self.model, self.k, state.batch
+        tok = state.last_token
+        text_embed = m.language_model.embed(tok)[:, None]  # [B, 1, D]
+        x = text_embed
+        if bool(state.fuse.any()):
+            group_feat = m.audio_tower(state.last_group)  # [B, 1, D]
+            x = torch.where(state.fuse[:, None, None], (text_embed + group_feat) / 2, text_embed)
+        slot = state.slot
+        state.key_valid[:, slot] = True
+        mask = state.key_valid[:, None, None, : slot + 1]
+        hidden = m.language_model.model(x, state.pos[:, None], mask, state.llm_cache, slot, slot + 1)
+        text_logits = m.language_model.lm_head(hidden[:, -1]).float()
+        group = None
+        if state.srh_cache is not None:
+            state.srh_key_valid[:, k * slot: k * slot + k] = True
+            fine = m.audio_invert_tower.ungroup(hidden + text_embed)  # [B, k, D]
+            fine_pos = state.pos[:, None] * k + torch.arange(k, device=self.device)
+            group = self._srh_group(state, fine, fine_pos, state.srh_embed, slot + 1, gen, tracer)
+        state.slot += 1
+        state.pos = state.pos + 1
+        return text_logits, group
+
+    # ------------------------------------------------------------------ token choice + speech bookkeeping
+    def choose_step(self, state: DecodeState, text_logits: torch.Tensor, group: torch.Tensor | None,
+                    gen: GenerationConfig, tracer: Tracer | None = None) -> StepResult:
+        t_cfg, a_cfg = self.cfg.text_config, self.cfg.audio_config
+        if gen.text_greedy:
+            scores = text_logits
+            token = scores.argmax(-1)
+        else:
+            scores = process(text_logits, gen.sampling, state.text_counts, self._banned(state, gen))
+            token = choose(scores, gen.sampling, state.generator)
+        if tracer is not None:
+            tracer.text_logits.append(text_logits)
+            tracer.text_scores.append(scores)
+        if gen.force_text_abos and not state.tokens:
+            token = torch.full_like(token, t_cfg.audio_bos_index)
+        was_finished = state.finished
+        token = torch.where(was_finished, torch.full_like(token, gen.pad_token_id), token)
+        if state.text_counts is not None:
+            state.text_counts.scatter_add_(1, token[:, None], torch.ones_like(token[:, None], dtype=torch.int32))
+
+        # speech mode starts on the row whose current input is <|audio_bos|> (released `generate_speech |= ...`)
+        if state.last_token is None:
+            state.active = state.prompt_ids[:, -1] == t_cfg.audio_bos_index
+        else:
+            state.active = state.active | (state.last_token == t_cfg.audio_bos_index)
+        appended = state.active & ~was_finished if group is not None else torch.zeros_like(state.active)
+        ended = torch.zeros_like(appended)
+        if group is not None and bool(appended.any()):
+            ended = appended & (group == a_cfg.eos_token_id).any(-1)
+            group = torch.where(ended[:, None], torch.full_like(group, a_cfg.eos_token_id), group)
+            for row in appended.nonzero().flatten().tolist():
+                state.speech[row].extend(group[row].tolist())
+            state.last_group = torch.where(appended[:, None], group, state.last_group)
+            if state.speech_counts is not None:
+                state.speech_counts.scatter_add_(1, group, appended[:, None].int().expand_as(group))
+            # the text id of the step where speech ends becomes <|audio_eos|> (as released)
+            eos_tok = torch.full_like(token, t_cfg.audio_eos_index)
+            if state.text_counts is not None and bool(ended.any()):
+                state.text_counts.scatter_add_(1, token[:, None], -ended[:, None].int())
+                state.text_counts.scatter_add_(1, eos_tok[:, None], ended[:, None].int())
+            token = torch.where(ended, eos_tok, token)
+            state.active = state.active & ~ended
+        state.fuse = appended & state.active
+        state.tokens.append(token)
+        state.last_token = token
+        stop = torch.zeros_like(was_finished)
+        for e in gen.eos_ids:
+            stop |= token == e
+        state.finished = was_finished | stop
+        if len(state.tokens) >= gen.max_new_tokens:
+            state.finished = torch.ones_like(state.finished)
+        return StepResult(token, group if bool(appended.any()) else None, appended, ended, state.finished)
+
+    def _banned(self, state: DecodeState, gen: GenerationConfig) -> torch.Tensor | None:
+        """Bad-word sequences: ban the last id of each sequence whose prefix ends the row's history."""
+        if not gen.bad_words_ids:
+            return None
+        b, v = state.batch, self.cfg.text_config.vocab_size
+        history = torch.cat([state.prompt_ids] + [t[:, None] for t in state.tokens], dim=1)
+        banned = torch.zeros(b, v, dtype=torch.bool, device=self.device)
+        for seq in gen.bad_words_ids:
+            seq = list(seq)
+            prefix = seq[:-1]
+            if len(prefix) > history.shape[1]:
+                continue
+            hit = torch.ones(b, dtype=torch.bool, device=self.device)
+            if prefix:
+                hit = (history[:, -len(prefix):] == torch.tensor(prefix, device=self.device)).all(-1)
+            banned[hit, seq[-1]] = True
+        return banned
+
+    # ------------------------------------------------------------------ loops
+    def steps(self, prompt: Prompt, gen: GenerationConfig, tracer: Tracer | None = None):
+        """Yield (state, StepResult) for every generated step until all rows finish."""
+        if gen.disable_speech is False and self.model.audio_invert_tower is None:
+            gen = gen.with_(disable_speech=True, force_text_abos=False)
+        state, logits, group = self.prefill(prompt, gen, tracer)
+        result = self.choose_step(state, logits, group, gen, tracer)
+        yield state, result
+        while not state.done:
+            logits, group = self.forward_step(state, gen, tracer)
+            result = self.choose_step(state, logits, group, gen, tracer)
+            yield state, result
+
+    def generate(self, prompt: Prompt, gen: GenerationConfig, tracer: Tracer | None = None) -> "GenerationResult":
+        t0 = time.perf_counter()
+        state = None
+        for state, _ in self.steps(prompt, gen, tracer):
+            pass
+        new = torch.stack(state.tokens, dim=1)  # [B, T]
+        return GenerationResult(new, state.speech, torch.cat([state.prompt_ids, new], dim=1),
+                                state.timings["prefill_s"], time.perf_counter() - t0)
+
+
+@dataclass
+class GenerationResult:
+    new_text_ids: torch.Tensor       # [B, T]
+    speech_ids: list[list[int]]      # per row, groups of k (speech EOS group included)
+    sequences: torch.Tensor          # [B, P+T]
+    prefill_s: float
+    total_s: float
+
+
+def _opt(x, device, dtype=None):
+    if x is None:
+        return None
+    return x.to(device=device, dtype=dtype) if dtype is not None and x.is_floating_point() else x.to(device)

@@ -1,0 +1,82 @@
+"""Logit processing and token choice, equal in value to the HF processors the released code applies.
+
+Order (HF `_get_logits_processor`): repetition penalty, bad words, then — only when sampling — temperature, top-k,
+top-p. The repetition penalty is applied once per distinct token of the history, which we keep as per-row counts
+[B, V] (a static shape: no growing history tensor, no host sync).
+
+Shape legend: B batch, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from funaudiochat.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def repetition_penalty(scores: torch.Tensor, counts: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive / multiply negative scores of every token seen in the history (counts > 0)."""
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(counts > 0, penalised, scores)
+
+
+def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, scores.shape[-1])
+    kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of top tokens whose probability mass exceeds p (HF semantics, min 1 token)."""
+    sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+    cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cum <= (1 - p)
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return scores.masked_fill(remove, float("-inf"))
+
+
+def process(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None = None,
+            banned: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw logits [B, V] (fp32) -> scores. `banned` [B, V] bool masks tokens to -inf (bad words)."""
+    scores = logits
+    if params.repetition_penalty != 1.0 and counts is not None:
+        scores = repetition_penalty(scores, counts, params.repetition_penalty)
+    if banned is not None:
+        scores = scores.masked_fill(banned, float("-inf"))
+    if params.do_sample:
+        if params.temperature != 1.0:
+            scores = scores / params.temperature
+        if params.top_k:
+            scores = top_k_filter(scores, params.top_k)
+        if params.top_p < 1.0:
+            scores = top_p_filter(scores, params.top_p)
+    return scores
+
+
+def choose(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scores [B, V] -> token ids [B]: argmax, or a multinomial draw when sampling."""
+    if not params.do_sample:
+        return scores.argmax(dim=-1)
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from funaudiochat.audio.mel import log_mel
 from funaudiochat.check.common import CaseResult, compare
 from funaudiochat.errors import CheckpointError
-from funaudiochat.speech.s3tokenizer import S3Tokenizer, S3TokenizerConfig
+from funaudiochat.speech.s3tokenizer import S3Tokenizer, S3TokenizerConfig, tokenize_audio
 
 HIDDEN_TOL = 1e-4
 MEL_TOL = 1e-4
@@ -76,14 +77,10 @@ def run(directory: Path, args=None) -> list[CaseResult]:
         return checks
 
     def mel(k: str):
-        from funaudiochat.audio.mel import log_mel
-
-        return [compare(f"mel{k}", log_mel(io[f"wav{k}"], n_mels=model.config.n_mels)[0], io[f"mel{k}"], MEL_TOL)]
+        return [compare(f"mel{k}", log_mel(io[f"wav{k}"], n_mels=model.config.n_mels), io[f"mel{k}"], MEL_TOL)]
 
     def wav_to_codes(k: str):
-        from funaudiochat.speech.s3tokenizer import tokenize_audio
-
-        codes = torch.from_numpy(tokenize_audio(io[f"wav{k}"].numpy(), model, model.config.n_mels))
+        codes = torch.from_numpy(tokenize_audio(io[f"wav{k}"].numpy(), model))
         return [compare(f"tokenize_audio(wav{k})", codes, io[f"codes{k}"][0])]
 
     return [_case("codes1", lambda: single("1")), _case("codes2", lambda: single("2")),

@@ -3,7 +3,8 @@
 The released file takes one utterance: `feats` float32 [1, 128, T] and `feats_length` int32 [1], and returns
 `indices` (the codes, 25 Hz). `S3TokenizerONNX` runs such a file behind the same `quantize(mel, mel_len)` as the
 torch `S3Tokenizer`; `export_onnx` writes our module with the same names and a dynamic T; `load_onnx_tokenizer`
-reads the weights of such a graph (released or ours) back into an `S3Tokenizer`.
+reads the weights of such a graph (released or ours) back into an `S3Tokenizer`; `load_speech_tokenizer` gives
+either backend for `tokenize_audio`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from funaudiochat.errors import CheckpointError
+from funaudiochat.errors import CheckpointError, InputError
 from funaudiochat.speech.s3tokenizer import FSQ_DIGITS, S3Tokenizer, S3TokenizerConfig, check_mel_batch
 
 INPUT_NAMES = ("feats", "feats_length")
@@ -171,3 +172,15 @@ def load_onnx_tokenizer(path: str | Path) -> S3Tokenizer:
     except RuntimeError as err:  # missing, unexpected or mis-shaped tensors, all listed
         raise CheckpointError(f"{path}: the ONNX graph does not fit an S3 tokenizer: {err}") from err
     return model.eval()
+
+
+def load_speech_tokenizer(path: str | Path, backend: str = "onnx", threads: int | None = None):
+    """A tokenizer backend for `tokenize_audio` from a speech-tokenizer ONNX file (e.g. `speech_tokenizer_v3.onnx`).
+
+    backend "onnx": onnxruntime on the file, one utterance at a time (as released).
+    backend "torch": its weights in our `S3Tokenizer` (batched; runs wherever torch runs)."""
+    if backend == "onnx":
+        return S3TokenizerONNX(path, threads=threads)
+    if backend == "torch":
+        return load_onnx_tokenizer(path)
+    raise InputError(f"unknown speech tokenizer backend {backend!r}; use 'onnx' or 'torch'")

@@ -14,7 +14,6 @@ training-data pipeline (SPEC §9.1) and works with any backend that has `quantiz
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import NamedTuple, Protocol, Sequence
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from funaudiochat.audio.mel import log_mel
 from funaudiochat.errors import ConfigError, InputError
 
 SAMPLE_RATE = 16000
@@ -62,9 +62,14 @@ class S3TokenizerConfig:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
-def code_lengths(mel_len: torch.Tensor) -> torch.Tensor:
-    """Code frames for `mel_len` mel frames: two convs with k3, stride 2, pad 1 (T' = ceil(ceil(T/2)/2))."""
-    return ((mel_len - 1) // 2 + 1 - 1) // 2 + 1
+def _halved(n):
+    """Output frames of a k3, stride 2, pad 1 convolution over n frames: ceil(n / 2)."""
+    return (n - 1) // 2 + 1
+
+
+def code_lengths(mel_len):
+    """Code frames (25 Hz) for `mel_len` mel frames (100 Hz); int or tensor."""
+    return _halved(_halved(mel_len))
 
 
 def _length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
@@ -142,9 +147,9 @@ class AudioEncoder(nn.Module):
         """mel [B, M, T], mel_len [B] -> hidden [B, T', C], hidden_len [B]. Padded frames never reach valid ones."""
         x = mel * _length_mask(mel_len, mel.shape[-1])[:, None, :]
         x = F.gelu(self.conv1(x))
-        half_len = (mel_len - 1) // 2 + 1
+        half_len = _halved(mel_len)
         x = F.gelu(self.conv2(x * _length_mask(half_len, x.shape[-1])[:, None, :]))
-        hidden_len = (half_len - 1) // 2 + 1
+        hidden_len = _halved(half_len)
         x = x.transpose(1, 2)                                  # [B, T', C]
         valid = _length_mask(hidden_len, x.shape[1])          # [B, T']
 
@@ -190,6 +195,10 @@ class S3Tokenizer(nn.Module):
         self.encoder = AudioEncoder(self.config)
         self.quantizer = FSQuantizer(self.config.n_audio_state)
 
+    @property
+    def n_mels(self) -> int:
+        return self.config.n_mels
+
     def encode(self, mel: torch.Tensor, mel_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """mel [B, M, T], mel_len [B] -> hidden [B, T', C], hidden_len [B]."""
         return self.encoder(mel, mel_len)
@@ -233,6 +242,8 @@ def check_mel_batch(mel, mel_len, n_mels: int) -> tuple[torch.Tensor, torch.Tens
 class Quantizer(Protocol):
     """A tokenizer backend: the torch `S3Tokenizer` or `S3TokenizerONNX`."""
 
+    n_mels: int
+
     def quantize(self, mel: torch.Tensor, mel_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -252,8 +263,6 @@ def segment_bounds(n_samples: int, sr: int = SAMPLE_RATE) -> list[tuple[int, int
 
 def _segment_mels(wav_16k: np.ndarray, n_mels: int) -> list[torch.Tensor]:
     """One [M, T] log-mel per segment, each computed on its own like the released pipeline."""
-    from funaudiochat.audio.mel import log_mel
-
     wav = np.asarray(wav_16k)
     if wav.ndim != 1:
         raise InputError(f"expected mono 16 kHz audio of shape [samples], got shape {wav.shape}")
@@ -261,12 +270,8 @@ def _segment_mels(wav_16k: np.ndarray, n_mels: int) -> list[torch.Tensor]:
         raise InputError(f"expected float audio samples in [-1, 1], got dtype {wav.dtype}")
     if not np.isfinite(wav).all():
         raise InputError("the audio contains NaN or infinite samples")
-    mels = []
-    for start, end in segment_bounds(len(wav)):
-        if end - start < HOP_LENGTH:
-            raise InputError(f"the audio is too short to tokenize: {end - start} samples (at least {HOP_LENGTH} needed)")
-        mels.append(log_mel(torch.from_numpy(np.ascontiguousarray(wav[start:end], dtype=np.float32)), n_mels)[0])
-    return mels
+    return [log_mel(torch.from_numpy(np.ascontiguousarray(wav[start:end], dtype=np.float32)), n_mels)
+            for start, end in segment_bounds(len(wav))]
 
 
 def _pad_mels(mels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,12 +283,11 @@ def _pad_mels(mels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     return batch, lengths
 
 
-def tokenize_batch(wavs: Sequence[np.ndarray], backend: Quantizer, n_mels: int = 128,
-                   max_segments: int = 16) -> list[np.ndarray]:
+def tokenize_batch(wavs: Sequence[np.ndarray], backend: Quantizer, max_segments: int = 16) -> list[np.ndarray]:
     """Mono 16 kHz float waves -> one int64 code array (25 Hz) per wave.
 
     All segments of all waves go through `backend.quantize` padded together, at most `max_segments` at a time."""
-    per_wave = [_segment_mels(w, n_mels) for w in wavs]
+    per_wave = [_segment_mels(w, backend.n_mels) for w in wavs]
     flat = [m for mels in per_wave for m in mels]
     codes: list[np.ndarray] = []
     for i in range(0, len(flat), max_segments):
@@ -297,15 +301,11 @@ def tokenize_batch(wavs: Sequence[np.ndarray], backend: Quantizer, n_mels: int =
     return result
 
 
-def tokenize_audio(wav_16k: np.ndarray, backend: Quantizer, n_mels: int = 128) -> np.ndarray:
+def tokenize_audio(wav_16k: np.ndarray, backend: Quantizer) -> np.ndarray:
     """One mono 16 kHz float wave -> int64 codes [N] at 25 Hz, in [0, 6561)."""
-    return tokenize_batch([wav_16k], backend, n_mels)[0]
+    return tokenize_batch([wav_16k], backend)[0]
 
 
 def expected_code_count(n_samples: int, sr: int = SAMPLE_RATE) -> int:
     """How many codes `tokenize_audio` gives for `n_samples` samples (whisper drops the last STFT frame)."""
-    return sum(int(code_lengths(torch.tensor((e - s) // HOP_LENGTH))) for s, e in segment_bounds(n_samples, sr))
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in model.parameters())
+    return sum(code_lengths((end - start) // HOP_LENGTH) for start, end in segment_bounds(n_samples, sr))

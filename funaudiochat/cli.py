@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("funaudiochat.engine.cli_infer", "answer one spoken (or typed) question: text, speech tokens, wav"),
     "chat": ("funaudiochat.engine.cli_chat", "multi-turn voice/text chat in the terminal"),
     "check-reference": ("funaudiochat.check.cli", "replay a golden reference directory and compare outputs"),
+    "data synth": ("funaudiochat.data.cli_synth", "synthesise text lines / a JSONL of utterances to wav + manifest"),
+    "eval asr": ("funaudiochat.eval.cli_asr", "transcribe a manifest's wavs with Whisper tiny.en and report WER/CER"),
+    "assets qwen-vocab": ("funaudiochat.assets.cli_qwen_vocab", "Qwen3 vocabulary + audio specials -> tokenizer.json"),
 }
 
 

@@ -1,0 +1,1 @@
+"""The data factory: synthetic speech (synth.py) and its augmentations (augment.py)."""

@@ -5,6 +5,7 @@ M mel bins, T mel frames.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,3 +26,86 @@ class Prompt:
         """From a dict named like the released `generate` inputs (e.g. a golden inputs.safetensors)."""
         names = cls.__dataclass_fields__.keys()
         return cls(**{k: v for k, v in tensors.items() if k in names})
+
+
+TOKEN_RATE = 25  # speech tokens per second (S3 codes; one <|AUDIO|> group = 5 tokens = 200 ms)
+SAMPLE_RATE = 16000
+
+
+def speech_token_count(n_samples: int) -> int:
+    """Placeholder speech tokens for a user wav, as the released processor counts them: int(seconds * 25)."""
+    return int(n_samples / SAMPLE_RATE * TOKEN_RATE)
+
+
+def build_prompt(tokenizer, cfg, messages: list[dict], audios: list, frontend=None,
+                 add_generation_prompt: bool = True) -> Prompt:
+    """Chat messages + their audios (16 kHz float32 arrays, in order) -> a batch-1 `Prompt`.
+
+    Each `<|AUDIO|>` of the rendered text is expanded to ceil(n/5) copies for an audio of n placeholder speech
+    tokens; user audio enters through the continuous encoder (speech ids are all pad), as the released processor does.
+    """
+    from funaudiochat.audio.mel import WhisperFrontend
+    from funaudiochat.errors import InputError
+    from funaudiochat.text.chat import render_chatml
+
+    text = render_chatml(messages, add_generation_prompt)
+    ids = tokenizer.encode(text)
+    sp = tokenizer.special
+    n_slots = sum(1 for i in ids if i == sp.audio)
+    if n_slots != len(audios):
+        raise InputError(f"the conversation has {n_slots} audio placeholder(s) but {len(audios)} audio(s) were given")
+    k, a_cfg = cfg.audio_config.group_size, cfg.audio_config
+    counts = []
+    for i, wav in enumerate(audios):
+        n = speech_token_count(len(wav))
+        if n < 1:
+            raise InputError(f"audio {i + 1} is {len(wav) / SAMPLE_RATE * 1000:.0f} ms long; at least "
+                             f"{1000 / TOKEN_RATE:.0f} ms of speech is needed")
+        counts.append(n)
+    expanded, audio_i = [], 0
+    for i in ids:
+        if i == sp.audio:
+            expanded += [sp.audio] * -(-counts[audio_i] // k)
+            audio_i += 1
+        else:
+            expanded.append(i)
+    prompt = Prompt(input_ids=torch.tensor([expanded]), attention_mask=torch.ones(1, len(expanded), dtype=torch.long))
+    if audios:
+        width = -(-max(counts) // k) * k
+        prompt.speech_ids = torch.full((len(audios), width), a_cfg.pad_token_id, dtype=torch.long)
+        prompt.speech_attention_mask = torch.zeros(len(audios), width, dtype=torch.long)
+        for row, n in enumerate(counts):
+            prompt.speech_attention_mask[row, :n] = 1
+        frontend = frontend or WhisperFrontend(a_cfg.num_mel_bins)
+        longest = max(len(w) for w in audios) / SAMPLE_RATE
+        if longest > frontend.chunk_length:  # keep every frame: pad to whole 30 s windows instead of truncating
+            frontend = WhisperFrontend(a_cfg.num_mel_bins, chunk_length=30 * math.ceil(longest / 30))
+        prompt.input_features, prompt.feature_attention_mask = frontend(list(audios), padding="max_length")
+        prompt.feature_exist_mask = torch.ones(len(audios), dtype=torch.bool)
+    return prompt
+
+
+def stack_prompts(prompts: list[Prompt], pad_id: int, speech_pad_id: int) -> Prompt:
+    """Left-pad several batch-1 prompts into one batch; their audios are concatenated in row order."""
+    width = max(p.input_ids.shape[1] for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        n = p.input_ids.shape[1]
+        ids[row, width - n:] = p.input_ids[0]
+        mask[row, width - n:] = 1 if p.attention_mask is None else p.attention_mask[0]
+    out = Prompt(ids, mask)
+    with_audio = [p for p in prompts if p.speech_ids is not None]
+    if with_audio:
+        n_tok = max(p.speech_ids.shape[1] for p in with_audio)
+        n_frames = max(p.input_features.shape[-1] for p in with_audio)
+        out.speech_ids = torch.cat([_pad_right(p.speech_ids, n_tok, speech_pad_id) for p in with_audio])
+        out.speech_attention_mask = torch.cat([_pad_right(p.speech_attention_mask, n_tok, 0) for p in with_audio])
+        out.input_features = torch.cat([_pad_right(p.input_features, n_frames, 0.0) for p in with_audio])
+        out.feature_attention_mask = torch.cat([_pad_right(p.feature_attention_mask, n_frames, 0) for p in with_audio])
+        out.feature_exist_mask = torch.cat([p.feature_exist_mask for p in with_audio])
+    return out
+
+
+def _pad_right(x: torch.Tensor, n: int, value) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, n - x.shape[-1]), value=value)

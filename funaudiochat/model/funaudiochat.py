@@ -76,6 +76,22 @@ class FunAudioChatModel(nn.Module):
         if self.cfg.text_config.tie_word_embeddings:
             self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, modules: list[nn.Module] | None = None) -> None:
+        """The released initialisation: Linear/Conv/Embedding ~ N(0, std), zero biases, zero speech pad row,
+        LayerNorm 1/0 (RMSNorm weights stay 1). Applies to `modules` (default: the whole model)."""
+        for root in modules or [self]:
+            for m in root.modules():
+                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Embedding)):
+                    m.weight.normal_(0.0, std)
+                    if getattr(m, "bias", None) is not None:
+                        m.bias.zero_()
+                    if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                        m.weight[m.padding_idx].zero_()
+                elif isinstance(m, nn.LayerNorm):
+                    m.weight.fill_(1.0)
+                    m.bias.zero_()
+
     def drop_speech_head(self) -> None:
         """Turn into a speech-to-text model (no SRH), e.g. for a checkpoint saved without one."""
         self.audio_invert_tower = None

@@ -1,0 +1,277 @@
+"""Speech tokens (25 Hz, codes < 6561) -> 24 kHz waveform with the CosyVoice3 flow + HiFT, offline or streaming.
+
+    detok = Detokenizer.from_dir("Fun-CosyVoice3-0.5B-2512")          # flow.pt, hift.pt (+ cosyvoice3.yaml, spk2info.pt)
+    wav = detok.token2wav(tokens)                                      # float32 numpy [S], detok.sample_rate = 24000
+    session = detok.stream(hop=15)                                     # the web demo's hop; the released default is 25
+    for piece in token_pieces:
+        for chunk in session.push(piece): play(chunk)
+    play(session.finalize())
+
+Offline (`token2wav`, Fun-Audio-Chat `utils/cosyvoice_detokenizer.py`): 30 s (750-token) segments, a last segment
+shorter than 2 s merged with the one before and the pair split in half; each segment is one finalising flow + HiFT
+call with full attention; the pieces are concatenated without cross-fade.
+
+Streaming (`CosyVoice3Model.token2wav` driven like its `tts(stream=True)` loop): once hop + 3 look-ahead tokens past
+the offset are there, the flow runs on all tokens so far (not finalising: the last 3 are context), its new mel frames
+are appended to the accumulated mel, HiFT re-runs on the whole accumulated mel (not finalising: the last 8 frames are
+held back) and only the samples past the previous output are returned. `finalize()` runs the flow with full attention
+and HiFT finalising. Chunk boundaries are seamless because HiFT is causal and its noise is fixed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from funaudiochat.errors import CheckpointError, InputError, SessionClosedError
+from funaudiochat.speech.cosyvoice_config import CosyVoiceConfig, load_cosyvoice_config
+from funaudiochat.speech.flow import TokenToMelFlow, released_flow_noise
+from funaudiochat.speech.vocoder import HiFTVocoder, released_source_rng
+
+log = logging.getLogger(__name__)
+
+SEGMENT_TOKENS = 750  # 30 s
+MIN_LAST_SEGMENT_TOKENS = 50  # 2 s
+DEFAULT_SPEAKER = "中文女"
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; a detokenizer folder needs flow.pt and hift.pt "
+                              f"(from Fun-CosyVoice3-0.5B-2512)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt or non-tensor file
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch state dict ({err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, assign: bool = False) -> None:
+    """Strict load; a shape or key mismatch becomes a CheckpointError naming the tensors."""
+    try:
+        module.load_state_dict(state, strict=True, assign=assign)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} does not fit the configured model: {str(err)[:2000]}") from None
+
+
+def load_hift_state(hift: HiFTVocoder, path: Path) -> None:
+    """hift.pt as released (optionally `generator.`-prefixed, legacy weight_g/weight_v, or weight norm folded)."""
+    state = {k.replace("generator.", ""): v for k, v in load_state_dict(path).items()}
+    if "conv_pre.weight" in state:
+        hift.fold_weight_norm()
+    load_into(hift, state, path)
+
+
+def load_speakers(path: Path) -> dict[str, torch.Tensor]:
+    """spk2info.pt: {name: {"embedding": [1, 192], ...}} -> {name: [1, 192]}."""
+    info = load_state_dict(path)
+    try:
+        return {name: entry["embedding"].reshape(1, -1).float() for name, entry in info.items()}
+    except (KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{path}: expected {{speaker name: {{'embedding': tensor [1, 192]}}}}") from None
+
+
+def check_tokens(tokens, vocab_size: int) -> torch.Tensor:
+    """Any int sequence -> [1, N] long. Codes >= vocab_size are dropped with a warning, as the released pipeline does."""
+    t = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens).reshape(-1)
+    if t.is_floating_point() and not torch.equal(t, t.round()):
+        raise InputError("speech tokens must be integers")
+    t = t.long()
+    if (t < 0).any():
+        raise InputError(f"negative speech token {int(t.min())}; codes must be in [0, {vocab_size})")
+    keep = t < vocab_size
+    if not keep.all():
+        log.warning("dropping %d speech token(s) >= %d (not speech codes)", int((~keep).sum()), vocab_size)
+        t = t[keep]
+    return t.unsqueeze(0)
+
+
+def segment(n_tokens: int) -> list[tuple[int, int]]:
+    """(start, end) of the 30 s segments; a last one under 2 s is merged with the previous and the pair halved."""
+    bounds = [(s, min(s + SEGMENT_TOKENS, n_tokens)) for s in range(0, n_tokens, SEGMENT_TOKENS)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < MIN_LAST_SEGMENT_TOKENS:
+        start, end = bounds[-2][0], bounds[-1][1]
+        mid = start + (end - start) // 2
+        bounds[-2:] = [(start, mid), (mid, end)]
+    return bounds
+
+
+class Detokenizer:
+    """Flow + HiFT with a speaker x-vector. `sample_rate` = 24000."""
+
+    def __init__(self, flow: TokenToMelFlow, hift: HiFTVocoder, speakers: dict[str, torch.Tensor] | None = None,
+                 speaker=None, speaker_encoder=None):
+        self.flow, self.hift = flow.eval(), hift.eval()
+        self.sample_rate = hift.cfg.sampling_rate
+        self.speakers = dict(speakers or {})
+        self.speaker_encoder = speaker_encoder  # funaudiochat.speech.speaker.SpeakerEncoder, for wav speakers
+        self.device = flow.spk_embed_affine_layer.weight.device
+        self.embedding = None  # the default speaker's x-vector [1, 192]
+        if speaker is not None or self.speakers:
+            self.embedding = self.speaker_embedding(speaker)
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, speaker=None, device: str | torch.device = "cpu") -> "Detokenizer":
+        """Load `directory`: flow.pt, hift.pt; optional cosyvoice3.yaml (else released defaults), spk2info.pt,
+        campplus.onnx. `speaker`: a name in spk2info.pt (default "中文女"), a .pt/.npy 192-d vector, or a wav."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"detokenizer folder {directory} does not exist")
+        yaml_path = directory / "cosyvoice3.yaml"
+        cfg = load_cosyvoice_config(yaml_path) if yaml_path.is_file() else CosyVoiceConfig()
+        flow_state = load_state_dict(directory / "flow.pt")
+        hift_path = directory / "hift.pt"
+        if not hift_path.is_file():
+            load_state_dict(hift_path)  # raises, naming the file
+        with torch.device("meta"):  # no random init of ~330M parameters that the checkpoint replaces
+            flow = TokenToMelFlow(cfg.flow, noise=released_flow_noise(cfg.flow.dit.mel_dim, device="cpu"))
+        load_into(flow, flow_state, directory / "flow.pt", assign=True)
+        hift = HiFTVocoder(cfg.hift, rng=released_source_rng(cfg))
+        load_hift_state(hift, hift_path)
+        hift.fold_weight_norm()
+        speakers = {}
+        for name in ("spk2info.pt", "new_spk2info.pt"):
+            if (directory / name).is_file():
+                speakers = load_speakers(directory / name)
+                break
+        encoder = None
+        if (directory / "campplus.onnx").is_file():
+            from funaudiochat.speech.speaker import SpeakerEncoder
+            encoder = SpeakerEncoder(directory / "campplus.onnx")
+        flow.to(device)
+        hift.to(device)
+        hift.f0_predictor.to("cpu")  # the released code runs the F0 predictor on the CPU (its precision matters)
+        return cls(flow, hift, speakers, speaker, encoder)
+
+    def speaker_embedding(self, speaker=None) -> torch.Tensor:
+        """A speaker -> x-vector [1, 192]: None (the default), a name, a tensor/array, or a .pt/.npy/.wav path."""
+        if speaker is None:
+            if self.embedding is not None:
+                return self.embedding
+            if not self.speakers:
+                raise InputError("no speaker: the detokenizer folder has no spk2info.pt; pass speaker= a 192-d "
+                                 "x-vector (.pt/.npy) or a reference wav")
+            speaker = DEFAULT_SPEAKER if DEFAULT_SPEAKER in self.speakers else next(iter(self.speakers))
+        dim = self.flow.cfg.spk_embed_dim
+        if isinstance(speaker, (torch.Tensor, np.ndarray)):
+            vec = torch.as_tensor(speaker, dtype=torch.float32)
+        elif isinstance(speaker, str) and speaker in self.speakers:
+            vec = self.speakers[speaker]
+        elif Path(speaker).suffix.lower() in (".pt", ".npy") and Path(speaker).is_file():
+            path = Path(speaker)
+            vec = torch.as_tensor(np.load(path) if path.suffix.lower() == ".npy"
+                                  else torch.load(path, map_location="cpu", weights_only=True), dtype=torch.float32)
+        elif Path(speaker).is_file():
+            if self.speaker_encoder is None:
+                raise InputError(f"speaker {speaker}: a reference wav needs campplus.onnx in the detokenizer folder")
+            vec = self.speaker_encoder(speaker)
+        else:
+            known = ", ".join(self.speakers) or "none (no spk2info.pt)"
+            raise InputError(f"unknown speaker {speaker!r}: not a file and not a known name; known names: {known}")
+        if vec.numel() != dim or not torch.isfinite(vec).all():
+            raise InputError(f"speaker embedding must be {dim} finite numbers, got shape {tuple(vec.shape)}")
+        return vec.reshape(1, dim).to(self.device)
+
+    def tokens_to_wav(self, tokens: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """One finalising call with full attention: [1, N] -> [1, 960 N]."""
+        mel = self.flow.inference(tokens.to(self.device), embedding, finalize=True, streaming=False)
+        return self.hift(mel, finalize=True)
+
+    @torch.inference_mode()
+    def token2wav(self, tokens, speaker=None) -> np.ndarray:
+        """All tokens at once -> float32 waveform [960 N] at `sample_rate`."""
+        t = check_tokens(tokens, self.flow.cfg.vocab_size)
+        if t.shape[1] == 0:
+            raise InputError("no speech tokens to synthesise (empty list, or every code was >= 6561)")
+        embedding = self.speaker_embedding(speaker)
+        pieces = [self.tokens_to_wav(t[:, a:b], embedding) for a, b in segment(t.shape[1])]
+        return torch.cat(pieces, dim=1)[0].float().cpu().numpy()
+
+    def stream(self, speaker=None, hop: int = 15, chunk_attention: bool = True, flow_window: int | None = None,
+               hift_reset: int | None = None) -> "StreamingDetokenizer":
+        """A streaming session; see `StreamingDetokenizer`."""
+        return StreamingDetokenizer(self, self.speaker_embedding(speaker), hop, chunk_attention, flow_window,
+                                    hift_reset)
+
+
+@dataclass
+class StreamState:
+    tokens: list[int] = field(default_factory=list)  # tokens of the current flow window
+    token_offset: int = 0  # tokens of the window whose mel is already made
+    mel: torch.Tensor | None = None  # [1, M, F] accumulated mel HiFT runs on
+    speech_offset: int = 0  # samples of HiFT's output already returned
+    dropped_tokens: int = 0  # tokens dropped from the flow window since the last HiFT reset
+    closed: bool = False
+
+
+class StreamingDetokenizer:
+    """push(tokens) -> audio chunks as soon as `hop` + 3 look-ahead tokens are there; finalize() -> the rest.
+
+    `hop`: tokens per chunk (15 in the web demo = 0.6 s; the released CosyVoice3 default is 25).
+    `chunk_attention`: non-final chunks use the DiT chunk mask (the official CosyVoice3 stream path); False gives
+        full attention, as the Fun-Audio-Chat web demo calls it.
+    `flow_window` / `hift_reset`: the web demo's bounds (200 / 500 tokens): once the offset reaches `flow_window`
+        the oldest `flow_window` tokens leave the flow context; after `hift_reset` dropped tokens the accumulated mel
+        is cleared too. None (default) keeps everything, as the official loop does.
+    """
+
+    def __init__(self, detok: Detokenizer, embedding: torch.Tensor, hop: int = 15, chunk_attention: bool = True,
+                 flow_window: int | None = None, hift_reset: int | None = None):
+        if hop < 1:
+            raise InputError(f"hop must be at least 1 token, got {hop}")
+        self.detok, self.embedding, self.hop = detok, embedding, hop
+        self.chunk_attention, self.flow_window, self.hift_reset = chunk_attention, flow_window, hift_reset
+        self.lookahead = detok.flow.cfg.pre_lookahead_len
+        self.state = StreamState()
+
+    @torch.inference_mode()
+    def _run(self, finalize: bool) -> np.ndarray:
+        """`CosyVoice3Model.token2wav` on the current state."""
+        detok, st = self.detok, self.state
+        ratio = detok.flow.cfg.token_mel_ratio
+        if len(st.tokens) > st.token_offset:
+            tokens = torch.tensor(st.tokens, dtype=torch.long, device=detok.device).unsqueeze(0)
+            mel = detok.flow.inference(tokens, self.embedding, finalize=finalize,
+                                       streaming=self.chunk_attention and not finalize)[:, :, st.token_offset * ratio:]
+            st.mel = mel if st.mel is None else torch.cat([st.mel, mel], dim=2)
+        if st.mel is None or (not finalize and st.mel.shape[2] <= 8):
+            return np.zeros(0, dtype=np.float32)
+        wav = detok.hift(st.mel, finalize=finalize)[0, st.speech_offset:]
+        st.speech_offset += wav.shape[0]
+        return wav.float().cpu().numpy()
+
+    def push(self, tokens) -> list[np.ndarray]:
+        """Add tokens; return the audio chunks (float32 numpy) that became ready, possibly none."""
+        st = self.state
+        if st.closed:
+            raise SessionClosedError("this streaming session was finalised; start a new one with stream()")
+        st.tokens.extend(check_tokens(tokens, self.detok.flow.cfg.vocab_size)[0].tolist())
+        chunks = []
+        while len(st.tokens) >= st.token_offset + self.hop + self.lookahead:
+            full = st.tokens
+            st.tokens = full[:st.token_offset + self.hop + self.lookahead]
+            chunks.append(self._run(finalize=False))
+            st.tokens = full
+            st.token_offset += self.hop
+            if self.flow_window is not None and st.token_offset >= self.flow_window:
+                st.token_offset -= self.flow_window
+                st.tokens = st.tokens[self.flow_window:]
+                st.dropped_tokens += self.flow_window
+                if self.hift_reset is not None and st.dropped_tokens >= self.hift_reset:
+                    st.dropped_tokens, st.mel, st.speech_offset = 0, None, 0
+        return chunks
+
+    def finalize(self) -> np.ndarray:
+        """Synthesise what is left (full attention, HiFT finalising) and close the session."""
+        st = self.state
+        if st.closed:
+            raise SessionClosedError("this streaming session was already finalised")
+        st.closed = True
+        if not st.tokens and st.mel is None:
+            return np.zeros(0, dtype=np.float32)
+        return self._run(finalize=True)

@@ -48,13 +48,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    wav = torch.from_numpy((0.1 * np.random.default_rng(0).standard_normal(int(args.seconds * 16000))).astype(np.float32))
+    noise = 0.1 * np.random.default_rng(0).standard_normal(int(args.seconds * 16000))
+    wav = torch.from_numpy(noise.astype(np.float32))
     t_mel = median_seconds(lambda: log_mel(wav, 128), args.repeats)
     mel = log_mel(wav, 128)[None]
     mel_len = torch.tensor([mel.shape[-1]])
     print(f"{args.seconds:g} s of audio, {args.threads} threads, torch {torch.__version__}; "
           f"log-mel {t_mel * 1e3:.1f} ms")
-    print(f"{'size':<9} {'params':>8} {'torch ms':>9} {'onnx ms':>9} {'torch/onnx':>10} {'RTF torch':>10} {'RTF onnx':>9}")
+    print(f"{'size':<9} {'params':>8} {'torch ms':>9} {'onnx ms':>9} {'torch/onnx':>10} "
+          f"{'RTF torch':>10} {'RTF onnx':>9}")
     for name in args.sizes:
         model = S3Tokenizer(SIZES[name]).eval()
         n_params = sum(p.numel() for p in model.parameters())
@@ -63,8 +65,9 @@ def main() -> None:
             t_torch = median_seconds(lambda: model.quantize(mel, mel_len), args.repeats)
             t_onnx = median_seconds(lambda: onnx_backend.quantize(mel, mel_len), args.repeats)
             same = torch.equal(model.quantize(mel, mel_len)[0], onnx_backend.quantize(mel, mel_len)[0])
-        print(f"{name:<9} {n_params / 1e6:>7.1f}M {t_torch * 1e3:>9.1f} {t_onnx * 1e3:>9.1f} {t_torch / t_onnx:>10.2f} "
-              f"{t_torch / args.seconds:>10.4f} {t_onnx / args.seconds:>9.4f}" + ("" if same else "  (codes differ!)"))
+        print(f"{name:<9} {n_params / 1e6:>7.1f}M {t_torch * 1e3:>9.1f} {t_onnx * 1e3:>9.1f} "
+              f"{t_torch / t_onnx:>10.2f} {t_torch / args.seconds:>10.4f} {t_onnx / args.seconds:>9.4f}"
+              + ("" if same else "  (codes differ!)"))
 
 
 if __name__ == "__main__":

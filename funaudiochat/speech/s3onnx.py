@@ -98,7 +98,8 @@ def export_onnx(model: S3Tokenizer, path: str | Path, opset: int = 17) -> Path:
 
 # A node's scope inside block N, as released ("/blocks.0/attn/query/MatMul") or as we export
 # ("/model/encoder/blocks.0/mlp/mlp.0/MatMul"): the part after "blocks.N/" names the module.
-_BLOCK_SCOPE = re.compile(r"blocks\.(\d+)/(attn/(?:query|key|value|out|fsmn_block)|attn_ln|mlp_ln|mlp/(?:mlp\.)?[02])/")
+_BLOCK_SCOPE = re.compile(r"blocks\.(\d+)/(attn/(?:query|key|value|out)|attn_ln|mlp_ln|mlp/(?:mlp\.)?[02])/")
+_BLOCK_INDEX = re.compile(r"blocks\.(\d+)[./]")
 
 
 def state_dict_from_onnx(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -114,7 +115,6 @@ def state_dict_from_onnx(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     except Exception as err:
         raise CheckpointError(f"cannot read ONNX file {path}: {err}") from err
     init = {t.name: t for t in graph.initializer}
-    weights = lambda node: [numpy_helper.to_array(init[n]) for n in node.input if n in init]  # noqa: E731
     consumers = defaultdict(list)
     for node in graph.node:
         for name in node.input:
@@ -124,8 +124,15 @@ def state_dict_from_onnx(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     eps: dict[str, float] = {}
     stem_convs = []
 
+    def weights(node) -> list[np.ndarray]:
+        return [numpy_helper.to_array(init[n]) for n in node.input if n in init]
+
     def linear(node, prefix: str) -> None:
-        (w,) = [a for a in weights(node) if a.ndim == 2]
+        matrices = [a for a in weights(node) if a.ndim == 2]
+        if len(matrices) != 1:
+            raise CheckpointError(f"{path}: node {node.name} ({prefix}) has no stored weight matrix; "
+                                  f"this graph layout is not supported")
+        w = matrices[0]
         state[f"{prefix}.weight"] = w.T
         for add in consumers[node.output[0]]:
             biases = [a for a in weights(add) if add.op_type == "Add" and a.ndim == 1 and a.shape[0] == w.shape[1]]
@@ -134,15 +141,20 @@ def state_dict_from_onnx(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
 
     for node in graph.node:
         scope = _BLOCK_SCOPE.search(node.name)
-        if scope:
+        if node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute):  # FSMN, depthwise
+            block = _BLOCK_INDEX.search(" ".join([node.name, *node.input]))
+            if block is None:
+                raise CheckpointError(f"{path}: depthwise conv {node.name} belongs to no block")
+            state[f"encoder.blocks.{block.group(1)}.attn.fsmn_block.weight"] = weights(node)[0]
+        elif scope:
             module = scope.group(2).replace("/", ".").replace("mlp.mlp.", "mlp.")
             prefix = f"encoder.blocks.{scope.group(1)}.{module}"
-            if node.op_type == "MatMul" and module.split(".")[-1] in ("query", "key", "value", "out", "0", "2"):
+            if node.op_type == "MatMul" and not module.endswith("_ln"):
                 linear(node, prefix)
-            elif node.op_type == "Conv" and module.endswith("fsmn_block"):
-                state[f"{prefix}.weight"] = weights(node)[0]
             elif node.op_type == "LayerNormalization":
-                state[f"{prefix}.weight"], state[f"{prefix}.bias"] = (numpy_helper.to_array(init[n]) for n in node.input[1:3])
+                scale, bias = node.input[1:3]
+                state[f"{prefix}.weight"] = numpy_helper.to_array(init[scale])
+                state[f"{prefix}.bias"] = numpy_helper.to_array(init[bias])
                 eps[prefix] = next((float(f"{a.f:.7g}") for a in node.attribute if a.name == "epsilon"), 1e-5)
         elif node.op_type == "Conv":
             stem_convs.append(weights(node))
@@ -163,7 +175,7 @@ def load_onnx_tokenizer(path: str | Path) -> S3Tokenizer:
     n_layer = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("encoder.blocks.")), default=-1)
     fsmn = state.get("encoder.blocks.0.attn.fsmn_block.weight")
     config = S3TokenizerConfig(
-        n_mels=n_mels, n_audio_state=n_state, n_audio_head=n_state // HEAD_DIM, n_audio_layer=n_layer,
+        n_mels=n_mels, n_audio_state=n_state, n_audio_head=max(1, n_state // HEAD_DIM), n_audio_layer=n_layer,
         fsmn_kernel=fsmn.shape[-1] if fsmn is not None else 31,
         attn_ln_eps=eps.get("encoder.blocks.0.attn_ln", 1e-5), mlp_ln_eps=eps.get("encoder.blocks.0.mlp_ln", 1e-5))
     model = S3Tokenizer(config)

@@ -22,14 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funaudiochat.audio.mel import log_mel
+from funaudiochat.audio.mel import HOP, SAMPLE_RATE, log_mel
 from funaudiochat.errors import ConfigError, InputError
 
-SAMPLE_RATE = 16000
-HOP_LENGTH = 160            # mel frame = 10 ms
 FSQ_DIGITS = 8              # project_down width; each digit has 3 levels
 CODEBOOK_SIZE = 3 ** FSQ_DIGITS
-FSQ_SCALE = 0.999           # tanh * 0.999 keeps |z| < 1, so round() never reaches +-2
+FSQ_SCALE = 0.999           # tanh(x) * 0.999 before rounding, as released
 SEGMENT_SECONDS = 30
 MIN_TAIL_SECONDS = 1
 
@@ -58,7 +56,8 @@ class S3TokenizerConfig:
     def from_dict(cls, d: dict) -> "S3TokenizerConfig":
         """Read the keys we know from a config dict (e.g. a golden `config.json`); other keys are ignored."""
         if d.get("n_codebook_size", CODEBOOK_SIZE) != CODEBOOK_SIZE:
-            raise ConfigError(f"n_codebook_size={d['n_codebook_size']}: only the FSQ 3^8 = {CODEBOOK_SIZE} codebook exists")
+            raise ConfigError(f"n_codebook_size={d['n_codebook_size']}: "
+                              f"only the FSQ 3^8 = {CODEBOOK_SIZE} codebook exists")
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
@@ -170,7 +169,9 @@ class FSQuantizer(nn.Module):
         self.register_buffer("powers", 3 ** torch.arange(FSQ_DIGITS), persistent=False)
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [B, T', C] -> digits [B, T', 8] in {-1, 0, 1} (straight-through gradient in training), codes [B, T']."""
+        """hidden [B, T', C] -> digits [B, T', 8] in {-1, 0, 1}, codes [B, T'].
+
+        In training mode the digits carry a straight-through gradient (that of the unrounded tanh)."""
         z = torch.tanh(self._codebook["project_down"](hidden).float()) * FSQ_SCALE
         digits = torch.round(z)
         if self.training:
@@ -214,7 +215,7 @@ class S3Tokenizer(nn.Module):
 
     @torch.no_grad()
     def quantize(self, mel: torch.Tensor, mel_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """mel [B, M, T] float, mel_len [B] -> codes [B, T'] int64 (padding past code_len is undefined), code_len [B]."""
+        """mel [B, M, T] float, mel_len [B] -> codes [B, T'] int64, code_len [B]. Codes past code_len are padding."""
         mel, mel_len = check_mel_batch(mel, mel_len, self.config.n_mels)
         p = next(self.parameters())
         hidden, code_len = self.encode(mel.to(p.device, p.dtype), mel_len.to(p.device))
@@ -225,11 +226,13 @@ def check_mel_batch(mel, mel_len, n_mels: int) -> tuple[torch.Tensor, torch.Tens
     """Validate and convert a mel batch for `quantize`; raises InputError naming the problem."""
     mel, mel_len = torch.as_tensor(mel), torch.as_tensor(mel_len)
     if mel.dim() != 3 or mel.shape[1] != n_mels:
-        raise InputError(f"mel must be [B, {n_mels}, T] (a {n_mels}-bin Whisper log-mel), got shape {tuple(mel.shape)}")
+        raise InputError(f"mel must be [B, {n_mels}, T] (a {n_mels}-bin Whisper log-mel), "
+                         f"got shape {tuple(mel.shape)}")
     if not mel.is_floating_point():
         raise InputError(f"mel must be a float tensor, got {mel.dtype}")
     if mel_len.shape != (mel.shape[0],) or mel_len.is_floating_point():
-        raise InputError(f"mel_len must be integer lengths of shape [{mel.shape[0]}], got {mel_len.dtype} {tuple(mel_len.shape)}")
+        raise InputError(f"mel_len must be integer lengths of shape [{mel.shape[0]}], "
+                         f"got {mel_len.dtype} {tuple(mel_len.shape)}")
     if mel.shape[0] == 0 or int(mel_len.min()) < 1 or int(mel_len.max()) > mel.shape[2]:
         raise InputError(f"mel_len must be in [1, {mel.shape[2]}] for every item, got {mel_len.tolist()}")
     if not torch.isfinite(mel).all():
@@ -286,14 +289,17 @@ def _pad_mels(mels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
 def tokenize_batch(wavs: Sequence[np.ndarray], backend: Quantizer, max_segments: int = 16) -> list[np.ndarray]:
     """Mono 16 kHz float waves -> one int64 code array (25 Hz) per wave.
 
-    All segments of all waves go through `backend.quantize` padded together, at most `max_segments` at a time."""
+    The segments of all waves go through `backend.quantize` in padded batches of at most `max_segments`,
+    sorted by length so that little padding is computed."""
     per_wave = [_segment_mels(w, backend.n_mels) for w in wavs]
     flat = [m for mels in per_wave for m in mels]
-    codes: list[np.ndarray] = []
-    for i in range(0, len(flat), max_segments):
-        mel, mel_len = _pad_mels(flat[i: i + max_segments])
-        out, out_len = backend.quantize(mel, mel_len)
-        codes += [out[j, : int(out_len[j])].cpu().numpy().astype(np.int64) for j in range(len(out_len))]
+    order = sorted(range(len(flat)), key=lambda i: flat[i].shape[-1])
+    codes: list[np.ndarray] = [np.empty(0, np.int64)] * len(flat)
+    for start in range(0, len(order), max_segments):
+        chunk = order[start: start + max_segments]
+        out, out_len = backend.quantize(*_pad_mels([flat[i] for i in chunk]))
+        for row, i in enumerate(chunk):
+            codes[i] = out[row, : int(out_len[row])].cpu().numpy().astype(np.int64)
     result, k = [], 0
     for mels in per_wave:
         result.append(np.concatenate(codes[k: k + len(mels)]))
@@ -308,4 +314,4 @@ def tokenize_audio(wav_16k: np.ndarray, backend: Quantizer) -> np.ndarray:
 
 def expected_code_count(n_samples: int, sr: int = SAMPLE_RATE) -> int:
     """How many codes `tokenize_audio` gives for `n_samples` samples (whisper drops the last STFT frame)."""
-    return sum(code_lengths((end - start) // HOP_LENGTH) for start, end in segment_bounds(n_samples, sr))
+    return sum(code_lengths((end - start) // HOP) for start, end in segment_bounds(n_samples, sr))

@@ -102,6 +102,14 @@ class CosyVoiceConfig:
         return self.flow.token_mel_ratio * self.hift.samples_per_frame
 
 
+def tiny() -> CosyVoiceConfig:
+    """The cv-tiny golden configuration (DiT 64 x 2 layers, HiFT base 16, chunk 30 frames): fast tests."""
+    return CosyVoiceConfig(
+        flow=FlowConfig(pre_lookahead_channels=32, dit=DiTConfig(dim=64, depth=2, heads=4, dim_head=16,
+                                                                 static_chunk_size=30)),
+        hift=HiFTConfig(base_channels=16, f0_cond_channels=16))
+
+
 def _fill(cls, src: dict, where: str, **renames):
     """A `cls` with every field found in `src` (under its own name or `renames[field]`), type-checked."""
     kwargs = {}

@@ -52,11 +52,19 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, assign: bool = False) -> None:
-    """Strict load; a shape or key mismatch becomes a CheckpointError naming the tensors."""
+    """Strict load; a mismatch becomes a CheckpointError that counts and names the offending tensors."""
     try:
         module.load_state_dict(state, strict=True, assign=assign)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path} does not fit the configured model: {str(err)[:2000]}") from None
+    except RuntimeError:
+        ours = module.state_dict()
+        problems = [(what, names) for what, names in (
+            ("missing", [k for k in ours if k not in state]),
+            ("unexpected", [k for k in state if k not in ours]),
+            ("with another shape", [f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})"
+                                    for k, v in ours.items() if k in state and state[k].shape != v.shape])) if names]
+        summary = "; ".join(f"{len(names)} {what}, e.g. {', '.join(names[:3])}" for what, names in problems)
+        raise CheckpointError(f"{path} does not fit the configured model ({summary}); is cosyvoice3.yaml "
+                              f"from the same model?") from None
 
 
 def load_hift_state(hift: HiFTVocoder, path: Path) -> None:
@@ -129,7 +137,7 @@ class Detokenizer:
         if not hift_path.is_file():
             load_state_dict(hift_path)  # raises, naming the file
         with torch.device("meta"):  # no random init of ~330M parameters that the checkpoint replaces
-            flow = TokenToMelFlow(cfg.flow, noise=released_flow_noise(cfg.flow.dit.mel_dim, device="cpu"))
+            flow = TokenToMelFlow(cfg.flow, noise=released_flow_noise(cfg.flow.dit.mel_dim))
         load_into(flow, flow_state, directory / "flow.pt", assign=True)
         hift = HiFTVocoder(cfg.hift, rng=released_source_rng(cfg))
         load_hift_state(hift, hift_path)

@@ -23,9 +23,9 @@ from funaudiochat.speech.dit import DiT
 NOISE_FRAMES = 15000  # 300 s of 50 Hz mel: the released fixed-noise length, the longest mel one call can make
 
 
-def released_flow_noise(mel_dim: int = 80, device=None) -> torch.Tensor:
-    """The released `CausalConditionalCFM.rand_noise`: seed 0, then randn(1, 80, 15000) (CPU generator)."""
-    return torch.randn(1, mel_dim, NOISE_FRAMES, generator=torch.Generator().manual_seed(0), device=device)
+def released_flow_noise(mel_dim: int = 80) -> torch.Tensor:
+    """The released `CausalConditionalCFM.rand_noise`: seed 0, then randn(1, 80, 15000) (on the CPU)."""
+    return torch.randn(1, mel_dim, NOISE_FRAMES, generator=torch.Generator().manual_seed(0), device="cpu")
 
 
 class PreLookaheadLayer(nn.Module):

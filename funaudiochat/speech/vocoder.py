@@ -153,12 +153,12 @@ class SourceModule(nn.Module):
         self.upsample_scale = cfg.samples_per_frame
         self.l_linear = nn.Linear(n_harm, 1)
         rng = rng if rng is not None else torch.Generator().manual_seed(0)
-        rand_ini = torch.rand(1, n_harm, generator=rng)
+        rand_ini = torch.rand(1, n_harm, generator=rng, device="cpu")
         rand_ini[:, 0] = 0
         self.register_buffer("rand_ini", rand_ini, persistent=False)
         # the uniform noise torch.rand(1, 300 s, H) is drawn from here; a prefix is made on demand (same numbers)
         self._noise_rng_state: torch.Tensor | None = rng.get_state()
-        self.register_buffer("sine_noise", torch.zeros(1, 0, n_harm), persistent=False)
+        self.register_buffer("sine_noise", torch.zeros(1, 0, n_harm, device="cpu"), persistent=False)
 
     def set_noise(self, rand_ini: torch.Tensor, sine_noise: torch.Tensor) -> None:
         """Use given noise (e.g. recorded from the released code): rand_ini [1, H], sine_noise [1, L_max, H]."""

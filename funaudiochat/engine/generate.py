@@ -21,7 +21,7 @@ import torch
 from funaudiochat.engine.prompt import Prompt
 from funaudiochat.engine.sampling import SamplingParams, choose, process
 from funaudiochat.errors import ConfigError, ContextLengthError
-from funaudiochat.model.backbone import KVCache, attention_mask_4d
+from funaudiochat.model.backbone import MLP, Attention, KVCache, RopeTable, attention_mask_4d
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 
 
@@ -115,14 +115,26 @@ class Tracer:
 
 
 class Engine:
-    """Runs a `FunAudioChatModel` for generation. Stateless between calls; `DecodeState` holds a call's state."""
+    """Runs a `FunAudioChatModel` for generation. Stateless between calls; `DecodeState` holds a call's state.
 
-    def __init__(self, model: FunAudioChatModel, max_seq_len: int | None = None):
-        self.model = model
+    Construction prepares the model for fast inference (fused q|k|v and gate|up projections, rotary tables), so
+    create the engine after the model is on its final device and dtype, and do not train that model afterwards.
+    """
+
+    def __init__(self, model: FunAudioChatModel, max_seq_len: int = 4096):
+        self.model = model.eval()
         self.cfg = model.cfg
         self.k = model.group_size
         t = self.cfg.text_config
-        self.max_seq_len = min(max_seq_len or t.max_position_embeddings, t.max_position_embeddings)
+        self.max_seq_len = min(max_seq_len, t.max_position_embeddings)
+        for m in model.modules():
+            if isinstance(m, (Attention, MLP)) and m.fused is None:
+                m.fuse()
+        self.rope = RopeTable(model.language_model.model.inv_freq, self.max_seq_len, self.dtype)
+        self.srh_rope = None
+        if model.audio_invert_tower is not None:
+            srh = model.audio_invert_tower.crq_transformer
+            self.srh_rope = RopeTable(srh.inv_freq, self.k * self.max_seq_len, self.dtype)
 
     @property
     def device(self):
@@ -160,7 +172,7 @@ class Engine:
         key_valid = torch.zeros(b, total, dtype=torch.bool, device=self.device)
         key_valid[:, :p] = mask2d.bool()
         mask = attention_mask_4d(key_valid[:, :p], p, p, 0, b, self.device)
-        hidden = m.language_model.model(embeds, pos, mask, llm_cache, 0, p)
+        hidden = m.language_model.model(embeds, pos, mask, llm_cache, 0, p, rope=self.rope)
         text_logits = m.language_model.lm_head(hidden[:, -1]).float()
 
         state = DecodeState(llm_cache, None, key_valid, torch.zeros(0), pos[:, -1] + 1, p, ids,
@@ -211,8 +223,11 @@ class Engine:
                 q0, q1 = n_fine - k + j, n_fine - k + j + 1
                 z = fine[:, q0:q1] + embed[:, None]
             s0, s1 = start + q0, start + q1
-            mask = attention_mask_4d(state.srh_key_valid[:, :s1], q1 - q0, s1, s0, b, self.device)
-            logits = srh.decode(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1)[:, -1].float()
+            if q1 - q0 == 1:  # one new query sees every valid slot so far
+                mask = state.srh_key_valid[:, None, None, :s1]
+            else:
+                mask = attention_mask_4d(state.srh_key_valid[:, :s1], q1 - q0, s1, s0, b, self.device)
+            logits = srh.decode(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1, self.srh_rope)[:, -1].float()
             scores = process(logits, gen.sampling, counts)
             tok = choose(scores, gen.sampling, state.generator)
             if counts is not None:
@@ -240,7 +255,7 @@ class Engine:
         slot = state.slot
         state.key_valid[:, slot] = True
         mask = state.key_valid[:, None, None, : slot + 1]
-        hidden = m.language_model.model(x, state.pos[:, None], mask, state.llm_cache, slot, slot + 1)
+        hidden = m.language_model.model(x, state.pos[:, None], mask, state.llm_cache, slot, slot + 1, rope=self.rope)
         text_logits = m.language_model.lm_head(hidden[:, -1]).float()
         group = None
         if state.srh_cache is not None:

@@ -25,7 +25,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        if x.dtype == torch.float32:  # one fused op; same math as below
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        dtype = x.dtype  # normalise in fp32, scale in the input dtype (as HF Qwen3/Llama)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -56,6 +58,17 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     freqs = positions[..., None].float() * inv_freq.float()  # [B, T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+class RopeTable:
+    """cos/sin of every position below `length`, computed once exactly as `rope_cos_sin` would (decode speed)."""
+
+    def __init__(self, inv_freq: torch.Tensor, length: int, dtype: torch.dtype):
+        cos, sin = rope_cos_sin(inv_freq, torch.arange(length, device=inv_freq.device)[None], dtype)
+        self.cos, self.sin = cos[0, 0], sin[0, 0]  # [length, D]
+
+    def __call__(self, positions: torch.Tensor):
+        return self.cos[positions][:, None], self.sin[positions][:, None]  # [B, 1, T, D]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -89,6 +102,22 @@ class KVCache:
         return LayerCache(self.k[i], self.v[i], start, read_len if read_len is not None else start + n_new)
 
 
+def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of linears sharing an input into one tensor, and make each linear's
+    parameters views into it: one matmul instead of several, no extra memory, state_dict unchanged (inference)."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    has_bias = [lin.bias is not None for lin in linears]
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None
+    row = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[row:row + n], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[row:row + n], requires_grad=False)
+        row += n
+    return weight, bias
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
@@ -101,12 +130,21 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.fused = None  # (weight, bias) of q|k|v after `fuse()`
+
+    def fuse(self) -> None:
+        self.fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x, cos, sin, mask, cache: LayerCache | None = None):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        hq, hkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        if self.fused is not None:
+            q, k, v = F.linear(x, *self.fused).split([hq, hkv, hkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
@@ -125,8 +163,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inner, bias=False)
         self.up_proj = nn.Linear(hidden, inner, bias=False)
         self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.fused = None  # gate|up weight after `fuse()`
+
+    def fuse(self) -> None:
+        self.fused, _ = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x):
+        if self.fused is not None:
+            gate, up = F.linear(x, self.fused).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -211,13 +256,13 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None = None, cache_start: int = 0, read_len: int | None = None,
-                router_logits: list | None = None) -> torch.Tensor:
+                router_logits: list | None = None, rope: RopeTable | None = None) -> torch.Tensor:
         """x [B, T, C], positions [B, T] (rotary), mask [B, 1, T, S] from `attention_mask_4d` -> [B, T, C].
 
         With `cache`, keys/values go to slots [cache_start, cache_start+T) and slots [0, read_len) are attended.
-        MoE router logits are appended to `router_logits` when a list is given.
+        MoE router logits are appended to `router_logits` when a list is given. `rope`: a precomputed table.
         """
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        cos, sin = rope(positions) if rope is not None else rope_cos_sin(self.inv_freq, positions, x.dtype)
         t = x.shape[1]
         for i, layer in enumerate(self.layers):
             lc = cache.layer(i, cache_start, t, read_len) if cache is not None else None

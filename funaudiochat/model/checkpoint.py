@@ -120,7 +120,7 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
                speech_head: bool = True) -> FunAudioChatModel:
     """Build the model from `directory/config.json` and load its safetensors weights.
 
-    dtype: None keeps the stored dtype of each tensor cast to fp32/bf16/fp16 when given. speech_head=False drops
+    dtype: cast every tensor to fp32 / bf16 / fp16 (None keeps the stored dtypes). speech_head=False drops
     the SRH (pure speech-to-text, less memory).
     """
     directory = Path(directory)

@@ -53,7 +53,11 @@ class AudioGroups:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy over non-ignored targets, in fp32 (as HF's causal-LM loss)."""
+    """Mean cross-entropy over non-ignored targets, in fp32 (as HF's causal-LM loss).
+
+    With no target at all (e.g. a text-only batch has no speech labels) the loss is 0, not NaN."""
+    if not bool((targets != ignore_index).any()):
+        return logits.float().sum() * 0.0
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=ignore_index)
 

@@ -38,9 +38,10 @@ class SpeechRefinedHead(nn.Module):
         return F.embedding(tokens, self.lm_head.weight)
 
     def decode(self, z: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-               cache: KVCache | None = None, cache_start: int = 0, read_len: int | None = None) -> torch.Tensor:
+               cache: KVCache | None = None, cache_start: int = 0, read_len: int | None = None,
+               rope=None) -> torch.Tensor:
         """z [B, t, D] (P + previous-token embedding) -> speech logits [B, t, V]."""
-        h = self.crq_transformer(self.input_matching(z), positions, mask, cache, cache_start, read_len)
+        h = self.crq_transformer(self.input_matching(z), positions, mask, cache, cache_start, read_len, rope=rope)
         return self.lm_head(self.output_matching(h))
 
     def forward_train(self, u: torch.Tensor, label_embeds: torch.Tensor, attention_mask: torch.Tensor | None,

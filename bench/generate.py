@@ -1,0 +1,87 @@
+"""Time prefill and per-step decode (S2T and S2S) on a random model built from a config.json.
+
+    .venv/bin/python bench/generate.py ../shared/bench/bench_config.json [--threads 2] [--steps 64] [--compile]
+
+S2S step = one LLM step (text token) + the SRH's 5 speech tokens; S2T step = one LLM step with the SRH off.
+Medians over repeated runs after warm-up; fp32 on CPU by default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from funaudiochat.config import FunAudioChatConfig
+from funaudiochat.engine.generate import Engine, GenerationConfig
+from funaudiochat.engine.prompt import Prompt
+from funaudiochat.model.funaudiochat import FunAudioChatModel
+
+
+def make_prompt(cfg: FunAudioChatConfig, length: int, seed: int = 0) -> Prompt:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, min(cfg.text_config.vocab_size, 400), (1, length), generator=g)
+    return Prompt(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def time_run(engine: Engine, prompt: Prompt, gen: GenerationConfig, repeats: int):
+    """Median prefill seconds and median per-step seconds (steps after the first, which follows prefill)."""
+    prefills, steps = [], []
+    for _ in range(repeats):
+        t_prev = time.perf_counter()
+        first = True
+        for state, _ in engine.steps(prompt, gen):
+            now = time.perf_counter()
+            if first:
+                prefills.append(state.timings["prefill_s"])
+                first = False
+            else:
+                steps.append(now - t_prev)
+            t_prev = now
+    return statistics.median(prefills), statistics.median(steps), len(steps) // repeats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true", help="compile the decode step (Engine(compile=True))")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = FunAudioChatConfig.from_dict(json.loads(args.config.read_text()))
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    with torch.device(args.device):
+        model = FunAudioChatModel(cfg)
+    model.init_weights(0.02)
+    model = model.to(dtype).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    engine = Engine(model, compile=args.compile) if args.compile else Engine(model)
+    prompt = make_prompt(cfg, args.prompt_len)
+    t = cfg.text_config
+    # eos/pad ids outside the vocabulary keep random weights from stopping early
+    base = dict(max_new_tokens=args.steps, eos_token_id=t.vocab_size, pad_token_id=0)
+    s2s = GenerationConfig(**base, force_text_abos=True, text_greedy=True)
+    s2t = GenerationConfig(**base, disable_speech=True, text_greedy=True)
+    time_run(engine, prompt, s2s, 1)  # warm-up (and compilation)
+    time_run(engine, prompt, s2t, 1)
+    pre_s2s, step_s2s, n_s2s = time_run(engine, prompt, s2s, args.repeats)
+    pre_s2t, step_s2t, n_s2t = time_run(engine, prompt, s2t, args.repeats)
+    print(f"model: {args.config.name}, {n_params / 1e6:.1f}M parameters, {args.dtype}, {args.device}, "
+          f"{args.threads} threads, torch {torch.__version__}, compile={args.compile}")
+    print(f"prefill ({args.prompt_len} tokens, S2S incl. SRH): {pre_s2s * 1e3:7.2f} ms")
+    print(f"prefill ({args.prompt_len} tokens, S2T):           {pre_s2t * 1e3:7.2f} ms")
+    print(f"S2S step (text + 5 speech tokens):      {step_s2s * 1e3:7.2f} ms   (median of {n_s2s} steps x {args.repeats})")
+    print(f"S2T step (text only):                   {step_s2t * 1e3:7.2f} ms   (median of {n_s2t} steps x {args.repeats})")
+
+
+if __name__ == "__main__":
+    main()

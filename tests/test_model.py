@@ -1,0 +1,145 @@
+"""Model parts against independent oracles (transformers' own Qwen3 / Qwen3-MoE / Llama) and invariants."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from funaudiochat.config import BackboneConfig
+from funaudiochat.model.backbone import CausalLM, attention_mask_4d
+from funaudiochat.model.encoder import AudioEncoder, conv_output_lengths
+from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.model.presets import tiny
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_model(cfg: BackboneConfig):
+    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+              num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+              num_key_value_heads=cfg.num_key_value_heads, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+              tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=cfg.max_position_embeddings)
+    if cfg.model_type == "llama":
+        hf_cfg = transformers.LlamaConfig(**kw)
+        return transformers.LlamaForCausalLM(hf_cfg)
+    if cfg.model_type == "qwen3_moe":
+        hf_cfg = transformers.Qwen3MoeConfig(**kw, head_dim=cfg.dim_head, num_experts=cfg.num_experts,
+                                             num_experts_per_tok=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+                                             moe_intermediate_size=cfg.moe_intermediate_size, decoder_sparse_step=1)
+        return transformers.Qwen3MoeForCausalLM(hf_cfg)
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw, head_dim=cfg.dim_head))
+
+
+@pytest.mark.parametrize("backbone", ["qwen3", "llama", "qwen3_moe"])
+def test_backbone_matches_transformers(backbone):
+    cfg = tiny(backbone).text_config
+    torch.manual_seed(0)
+    ours = CausalLM(cfg)
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    hf = _hf_model(cfg).eval()
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    # transformers 5 may store MoE experts fused; map them when needed
+    if missing:
+        sd = ours.state_dict()
+        fused = {}
+        for name in missing:
+            if "experts" in name:
+                layer = name.split(".layers.")[1].split(".")[0]
+                e = cfg.num_experts
+                pre = f"model.layers.{layer}.mlp.experts"
+                if name.endswith("gate_up_proj"):
+                    fused[name] = torch.stack([torch.cat([sd[f"{pre}.{i}.gate_proj.weight"], sd[f"{pre}.{i}.up_proj.weight"]])
+                                               for i in range(e)])
+                elif name.endswith("down_proj"):
+                    fused[name] = torch.stack([sd[f"{pre}.{i}.down_proj.weight"] for i in range(e)])
+        hf.load_state_dict(fused, strict=False)
+        still = [m for m in missing if m not in fused]
+        assert not still, still
+    ids = torch.randint(0, cfg.vocab_size, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 8:] = 0  # right padding
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        pos = torch.arange(11)[None].expand(2, -1)
+        ours_logits = ours.lm_head(ours.model(ours.embed(ids), pos, attention_mask_4d(mask, 11, 11, 0, 2, "cpu")))
+    valid = mask.bool()
+    diff = (ours_logits - ref)[valid].abs().max()
+    assert diff <= 1e-4 * ref[valid].abs().max(), float(diff)
+
+
+def test_encoder_features_do_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    cfg = tiny().audio_config
+    enc = AudioEncoder(cfg).eval()
+    feats = torch.randn(3, 128, 450)
+    lens = torch.tensor([450, 130, 0])
+    with torch.no_grad():
+        batched = enc(feats, lens, 120)
+        single = enc(feats[1:2, :, :130], lens[1:2], 120)
+    assert (batched[1] - single[0]).abs().max() < 1e-5
+    assert batched[2].abs().max() == 0  # zero-length audio gives zero features
+    n25 = int(conv_output_lengths(torch.tensor(450))[1])
+    assert batched[0, :n25].abs().sum(-1).min() > 0 and batched[0, n25:].abs().max() == 0
+
+
+def test_encoder_attention_stays_inside_chunks():
+    """Changing frames in one 2 s chunk leaves the other chunks' outputs (before pooling) unchanged."""
+    torch.manual_seed(0)
+    enc = AudioEncoder(tiny().audio_config).eval()
+    a = torch.randn(1, 128, 400)
+    b = a.clone()
+    b[..., 250:] += 1.0  # second chunk only (chunks are 200 mel frames)
+    with torch.no_grad():
+        fa = enc.encode_frames(a, torch.tensor([400]))[0]
+        fb = enc.encode_frames(b, torch.tensor([400]))[0]
+    assert torch.equal(fa[:100], fb[:100]) and not torch.equal(fa[100:], fb[100:])
+
+
+def test_packed_segments_attend_within_their_segment():
+    mask = attention_mask_4d(torch.tensor([[1, 1, 2, 2, 2, 0]]), 6, 6, 0, 1, "cpu")[0, 0]
+    assert mask[3].tolist() == [False, False, True, True, False, False]
+    assert mask[5].tolist() == [True, True, True, True, True, False] or mask[5].sum() >= 1
+
+
+def test_training_forward_after_generation_still_works():
+    """Generation keeps no state on modules (the released generate leaves the SRH patched, SPEC §13 item 2)."""
+    from funaudiochat.engine.generate import Engine, GenerationConfig
+    from funaudiochat.engine.prompt import Prompt
+
+    torch.manual_seed(0)
+    model = FunAudioChatModel(tiny())
+    ids = torch.randint(0, 400, (1, 12))
+    before = model(ids, labels=ids).loss
+    Engine(model).generate(Prompt(ids), GenerationConfig(max_new_tokens=4, force_text_abos=True, eos_token_id=502,
+                                                         pad_token_id=500))
+    after = model(ids, labels=ids).loss
+    assert torch.allclose(before, after, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-dense-add"])
+def test_check_reference_cli_passes_on_goldens(shared_dir, name):
+    run = subprocess.run([sys.executable, "-m", "funaudiochat.cli", "check-reference", str(shared_dir / "golden" / name)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for case in ("train_fwd", "train_fwd_posids", "train_fwd_packed", "gen", "gen_rep", "gen_s2t", "gen_single_b",
+                 "gen_batch2"):
+        assert f"ok   {case}" in run.stdout
+
+
+def test_check_reference_fails_on_a_perturbed_model(shared_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = shared_dir / "golden/tiny-dense"
+    dst = tmp_path / "golden"
+    shutil.copytree(src, dst)
+    state = load_file(str(dst / "model/model.safetensors"))
+    state["audio_invert_tower.crq_transformer.layers.1.mlp.down_proj.weight"] *= 1.01
+    save_file(state, str(dst / "model/model.safetensors"), metadata={"format": "pt"})
+    run = subprocess.run([sys.executable, "-m", "funaudiochat.cli", "check-reference", str(dst)],
+                         capture_output=True, text=True)
+    assert run.returncode == 1
+    assert "FAIL train_fwd:" in run.stdout and "speech_logits" in run.stdout
+    assert "ok   train_fwd" not in run.stdout.replace("ok   train_fwd_", "")

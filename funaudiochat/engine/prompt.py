@@ -78,7 +78,7 @@ def build_prompt(tokenizer, cfg, messages: list[dict], audios: list, frontend=No
             prompt.speech_attention_mask[row, :n] = 1
         frontend = frontend or WhisperFrontend(a_cfg.num_mel_bins)
         longest = max(len(w) for w in audios) / SAMPLE_RATE
-        if longest > frontend.chunk_length:  # keep every frame: pad to whole 30 s windows instead of truncating
+        if longest > frontend.n_samples / SAMPLE_RATE:  # keep every frame: pad to whole 30 s windows instead of truncating
             frontend = WhisperFrontend(a_cfg.num_mel_bins, chunk_length=30 * math.ceil(longest / 30))
         prompt.input_features, prompt.feature_attention_mask = frontend(list(audios), padding="max_length")
         prompt.feature_exist_mask = torch.ones(len(audios), dtype=torch.bool)

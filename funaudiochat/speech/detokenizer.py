@@ -86,8 +86,11 @@ def load_speakers(path: Path) -> dict[str, torch.Tensor]:
 
 def check_tokens(tokens, vocab_size: int) -> torch.Tensor:
     """Any int sequence -> [1, N] long. Codes >= vocab_size are dropped with a warning, as the released pipeline does."""
-    t = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens).reshape(-1)
-    if t.is_floating_point() and not torch.equal(t, t.round()):
+    try:
+        t = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InputError(f"speech tokens must be a sequence of integers ({err})") from None
+    if t.dtype == torch.bool or (t.is_floating_point() and not torch.equal(t, t.round())):
         raise InputError("speech tokens must be integers")
     t = t.long()
     if (t < 0).any():
@@ -172,8 +175,11 @@ class Detokenizer:
             vec = self.speakers[speaker]
         elif Path(speaker).suffix.lower() in (".pt", ".npy") and Path(speaker).is_file():
             path = Path(speaker)
-            vec = torch.as_tensor(np.load(path) if path.suffix.lower() == ".npy"
-                                  else torch.load(path, map_location="cpu", weights_only=True), dtype=torch.float32)
+            try:
+                vec = torch.as_tensor(np.load(path) if path.suffix.lower() == ".npy"
+                                      else torch.load(path, map_location="cpu", weights_only=True), dtype=torch.float32)
+            except Exception as err:  # not a tensor file, or not one tensor
+                raise InputError(f"speaker {path}: expected one 192-d tensor/array ({err})") from None
         elif Path(speaker).is_file():
             if self.speaker_encoder is None:
                 raise InputError(f"speaker {speaker}: a reference wav needs campplus.onnx in the detokenizer folder")
@@ -236,6 +242,10 @@ class StreamingDetokenizer:
         self.chunk_attention, self.flow_window, self.hift_reset = chunk_attention, flow_window, hift_reset
         self.lookahead = detok.flow.cfg.pre_lookahead_len
         self.state = StreamState()
+
+    @property
+    def sample_rate(self) -> int:
+        return self.detok.sample_rate
 
     @torch.inference_mode()
     def _run(self, finalize: bool) -> np.ndarray:

@@ -1,0 +1,134 @@
+"""The streaming API: one generation turn as an iterator of frozen events that a CLI or a server consumes.
+
+    for event in stream_turn(engine, prompt, gen, tokenizer, detokenizer_session):
+        TextDelta   -> new text (decoded incrementally; never splits a UTF-8 character)
+        SpeechGroup -> the k speech tokens appended this step (raw ids) and their codes (< num_codes, for a vocoder)
+        AudioChunk  -> 24 kHz samples, as soon as a hop of speech tokens is decodable (when a detokenizer is given)
+        SpeechEnd   -> the speech stream ended (speech EOS)
+        TurnEnd     -> final text, all codes, finish reason ("stop", "length", "cancelled"), usage and timings
+
+Cancellation: set the `threading.Event` passed as `cancel`; the turn ends after the current step with
+finish_reason "cancelled" (the detokenizer is finalized so no audio already generated is lost).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from funaudiochat.engine.generate import Engine, GenerationConfig
+from funaudiochat.engine.prompt import Prompt
+from funaudiochat.errors import InputError
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class SpeechGroup:
+    tokens: tuple[int, ...]  # as generated (may hold the BOS delay / EOS specials)
+    codes: tuple[int, ...]   # the real speech codes among them
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    samples: np.ndarray
+    sample_rate: int
+
+
+@dataclass(frozen=True)
+class SpeechEnd:
+    pass
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    text_tokens: int
+    speech_tokens: int
+    prefill_s: float
+    first_text_s: float | None
+    first_audio_s: float | None
+    total_s: float
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    text: str
+    text_ids: tuple[int, ...]
+    speech_codes: tuple[int, ...]
+    finish_reason: str
+    usage: Usage
+    audio: np.ndarray | None = field(default=None, repr=False)  # the whole answer, when a detokenizer ran
+
+
+class IncrementalDecoder:
+    """Decode a growing id list and hand out only the new, complete text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        if self.tokenizer.is_special(token_id):
+            return ""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
+def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer=None, detokenizer=None,
+                cancel: threading.Event | None = None) -> Iterator:
+    """Run one batch-1 generation and yield events (see module docstring)."""
+    if prompt.input_ids.shape[0] != 1:
+        raise InputError("stream_turn streams one conversation; use Engine.generate for batches")
+    num_codes = engine.cfg.audio_config.num_codes
+    decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
+    t0 = time.perf_counter()
+    first_text = first_audio = None
+    codes: list[int] = []
+    chunks: list[np.ndarray] = []
+    reason = "stop"
+    state = None
+    for state, step in engine.steps(prompt, gen):
+        if decoder is not None:
+            delta = decoder.push(int(step.text[0]))
+            if delta:
+                first_text = first_text or time.perf_counter() - t0
+                yield TextDelta(delta)
+        if step.speech is not None and bool(step.speech_mask[0]):
+            group = tuple(int(t) for t in step.speech[0])
+            new_codes = tuple(t for t in group if 0 <= t < num_codes)
+            codes.extend(new_codes)
+            yield SpeechGroup(group, new_codes)
+            if detokenizer is not None and new_codes:
+                for chunk in detokenizer.push(list(new_codes)):
+                    first_audio = first_audio or time.perf_counter() - t0
+                    chunks.append(chunk)
+                    yield AudioChunk(chunk, detokenizer.sample_rate)
+            if bool(step.speech_ended[0]):
+                yield SpeechEnd()
+        if cancel is not None and cancel.is_set():
+            reason = "cancelled"
+            break
+    if reason != "cancelled" and len(state.tokens) >= gen.max_new_tokens and int(state.tokens[-1][0]) not in gen.eos_ids:
+        reason = "length"
+    if detokenizer is not None and codes:
+        tail = detokenizer.finalize()
+        if tail.size:
+            first_audio = first_audio or time.perf_counter() - t0
+            chunks.append(tail)
+            yield AudioChunk(tail, detokenizer.sample_rate)
+    ids = tuple(int(t[0]) for t in state.tokens)
+    text = tokenizer.decode(ids) if tokenizer is not None else ""
+    usage = Usage(int(prompt.input_ids.shape[1]), len(ids), len(state.speech[0]), state.timings["prefill_s"],
+                  first_text, first_audio, time.perf_counter() - t0)
+    audio = np.concatenate(chunks) if chunks else None
+    yield TurnEnd(text, ids, tuple(codes), reason, usage, audio)

@@ -1,0 +1,196 @@
+"""Engine behaviour beyond golden parity: batching, sampling, limits, streaming, sessions, tools, errors."""
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from funaudiochat.engine.events import SpeechGroup, TextDelta, TurnEnd, stream_turn
+from funaudiochat.engine.generate import Engine, GenerationConfig
+from funaudiochat.engine.prompt import Prompt, build_prompt, stack_prompts
+from funaudiochat.engine.session import ChatSession
+from funaudiochat.errors import ConfigError, ContextLengthError, InputError
+from funaudiochat.model.checkpoint import save_model
+from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.model.presets import tiny
+from funaudiochat.text.chat import user_content
+from funaudiochat.text.tools import parse_tool_calls, tools_system_prompt
+from tests.helpers import make_tiny_tokenizer, words, write_wav
+
+GREEDY = dict(eos_token_id=502, pad_token_id=500, text_greedy=True)
+
+
+def _model(backbone="qwen3", seed=0, **kw):
+    torch.manual_seed(seed)
+    model = FunAudioChatModel(tiny(backbone, **kw))
+    model.init_weights(0.3)
+    return model.eval()
+
+
+def _audio_prompt(tok, cfg, seconds, text=None, seed=0):
+    wav = np.random.default_rng(seed).standard_normal(int(seconds * 16000)).astype(np.float32) * 0.1
+    msgs = [{"role": "system", "content": words([40, 41])}, {"role": "user", "content": user_content(1, text)}]
+    return build_prompt(tok, cfg, msgs, [wav])
+
+
+@pytest.mark.parametrize("backbone", ["qwen3", "qwen3_moe", "llama"])
+def test_batched_rows_equal_single_runs(tmp_path, backbone):
+    tok = make_tiny_tokenizer(tmp_path)
+    model = _model(backbone)
+    engine = Engine(model)
+    prompts = [_audio_prompt(tok, model.cfg, 1.3, seed=1), _audio_prompt(tok, model.cfg, 0.3, words([77, 78]), seed=2)]
+    gen = GenerationConfig(max_new_tokens=10, force_text_abos=True, **GREEDY)
+    singles = [engine.generate(p, gen) for p in prompts]
+    batch = engine.generate(stack_prompts(prompts, 500, model.cfg.audio_config.pad_token_id), gen)
+    assert prompts[0].input_ids.shape[1] != prompts[1].input_ids.shape[1]  # the batch really is left padded
+    for row, single in enumerate(singles):
+        assert batch.new_text_ids[row, : single.new_text_ids.shape[1]].tolist() == single.new_text_ids[0].tolist()
+        assert batch.speech_ids[row] == single.speech_ids[0]
+        assert len(single.speech_ids[0]) > 0
+
+
+def test_seeded_sampling_is_reproducible():
+    engine = Engine(_model())
+    ids = torch.randint(30, 400, (1, 9), generator=torch.Generator().manual_seed(0))
+    gen = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.5, top_p=0.95, top_k=50,
+                           repetition_penalty=1.2, force_text_abos=True, eos_token_id=502, pad_token_id=500, seed=7)
+    a, b = engine.generate(Prompt(ids), gen), engine.generate(Prompt(ids), gen)
+    c = engine.generate(Prompt(ids), gen.with_(seed=8))
+    assert a.new_text_ids.tolist() == b.new_text_ids.tolist() and a.speech_ids == b.speech_ids
+    assert a.new_text_ids.tolist() != c.new_text_ids.tolist() or a.speech_ids != c.speech_ids
+
+
+def test_max_new_tokens_and_finish_reason(tmp_path):
+    tok = make_tiny_tokenizer(tmp_path)
+    engine = Engine(_model())
+    prompt = Prompt(torch.tensor([tok.encode(words([50, 51, 52]))]))
+    gen = GenerationConfig(max_new_tokens=5, force_text_abos=True, eos_token_id=511, pad_token_id=500, text_greedy=True)
+    events = list(stream_turn(engine, prompt, gen, tok))
+    end = events[-1]
+    assert isinstance(end, TurnEnd) and end.finish_reason == "length" and len(end.text_ids) == 5
+    # text deltas add up to the final text; speech groups carry the codes
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == end.text
+    codes = [c for e in events if isinstance(e, SpeechGroup) for c in e.codes]
+    assert tuple(codes) == end.speech_codes and len(codes) > 0
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        GenerationConfig(max_new_tokens=0)
+
+
+def test_stops_at_eos():
+    engine = Engine(_model())
+    ids = torch.randint(30, 400, (1, 6), generator=torch.Generator().manual_seed(1))
+    free = engine.generate(Prompt(ids), GenerationConfig(max_new_tokens=8, eos_token_id=511, pad_token_id=500,
+                                                         text_greedy=True, disable_speech=True))
+    stop_at = int(free.new_text_ids[0, 3])  # make the 4th generated token the EOS id
+    out = engine.generate(Prompt(ids), GenerationConfig(max_new_tokens=8, eos_token_id=stop_at, pad_token_id=500,
+                                                        text_greedy=True, disable_speech=True))
+    first = free.new_text_ids[0].tolist().index(stop_at)
+    assert out.new_text_ids.shape[1] == first + 1
+
+
+def test_cancellation_mid_stream(tmp_path):
+    tok = make_tiny_tokenizer(tmp_path)
+    engine = Engine(_model())
+    prompt = Prompt(torch.tensor([tok.encode(words([60, 61]))]))
+    cancel = threading.Event()
+    gen = GenerationConfig(max_new_tokens=50, force_text_abos=True, eos_token_id=511, pad_token_id=500)
+    seen = 0
+    for event in stream_turn(engine, prompt, gen, tok, cancel=cancel):
+        if isinstance(event, (SpeechGroup, TextDelta)):
+            seen += 1
+            if seen == 3:
+                cancel.set()
+        end = event
+    assert end.finish_reason == "cancelled" and seen == 3 and len(end.text_ids) <= 3
+
+
+def test_over_long_prompt_is_a_clear_error():
+    engine = Engine(_model(), max_seq_len=64)
+    ids = torch.randint(30, 400, (1, 60))
+    with pytest.raises(ContextLengthError, match="exceeds the context of 64"):
+        engine.generate(Prompt(ids), GenerationConfig(max_new_tokens=10, eos_token_id=502, pad_token_id=500))
+
+
+def test_empty_and_too_short_audio(tmp_path):
+    tok = make_tiny_tokenizer(tmp_path)
+    cfg = tiny()
+    msgs = [{"role": "user", "content": user_content(1)}]
+    with pytest.raises(InputError, match="at least 40 ms"):
+        build_prompt(tok, cfg, msgs, [np.zeros(0, np.float32)])
+    with pytest.raises(InputError, match="1 audio placeholder"):
+        build_prompt(tok, cfg, msgs, [])
+    from funaudiochat.audio.io import load_audio
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        load_audio(tmp_path / "empty.wav")
+
+
+def test_speech_to_text_model_without_speech_head():
+    model = _model()
+    model.drop_speech_head()
+    out = Engine(model).generate(Prompt(torch.randint(30, 400, (1, 5))),
+                                 GenerationConfig(max_new_tokens=4, force_text_abos=True, **GREEDY))
+    assert out.new_text_ids.shape == (1, 4) and out.speech_ids == [[]]
+
+
+def test_session_keeps_text_history_and_bounds_it(tmp_path):
+    tok = make_tiny_tokenizer(tmp_path)
+    engine = Engine(_model(), max_seq_len=160)
+    gen = GenerationConfig(max_new_tokens=6, force_text_abos=True, eos_token_id=511, pad_token_id=500, text_greedy=True)
+    session = ChatSession(engine, tok, gen, system=words([33]), max_turns=2)
+    wav = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    for i in range(3):
+        events = list(session.ask(audio=wav if i == 0 else None, text=words([100 + i])))
+        assert isinstance(events[-1], TurnEnd)
+    users = [t for t in session.history if t.role == "user"]
+    assert len(users) == 2 and users[0].content.endswith(words([101]))  # the oldest turn was dropped
+    assert all("<|" not in t.content for t in session.history if t.role == "assistant")
+    # a long audio turn does not fit 160 tokens with history: history is dropped, then the turn is refused
+    long_wav = np.zeros(16000 * 40, np.float32) + 0.01
+    with pytest.raises(ContextLengthError, match="send shorter audio"):
+        list(session.ask(audio=long_wav))
+
+
+def test_tool_call_parsing():
+    one = parse_tool_calls('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>')
+    assert [(c.name, c.arguments) for c in one.calls] == [("get_weather", {"city": "Paris"})] and not one.errors
+    two = parse_tool_calls('<tool_call>{"name": "a", "arguments": {}}</tool_call> and '
+                           '<tool_call>{"name": "b", "arguments": "{\\"x\\": 1}"}</tool_call>')
+    assert [(c.name, c.arguments) for c in two.calls] == [("a", {}), ("b", {"x": 1})]
+    bad = parse_tool_calls('<tool_call>{"name": "a", "arguments": {"x": }</tool_call><tool_call>[1]</tool_call>'
+                           '<tool_call>{"name": "c"')
+    assert bad.calls == [] and len(bad.errors) == 3 and "invalid JSON" in bad.errors[0]
+    none = parse_tool_calls("It is sunny in Paris.")
+    assert none.calls == [] and none.errors == [] and none.text == "It is sunny in Paris."
+
+
+def test_tools_prompt_lists_each_tool_on_its_line():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}, {"name": "g", "description": "x"}]
+    prompt = tools_system_prompt(tools)
+    body = prompt.split("<tools>\n")[1].split("\n</tools>")[0].splitlines()
+    assert [json.loads(line)["function"]["name"] for line in body] == ["f", "g"]
+    with pytest.raises(InputError, match="tool 0"):
+        tools_system_prompt([{"description": "no name"}])
+
+
+def test_infer_cli_end_to_end(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    save_model(_model(), ckpt)
+    make_tiny_tokenizer(ckpt)
+    wav = write_wav(tmp_path / "q.wav", 1.0, freq=220)
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([{"type": "function", "function": {"name": "get_time", "parameters": {}}}]))
+    base = [sys.executable, "-m", "funaudiochat.cli", "infer", "--model", str(ckpt), "--audio", str(wav),
+            "--max-new-tokens", "8", "--seed", "0"]
+    run = subprocess.run(base + ["--out", str(tmp_path / "s2s")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "s2s/speech_tokens.json").read_text())
+    assert (tmp_path / "s2s/answer.txt").read_text().strip() in run.stdout
+    run = subprocess.run(base + ["--tools", str(tools), "--out", str(tmp_path / "fc")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert set(json.loads((tmp_path / "fc/tool_calls.json").read_text())) == {"calls", "errors"}
+    run = subprocess.run(base[:-4] + ["--audio", str(tmp_path / "missing.wav")], capture_output=True, text=True)
+    assert run.returncode == 1 and "no such file" in run.stderr and "Traceback" not in run.stderr

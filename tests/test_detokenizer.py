@@ -174,6 +174,10 @@ def test_bad_inputs(detok, caplog):
         detok.token2wav([6561, 6562])
     with pytest.raises(InputError, match="192"):
         detok.token2wav([1, 2], speaker=np.zeros(10))
+    with pytest.raises(InputError, match="integers"):
+        detok.token2wav(["a", "b"])
+    with pytest.raises(InputError, match="integers"):
+        detok.token2wav([1.5, 2])
     with caplog.at_level(logging.WARNING):
         wav = detok.token2wav([5, 6561, 7, 9000, 8])
     assert wav.shape == (3 * 960,) and "dropping 2 speech token" in caplog.text
@@ -210,6 +214,9 @@ def test_speaker_vector_files(detok, tmp_path):
     b = detok.token2wav([1, 2, 3, 4], speaker=str(tmp_path / "spk.npy"))
     c = detok.token2wav([1, 2, 3, 4], speaker=vec)
     assert np.array_equal(a, b) and np.array_equal(a, c)
+    torch.save({"not": "a vector"}, tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="bad.pt"):
+        detok.token2wav([1, 2], speaker=str(tmp_path / "bad.pt"))
 
 
 def _sine_wav(seconds=1.0, rate=16000):

@@ -3,11 +3,20 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from funaudiochat.speech.cosyvoice_config import tiny
 from funaudiochat.speech.dit import apply_rotary, chunk_mask
 from funaudiochat.speech.flow import TokenToMelFlow, released_flow_noise
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead
+    yield
+    torch.set_num_threads(n)
 
 
 def _flow(seed=0) -> TokenToMelFlow:

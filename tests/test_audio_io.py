@@ -70,6 +70,10 @@ def test_arrays_need_a_rate_and_accept_both_channel_layouts():
     np.testing.assert_allclose(wav, resample((left + right) / 2, 8000, 16000), atol=1e-6)
     pcm = (left * 32767).astype(np.int16)
     np.testing.assert_allclose(load_audio(pcm, 8000, source_rate=8000), left, atol=1e-4)
+    with pytest.raises(InputError, match="got shape"):
+        load_audio(np.zeros((2, 2, 100), np.float32), source_rate=8000)
+    with pytest.raises(InputError, match="expected a path, file bytes or an array"):
+        load_audio(12345)
 
 
 def test_mp3_through_ffmpeg(tmp_path):

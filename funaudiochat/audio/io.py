@@ -12,16 +12,19 @@ Every bad input raises `InputError` naming the input (its path, `<bytes>`, `<arr
   ffmpeg on the machine the message says soundfile could not read it and to install ffmpeg for other formats.
 - truncated wav (the header promises more data than the file holds): what is there is loaded and a warning is
   logged; if nothing is there it is an error ("truncated ... holds no samples"). A truncated flac/ogg is refused
-  by soundfile and handed to ffmpeg, which decodes what it can or fails as "not a readable audio file".
+  by soundfile and handed to ffmpeg, which decodes what it can (the loss is logged as a warning) or fails as
+  "not a readable audio file".
 - zero-length audio (a valid header with 0 samples): "contains no samples".
 - NaN or inf samples: "contains NaN or inf samples".
 - shorter than `min_seconds` (measured after resampling): "is X s long, shorter than the minimum Y s".
-- an array without `source_rate`, or with more than 2 dimensions: says what to pass.
+- an array without `source_rate`, an array with more than 2 dimensions, or a source of another type (not a
+  path, bytes or array): says what to pass.
 """
 from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -58,7 +61,7 @@ def load_audio(source, sample_rate: int = 16000, *, source_rate: int | None = No
         if not data:
             raise InputError(f"{label}: is empty (0 bytes)")
         wav, rate = _decode(data, label)
-    else:
+    elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         label = name or str(path)
         if not path.is_file():
@@ -66,6 +69,9 @@ def load_audio(source, sample_rate: int = 16000, *, source_rate: int | None = No
         if path.stat().st_size == 0:
             raise InputError(f"{label}: is empty (0 bytes)")
         wav, rate = _decode(path, label)
+    else:
+        raise InputError(f"{name or type(source).__name__}: expected a path, file bytes or an array of samples, "
+                         f"got {type(source).__name__}")
     if wav.shape[0] == 0:
         raise InputError(f"{label}: contains no samples (zero-length audio)")
     if not np.isfinite(wav).all():

@@ -19,7 +19,8 @@ from funaudiochat.errors import InputError
 SAMPLE_RATE = 16000
 N_FFT = 400
 HOP = 160
-_BLOCK = 1024  # frames per FFT block: keeps the working set small (cache-resident, no huge allocations)
+_FRAME_BLOCK = 1024  # frames per FFT call: keeps the working set small (cache-resident, no huge allocations)
+_FILTER_BLOCKS = 4  # row blocks of the banded mel filter bank (see _constants)
 _LOG_SILENCE = math.log10(1e-10)  # the log-mel of a frame of exact zeros
 
 
@@ -45,29 +46,43 @@ def mel_filters(n_mels: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _constants(n_mels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(mel_filters(n_mels)).to(device), torch.hann_window(N_FFT, device=device)
+def _constants(n_mels: int, device: torch.device) -> tuple[list, torch.Tensor]:
+    """The filter bank cut into row blocks, each with the span of FFT bins it touches: the bank is banded, so
+    four small matmuls over their spans do a quarter of the work of one dense [M, F] matmul."""
+    filters = mel_filters(n_mels)
+    blocks = []
+    for rows in np.array_split(np.arange(n_mels), _FILTER_BLOCKS):
+        bins = np.flatnonzero(filters[rows].any(axis=0))
+        r0, r1, c0, c1 = rows[0], rows[-1] + 1, bins[0], bins[-1] + 1
+        blocks.append((r0, r1, c0, c1, torch.from_numpy(filters[r0:r1, c0:c1].copy()).to(device)))
+    return blocks, torch.hann_window(N_FFT, device=device)
 
 
-def _log_mel_unfloored(wav: torch.Tensor, n_mels: int) -> torch.Tensor:
-    """log10 mel power of wav [B, S] -> [B, M, S // HOP], before the max - 8 floor."""
+def _log_mel_unfloored(wav: torch.Tensor, n_mels: int, n_frames: int | None = None) -> torch.Tensor:
+    """log10 mel power of wav [B, S] -> [B, M, n_frames], before the max - 8 floor.
+
+    n_frames defaults to S // HOP; frames past S // HOP are taken as all-zero windows (zero padding).
+    """
     batch, samples = wav.shape
     if samples <= N_FFT // 2:
         raise InputError(f"audio of {samples} samples is too short for the log-mel front-end (needs more than "
                          f"{N_FFT // 2} samples, {N_FFT // 2 / SAMPLE_RATE * 1000:.1f} ms at 16 kHz)")
-    filters, window = _constants(n_mels, wav.device)
+    filter_blocks, window = _constants(n_mels, wav.device)
     half = N_FFT // 2
     padded = torch.cat([wav[:, 1:half + 1].flip(-1), wav, wav[:, -half - 1:-1].flip(-1)], dim=-1)  # reflect
-    n_frames = samples // HOP
+    computed = samples // HOP
     frames = padded.unfold(-1, N_FFT, HOP)  # [B, T + 1, N_FFT] view; the last frame is never used
-    out = wav.new_empty(batch, n_mels, n_frames)
+    out = wav.new_empty(batch, n_mels, n_frames or computed)
+    out[..., computed:] = _LOG_SILENCE
     for b in range(batch):
-        for start in range(0, n_frames, _BLOCK):
-            stop = min(start + _BLOCK, n_frames)
+        for start in range(0, computed, _FRAME_BLOCK):
+            stop = min(start + _FRAME_BLOCK, computed)
             spec = torch.view_as_real(torch.fft.rfft(frames[b, start:stop] * window))  # [t, F, 2]
             power = torch.addcmul(spec[..., 0].square(), spec[..., 1], spec[..., 1])  # [t, F]
-            torch.matmul(filters, power.T, out=out[b, :, start:stop])
-    return out.clamp_(min=1e-10).log10_()
+            for r0, r1, c0, c1, weights in filter_blocks:
+                torch.matmul(weights, power[:, c0:c1].T, out=out[b, r0:r1, start:stop])
+            out[b, :, start:stop].clamp_(min=1e-10).log10_()  # while the block is still in cache
+    return out
 
 
 def _floor_and_scale_(log_spec: torch.Tensor) -> torch.Tensor:
@@ -109,16 +124,14 @@ class WhisperFrontend:
         wavs = [torch.as_tensor(w, dtype=torch.float32, device=device).reshape(-1) for w in wavs]
         if padding == "max_length":
             wavs = [w[: self.n_samples] for w in wavs]
-        lengths = torch.tensor([w.shape[0] for w in wavs], device=device)  # [B]
-        total = self.n_samples if padding == "max_length" else int(lengths.max())
-        # Beyond the longest wave + N_FFT samples, every frame window holds only zeros.
-        computed = min(total, int(lengths.max()) + N_FFT)
+        lengths = [w.shape[0] for w in wavs]
+        total = self.n_samples if padding == "max_length" else max(lengths)
+        computed = min(total, max(lengths) + N_FFT)  # past this, every frame's window holds only zeros
         batch = wavs[0].new_zeros(len(wavs), computed)  # [B, S']
         for row, w in zip(batch, wavs):
             row[: w.shape[0]] = w
-        log_spec = _log_mel_unfloored(batch, self.n_mels)  # [B, M, S' // HOP]
         n_frames = total // HOP
-        log_spec = torch.nn.functional.pad(log_spec, (0, n_frames - log_spec.shape[-1]), value=_LOG_SILENCE)
-        features = _floor_and_scale_(log_spec)
-        mask = (torch.arange(n_frames, device=device) < (lengths[:, None] + HOP - 1) // HOP).long()  # [B, T]
+        features = _floor_and_scale_(_log_mel_unfloored(batch, self.n_mels, n_frames))  # [B, M, T]
+        valid = torch.tensor([-(-n // HOP) for n in lengths], device=device)  # ceil(L / HOP) frames per item
+        mask = (torch.arange(n_frames, device=device) < valid[:, None]).long()  # [B, T]
         return features, mask

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from funaudiochat.errors import InputError
 from funaudiochat.speech.cosyvoice_config import tiny
 from funaudiochat.speech.detokenizer import load_hift_state
 from funaudiochat.speech.vocoder import HiFTVocoder, released_source_rng
@@ -103,5 +104,5 @@ def test_too_long_for_injected_noise():
     hift = _hift()
     hift.m_source.set_noise(torch.zeros(1, 9), torch.rand(1, 480 * 10, 9))
     hift(_mel(10))
-    with pytest.raises(ValueError, match="fixed noise"):
+    with pytest.raises(InputError, match="fixed noise"):
         hift(_mel(11))

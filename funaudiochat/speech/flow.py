@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from funaudiochat.errors import InputError
 from funaudiochat.speech.cosyvoice_config import FlowConfig
 from funaudiochat.speech.dit import DiT
 
@@ -71,7 +72,8 @@ class ConditionalFlowMatching(nn.Module):
         """
         n_frames = mu.shape[2]
         if n_frames > self.rand_noise.shape[2]:
-            raise ValueError(f"{n_frames} mel frames exceed the fixed noise ({self.rand_noise.shape[2]} frames)")
+            raise InputError(f"{n_frames} mel frames exceed the flow's fixed noise ({self.rand_noise.shape[2]} frames, "
+                             f"300 s); synthesise shorter pieces (or stream with a flow window)")
         x = self.rand_noise[:, :, :n_frames].to(mu)
         t_span = self.time_grid(mu.dtype, mu.device)
         cfg_rate = self.cfg.inference_cfg_rate

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from funaudiochat.errors import InputError
 from funaudiochat.speech.cosyvoice_config import CosyVoiceConfig, HiFTConfig
 
 MAX_SECONDS = 300  # the released fixed source noise covers 300 s
@@ -144,7 +145,11 @@ def released_source_rng(cfg: CosyVoiceConfig) -> torch.Generator:
 
 
 class SourceModule(nn.Module):
-    """SineGen2 (causal, fixed noise) + `l_linear` merging the harmonics: f0 at 24 kHz -> excitation."""
+    """SineGen2 (causal, fixed noise) + `l_linear` merging the harmonics: f0 at 24 kHz -> excitation.
+
+    The fixed noise (`rand_ini`, then the uniform `sine_noise`) is drawn from `rng`: `released_source_rng(cfg)`
+    reproduces the released model's; None gives a fixed noise of its own (seed 0), fine for random-weight tests.
+    """
 
     def __init__(self, cfg: HiFTConfig, rng: torch.Generator | None = None):
         super().__init__()
@@ -171,7 +176,7 @@ class SourceModule(nn.Module):
             max_len = MAX_SECONDS * self.cfg.sampling_rate
             if self._noise_rng_state is None or n > max_len:
                 limit = self.sine_noise.shape[1] if self._noise_rng_state is None else max_len
-                raise ValueError(f"{n / self.cfg.sampling_rate:.1f} s of audio exceed the vocoder's fixed noise "
+                raise InputError(f"{n / self.cfg.sampling_rate:.1f} s of audio exceed the vocoder's fixed noise "
                                  f"({limit / self.cfg.sampling_rate:.1f} s); vocode shorter pieces")
             g = torch.Generator().set_state(self._noise_rng_state)
             length = min(max(n, 2 * self.sine_noise.shape[1], 30 * self.cfg.sampling_rate), max_len)

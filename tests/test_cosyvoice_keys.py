@@ -5,14 +5,13 @@ CausalHiFTGenerator), not from our modules, which are built on the meta device a
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from funaudiochat.errors import ConfigError
 from funaudiochat.speech.cosyvoice_config import CosyVoiceConfig, load_cosyvoice_config, tiny
 from funaudiochat.speech.flow import TokenToMelFlow
 from funaudiochat.speech.vocoder import HiFTVocoder
-
-import pytest
 
 
 def expected_flow_keys(dim=1024, depth=22, heads=16, dim_head=64, ff_mult=2, mel=80, vocab=6561, spk=192,

@@ -22,7 +22,7 @@ def _one_thread():
 def _hift(seed=0) -> HiFTVocoder:
     torch.manual_seed(seed)
     hift = HiFTVocoder(tiny().hift).eval()
-    with torch.no_grad():  # f0 around the 10 Hz voicing threshold: voiced and unvoiced frames (default init gives ~0 Hz)
+    with torch.no_grad():  # f0 around the 10 Hz voicing threshold (default init gives ~0 Hz): voiced and unvoiced
         hift.f0_predictor.classifier.weight.mul_(150)
         hift.f0_predictor.classifier.bias.fill_(12)
     return hift

@@ -51,7 +51,8 @@ def build(directory: Path, cfg: CosyVoiceConfig, noise: dict[str, torch.Tensor])
 def case_noise(cfg: CosyVoiceConfig, noise: dict[str, torch.Tensor]) -> CaseResult:
     """Our regeneration of the released construction-time noise equals the recorded one."""
     res = CaseResult("noise regeneration")
-    res.checks.append(compare("flow_rand_noise", released_flow_noise(cfg.flow.dit.mel_dim), noise["flow_rand_noise"], 0))
+    flow_noise = released_flow_noise(cfg.flow.dit.mel_dim)
+    res.checks.append(compare("flow_rand_noise", flow_noise, noise["flow_rand_noise"], 0))
     g = released_source_rng(cfg)
     n_harm, n_max = cfg.hift.nb_harmonics + 1, MAX_SECONDS * cfg.hift.sampling_rate
     rand_ini = torch.rand(1, n_harm, generator=g)
@@ -64,7 +65,8 @@ def case_noise(cfg: CosyVoiceConfig, noise: dict[str, torch.Tensor]) -> CaseResu
     for shape in [(1, n_harm), (1,)]:  # SourceModuleHnNSF.l_linear's init, then its (unused) uv noise
         torch.empty(shape).uniform_(generator=g)
     uv = torch.rand(1, n_max, 1, generator=g)
-    res.diagnostics.append(compare("hift_uv_prefix", uv[:, :noise["hift_uv_prefix"].shape[1]], noise["hift_uv_prefix"], 0))
+    ref_uv = noise["hift_uv_prefix"]
+    res.diagnostics.append(compare("hift_uv_prefix", uv[:, :ref_uv.shape[1]], ref_uv, 0))
     return res
 
 

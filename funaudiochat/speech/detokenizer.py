@@ -1,8 +1,8 @@
 """Speech tokens (25 Hz, codes < 6561) -> 24 kHz waveform with the CosyVoice3 flow + HiFT, offline or streaming.
 
-    detok = Detokenizer.from_dir("Fun-CosyVoice3-0.5B-2512")          # flow.pt, hift.pt (+ cosyvoice3.yaml, spk2info.pt)
-    wav = detok.token2wav(tokens)                                      # float32 numpy [S], detok.sample_rate = 24000
-    session = detok.stream(hop=15)                                     # the web demo's hop; the released default is 25
+    detok = Detokenizer.from_dir("Fun-CosyVoice3-0.5B-2512")  # flow.pt, hift.pt (+ cosyvoice3.yaml, spk2info.pt)
+    wav = detok.token2wav(tokens)                              # float32 numpy [S], detok.sample_rate = 24000
+    session = detok.stream(hop=15)                             # the web demo's hop; the released default is 25
     for piece in token_pieces:
         for chunk in session.push(piece): play(chunk)
     play(session.finalize())
@@ -85,7 +85,8 @@ def load_speakers(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_tokens(tokens, vocab_size: int) -> torch.Tensor:
-    """Any int sequence -> [1, N] long. Codes >= vocab_size are dropped with a warning, as the released pipeline does."""
+    """Any int sequence -> [1, N] long. Codes >= vocab_size are dropped with a warning (as the released pipeline
+    does); negative codes are an error."""
     try:
         t = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens).reshape(-1)
     except (TypeError, ValueError, RuntimeError) as err:

@@ -3,7 +3,8 @@
 Shapes: B batch, M mel bins (80), F mel frames (50 Hz), L = 480 F samples (24 kHz), K = n_fft/2 + 1 bins (9),
 H = nb_harmonics + 1 (9), C channels.
 
-mel -> F0 predictor (causal convs, |Linear|) -> f0 [B, F] -> x480 -> SineGen2 harmonics + fixed noise -> source [B, 1, L]
+mel -> F0 predictor (causal convs, |Linear|) -> f0 [B, F] -> x480 -> SineGen2 harmonics + fixed noise
+    -> source [B, 1, L]
 mel -> conv_pre (looks 4 frames right) -> 3 x (LeakyReLU, causal upsample, + downsampled source STFT, resblocks)
     -> conv_post -> magnitude exp(x[:K]), phase sin(x[K:]) -> iSTFT (n_fft 16, hop 4) -> clamp +-0.99.
 

@@ -7,12 +7,15 @@ Engines (ASSETS.md §1, §4):
   never used: it reads Mandarin with English rules.
 
 Controls, the same for both engines:
-- `rate`: speaking-rate factor (1.5 = 50 % faster, so the utterance lasts 1/1.5 as long).
+- `rate`: speaking-rate factor (1.5 = 50 % faster, so the utterance lasts about 1/1.5 as long). Each engine's
+  own control (Piper's length_scale, espeak's words per minute) is set through a measured calibration table.
 - `pitch`: shift in semitones. Done by resampling: the engine speaks at rate/p (p = 2**(pitch/12)), then the audio
   is played p times faster by resampling, which multiplies F0 (and the formants: a "smaller" voice) by p and brings
-  the duration back to 1/rate. Piper's `length_scale` and espeak's words-per-minute provide the rate/p part.
+  the duration back to 1/rate. The engine's rate control provides the rate/p part.
 - `volume`: linear gain after peak-normalising the engine output to -1 dBFS; louder than 1.12 clips.
-Augmentation (augment.py) follows: reverb (RT60 s), then noise at an SNR, then the telephone band.
+Augmentation (augment.py) follows: reverb (RT60 s), then noise at an SNR, then the telephone band; its randomness
+is seeded per utterance id. The speech itself is not bit-reproducible: Piper samples its noise_scale/noise_w
+noise, and espeak-ng carries internal state from one utterance to the next (a few samples of difference).
 
 Manifest: one JSON object per line, in input order: id, path (relative to the manifest's folder), text, voice,
 lang, sample_rate, duration (s), settings. Runs are resumable: a wav is written to a temporary name and renamed,
@@ -48,7 +51,15 @@ LANG_DEFAULT_VOICE = {"en": "piper", "zh": "espeak:cmn"}
 ESPEAK_ENGLISH_VOICES = ("en-us", "en-us+f2", "en-us+f3", "en-us+m3", "en-us+m7", "en", "en+f4", "en-gb-x-rp",
                          "en-gb-scotland", "en-029", "en-us-nyc")
 PEAK = 10 ** (-1 / 20)  # -1 dBFS
-ESPEAK_WPM, ESPEAK_WPM_RANGE = 175, (80, 450)  # espeak-ng's default speed and its accepted range
+ESPEAK_WPM = 175  # espeak-ng's default speed (it accepts 80-450 words per minute)
+# Rate calibration: the duration ratio (vs. the default) that each engine control gives, averaged over 17 English
+# sentences of bench/synth.py. Neither engine is proportional: Piper rounds every phoneme (and the pause symbol
+# between phonemes) up to whole 11.6 ms frames, so length_scale 1/1.5 only shortens speech by 25 %, and below 0.25
+# it saturates near half the duration; espeak keeps part of its pauses fixed.
+PIPER_LENGTH_SCALES = (0.25, 0.35, 0.5, 0.667, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+PIPER_DURATION_RATIOS = (0.499, 0.543, 0.639, 0.748, 0.879, 1.0, 1.158, 1.354, 1.743, 2.124, 2.518)
+ESPEAK_SPEEDS = (2.571, 2.0, 1.5, 1.25, 1.0, 0.75, 0.6, 0.457)  # x 175 words per minute
+ESPEAK_DURATION_RATIOS = (0.408, 0.52, 0.683, 0.802, 1.0, 1.338, 1.68, 2.092)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -160,6 +171,7 @@ def make_utterance(obj: dict, where: str = "<utterance>") -> Utterance:
     if utt.reverb is not None and not 0.0 < utt.reverb <= 5.0:
         problems.append(f"reverb RT60 {utt.reverb} s is outside (0, 5]")
     engine, _, name = utt.voice.partition(":")
+    ratios = {"piper": PIPER_DURATION_RATIOS, "espeak": ESPEAK_DURATION_RATIOS}.get(engine)
     if engine == "piper":
         if name not in ("", "joe"):
             problems.append(f"voice {utt.voice!r}: the only Piper voice shipped is 'piper:joe'")
@@ -168,12 +180,14 @@ def make_utterance(obj: dict, where: str = "<utterance>") -> Utterance:
     elif engine == "espeak":
         if not name:
             problems.append("an espeak voice needs a name, e.g. 'espeak:en-us', 'espeak:en-us+f3', 'espeak:cmn'")
-        wpm = ESPEAK_WPM * utt.rate / _pitch_factor(utt.pitch)
-        if not ESPEAK_WPM_RANGE[0] <= wpm <= ESPEAK_WPM_RANGE[1]:
-            problems.append(f"rate {utt.rate} with pitch {utt.pitch} needs espeak to speak at {wpm:.0f} words/min, "
-                            f"outside its range {ESPEAK_WPM_RANGE}; raise the rate or lower the pitch")
     else:
         problems.append(f"voice {utt.voice!r}: use 'piper' or 'espeak:<voice>'")
+    if ratios:
+        speed = utt.rate / _pitch_factor(utt.pitch)
+        fastest, slowest = 1.0 / ratios[0], 1.0 / ratios[-1]
+        if not slowest <= speed <= fastest:
+            problems.append(f"rate {utt.rate} with pitch {utt.pitch} asks {engine} to speak {speed:.2f}x as fast "
+                            f"before the pitch shift; it can do {slowest:.2f}x to {fastest:.2f}x")
     if problems:
         raise InputError(f"{where}: " + "; ".join(problems))
     return utt
@@ -206,7 +220,8 @@ class PiperEngine:
     def synthesize(self, text: str, speed: float) -> np.ndarray:
         from piper.config import SynthesisConfig
 
-        syn = SynthesisConfig(length_scale=self.voice.config.length_scale / speed)
+        scale = float(np.interp(1.0 / speed, PIPER_DURATION_RATIOS, PIPER_LENGTH_SCALES))
+        syn = SynthesisConfig(length_scale=self.voice.config.length_scale * scale)
         chunks = [chunk.audio_float_array for chunk in self.voice.synthesize(text, syn)]  # one per sentence
         return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
@@ -231,6 +246,8 @@ class EspeakEngine:
                                                        espeakng_loader.get_data_path().encode(), 0)
         if self.sample_rate <= 0:
             raise RuntimeError(f"espeak_Initialize failed ({self.sample_rate}) with {espeakng_loader.get_data_path()}")
+        self._lib.espeak_Info.restype = ctypes.c_char_p
+        self.version = self._lib.espeak_Info(None).decode()
         self._chunks: list[np.ndarray] = []
         self._callback = _SYNTH_CALLBACK(self._collect)  # keep a reference: the library calls it later
         self._lib.espeak_SetSynthCallback(self._callback)
@@ -246,7 +263,8 @@ class EspeakEngine:
             if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
                 raise InputError(f"espeak voice {voice!r} is unknown to espeak-ng 1.52; use a voice file name "
                                  "with an optional +variant, e.g. en-us, en, en-us+f3, en-gb-x-rp, cmn")
-            self._lib.espeak_SetParameter(self._PARAM_RATE, int(round(ESPEAK_WPM * speed)), 0)
+            wpm = ESPEAK_WPM * float(np.interp(1.0 / speed, ESPEAK_DURATION_RATIOS, ESPEAK_SPEEDS))
+            self._lib.espeak_SetParameter(self._PARAM_RATE, int(round(wpm)), 0)
             self._chunks.clear()
             data = text.encode("utf-8")
             err = self._lib.espeak_Synth(data, len(data) + 1, 0, self._POS_CHARACTER, 0, self._CHARS_UTF8, None, None)

@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data synth": ("funaudiochat.data.cli_synth", "synthesise text lines / a JSONL of utterances to wav + manifest"),
     "eval asr": ("funaudiochat.eval.cli_asr", "transcribe a manifest's wavs with Whisper tiny.en and report WER/CER"),
     "assets qwen-vocab": ("funaudiochat.assets.cli_qwen_vocab", "Qwen3 vocabulary + audio specials -> tokenizer.json"),
+    "data prepare": ("funaudiochat.train.cli_data_prepare", "validate a training JSONL, tokenize assistant speech"),
+    "train": ("funaudiochat.train.cli_train", "run a training stage from a recipe (one process or torchrun)"),
+    "merge": ("funaudiochat.train.cli_merge", "Core-Cocktail merge: alpha*stage1 + (1-alpha)*base over the LLM"),
+    "plot": ("funaudiochat.train.cli_plot", "plot the loss curves of a training run to a PNG"),
 }
 
 

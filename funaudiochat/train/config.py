@@ -1,0 +1,258 @@
+"""Training recipes: typed dataclasses filled from plain YAML, plus `key=value` overrides from the command line.
+
+A recipe file is plain data (no tags, no class paths). Every section below is a dataclass; unknown keys and
+wrongly typed values are collected and reported together in one `ConfigError`. Relative paths are relative to the
+directory the command runs in.
+
+    stage: sft | dpo
+    run_dir: runs/NAME
+    model:      where the weights come from (a released-format checkpoint, or a named preset with random init)
+    data:       JSONL files, context length, packing, length bucketing, what to do with malformed records
+    optim:      AdamW, learning-rate schedule with warm-up, gradient clipping
+    train:      steps, global / micro batch, which parameters train, precision, activation checkpointing, seed
+    dist:       fsdp | ddp when launched with torchrun on more than one process
+    checkpoint: how often, how many to keep, export of an inference checkpoint at the end
+    log:        metrics cadence, progress bar, TensorBoard
+    dpo:        beta, reference model
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from funaudiochat.errors import ConfigError
+
+DPO_TASKS = ("robustness", "instruction_following", "audio_understanding", "empathy")
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    checkpoint: str | None = None      # released-format folder: config.json + safetensors (+ tokenizer.json)
+    preset: str | None = None          # or a preset of funaudiochat.model.presets with random weights
+    preset_args: dict = field(default_factory=dict)
+    init_std: float = 0.02             # std of the random init of a preset
+    tokenizer: str | None = None       # tokenizer.json or its folder; default: the checkpoint folder
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    train: list[str] = field(default_factory=list)  # JSONL files (released sharegpt records, or DPO pairs)
+    max_len: int = 2048                # context length; longer samples are reported and skipped
+    packing: bool = True               # pack samples into rows of max_len (segment-id masks, positions restart)
+    bucket_batches: int = 16           # length-sort windows of this many global batches (less padding)
+    on_error: str = "skip"             # malformed record: "skip" (report and go on) or "reject" (stop)
+    num_workers: int = 0               # DataLoader worker processes for audio loading + feature extraction
+
+
+@dataclass(kw_only=True)
+class OptimSection:
+    lr: float = 1e-5                   # peak learning rate (after warm-up)
+    min_lr: float = 1e-6               # learning rate at the last step (cosine / linear)
+    schedule: str = "cosine"           # cosine | linear | constant
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0          # alternative to warmup_steps: a fraction of all steps
+    weight_decay: float = 0.0          # applied to matrices only (dim >= 2)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0             # max global grad norm; 0 disables clipping
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    steps: int = 0                     # optimizer steps; 0: `epochs` passes over the data
+    epochs: int = 1
+    global_batch: int = 8              # samples (DPO: preference pairs) per optimizer step, over all processes
+    micro_batch: int = 2               # samples per forward on one process; the rest is gradient accumulation
+    trainable: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns over parameter names
+    frozen: list[str] = field(default_factory=list)             # ... that override `trainable`
+    precision: str = "fp32"            # fp32 | bf16 (autocast; parameters and optimizer state stay fp32)
+    activation_checkpointing: bool = False
+    seed: int = 0
+    deterministic: bool = False        # torch.use_deterministic_algorithms
+
+
+@dataclass(kw_only=True)
+class DistSection:
+    strategy: str = "fsdp"             # fsdp (FSDP2 fully_shard per decoder layer, then root) | ddp
+
+
+@dataclass(kw_only=True)
+class CheckpointSection:
+    every: int = 0                     # save every N steps (0: only at the end)
+    keep_last: int = 2                 # step-N folders kept (older ones are deleted)
+    export: bool = True                # write RUN_DIR/final in the released inference format
+
+
+@dataclass(kw_only=True)
+class LogSection:
+    every: int = 1                     # metrics line every N steps
+    progress: bool = True              # tqdm bar on rank 0
+    tensorboard: bool = True           # also write TensorBoard events when the package is installed
+
+
+@dataclass(kw_only=True)
+class DPOSection:
+    beta: float = 0.1
+    reference: str | None = None       # reference checkpoint; default: the starting policy (model.checkpoint)
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    stage: str = "sft"                 # sft (pre-align, Core-Cocktail stages) | dpo
+    run_dir: str = "runs/default"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    dist: DistSection = field(default_factory=DistSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        problems = []
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                problems.append(msg)
+
+        need(self.stage in ("sft", "dpo"), f"stage: must be sft or dpo, got {self.stage!r}")
+        need((self.model.checkpoint is None) != (self.model.preset is None),
+             "model: give exactly one of model.checkpoint (a released-format folder) or model.preset")
+        need(self.model.checkpoint is not None or self.model.tokenizer is not None,
+             "model.tokenizer: a preset model needs a tokenizer.json path")
+        need(bool(self.data.train), "data.train: list at least one JSONL file")
+        need(self.data.max_len > 0, "data.max_len: must be positive")
+        need(self.data.bucket_batches >= 1, "data.bucket_batches: must be >= 1")
+        need(self.data.on_error in ("skip", "reject"), f"data.on_error: skip or reject, got {self.data.on_error!r}")
+        need(self.optim.schedule in ("cosine", "linear", "constant"),
+             f"optim.schedule: cosine, linear or constant, got {self.optim.schedule!r}")
+        need(not (self.optim.warmup_steps and self.optim.warmup_ratio),
+             "optim: give warmup_steps or warmup_ratio, not both")
+        need(len(self.optim.betas) == 2, "optim.betas: two numbers")
+        need(self.train.global_batch > 0 and self.train.micro_batch > 0, "train: batch sizes must be positive")
+        need(self.train.steps > 0 or self.train.epochs > 0, "train: steps or epochs must be positive")
+        need(self.train.precision in ("fp32", "bf16"), f"train.precision: fp32 or bf16, got {self.train.precision!r}")
+        need(self.dist.strategy in ("fsdp", "ddp"), f"dist.strategy: fsdp or ddp, got {self.dist.strategy!r}")
+        need(self.checkpoint.every >= 0 and self.checkpoint.keep_last >= 1,
+             "checkpoint: every >= 0 and keep_last >= 1")
+        need(self.log.every >= 1, "log.every: must be >= 1")
+        need(self.dpo.beta > 0, "dpo.beta: must be positive")
+        need(not (self.stage == "dpo" and self.data.packing),
+             "data.packing: DPO scores whole sequences per row; set data.packing=false")
+        if problems:
+            raise ConfigError("invalid recipe:\n  " + "\n  ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------- building from data
+
+def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
+    """Check/convert one plain value against a type hint (int, float, str, bool, list[...], dict, X | None)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, problems)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, (str, int, float)) and item is str:
+            value = [value]  # a single path where a list is expected
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return value
+        return [_coerce(v, item, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if hint is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            problems.append(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: Any, where: str, problems: list[str]):
+    if not isinstance(data, dict):
+        problems.append(f"{where or 'recipe'}: expected a mapping, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in sorted(set(data) - names):
+        problems.append(f"{where + '.' if where else ''}{key}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name in names & set(data):
+        hint, path = hints[name], f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, data[name], path, problems)
+        else:
+            kwargs[name] = _coerce(data[name], hint, path, problems)
+    return cls(**kwargs)
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    problems: list[str] = []
+    recipe = _build(Recipe, data, "", problems)
+    if problems:
+        raise ConfigError("invalid recipe:\n  " + "\n  ".join(problems))
+    recipe.validate()
+    return recipe
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`a.b=value` strings (value read as YAML: 3, 1e-4, true, [x, y], null) set into a nested dict copy."""
+    data = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-4")
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if not isinstance(node.setdefault(p, {}), dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+            node = node[p]
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found (see recipes/*.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    return recipe_from_dict(apply_overrides(data, list(overrides)))

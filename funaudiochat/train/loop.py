@@ -1,0 +1,360 @@
+"""The training loop of every stage (pre-alignment, Core-Cocktail stages, multi-task DPO), on one process or on
+many under torchrun (FSDP2 or DDP). A `Trainer` follows torchtune's setup / train / save_checkpoint shape and
+nanoGPT's plain loop: fetch this process's micro-batches of the step, forward + backward each (gradients sync on the
+last), clip, step, log, checkpoint.
+
+Exactness: the global batch of a step is fixed by (seed, step), losses are normalised by the target counts of the
+whole global batch, and checkpoints hold full fp32 weights, the optimizer state and every process's RNG state; so
+1 process and N processes see the same losses (up to float summation order), and a resumed run continues bit for
+bit where it stopped (on CPU; GPU kernels may not be deterministic).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, Dataset
+
+from funaudiochat.config import FunAudioChatConfig
+from funaudiochat.errors import CheckpointError, ConfigError
+from funaudiochat.model import presets
+from funaudiochat.model.checkpoint import _materialize_buffers, load_model
+from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.text.tokenizer import TextTokenizer
+from funaudiochat.train import checkpoint as ckpt
+from funaudiochat.train import parallel
+from funaudiochat.train.batching import Collator, EpochPlan, split_global_batch
+from funaudiochat.train.config import Recipe
+from funaudiochat.train.data import DataReport, SampleBuilder, load_records
+from funaudiochat.train.losses import GlobalCounts, dpo_loss, sequence_logps, sft_loss
+from funaudiochat.train.metrics import MetricsLog
+from funaudiochat.train.optim import build_optimizer, lr_at, select_trainable
+
+log = logging.getLogger(__name__)
+
+
+class StepData(Dataset):
+    """Item `step` = this process's micro-batches of that optimizer step (collated; audio loaded, log-mel done)."""
+
+    def __init__(self, items: list, plan: EpochPlan, collate: Collator, info: parallel.DistInfo, accum: int,
+                 pairs: bool):
+        self.items, self.plan, self.collate, self.info, self.accum, self.pairs = items, plan, collate, info, accum, pairs
+
+    def __getitem__(self, step: int) -> list:
+        micro = split_global_batch(self.plan.step(step), self.plan.lengths, self.info.rank, self.info.world,
+                                   self.accum)
+        if not self.pairs:
+            return [self.collate([self.items[i] for i in m]) for m in micro]
+        out = []
+        for m in micro:
+            pairs = [self.items[i] for i in m]
+            out.append((self.collate([p.chosen for p in pairs] + [p.rejected for p in pairs]),
+                        [p.task for p in pairs]))
+        return out
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, resume: bool = False):
+        self.recipe, self.resume = recipe, resume
+        self.info = parallel.init_distributed()
+        self.run_dir = Path(recipe.run_dir)
+        self.start_step = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        r, info = self.recipe, self.info
+        _seed_everything(r.train.seed, r.train.deterministic)
+        resume_dir = self._resume_dir()
+        start_source = Path(r.model.checkpoint) if r.model.checkpoint else None
+        source = resume_dir / "model" if resume_dir else start_source
+        self.cfg = FunAudioChatConfig.load(source) if source else _preset_config(r)
+        self.tokenizer_path = _tokenizer_path(r)
+        self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
+        self._setup_data()
+        self.model = self._build_model(source, trainable=True)
+        self.optimizer = build_optimizer(self.model, r.optim)
+        self.ref_model = None
+        if r.stage == "dpo":
+            ref = Path(r.dpo.reference) if r.dpo.reference else start_source
+            self.ref_model = self._build_model(ref, trainable=False)
+        if resume_dir:
+            self._load_training_state(resume_dir)
+        self.metrics = MetricsLog(self.run_dir, info.main, self.start_step, r.log.tensorboard)
+        if info.main:
+            (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(r.to_dict(), sort_keys=False))
+
+    def _resume_dir(self) -> Path | None:
+        if self.info.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_partial(self.run_dir)
+        parallel.barrier(self.info)
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is not None and not self.resume:
+            raise ConfigError(f"{self.run_dir} already holds checkpoints (latest {latest.name}): pass --resume to "
+                              f"continue that run, or set run_dir to a new folder")
+        if self.resume and latest is None and self.info.main:
+            log.info("--resume: no checkpoint in %s yet, starting from step 0", self.run_dir)
+        return latest
+
+    def _setup_data(self) -> None:
+        r, info = self.recipe, self.info
+        builder = SampleBuilder(self.tokenizer, self.cfg, r.data.max_len)
+        build = builder.pair if r.stage == "dpo" else builder.sample
+        self.items, report = load_records(r.data.train, build, r.data.on_error)
+        if info.main:
+            _log_report(report, self.run_dir)
+        self.plan = EpochPlan([len(x) for x in self.items], r.train.global_batch, r.train.seed,
+                              r.data.bucket_batches)
+        per_step = r.train.micro_batch * info.world
+        if r.train.global_batch % per_step:
+            raise ConfigError(f"train.global_batch={r.train.global_batch} must be a multiple of train.micro_batch "
+                              f"({r.train.micro_batch}) x processes ({info.world})")
+        self.accum = r.train.global_batch // per_step
+        self.total_steps = r.train.steps or r.train.epochs * self.plan.batches_per_epoch
+        self.collate = Collator(self.cfg, r.data.max_len, r.data.packing)
+        self.tasks = sorted({p.task for p in self.items}) if r.stage == "dpo" else []
+
+    def _build_model(self, source: Path | None, trainable: bool) -> torch.nn.Module:
+        """Plain / DDP: every process holds the whole model. FSDP2: rank 0 reads the full weights, the others
+        build on the meta device; all shard, then rank 0's weights are broadcast into the shards."""
+        r, info = self.recipe, self.info
+        fsdp = info.enabled and r.dist.strategy == "fsdp"
+        full = self._full_model(source) if info.main or not fsdp else None
+        if fsdp:
+            with torch.device("meta"):
+                model = FunAudioChatModel(self.cfg)
+        else:
+            model = full
+        if trainable:
+            n, total = select_trainable(model, r.train.trainable, r.train.frozen)
+            if info.main:
+                log.info("training %.2fM of %.2fM parameters", n / 1e6, total / 1e6)
+            if r.train.activation_checkpointing:
+                parallel.apply_activation_checkpointing(model)
+        else:
+            model.requires_grad_(False)
+        if fsdp:
+            parallel.shard_fsdp(model, info)
+            model.to_empty(device=info.device)
+            _materialize_buffers(model)
+            _buffers_to(model, info.device)
+            parallel.load_model_state(model, full.state_dict() if full is not None else {}, info)
+        else:
+            model.to(info.device)
+            if info.enabled and trainable:
+                model = parallel.wrap_ddp(model, info)
+        return model.train(trainable)
+
+    def _full_model(self, source: Path | None) -> FunAudioChatModel:
+        if source is not None:
+            return load_model(source, dtype=torch.float32)
+        torch.manual_seed(self.recipe.train.seed)
+        model = FunAudioChatModel(self.cfg)
+        model.init_weights(self.recipe.model.init_std)
+        return model
+
+    def _load_training_state(self, step_dir: Path) -> None:
+        state = ckpt.read_trainer_state(step_dir)
+        if state.get("data_fingerprint") != self.plan.fingerprint():
+            raise CheckpointError(f"{step_dir}: the training data changed since this checkpoint (fingerprint "
+                                  f"{state.get('data_fingerprint')} vs {self.plan.fingerprint()}); resume with the "
+                                  f"same data files, or start a new run_dir")
+        optim = ckpt.read_optimizer_state(step_dir) if self.info.main else {}
+        parallel.load_optimizer_state(self.model, self.optimizer, optim, self.info)
+        rng = ckpt.read_rng_state(step_dir, self.info.rank)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        self.start_step = int(state["step"])
+        if self.info.main:
+            log.info("resumed from %s (step %d of %d)", step_dir, self.start_step, self.total_steps)
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> None:
+        r, info = self.recipe, self.info
+        data = StepData(self.items, self.plan, self.collate, info, self.accum, pairs=r.stage == "dpo")
+        loader = DataLoader(data, batch_size=None, sampler=range(self.start_step, self.total_steps),
+                            num_workers=r.data.num_workers)
+        bar = _progress(r, info, self.start_step, self.total_steps)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for step, micro in zip(range(self.start_step, self.total_steps), loader):
+            t0 = time.perf_counter()
+            lr = lr_at(step, self.total_steps, r.optim)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            stats = self._dpo_step(micro) if r.stage == "dpo" else self._sft_step(micro)
+            for p in params:  # no gradient in this step (e.g. no user audio): step on zeros, as FSDP2 and ZeRO do
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            norm = torch.nn.utils.clip_grad_norm_(params, r.optim.grad_clip or float("inf"))
+            if isinstance(norm, DTensor):  # FSDP2: a partial norm over the shards
+                norm = norm.full_tensor()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - t0
+            done = step + 1
+            stats.update(lr=lr, grad_norm=float(norm),
+                         step_time=elapsed, tokens_per_s=stats["tokens"] / elapsed)
+            if done % r.log.every == 0 or done == self.total_steps:
+                self.metrics.write(done, stats)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}")
+            if r.checkpoint.every and done % r.checkpoint.every == 0 and done < self.total_steps:
+                self.save_checkpoint(done)
+        if bar is not None:
+            bar.close()
+        self.save_checkpoint(self.total_steps, export=r.checkpoint.export)
+
+    def _autocast(self):
+        return torch.autocast(self.info.device.type, dtype=torch.bfloat16,
+                              enabled=self.recipe.train.precision == "bf16")
+
+    def _sft_step(self, micro: list) -> dict:
+        info, world = self.info, self.info.world
+        counts = parallel.all_reduce_sum(torch.tensor([sum(b.n_text_targets for b in micro),
+                                                       sum(b.n_speech_targets for b in micro),
+                                                       len(micro), sum(b.n_tokens for b in micro)],
+                                                      dtype=torch.float64), info).tolist()
+        total = GlobalCounts(int(counts[0]), int(counts[1]), int(counts[2]))
+        aux_coef = self.cfg.text_config.router_aux_loss_coef
+        sums = torch.zeros(3, dtype=torch.float64)
+        for j, b in enumerate(micro):
+            with parallel.gradient_sync(self.model, j == len(micro) - 1):
+                with self._autocast():
+                    out = self.model(**b.model_inputs(info.device))
+                    loss, parts = sft_loss(out, b.n_text_targets, b.n_speech_targets, total, aux_coef)
+                (loss * world).backward()  # the gradient reduction averages over processes
+            sums += torch.stack([parts["text_sum"].double().cpu(), parts["speech_sum"].double().cpu(),
+                                 parts["aux_sum"].double().cpu()])
+        text, speech, aux = parallel.all_reduce_sum(sums, info).tolist()
+        stats = {"text_loss": text / max(total.text, 1), "speech_loss": speech / max(total.speech, 1)}
+        stats["loss"] = stats["text_loss"] + stats["speech_loss"]
+        if self.cfg.text_config.output_router_logits:
+            stats["aux_loss"] = aux / total.micro_batches
+            stats["loss"] += aux_coef * stats["aux_loss"]
+        stats["tokens"] = int(counts[3])
+        return stats
+
+    def _dpo_step(self, micro: list) -> dict:
+        info, world, beta = self.info, self.info.world, self.recipe.dpo.beta
+        k = self.cfg.audio_config.group_size
+        n_pairs = int(parallel.all_reduce_sum(torch.tensor([float(sum(len(t) for _, t in micro))]), info).item())
+        # per task: pairs, sum of reward margins, correctly ranked pairs; row -1: the loss sum
+        acc = torch.zeros(len(self.tasks) + 1, 3, dtype=torch.float64)
+        tokens = 0
+        for j, (b, tasks) in enumerate(micro):
+            inputs, n = b.model_inputs(info.device), len(tasks)
+            with torch.no_grad(), self._autocast():
+                ref_trace: dict = {}
+                ref = sequence_logps(self.ref_model(**inputs, trace=ref_trace), ref_trace, k)
+            with parallel.gradient_sync(self.model, j == len(micro) - 1):
+                with self._autocast():
+                    trace: dict = {}
+                    logps = sequence_logps(self.model(**inputs, trace=trace), trace, k)
+                    d = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta)
+                (d.losses.sum() / n_pairs * world).backward()
+            margins = (d.chosen_rewards - d.rejected_rewards).double().cpu()
+            for i, task in enumerate(tasks):
+                row = self.tasks.index(task)
+                acc[row] += torch.stack([torch.ones((), dtype=torch.float64), margins[i], (margins[i] > 0).double()])
+            acc[-1, 0] += float(d.losses.detach().sum())
+            tokens += b.n_tokens
+        acc = parallel.all_reduce_sum(acc, info)
+        tokens = int(parallel.all_reduce_sum(torch.tensor([float(tokens)]), info).item())
+        per_task = acc[:-1]
+        stats = {"loss": float(acc[-1, 0]) / n_pairs, "reward_margin": float(per_task[:, 1].sum()) / n_pairs,
+                 "reward_accuracy": float(per_task[:, 2].sum()) / n_pairs, "tokens": tokens}
+        for task, (count, margin, correct) in zip(self.tasks, per_task.tolist()):
+            if count:
+                stats[f"margin/{task}"] = margin / count
+                stats[f"accuracy/{task}"] = correct / count
+        return stats
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int, export: bool = False) -> None:
+        """Collective: gathers the full model and optimizer state, then rank 0 writes (and exports)."""
+        model_state = parallel.full_model_state(self.model)
+        optim_state = parallel.full_optimizer_state(self.model, self.optimizer)
+        trainer_state = {"step": step, "epoch": step // self.plan.batches_per_epoch,
+                         "batch_in_epoch": step % self.plan.batches_per_epoch,
+                         "data_fingerprint": self.plan.fingerprint(), "world_size": self.info.world,
+                         "stage": self.recipe.stage, "total_steps": self.total_steps}
+        folder = ckpt.save_checkpoint(self.run_dir, step, self.cfg, model_state, optim_state, trainer_state,
+                                      self.tokenizer_path, self.recipe.checkpoint.keep_last, self.info)
+        if self.info.main:
+            log.info("saved %s", folder)
+            if export:
+                log.info("exported %s", ckpt.export(self.run_dir, self.cfg, model_state, self.tokenizer_path))
+
+    def cleanup(self) -> None:
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+
+
+def run(recipe: Recipe, resume: bool = False) -> Trainer:
+    trainer = Trainer(recipe, resume)
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    if deterministic:
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
+def _preset_config(r: Recipe) -> FunAudioChatConfig:
+    make = getattr(presets, r.model.preset, None)
+    if not callable(make):
+        raise ConfigError(f"model.preset: unknown preset {r.model.preset!r} (see funaudiochat/model/presets.py)")
+    try:
+        return make(**r.model.preset_args)
+    except TypeError as err:
+        raise ConfigError(f"model.preset_args: {err}") from err
+
+
+def _tokenizer_path(r: Recipe) -> Path:
+    path = Path(r.model.tokenizer or r.model.checkpoint)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+def _buffers_to(model: torch.nn.Module, device: torch.device) -> None:
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.device != device:
+                setattr(module, name, buf.to(device))
+
+
+def _progress(r: Recipe, info: parallel.DistInfo, start: int, total: int):
+    if not (info.main and r.log.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=r.stage, dynamic_ncols=True)
+
+
+def _log_report(report: DataReport, run_dir: Path) -> None:
+    import json
+
+    log.info("data: %s", report.summary())
+    (run_dir / "data_report.json").write_text(json.dumps(
+        {"read": report.read, "kept": report.kept, "skipped": report.counts(),
+         "problems": [dataclasses.asdict(p) for p in report.problems]}, indent=2) + "\n")

@@ -1,0 +1,147 @@
+"""Test helpers shared by several test files: a tiny tokenizer with the golden token layout, wav writing.
+
+The tiny tokenizer is a word-level vocabulary whose ids match `funaudiochat.model.presets.tiny()` and the goldens:
+"\\n" 13, "system" 20, "user" 21, "assistant" 22, words "w30" .. "w499" at ids 30 .. 499 (`words([42, 7])` writes
+ids as text), `<|endoftext|>` 500, `<|im_start|>` 501, `<|im_end|>` 502, `<|audio_bos|>` 503, `<|audio_eos|>` 504,
+`<|AUDIO|>` 505, `<|sil|>` 506, `<|audio_pad|>` 507; any other word is `[UNK]` (0). Spaces separate words.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from funaudiochat.text.tokenizer import TextTokenizer
+
+SPECIALS = {500: "<|endoftext|>", 501: "<|im_start|>", 502: "<|im_end|>", 503: "<|audio_bos|>",
+            504: "<|audio_eos|>", 505: "<|AUDIO|>", 506: "<|sil|>", 507: "<|audio_pad|>"}
+NAMED = {0: "[UNK]", 13: "\n", 20: "system", 21: "user", 22: "assistant"}
+
+
+def tiny_vocab() -> dict[str, int]:
+    vocab = {}
+    for i in range(508):
+        vocab[SPECIALS.get(i) or NAMED.get(i) or (f"w{i}" if i >= 30 else f"<unused{i}>")] = i
+    return vocab
+
+
+def make_tiny_tokenizer(path) -> TextTokenizer:
+    """Write a tokenizer.json with the tiny layout to `path` (a file or a folder) and load it."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+
+    path = Path(path)
+    if path.suffix != ".json":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / "tokenizer.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tk = Tokenizer(models.WordLevel(tiny_vocab(), unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(" "), "removed"),
+                                                pre_tokenizers.Split(Regex("\n"), "isolated")])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS.values()])
+    tk.save(str(path))
+    return TextTokenizer.from_file(path)
+
+
+def words(ids) -> str:
+    """Ordinary tiny-vocabulary ids (30..499) -> the text that encodes to them."""
+    return " ".join(f"w{int(i)}" for i in ids)
+
+
+def write_wav(path, seconds: float, seed: int = 0, sample_rate: int = 16000, freq: float | None = None) -> Path:
+    """A mono 16-bit wav of `seconds`: a tone at `freq` Hz plus a little noise (pure noise without `freq`)."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * sample_rate))
+    wav = 0.05 * rng.standard_normal(n)
+    if freq:
+        wav += 0.5 * np.sin(2 * np.pi * freq * np.arange(n) / sample_rate)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), np.clip(wav, -1, 1).astype(np.float32), sample_rate, subtype="PCM_16")
+    return path
+
+
+def sharegpt_record(system: str, user_wav, answer_ids, codes, user_seconds: float, extra_user_text: str = "") -> dict:
+    """One released-format S2S training record (SPEC §8.1): user audio in, assistant text + speech out."""
+    import json
+
+    from funaudiochat.text.tokenizer import AUDIO_TEMPLATE
+    from funaudiochat.train.data import assistant_token_string
+
+    def entry(**kw):
+        return json.dumps({"path": "", "text": "", "token": "", "ref_path": "", "ref_text": "", **kw},
+                          ensure_ascii=False, sort_keys=True)
+
+    user_content = AUDIO_TEMPLATE + (f"\n{extra_user_text}" if extra_user_text else "")
+    return {"system": system,
+            "messages": [{"role": "user", "content": user_content}, {"role": "assistant", "content": AUDIO_TEMPLATE}],
+            "audio": [entry(path=str(user_wav), token="<|audio_pad|>" * int(user_seconds * 25)),
+                      entry(text=words(answer_ids), token=assistant_token_string(codes))]}
+
+
+def synthetic_s2s(folder, n: int = 8, seed: int = 0) -> Path:
+    """A made-up speech-to-speech task: a tone (one frequency per item) in, a fixed answer out; the answer's speech
+    codes are a deterministic function of its words. Writes wavs and `train.jsonl` into `folder`."""
+    import json
+
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        seconds = float(rng.choice([0.4, 0.6, 0.8]))
+        wav = write_wav(folder / f"q{i}.wav", seconds, seed=seed * 1000 + i, freq=200.0 + 60 * i)
+        answer = [int(x) for x in rng.integers(30, 500, size=int(rng.integers(3, 7)))]
+        codes = [c for w in answer for c in ((w * 7) % 290, (w * 13) % 290, (w * 29) % 290)]
+        lines.append(json.dumps(sharegpt_record(words([40, 41, 42]), wav, answer, codes, seconds)))
+    path = folder / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_recipe(tmp, data, stage: str = "sft", **sections) -> dict:
+    """A recipe dict for the tiny preset model (random init) on `data`; `sections` override whole sections' keys."""
+    tok = Path(tmp) / "tok" / "tokenizer.json"
+    if not tok.exists():
+        make_tiny_tokenizer(tok)
+    recipe = {"stage": stage, "run_dir": str(Path(tmp) / "run"),
+              "model": {"preset": "tiny", "tokenizer": str(tok)},
+              "data": {"train": [str(data)], "max_len": 256, "packing": stage == "sft"},
+              "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "grad_clip": 1.0},
+              "train": {"steps": 5, "global_batch": 4, "micro_batch": 2, "seed": 0},
+              "log": {"progress": False, "tensorboard": False}}
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            recipe.setdefault(section, {}).update(values)
+        else:
+            recipe[section] = values
+    return recipe
+
+
+def synthetic_pairs(folder, n: int = 8, seed: int = 0) -> Path:
+    """Made-up DPO pairs, tagged round-robin with the four paper tasks: the synthetic S2S answer (text + speech) is
+    chosen, a shuffled answer with other speech codes is rejected. Writes wavs and `pairs.jsonl`."""
+    import json
+
+    from funaudiochat.text.tokenizer import AUDIO_TEMPLATE
+    from funaudiochat.train.config import DPO_TASKS
+    from funaudiochat.train.data import assistant_token_string
+
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        seconds = float(rng.choice([0.4, 0.6]))
+        wav = write_wav(folder / f"p{i}.wav", seconds, seed=seed * 1000 + i, freq=300.0 + 50 * i)
+        answer = [int(x) for x in rng.integers(30, 500, size=4)]
+        codes = [c for w in answer for c in ((w * 7) % 290, (w * 13) % 290)]
+        worse = [int(x) for x in rng.integers(30, 500, size=4)]
+        user = json.dumps({"path": str(wav), "text": "", "token": "<|audio_pad|>" * int(seconds * 25)})
+        lines.append(json.dumps({
+            "task": DPO_TASKS[i % len(DPO_TASKS)], "system": words([40, 41]),
+            "messages": [{"role": "user", "content": AUDIO_TEMPLATE}], "audio": [user],
+            "chosen": {"text": words(answer), "token": assistant_token_string(codes)},
+            "rejected": {"text": words(worse), "token": assistant_token_string(list(rng.integers(0, 290, 8)))}}))
+    path = folder / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,175 @@
+"""Training stages on a made-up speech-to-speech task with a random tiny model: pre-alignment, Core-Cocktail
+stage 1, merge, stage 2, multi-task DPO; recipes; LR schedule; exact resume after kill -9; plot."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import make_tiny_tokenizer, synthetic_pairs, synthetic_s2s, tiny_recipe
+
+from funaudiochat.cli import main as cli_main
+from funaudiochat.errors import ConfigError
+from funaudiochat.model import presets
+from funaudiochat.model.checkpoint import load_model, read_state_dict
+from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.train import loop
+from funaudiochat.train.batching import Collator
+from funaudiochat.train.config import OptimSection, load_recipe, recipe_from_dict
+from funaudiochat.train.data import SampleBuilder, load_records
+from funaudiochat.train.losses import sequence_logps
+from funaudiochat.train.metrics import read_metrics
+from funaudiochat.train.optim import lr_at
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy machine makes OpenMP threads spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def train(tmp, name, data, stage="sft", **sections) -> Path:
+    recipe = tiny_recipe(tmp, data, stage, **sections)
+    recipe["run_dir"] = str(tmp / name)
+    loop.run(recipe_from_dict(recipe))
+    return tmp / name
+
+
+def losses(run_dir: Path, key: str = "loss") -> list[float]:
+    return [row[key] for row in read_metrics(run_dir)]
+
+
+def from_checkpoint(path: Path) -> dict:
+    return {"checkpoint": str(path), "preset": None}
+
+
+def pair_margins(model_dir: Path, pairs: Path, tok) -> torch.Tensor:
+    """log p(chosen) - log p(rejected) (joint text + speech) of every training pair under a saved model."""
+    model = load_model(model_dir)
+    items, _ = load_records([pairs], SampleBuilder(tok, model.cfg, 256).pair)
+    batch = Collator(model.cfg, 256, packing=False)([p.chosen for p in items] + [p.rejected for p in items])
+    trace = {}
+    with torch.no_grad():
+        logps = sequence_logps(model(**batch.model_inputs("cpu"), trace=trace), trace, model.group_size)
+    return logps[:len(items)] - logps[len(items):]
+
+
+def test_recipe_stages_lower_loss_merge_exactly_and_dpo_raises_margin(tmp_path, one_thread):
+    data = synthetic_s2s(tmp_path / "data", n=8)
+    tok = make_tiny_tokenizer(tmp_path / "tok" / "tokenizer.json")
+
+    # pre-alignment: LLM frozen (bit for bit), encoder / adapter / SRH trained
+    pre = train(tmp_path, "pre", data, train={"steps": 10, "frozen": ["language_model.*"]})
+    torch.manual_seed(0)
+    init = FunAudioChatModel(presets.tiny())
+    init.init_weights(0.02)
+    start, after = init.state_dict(), read_state_dict(pre / "final")
+    llm = [k for k in after if k.startswith("language_model.")]
+    assert llm and all(torch.equal(after[k], start[k]) for k in llm)
+    for k in ("continuous_audio_tower.layers.0.fc1.weight", "audio_tower.output_matching.weight",
+              "audio_invert_tower.crq_transformer.layers.0.mlp.up_proj.weight"):
+        assert not torch.equal(after[k], start[k]), k
+    pre_losses = losses(pre)
+    assert sum(pre_losses[-3:]) < sum(pre_losses[:3]) - 0.3, pre_losses
+
+    # Core-Cocktail stage 1 (full fine-tune), merge, stage 2 from the merged model
+    s1 = train(tmp_path, "s1", data, model=from_checkpoint(pre / "final"), train={"steps": 10})
+    assert sum(losses(s1)[-3:]) < sum(losses(s1)[:3]) - 0.5, losses(s1)
+    assert cli_main(["merge", str(pre / "final"), str(s1 / "final"), str(tmp_path / "merged"), "--alpha", "0.3"]) == 0
+    m0, m1, merged = (read_state_dict(p) for p in (pre / "final", s1 / "final", tmp_path / "merged"))
+    assert merged.keys() == m1.keys()
+    for k in merged:
+        expect = 0.3 * m1[k] + (1 - 0.3) * m0[k] if k.startswith("language_model.") else m1[k]
+        assert torch.equal(merged[k], expect), k
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    s2 = train(tmp_path, "s2", data, model=from_checkpoint(tmp_path / "merged"), train={"steps": 8},
+               optim={"lr": 1e-3, "min_lr": 1e-4})
+    assert sum(losses(s2)[-3:]) < sum(losses(s2)[:3]) - 0.1, losses(s2)
+
+    # multi-task DPO against the frozen stage-2 model
+    pairs = synthetic_pairs(tmp_path / "pairs", n=8)
+    dpo = train(tmp_path, "dpo", pairs, stage="dpo", model=from_checkpoint(s2 / "final"), train={"steps": 8},
+                optim={"lr": 1e-3, "min_lr": 1e-4}, dpo={"beta": 0.1})
+    before, after = pair_margins(s2 / "final", pairs, tok), pair_margins(dpo / "final", pairs, tok)
+    assert after.mean() > before.mean() + 1.0 and (after > before).float().mean() >= 0.75, (before, after)
+    rows = read_metrics(dpo)
+    assert rows[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)  # policy == reference at step 1
+    assert rows[-1]["reward_margin"] > 0.1 and rows[-1]["loss"] < rows[0]["loss"]
+    tasks = {k.split("/")[1] for r in rows for k in r if k.startswith("accuracy/")}
+    assert tasks == {"robustness", "instruction_following", "audio_understanding", "empathy"}
+
+    assert cli_main(["plot", str(dpo)]) == 0
+    assert (dpo / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_after_kill_9_is_bit_exact(tmp_path):
+    """A real subprocess killed with SIGKILL mid-run, then `--resume`d, ends with the uninterrupted run's weights."""
+    data = synthetic_s2s(tmp_path / "data", n=8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def recipe(name):
+        r = tiny_recipe(tmp_path, data, train={"steps": 12, "deterministic": True}, checkpoint={"every": 2})
+        r["run_dir"] = str(tmp_path / name)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(r))
+        return path
+
+    cmd = [sys.executable, "-m", "funaudiochat.cli", "train"]
+    subprocess.run(cmd + [str(recipe("whole"))], cwd=REPO, env=env, check=True, capture_output=True)
+    killed = recipe("killed")
+    proc = subprocess.Popen(cmd + [str(killed)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed/checkpoints/step-4").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final").exists(), "the run ended before it could be killed"
+    with pytest.raises(ConfigError, match="--resume"):
+        loop.run(load_recipe(killed))
+    subprocess.run(cmd + [str(killed), "--resume"], cwd=REPO, env=env, check=True, capture_output=True)
+
+    whole, resumed = read_state_dict(tmp_path / "whole/final"), read_state_dict(tmp_path / "killed/final")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
+    assert [r["step"] for r in read_metrics(tmp_path / "killed")] == list(range(1, 13))
+    assert sorted(p.name for p in (tmp_path / "killed/checkpoints").iterdir()) == ["step-10", "step-12"]
+
+
+def test_recipes_parse_and_overrides_are_typed(tmp_path):
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        recipe = load_recipe(path)
+        assert recipe.model.checkpoint, path
+    r = load_recipe(REPO / "recipes" / "pre_align.yaml", ["optim.lr=1e-4", "train.steps=3", "data.train=x.jsonl"])
+    assert r.optim.lr == 1e-4 and r.train.steps == 3 and r.data.train == ["x.jsonl"]
+    assert r.train.frozen == ["language_model.*"]
+    with pytest.raises(ConfigError) as err:
+        load_recipe(REPO / "recipes" / "dpo.yaml", ["optim.lrr=1", "train.steps=many", "data.packing=true"])
+    assert all(s in str(err.value) for s in ("optim.lrr: unknown key", "train.steps: expected an integer"))
+    with pytest.raises(ConfigError, match="packing"):
+        load_recipe(REPO / "recipes" / "dpo.yaml", ["data.packing=true"])
+    data = synthetic_s2s(tmp_path / "d", n=4)
+    with pytest.raises(ConfigError, match="match no parameter"):
+        loop.run(recipe_from_dict(tiny_recipe(tmp_path, data, train={"frozen": ["llm.*"]})))
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    stage1 = OptimSection(lr=1e-4, min_lr=1e-5, warmup_steps=10)
+    lrs = [lr_at(s, 100, stage1) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[9] == pytest.approx(1e-4)
+    assert lrs[-1] == pytest.approx(1e-5) and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[54] == pytest.approx(0.5 * (1e-4 + 1e-5), rel=0.02)
+    assert lr_at(50, 100, OptimSection(lr=3.0, schedule="constant", warmup_ratio=0.1)) == 3.0

@@ -9,7 +9,8 @@ and exp() makes the magnitudes, so ulp-level differences between machines grow. 
 2.13.0), where our flow and HiFT equal the released code bit for bit: HiFT fed the recorded mel differs from the
 golden by <= 1.4e-3 peak / 5e-5 RMS; the whole chain (a 2e-7 mel difference from the golden's machine) by 5.7e-3 peak /
 8.7e-4 RMS. Tolerances: HiFT alone 1e-2 peak, 1e-3 RMS; tokens->wav 3e-2 peak, 5e-3 RMS. A real defect (a shifted
-chunk, a wrong slice) is an O(1) difference.
+chunk, a wrong slice) is an O(1) difference. (A second golden made here with the released code, hop 25 / chunk 50,
+DiT 48x3 with 3 heads, HiFT base 32, passes every case with 0 difference.)
 """
 from __future__ import annotations
 

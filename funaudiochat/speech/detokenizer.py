@@ -232,7 +232,9 @@ class StreamingDetokenizer:
         full attention, as the Fun-Audio-Chat web demo calls it.
     `flow_window` / `hift_reset`: the web demo's bounds (200 / 500 tokens): once the offset reaches `flow_window`
         the oldest `flow_window` tokens leave the flow context; after `hift_reset` dropped tokens the accumulated mel
-        is cleared too. None (default) keeps everything, as the official loop does.
+        is cleared too (the 8 frames HiFT held back are then lost, as in the web demo). None (default) keeps
+        everything, as the official loop does: each chunk's cost then grows with the length of the answer.
+    The Fun-Audio-Chat web demo is `stream(hop=15, chunk_attention=False, flow_window=200, hift_reset=500)`.
     """
 
     def __init__(self, detok: Detokenizer, embedding: torch.Tensor, hop: int = 15, chunk_attention: bool = True,

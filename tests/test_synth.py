@@ -81,6 +81,12 @@ def test_pitch_shift_keeps_duration():
     assert abs(shifted - base) <= 0.05 * base
 
 
+def test_every_listed_english_espeak_voice_speaks():
+    lengths = {v: synth.synthesize(_utt("Good evening.", f"espeak:{v}"), 16000).shape[0]
+               for v in synth.ESPEAK_ENGLISH_VOICES}
+    assert all(0.4 * 16000 < n < 2.5 * 16000 for n in lengths.values()), lengths
+
+
 def test_mandarin_through_the_espeak_1_52_library():
     engine = synth._engine("espeak")
     assert engine.version.startswith("1.52"), engine.version  # Debian's 1.51 reads Mandarin wrongly
@@ -187,6 +193,7 @@ def test_parse_requests_text_and_jsonl(tmp_path):
     ('{"text": "x", "noise": "brown"}', "noise 'brown'"),
     ('{"text": "x", "voice": "espeak:en-us", "rate": 0.5, "pitch": 12}', "it can do"),
     ('{"text": "x", "rate": "fast"}', "wrong type"),
+    ('{"text": "x", "telephone": "no"}', "true or false"),
     ('not json', "not valid JSON"),
 ])
 def test_bad_requests_name_the_line(tmp_path, line, message):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import soxr
 
 from funaudiochat.audio.io import resample
 from funaudiochat.errors import InputError
@@ -158,8 +159,6 @@ class StreamingVad:
         self.reset()
 
     def reset(self) -> None:
-        import soxr
-
         self.state = VadState()
         self.tracker = _Hysteresis(*self._settings)
         self.windows = 0  # model windows consumed so far

@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-rate", type=int, default=16000,
                    help="output rate in Hz: 16000 for user turns, 24000 for the assistant voice (default 16000)")
     p.add_argument("--voice", default=None,
-                   help="default voice: piper, or espeak:NAME (e.g. espeak:en-us+f3, espeak:cmn); "
-                        "default: piper for English, espeak:cmn for Mandarin")
+                   help="default voice: piper, or espeak:NAME (English: " + ", ".join(synth.ESPEAK_ENGLISH_VOICES)
+                        + "; Mandarin: cmn); default: piper for English, espeak:cmn for Mandarin")
     p.add_argument("--lang", default="en", choices=sorted(synth.LANG_DEFAULT_VOICE), help="default language")
     p.add_argument("--rate", type=float, default=1.0, help="speaking-rate factor, 0.5-2 (default 1)")
     p.add_argument("--pitch", type=float, default=0.0, help="pitch shift in semitones, -12..12 (default 0)")

@@ -90,7 +90,7 @@ class SynthReport:
     reused: int  # items kept from an earlier run
     audio_seconds: float  # audio made in this run
     wall_seconds: float
-    manifest: Path | None = None
+    manifest: Path
 
 
 # ---------------------------------------------------------------- requests
@@ -143,18 +143,20 @@ def make_utterance(obj: dict, where: str = "<utterance>") -> Utterance:
     if lang not in LANG_DEFAULT_VOICE:
         raise InputError(f"{where}: lang {lang!r} is not supported; use one of {sorted(LANG_DEFAULT_VOICE)}")
 
-    def number(key: str, convert=float):
+    def number(key: str) -> float | None:
         value = given.get(key, fields[key].default)
-        return None if value is None else convert(value)
+        return None if value is None else float(value)
 
     try:
         utt = Utterance(id=str(given["id"]), text=str(given["text"]),
                         voice=str(given.get("voice", LANG_DEFAULT_VOICE[lang])), lang=lang, rate=number("rate"),
                         pitch=number("pitch"), volume=number("volume"),
                         noise_snr=number("noise_snr"), noise=str(given.get("noise", "white")),
-                        reverb=number("reverb"), telephone=number("telephone", bool))
+                        reverb=number("reverb"), telephone=given.get("telephone", False))
     except (TypeError, ValueError) as err:
         raise InputError(f"{where}: a field has the wrong type ({err})") from None
+    if not isinstance(utt.telephone, bool):
+        raise InputError(f"{where}: telephone must be true or false, got {utt.telephone!r}")
     problems = []
     if not _ID.match(utt.id):
         problems.append(f"id {utt.id!r} must be 1-128 characters of letters, digits, '_', '.', '-' (it names a file)")
@@ -360,7 +362,8 @@ def _reusable(record: dict | None, expected: dict, wav_path: Path) -> bool:
         info = sf.info(str(wav_path))
     except (sf.LibsndfileError, RuntimeError):
         return False
-    return info.samplerate == expected["sample_rate"] and abs(info.frames / info.samplerate - record["duration"]) < 1e-3
+    duration = record.get("duration", -1.0)
+    return info.samplerate == expected["sample_rate"] and abs(info.frames / info.samplerate - duration) < 1e-3
 
 
 def synthesize_many(utterances: list[Utterance], out_dir: Path, manifest: Path | None = None,

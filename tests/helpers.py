@@ -99,14 +99,14 @@ def synthetic_s2s(folder, n: int = 8, seed: int = 0) -> Path:
     return path
 
 
-def tiny_recipe(tmp, data, stage: str = "sft", **sections) -> dict:
-    """A recipe dict for the tiny preset model (random init) on `data`; `sections` override whole sections' keys."""
+def tiny_recipe(tmp, data_path, stage: str = "sft", **sections) -> dict:
+    """A recipe dict for the tiny preset model (random init) on `data_path`; `sections` update sections' keys."""
     tok = Path(tmp) / "tok" / "tokenizer.json"
     if not tok.exists():
         make_tiny_tokenizer(tok)
     recipe = {"stage": stage, "run_dir": str(Path(tmp) / "run"),
               "model": {"preset": "tiny", "tokenizer": str(tok)},
-              "data": {"train": [str(data)], "max_len": 256, "packing": stage == "sft"},
+              "data": {"train": [str(data_path)], "max_len": 256, "packing": stage == "sft"},
               "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "grad_clip": 1.0},
               "train": {"steps": 5, "global_batch": 4, "micro_batch": 2, "seed": 0},
               "log": {"progress": False, "tensorboard": False}}

@@ -2,7 +2,6 @@
 stage 1, merge, stage 2, multi-task DPO; recipes; LR schedule; exact resume after kill -9; plot."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

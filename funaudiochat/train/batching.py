@@ -10,6 +10,7 @@ T transcript tokens, F audios with continuous features, M mel bins, Tm mel frame
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,8 +58,6 @@ class EpochPlan:
 
     def fingerprint(self) -> str:
         """Identifies the data a checkpoint was trained on (record count and lengths)."""
-        import hashlib
-
         return f"{len(self.lengths)}-{hashlib.sha1(self.lengths.astype(np.int64).tobytes()).hexdigest()[:12]}"
 
 

@@ -12,7 +12,6 @@ independent of the number of processes (the data order is too, see batching.py).
 from __future__ import annotations
 
 import json
-import logging
 import random
 import re
 import shutil
@@ -26,8 +25,6 @@ from funaudiochat.errors import CheckpointError
 from funaudiochat.model.checkpoint import load_state_dict_checked, save_model
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.train.parallel import DistInfo, barrier
-
-log = logging.getLogger(__name__)
 
 _STEP = re.compile(r"step-(\d+)")
 

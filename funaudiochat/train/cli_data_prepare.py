@@ -27,8 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from funaudiochat.config import FunAudioChatConfig
     from funaudiochat.text.tokenizer import TextTokenizer
     from funaudiochat.train.data import SampleBuilder
@@ -47,7 +45,5 @@ def main(args: argparse.Namespace) -> int:
                           progress=not args.no_progress)
     print(f"{args.output}: {report.summary()}")
     if args.report:
-        args.report.write_text(json.dumps({"read": report.read, "kept": report.kept, "skipped": report.counts(),
-                                           "problems": [dataclasses.asdict(p) for p in report.problems]},
-                                          indent=2) + "\n")
+        args.report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0

@@ -99,6 +99,10 @@ class DataReport:
             out[p.kind] = out.get(p.kind, 0) + 1
         return dict(sorted(out.items()))
 
+    def to_dict(self) -> dict:
+        return {"read": self.read, "kept": self.kept, "skipped": self.counts(),
+                "problems": [{"source": p.source, "kind": p.kind, "message": p.message} for p in self.problems]}
+
     def summary(self, show: int = 10) -> str:
         lines = [f"{self.kept} of {self.read} records kept"]
         if self.problems:
@@ -157,11 +161,11 @@ class SampleBuilder:
             raise RecordError("bad format", "a native manifest record (\"turns\"); convert the file with "
                                             "`funaudiochat data prepare` first")
         system, messages = self._conversation(record, need_last="assistant")
-        return self._build(system, messages, self._audio_entries(record), base_dir, source)
+        return self._build(system, messages, audio_entries(record), base_dir, source)
 
     def pair(self, record: dict, base_dir: Path, source: str) -> PreferencePair:
         system, messages = self._conversation(record, need_last="user")
-        audios = self._audio_entries(record)
+        audios = audio_entries(record)
         task = record.get("task") or "untagged"
         if not isinstance(task, str):
             raise RecordError("bad format", f"task must be a string, got {task!r}")
@@ -206,23 +210,6 @@ class SampleBuilder:
             raise RecordError("bad format", f"the last message must be a{'n' if need_last[0] == 'a' else ''} "
                                             f"{need_last} turn")
         return system or DEFAULT_SYSTEM, messages
-
-    @staticmethod
-    def _audio_entries(record: dict) -> list[dict]:
-        raw = record.get("audio", record.get("audios", []))
-        if not isinstance(raw, list):
-            raise RecordError("bad format", f"\"audio\" must be a list, got {type(raw).__name__}")
-        entries = []
-        for i, e in enumerate(raw):
-            if isinstance(e, str):
-                try:
-                    e = json.loads(e)
-                except json.JSONDecodeError as err:
-                    raise RecordError("bad format", f"audio {i}: not a JSON string ({err.msg})") from None
-            if not isinstance(e, dict) or not isinstance(e.get("token", ""), str):
-                raise RecordError("bad format", f"audio {i}: expected an object with \"path\", \"text\", \"token\"")
-            entries.append(e)
-        return entries
 
     # ------------------------------------------------------------------ ids, labels, audio items
     def _audio_item(self, entry: dict, base_dir: Path, i: int) -> AudioItem:
@@ -295,6 +282,24 @@ class SampleBuilder:
                 n_speech += len(a.speech_ids)
                 n_text += (end - start) if len(a.text_ids) else 0
         s.n_text_targets, s.n_speech_targets = n_text, n_speech
+
+
+def audio_entries(record: dict) -> list[dict]:
+    """The record's `audio` list (JSON strings, as released, or objects) as dicts."""
+    raw = record.get("audio", record.get("audios", []))
+    if not isinstance(raw, list):
+        raise RecordError("bad format", f"\"audio\" must be a list, got {type(raw).__name__}")
+    entries = []
+    for i, e in enumerate(raw):
+        if isinstance(e, str):
+            try:
+                e = json.loads(e)
+            except json.JSONDecodeError as err:
+                raise RecordError("bad format", f"audio {i}: not a JSON string ({err.msg})") from None
+        if not isinstance(e, dict) or not isinstance(e.get("token", ""), str):
+            raise RecordError("bad format", f"audio {i}: expected an object with \"path\", \"text\", \"token\"")
+        entries.append(e)
+    return entries
 
 
 def _same_audio(a: Sample, b: Sample) -> bool:

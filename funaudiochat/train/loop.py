@@ -10,8 +10,9 @@ bit where it stopped (on CPU; GPU kernels may not be deterministic).
 """
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from funaudiochat.text.tokenizer import TextTokenizer
 from funaudiochat.train import checkpoint as ckpt
 from funaudiochat.train import parallel
 from funaudiochat.train.batching import Collator, EpochPlan, split_global_batch
-from funaudiochat.train.config import Recipe
+from funaudiochat.train.config import DPO_TASKS, Recipe
 from funaudiochat.train.data import DataReport, SampleBuilder, load_records
 from funaudiochat.train.losses import GlobalCounts, dpo_loss, sequence_logps, sft_loss
 from funaudiochat.train.metrics import MetricsLog
@@ -120,6 +121,9 @@ class Trainer:
         self.total_steps = r.train.steps or r.train.epochs * self.plan.batches_per_epoch
         self.collate = Collator(self.cfg, r.data.max_len, r.data.packing)
         self.tasks = sorted({p.task for p in self.items}) if r.stage == "dpo" else []
+        other = sorted(set(self.tasks) - set(DPO_TASKS))
+        if other and info.main:
+            log.info("DPO task tags besides the paper's %s: %s (metrics are logged per tag)", DPO_TASKS, other)
 
     def _build_model(self, source: Path | None, trainable: bool) -> torch.nn.Module:
         """Plain / DDP: every process holds the whole model. FSDP2: rank 0 reads the full weights, the others
@@ -247,7 +251,7 @@ class Trainer:
         k = self.cfg.audio_config.group_size
         n_pairs = int(parallel.all_reduce_sum(torch.tensor([float(sum(len(t) for _, t in micro))]), info).item())
         # per task: pairs, sum of reward margins, correctly ranked pairs; row -1: the loss sum
-        acc = torch.zeros(len(self.tasks) + 1, 3, dtype=torch.float64)
+        tally = torch.zeros(len(self.tasks) + 1, 3, dtype=torch.float64)
         tokens = 0
         for j, (b, tasks) in enumerate(micro):
             inputs, n = b.model_inputs(info.device), len(tasks)
@@ -263,13 +267,13 @@ class Trainer:
             margins = (d.chosen_rewards - d.rejected_rewards).double().cpu()
             for i, task in enumerate(tasks):
                 row = self.tasks.index(task)
-                acc[row] += torch.stack([torch.ones((), dtype=torch.float64), margins[i], (margins[i] > 0).double()])
-            acc[-1, 0] += float(d.losses.detach().sum())
+                tally[row] += torch.stack([torch.ones((), dtype=torch.float64), margins[i], (margins[i] > 0).double()])
+            tally[-1, 0] += float(d.losses.detach().sum())
             tokens += b.n_tokens
-        acc = parallel.all_reduce_sum(acc, info)
+        tally = parallel.all_reduce_sum(tally, info)
         tokens = int(parallel.all_reduce_sum(torch.tensor([float(tokens)]), info).item())
-        per_task = acc[:-1]
-        stats = {"loss": float(acc[-1, 0]) / n_pairs, "reward_margin": float(per_task[:, 1].sum()) / n_pairs,
+        per_task = tally[:-1]
+        stats = {"loss": float(tally[-1, 0]) / n_pairs, "reward_margin": float(per_task[:, 1].sum()) / n_pairs,
                  "reward_accuracy": float(per_task[:, 2].sum()) / n_pairs, "tokens": tokens}
         for task, (count, margin, correct) in zip(self.tasks, per_task.tolist()):
             if count:
@@ -315,8 +319,6 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     random.seed(seed)
     if deterministic:
-        import os
-
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
 
@@ -352,9 +354,5 @@ def _progress(r: Recipe, info: parallel.DistInfo, start: int, total: int):
 
 
 def _log_report(report: DataReport, run_dir: Path) -> None:
-    import json
-
     log.info("data: %s", report.summary())
-    (run_dir / "data_report.json").write_text(json.dumps(
-        {"read": report.read, "kept": report.kept, "skipped": report.counts(),
-         "problems": [dataclasses.asdict(p) for p in report.problems]}, indent=2) + "\n")
+    (run_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -1,6 +1,6 @@
 """`funaudiochat data prepare`: check every record of a training JSONL and write released sharegpt records.
 
-Input lines are either released sharegpt records (data.py) or native manifest records:
+Input lines are released sharegpt records or DPO pair records (data.py), or native manifest records:
 
     {"id": "q1", "system": "optional system prompt",
      "turns": [{"role": "user", "audio": "wavs/q1.wav", "text": "transcript (optional)", "instruction": "optional"},
@@ -29,7 +29,7 @@ from funaudiochat.engine.prompt import speech_token_count
 from funaudiochat.errors import InputError
 from funaudiochat.text.tokenizer import AUDIO_PAD, AUDIO_TEMPLATE
 from funaudiochat.train.data import (SPEECH_DELAY, DataReport, Problem, RecordError, SampleBuilder,
-                                     assistant_token_string, is_assistant_speech, read_jsonl)
+                                     assistant_token_string, audio_entries, is_assistant_speech, read_jsonl)
 
 Tokenize = Callable[[np.ndarray], np.ndarray]  # 16 kHz mono wave -> 25 Hz speech codes
 
@@ -43,7 +43,8 @@ class Preparer:
             record = self._from_native(record, base_dir)
         else:
             record = self._check_sharegpt(record, base_dir)
-        self.builder.sample(record, base_dir, source)  # format, token strings, files, context length
+        check = self.builder.pair if "chosen" in record else self.builder.sample
+        check(record, base_dir, source)  # format, token strings, files, context length
         return record
 
     # ------------------------------------------------------------------ native manifest
@@ -97,7 +98,7 @@ class Preparer:
     # ------------------------------------------------------------------ released sharegpt
     def _check_sharegpt(self, record: dict, base_dir: Path) -> dict:
         """Decode every user audio; tokenize assistant audio given only as `ref_path` (no token string yet)."""
-        entries = SampleBuilder._audio_entries(record)
+        entries = audio_entries(record)
         changed = False
         for i, e in enumerate(entries):
             token, path = e.get("token") or "", e.get("path") or e.get("wav_path") or ""

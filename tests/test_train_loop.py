@@ -126,7 +126,8 @@ def test_resume_after_kill_9_is_bit_exact(tmp_path):
         return path
 
     cmd = [sys.executable, "-m", "funaudiochat.cli", "train"]
-    subprocess.run(cmd + [str(recipe("whole"))], cwd=REPO, env=env, check=True, capture_output=True)
+    whole = subprocess.Popen(cmd + [str(recipe("whole"))], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
     killed = recipe("killed")
     proc = subprocess.Popen(cmd + [str(killed)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -139,6 +140,7 @@ def test_resume_after_kill_9_is_bit_exact(tmp_path):
     with pytest.raises(ConfigError, match="--resume"):
         loop.run(load_recipe(killed))
     subprocess.run(cmd + [str(killed), "--resume"], cwd=REPO, env=env, check=True, capture_output=True)
+    assert whole.wait() == 0, whole.stderr.read()[-3000:]
 
     whole, resumed = read_state_dict(tmp_path / "whole/final"), read_state_dict(tmp_path / "killed/final")
     assert whole.keys() == resumed.keys()

@@ -135,6 +135,11 @@ class Engine:
         if model.audio_invert_tower is not None:
             srh = model.audio_invert_tower.crq_transformer
             self.srh_rope = RopeTable(srh.inv_freq, self.k * self.max_seq_len, self.dtype)
+        # Output heads for one position are matrix-vector products that read the whole head weight. On CPU,
+        # MKL's x @ W^T is several times slower than x @ W for a contiguous W = W^T copy of vocabulary-sized heads
+        # (bench/generate.py), so the engine keeps such a copy; elsewhere F.linear is used as is.
+        self.text_head = _Head(model.language_model.lm_head.weight)
+        self.speech_head = _Head(model.audio_invert_tower.lm_head.weight) if model.audio_invert_tower else None
 
     @property
     def device(self):
@@ -173,7 +178,7 @@ class Engine:
         key_valid[:, :p] = mask2d.bool()
         mask = attention_mask_4d(key_valid[:, :p], p, p, 0, b, self.device)
         hidden = m.language_model.model(embeds, pos, mask, llm_cache, 0, p, rope=self.rope)
-        text_logits = m.language_model.lm_head(hidden[:, -1]).float()
+        text_logits = self.text_head(hidden[:, -1]).float()
 
         state = DecodeState(llm_cache, None, key_valid, torch.zeros(0), pos[:, -1] + 1, p, ids,
                             speech=[[] for _ in range(b)])
@@ -227,7 +232,8 @@ class Engine:
                 mask = state.srh_key_valid[:, None, None, :s1]
             else:
                 mask = attention_mask_4d(state.srh_key_valid[:, :s1], q1 - q0, s1, s0, b, self.device)
-            logits = srh.decode(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1, self.srh_rope)[:, -1].float()
+            h = srh.decode_hidden(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1, self.srh_rope)
+            logits = self.speech_head(h[:, -1]).float()
             scores = process(logits, gen.sampling, counts)
             tok = choose(scores, gen.sampling, state.generator)
             if counts is not None:
@@ -256,7 +262,7 @@ class Engine:
         state.key_valid[:, slot] = True
         mask = state.key_valid[:, None, None, : slot + 1]
         hidden = m.language_model.model(x, state.pos[:, None], mask, state.llm_cache, slot, slot + 1, rope=self.rope)
-        text_logits = m.language_model.lm_head(hidden[:, -1]).float()
+        text_logits = self.text_head(hidden[:, -1]).float()
         group = None
         if state.srh_cache is not None:
             state.srh_key_valid[:, k * slot: k * slot + k] = True
@@ -359,6 +365,20 @@ class Engine:
         new = torch.stack(state.tokens, dim=1)  # [B, T]
         return GenerationResult(new, state.speech, torch.cat([state.prompt_ids, new], dim=1),
                                 state.timings["prefill_s"], time.perf_counter() - t0)
+
+
+class _Head:
+    """logits = x @ W^T for x [B, D], W [V, D]; on CPU through a contiguous W^T copy (see Engine.__init__)."""
+
+    MAX_COPY_BYTES = 256 << 20
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        small = weight.numel() * weight.element_size() <= self.MAX_COPY_BYTES
+        self.weight_t = weight.detach().t().contiguous() if weight.device.type == "cpu" and small else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight_t if self.weight_t is not None else torch.nn.functional.linear(x, self.weight)
 
 
 @dataclass

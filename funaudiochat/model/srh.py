@@ -37,12 +37,16 @@ class SpeechRefinedHead(nn.Module):
         """Speech token ids -> their (tied) embeddings."""
         return F.embedding(tokens, self.lm_head.weight)
 
-    def decode(self, z: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-               cache: KVCache | None = None, cache_start: int = 0, read_len: int | None = None,
-               rope=None) -> torch.Tensor:
-        """z [B, t, D] (P + previous-token embedding) -> speech logits [B, t, V]."""
+    def decode_hidden(self, z: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                      cache: KVCache | None = None, cache_start: int = 0, read_len: int | None = None,
+                      rope=None) -> torch.Tensor:
+        """z [B, t, D] (P + previous-token embedding) -> [B, t, D], the input of `lm_head`."""
         h = self.crq_transformer(self.input_matching(z), positions, mask, cache, cache_start, read_len, rope=rope)
-        return self.lm_head(self.output_matching(h))
+        return self.output_matching(h)
+
+    def decode(self, z, positions, mask, cache=None, cache_start: int = 0, read_len: int | None = None, rope=None):
+        """z [B, t, D] -> speech logits [B, t, V]."""
+        return self.lm_head(self.decode_hidden(z, positions, mask, cache, cache_start, read_len, rope))
 
     def forward_train(self, u: torch.Tensor, label_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
                       position_ids: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,327 @@
+"""Text data from the pretrained LLM: answer prompts with SmolLM2-Instruct through our engine (text mode) and keep
+the question/answer pairs that pass a set of filters (the paper builds its speech data the same way: text, then TTS,
+then a WER filter).
+
+Prompts come from files (one per line, or JSONL with "prompt" and optional "family", "id", "expected") or from the
+built-in families in `prompts/` (MINI.md: facts, arithmetic, definitions, how-to, chit-chat, tool calls, style
+requests, emotional turns). `expected` lists strings one of which the answer must contain (facts, arithmetic).
+The tool-call family is answered under a tools system prompt (`prompts/tools.json`) and must produce valid
+`<tool_call>` blocks naming those tools.
+
+Outputs, next to each other: OUT (kept pairs, JSONL), OUT with suffix .rejected.jsonl (with the reason), and
+.report.json (counts of this run). Both JSONL files are appended batch by batch, and prompts already in either are
+skipped, so an interrupted run resumes where it stopped. Sampling is seeded per batch: the same prompt set and batch
+size give the same answers; a resumed run samples the remaining prompts afresh.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from funaudiochat.engine.generate import Engine, GenerationConfig
+from funaudiochat.engine.prompt import Prompt, stack_prompts
+from funaudiochat.errors import InputError
+from funaudiochat.text.chat import DEFAULT_SYSTEM, render_chatml
+from funaudiochat.text.tokenizer import TextTokenizer
+from funaudiochat.text.tools import parse_tool_calls, tools_system_prompt
+
+log = logging.getLogger(__name__)
+
+PROMPTS_DIR = Path(__file__).with_name("prompts")
+TOOLS_FILE = PROMPTS_DIR / "tools.json"
+TOOL_FAMILY = "tools"
+
+# Refusals and AI disclaimers (case-insensitive). Kept specific: "I can't imagine how hard..." is a fine answer.
+REFUSALS = (
+    r"\bas an ai\b", r"\bas a (large )?language model\b", r"\bi('m| am) (just )?an ai\b",
+    r"\bi (cannot|can't|can not|am unable to|'m unable to|am not able to|'m not able to|won't) "
+    r"(help|assist|provide|answer|do that|fulfill|comply|browse|access)",
+    r"\bi('m| am) sorry,? but\b", r"\bi don't have (access to|the ability|real-time|personal)",
+    r"\bi do not have (access to|the ability|real-time|personal)",
+)
+
+
+@dataclass(frozen=True)
+class DistillPrompt:
+    id: str
+    prompt: str
+    family: str = "custom"
+    expected: tuple[str, ...] = ()
+
+
+@dataclass
+class Filters:
+    """Why an answer is rejected, checked in this order (the first that applies is the reason)."""
+
+    min_words: int = 2            # "too_short" below
+    max_words: int = 150          # "too_long" above (spoken answers should be short)
+    drop_unfinished: bool = True  # "unfinished": no end of turn within max_new_tokens
+    ngram: int = 4                # "repetition": a word n-gram occurring more than max_ngram_repeats times,
+    max_ngram_repeats: int = 2    # or the same sentence (>= ngram words) twice
+    refusals: tuple[str, ...] = REFUSALS  # "refusal"
+
+
+@dataclass
+class DistillSettings:
+    batch_size: int = 8
+    max_new_tokens: int = 160
+    greedy: bool = False
+    temperature: float = 0.2      # SmolLM2-Instruct's recommended sampling
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    system: str = DEFAULT_SYSTEM
+
+
+@dataclass
+class DistillReport:
+    prompts: int = 0
+    already_done: int = 0
+    processed: int = 0
+    kept: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    by_family: dict = field(default_factory=dict)  # family -> {"kept": n, "rejected": n}
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["rejected"] = dict(self.rejected.most_common())
+        out["tokens_per_second"] = round(self.new_tokens / self.seconds, 2) if self.seconds else 0.0
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+def prompt_id(family: str, text: str) -> str:
+    return f"{family}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:10]}"
+
+
+def families() -> list[str]:
+    """Names of the built-in prompt families."""
+    return sorted(p.stem for p in PROMPTS_DIR.iterdir() if p.suffix in (".txt", ".jsonl"))
+
+
+def read_prompts(path: str | Path, family: str | None = None) -> list[DistillPrompt]:
+    """A .jsonl file ({"prompt", "family"?, "id"?, "expected"?} per line) or text (one prompt per line; blank lines
+    and lines starting with '#' are skipped). `family` defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such prompt file")
+    family = family or path.stem
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line or (path.suffix != ".jsonl" and line.startswith("#")):
+            continue
+        if path.suffix != ".jsonl":
+            out.append(DistillPrompt(prompt_id(family, line), line, family))
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{n}: not valid JSON ({err.msg})") from err
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+            raise InputError(f'{path}:{n}: expected an object with a non-empty "prompt" string')
+        fam = str(rec.get("family") or family)
+        expected = rec.get("expected", ())
+        expected = (expected,) if isinstance(expected, str) else tuple(str(e) for e in expected)
+        out.append(DistillPrompt(str(rec.get("id") or prompt_id(fam, rec["prompt"])), rec["prompt"].strip(), fam,
+                                 expected))
+    return out
+
+
+def builtin_prompts(names: list[str] | str = "all") -> list[DistillPrompt]:
+    """Prompts of the named built-in families ("all", a list, or a comma-separated string)."""
+    known = families()
+    if isinstance(names, str):
+        names = known if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"unknown prompt families {unknown}; built-in: {', '.join(known)} (or 'all')")
+    out = []
+    for name in names:
+        path = next(p for p in (PROMPTS_DIR / f"{name}.jsonl", PROMPTS_DIR / f"{name}.txt") if p.is_file())
+        out += read_prompts(path, name)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def tools() -> tuple[dict, ...]:
+    """The tool set of the tool-call family (OpenAI-style function definitions)."""
+    return tuple(json.loads(TOOLS_FILE.read_text(encoding="utf-8")))
+
+
+def system_for(p: DistillPrompt, default: str) -> str:
+    return tools_system_prompt(list(tools()), base=default) if p.family == TOOL_FAMILY else default
+
+
+# ---------------------------------------------------------------------------------------------------- filters
+_WORD = re.compile(r"[\w']+")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def repeated(answer: str, n: int, max_repeats: int) -> bool:
+    words = [w.lower() for w in _WORD.findall(answer)]
+    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    if grams and max(grams.values()) > max_repeats:
+        return True
+    sentences = [s.strip().lower() for s in _SENTENCE.split(answer) if len(_WORD.findall(s)) >= n]
+    return len(sentences) != len(set(sentences))
+
+
+def contains_expected(answer: str, expected: tuple[str, ...]) -> bool:
+    """Case-insensitive; numbers must match as whole numbers ("12" is not in "120")."""
+    text = answer.lower().replace(",", "")
+    for e in expected:
+        e = e.lower()
+        pattern = rf"(?<![\d.]){re.escape(e)}(?![\d])" if e.replace(".", "").isdigit() else re.escape(e)
+        if re.search(pattern, text):
+            return True
+    return False
+
+
+def reject_reason(p: DistillPrompt, answer: str, finished: bool, filters: Filters) -> str | None:
+    """None when the answer is kept, else the reason (the report's key)."""
+    if not answer.strip():
+        return "empty"
+    if filters.drop_unfinished and not finished:
+        return "unfinished"
+    if p.family == TOOL_FAMILY:
+        parsed = parse_tool_calls(answer)
+        names = {t["function"]["name"] for t in tools()}
+        if not parsed.calls or parsed.errors or any(c.name not in names for c in parsed.calls):
+            return "bad_tool_call"
+        return None
+    n_words = len(_WORD.findall(answer))
+    if n_words < filters.min_words:
+        return "too_short"
+    if n_words > filters.max_words:
+        return "too_long"
+    lowered = answer.lower()
+    if any(re.search(r, lowered) for r in filters.refusals):
+        return "refusal"
+    if repeated(answer, filters.ngram, filters.max_ngram_repeats):
+        return "repetition"
+    if p.expected and not contains_expected(answer, p.expected):
+        return "wrong_answer"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
+    """(kept JSONL, rejected JSONL, report JSON) for the output path `out`."""
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix == ".jsonl" else out
+    return out, stem.with_name(stem.name + ".rejected.jsonl"), stem.with_name(stem.name + ".report.json")
+
+
+def done_ids(*paths: Path) -> set[str]:
+    ids = set()
+    for path in paths:
+        if path.exists():
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if line.strip():
+                    try:
+                        ids.add(json.loads(line)["id"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as err:
+                        raise InputError(f"{path}:{n}: not a distill record ({err}); remove the line or the file "
+                                         f"to start over") from err
+    return ids
+
+
+class Distiller:
+    """Answers prompts in left-padded batches with an `Engine` in text mode."""
+
+    def __init__(self, engine: Engine, tokenizer: TextTokenizer, settings: DistillSettings = DistillSettings(),
+                 filters: Filters = Filters()):
+        self.engine, self.tok, self.settings, self.filters = engine, tokenizer, settings, filters
+        sp = tokenizer.special
+        self.eos = tuple(i for i in (sp.im_end, sp.endoftext) if i is not None)
+        text_cfg = engine.cfg.text_config
+        self.pad = text_cfg.pad_token_id if text_cfg.pad_token_id is not None else self.eos[0]
+
+    def generation(self, batch_no: int) -> GenerationConfig:
+        s = self.settings
+        return GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=not s.greedy, temperature=s.temperature,
+                                top_p=s.top_p, repetition_penalty=s.repetition_penalty, eos_token_id=self.eos,
+                                pad_token_id=self.pad, disable_speech=True, seed=s.seed + batch_no)
+
+    def encode(self, p: DistillPrompt) -> list[int]:
+        return self.tok.encode(render_chatml([{"role": "system", "content": system_for(p, self.settings.system)},
+                                              {"role": "user", "content": p.prompt}]))
+
+    def answer(self, prompt_ids: list[list[int]], batch_no: int = 0) -> list[tuple[str, bool, int]]:
+        """(answer text, finished, new tokens) per encoded prompt, generated as one left-padded batch."""
+        batch = stack_prompts([Prompt(torch.tensor([i])) for i in prompt_ids], self.pad,
+                              self.engine.cfg.audio_config.pad_token_id)
+        new = self.engine.generate(batch, self.generation(batch_no)).new_text_ids  # [B, T]
+        out = []
+        for row in new.tolist():
+            end = next((j for j, t in enumerate(row) if t in self.eos), None)
+            tokens = row if end is None else row[:end]
+            out.append((self.tok.decode(tokens).strip(), end is not None, len(tokens)))
+        return out
+
+    def run(self, prompts: list[DistillPrompt], out: str | Path, progress: bool = True) -> DistillReport:
+        kept_path, rejected_path, report_path = output_paths(out)
+        kept_path.parent.mkdir(parents=True, exist_ok=True)
+        report = DistillReport(prompts=len(prompts))
+        done = done_ids(kept_path, rejected_path)
+        unique = list({p.id: p for p in prompts}.values())
+        todo = [p for p in unique if p.id not in done]
+        report.already_done = len(unique) - len(todo)
+        budget = self.engine.max_seq_len - self.settings.max_new_tokens
+        encoded = {p.id: self.encode(p) for p in todo}
+        todo.sort(key=lambda p: len(encoded[p.id]))  # similar lengths share a batch: less padding
+        t0 = time.perf_counter()
+        bar = _progress(len(todo), progress)
+        try:
+            with open(kept_path, "a", encoding="utf-8") as kept_f, open(rejected_path, "a", encoding="utf-8") as rej_f:
+                step = max(1, self.settings.batch_size)
+                for batch_no, start in enumerate(range(0, len(todo), step)):
+                    batch = todo[start:start + step]
+                    fits = [p.id for p in batch if len(encoded[p.id]) <= budget]
+                    answers = dict(zip(fits, self.answer([encoded[i] for i in fits], batch_no))) if fits else {}
+                    for p in batch:
+                        text, finished, n_new = answers.get(p.id, ("", False, 0))
+                        reason = "prompt_too_long" if p.id not in answers else reject_reason(p, text, finished,
+                                                                                                self.filters)
+                        rec = {"id": p.id, "family": p.family, "prompt": p.prompt, "answer": text,
+                               "finished": finished, "new_tokens": n_new}
+                        if p.family == TOOL_FAMILY and reason is None:
+                            rec["tool_calls"] = [asdict(c) for c in parse_tool_calls(text).calls]
+                        fam = report.by_family.setdefault(p.family, {"kept": 0, "rejected": 0})
+                        if reason is None:
+                            report.kept += 1
+                            fam["kept"] += 1
+                            kept_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        else:
+                            report.rejected[reason] += 1
+                            fam["rejected"] += 1
+                            rej_f.write(json.dumps({**rec, "reason": reason}, ensure_ascii=False) + "\n")
+                        report.new_tokens += n_new
+                    report.processed += len(batch)
+                    kept_f.flush()
+                    rej_f.flush()
+                    bar.update(len(batch))
+                    bar.set_postfix(kept=report.kept, rejected=sum(report.rejected.values()))
+        finally:
+            bar.close()
+            report.seconds = time.perf_counter() - t0
+            report_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return report
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="distill", unit="prompt", disable=not enabled, dynamic_ncols=True)

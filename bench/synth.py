@@ -136,12 +136,14 @@ def bench_engine(voice: str, args, judges: dict[str, AsrJudge], work: Path) -> N
           f"base F0 {np.mean([b for b, _ in f0]):.0f} Hz")
 
     errors = []
-    for _, path, _ in read_manifest(manifest):
+    for _, path, text in read_manifest(manifest):
         wav = load_audio(path, RATE)
         start, end = _true_span(wav)
         silence = np.zeros(RATE, np.float32)
         segments = speech_segments(np.concatenate([silence, wav, silence]), RATE, pad_ms=0)
         errors.append((segments[0][0] - 1 - start, segments[-1][1] - 1 - end) if segments else (np.inf, np.inf))
+        if max(abs(errors[-1][0]), abs(errors[-1][1])) > 0.1:
+            print(f"    VAD off by {1000 * errors[-1][0]:+.0f} / {1000 * errors[-1][1]:+.0f} ms: {text!r}")
     errors_ms = 1000 * np.abs(np.array(errors))
     print(f"VAD span error (1 s silence each side, pad 0): start mean {errors_ms[:, 0].mean():.0f} ms max "
           f"{errors_ms[:, 0].max():.0f} ms; end mean {errors_ms[:, 1].mean():.0f} ms max {errors_ms[:, 1].max():.0f} "

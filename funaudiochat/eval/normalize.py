@@ -7,7 +7,7 @@
 - spelled-out numbers become digits: "twenty one" -> 21, "two hundred and five" -> 205, "three point five" -> 3.5,
   "twenty first" -> 21st, "nineteen nineties" -> 1990s, "one oh one" -> 101, "five dollars" -> $5,
   "ten percent" -> 10%, "two dollars and seven cents" -> $2.07; a lone 1 is written "one";
-- about 60 common British spellings become American (colour -> color).
+- about 140 common British spellings become American (colour -> color, organised -> organized, centre -> center).
 Not covered (Whisper does these): "and a half", "double"/"triple" digits, "minus"/"plus" signs, "per cent",
 and the rest of Whisper's ~1,700-entry British spelling list.
 """

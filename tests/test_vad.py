@@ -119,3 +119,25 @@ def test_state_is_explicit_and_per_stream(padded):
 def test_bad_threshold_is_an_input_error():
     with pytest.raises(InputError, match="threshold"):
         StreamingVad(RATE, threshold=1.5)
+
+
+class _ScriptedModel:
+    """Stands in for the network to test the segment logic on chosen window probabilities."""
+
+    def __init__(self, probs):
+        self.probs = np.asarray(probs, np.float32)
+
+    def probabilities(self, wav16k):
+        assert wav16k.shape[0] == self.probs.shape[0] * 512
+        return self.probs
+
+
+def test_segment_logic_on_scripted_probabilities():
+    probs = [0.0] * 10 + [0.9] * 5 + [0.3] + [0.9] * 20 + [0.0] * 20 + [0.9] * 3 + [0.0] * 20
+    wav = np.zeros(len(probs) * 512, np.float32)
+    segments = speech_segments(wav, RATE, pad_ms=0, model=_ScriptedModel(probs))
+    # a one-window dip does not move the start; the 3-window burst (96 ms < 250 ms) is dropped
+    assert segments == [(pytest.approx(10 * FRAME_S), pytest.approx(35 * FRAME_S))]
+    split = speech_segments(wav, RATE, pad_ms=0, min_silence_ms=20, min_speech_ms=100, model=_ScriptedModel(probs))
+    assert split == [(pytest.approx(10 * FRAME_S), pytest.approx(14 * FRAME_S)),
+                     (pytest.approx(16 * FRAME_S), pytest.approx(35 * FRAME_S))]

@@ -130,7 +130,7 @@ def speech_segments(wav: np.ndarray, sample_rate: int, threshold: float = 0.5, m
         return []
     duration = wav.shape[0] / sample_rate
     probs = (model or default_model()).probabilities(resample(wav, sample_rate, VAD_RATE))
-    tracker = _Hysteresis(threshold, min_speech_ms, min_silence_ms)
+    tracker = _Hysteresis(threshold, 0.0, min_silence_ms)  # whole clip: short spans are dropped afterwards instead
     spans, start = [], None
     for i, p in enumerate(probs):
         event = tracker.update(i, float(p))
@@ -142,7 +142,7 @@ def speech_segments(wav: np.ndarray, sample_rate: int, threshold: float = 0.5, m
         spans.append((start, duration))
     pad = pad_ms / 1000.0
     merged: list[tuple[float, float]] = []
-    for s, e in spans:
+    for s, e in (span for span in spans if span[1] - span[0] >= min_speech_ms / 1000.0):
         s, e = max(0.0, s - pad), min(duration, e + pad)
         if merged and s <= merged[-1][1]:
             merged[-1] = (merged[-1][0], e)

@@ -301,7 +301,10 @@ def synthesize(utt: Utterance, sample_rate: int = 16000, seed: int = 0) -> np.nd
     speed = utt.rate / p
     engine_kind, _, name = utt.voice.partition(":")
     engine = _engine(engine_kind)
-    wav = engine.synthesize(utt.text, speed) if engine_kind == "piper" else engine.synthesize(utt.text, name, speed)
+    try:
+        wav = engine.synthesize(utt.text, speed) if engine_kind == "piper" else engine.synthesize(utt.text, name, speed)
+    except InputError as err:
+        raise InputError(f"utterance {utt.id!r}: {err}") from None
     peak = float(np.max(np.abs(wav))) if wav.size else 0.0
     if peak < 1e-4:
         raise InputError(f"utterance {utt.id!r}: the engine produced no audio for text {utt.text!r}")

@@ -178,13 +178,19 @@ def repeated(answer: str, n: int, max_repeats: int) -> bool:
     return len(sentences) != len(set(sentences))
 
 
-def contains_expected(answer: str, expected: tuple[str, ...]) -> bool:
-    """Case-insensitive; numbers must match as whole numbers ("12" is not in "120")."""
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def matches_expected(answer: str, expected: tuple[str, ...]) -> bool:
+    """A numeric expectation must be the answer's last number (a worked answer ends with its result; "1,042" reads
+    as 1042); a text one must occur in it as whole words (case-insensitive)."""
     text = answer.lower().replace(",", "")
-    for e in expected:
-        e = e.lower()
-        pattern = rf"(?<![\d.]){re.escape(e)}(?![\d])" if e.replace(".", "").isdigit() else re.escape(e)
-        if re.search(pattern, text):
+    numbers = _NUMBER.findall(text)
+    for e in (e.lower().replace(",", "") for e in expected):
+        if _NUMBER.fullmatch(e):
+            if numbers and float(numbers[-1]) == float(e):
+                return True
+        elif re.search(rf"\b{re.escape(e)}\b", text):
             return True
     return False
 
@@ -211,7 +217,7 @@ def reject_reason(p: DistillPrompt, answer: str, finished: bool, filters: Filter
         return "refusal"
     if repeated(answer, filters.ngram, filters.max_ngram_repeats):
         return "repetition"
-    if p.expected and not contains_expected(answer, p.expected):
+    if p.expected and not matches_expected(answer, p.expected):
         return "wrong_answer"
     return None
 
@@ -241,9 +247,10 @@ def done_ids(*paths: Path) -> set[str]:
 class Distiller:
     """Answers prompts in left-padded batches with an `Engine` in text mode."""
 
-    def __init__(self, engine: Engine, tokenizer: TextTokenizer, settings: DistillSettings = DistillSettings(),
-                 filters: Filters = Filters()):
-        self.engine, self.tok, self.settings, self.filters = engine, tokenizer, settings, filters
+    def __init__(self, engine: Engine, tokenizer: TextTokenizer, settings: DistillSettings | None = None,
+                 filters: Filters | None = None):
+        self.engine, self.tok = engine, tokenizer
+        self.settings, self.filters = settings or DistillSettings(), filters or Filters()
         sp = tokenizer.special
         self.eos = tuple(i for i in (sp.im_end, sp.endoftext) if i is not None)
         text_cfg = engine.cfg.text_config
@@ -272,6 +279,7 @@ class Distiller:
         return out
 
     def run(self, prompts: list[DistillPrompt], out: str | Path, progress: bool = True) -> DistillReport:
+        """Answer every prompt not yet in OUT's files, append the records batch by batch, write the report."""
         kept_path, rejected_path, report_path = output_paths(out)
         kept_path.parent.mkdir(parents=True, exist_ok=True)
         report = DistillReport(prompts=len(prompts))
@@ -284,34 +292,17 @@ class Distiller:
         todo.sort(key=lambda p: len(encoded[p.id]))  # similar lengths share a batch: less padding
         t0 = time.perf_counter()
         bar = _progress(len(todo), progress)
+        step = max(1, self.settings.batch_size)
         try:
-            with open(kept_path, "a", encoding="utf-8") as kept_f, open(rejected_path, "a", encoding="utf-8") as rej_f:
-                step = max(1, self.settings.batch_size)
+            with open(kept_path, "a", encoding="utf-8") as kept, open(rejected_path, "a", encoding="utf-8") as rejected:
                 for batch_no, start in enumerate(range(0, len(todo), step)):
                     batch = todo[start:start + step]
                     fits = [p.id for p in batch if len(encoded[p.id]) <= budget]
                     answers = dict(zip(fits, self.answer([encoded[i] for i in fits], batch_no))) if fits else {}
                     for p in batch:
-                        text, finished, n_new = answers.get(p.id, ("", False, 0))
-                        reason = "prompt_too_long" if p.id not in answers else reject_reason(p, text, finished,
-                                                                                                self.filters)
-                        rec = {"id": p.id, "family": p.family, "prompt": p.prompt, "answer": text,
-                               "finished": finished, "new_tokens": n_new}
-                        if p.family == TOOL_FAMILY and reason is None:
-                            rec["tool_calls"] = [asdict(c) for c in parse_tool_calls(text).calls]
-                        fam = report.by_family.setdefault(p.family, {"kept": 0, "rejected": 0})
-                        if reason is None:
-                            report.kept += 1
-                            fam["kept"] += 1
-                            kept_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                        else:
-                            report.rejected[reason] += 1
-                            fam["rejected"] += 1
-                            rej_f.write(json.dumps({**rec, "reason": reason}, ensure_ascii=False) + "\n")
-                        report.new_tokens += n_new
-                    report.processed += len(batch)
-                    kept_f.flush()
-                    rej_f.flush()
+                        self._record(p, answers.get(p.id), report, kept, rejected)
+                    kept.flush()
+                    rejected.flush()
                     bar.update(len(batch))
                     bar.set_postfix(kept=report.kept, rejected=sum(report.rejected.values()))
         finally:
@@ -319,6 +310,27 @@ class Distiller:
             report.seconds = time.perf_counter() - t0
             report_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         return report
+
+    def _record(self, p: DistillPrompt, answer: tuple[str, bool, int] | None, report: DistillReport,
+                kept, rejected) -> None:
+        """Judge one answer (None: the prompt did not fit the context), write it to its file, count it."""
+        text, finished, n_new = answer or ("", False, 0)
+        reason = "prompt_too_long" if answer is None else reject_reason(p, text, finished, self.filters)
+        rec = {"id": p.id, "family": p.family, "system": system_for(p, self.settings.system), "prompt": p.prompt,
+               "answer": text, "finished": finished, "new_tokens": n_new}
+        if p.family == TOOL_FAMILY and reason is None:
+            rec["tool_calls"] = [asdict(c) for c in parse_tool_calls(text).calls]
+        family = report.by_family.setdefault(p.family, {"kept": 0, "rejected": 0})
+        if reason is None:
+            report.kept += 1
+            family["kept"] += 1
+            kept.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        else:
+            report.rejected[reason] += 1
+            family["rejected"] += 1
+            rejected.write(json.dumps({**rec, "reason": reason}, ensure_ascii=False) + "\n")
+        report.new_tokens += n_new
+        report.processed += 1
 
 
 def _progress(total: int, enabled: bool):

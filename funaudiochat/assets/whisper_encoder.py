@@ -6,8 +6,9 @@ Name map (CTranslate2 -> `continuous_audio_tower.`; `gamma`/`beta` -> `weight`/`
     L/self_attention/linear_1, .../layer_norm   -> layers.i.self_attn.out_proj, layers.i.self_attn_layer_norm
     L/ffn/linear_0, linear_1, layer_norm        -> layers.i.fc1, fc2, final_layer_norm
     encoder/layer_norm                          -> ln_post
-    encoder/position_encodings/encodings        -> not stored: our encoder computes the same sinusoids in fp32; Whisper's
-                                                   table is their fp16 rounding (<= 5e-4 away, `whisper_position_table`)
+    encoder/position_encodings/encodings        -> not stored: our encoder computes the same sinusoids in fp32;
+                                                   Whisper's table is their fp16 rounding (<= 5e-4 away, see
+                                                   `whisper_position_table`)
 
 Whisper applies its final layer norm to the 50 Hz frames; our encoder pools x2 first (as released), then ln_post.
 `proj` (d_model -> LLM width) and `audio_bos_eos_token` have no Whisper counterpart: they are left to the caller
@@ -134,8 +135,8 @@ def convert_whisper_encoder(out_dir: str | Path | None = None,
     cfg = encoder_config(ct2)
     err = position_table_error(ct2, cfg)
     if err > _POSITION_TOLERANCE:
-        raise CheckpointError(f"{model_dir}: the encoder's position table differs from Whisper's sinusoids by {err:.2e}; "
-                              f"our encoder computes them and cannot load a learned table")
+        raise CheckpointError(f"{model_dir}: the encoder's position table differs from Whisper's sinusoids by "
+                              f"{err:.2e}; our encoder computes them and cannot load a learned table")
     state = encoder_state_dict(ct2, cfg)
     if out_dir is not None:
         out_dir = Path(out_dir)

@@ -8,9 +8,9 @@ and carries a recurrent state [2, 1, 128]; both live in `VadState`, owned by the
   speech_end) with hysteresis: speech starts when the probability reaches `threshold` and stays above
   `threshold - 0.15` for `min_speech_ms`; it ends after `min_silence_ms` below `threshold - 0.15`.
 Times: speech starts where the first window at or above `threshold` starts, and ends where the last such window
-starts. The model's probability trails the audio by about one window when speech stops (dating the end at the
-end of that window put it 65 ms (Piper) / 41 ms (espeak) late on average over 50 sentences each; this way
-every end was within 72 ms, see bench/synth.py).
+starts. The model's probability trails the audio by about one window when speech stops: dating the end at the
+end of that window put it 65 ms (Piper) / 41 ms (espeak) late on average over 50 sentences each; this way the
+mean is about 30 ms and every start and end is within 80 ms (bench/synth.py).
 Other sample rates are resampled to 16 kHz (soxr; a streaming resampler for `StreamingVad`).
 """
 from __future__ import annotations

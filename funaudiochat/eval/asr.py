@@ -5,8 +5,9 @@ It transcribes synthetic or generated speech and scores it against the intended 
 
 Decoding: int8 weights on CPU, beam search of width 5, temperature 0 (no sampling fallback, so results repeat),
 language forced to English (the judge is English-only: the package ships no Mandarin ASR), no timestamps,
-no conditioning on previous windows. Beam 5 costs about the same as
-greedy here (the 30 s encoder pass dominates) and misreads robotic espeak speech less often.
+no conditioning on previous windows. Beam 5 costs about the same as greedy here (the 30 s encoder pass
+dominates) and misreads robotic espeak speech less often: on bench/synth.py's 50 sentences, WER 11.6 % vs 14.5 %
+(espeak) and 1.5 % vs 1.9 % (Piper); float32 gives the same WER, about 1.5x slower.
 """
 from __future__ import annotations
 

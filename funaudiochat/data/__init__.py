@@ -1,1 +1,1 @@
-"""The data factory: synthetic speech (synth.py) and its augmentations (augment.py)."""
+"""The data factory: text distillation (distill.py), synthetic speech (synth.py) and its augmentations (augment.py)."""

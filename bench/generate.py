@@ -1,15 +1,20 @@
 """Time prefill and per-step decode (S2T and S2S) on a random model built from a config.json.
 
-    .venv/bin/python bench/generate.py ../shared/bench/bench_config.json [--threads 2] [--steps 64] [--compile]
+    .venv/bin/python bench/generate.py ../shared/bench/bench_config.json [--threads 2] [--steps 64]
+        [--released-python REF_VENV/bin/python --released-code DIR]
 
 S2S step = one LLM step (text token) + the SRH's 5 speech tokens; S2T step = one LLM step with the SRH off.
-Medians over repeated runs after warm-up; fp32 on CPU by default.
+Medians over repeated runs after warm-up; fp32 on CPU by default. With --released-python/--released-code the
+released generate() is timed on the same config and prompt right after ours (bench/released_generate.py, run in an
+environment with the released code's pins) and the ratios are printed side by side.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,7 +58,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--compile", action="store_true", help="compile the decode step (Engine(compile=True))")
+    ap.add_argument("--released-python", default=None, help="python of an environment with the released pins")
+    ap.add_argument("--released-code", default=None, help="folder holding the released funaudiochat package")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -64,7 +70,7 @@ def main() -> None:
     model.init_weights(0.02)
     model = model.to(dtype).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    engine = Engine(model, compile=args.compile) if args.compile else Engine(model)
+    engine = Engine(model)
     prompt = make_prompt(cfg, args.prompt_len)
     t = cfg.text_config
     # eos/pad ids outside the vocabulary keep random weights from stopping early
@@ -75,12 +81,24 @@ def main() -> None:
     time_run(engine, prompt, s2t, 1)
     pre_s2s, step_s2s, n_s2s = time_run(engine, prompt, s2s, args.repeats)
     pre_s2t, step_s2t, n_s2t = time_run(engine, prompt, s2t, args.repeats)
+    ours = dict(prefill_s_s2s=pre_s2s, step_s_s2s=step_s2s, prefill_s_s2t=pre_s2t, step_s_s2t=step_s2t)
+    released = None
+    if args.released_python and args.released_code:
+        cmd = [args.released_python, str(Path(__file__).with_name("released_generate.py")), str(args.config),
+               "--official", args.released_code, "--threads", str(args.threads), "--steps", str(args.steps),
+               "--prompt-len", str(args.prompt_len), "--repeats", str(args.repeats)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        released = json.loads(out)
     print(f"model: {args.config.name}, {n_params / 1e6:.1f}M parameters, {args.dtype}, {args.device}, "
-          f"{args.threads} threads, torch {torch.__version__}, compile={args.compile}")
-    print(f"prefill ({args.prompt_len} tokens, S2S incl. SRH): {pre_s2s * 1e3:7.2f} ms")
-    print(f"prefill ({args.prompt_len} tokens, S2T):           {pre_s2t * 1e3:7.2f} ms")
-    print(f"S2S step (text + 5 speech tokens):      {step_s2s * 1e3:7.2f} ms   (median of {n_s2s} steps x {args.repeats})")
-    print(f"S2T step (text only):                   {step_s2t * 1e3:7.2f} ms   (median of {n_s2t} steps x {args.repeats})")
+          f"{args.threads} threads, torch {torch.__version__}; medians of {n_s2s} steps x {args.repeats} runs")
+    rows = [("prefill, S2S (SRH on the prompt too)", "prefill_s_s2s"), ("prefill, S2T", "prefill_s_s2t"),
+            ("S2S step (text + 5 speech tokens)", "step_s_s2s"), ("S2T step (text only)", "step_s_s2t")]
+    print(f"{'':40s} {'ours':>9s}" + (f" {'released':>9s} {'ratio':>6s}" if released else ""))
+    for label, key in rows:
+        line = f"{label:40s} {ours[key] * 1e3:7.2f}ms"
+        if released:
+            line += f" {released[key] * 1e3:7.2f}ms {ours[key] / released[key]:6.2f}"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ class DecodeState:
     pos: torch.Tensor             # [B] rope position of the next LLM input
     slot: int                     # next LLM cache slot (shared by all rows)
     prompt_ids: torch.Tensor      # [B, P]
+    padded: bool = False          # some row is left padded (decode then needs key masks)
     tokens: list[torch.Tensor] = field(default_factory=list)  # generated text ids, one [B] per step
     speech: list[list[int]] = field(default_factory=list)      # per row: appended speech ids (groups of k)
     last_token: torch.Tensor | None = None    # [B] input of the next step
@@ -127,6 +128,8 @@ class Engine:
         self.k = model.group_size
         t = self.cfg.text_config
         self.max_seq_len = min(max_seq_len, t.max_position_embeddings)
+        if self.device.type == "cpu":
+            _column_major_weights(model)
         for m in model.modules():
             if isinstance(m, (Attention, MLP)) and m.fused is None:
                 m.fuse()
@@ -135,11 +138,6 @@ class Engine:
         if model.audio_invert_tower is not None:
             srh = model.audio_invert_tower.crq_transformer
             self.srh_rope = RopeTable(srh.inv_freq, self.k * self.max_seq_len, self.dtype)
-        # Output heads for one position are matrix-vector products that read the whole head weight. On CPU,
-        # MKL's x @ W^T is several times slower than x @ W for a contiguous W = W^T copy of vocabulary-sized heads
-        # (bench/generate.py), so the engine keeps such a copy; elsewhere F.linear is used as is.
-        self.text_head = _Head(model.language_model.lm_head.weight)
-        self.speech_head = _Head(model.audio_invert_tower.lm_head.weight) if model.audio_invert_tower else None
 
     @property
     def device(self):
@@ -178,10 +176,10 @@ class Engine:
         key_valid[:, :p] = mask2d.bool()
         mask = attention_mask_4d(key_valid[:, :p], p, p, 0, b, self.device)
         hidden = m.language_model.model(embeds, pos, mask, llm_cache, 0, p, rope=self.rope)
-        text_logits = self.text_head(hidden[:, -1]).float()
+        text_logits = m.language_model.lm_head(hidden[:, -1]).float()
 
         state = DecodeState(llm_cache, None, key_valid, torch.zeros(0), pos[:, -1] + 1, p, ids,
-                            speech=[[] for _ in range(b)])
+                            padded=not bool(mask2d.bool().all()), speech=[[] for _ in range(b)])
         state.last_group = torch.full((b, k), self.cfg.audio_config.pad_token_id, device=self.device)
         state.fuse = torch.zeros(b, dtype=torch.bool, device=self.device)
         state.active = torch.zeros(b, dtype=torch.bool, device=self.device)
@@ -228,12 +226,12 @@ class Engine:
                 q0, q1 = n_fine - k + j, n_fine - k + j + 1
                 z = fine[:, q0:q1] + embed[:, None]
             s0, s1 = start + q0, start + q1
-            if q1 - q0 == 1:  # one new query sees every valid slot so far
-                mask = state.srh_key_valid[:, None, None, :s1]
+            if q1 - q0 == 1:  # one new query sees every valid slot so far (all of them without padding)
+                mask = state.srh_key_valid[:, None, None, :s1] if state.padded else None
             else:
                 mask = attention_mask_4d(state.srh_key_valid[:, :s1], q1 - q0, s1, s0, b, self.device)
             h = srh.decode_hidden(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1, self.srh_rope)
-            logits = self.speech_head(h[:, -1]).float()
+            logits = srh.lm_head(h[:, -1]).float()
             scores = process(logits, gen.sampling, counts)
             tok = choose(scores, gen.sampling, state.generator)
             if counts is not None:
@@ -260,9 +258,9 @@ class Engine:
             x = torch.where(state.fuse[:, None, None], (text_embed + group_feat) / 2, text_embed)
         slot = state.slot
         state.key_valid[:, slot] = True
-        mask = state.key_valid[:, None, None, : slot + 1]
+        mask = state.key_valid[:, None, None, : slot + 1] if state.padded else None
         hidden = m.language_model.model(x, state.pos[:, None], mask, state.llm_cache, slot, slot + 1, rope=self.rope)
-        text_logits = self.text_head(hidden[:, -1]).float()
+        text_logits = m.language_model.lm_head(hidden[:, -1]).float()
         group = None
         if state.srh_cache is not None:
             state.srh_key_valid[:, k * slot: k * slot + k] = True
@@ -367,18 +365,15 @@ class Engine:
                                 state.timings["prefill_s"], time.perf_counter() - t0)
 
 
-class _Head:
-    """logits = x @ W^T for x [B, D], W [V, D]; on CPU through a contiguous W^T copy (see Engine.__init__)."""
+def _column_major_weights(model: torch.nn.Module) -> None:
+    """Store every Linear weight [out, in] column-major (its transpose contiguous), in place, ties kept.
 
-    MAX_COPY_BYTES = 256 << 20
-
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight
-        small = weight.numel() * weight.element_size() <= self.MAX_COPY_BYTES
-        self.weight_t = weight.detach().t().contiguous() if weight.device.type == "cpu" and small else None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight_t if self.weight_t is not None else torch.nn.functional.linear(x, self.weight)
+    Decoding multiplies one row vector by every weight; MKL's x @ W^T for a row-major W runs about 3x slower on
+    CPU than the same product on a column-major W (bench/generate.py), and larger batches (prefill) do not care.
+    """
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.stride(0) != 1:
+            m.weight.data = m.weight.data.t().contiguous().t()
 
 
 @dataclass

@@ -18,6 +18,14 @@ from funaudiochat.config import BackboneConfig
 from funaudiochat.errors import CacheOverflowError
 
 
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dim, computed in fp32 and returned in x's dtype (as HF)."""
+    if x.dtype == torch.float32:  # one call; same math as below
+        return F.rms_norm(x, (x.shape[-1],), None, eps)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -25,12 +33,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op; same math as below
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        dtype = x.dtype  # normalise in fp32, scale in the input dtype (as HF Qwen3/Llama)
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * rms_normalize(x, self.eps)
 
 
 def rope_inv_freq(cfg: BackboneConfig, device=None) -> torch.Tensor:
@@ -54,10 +57,14 @@ def rope_inv_freq(cfg: BackboneConfig, device=None) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """positions [B, T] -> cos, sin [B, 1, T, D] (halves concatenated, as in HF `rotate_half` models)."""
+    """positions [B, T] -> cos, signed sin [B, 1, T, D] for `apply_rope`.
+
+    Halves concatenated as in HF `rotate_half` models; the first half of sin is negated so that
+    rotate_half(x) * sin == roll(x, D/2) * signed_sin (one roll instead of chunk + neg + cat)."""
     freqs = positions[..., None].float() * inv_freq.float()  # [B, T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    sin = freqs.sin()
+    cos = torch.cat((freqs, freqs), dim=-1).cos()
+    return cos.to(dtype)[:, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, None]
 
 
 class RopeTable:
@@ -71,9 +78,9 @@ class RopeTable:
         return self.cos[positions][:, None], self.sin[positions][:, None]  # [B, 1, T, D]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, x [B, H, T, D], with the signed sin of `rope_cos_sin`."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 @dataclass
@@ -104,8 +111,12 @@ class KVCache:
 
 def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate the weights (and biases) of linears sharing an input into one tensor, and make each linear's
-    parameters views into it: one matmul instead of several, no extra memory, state_dict unchanged (inference)."""
+    parameters views into it: one matmul instead of several, no extra memory, state_dict unchanged (inference).
+    The fused weight keeps the memory layout of the first weight (see `Engine`: column-major on CPU)."""
+    column_major = linears[0].weight.stride(0) == 1 and linears[0].weight.shape[1] > 1
     weight = torch.cat([lin.weight.detach() for lin in linears])
+    if column_major:
+        weight = weight.t().contiguous().t()
     has_bias = [lin.bias is not None for lin in linears]
     bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None
     row = 0
@@ -131,24 +142,38 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.fused = None  # (weight, bias) of q|k|v after `fuse()`
+        self.qk_norm_weight = None  # [H + Hkv, D]: q_norm / k_norm weights per head, after `fuse()`
+        self.eps = cfg.rms_norm_eps
 
     def fuse(self) -> None:
+        """Inference: one q|k|v matmul, and q and k normalised and rotated together."""
         self.fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if hasattr(self, "q_norm"):
+            self.qk_norm_weight = torch.cat([self.q_norm.weight.detach().expand(self.n_heads, -1),
+                                             self.k_norm.weight.detach().expand(self.n_kv, -1)])
+
+    def _qkv(self, x, cos, sin):
+        """x [B, T, C] -> q [B, H, T, D], k and v [B, Hkv, T, D], normalised (Qwen3) and rotated."""
+        b, t, _ = x.shape
+        h, hkv, d = self.n_heads, self.n_kv, self.head_dim
+        if self.fused is not None:
+            qk, v = F.linear(x, *self.fused).split([(h + hkv) * d, hkv * d], dim=-1)
+            qk = qk.view(b, t, h + hkv, d)
+            if self.qk_norm_weight is not None:
+                qk = self.qk_norm_weight * rms_normalize(qk, self.eps)
+            q, k = apply_rope(qk.transpose(1, 2), cos, sin).split([h, hkv], dim=1)
+        else:
+            q = self.q_proj(x).view(b, t, h, d)
+            k = self.k_proj(x).view(b, t, hkv, d)
+            v = self.v_proj(x)
+            if hasattr(self, "q_norm"):
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+        return q, k, v.view(b, t, hkv, d).transpose(1, 2)
 
     def forward(self, x, cos, sin, mask, cache: LayerCache | None = None):
         b, t, _ = x.shape
-        hq, hkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        if self.fused is not None:
-            q, k, v = F.linear(x, *self.fused).split([hq, hkv, hkv], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, t, self.n_heads, self.head_dim)
-        k = k.view(b, t, self.n_kv, self.head_dim)
-        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
-        k = apply_rope(k.transpose(1, 2), cos, sin)
+        q, k, v = self._qkv(x, cos, sin)
         if cache is not None:
             cache.k[:, :, cache.start:cache.start + t] = k
             cache.v[:, :, cache.start:cache.start + t] = v

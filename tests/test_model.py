@@ -1,6 +1,7 @@
 """Model parts against independent oracles (transformers' own Qwen3 / Qwen3-MoE / Llama) and invariants."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,14 +118,41 @@ def test_training_forward_after_generation_still_works():
     assert torch.allclose(before, after, atol=1e-6)
 
 
+OWN_GOLDENS = Path(__file__).parent / "golden"  # official-code outputs for MoE / Llama backbones (see README.txt)
+ALL_CASES = ("train_fwd", "train_fwd_posids", "train_fwd_packed", "gen", "gen_rep", "gen_s2t", "gen_single_b",
+             "gen_batch2")
+
+
+def _cases_pass(directory):
+    from funaudiochat.check.model import run
+
+    results = run(directory)
+    bad = [r.line() for r in results if not r.ok]
+    assert not bad, "\n".join(bad)
+    return {r.case.split(" ")[0] for r in results}
+
+
 @pytest.mark.parametrize("name", ["tiny-dense", "tiny-dense-add"])
-def test_check_reference_cli_passes_on_goldens(shared_dir, name):
-    run = subprocess.run([sys.executable, "-m", "funaudiochat.cli", "check-reference", str(shared_dir / "golden" / name)],
+def test_shared_goldens_pass(shared_dir, name):
+    assert _cases_pass(shared_dir / "golden" / name) == set(ALL_CASES)
+
+
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-moe-sparse", "tiny-llama"])
+def test_moe_and_llama_goldens_pass(name):
+    cases = _cases_pass(OWN_GOLDENS / name)
+    assert {"train_fwd", "gen", "gen_s2t"} <= cases
+    if name == "tiny-moe":
+        assert "train_fwd_router_aux" in cases
+
+
+def test_check_reference_cli_exit_codes(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "funaudiochat.cli", "check-reference", str(OWN_GOLDENS / "tiny-llama")],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
-    for case in ("train_fwd", "train_fwd_posids", "train_fwd_packed", "gen", "gen_rep", "gen_s2t", "gen_single_b",
-                 "gen_batch2"):
-        assert f"ok   {case}" in run.stdout
+    assert "ok   train_fwd:" in run.stdout and "all cases pass" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "funaudiochat.cli", "check-reference", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and "no golden reference directory" in run.stderr
 
 
 def test_check_reference_fails_on_a_perturbed_model(shared_dir, tmp_path):

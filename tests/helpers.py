@@ -145,3 +145,61 @@ def synthetic_pairs(folder, n: int = 8, seed: int = 0) -> Path:
     path = folder / "pairs.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# ---------------------------------------------------------------- a tiny CosyVoice3 detokenizer folder
+TINY_COSYVOICE_YAML = """
+__set_seed1: !apply:random.seed [1986]
+chunk_size: 15
+token_mel_ratio: 2
+flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithDiT
+    pre_lookahead_layer: !new:cosyvoice.transformer.upsample_encoder.PreLookaheadLayer
+        channels: 32
+    decoder: !new:cosyvoice.flow.flow_matching.CausalConditionalCFM
+        estimator: !new:cosyvoice.flow.DiT.dit.DiT
+            dim: 64
+            depth: 2
+            heads: 4
+            dim_head: 16
+            static_chunk_size: !ref <chunk_size> * <token_mel_ratio>
+hift: !new:cosyvoice.hifigan.generator.CausalHiFTGenerator
+    base_channels: 16
+    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.CausalConvRNNF0Predictor
+        cond_channels: 16
+"""
+
+
+def tiny_detokenizer_modules(seed=0):
+    """Random tiny flow + HiFT with the released noise recipe; f0 near the voicing threshold."""
+    import torch
+
+    from funaudiochat.speech.cosyvoice_config import tiny
+    from funaudiochat.speech.flow import TokenToMelFlow
+    from funaudiochat.speech.vocoder import HiFTVocoder, released_source_rng
+
+    cfg = tiny()
+    torch.manual_seed(seed)
+    flow = TokenToMelFlow(cfg.flow).eval()
+    hift = HiFTVocoder(cfg.hift, rng=released_source_rng(cfg)).eval()
+    with torch.no_grad():
+        hift.f0_predictor.classifier.weight.mul_(150)
+        hift.f0_predictor.classifier.bias.fill_(12)
+    return flow, hift
+
+
+
+def write_tiny_detokenizer(path) -> Path:
+    """flow.pt, hift.pt, spk2info.pt and cosyvoice3.yaml of tiny random modules, in the released formats."""
+    import torch
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    flow, hift = tiny_detokenizer_modules()
+    torch.save(flow.state_dict(), path / "flow.pt")
+    torch.save(hift.state_dict(), path / "hift.pt")
+    g = torch.Generator().manual_seed(5)
+    torch.save({"中文女": {"embedding": torch.randn(1, 192, generator=g), "speech_token": torch.zeros(1, 5).long(),
+                           "speech_feat": torch.zeros(1, 8, 80)},
+                "中文男": {"embedding": torch.randn(1, 192, generator=g)}}, path / "spk2info.pt")
+    (path / "cosyvoice3.yaml").write_text(TINY_COSYVOICE_YAML)
+    return path

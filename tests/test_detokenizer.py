@@ -11,32 +11,10 @@ import torch
 from funaudiochat.check import cosyvoice as check_cosyvoice
 from funaudiochat.errors import CheckpointError, InputError, SessionClosedError
 from funaudiochat.speech import detokenizer as detok_module
-from funaudiochat.speech.cosyvoice_config import tiny
 from funaudiochat.speech.detokenizer import Detokenizer, segment
-from funaudiochat.speech.flow import TokenToMelFlow
 from funaudiochat.speech.speaker import kaldi_fbank
-from funaudiochat.speech.vocoder import HiFTVocoder, released_source_rng
-
-TINY_YAML = """
-__set_seed1: !apply:random.seed [1986]
-chunk_size: 15
-token_mel_ratio: 2
-flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithDiT
-    pre_lookahead_layer: !new:cosyvoice.transformer.upsample_encoder.PreLookaheadLayer
-        channels: 32
-    decoder: !new:cosyvoice.flow.flow_matching.CausalConditionalCFM
-        estimator: !new:cosyvoice.flow.DiT.dit.DiT
-            dim: 64
-            depth: 2
-            heads: 4
-            dim_head: 16
-            static_chunk_size: !ref <chunk_size> * <token_mel_ratio>
-hift: !new:cosyvoice.hifigan.generator.CausalHiFTGenerator
-    base_channels: 16
-    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.CausalConvRNNF0Predictor
-        cond_channels: 16
-"""
-
+from tests.helpers import tiny_detokenizer_modules as tiny_modules
+from tests.helpers import TINY_COSYVOICE_YAML, write_tiny_detokenizer
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -46,31 +24,10 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def tiny_modules(seed=0):
-    """Random tiny flow + HiFT with the released noise recipe; f0 near the voicing threshold."""
-    cfg = tiny()
-    torch.manual_seed(seed)
-    flow = TokenToMelFlow(cfg.flow).eval()
-    hift = HiFTVocoder(cfg.hift, rng=released_source_rng(cfg)).eval()
-    with torch.no_grad():
-        hift.f0_predictor.classifier.weight.mul_(150)
-        hift.f0_predictor.classifier.bias.fill_(12)
-    return flow, hift
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A detokenizer folder written in the released formats from tiny random modules."""
-    path = tmp_path_factory.mktemp("cosyvoice_tiny")
-    flow, hift = tiny_modules()
-    torch.save(flow.state_dict(), path / "flow.pt")
-    torch.save(hift.state_dict(), path / "hift.pt")
-    g = torch.Generator().manual_seed(5)
-    torch.save({"中文女": {"embedding": torch.randn(1, 192, generator=g), "speech_token": torch.zeros(1, 5).long(),
-                           "speech_feat": torch.zeros(1, 8, 80)},
-                "中文男": {"embedding": torch.randn(1, 192, generator=g)}}, path / "spk2info.pt")
-    (path / "cosyvoice3.yaml").write_text(TINY_YAML)
-    return path
+    return write_tiny_detokenizer(tmp_path_factory.mktemp("cosyvoice_tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +145,7 @@ def test_bad_inputs(detok, caplog):
 
 
 def test_missing_or_wrong_files(model_dir, tmp_path):
-    (tmp_path / "cosyvoice3.yaml").write_text(TINY_YAML)
+    (tmp_path / "cosyvoice3.yaml").write_text(TINY_COSYVOICE_YAML)
     with pytest.raises(CheckpointError, match="flow.pt"):
         Detokenizer.from_dir(tmp_path)
     (tmp_path / "flow.pt").write_bytes((model_dir / "flow.pt").read_bytes())

@@ -18,7 +18,7 @@ from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
 from funaudiochat.text.chat import user_content
 from funaudiochat.text.tools import parse_tool_calls, tools_system_prompt
-from tests.helpers import make_tiny_tokenizer, words, write_wav
+from tests.helpers import make_tiny_tokenizer, words, write_tiny_detokenizer, write_wav
 
 GREEDY = dict(eos_token_id=502, pad_token_id=500, text_greedy=True)
 
@@ -192,5 +192,14 @@ def test_infer_cli_end_to_end(tmp_path):
     run = subprocess.run(base + ["--tools", str(tools), "--out", str(tmp_path / "fc")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert set(json.loads((tmp_path / "fc/tool_calls.json").read_text())) == {"calls", "errors"}
+    detok = write_tiny_detokenizer(tmp_path / "cosyvoice")
+    run = subprocess.run(base + ["--detokenizer", str(detok), "--out", str(tmp_path / "wav")], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    import soundfile as sf
+
+    audio, rate = sf.read(str(tmp_path / "wav/answer.wav"))
+    codes = json.loads((tmp_path / "wav/speech_tokens.json").read_text())
+    assert rate == 24000 and len(audio) == 960 * len(codes)  # 960 samples (40 ms at 24 kHz) per speech token
     run = subprocess.run(base[:-4] + ["--audio", str(tmp_path / "missing.wav")], capture_output=True, text=True)
     assert run.returncode == 1 and "no such file" in run.stderr and "Traceback" not in run.stderr

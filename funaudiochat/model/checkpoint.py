@@ -135,13 +135,13 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
     if not speech_head:
         state = {k: v for k, v in state.items() if not k.startswith("audio_invert_tower.")}
     load_state_dict_checked(model, state, str(directory))
-    _materialize_buffers(model)
+    materialize_buffers(model)
     dt = resolve_dtype(dtype)
     model = model.to(device=device, dtype=dt) if dt is not None else model.to(device)
     return model.eval()
 
 
-def _materialize_buffers(model: FunAudioChatModel) -> None:
+def materialize_buffers(model: FunAudioChatModel) -> None:
     """Recompute non-persistent buffers that were created on the meta device."""
     from funaudiochat.model.backbone import Backbone, rope_inv_freq
     from funaudiochat.model.encoder import AudioEncoder, sinusoids

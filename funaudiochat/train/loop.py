@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from funaudiochat.config import FunAudioChatConfig
 from funaudiochat.errors import CheckpointError, ConfigError
 from funaudiochat.model import presets
-from funaudiochat.model.checkpoint import _materialize_buffers, load_model
+from funaudiochat.model.checkpoint import load_model, materialize_buffers
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.text.tokenizer import TextTokenizer
 from funaudiochat.train import checkpoint as ckpt
@@ -147,7 +147,7 @@ class Trainer:
         if fsdp:
             parallel.shard_fsdp(model, info)
             model.to_empty(device=info.device)
-            _materialize_buffers(model)
+            materialize_buffers(model)
             _buffers_to(model, info.device)
             parallel.load_model_state(model, full.state_dict() if full is not None else {}, info)
         else:

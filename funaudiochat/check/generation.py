@@ -6,7 +6,6 @@ by row.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from funaudiochat.engine.events import AudioChunk, TextDelta, TurnEnd, stream_turn
+from funaudiochat.engine.events import TextDelta, TurnEnd, stream_turn
 from funaudiochat.engine.loading import add_runtime_arguments, add_sampling_arguments, load_runtime, sampling_overrides
 from funaudiochat.engine.presets import default_system, generation_preset
 from funaudiochat.engine.prompt import build_prompt

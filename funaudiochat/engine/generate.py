@@ -249,7 +249,7 @@ class Engine:
     @torch.no_grad()
     def forward_step(self, state: DecodeState, gen: GenerationConfig, tracer: Tracer | None = None):
         """Feed `state.last_token` (fused with the last speech group where `state.fuse`) -> text logits, SRH group."""
-        m, k, b = self.model, self.k, state.batch
+        m, k = self.model, self.k
         tok = state.last_token
         text_embed = m.language_model.embed(tok)[:, None]  # [B, 1, D]
         x = text_embed

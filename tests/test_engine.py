@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from funaudiochat.engine.events import SpeechGroup, TextDelta, TurnEnd, stream_turn
-from funaudiochat.engine.generate import Engine, GenerationConfig
+from funaudiochat.engine.generate import Engine, GenerationConfig, Tracer
 from funaudiochat.engine.prompt import Prompt, build_prompt, stack_prompts
 from funaudiochat.engine.session import ChatSession
 from funaudiochat.errors import ConfigError, ContextLengthError, InputError
@@ -203,3 +203,22 @@ def test_infer_cli_end_to_end(tmp_path):
     assert rate == 24000 and len(audio) == 960 * len(codes)  # 960 samples (40 ms at 24 kHz) per speech token
     run = subprocess.run(base[:-4] + ["--audio", str(tmp_path / "missing.wav")], capture_output=True, text=True)
     assert run.returncode == 1 and "no such file" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_several_audios_in_one_prompt(tmp_path):
+    tok = make_tiny_tokenizer(tmp_path)
+    model = _model()
+    rng = np.random.default_rng(3)
+    wavs = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (16000, 9000)]  # 25 and 14 speech tokens
+    msgs = [{"role": "user", "content": user_content(2, words([90]))}]
+    prompt = build_prompt(tok, model.cfg, msgs, wavs)
+    assert int((prompt.input_ids == 505).sum()) == 5 + 3  # ceil(25 / 5) + ceil(14 / 5) placeholders
+    assert prompt.speech_attention_mask.sum(-1).tolist() == [25, 14] and prompt.input_features.shape[0] == 2
+    engine, gen = Engine(model), GenerationConfig(max_new_tokens=3, force_text_abos=True, **GREEDY)
+    first, second = Tracer(), Tracer()
+    out = engine.generate(prompt, gen, first)
+    # changing only the second audio changes the first logits: every audio reaches the model
+    other = build_prompt(tok, model.cfg, msgs, [wavs[0], wavs[1][::-1].copy()])
+    engine.generate(other, gen, second)
+    assert out.new_text_ids.shape == (1, 3)
+    assert not torch.allclose(first.text_logits[0], second.text_logits[0])

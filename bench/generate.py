@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true", help="Engine(compile=True): compiled decode step")
     ap.add_argument("--released-python", default=None, help="python of an environment with the released pins")
     ap.add_argument("--released-code", default=None, help="folder holding the released funaudiochat package")
     args = ap.parse_args()
@@ -69,7 +70,7 @@ def main() -> None:
     model.init_weights(0.02)
     model = model.to(dtype).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    engine = Engine(model)
+    engine = Engine(model, compile=args.compile)
     prompt = make_prompt(cfg, args.prompt_len)
     t = cfg.text_config
     # eos/pad ids outside the vocabulary keep random weights from stopping early
@@ -89,7 +90,7 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         released = json.loads(out)
     print(f"model: {args.config.name}, {n_params / 1e6:.1f}M parameters, {args.dtype}, {args.device}, "
-          f"{args.threads} threads, torch {torch.__version__}; medians of {n_s2s} steps x {args.repeats} runs")
+          f"{args.threads} threads, torch {torch.__version__}, compile={args.compile}; medians of {n_s2s} steps x {args.repeats} runs")
     rows = [("prefill, S2S (SRH on the prompt too)", "prefill_s_s2s"), ("prefill, S2T", "prefill_s_s2t"),
             ("S2S step (text + 5 speech tokens)", "step_s_s2s"), ("S2T step (text only)", "step_s_s2t")]
     print(f"{'':40s} {'ours':>9s}" + (f" {'released':>9s} {'ratio':>6s}" if released else ""))

@@ -222,3 +222,26 @@ def test_several_audios_in_one_prompt(tmp_path):
     engine.generate(other, gen, second)
     assert out.new_text_ids.shape == (1, 3)
     assert not torch.allclose(first.text_logits[0], second.text_logits[0])
+
+
+def test_compiled_decode_reproduces_the_goldens(shared_dir):
+    """Engine(compile=True) (static-shape graphs, CPU freezing + C++ wrapper) equals the released code's outputs."""
+    import json as _json
+
+    from safetensors.torch import load_file
+
+    from funaudiochat.check.generation import generation_config
+    from funaudiochat.model.checkpoint import load_model
+
+    golden = shared_dir / "golden/tiny-dense"
+    engine = Engine(load_model(golden / "model"), compile=True)
+    records = _json.loads((golden / "golden.json").read_text())
+    for case in ("gen", "gen_rep"):
+        tracer = Tracer()
+        out = engine.generate(Prompt.from_tensors(load_file(str(golden / case / "inputs.safetensors"))),
+                              generation_config(records, case), tracer)
+        ref = load_file(str(golden / case / "outputs.safetensors"))
+        assert out.new_text_ids.tolist() == ref["new_text_ids"].tolist()
+        assert out.speech_ids[0] == ref["speech_ids"][0].tolist()
+        logits = torch.stack(tracer.srh_logits)[:, 0]
+        assert (logits - ref["crq_call_logits"][:, 0]).abs().max() <= 1e-4 * ref["crq_call_logits"].abs().max()

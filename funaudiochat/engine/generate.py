@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from funaudiochat.engine.compiled import CACHE_BUCKET, CompiledDecoder
 from funaudiochat.engine.prompt import Prompt
 from funaudiochat.engine.sampling import SamplingParams, choose, process
 from funaudiochat.errors import ConfigError, ContextLengthError
@@ -122,7 +123,7 @@ class Engine:
     create the engine after the model is on its final device and dtype, and do not train that model afterwards.
     """
 
-    def __init__(self, model: FunAudioChatModel, max_seq_len: int = 4096):
+    def __init__(self, model: FunAudioChatModel, max_seq_len: int = 4096, compile: bool = False):
         self.model = model.eval()
         self.cfg = model.cfg
         self.k = model.group_size
@@ -138,6 +139,7 @@ class Engine:
         if model.audio_invert_tower is not None:
             srh = model.audio_invert_tower.crq_transformer
             self.srh_rope = RopeTable(srh.inv_freq, self.k * self.max_seq_len, self.dtype)
+        self.compiled = CompiledDecoder(model, self.rope, self.srh_rope) if compile else None
 
     @property
     def device(self):
@@ -171,6 +173,8 @@ class Engine:
         if tracer is not None:
             tracer.prefill_embeds = embeds
         pos = (mask2d.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
+        if self.compiled is not None:  # compiled graphs are specialised on the cache size: round it up
+            total = min(-(-total // CACHE_BUCKET) * CACHE_BUCKET, self.max_seq_len)
         llm_cache = KVCache(t_cfg, b, total, self.dtype, self.device)
         key_valid = torch.zeros(b, total, dtype=torch.bool, device=self.device)
         key_valid[:, :p] = mask2d.bool()
@@ -226,12 +230,17 @@ class Engine:
                 q0, q1 = n_fine - k + j, n_fine - k + j + 1
                 z = fine[:, q0:q1] + embed[:, None]
             s0, s1 = start + q0, start + q1
-            if q1 - q0 == 1:  # one new query sees every valid slot so far (all of them without padding)
-                mask = state.srh_key_valid[:, None, None, :s1] if state.padded else None
+            if q1 - q0 == 1 and self.compiled is not None:
+                c = state.srh_cache
+                logits = self.compiled.srh(z, fine_pos[:, q0:q1], c.k, c.v, torch.tensor([s0], device=self.device),
+                                           state.srh_key_valid)
             else:
-                mask = attention_mask_4d(state.srh_key_valid[:, :s1], q1 - q0, s1, s0, b, self.device)
-            h = srh.decode_hidden(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1, self.srh_rope)
-            logits = srh.lm_head(h[:, -1]).float()
+                if q1 - q0 == 1:  # one new query sees every valid slot so far (all of them without padding)
+                    mask = state.srh_key_valid[:, None, None, :s1] if state.padded else None
+                else:
+                    mask = attention_mask_4d(state.srh_key_valid[:, :s1], q1 - q0, s1, s0, b, self.device)
+                h = srh.decode_hidden(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1, self.srh_rope)
+                logits = srh.lm_head(h[:, -1]).float()
             scores = process(logits, gen.sampling, counts)
             tok = choose(scores, gen.sampling, state.generator)
             if counts is not None:
@@ -258,9 +267,14 @@ class Engine:
             x = torch.where(state.fuse[:, None, None], (text_embed + group_feat) / 2, text_embed)
         slot = state.slot
         state.key_valid[:, slot] = True
-        mask = state.key_valid[:, None, None, : slot + 1] if state.padded else None
-        hidden = m.language_model.model(x, state.pos[:, None], mask, state.llm_cache, slot, slot + 1, rope=self.rope)
-        text_logits = m.language_model.lm_head(hidden[:, -1]).float()
+        if self.compiled is not None:
+            c = state.llm_cache
+            hidden, text_logits = self.compiled.llm(x, state.pos[:, None], c.k, c.v,
+                                                    torch.tensor([slot], device=self.device), state.key_valid)
+        else:
+            mask = state.key_valid[:, None, None, : slot + 1] if state.padded else None
+            hidden = m.language_model.model(x, state.pos[:, None], mask, state.llm_cache, slot, slot + 1, rope=self.rope)
+            text_logits = m.language_model.lm_head(hidden[:, -1]).float()
         group = None
         if state.srh_cache is not None:
             state.srh_key_valid[:, k * slot: k * slot + k] = True

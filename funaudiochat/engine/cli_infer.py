@@ -56,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
         system = tools_system_prompt(tools)
 
     rt = load_runtime(args.model, args.dtype, args.device, speech=mode == "s2s", detokenizer_dir=args.detokenizer,
-                      speaker=args.speaker, max_seq_len=args.max_seq_len)
+                      speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile)
     gen = generation_preset(mode, rt.tokenizer, **sampling_overrides(args))
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user_content(len(audios), text)}]
     prompt = build_prompt(rt.tokenizer, rt.engine.cfg, messages, audios)

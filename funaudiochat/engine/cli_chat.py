@@ -33,8 +33,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rt = load_runtime(args.model, args.dtype, args.device, speech=args.mode == "s2s",
-                      detokenizer_dir=args.detokenizer, speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile)
+    rt = load_runtime(args.model, args.dtype, args.device, speech=args.mode == "s2s", detokenizer_dir=args.detokenizer,
+                      speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile)
     gen = generation_preset(args.mode, rt.tokenizer, **sampling_overrides(args))
     system = SYSTEM_PRESETS.get(args.system, args.system) if args.system else default_system(args.mode)
     session = ChatSession(rt.engine, rt.tokenizer, gen, system, args.max_turns, rt.detokenizer)

@@ -36,3 +36,23 @@ def shared_dir() -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: extra threads only add overhead (and noise to timing-free but thread-sensitive sums)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def mini_dir(tmp_path_factory):
+    """`funaudiochat assets smollm2 DIR` (SmolLM2 + Whisper tiny.en from pip packages), converted once per session."""
+    from funaudiochat.cli import main as cli_main
+
+    root = tmp_path_factory.getbasetemp() / "smollm2-mini"
+    if not (root / "model.safetensors").exists():
+        assert cli_main(["assets", "smollm2", str(root)]) == 0
+    return root

@@ -13,7 +13,6 @@ from safetensors import safe_open
 from funaudiochat.assets.gguf_file import read_gguf
 from funaudiochat.assets.mini import NEW_PARTS, init_new_parts
 from funaudiochat.assets.smollm2 import smollm2_gguf_path, unpermute_rope_rows
-from funaudiochat.cli import main as cli_main
 from funaudiochat.engine.generate import Engine, GenerationConfig
 from funaudiochat.engine.prompt import Prompt, stack_prompts
 from funaudiochat.errors import CheckpointError
@@ -27,15 +26,6 @@ from funaudiochat.text.tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, AUDIO_PAD, 
 BASE_VOCAB = 49152
 PROMPTS = ["What is the capital of Italy?", "Write a haiku about the sea.", "How do I boil an egg?",
            "Tell me a joke.", "Explain gravity in one sentence to a child who loves football."]
-
-
-@pytest.fixture(scope="module")
-def mini_dir(tmp_path_factory):
-    """`funaudiochat assets smollm2 DIR`, run once per session."""
-    root = tmp_path_factory.getbasetemp() / "smollm2-mini"
-    if not (root / "model.safetensors").exists():
-        assert cli_main(["assets", "smollm2", str(root)]) == 0
-    return root
 
 
 @pytest.fixture(scope="module")

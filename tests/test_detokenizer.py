@@ -16,12 +16,7 @@ from funaudiochat.speech.speaker import kaldi_fbank
 from tests.helpers import tiny_detokenizer_modules as tiny_modules
 from tests.helpers import TINY_COSYVOICE_YAML, write_tiny_detokenizer
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,6 @@ from funaudiochat.errors import InputError
 FAMILIES = {"facts", "arithmetic", "definitions", "howto", "chitchat", "tools", "style", "emotional"}
 
 
-@pytest.fixture(scope="module")
-def mini_dir(tmp_path_factory):
-    """The converted SmolLM2 checkpoint, shared with test_assets_smollm2.py within a session."""
-    root = tmp_path_factory.getbasetemp() / "smollm2-mini"
-    if not (root / "model.safetensors").exists():
-        assert cli_main(["assets", "smollm2", str(root)]) == 0
-    return root
-
-
 def ask(prompt="What is 6 times 7?", family="custom", expected=()):
     return DistillPrompt("x", prompt, family, tuple(expected))
 

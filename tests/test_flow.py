@@ -11,12 +11,7 @@ from funaudiochat.speech.dit import apply_rotary, chunk_mask
 from funaudiochat.speech.flow import TokenToMelFlow, released_flow_noise
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flow(seed=0) -> TokenToMelFlow:

@@ -11,12 +11,7 @@ from funaudiochat.speech.detokenizer import load_hift_state
 from funaudiochat.speech.vocoder import HiFTVocoder, released_source_rng
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs: threads only add overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hift(seed=0) -> HiFTVocoder:

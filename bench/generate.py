@@ -90,7 +90,8 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         released = json.loads(out)
     print(f"model: {args.config.name}, {n_params / 1e6:.1f}M parameters, {args.dtype}, {args.device}, "
-          f"{args.threads} threads, torch {torch.__version__}, compile={args.compile}; medians of {n_s2s} steps x {args.repeats} runs")
+          f"{args.threads} threads, torch {torch.__version__}, compile={args.compile}; "
+          f"medians of {n_s2s} steps x {args.repeats} runs")
     rows = [("prefill, S2S (SRH on the prompt too)", "prefill_s_s2s"), ("prefill, S2T", "prefill_s_s2t"),
             ("S2S step (text + 5 speech tokens)", "step_s_s2s"), ("S2T step (text only)", "step_s_s2t")]
     print(f"{'':40s} {'ours':>9s}" + (f" {'released':>9s} {'ratio':>6s}" if released else ""))

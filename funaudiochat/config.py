@@ -272,7 +272,8 @@ class FunAudioChatConfig:
             raise ConfigError(f"config.model_type: expected 'funaudiochat', got {mt!r}")
         for key in ("text_config", "audio_config"):
             if key not in data:
-                raise ConfigError(f"config.{key}: missing (a Fun-Audio-Chat config.json has text_config and audio_config)")
+                raise ConfigError(f"config.{key}: missing (a Fun-Audio-Chat config.json has text_config and "
+                                  f"audio_config)")
         text = BackboneConfig.from_dict(data.pop("text_config"), "text_config")
         audio = AudioConfig.from_dict(data.pop("audio_config"), "audio_config")
         audio_token_index = data.pop("audio_token_index", data.pop("audio_token_id", 151669))

@@ -60,7 +60,8 @@ def _row_checks(result: CaseResult, ref: dict, tracer: Tracer, gen_out, row: int
             same_inf = torch.isinf(ours) == torch.isinf(refv)
             ours, refv = ours.masked_fill(~torch.isfinite(ours), 0), refv.masked_fill(~torch.isfinite(refv), 0)
             if not bool(same_inf.all()):
-                result.checks.append(compare(f"{label}{name} (-inf pattern)", same_inf.long(), torch.ones_like(same_inf).long()))
+                result.checks.append(compare(f"{label}{name} (-inf pattern)", same_inf.long(),
+                                             torch.ones_like(same_inf).long()))
         result.checks.append(compare(f"{label}{name}", ours, refv, TOL))
 
 

@@ -78,7 +78,8 @@ def main(args: argparse.Namespace) -> int:
     if args.tools:
         parsed = parse_tool_calls(end.text)
         calls = [{"name": c.name, "arguments": c.arguments} for c in parsed.calls]
-        (args.out / "tool_calls.json").write_text(json.dumps({"calls": calls, "errors": parsed.errors}, indent=2) + "\n")
+        report = {"calls": calls, "errors": parsed.errors}
+        (args.out / "tool_calls.json").write_text(json.dumps(report, indent=2) + "\n")
         for c in calls:
             print("tool call:", json.dumps(c, ensure_ascii=False))
         for e in parsed.errors:

@@ -118,7 +118,8 @@ def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer
         if cancel is not None and cancel.is_set():
             reason = "cancelled"
             break
-    if reason != "cancelled" and len(state.tokens) >= gen.max_new_tokens and int(state.tokens[-1][0]) not in gen.eos_ids:
+    hit_limit = len(state.tokens) >= gen.max_new_tokens and int(state.tokens[-1][0]) not in gen.eos_ids
+    if reason != "cancelled" and hit_limit:
         reason = "length"
     if detokenizer is not None and codes:
         tail = detokenizer.finalize()

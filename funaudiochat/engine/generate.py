@@ -159,9 +159,9 @@ class Engine:
         mask2d = (prompt.attention_mask if prompt.attention_mask is not None else torch.ones_like(ids)).to(self.device)
         total = p + gen.max_new_tokens
         if total > self.max_seq_len:
-            raise ContextLengthError(f"prompt of {p} tokens + max_new_tokens {gen.max_new_tokens} = {total} exceeds the "
-                                     f"context of {self.max_seq_len} tokens; shorten the prompt or history, or lower "
-                                     f"max_new_tokens")
+            raise ContextLengthError(f"prompt of {p} tokens + max_new_tokens {gen.max_new_tokens} = {total} exceeds "
+                                     f"the context of {self.max_seq_len} tokens; shorten the prompt or history, or "
+                                     f"lower max_new_tokens")
         t0 = time.perf_counter()
         embeds = m.language_model.embed(ids)
         if prompt.speech_ids is not None and prompt.speech_ids.numel() > 0:
@@ -197,7 +197,8 @@ class Engine:
         group = None
         if speech_on:
             srh = m.audio_invert_tower
-            state.srh_cache = KVCache(self.cfg.audio_config.crq_transformer_config, b, k * total, self.dtype, self.device)
+            srh_cfg = self.cfg.audio_config.crq_transformer_config
+            state.srh_cache = KVCache(srh_cfg, b, k * total, self.dtype, self.device)
             state.srh_key_valid = key_valid.repeat_interleave(k, dim=1)
             if gen.repetition_penalty != 1.0:
                 state.speech_counts = torch.zeros(b, self.cfg.audio_config.codebook_size, dtype=torch.int32,
@@ -273,7 +274,8 @@ class Engine:
                                                     torch.tensor([slot], device=self.device), state.key_valid)
         else:
             mask = state.key_valid[:, None, None, : slot + 1] if state.padded else None
-            hidden = m.language_model.model(x, state.pos[:, None], mask, state.llm_cache, slot, slot + 1, rope=self.rope)
+            hidden = m.language_model.model(x, state.pos[:, None], mask, state.llm_cache, slot, slot + 1,
+                                            rope=self.rope)
             text_logits = m.language_model.lm_head(hidden[:, -1]).float()
         group = None
         if state.srh_cache is not None:

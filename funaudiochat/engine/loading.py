@@ -35,7 +35,8 @@ def load_runtime(model_dir: str | Path, dtype: str | None = None, device: str = 
 
 
 def add_runtime_arguments(p) -> None:
-    p.add_argument("--model", required=True, type=Path, help="checkpoint folder: config.json, *.safetensors, tokenizer.json")
+    p.add_argument("--model", required=True, type=Path,
+                   help="checkpoint folder: config.json, *.safetensors, tokenizer.json")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="cast weights (default: as stored)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")

@@ -30,15 +30,6 @@ from funaudiochat.train.optim import lr_at
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes OpenMP threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def train(tmp, name, data, stage="sft", **sections) -> Path:
     recipe = tiny_recipe(tmp, data, stage, **sections)
     recipe["run_dir"] = str(tmp / name)

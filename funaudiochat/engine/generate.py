@@ -163,7 +163,8 @@ class Engine:
                                      f"the context of {self.max_seq_len} tokens; shorten the prompt or history, or "
                                      f"lower max_new_tokens")
         t0 = time.perf_counter()
-        embeds = m.language_model.embed(ids)
+        text_embeds = m.language_model.embed(ids)  # [B, P, D]; the SRH input adds these to the LLM states
+        embeds = text_embeds
         if prompt.speech_ids is not None and prompt.speech_ids.numel() > 0:
             audio = m.encode_audio(prompt.speech_ids.to(self.device), prompt.speech_attention_mask.to(self.device),
                                    _opt(prompt.input_features, self.device, self.dtype),
@@ -203,7 +204,7 @@ class Engine:
             if gen.repetition_penalty != 1.0:
                 state.speech_counts = torch.zeros(b, self.cfg.audio_config.codebook_size, dtype=torch.int32,
                                                   device=self.device)
-            fine = srh.ungroup(hidden + m.language_model.embed(ids))  # [B, kP, D]
+            fine = srh.ungroup(hidden + text_embeds)  # [B, kP, D]
             fine_pos = (pos[..., None] * k + torch.arange(k, device=self.device)).reshape(b, k * p)
             bos = srh.embed(torch.full((b,), self.cfg.audio_config.bos_token_id, device=self.device))
             group = self._srh_group(state, fine, fine_pos, bos, p, gen, tracer)
@@ -224,12 +225,8 @@ class Engine:
         counts = state.speech_counts.clone() if state.speech_counts is not None else None
         tokens = []
         for j in range(k):
-            if j == 0:
-                q0, q1 = 0, n_fine - (k - 1)
-                z = fine[:, q0:q1] + embed[:, None]
-            else:
-                q0, q1 = n_fine - k + j, n_fine - k + j + 1
-                z = fine[:, q0:q1] + embed[:, None]
+            q0, q1 = (0, n_fine - (k - 1)) if j == 0 else (n_fine - k + j, n_fine - k + j + 1)
+            z = fine[:, q0:q1] + embed[:, None]
             s0, s1 = start + q0, start + q1
             if q1 - q0 == 1 and self.compiled is not None:
                 c = state.srh_cache
@@ -361,7 +358,7 @@ class Engine:
     # ------------------------------------------------------------------ loops
     def steps(self, prompt: Prompt, gen: GenerationConfig, tracer: Tracer | None = None):
         """Yield (state, StepResult) for every generated step until all rows finish."""
-        if gen.disable_speech is False and self.model.audio_invert_tower is None:
+        if not gen.disable_speech and self.model.audio_invert_tower is None:
             gen = gen.with_(disable_speech=True, force_text_abos=False)
         state, logits, group = self.prefill(prompt, gen, tracer)
         result = self.choose_step(state, logits, group, gen, tracer)

@@ -190,7 +190,8 @@ class FunAudioChatModel(nn.Module):
         """
         cfg, k, ign = self.cfg, self.group_size, self.cfg.ignore_index
         b, l = input_ids.shape
-        embeds = self.language_model.embed(input_ids)
+        text_embeds = self.language_model.embed(input_ids)  # [B, L, D]
+        embeds = text_embeds
         audio = None
         if speech_ids is not None and speech_ids.numel() > 0:
             if speech_attention_mask is None:
@@ -226,7 +227,6 @@ class FunAudioChatModel(nn.Module):
                 out.text_loss = out.text_loss + t.router_aux_loss_coef * out.aux_loss
 
         if self.audio_invert_tower is not None and speech:
-            text_embeds = self.language_model.embed(input_ids)
             if audio is not None and audio.text_features is not None:
                 text_embeds = text_embeds.masked_scatter(slots[..., None], audio.text_features[audio.kept])
             u = hidden + text_embeds.detach()

@@ -1,12 +1,13 @@
 """Time prefill and per-step decode (S2T and S2S) on a random model built from a config.json.
 
     .venv/bin/python bench/generate.py ../shared/bench/bench_config.json [--threads 2] [--steps 64]
-        [--released-python REF_VENV/bin/python --released-code DIR]
+        [--compile] [--released-python REF_VENV/bin/python --released-code DIR [--rounds 3]]
 
 S2S step = one LLM step (text token) + the SRH's 5 speech tokens; S2T step = one LLM step with the SRH off.
 Medians over repeated runs after warm-up; fp32 on CPU by default. With --released-python/--released-code the
-released generate() is timed on the same config and prompt right after ours (bench/released_generate.py, run in an
-environment with the released code's pins) and the ratios are printed side by side.
+released generate() is timed on the same config and prompt in rounds alternating with ours
+(bench/released_generate.py, run in an environment with the released code's pins); the ratio printed is the median
+of the per-round ratios, each round comparing runs made seconds apart.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and the released code")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true", help="Engine(compile=True): compiled decode step")
@@ -77,30 +79,41 @@ def main() -> None:
     base = dict(max_new_tokens=args.steps, eos_token_id=t.vocab_size, pad_token_id=0)
     s2s = GenerationConfig(**base, force_text_abos=True, text_greedy=True)
     s2t = GenerationConfig(**base, disable_speech=True, text_greedy=True)
-    time_run(engine, prompt, s2s, 1)  # warm-up (and compilation)
-    time_run(engine, prompt, s2t, 1)
-    pre_s2s, step_s2s, n_s2s = time_run(engine, prompt, s2s, args.repeats)
-    pre_s2t, step_s2t, n_s2t = time_run(engine, prompt, s2t, args.repeats)
-    ours = dict(prefill_s_s2s=pre_s2s, step_s_s2s=step_s2s, prefill_s_s2t=pre_s2t, step_s_s2t=step_s2t)
     released = None
     if args.released_python and args.released_code:
         cmd = [args.released_python, str(Path(__file__).with_name("released_generate.py")), str(args.config),
                "--official", args.released_code, "--threads", str(args.threads), "--steps", str(args.steps),
-               "--prompt-len", str(args.prompt_len), "--repeats", str(args.repeats)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        released = json.loads(out)
+               "--prompt-len", str(args.prompt_len), "--repeats", str(args.repeats), "--serve"]
+        released = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if released.stdout.readline().strip() != "ready":
+            raise SystemExit("the released-code timer failed to start (see its error above)")
+    time_run(engine, prompt, s2s, 1)  # warm-up (and compilation)
+    time_run(engine, prompt, s2t, 1)
+    ours, theirs = [], []
+    for _ in range(args.rounds):  # alternate so that both see the same machine state (shared VMs drift)
+        pre_s2s, step_s2s, n_steps = time_run(engine, prompt, s2s, args.repeats)
+        pre_s2t, step_s2t, _ = time_run(engine, prompt, s2t, args.repeats)
+        ours.append(dict(prefill_s_s2s=pre_s2s, step_s_s2s=step_s2s, prefill_s_s2t=pre_s2t, step_s_s2t=step_s2t))
+        if released is not None:
+            released.stdin.write("round\n")
+            released.stdin.flush()
+            theirs.append(json.loads(released.stdout.readline()))
+    if released is not None:
+        released.stdin.close()
+        released.wait()
     print(f"model: {args.config.name}, {n_params / 1e6:.1f}M parameters, {args.dtype}, {args.device}, "
           f"{args.threads} threads, torch {torch.__version__}, compile={args.compile}; "
-          f"medians of {n_s2s} steps x {args.repeats} runs")
+          f"medians of {n_steps} steps x {args.repeats} runs, {args.rounds} alternating rounds")
     rows = [("prefill, S2S (SRH on the prompt too)", "prefill_s_s2s"), ("prefill, S2T", "prefill_s_s2t"),
             ("S2S step (text + 5 speech tokens)", "step_s_s2s"), ("S2T step (text only)", "step_s_s2t")]
-    print(f"{'':40s} {'ours':>9s}" + (f" {'released':>9s} {'ratio':>6s}" if released else ""))
+    print(f"{'':38s} {'ours':>8s}" + (f" {'released':>9s} {'ratio':>6s}  ratio per round" if theirs else ""))
     for label, key in rows:
-        line = f"{label:40s} {ours[key] * 1e3:7.2f}ms"
-        if released:
-            line += f" {released[key] * 1e3:7.2f}ms {ours[key] / released[key]:6.2f}"
+        line = f"{label:38s} {statistics.median(r[key] for r in ours) * 1e3:6.2f}ms"
+        if theirs:
+            ratios = [a[key] / b[key] for a, b in zip(ours, theirs)]
+            line += (f" {statistics.median(r[key] for r in theirs) * 1e3:7.2f}ms {statistics.median(ratios):6.2f}  "
+                     + " ".join(f"{r:.2f}" for r in ratios))
         print(line)
-
 
 if __name__ == "__main__":
     main()

@@ -4,10 +4,12 @@ Runs in a separate environment that has the released code's pins (transformers 4
 `funaudiochat` package (the official repository's folder, which this project does not ship):
 
     REF_PY bench/released_generate.py CONFIG --official DIR [--threads 2 --steps 64 --prompt-len 50 --repeats 5]
+        [--rounds N | --serve]
 
-`bench/generate.py --released-python REF_PY --released-code DIR` runs this and prints the ratio. Prints one JSON line
-{"prefill_s_s2s", "step_s_s2s", "prefill_s_s2t", "step_s_s2t"} with medians measured exactly as bench/generate.py
-does for our engine (same config, prompt, greedy S2S with forced <|audio_bos|>, S2T with the speech head off).
+`bench/generate.py --released-python REF_PY --released-code DIR` runs this with --serve, alternating its rounds
+with ours, and prints the ratios. Prints "ready" after warm-up, then one JSON line per round {"prefill_s_s2s",
+"step_s_s2s", "prefill_s_s2t", "step_s_s2t"} with medians measured exactly as bench/generate.py does for our engine
+(same config, prompt, greedy S2S with forced <|audio_bos|>, S2T with the speech head off).
 """
 from __future__ import annotations
 
@@ -64,6 +66,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--serve", action="store_true", help="time one round per line read from stdin")
     args = ap.parse_args()
     sys.path.insert(0, str(args.official))
     from funaudiochat.configuration_funaudiochat import FunAudioChatConfig
@@ -80,9 +84,12 @@ def main() -> None:
     s2t = dict(text_greedy=True, only_crq_sampling=True, disable_speech=True, force_text_abos=False)
     with torch.no_grad():
         run(model, ids, 4, s2s, vocab, 1)  # warm-up
-        pre_s2s, step_s2s = run(model, ids, args.steps, s2s, vocab, args.repeats)
-        pre_s2t, step_s2t = run(model, ids, args.steps, s2t, vocab, args.repeats)
-    print(json.dumps(dict(prefill_s_s2s=pre_s2s, step_s_s2s=step_s2s, prefill_s_s2t=pre_s2t, step_s_s2t=step_s2t)))
+        print("ready", flush=True)
+        for _ in range(args.rounds) if not args.serve else sys.stdin:  # --serve: one round per input line
+            pre_s2s, step_s2s = run(model, ids, args.steps, s2s, vocab, args.repeats)
+            pre_s2t, step_s2t = run(model, ids, args.steps, s2t, vocab, args.repeats)
+            print(json.dumps(dict(prefill_s_s2s=pre_s2s, step_s_s2s=step_s2s, prefill_s_s2t=pre_s2t,
+                                  step_s_s2t=step_s2t)), flush=True)
 
 
 if __name__ == "__main__":

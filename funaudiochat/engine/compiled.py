@@ -7,26 +7,33 @@ a tensor, and the rotary rows are looked up inside. torch.compile turns it into 
 freezing and the C++ wrapper. Shapes change only with the cache size, which the engine rounds up to `CACHE_BUCKET`
 slots so few graphs are compiled.
 
+Each graph also builds its own input (token embedding, fused with the last speech group's features) and marks the
+new cache slots valid, and with greedy speech (the released default) a whole speech-to-speech step is one graph: the
+LLM position, the ungrouping and the SRH's 5 positions with their argmax and token embedding in between. One call per
+step instead of six removes the Python, guard checks and small eager ops between them (each costs 10-200 us on a
+small CPU, as much as a layer's matmuls).
+
 Shape legend: B batch, S cache slots, L layers, Hkv key/value heads, D head dim, C model width.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from funaudiochat.engine.sampling import SamplingParams, process
 from funaudiochat.model.backbone import Backbone, RopeTable
 
 CACHE_BUCKET = 128
 
 
-def decode_position(bb: Backbone, x: torch.Tensor, positions: torch.Tensor, rope: RopeTable, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, slot: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+def decode_position(bb: Backbone, x: torch.Tensor, positions: torch.Tensor, rope: RopeTable,
+                    k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], slot: torch.Tensor,
+                    key_valid: torch.Tensor) -> torch.Tensor:
     """x [B, 1, C] at LLM/SRH slot `slot` ([1] long) -> post-norm hidden [B, 1, C].
 
-    k_cache / v_cache [L, B, Hkv, S, D] get the new entries; key_valid [B, S] marks attendable slots (the new one
-    included); slots after `slot` are ignored.
+    k_cache / v_cache (one [B, Hkv, S, D] per layer) get the new entries; key_valid [B, S] marks attendable slots
+    (the new one included); slots after `slot` are ignored.
     """
-    s = k_cache.shape[3]
+    s = k_cache[0].shape[2]
     mask = (key_valid & (torch.arange(s, device=x.device) <= slot))[:, None, None, :]  # [B, 1, 1, S]
     cos, sin = rope(positions)
     for i, layer in enumerate(bb.layers):
@@ -34,16 +41,30 @@ def decode_position(bb: Backbone, x: torch.Tensor, positions: torch.Tensor, rope
         q, k, v = attn._qkv(layer.input_layernorm(x), cos, sin)
         k_cache[i].index_copy_(2, slot, k)
         v_cache[i].index_copy_(2, slot, v)
-        out = F.scaled_dot_product_attention(q, k_cache[i], v_cache[i], attn_mask=mask,
-                                             enable_gqa=attn.n_kv != attn.n_heads)
+        out = _one_query_attention(q, k_cache[i], v_cache[i], mask)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(x.shape[0], 1, -1))
         h = layer.mlp(layer.post_attention_layernorm(x))
         x = x + (h[0] if isinstance(h, tuple) else h)
     return bb.norm(x)
 
 
+def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, H, 1, D] over k / v [B, Hkv, S, D] under mask [B, 1, 1, S] -> [B, H, 1, D].
+
+    Two batched matmuls instead of `scaled_dot_product_attention`: at these sizes the CPU flash kernel costs ~100 us
+    per call (it copies k / v to expand the shared GQA heads), a bmm ~30 us. (A products-and-sum form fuses, but
+    inductor leaves that reduction scalar: ~200 us.) Query head h reads key/value head h // (H / Hkv), as `repeat_kv`
+    does."""
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    qg = q.view(b, hkv, h // hkv, d)                                        # [B, Hkv, G, D]
+    scores = (qg @ k.transpose(-1, -2)) * d ** -0.5                          # [B, Hkv, G, S]
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return (probs @ v).view(b, h, 1, d)
+
+
 class CompiledDecoder:
-    """The two compiled step functions; both return fp32 logits of the one position."""
+    """The compiled step functions. Every one returns fp32 logits; caches and key masks are updated in place."""
 
     def __init__(self, model, rope: RopeTable, srh_rope: RopeTable | None):
         self.model, self.rope, self.srh_rope = model, rope, srh_rope
@@ -51,14 +72,51 @@ class CompiledDecoder:
         options = {"freezing": True, "cpp_wrapper": True} if device.type == "cpu" else None
         self.llm = torch.compile(self._llm, dynamic=False, options=options)
         self.srh = torch.compile(self._srh, dynamic=False, options=options) if srh_rope is not None else None
+        self.s2s_greedy = torch.compile(self._s2s_greedy, dynamic=False, options=options)
 
-    def _llm(self, x, positions, k_cache, v_cache, slot, key_valid):
+    def _llm(self, token, group, fuse, positions, k_cache, v_cache, slot, key_valid):
+        """token [B] (the last text id), group [B, k] (the last speech group, or None without speech), fuse [B]
+        (rows whose input fuses the two), positions [B, 1] -> (hidden [B, 1, C], text embedding [B, 1, C], text
+        logits [B, V]); the input goes to LLM slot `slot`."""
         lm = self.model.language_model
+        text_embed = lm.embed(token)[:, None]
+        x = text_embed
+        if group is not None:  # (E_text(t) + Enc(g)) / 2 where speech is being fed back
+            x = torch.where(fuse[:, None, None], (text_embed + self.model.audio_tower(group)) / 2, text_embed)
+        key_valid.index_fill_(1, slot, True)
         hidden = decode_position(lm.model, x, positions, self.rope, k_cache, v_cache, slot, key_valid)
-        return hidden, lm.lm_head(hidden[:, -1]).float()
+        return hidden, text_embed, lm.lm_head(hidden[:, -1]).float()
 
     def _srh(self, z, positions, k_cache, v_cache, slot, key_valid):
+        """One SRH position: z [B, 1, C] (ungrouped LLM state + previous token embedding) -> logits [B, Vs]."""
         srh = self.model.audio_invert_tower
         h = decode_position(srh.crq_transformer, srh.input_matching(z), positions, self.srh_rope, k_cache, v_cache,
                             slot, key_valid)
         return srh.lm_head(srh.output_matching(h)[:, -1]).float()
+
+    def _s2s_greedy(self, token, group, fuse, positions, k_cache, v_cache, slot, key_valid, srh_k, srh_v,
+                    srh_key_valid, embed, counts, penalty: float):
+        """One greedy S2S step (inputs as `_llm`, then the SRH's cache and key mask, embed [B, C] of its last token,
+        counts [B, Vs] speech history or None) -> text logits [B, V], the SRH's raw logits and scores [B, k, Vs],
+        its tokens [B, k] and the embedding [B, C] of the last one."""
+        srh = self.model.audio_invert_tower
+        k = srh.group_size
+        hidden, text_embed, text_logits = self._llm(token, group, fuse, positions, k_cache, v_cache, slot, key_valid)
+        fine = srh.ungroup(hidden + text_embed)  # [B, k, C]
+        fine_pos = positions * k + torch.arange(k, device=fine.device)  # [B, k]
+        fine_slots = slot * k + torch.arange(k, device=fine.device)
+        srh_key_valid.index_fill_(1, fine_slots, True)
+        params = SamplingParams(repetition_penalty=penalty)
+        logits, scores, tokens = [], [], []
+        for j in range(k):
+            call_logits = self._srh(fine[:, j:j + 1] + embed[:, None], fine_pos[:, j:j + 1], srh_k, srh_v,
+                                    fine_slots[j:j + 1], srh_key_valid)
+            call_scores = process(call_logits, params, counts)
+            tok = call_scores.argmax(-1)
+            if counts is not None:  # later calls of the group see this token in the history
+                counts = counts.scatter_add(1, tok[:, None], torch.ones_like(tok[:, None], dtype=counts.dtype))
+            embed = srh.embed(tok)
+            logits.append(call_logits)
+            scores.append(call_scores)
+            tokens.append(tok)
+        return text_logits, torch.stack(logits, 1), torch.stack(scores, 1), torch.stack(tokens, 1), embed

@@ -94,12 +94,16 @@ class LayerCache:
 
 
 class KVCache:
-    """Pre-allocated keys and values of every layer: [layers, B, Hkv, S_max, D]. Owned by the engine."""
+    """Pre-allocated keys and values, one [B, Hkv, S_max, D] tensor per layer. Owned by the engine.
+
+    Separate tensors rather than one [layers, ...] block: a compiled step that writes a slot of one layer then
+    mutates a whole graph input, which inductor updates in place, instead of a view of a shared base, which it
+    rebuilds (copies) in full on every write."""
 
     def __init__(self, cfg: BackboneConfig, batch: int, max_len: int, dtype: torch.dtype, device):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.dim_head)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.dim_head)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.max_len = max_len
 
     def layer(self, i: int, start: int, n_new: int, read_len: int | None = None) -> LayerCache:

@@ -225,7 +225,9 @@ def test_several_audios_in_one_prompt(tmp_path):
 
 
 def test_compiled_decode_reproduces_the_goldens(shared_dir):
-    """Engine(compile=True) (static-shape graphs, CPU freezing + C++ wrapper) equals the released code's outputs."""
+    """Engine(compile=True) equals the released code's outputs on every path it compiles: the one-graph greedy S2S
+    step (with and without the repetition penalty) and the LLM-only graph (S2T); with sampling (LLM graph + one SRH
+    graph per position) and on a left-padded batch it equals the eager engine."""
     import json as _json
 
     from safetensors.torch import load_file
@@ -234,14 +236,28 @@ def test_compiled_decode_reproduces_the_goldens(shared_dir):
     from funaudiochat.model.checkpoint import load_model
 
     golden = shared_dir / "golden/tiny-dense"
-    engine = Engine(load_model(golden / "model"), compile=True)
+    model = load_model(golden / "model")
+    engine, eager = Engine(model, compile=True), Engine(model)
     records = _json.loads((golden / "golden.json").read_text())
-    for case in ("gen", "gen_rep"):
+    inputs = {case: Prompt.from_tensors(load_file(str(golden / case / "inputs.safetensors")))
+              for case in ("gen", "gen_rep", "gen_s2t", "gen_single_b")}
+    for case in ("gen", "gen_rep", "gen_s2t"):
         tracer = Tracer()
-        out = engine.generate(Prompt.from_tensors(load_file(str(golden / case / "inputs.safetensors"))),
-                              generation_config(records, case), tracer)
+        out = engine.generate(inputs[case], generation_config(records, case), tracer)
         ref = load_file(str(golden / case / "outputs.safetensors"))
-        assert out.new_text_ids.tolist() == ref["new_text_ids"].tolist()
-        assert out.speech_ids[0] == ref["speech_ids"][0].tolist()
-        logits = torch.stack(tracer.srh_logits)[:, 0]
-        assert (logits - ref["crq_call_logits"][:, 0]).abs().max() <= 1e-4 * ref["crq_call_logits"].abs().max()
+        assert out.new_text_ids.tolist() == ref["new_text_ids"].tolist(), case
+        text_logits = torch.stack(tracer.text_logits)[:, 0]
+        assert (text_logits - ref["step_text_logits"][:, 0]).abs().max() <= 1e-4 * ref["step_text_logits"].abs().max()
+        if case != "gen_s2t":
+            assert out.speech_ids[0] == ref["speech_ids"][0].tolist(), case
+            logits = torch.stack(tracer.srh_logits)[:, 0]
+            assert (logits - ref["crq_call_logits"][:, 0]).abs().max() <= 1e-4 * ref["crq_call_logits"].abs().max()
+
+    sampled = generation_config(records, "gen").with_(do_sample=True, temperature=1.3, top_k=40, seed=3)
+    a, b = engine.generate(inputs["gen"], sampled), eager.generate(inputs["gen"], sampled)
+    assert a.new_text_ids.tolist() == b.new_text_ids.tolist() and a.speech_ids == b.speech_ids
+    batch = stack_prompts([inputs["gen"], inputs["gen_single_b"]], 500, model.cfg.audio_config.pad_token_id)
+    greedy = generation_config(records, "gen")
+    a, b = engine.generate(batch, greedy), eager.generate(batch, greedy)
+    assert bool(batch.attention_mask.eq(0).any())  # left padded
+    assert a.new_text_ids.tolist() == b.new_text_ids.tolist() and a.speech_ids == b.speech_ids

@@ -39,8 +39,8 @@ def decode_position(bb: Backbone, x: torch.Tensor, positions: torch.Tensor, rope
     for i, layer in enumerate(bb.layers):
         attn = layer.self_attn
         q, k, v = attn._qkv(layer.input_layernorm(x), cos, sin)
-        k_cache[i].index_copy_(2, slot, k)
-        v_cache[i].index_copy_(2, slot, v)
+        k_cache[i][:, :, slot] = k  # index_put_: inductor writes it in place (index_copy_ falls back to a full copy)
+        v_cache[i][:, :, slot] = v
         out = _one_query_attention(q, k_cache[i], v_cache[i], mask)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(x.shape[0], 1, -1))
         h = layer.mlp(layer.post_attention_layernorm(x))
@@ -83,7 +83,7 @@ class CompiledDecoder:
         x = text_embed
         if group is not None:  # (E_text(t) + Enc(g)) / 2 where speech is being fed back
             x = torch.where(fuse[:, None, None], (text_embed + self.model.audio_tower(group)) / 2, text_embed)
-        key_valid.index_fill_(1, slot, True)
+        key_valid[:, slot] = True
         hidden = decode_position(lm.model, x, positions, self.rope, k_cache, v_cache, slot, key_valid)
         return hidden, text_embed, lm.lm_head(hidden[:, -1]).float()
 
@@ -105,7 +105,7 @@ class CompiledDecoder:
         fine = srh.ungroup(hidden + text_embed)  # [B, k, C]
         fine_pos = positions * k + torch.arange(k, device=fine.device)  # [B, k]
         fine_slots = slot * k + torch.arange(k, device=fine.device)
-        srh_key_valid.index_fill_(1, fine_slots, True)
+        srh_key_valid[:, fine_slots] = True
         params = SamplingParams(repetition_penalty=penalty)
         logits, scores, tokens = [], [], []
         for j in range(k):

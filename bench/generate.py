@@ -49,6 +49,31 @@ def time_run(engine: Engine, prompt: Prompt, gen: GenerationConfig, repeats: int
     return statistics.median(prefills), statistics.median(steps), len(steps) // repeats
 
 
+def step_weights(model: FunAudioChatModel) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The matrices one S2T step and one S2S step multiply a row vector by, in order (fused as the engine runs)."""
+    def stack(bb):
+        return [w for layer in bb.layers for w in (layer.self_attn.fused[0], layer.self_attn.o_proj.weight,
+                                                   layer.mlp.fused, layer.mlp.down_proj.weight)]
+    llm = stack(model.language_model.model) + [model.language_model.lm_head.weight]
+    srh = model.audio_invert_tower
+    srh_call = ([srh.input_matching.weight] + stack(srh.crq_transformer)
+                + [srh.output_matching.weight, srh.lm_head.weight])
+    return llm, llm + [srh.pre_matching.weight] + srh_call * srh.group_size
+
+
+def weight_read_floor(weights: list[torch.Tensor], repeats: int = 50) -> float:
+    """Median seconds of the bare matrix-vector products (eager, ~10 us of dispatch each): what reading the weights
+    costs on this machine, a floor for any engine that keeps them in this dtype."""
+    x = torch.randn(1, max(w.shape[1] for w in weights), dtype=weights[0].dtype, device=weights[0].device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for w in weights:
+            x[:, : w.shape[1]] @ w.t()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", type=Path)
@@ -89,11 +114,14 @@ def main() -> None:
             raise SystemExit("the released-code timer failed to start (see its error above)")
     time_run(engine, prompt, s2s, 1)  # warm-up (and compilation)
     time_run(engine, prompt, s2t, 1)
-    ours, theirs = [], []
+    ours, theirs, floors = [], [], []
+    s2t_weights, s2s_weights = step_weights(model)
     for _ in range(args.rounds):  # alternate so that both see the same machine state (shared VMs drift)
         pre_s2s, step_s2s, n_steps = time_run(engine, prompt, s2s, args.repeats)
         pre_s2t, step_s2t, _ = time_run(engine, prompt, s2t, args.repeats)
         ours.append(dict(prefill_s_s2s=pre_s2s, step_s_s2s=step_s2s, prefill_s_s2t=pre_s2t, step_s_s2t=step_s2t))
+        if args.device == "cpu":
+            floors.append(dict(step_s_s2t=weight_read_floor(s2t_weights), step_s_s2s=weight_read_floor(s2s_weights)))
         if released is not None:
             released.stdin.write("round\n")
             released.stdin.flush()
@@ -114,6 +142,11 @@ def main() -> None:
             line += (f" {statistics.median(r[key] for r in theirs) * 1e3:7.2f}ms {statistics.median(ratios):6.2f}  "
                      + " ".join(f"{r:.2f}" for r in ratios))
         print(line)
+    for label, key in rows[2:] if floors else []:
+        floor = statistics.median(f[key] for f in floors)
+        mb = sum(w.numel() * w.element_size() for w in (s2s_weights if key == "step_s_s2s" else s2t_weights)) / 1e6
+        print(f"weight-read floor, {label.split(' (')[0]}: {mb:.0f} MB of matrix-vector products in {floor * 1e3:.2f}ms"
+              + (f" = {floor / statistics.median(r[key] for r in theirs):.2f} of the released step" if theirs else ""))
 
 if __name__ == "__main__":
     main()

@@ -2,10 +2,10 @@
 
 Eager decoding of a small model is dominated by per-op overhead (about a thousand small ops per S2S step). Here one
 decode position of each stack is a single function of static shapes: the whole pre-allocated KV cache is attended
-under a mask (valid slots up to the current one), the new key/value are written with `index_copy_` at a slot held in
-a tensor, and the rotary rows are looked up inside. torch.compile turns it into one graph; on CPU with weight
-freezing and the C++ wrapper. Shapes change only with the cache size, which the engine rounds up to `CACHE_BUCKET`
-slots so few graphs are compiled.
+under a mask (valid slots up to the current one), the new key/value are written in place (`index_put_`, one cache
+tensor per layer) at a slot held in a tensor, and the rotary rows are looked up inside. torch.compile turns it into
+one graph; on CPU with weight freezing and the C++ wrapper. Shapes change only with the cache size, which the engine
+rounds up to `CACHE_BUCKET` slots so few graphs are compiled.
 
 Each graph also builds its own input (token embedding, fused with the last speech group's features) and marks the
 new cache slots valid, and with greedy speech (the released default) a whole speech-to-speech step is one graph: the

@@ -56,6 +56,8 @@ def step_weights(model: FunAudioChatModel) -> tuple[list[torch.Tensor], list[tor
                                                    layer.mlp.fused, layer.mlp.down_proj.weight)]
     llm = stack(model.language_model.model) + [model.language_model.lm_head.weight]
     srh = model.audio_invert_tower
+    if srh is None:  # a speech-to-text model has no S2S step
+        return llm, []
     srh_call = ([srh.input_matching.weight] + stack(srh.crq_transformer)
                 + [srh.output_matching.weight, srh.lm_head.weight])
     return llm, llm + [srh.pre_matching.weight] + srh_call * srh.group_size
@@ -120,7 +122,7 @@ def main() -> None:
         pre_s2s, step_s2s, n_steps = time_run(engine, prompt, s2s, args.repeats)
         pre_s2t, step_s2t, _ = time_run(engine, prompt, s2t, args.repeats)
         ours.append(dict(prefill_s_s2s=pre_s2s, step_s_s2s=step_s2s, prefill_s_s2t=pre_s2t, step_s_s2t=step_s2t))
-        if args.device == "cpu":
+        if args.device == "cpu" and s2s_weights:
             floors.append(dict(step_s_s2t=weight_read_floor(s2t_weights), step_s_s2s=weight_read_floor(s2s_weights)))
         if released is not None:
             released.stdin.write("round\n")
@@ -131,7 +133,7 @@ def main() -> None:
         released.wait()
     print(f"model: {args.config.name}, {n_params / 1e6:.1f}M parameters, {args.dtype}, {args.device}, "
           f"{args.threads} threads, torch {torch.__version__}, compile={args.compile}; "
-          f"medians of {n_steps} steps x {args.repeats} runs, {args.rounds} alternating rounds")
+          f"medians of {n_steps} steps x {args.repeats} runs, {args.rounds} rounds")
     rows = [("prefill, S2S (SRH on the prompt too)", "prefill_s_s2s"), ("prefill, S2T", "prefill_s_s2t"),
             ("S2S step (text + 5 speech tokens)", "step_s_s2s"), ("S2T step (text only)", "step_s_s2t")]
     print(f"{'':38s} {'ours':>8s}" + (f" {'released':>9s} {'ratio':>6s}  ratio per round" if theirs else ""))

@@ -255,58 +255,58 @@ class Engine:
     # ------------------------------------------------------------------ one decode forward
     @torch.no_grad()
     def forward_step(self, state: DecodeState, gen: GenerationConfig, tracer: Tracer | None = None):
-        """Feed `state.last_token` (fused with the last speech group where `state.fuse`) -> text logits, SRH group."""
-        if self.compiled is not None:
-            return self._compiled_step(state, gen, tracer)
-        m, k = self.model, self.k
-        tok = state.last_token
-        text_embed = m.language_model.embed(tok)[:, None]  # [B, 1, D]
-        x = text_embed
-        if bool(state.fuse.any()):
-            group_feat = m.audio_tower(state.last_group)  # [B, 1, D]
-            x = torch.where(state.fuse[:, None, None], (text_embed + group_feat) / 2, text_embed)
-        slot = state.slot
-        state.key_valid[:, slot] = True
-        mask = state.key_valid[:, None, None, : slot + 1] if state.padded else None
-        hidden = m.language_model.model(x, state.pos[:, None], mask, state.llm_cache, slot, slot + 1, rope=self.rope)
-        text_logits = m.language_model.lm_head(hidden[:, -1]).float()
-        group = None
-        if state.srh_cache is not None:
-            state.srh_key_valid[:, k * slot: k * slot + k] = True
-            fine = m.audio_invert_tower.ungroup(hidden + text_embed)  # [B, k, D]
-            fine_pos = state.pos[:, None] * k + torch.arange(k, device=self.device)
-            group = self._srh_group(state, fine, fine_pos, state.srh_embed, slot + 1, gen, tracer)
-        state.slot += 1
-        state.pos = state.pos + 1
-        return text_logits, group
+        """Feed `state.last_token` (fused with the last speech group where `state.fuse`) -> text logits, SRH group.
 
-    def _compiled_step(self, state: DecodeState, gen: GenerationConfig, tracer: Tracer | None):
-        """`forward_step` through the compiled graphs: with greedy speech, one graph for the LLM position and the SRH's
-        whole group; otherwise the LLM position, then the SRH positions one by one around the sampling."""
-        k, slot, llm, srh = self.k, state.slot, state.llm_cache, state.srh_cache
-        slot_t = torch.tensor([slot], device=self.device)
+        Compiled with greedy speech, one graph runs the LLM position and the SRH's whole group; otherwise the LLM
+        position (compiled or eager), then the SRH positions one by one around the sampling."""
         speech = state.srh_cache is not None
-        inputs = (state.last_token, state.last_group if speech else None, state.fuse, state.pos[:, None], llm.k, llm.v,
-                  slot_t, state.key_valid)
-        if speech and not gen.do_sample:
-            text_logits, logits, scores, group, state.srh_embed = self.compiled.s2s_greedy(
-                *inputs, srh.k, srh.v, state.srh_key_valid, state.srh_embed, state.speech_counts,
-                gen.repetition_penalty)
-            if tracer is not None:
-                for j in range(k):
-                    tracer.srh_logits.append(logits[:, j])
-                    tracer.srh_scores.append(scores[:, j])
-                    tracer.srh_tokens.append(group[:, j])
+        if self.compiled is not None and speech and not gen.do_sample:
+            text_logits, group = self._fused_s2s_step(state, gen, tracer)
         else:
-            hidden, text_embed, text_logits = self.compiled.llm(*inputs)
+            hidden, text_embed, text_logits = self._llm_position(state, speech)
             group = None
             if speech:
+                k, slot = self.k, state.slot
                 state.srh_key_valid[:, k * slot: k * slot + k] = True
                 fine = self.model.audio_invert_tower.ungroup(hidden + text_embed)  # [B, k, D]
                 fine_pos = state.pos[:, None] * k + torch.arange(k, device=self.device)
                 group = self._srh_group(state, fine, fine_pos, state.srh_embed, slot + 1, gen, tracer)
         state.slot += 1
         state.pos = state.pos + 1
+        return text_logits, group
+
+    def _llm_inputs(self, state: DecodeState, speech: bool) -> tuple:
+        """The arguments of the compiled LLM position (CompiledDecoder._llm): it builds its input itself."""
+        c = state.llm_cache
+        return (state.last_token, state.last_group if speech else None, state.fuse, state.pos[:, None], c.k, c.v,
+                torch.tensor([state.slot], device=self.device), state.key_valid)
+
+    def _llm_position(self, state: DecodeState, speech: bool):
+        """One LLM position at `state.slot` -> hidden [B, 1, D], its text embedding [B, 1, D], text logits [B, V]."""
+        if self.compiled is not None:
+            return self.compiled.llm(*self._llm_inputs(state, speech))
+        m, slot = self.model, state.slot
+        text_embed = m.language_model.embed(state.last_token)[:, None]  # [B, 1, D]
+        x = text_embed
+        if bool(state.fuse.any()):
+            group_feat = m.audio_tower(state.last_group)  # [B, 1, D]
+            x = torch.where(state.fuse[:, None, None], (text_embed + group_feat) / 2, text_embed)
+        state.key_valid[:, slot] = True
+        mask = state.key_valid[:, None, None, : slot + 1] if state.padded else None
+        hidden = m.language_model.model(x, state.pos[:, None], mask, state.llm_cache, slot, slot + 1, rope=self.rope)
+        return hidden, text_embed, m.language_model.lm_head(hidden[:, -1]).float()
+
+    def _fused_s2s_step(self, state: DecodeState, gen: GenerationConfig, tracer: Tracer | None):
+        """The compiled one-graph greedy S2S step -> text logits [B, V], speech group [B, k]."""
+        srh = state.srh_cache
+        text_logits, logits, scores, group, state.srh_embed = self.compiled.s2s_greedy(
+            *self._llm_inputs(state, True), srh.k, srh.v, state.srh_key_valid, state.srh_embed, state.speech_counts,
+            gen.repetition_penalty)
+        if tracer is not None:
+            for j in range(self.k):
+                tracer.srh_logits.append(logits[:, j])
+                tracer.srh_scores.append(scores[:, j])
+                tracer.srh_tokens.append(group[:, j])
         return text_logits, group
 
     # ------------------------------------------------------------------ token choice + speech bookkeeping

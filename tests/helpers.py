@@ -1,4 +1,5 @@
-"""Test helpers shared by several test files: a tiny tokenizer with the golden token layout, wav writing.
+"""Test helpers shared by several test files: a tiny tokenizer with the golden token layout, wav writing, synthetic
+training records, a tiny CosyVoice3 detokenizer folder.
 
 The tiny tokenizer is a word-level vocabulary whose ids match `funaudiochat.model.presets.tiny()` and the goldens:
 "\\n" 13, "system" 20, "user" 21, "assistant" 22, words "w30" .. "w499" at ids 30 .. 499 (`words([42, 7])` writes
@@ -185,7 +186,6 @@ def tiny_detokenizer_modules(seed=0):
         hift.f0_predictor.classifier.weight.mul_(150)
         hift.f0_predictor.classifier.bias.fill_(12)
     return flow, hift
-
 
 
 def write_tiny_detokenizer(path) -> Path:

@@ -228,8 +228,6 @@ def test_compiled_decode_reproduces_the_goldens(shared_dir):
     """Engine(compile=True) equals the released code's outputs on every path it compiles: the one-graph greedy S2S
     step (with and without the repetition penalty) and the LLM-only graph (S2T); with sampling (LLM graph + one SRH
     graph per position) and on a left-padded batch it equals the eager engine."""
-    import json as _json
-
     from safetensors.torch import load_file
 
     from funaudiochat.check.generation import generation_config
@@ -238,7 +236,7 @@ def test_compiled_decode_reproduces_the_goldens(shared_dir):
     golden = shared_dir / "golden/tiny-dense"
     model = load_model(golden / "model")
     engine, eager = Engine(model, compile=True), Engine(model)
-    records = _json.loads((golden / "golden.json").read_text())
+    records = json.loads((golden / "golden.json").read_text())
     inputs = {case: Prompt.from_tensors(load_file(str(golden / case / "inputs.safetensors")))
               for case in ("gen", "gen_rep", "gen_s2t", "gen_single_b")}
     for case in ("gen", "gen_rep", "gen_s2t"):

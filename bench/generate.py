@@ -64,14 +64,13 @@ def step_weights(model: FunAudioChatModel) -> tuple[list[torch.Tensor], list[tor
 
 
 def weight_read_floor(weights: list[torch.Tensor], repeats: int = 50) -> float:
-    """Median seconds of the bare matrix-vector products (eager, ~10 us of dispatch each): what reading the weights
-    costs on this machine, a floor for any engine that keeps them in this dtype."""
-    x = torch.randn(1, max(w.shape[1] for w in weights), dtype=weights[0].dtype, device=weights[0].device)
+    """Median seconds to stream a step's weights once (W.sum() over each, eager): the memory traffic alone, a
+    floor for any engine that keeps them in this dtype (bench/matvec.py compares the ways to multiply by them)."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for w in weights:
-            x[:, : w.shape[1]] @ w.t()
+            w.sum()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -147,7 +146,7 @@ def main() -> None:
     for label, key in rows[2:] if floors else []:
         floor = statistics.median(f[key] for f in floors)
         mb = sum(w.numel() * w.element_size() for w in (s2s_weights if key == "step_s_s2s" else s2t_weights)) / 1e6
-        print(f"weight-read floor, {label.split(' (')[0]}: {mb:.0f} MB of matrix-vector products in {floor * 1e3:.2f}ms"
+        print(f"weight-read floor, {label.split(' (')[0]}: {mb:.0f} MB streamed in {floor * 1e3:.2f}ms"
               + (f" = {floor / statistics.median(r[key] for r in theirs):.2f} of the released step" if theirs else ""))
 
 if __name__ == "__main__":

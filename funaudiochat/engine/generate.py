@@ -130,10 +130,10 @@ class Engine:
         t = self.cfg.text_config
         self.max_seq_len = min(max_seq_len, t.max_position_embeddings)
         if self.device.type == "cpu":
-            _column_major_weights(model)
+            _weight_layout(model, column_major=not compile)
         for m in model.modules():
-            if isinstance(m, (Attention, MLP)) and m.fused is None:
-                m.fuse()
+            if isinstance(m, (Attention, MLP)):
+                m.fuse()  # (again if an earlier engine fused it: the layout may have changed)
         self.rope = RopeTable(model.language_model.model.inv_freq, self.max_seq_len, self.dtype)
         self.srh_rope = None
         if model.audio_invert_tower is not None:
@@ -403,15 +403,21 @@ class Engine:
                                 state.timings["prefill_s"], time.perf_counter() - t0)
 
 
-def _column_major_weights(model: torch.nn.Module) -> None:
-    """Store every Linear weight [out, in] column-major (its transpose contiguous), in place, ties kept.
+def _weight_layout(model: torch.nn.Module, column_major: bool) -> None:
+    """Store every Linear weight [out, in] column-major (its transpose contiguous) or row-major, in place, ties kept.
 
-    Decoding multiplies one row vector by every weight; MKL's x @ W^T for a row-major W runs about 3x slower on
-    CPU than the same product on a column-major W (bench/generate.py), and larger batches (prefill) do not care.
+    Decoding multiplies one row vector by every weight. Eager decoding calls MKL, whose x @ W^T runs about 3x slower
+    on CPU for a row-major W than for a column-major one; compiled decoding reduces products itself, fastest over
+    contiguous rows (bench/matvec.py). Larger batches (prefill) do not care.
     """
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and m.weight.stride(0) != 1:
-            m.weight.data = m.weight.data.t().contiguous().t()
+        w = getattr(m, "weight", None)
+        if isinstance(m, torch.nn.Linear) and w.shape[0] > 1 and w.shape[1] > 1:
+            is_column_major = w.stride(0) == 1
+            if column_major and not is_column_major:
+                m.weight.data = w.data.t().contiguous().t()
+            elif not column_major and not w.is_contiguous():
+                m.weight.data = w.data.contiguous()
 
 
 @dataclass

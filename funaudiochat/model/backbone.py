@@ -116,7 +116,7 @@ class KVCache:
 def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate the weights (and biases) of linears sharing an input into one tensor, and make each linear's
     parameters views into it: one matmul instead of several, no extra memory, state_dict unchanged (inference).
-    The fused weight keeps the memory layout of the first weight (see `Engine`: column-major on CPU)."""
+    The fused weight keeps the memory layout of the first weight (see `Engine`: column-major for eager CPU decoding)."""
     column_major = linears[0].weight.stride(0) == 1 and linears[0].weight.shape[1] > 1
     weight = torch.cat([lin.weight.detach() for lin in linears])
     if column_major:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from funaudiochat.config import BackboneConfig
-from funaudiochat.model.backbone import CausalLM, attention_mask_4d
+from funaudiochat.model.backbone import CausalLM, KVCache, attention_mask_4d
 from funaudiochat.model.encoder import AudioEncoder, conv_output_lengths
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
@@ -67,6 +67,26 @@ def test_backbone_matches_transformers(backbone):
     valid = mask.bool()
     diff = (ours_logits - ref)[valid].abs().max()
     assert diff <= 1e-4 * ref[valid].abs().max(), float(diff)
+
+
+@pytest.mark.parametrize("backbone", ["qwen3", "qwen3_moe"])
+def test_last_only_prefill_equals_the_last_row_and_fills_the_same_cache(backbone):
+    cfg = tiny(backbone).text_config
+    torch.manual_seed(0)
+    model = CausalLM(cfg).eval()
+    x = torch.randn(2, 9, cfg.hidden_size)
+    mask2d = torch.ones(2, 9, dtype=torch.long)
+    mask2d[1, :3] = 0  # left padding
+    pos = (mask2d.cumsum(-1) - 1).clamp(min=0)
+    mask = attention_mask_4d(mask2d, 9, 9, 0, 2, "cpu")
+    full_cache, last_cache = (KVCache(cfg, 2, 12, torch.float32, "cpu") for _ in range(2))
+    with torch.no_grad():
+        full = model.model(x, pos, mask, full_cache, 0, 9)
+        last = model.model(x, pos, mask, last_cache, 0, 9, last_only=True)
+    assert last.shape == (2, 1, cfg.hidden_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    for a, b in zip(full_cache.k + full_cache.v, last_cache.k + last_cache.v):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_encoder_features_do_not_depend_on_the_batch():

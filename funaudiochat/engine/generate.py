@@ -180,7 +180,8 @@ class Engine:
         key_valid = torch.zeros(b, total, dtype=torch.bool, device=self.device)
         key_valid[:, :p] = mask2d.bool()
         mask = attention_mask_4d(key_valid[:, :p], p, p, 0, b, self.device)
-        hidden = m.language_model.model(embeds, pos, mask, llm_cache, 0, p, rope=self.rope)
+        # the SRH reads every prompt position's hidden state; without it only the last one is used
+        hidden = m.language_model.model(embeds, pos, mask, llm_cache, 0, p, rope=self.rope, last_only=not speech_on)
         text_logits = m.language_model.lm_head(hidden[:, -1]).float()
 
         state = DecodeState(llm_cache, None, key_valid, torch.zeros(0), pos[:, -1] + 1, p, ids,
@@ -237,7 +238,8 @@ class Engine:
                     mask = state.srh_key_valid[:, None, None, :s1] if state.padded else None
                 else:
                     mask = attention_mask_4d(state.srh_key_valid[:, :s1], q1 - q0, s1, s0, b, self.device)
-                h = srh.decode_hidden(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1, self.srh_rope)
+                h = srh.decode_hidden(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1, self.srh_rope,
+                                      last_only=True)  # only the last position's logits are used
                 logits = srh.lm_head(h[:, -1]).float()
             scores = process(logits, gen.sampling, counts)
             tok = choose(scores, gen.sampling, state.generator)

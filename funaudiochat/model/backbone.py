@@ -175,13 +175,18 @@ class Attention(nn.Module):
             q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         return q, k, v.view(b, t, hkv, d).transpose(1, 2)
 
-    def forward(self, x, cos, sin, mask, cache: LayerCache | None = None):
+    def forward(self, x, cos, sin, mask, cache: LayerCache | None = None, last_only: bool = False):
+        """x [B, T, C] -> [B, T, C], or [B, 1, C] for the last query alone with `last_only` (keys and values, and
+        the cache, still cover all T positions)."""
         b, t, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
         if cache is not None:
             cache.k[:, :, cache.start:cache.start + t] = k
             cache.v[:, :, cache.start:cache.start + t] = v
             k, v = cache.k[:, :, :cache.read_len], cache.v[:, :, :cache.read_len]
+        if last_only:
+            q, t = q[:, :, -1:], 1
+            mask = mask[:, :, -1:] if mask is not None else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -237,8 +242,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, last_only: bool = False):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, last_only)
+        x = x[:, -1:] + h if last_only else x + h
         h = self.mlp(self.post_attention_layernorm(x))
         router_logits = None
         if isinstance(h, tuple):
@@ -285,17 +291,20 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None = None, cache_start: int = 0, read_len: int | None = None,
-                router_logits: list | None = None, rope: RopeTable | None = None) -> torch.Tensor:
+                router_logits: list | None = None, rope: RopeTable | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """x [B, T, C], positions [B, T] (rotary), mask [B, 1, T, S] from `attention_mask_4d` -> [B, T, C].
 
         With `cache`, keys/values go to slots [cache_start, cache_start+T) and slots [0, read_len) are attended.
         MoE router logits are appended to `router_logits` when a list is given. `rope`: a precomputed table.
+        `last_only` (prefill when only the last output is used): -> [B, 1, C]; the last layer still writes every
+        position's keys and values, but runs attention output and MLP for the last position alone.
         """
         cos, sin = rope(positions) if rope is not None else rope_cos_sin(self.inv_freq, positions, x.dtype)
         t = x.shape[1]
         for i, layer in enumerate(self.layers):
             lc = cache.layer(i, cache_start, t, read_len) if cache is not None else None
-            x, logits = layer(x, cos, sin, mask, lc)
+            x, logits = layer(x, cos, sin, mask, lc, last_only=last_only and i == len(self.layers) - 1)
             if router_logits is not None and logits is not None:
                 router_logits.append(logits)
         return self.norm(x)

@@ -39,9 +39,11 @@ class SpeechRefinedHead(nn.Module):
 
     def decode_hidden(self, z: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                       cache: KVCache | None = None, cache_start: int = 0, read_len: int | None = None,
-                      rope=None) -> torch.Tensor:
-        """z [B, t, D] (P + previous-token embedding) -> [B, t, D], the input of `lm_head`."""
-        h = self.crq_transformer(self.input_matching(z), positions, mask, cache, cache_start, read_len, rope=rope)
+                      rope=None, last_only: bool = False) -> torch.Tensor:
+        """z [B, t, D] (P + previous-token embedding) -> [B, t, D] (or [B, 1, D] for the last position alone, see
+        `Backbone.forward`), the input of `lm_head`."""
+        h = self.crq_transformer(self.input_matching(z), positions, mask, cache, cache_start, read_len, rope=rope,
+                                 last_only=last_only)
         return self.output_matching(h)
 
     def decode(self, z, positions, mask, cache=None, cache_start: int = 0, read_len: int | None = None, rope=None):

@@ -1,6 +1,6 @@
 """Time prefill and per-step decode (S2T and S2S) on a random model built from a config.json.
 
-    .venv/bin/python bench/generate.py ../shared/bench/bench_config.json [--threads 2] [--steps 64]
+    .venv/bin/python bench/generate.py ../shared/bench/bench_config.json|8b [--threads 2] [--steps 64]
         [--compile] [--released-python REF_VENV/bin/python --released-code DIR [--rounds 3]]
 
 S2S step = one LLM step (text token) + the SRH's 5 speech tokens; S2T step = one LLM step with the SRH off.
@@ -24,6 +24,7 @@ from funaudiochat.config import FunAudioChatConfig
 from funaudiochat.engine.generate import Engine, GenerationConfig
 from funaudiochat.engine.prompt import Prompt
 from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.model.presets import fun_audio_chat_8b
 
 
 def make_prompt(cfg: FunAudioChatConfig, length: int, seed: int = 0) -> Prompt:
@@ -33,18 +34,16 @@ def make_prompt(cfg: FunAudioChatConfig, length: int, seed: int = 0) -> Prompt:
 
 
 def time_run(engine: Engine, prompt: Prompt, gen: GenerationConfig, repeats: int):
-    """Median prefill seconds and median per-step seconds (steps after the first, which follows prefill)."""
+    """Median prefill seconds (to the first text token, as bench/released_generate.py times the released code) and
+    median per-step seconds (steps after the first). Every step reads its token ids back, so a GPU is in sync."""
     prefills, steps = [], []
     for _ in range(repeats):
         t_prev = time.perf_counter()
         first = True
-        for state, _ in engine.steps(prompt, gen):
+        for _ in engine.steps(prompt, gen):
             now = time.perf_counter()
-            if first:
-                prefills.append(state.timings["prefill_s"])
-                first = False
-            else:
-                steps.append(now - t_prev)
+            (prefills if first else steps).append(now - t_prev)
+            first = False
             t_prev = now
     return statistics.median(prefills), statistics.median(steps), len(steps) // repeats
 
@@ -77,7 +76,7 @@ def weight_read_floor(weights: list[torch.Tensor], repeats: int = 50) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", type=Path)
+    ap.add_argument("config", help="a config.json, or '8b' for the released Fun-Audio-Chat-8B shape (SPEC.md §1.2)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=50)
@@ -86,12 +85,19 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true", help="Engine(compile=True): compiled decode step")
+    ap.add_argument("--modes", nargs="+", default=["s2s", "s2t"], choices=["s2s", "s2t"],
+                    help="what to time (a large model compiles one graph per mode)")
     ap.add_argument("--released-python", default=None, help="python of an environment with the released pins")
     ap.add_argument("--released-code", default=None, help="folder holding the released funaudiochat package")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = FunAudioChatConfig.from_dict(json.loads(args.config.read_text()))
+    if args.config == "8b":
+        if args.released_python:
+            raise SystemExit("the released-code comparison needs a config.json")
+        cfg, config_name = fun_audio_chat_8b(), "Fun-Audio-Chat-8B shape"
+    else:
+        cfg, config_name = FunAudioChatConfig.from_dict(json.loads(Path(args.config).read_text())), Path(args.config).name
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     with torch.device(args.device):
         model = FunAudioChatModel(cfg)
@@ -113,14 +119,17 @@ def main() -> None:
         released = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if released.stdout.readline().strip() != "ready":
             raise SystemExit("the released-code timer failed to start (see its error above)")
-    time_run(engine, prompt, s2s, 1)  # warm-up (and compilation)
-    time_run(engine, prompt, s2t, 1)
+    modes = {"s2s": s2s, "s2t": s2t}
+    modes = {name: modes[name] for name in args.modes}
+    for gen in modes.values():
+        time_run(engine, prompt, gen, 1)  # warm-up (and compilation)
     ours, theirs, floors = [], [], []
     s2t_weights, s2s_weights = step_weights(model)
     for _ in range(args.rounds):  # alternate so that both see the same machine state (shared VMs drift)
-        pre_s2s, step_s2s, n_steps = time_run(engine, prompt, s2s, args.repeats)
-        pre_s2t, step_s2t, _ = time_run(engine, prompt, s2t, args.repeats)
-        ours.append(dict(prefill_s_s2s=pre_s2s, step_s_s2s=step_s2s, prefill_s_s2t=pre_s2t, step_s_s2t=step_s2t))
+        times = {}
+        for name, gen in modes.items():
+            times[f"prefill_s_{name}"], times[f"step_s_{name}"], n_steps = time_run(engine, prompt, gen, args.repeats)
+        ours.append(times)
         if args.device == "cpu" and s2s_weights:
             floors.append(dict(step_s_s2t=weight_read_floor(s2t_weights), step_s_s2s=weight_read_floor(s2s_weights)))
         if released is not None:
@@ -130,11 +139,12 @@ def main() -> None:
     if released is not None:
         released.stdin.close()
         released.wait()
-    print(f"model: {args.config.name}, {n_params / 1e6:.1f}M parameters, {args.dtype}, {args.device}, "
+    print(f"model: {config_name}, {n_params / 1e6:.1f}M parameters, {args.dtype}, {args.device}, "
           f"{args.threads} threads, torch {torch.__version__}, compile={args.compile}; "
           f"medians of {n_steps} steps x {args.repeats} runs, {args.rounds} rounds")
     rows = [("prefill, S2S (SRH on the prompt too)", "prefill_s_s2s"), ("prefill, S2T", "prefill_s_s2t"),
             ("S2S step (text + 5 speech tokens)", "step_s_s2s"), ("S2T step (text only)", "step_s_s2t")]
+    rows = [(label, key) for label, key in rows if key in ours[0]]
     print(f"{'':38s} {'ours':>8s}" + (f" {'released':>9s} {'ratio':>6s}  ratio per round" if theirs else ""))
     for label, key in rows:
         line = f"{label:38s} {statistics.median(r[key] for r in ours) * 1e3:6.2f}ms"
@@ -143,11 +153,12 @@ def main() -> None:
             line += (f" {statistics.median(r[key] for r in theirs) * 1e3:7.2f}ms {statistics.median(ratios):6.2f}  "
                      + " ".join(f"{r:.2f}" for r in ratios))
         print(line)
-    for label, key in rows[2:] if floors else []:
+    for label, key in [(label, key) for label, key in rows if key.startswith("step")] if floors else []:
         floor = statistics.median(f[key] for f in floors)
         mb = sum(w.numel() * w.element_size() for w in (s2s_weights if key == "step_s_s2s" else s2t_weights)) / 1e6
         print(f"weight-read floor, {label.split(' (')[0]}: {mb:.0f} MB streamed in {floor * 1e3:.2f}ms"
               + (f" = {floor / statistics.median(r[key] for r in theirs):.2f} of the released step" if theirs else ""))
+
 
 if __name__ == "__main__":
     main()

@@ -100,7 +100,9 @@ class CompiledDecoder:
         self.model, self.rope, self.srh_rope = model, rope, srh_rope
         device = model.language_model.lm_head.weight.device
         options = {"freezing": True, "cpp_wrapper": True} if device.type == "cpu" else None
-        compile = lambda fn: torch.compile(_products_and_sums(fn), dynamic=False, options=options)  # noqa: E731
+        on_cpu = device.type == "cpu"  # (GPU BLAS already streams weights near memory bandwidth)
+        compile = lambda fn: torch.compile(_products_and_sums(fn) if on_cpu else fn,  # noqa: E731
+                                           dynamic=False, options=options)
         self.llm = compile(self._llm)
         self.srh = compile(self._srh) if srh_rope is not None else None
         self.s2s_greedy = compile(self._s2s_greedy)

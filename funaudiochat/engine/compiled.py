@@ -4,8 +4,9 @@ Eager decoding of a small model is dominated by per-op overhead (about a thousan
 decode position of each stack is a single function of static shapes: the whole pre-allocated KV cache is attended
 under a mask (valid slots up to the current one), the new key/value are written in place (`index_put_`, one cache
 tensor per layer) at a slot held in a tensor, and the rotary rows are looked up inside. torch.compile turns it into
-one graph; on CPU with weight freezing and the C++ wrapper. Shapes change only with the cache size, which the engine
-rounds up to `CACHE_BUCKET` slots so few graphs are compiled.
+one graph; on CPU with weight freezing and the C++ wrapper, and its linears traced as product-and-sum reductions
+(`_LinearAsProductSum`: a decode step is bound by reading the weights). Shapes change only with the cache size, which
+the engine rounds up to `CACHE_BUCKET` slots so few graphs are compiled.
 
 Each graph also builds its own input (token embedding, fused with the last speech group's features) and marks the
 new cache slots valid, and with greedy speech (the released default) a whole speech-to-speech step is one graph: the
@@ -25,7 +26,7 @@ from funaudiochat.engine.sampling import SamplingParams, process
 from funaudiochat.model.backbone import Backbone, RopeTable
 
 CACHE_BUCKET = 128
-PRODUCT_SUM_MAX_ROWS = 16  # above this many rows BLAS reads each weight once for all of them and wins
+PRODUCT_SUM_MAX_ROWS = 8  # from about 16 rows on, BLAS (one read of each weight for all rows) is as fast or faster
 
 
 def decode_position(bb: Backbone, x: torch.Tensor, positions: torch.Tensor, rope: RopeTable,
@@ -71,7 +72,7 @@ class _LinearAsProductSum(TorchFunctionMode):
 
     Decoding multiplies a few rows by every weight, so a step is bound by reading the weights. Inductor turns the
     product-and-sum into one vectorised reduction kernel that streams a row-major W [N, K] across all threads, for
-    one row at 1.6-2.5x the rate of MKL's matrix-vector product on CPU, and still faster up to 16 rows
+    one row at about 2x the rate of MKL's matrix-vector product on CPU, and still faster up to 8 rows
     (bench/matvec.py); it also fuses the bias and the next pointwise ops. The engine keeps weights row-major when it
     compiles."""
 

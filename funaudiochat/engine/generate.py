@@ -119,8 +119,10 @@ class Tracer:
 class Engine:
     """Runs a `FunAudioChatModel` for generation. Stateless between calls; `DecodeState` holds a call's state.
 
-    Construction prepares the model for fast inference (fused q|k|v and gate|up projections, rotary tables), so
-    create the engine after the model is on its final device and dtype, and do not train that model afterwards.
+    Construction prepares the model for fast inference (fused q|k|v and gate|up projections, rotary tables, on CPU
+    the weight layout that its decoding reads fastest), so create the engine after the model is on its final device
+    and dtype, and do not train that model afterwards. Engines sharing a model stay correct, but the last one created
+    sets the layout for all.
     """
 
     def __init__(self, model: FunAudioChatModel, max_seq_len: int = 4096, compile: bool = False):
@@ -408,18 +410,17 @@ class Engine:
 def _weight_layout(model: torch.nn.Module, column_major: bool) -> None:
     """Store every Linear weight [out, in] column-major (its transpose contiguous) or row-major, in place, ties kept.
 
-    Decoding multiplies one row vector by every weight. Eager decoding calls MKL, whose x @ W^T runs about 3x slower
+    Decoding multiplies one row vector by every weight. Eager decoding calls MKL, whose x @ W^T runs 1.5-3x slower
     on CPU for a row-major W than for a column-major one; compiled decoding reduces products itself, fastest over
     contiguous rows (bench/matvec.py). Larger batches (prefill) do not care.
     """
     for m in model.modules():
-        w = getattr(m, "weight", None)
-        if isinstance(m, torch.nn.Linear) and w.shape[0] > 1 and w.shape[1] > 1:
-            is_column_major = w.stride(0) == 1
-            if column_major and not is_column_major:
-                m.weight.data = w.data.t().contiguous().t()
+        if isinstance(m, torch.nn.Linear):
+            w = m.weight.data
+            if column_major and w.stride(0) != 1:
+                m.weight.data = w.t().contiguous().t()
             elif not column_major and not w.is_contiguous():
-                m.weight.data = w.data.contiguous()
+                m.weight.data = w.contiguous()
 
 
 @dataclass

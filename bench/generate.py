@@ -97,7 +97,8 @@ def main() -> None:
             raise SystemExit("the released-code comparison needs a config.json")
         cfg, config_name = fun_audio_chat_8b(), "Fun-Audio-Chat-8B shape"
     else:
-        cfg, config_name = FunAudioChatConfig.from_dict(json.loads(Path(args.config).read_text())), Path(args.config).name
+        path = Path(args.config)
+        cfg, config_name = FunAudioChatConfig.from_dict(json.loads(path.read_text())), path.name
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     with torch.device(args.device):
         model = FunAudioChatModel(cfg)

@@ -29,6 +29,17 @@ CACHE_BUCKET = 128
 PRODUCT_SUM_MAX_ROWS = 8  # from about 16 rows on, BLAS (one read of each weight for all rows) is as fast or faster
 
 
+def step_input(model, token: torch.Tensor, group: torch.Tensor | None, fuse: torch.Tensor):
+    """The LLM input of one decode step -> (x [B, 1, C], the text embedding [B, 1, C]).
+
+    token [B] is the last text id; where `fuse` [B], it is averaged with the last speech group [B, k] fed back
+    through the adapter, (E_text(t) + Enc(g)) / 2. group None: no row fuses."""
+    text_embed = model.language_model.embed(token)[:, None]
+    if group is None:
+        return text_embed, text_embed
+    return torch.where(fuse[:, None, None], (text_embed + model.audio_tower(group)) / 2, text_embed), text_embed
+
+
 def decode_position(bb: Backbone, x: torch.Tensor, positions: torch.Tensor, rope: RopeTable,
                     k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], slot: torch.Tensor,
                     key_valid: torch.Tensor) -> torch.Tensor:
@@ -99,9 +110,9 @@ class CompiledDecoder:
 
     def __init__(self, model, rope: RopeTable, srh_rope: RopeTable | None):
         self.model, self.rope, self.srh_rope = model, rope, srh_rope
-        device = model.language_model.lm_head.weight.device
-        options = {"freezing": True, "cpp_wrapper": True} if device.type == "cpu" else None
-        on_cpu = device.type == "cpu"  # (GPU BLAS already streams weights near memory bandwidth)
+        on_cpu = model.language_model.lm_head.weight.device.type == "cpu"
+        options = {"freezing": True, "cpp_wrapper": True} if on_cpu else None
+        # (product-and-sum linears on CPU only: GPU BLAS already streams weights near memory bandwidth)
         compile = lambda fn: torch.compile(_products_and_sums(fn) if on_cpu else fn,  # noqa: E731
                                            dynamic=False, options=options)
         self.llm = compile(self._llm)
@@ -113,10 +124,7 @@ class CompiledDecoder:
         (rows whose input fuses the two), positions [B, 1] -> (hidden [B, 1, C], text embedding [B, 1, C], text
         logits [B, V]); the input goes to LLM slot `slot`."""
         lm = self.model.language_model
-        text_embed = lm.embed(token)[:, None]
-        x = text_embed
-        if group is not None:  # (E_text(t) + Enc(g)) / 2 where speech is being fed back
-            x = torch.where(fuse[:, None, None], (text_embed + self.model.audio_tower(group)) / 2, text_embed)
+        x, text_embed = step_input(self.model, token, group, fuse)
         key_valid[:, slot] = True
         hidden = decode_position(lm.model, x, positions, self.rope, k_cache, v_cache, slot, key_valid)
         return hidden, text_embed, lm.lm_head(hidden[:, -1]).float()

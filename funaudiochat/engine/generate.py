@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from funaudiochat.engine.compiled import CACHE_BUCKET, CompiledDecoder
+from funaudiochat.engine.compiled import CACHE_BUCKET, CompiledDecoder, step_input
 from funaudiochat.engine.prompt import Prompt
 from funaudiochat.engine.sampling import SamplingParams, choose, process
 from funaudiochat.errors import ConfigError, ContextLengthError
@@ -290,11 +290,8 @@ class Engine:
         if self.compiled is not None:
             return self.compiled.llm(*self._llm_inputs(state, speech))
         m, slot = self.model, state.slot
-        text_embed = m.language_model.embed(state.last_token)[:, None]  # [B, 1, D]
-        x = text_embed
-        if bool(state.fuse.any()):
-            group_feat = m.audio_tower(state.last_group)  # [B, 1, D]
-            x = torch.where(state.fuse[:, None, None], (text_embed + group_feat) / 2, text_embed)
+        group = state.last_group if bool(state.fuse.any()) else None  # (skips the adapter when no row fuses)
+        x, text_embed = step_input(m, state.last_token, group, state.fuse)
         state.key_valid[:, slot] = True
         mask = state.key_valid[:, None, None, : slot + 1] if state.padded else None
         hidden = m.language_model.model(x, state.pos[:, None], mask, state.llm_cache, slot, slot + 1, rope=self.rope)

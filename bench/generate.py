@@ -98,6 +98,8 @@ def main() -> None:
         cfg, config_name = fun_audio_chat_8b(), "Fun-Audio-Chat-8B shape"
     else:
         path = Path(args.config)
+        if not path.is_file():
+            raise SystemExit(f"no config file at {path}: give a config.json, or '8b'")
         cfg, config_name = FunAudioChatConfig.from_dict(json.loads(path.read_text())), path.name
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     with torch.device(args.device):

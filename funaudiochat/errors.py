@@ -17,6 +17,10 @@ class InputError(FunAudioChatError, ValueError):
     """User input (audio, text, request) cannot be used; the message says why."""
 
 
+class StorageError(FunAudioChatError):
+    """An output could not be written (disk full, permission denied); the message names the path."""
+
+
 class ContextLengthError(InputError):
     """A prompt does not fit in the model's context window."""
 

@@ -248,15 +248,41 @@ class AudioConfig(_JsonMixin):
         return min(self.bos_token_id, self.eos_token_id, self.pad_token_id)
 
 
+# Parts of the model that a checkpoint may not have trained yet, by parameter-name prefix. "hearing": the audio
+# encoder and the adapter's feature projection that bring user audio into the LLM; "speaking": the Speech Refined
+# Head and the speech-token embedding (tied to the SRH output) + projection that feed its groups back to the LLM.
+TRAINABLE_PARTS = {"hearing": ("continuous_audio_tower.", "audio_tower.continual_output_matching."),
+                   "speaking": ("audio_invert_tower.", "audio_tower.embed_tokens.", "audio_tower.output_matching.")}
+
+
 @dataclass
 class FunAudioChatConfig:
-    """The whole model (`config.json` of a released checkpoint)."""
+    """The whole model (`config.json` of a released checkpoint).
+
+    `trained` (our field, absent from released configs): {"hearing": bool, "speaking": bool}, which parts have been
+    trained. `funaudiochat assets smollm2` writes both false (fresh random adapter and SRH); a training stage sets
+    a part true when it trains any of its parameters. None (no field, e.g. a released checkpoint): fully trained.
+    """
 
     text_config: BackboneConfig = field(default_factory=BackboneConfig)
     audio_config: AudioConfig = field(default_factory=AudioConfig)
     audio_token_index: int = 151669
     ignore_index: int = -100
+    trained: dict | None = None
     extra: dict = field(default_factory=dict)
+
+    def untrained_parts(self) -> list[str]:
+        """Names of the `TRAINABLE_PARTS` this checkpoint marks as never trained."""
+        return [part for part in TRAINABLE_PARTS if self.trained is not None and not self.trained.get(part, True)]
+
+    def mark_trained(self, parameter_names) -> None:
+        """Record that a training stage trained these parameters (their parts become trained)."""
+        if self.trained is None:
+            return
+        names = list(parameter_names)
+        for part, prefixes in TRAINABLE_PARTS.items():
+            if any(n.startswith(prefixes) for n in names):
+                self.trained[part] = True
 
     @property
     def hidden_size(self) -> int:
@@ -278,8 +304,10 @@ class FunAudioChatConfig:
         audio = AudioConfig.from_dict(data.pop("audio_config"), "audio_config")
         audio_token_index = data.pop("audio_token_index", data.pop("audio_token_id", 151669))
         ignore_index = data.pop("ignore_index", -100)
+        trained = data.pop("trained", None)
         data.pop("hidden_size", None)  # derived from text_config
-        cfg = cls(text, audio, audio_token_index, ignore_index, extra=data)
+        cfg = cls(text, audio, audio_token_index, ignore_index, dict(trained) if isinstance(trained, dict) else trained,
+                  extra=data)
         cfg.validate()
         return cfg
 
@@ -288,6 +316,8 @@ class FunAudioChatConfig:
         out.update(model_type="funaudiochat", audio_token_index=self.audio_token_index, ignore_index=self.ignore_index,
                    hidden_size=self.hidden_size, text_config=self.text_config.to_dict(),
                    audio_config=self.audio_config.to_dict())
+        if self.trained is not None:
+            out["trained"] = dict(self.trained)
         return dict(sorted(out.items()))
 
     def validate(self) -> None:
@@ -301,6 +331,11 @@ class FunAudioChatConfig:
                    f"must be a text id in [0, vocab_size={t.vocab_size}), got {v!r}")
         _check(0 <= self.audio_token_index < t.vocab_size, "config", "audio_token_index",
                f"must be a text id in [0, {t.vocab_size}), got {self.audio_token_index}")
+        if self.trained is not None:
+            ok = isinstance(self.trained, dict) and set(self.trained) <= set(TRAINABLE_PARTS) and \
+                all(isinstance(v, bool) for v in self.trained.values())
+            _check(ok, "config", "trained", f"must be an object of booleans with keys among "
+                   f"{', '.join(TRAINABLE_PARTS)}, got {self.trained!r}")
 
     @classmethod
     def load(cls, path: str | Path) -> "FunAudioChatConfig":

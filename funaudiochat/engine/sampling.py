@@ -25,7 +25,7 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}; for greedy decoding set do_sample=False")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

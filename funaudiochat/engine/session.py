@@ -5,6 +5,11 @@ History policy (documented, as released where the release has one):
 - at most `max_turns` user turns are kept (released MAX_HISTORY_TURNS = 8); older ones are dropped first;
 - if the prompt plus `max_new_tokens` would not fit the engine's context, the oldest turns are dropped one by one;
   if the newest user turn alone does not fit, the turn is refused with a ContextLengthError (nothing is dropped).
+
+A turn changes the history only when it completes (TurnEnd with finish_reason "stop" or "length"). A turn that is
+refused (bad audio or text: InputError when `ask` is called, before anything runs), raises while generating, is
+cancelled, or is abandoned by its consumer leaves the history as it was, so the next turn answers as if it never
+happened.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import numpy as np
 
 from funaudiochat.engine.events import TurnEnd, stream_turn
 from funaudiochat.engine.generate import Engine, GenerationConfig
+from funaudiochat.engine.inputs import check_trained, user_audio, user_text
 from funaudiochat.engine.prompt import build_prompt
 from funaudiochat.errors import ContextLengthError, InputError, SessionClosedError
 from funaudiochat.text.chat import user_content
@@ -29,9 +35,12 @@ class Turn:
 
 class ChatSession:
     def __init__(self, engine: Engine, tokenizer, gen: GenerationConfig, system: str | None = None,
-                 max_turns: int = 8, detokenizer=None, frontend=None):
+                 max_turns: int = 8, detokenizer=None, frontend=None, allow_untrained: bool = False):
         if max_turns < 1:
             raise InputError("max_turns must be >= 1")
+        self.allow_untrained = allow_untrained
+        if not check_trained(engine.cfg, False, not gen.disable_speech, allow_untrained):
+            gen = gen.with_(disable_speech=True, force_text_abos=False)
         self.engine, self.tokenizer, self.gen = engine, tokenizer, gen
         self.system, self.max_turns = system, max_turns
         self.detokenizer, self.frontend = detokenizer, frontend
@@ -61,18 +70,30 @@ class ChatSession:
                     f"or lower max_new_tokens")
             turns = turns[users[1]:]
 
-    def ask(self, audio: np.ndarray | None = None, text: str | None = None, cancel: threading.Event | None = None):
-        """Stream the answer to one user turn (16 kHz audio and/or text); the history is updated at TurnEnd."""
+    def ask(self, audio=None, text: str | None = None, cancel: threading.Event | None = None):
+        """Check one user turn and return the stream of its answer's events.
+
+        audio: 16 kHz samples (1-D, or 2-D with channels on the shorter axis; numpy or torch), a file path or file
+        bytes; other rates go through `load_audio(x, source_rate=RATE)` first. text: a str. Bad input raises
+        InputError here, before anything runs; the history is updated when the stream reaches a completed TurnEnd.
+        """
         if self.closed:
             raise SessionClosedError("this chat session is closed")
+        if text is not None:
+            text = user_text(text)
         if audio is None and not text:
             raise InputError("a user turn needs audio or text")
-        audios = [audio] if audio is not None else []
+        audios = [user_audio(audio)] if audio is not None else []
+        if audios:
+            check_trained(self.engine.cfg, True, False, self.allow_untrained)
         user = Turn("user", user_content(len(audios), text), audios)
         prompt, kept = self._fit(self.history + [user])
+        return self._stream(prompt, kept, cancel)
+
+    def _stream(self, prompt, kept: list[Turn], cancel: threading.Event | None):
         detok = self.detokenizer.stream() if self.detokenizer is not None else None
         for event in stream_turn(self.engine, prompt, self.gen, self.tokenizer, detok, cancel):
-            if isinstance(event, TurnEnd):
+            if isinstance(event, TurnEnd) and event.finish_reason != "cancelled":
                 self.history = kept + [Turn("assistant", event.text.strip())]
             yield event
 

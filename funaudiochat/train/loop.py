@@ -138,6 +138,8 @@ class Trainer:
             model = full
         if trainable:
             n, total = select_trainable(model, r.train.trainable, r.train.frozen)
+            # checkpoints of this stage record the parts it trains (config.json `trained`, read by inference)
+            self.cfg.mark_trained(k for k, p in model.named_parameters(remove_duplicate=False) if p.requires_grad)
             if info.main:
                 log.info("training %.2fM of %.2fM parameters", n / 1e6, total / 1e6)
             if r.train.activation_checkpointing:

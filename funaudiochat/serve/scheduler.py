@@ -13,8 +13,8 @@ Public interface (what the HTTP API, the realtime WebSocket and `/api/chat` buil
 - `Request`: the conversation (ChatML messages whose content carries one audio template per audio, the audios as
   16 kHz float32 arrays in order), the mode ("s2s": text + speech, "s2t": text only), an optional system prompt and
   OpenAI-style tools (turned into the released function-calling system prompt), generation overrides of the mode's
-  preset (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, do_sample), stop strings, the voice
-  (a detokenizer speaker name or a [1, 192] x-vector) and whether to synthesise audio.
+  preset (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, do_sample, text_greedy), stop
+  strings, the voice (a detokenizer speaker name or a [1, 192] x-vector) and whether to synthesise audio.
 - `submit` validates and builds the prompt off the event loop (bad input raises `InputError` /
   `ContextLengthError`), then waits for a free batch row: when `max_waiting` requests already wait it raises
   `ServerBusyError` (status 429) at once; after `wait_timeout_s` without a row it raises `ServerBusyError` (503). Both
@@ -40,6 +40,7 @@ event queue by its `max_new_tokens` (one engine item per step).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import threading
@@ -63,8 +64,11 @@ from funaudiochat.text.tools import tools_system_prompt
 log = logging.getLogger(__name__)
 
 MODES = ("s2s", "s2t")
-GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "do_sample")
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "do_sample",
+                   "text_greedy")
 _UNBOUNDED = 1 << 40  # a batch's own max_new_tokens: each row's limit is enforced by the scheduler
+# streaming detokenizer bounds of the released web demo: each chunk's cost stops growing with the answer's length
+FLOW_WINDOW, HIFT_RESET = 200, 500
 
 
 class ServerBusyError(FunAudioChatError):
@@ -356,12 +360,15 @@ class Scheduler:
         async def push_codes(new_codes, previous):
             if previous is not None:
                 await previous
+            if session._abandoned:  # nobody listens any more
+                return
             emit_audio(await loop.run_in_executor(self._detok_pool, detok.push, new_codes))
 
         try:
             if make_audio:
-                detok = await loop.run_in_executor(self._detok_pool, self.detokenizer.stream, req.voice,
-                                                   self.detokenizer_hop)
+                detok = await loop.run_in_executor(self._detok_pool, functools.partial(
+                    self.detokenizer.stream, req.voice, self.detokenizer_hop, flow_window=FLOW_WINDOW,
+                    hift_reset=HIFT_RESET))
             while True:
                 item = await session._raw.get()
                 if isinstance(item, BaseException):

@@ -1,0 +1,103 @@
+"""`funaudiochat serve`: one engine, many conversations, an OpenAI-compatible HTTP API (docs/serve.md).
+
+    funaudiochat serve --model DIR [--detokenizer DIR] [--speaker NAME|FILE] [--voices DIR] [--host 127.0.0.1]
+                       [--port 8000] [--api-key KEY] [--max-sessions 8] [--compile] ...
+
+Binds 127.0.0.1 unless told otherwise. The API key may also come from the FUNAUDIOCHAT_API_KEY environment variable.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import time
+
+import torch
+
+from funaudiochat.engine.loading import add_runtime_arguments, load_runtime
+from funaudiochat.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_runtime_arguments(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get("FUNAUDIOCHAT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $FUNAUDIOCHAT_API_KEY; none: open)")
+    g.add_argument("--served-model-name", action="append", default=None,
+                   help="model name(s) clients send (default: the model folder's name)")
+    g.add_argument("--voices", default=None, help="folder of reference recordings (.wav ...) or 192-d x-vectors "
+                                                  "(.pt/.npy) registered as voices by file name")
+    g = p.add_argument_group("scheduling and limits")
+    g.add_argument("--max-sessions", type=int, default=8, help="sessions decoded together as one batch")
+    g.add_argument("--max-waiting", type=int, default=32, help="requests that may wait for a free session")
+    g.add_argument("--wait-timeout", type=float, default=10.0,
+                   help="seconds a request waits for a free session before a 503")
+    g.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body, MiB")
+    g.add_argument("--max-audio-seconds", type=float, default=600.0, help="longest audio input per request")
+    g.add_argument("--max-messages", type=int, default=256, help="most messages in one chat request")
+    g.add_argument("--hop", type=int, default=15, help="speech tokens per streamed audio chunk (15 = 0.6 s)")
+
+
+def build_context(args: argparse.Namespace):
+    """Load the model and make the ServerContext (shared by the command and tests)."""
+    from funaudiochat.serve.app import ServerContext
+    from funaudiochat.serve.chat_request import Limits
+    from funaudiochat.serve.scheduler import Scheduler
+    from funaudiochat.serve.voices import Voices
+
+    for name in ("max_sessions", "port", "max_messages", "hop"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("wait_timeout", "max_body_mb", "max_audio_seconds"):
+        if not getattr(args, name) > 0:
+            raise InputError(f"--{name.replace('_', '-')} must be > 0")
+    if args.max_waiting < 0:
+        raise InputError("--max-waiting must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rt = load_runtime(args.model, args.dtype, args.device, speech=True, detokenizer_dir=args.detokenizer,
+                      speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile)
+    scheduler = Scheduler(rt.engine, rt.tokenizer, rt.detokenizer, max_sessions=args.max_sessions,
+                          max_waiting=args.max_waiting, wait_timeout_s=args.wait_timeout, detokenizer_hop=args.hop)
+    names = args.served_model_name or [args.model.resolve().name]
+    return ServerContext(scheduler, names, api_key=args.api_key or None,
+                         voices=Voices(rt.detokenizer, args.voices),
+                         limits=Limits(max_messages=args.max_messages, max_audio_seconds=args.max_audio_seconds),
+                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), created=int(time.time()))
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Listen on host:port; a taken port or a bad address is a clear error before the model loads."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        raise InputError(f"cannot listen on {host}:{port} ({err.strerror or err})") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from funaudiochat.serve.app import create_app
+
+    sock = bind(args.host, args.port)
+    ctx = build_context(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not ctx.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this address can use the model",
+                    args.host)
+    app = create_app(ctx)
+    log.info("serving %s on http://%s:%d (OpenAI base_url http://%s:%d/v1)", ", ".join(ctx.served_models),
+             args.host, args.port, args.host, args.port)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0

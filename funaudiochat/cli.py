@@ -17,6 +17,7 @@ from funaudiochat.errors import FunAudioChatError
 COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("funaudiochat.engine.cli_infer", "answer one spoken (or typed) question: text, speech tokens, wav"),
     "chat": ("funaudiochat.engine.cli_chat", "multi-turn voice/text chat in the terminal"),
+    "serve": ("funaudiochat.serve.cli", "OpenAI-compatible speech server: many sessions batched on one engine"),
     "check-reference": ("funaudiochat.check.cli", "replay a golden reference directory and compare outputs"),
     "data synth": ("funaudiochat.data.cli_synth", "synthesise text lines / a JSONL of utterances to wav + manifest"),
     "eval asr": ("funaudiochat.eval.cli_asr", "transcribe a manifest's wavs with Whisper tiny.en and report WER/CER"),

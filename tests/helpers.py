@@ -43,6 +43,54 @@ def make_tiny_tokenizer(path) -> TextTokenizer:
     return TextTokenizer.from_file(path)
 
 
+def make_word_tokenizer(path, text: str) -> TextTokenizer:
+    """The tiny layout, with the words and punctuation marks of `text` (in order of appearance) at ids 30, 31, ...
+    in place of "w30", "w31", ...: English sentences then encode to real ids instead of `[UNK]`. Words split at
+    spaces, new lines and punctuation. Writes `path` (a tokenizer.json or its folder) and loads it."""
+    import re
+
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = tiny_vocab()
+    free = iter(range(30, 500))
+    for word in dict.fromkeys(re.findall(r"\w+|[^\w\s]", text)):
+        if word not in vocab:
+            i = next(free, None)
+            if i is None:
+                break
+            del vocab[f"w{i}"]
+            vocab[word] = i
+    path = Path(path)
+    if path.suffix != ".json":
+        path = path / "tokenizer.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(" "), "removed"),
+                                                pre_tokenizers.Split(Regex("\n"), "isolated"),
+                                                pre_tokenizers.Split(Regex(r"[^\w\s]"), "isolated")])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS.values()])
+    tk.save(str(path))
+    return TextTokenizer.from_file(path)
+
+
+def make_tiny_checkpoint(folder, vocabulary_text: str = "", seed: int = 0, init_std: float = 0.02) -> Path:
+    """A random tiny-preset model saved as a checkpoint folder (config.json, safetensors, tokenizer.json), with a
+    word-level tokenizer that knows the words of `vocabulary_text` (make_word_tokenizer)."""
+    import torch
+
+    from funaudiochat.model.checkpoint import save_model
+    from funaudiochat.model.funaudiochat import FunAudioChatModel
+    from funaudiochat.model.presets import tiny
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    model = FunAudioChatModel(tiny())
+    model.init_weights(init_std)
+    save_model(model, folder)
+    make_word_tokenizer(folder, vocabulary_text)
+    return folder
+
+
 def words(ids) -> str:
     """Ordinary tiny-vocabulary ids (30..499) -> the text that encodes to them."""
     return " ".join(f"w{int(i)}" for i in ids)

@@ -9,6 +9,9 @@ Input lines are released sharegpt records or DPO pair records (data.py), or nati
                {"role": "assistant", "text": "the answer", "speech_tokens": [12, 7, ...]}, # or codes already
                {"role": "assistant", "text": "a text-only answer"}]}
 
+A DPO pair in this form ends its turns with a user turn and adds {"task": ..., "chosen": ..., "rejected": ...}
+(each response a text, or {"text": ..., "token": ...} as in data.py).
+
 Assistant speech is tokenized with the S3 speech tokenizer (25 Hz) and written with the 10-token delay
 (`<|audio_bos|>` x10 + `[AU####]`...), user audio as `<|audio_pad|>` x int(seconds * 25), as the released data
 pipeline does (SPEC §8.1); relative paths become absolute. Every record is validated: files exist and decode,
@@ -18,12 +21,12 @@ with their line numbers and skipped (or stop the run with on_error="reject").
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from funaudiochat import fileio
 from funaudiochat.audio.io import load_audio
 from funaudiochat.engine.prompt import speech_token_count
 from funaudiochat.errors import InputError
@@ -64,6 +67,7 @@ class Preparer:
         out = {"messages": messages, "audio": audio}
         if record.get("system"):
             out = {"system": record["system"], **out}
+        out.update({k: record[k] for k in ("task", "chosen", "rejected") if k in record})  # a DPO pair
         return out
 
     def _user_turn(self, turn: dict, base_dir: Path, i: int) -> tuple[str, dict | None]:
@@ -153,11 +157,10 @@ def prepare_file(src: Path, dst: Path, preparer: Preparer, on_error: str = "skip
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise InputError(f"{src}: input JSONL not found")
-    total = sum(1 for line in open(src, encoding="utf-8") if line.strip())
+    with open(src, "rb") as f:
+        total = sum(1 for line in f if line.strip())
     report = DataReport()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
+    with fileio.atomic_path(dst) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for line_no, record in tqdm(read_jsonl(src), total=total, desc="prepare", disable=not progress):
             report.read += 1
             source = f"{src}:{line_no}"
@@ -167,8 +170,6 @@ def prepare_file(src: Path, dst: Path, preparer: Preparer, on_error: str = "skip
                 out.write(json.dumps(preparer.prepare(record, src.parent, source), ensure_ascii=False) + "\n")
             except RecordError as err:
                 if on_error == "reject":
-                    tmp.unlink()
                     raise InputError(f"{source}: {err} (use --on-error skip to skip such records)") from None
                 report.problems.append(Problem(source, err.kind, str(err)))
-    os.replace(tmp, dst)
     return report

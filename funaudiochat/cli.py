@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"funaudiochat {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    # INTERMIXED: options may come between repeated positionals (`train R --resume a=1 b=2`)
+    args = parser.parse_intermixed_args(rest) if getattr(module, "INTERMIXED", False) else parser.parse_args(rest)
     try:
         return int(module.main(args) or 0)
     except FunAudioChatError as err:

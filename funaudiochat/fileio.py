@@ -11,17 +11,23 @@ or a library that hides the errno, such as libsndfile's "System error" or safete
     with atomic_path(out_dir, directory=True) as tmp:   # a folder: tmp is an empty folder to fill
         save_model(model, tmp)
     write_text(path, text); write_bytes(path, data)
+
+Reading: `read_lines` / `read_jsonl` decode each line on its own, so one line that is not UTF-8 (a latin-1 byte)
+or not JSON is reported with its line number (`LineProblem`) and the caller decides to stop or skip just that line.
 """
 from __future__ import annotations
 
+import codecs
 import errno
+import json
 import os
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from funaudiochat.errors import StorageError
+from funaudiochat.errors import InputError, StorageError
 
 _FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # libraries that wrap the OS error in their own exception still say so in their message
@@ -30,8 +36,9 @@ _LOW_SPACE = 64 * 1024  # free bytes under which an unexplained write failure is
 
 
 def temp_name(target: Path) -> Path:
-    """`.NAME.tmp-PID` beside the target (hidden, same file system, so the rename is atomic)."""
-    return target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    """`.STEM.tmp-PID.SUFFIX` beside the target: hidden, on the same file system (so the rename is atomic), and
+    with the target's suffix (soundfile and matplotlib pick the format from it)."""
+    return target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}")
 
 
 @contextmanager
@@ -129,6 +136,59 @@ def device_of(path: Path) -> str:
     except OSError:
         pass
     return f"{best[0]} mounted at {best[1]}" if best[1] else "the device"
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+
+@dataclass(frozen=True)
+class LineProblem:
+    """A line that cannot be used: kind "not utf-8", "invalid json" or "bad format", and what is wrong."""
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | LineProblem]]:
+    """(line number, text without its line end) per non-blank line; a line that is not UTF-8 gives a LineProblem
+    (the other lines still come). Lines end at \\n only (a JSON string may hold U+2028)."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror or err})") from None
+    with f:
+        for line_no, raw in enumerate(f, 1):
+            if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield line_no, LineProblem("not utf-8", f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                                        f"{err.start + 1}); save the file as UTF-8")
+                continue
+            text = text.rstrip("\r\n")
+            if text.strip():
+                yield line_no, text
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict | LineProblem]]:
+    """(line number, JSON object) per non-blank line; a line that is not UTF-8, not JSON or not an object gives a
+    LineProblem."""
+    for line_no, text in read_lines(path):
+        if isinstance(text, LineProblem):
+            yield line_no, text
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            yield line_no, LineProblem("invalid json", f"not valid JSON ({err.msg} at column {err.colno})")
+            continue
+        if not isinstance(record, dict):
+            yield line_no, LineProblem("bad format", f"expected a JSON object, got {type(record).__name__}")
+            continue
+        yield line_no, record
 
 
 # ------------------------------------------------------------------------------------------------------ helpers

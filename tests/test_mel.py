@@ -76,7 +76,12 @@ def test_skipped_silent_frames_equal_full_computation():
     padded = torch.nn.functional.pad(wav, (0, 16000 * 10 - wav.shape[0]))
     torch.testing.assert_close(features[0], log_mel(padded), atol=1e-6, rtol=0)
     silent, _ = WhisperFrontend(chunk_length=10)([torch.zeros(1000)])
-    assert torch.all(silent == (np.log10(np.float32(1e-10)) + 4) / 4)
+    assert torch.all(silent == silent.flatten()[0])  # our own code: every silent value is the same number
+    # Silence is log10(1e-10) = -10, floored and scaled: (-10 + 4) / 4. torch's float32 log10 is not correctly
+    # rounded and differs by CPU kernel (-10.0 with AVX2, -10.000001 with AVX-512), so compare with a tolerance
+    # of a few float32 ulps around 1.5 (~1.2e-7 each) rather than bit for bit.
+    expected = torch.full_like(silent, (-10.0 + 4) / 4)
+    torch.testing.assert_close(silent, expected, atol=1e-6, rtol=0)
 
 
 def test_log_mel_matches_s3tokenizer(shared_dir):

@@ -58,6 +58,16 @@ def test_golden_s3v3_tiny(shared_dir):
 
 # ---- ONNX --------------------------------------------------------------------------------------------------------
 
+def assert_codes_agree(theirs, ours, label: str, min_agree: float = 0.98) -> None:
+    """ONNX Runtime vs torch: same length and (almost) the same codes. The two libraries sum in different orders
+    (and by CPU instruction set), so a hidden value within ~1e-6 of an FSQ rounding boundary may round the other
+    way: a rare code may differ; a broken export disagrees on almost every code."""
+    theirs, ours = np.asarray(theirs), np.asarray(ours)
+    assert theirs.shape == ours.shape, label
+    agree = float(np.mean(theirs == ours)) if ours.size else 1.0
+    assert agree >= min_agree, f"{label}: only {agree:.1%} of the codes agree"
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     model = random_tokenizer()
@@ -72,7 +82,7 @@ def test_onnx_export_gives_torch_codes(exported):
     assert code_len.tolist() == [code_lengths(n) for n in LENGTHS]
     ours = one_by_one(model, mel, mel_len)
     for i, n in enumerate(code_len.tolist()):
-        assert torch.equal(codes[i, :n], ours[i]), f"length {LENGTHS[i]}"
+        assert_codes_agree(codes[i, :n], ours[i], f"length {LENGTHS[i]}")
     assert len(torch.cat(ours).unique()) > 20  # the comparison is not between constant outputs
 
 
@@ -203,7 +213,7 @@ def test_tokenize_long_audio_and_batches(exported):
     batch = tokenize_batch([short_wav, long_wav], model, max_segments=2)
     assert np.array_equal(batch[1], codes)
     assert np.array_equal(batch[0], tokenize_audio(short_wav, model))
-    assert np.array_equal(tokenize_audio(short_wav, load_speech_tokenizer(path, "onnx", threads=1)), batch[0])
+    assert_codes_agree(tokenize_audio(short_wav, load_speech_tokenizer(path, "onnx", threads=1)), batch[0], "onnx")
     assert np.array_equal(tokenize_audio(short_wav, load_speech_tokenizer(path, "torch")), batch[0])
     with pytest.raises(InputError, match="backend"):
         load_speech_tokenizer(path, "tensorrt")

@@ -209,8 +209,8 @@ def test_duplicate_ids_and_unknown_espeak_voice(tmp_path):
     path.write_text('{"id": "x", "text": "a"}\n{"id": "x", "text": "b"}\n', encoding="utf-8")
     with pytest.raises(InputError, match="duplicate id"):
         synth.parse_requests(path)
-    with pytest.raises(InputError, match="unknown to espeak-ng"):
-        synth.synthesize(_utt("hello", "espeak:no-such-voice"), 16000)
+    with pytest.raises(InputError, match="unknown espeak-ng voice 'no-such-voice'; English espeak voices: en, "):
+        _utt("hello", "espeak:no-such-voice")
 
 
 def _check_manifest(manifest, utts, sample_rate):

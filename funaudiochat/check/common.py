@@ -51,7 +51,8 @@ class CaseResult:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and all(c.ok for c in self.checks)
+        """Passes when something was compared and everything compared is within tolerance."""
+        return self.error is None and bool(self.checks) and all(c.ok for c in self.checks)
 
     def line(self) -> str:
         if self.error:

@@ -72,8 +72,8 @@ def main(args: argparse.Namespace) -> int:
     if not prompts:
         raise InputError("no prompts: give prompt files and/or --families (e.g. --families all)")
     kept, rejected, _ = distill.output_paths(args.out)
+    done = distill.done_ids(kept, rejected)  # earlier output is checked before the model loads
     if args.limit is not None:
-        done = distill.done_ids(kept, rejected)
         prompts = [p for p in prompts if p.id in done] + [p for p in prompts if p.id not in done][:args.limit]
     engine, tok = load(args.model)
     settings = distill.DistillSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,

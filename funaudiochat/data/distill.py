@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from funaudiochat import fileio
 from funaudiochat.engine.generate import Engine, GenerationConfig
 from funaudiochat.engine.prompt import Prompt, stack_prompts
 from funaudiochat.errors import InputError
@@ -118,18 +119,16 @@ def read_prompts(path: str | Path, family: str | None = None) -> list[DistillPro
         raise InputError(f"{path}: no such prompt file")
     family = family or path.stem
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.strip()
-        if not line or (path.suffix != ".jsonl" and line.startswith("#")):
+    jsonl = path.suffix == ".jsonl"
+    for n, rec in fileio.read_jsonl(path) if jsonl else fileio.read_lines(path):
+        if isinstance(rec, fileio.LineProblem):
+            raise InputError(f"{path}:{n}: {rec}")
+        if not jsonl:
+            line = rec.strip()
+            if not line.startswith("#"):
+                out.append(DistillPrompt(prompt_id(family, line), line, family))
             continue
-        if path.suffix != ".jsonl":
-            out.append(DistillPrompt(prompt_id(family, line), line, family))
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{n}: not valid JSON ({err.msg})") from err
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+        if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
             raise InputError(f'{path}:{n}: expected an object with a non-empty "prompt" string')
         fam = str(rec.get("family") or family)
         expected = rec.get("expected", ())
@@ -234,13 +233,12 @@ def done_ids(*paths: Path) -> set[str]:
     ids = set()
     for path in paths:
         if path.exists():
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if line.strip():
-                    try:
-                        ids.add(json.loads(line)["id"])
-                    except (json.JSONDecodeError, KeyError, TypeError) as err:
-                        raise InputError(f"{path}:{n}: not a distill record ({err}); remove the line or the file "
-                                         f"to start over") from err
+            for n, rec in fileio.read_jsonl(path):
+                if isinstance(rec, fileio.LineProblem) or not isinstance(rec.get("id"), str):
+                    why = rec if isinstance(rec, fileio.LineProblem) else 'no "id" string'
+                    raise InputError(f"{path}:{n}: not a distill record ({why}); remove the line or the file "
+                                     f"to start over")
+                ids.add(rec["id"])
     return ids
 
 
@@ -294,7 +292,8 @@ class Distiller:
         bar = _progress(len(todo), progress)
         step = max(1, self.settings.batch_size)
         try:
-            with open(kept_path, "a", encoding="utf-8") as kept, open(rejected_path, "a", encoding="utf-8") as rejected:
+            with fileio.storage_errors(kept_path), open(kept_path, "a", encoding="utf-8") as kept, \
+                    open(rejected_path, "a", encoding="utf-8") as rejected:
                 for batch_no, start in enumerate(range(0, len(todo), step)):
                     batch = todo[start:start + step]
                     fits = [p.id for p in batch if len(encoded[p.id]) <= budget]
@@ -308,7 +307,7 @@ class Distiller:
         finally:
             bar.close()
             report.seconds = time.perf_counter() - t0
-            report_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+            fileio.write_text(report_path, json.dumps(report.to_dict(), indent=2) + "\n")
         return report
 
     def _record(self, p: DistillPrompt, answer: tuple[str, bool, int] | None, report: DistillReport,

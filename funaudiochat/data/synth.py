@@ -24,8 +24,8 @@ each finished record is appended to `<manifest>.partial` at once, and a later ru
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import functools
 import json
 import logging
 import multiprocessing
@@ -40,9 +40,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from funaudiochat import fileio
 from funaudiochat.audio.io import resample, save_wav
 from funaudiochat.data import augment
-from funaudiochat.errors import InputError
+from funaudiochat.errors import InputError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +108,14 @@ def parse_requests(path: Path, defaults: dict | None = None) -> list[Utterance]:
         raise InputError(f"{path}: no such file (give a .txt with one sentence per line or a .jsonl of utterances)")
     defaults = dict(defaults or {})
     items, seen = [], set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    jsonl = path.suffix == ".jsonl"
+    for lineno, obj in fileio.read_jsonl(path) if jsonl else fileio.read_lines(path):
         where = f"{path}:{lineno}"
-        if path.suffix == ".jsonl":
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{where}: each line must be a JSON object with at least a \"text\" field")
-        else:
-            obj = {"text": line.strip()}
+        if isinstance(obj, fileio.LineProblem):
+            hint = " (each line is a JSON object with at least a \"text\" field)" if obj.kind == "bad format" else ""
+            raise InputError(f"{where}: {obj}{hint}")
+        if not jsonl:
+            obj = {"text": obj.strip()}
         utt = make_utterance({**defaults, "id": f"utt{lineno:06d}", **obj}, where)
         if utt.id in seen:
             raise InputError(f"{where}: duplicate id {utt.id!r}; ids name the wav files and must be unique")
@@ -180,10 +176,12 @@ def make_utterance(obj: dict, where: str = "<utterance>") -> Utterance:
         if lang != "en":
             problems.append(f"voice {utt.voice!r} speaks English only; use espeak:cmn for lang {lang!r}")
     elif engine == "espeak":
-        if not name:
-            problems.append("an espeak voice needs a name, e.g. 'espeak:en-us', 'espeak:en-us+f3', 'espeak:cmn'")
+        problem = espeak_voice_problem(name, lang)
+        if problem:
+            problems.append(f"voice {utt.voice!r}: {problem}")
     else:
-        problems.append(f"voice {utt.voice!r}: use 'piper' or 'espeak:<voice>'")
+        problems.append(f"voice {utt.voice!r}: use 'piper' or 'espeak:<voice>' (piper speaks English; espeak "
+                        f"English: {', '.join(espeak_voices_for('en'))}; Mandarin: {', '.join(espeak_voices_for('zh'))})")
     if ratios:
         speed = utt.rate / _pitch_factor(utt.pitch)
         fastest, slowest = 1.0 / ratios[0], 1.0 / ratios[-1]
@@ -193,6 +191,58 @@ def make_utterance(obj: dict, where: str = "<utterance>") -> Utterance:
     if problems:
         raise InputError(f"{where}: " + "; ".join(problems))
     return utt
+
+
+def _speaks(codes: tuple[str, ...], lang: str) -> bool:
+    """Whether one of an espeak voice's language codes is English (en, en-*) or Mandarin (cmn*, zh-cmn)."""
+    if lang == "en":
+        return any(c == "en" or c.startswith("en-") for c in codes)
+    return any(c in ("cmn", "zh-cmn") or c.startswith("cmn-") for c in codes)
+
+
+@functools.lru_cache(maxsize=1)
+def espeak_voice_table() -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
+    """({voice name: its language codes}, variant names) of the shipped espeak-ng data (espeakng-loader).
+    A voice is found by its file name (en-us) or its `name` line (klingon), as espeak_SetVoiceByName does."""
+    import espeakng_loader
+
+    data = Path(espeakng_loader.get_data_path())
+    voices: dict[str, tuple[str, ...]] = {}
+    for f in sorted((data / "lang").rglob("*")):
+        if not f.is_file():
+            continue
+        fields = [line.split() for line in f.read_text(encoding="utf-8", errors="replace").splitlines()]
+        codes = tuple(parts[1].lower() for parts in fields if len(parts) >= 2 and parts[0] == "language")
+        names = [" ".join(parts[1:]).lower() for parts in fields if len(parts) >= 2 and parts[0] == "name"]
+        for key in [f.name.lower(), *names]:
+            voices.setdefault(key, codes)
+    variants = tuple(sorted(f.name for f in (data / "voices" / "!v").iterdir() if f.is_file()))
+    return voices, variants
+
+
+def espeak_voices_for(lang: str) -> list[str]:
+    """The espeak voice file names that speak `lang` (en, zh)."""
+    voices, _ = espeak_voice_table()
+    return sorted(name for name, codes in voices.items() if " " not in name and _speaks(codes, lang))
+
+
+def espeak_voice_problem(name: str, lang: str) -> str | None:
+    """Why `espeak:NAME[+VARIANT]` cannot speak `lang`, listing what can; None if it can."""
+    voices, variants = espeak_voice_table()
+    base, _, variant = name.partition("+")
+    language = {"en": "English", "zh": "Mandarin"}[lang]
+    choices = f"{language} espeak voices: {', '.join(espeak_voices_for(lang))} (add +VARIANT for another speaker)"
+    if not base:
+        return f"an espeak voice needs a name; {choices}"
+    codes = voices.get(base.lower())
+    if codes is None:
+        return f"unknown espeak-ng voice {base!r}; {choices}"
+    if not _speaks(codes, lang):
+        return f"espeak-ng voice {base!r} speaks {', '.join(codes) or 'no listed language'}, not {language} " \
+               f"(lang {lang}); {choices}"
+    if variant and variant not in variants:
+        return f"unknown espeak-ng variant {variant!r}; variants: {', '.join(variants)}"
+    return None
 
 
 def _pitch_factor(semitones: float) -> float:
@@ -333,9 +383,8 @@ def _synthesize_to_file(job: tuple) -> dict:
     """Worker: synthesise, write `<id>.wav` atomically, return the manifest record."""
     utt, wav_path, manifest_dir, sample_rate, seed = job
     wav = synthesize(utt, sample_rate, seed)
-    tmp = wav_path.with_name(f".{wav_path.stem}.partial.wav")
-    save_wav(tmp, wav, sample_rate)
-    os.replace(tmp, wav_path)
+    with fileio.atomic_path(wav_path) as tmp:
+        save_wav(tmp, wav, sample_rate)
     return _record(utt, wav_path, manifest_dir, sample_rate, wav.shape[0], seed)
 
 
@@ -348,12 +397,24 @@ def _init_worker(threads: int) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):  # a line cut short by an interruption
-                records.append(json.loads(line))
-    return records
+    """Our own manifest / journal: a line cut short by an interruption (or edited into garbage) is ignored."""
+    if not path.is_file():
+        return []
+    return [r for _, r in fileio.read_jsonl(path) if not isinstance(r, fileio.LineProblem)]
+
+
+def _drop_if_empty(journal: Path) -> None:
+    if journal.is_file() and journal.stat().st_size == 0:
+        journal.unlink()
+
+
+def _resume_hint(message: str, journal: Path, finished: int) -> str:
+    """A failed write: the journal is kept only if it holds finished utterances (a rerun then resumes)."""
+    _drop_if_empty(journal)
+    if finished and journal.is_file():
+        return f"{message}; the {finished} utterances finished before are kept: free some space and run the same " \
+               f"command again to resume"
+    return message
 
 
 def _reusable(record: dict | None, expected: dict, wav_path: Path) -> bool:
@@ -400,30 +461,34 @@ def synthesize_many(utterances: list[Utterance], out_dir: Path, manifest: Path |
         log.info("resuming: %d of %d utterances already synthesised", reused, len(utterances))
 
     start, audio_seconds = time.perf_counter(), 0.0
-    with open(journal, "a", encoding="utf-8") as journal_file, \
-            tqdm(total=len(jobs), desc="synth", unit="utt", disable=not progress) as bar:
-        def finished(record: dict) -> None:
-            nonlocal audio_seconds
-            records[record["id"]] = record
-            audio_seconds += record["duration"]
-            journal_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            journal_file.flush()
-            bar.update(1)
+    try:
+        with fileio.storage_errors(journal), open(journal, "a", encoding="utf-8") as journal_file, \
+                tqdm(total=len(jobs), desc="synth", unit="utt", disable=not progress) as bar:
+            def finished(record: dict) -> None:
+                nonlocal audio_seconds
+                records[record["id"]] = record
+                audio_seconds += record["duration"]
+                journal_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                journal_file.flush()
+                bar.update(1)
 
-        if workers <= 1 or len(jobs) <= 1:
-            for job in jobs:
-                finished(_synthesize_to_file(job))
-        else:
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold onnxruntime threads
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
-                for record in pool.imap_unordered(_synthesize_to_file, jobs):
-                    finished(record)
+            if workers <= 1 or len(jobs) <= 1:
+                for job in jobs:
+                    finished(_synthesize_to_file(job))
+            else:
+                threads = max(1, (os.cpu_count() or 1) // workers)
+                ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold onnxruntime threads
+                with ctx.Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
+                    for record in pool.imap_unordered(_synthesize_to_file, jobs):
+                        finished(record)
+    except StorageError as err:
+        raise StorageError(_resume_hint(str(err), journal, len(records) - reused)) from None
+    except BaseException:
+        _drop_if_empty(journal)
+        raise
     wall = time.perf_counter() - start
 
     ordered = [records[utt.id] for utt in utterances]
-    tmp = manifest.with_name(f".{manifest.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered), encoding="utf-8")
-    os.replace(tmp, manifest)
+    fileio.write_text(manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     journal.unlink(missing_ok=True)
     return SynthReport(ordered, len(jobs), reused, audio_seconds, wall, manifest)

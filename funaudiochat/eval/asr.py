@@ -11,13 +11,13 @@ dominates) and misreads robotic espeak speech less often: on bench/synth.py's 50
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
+from funaudiochat import fileio
 from funaudiochat.audio.io import load_audio, resample
 from funaudiochat.errors import InputError
 from funaudiochat.eval.normalize import normalize_english
@@ -40,13 +40,12 @@ def read_manifest(path: Path) -> list[tuple[str, Path, str]]:
     if not path.is_file():
         raise InputError(f"{path}: no such manifest (a JSONL with \"path\" and \"text\" per line)")
     items = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, record in fileio.read_jsonl(path):
+        if isinstance(record, fileio.LineProblem):
+            raise InputError(f"{path}:{lineno}: {record}")
         try:
-            record = json.loads(line)
             wav, text = Path(record["path"]), str(record["text"])
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (KeyError, TypeError) as err:
             raise InputError(f"{path}:{lineno}: expected a JSON object with \"path\" and \"text\" ({err})") from None
         items.append((str(record.get("id", lineno)), wav if wav.is_absolute() else path.parent / wav, text))
     if not items:

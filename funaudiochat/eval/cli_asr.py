@@ -10,8 +10,9 @@ import json
 import os
 from pathlib import Path
 
+from funaudiochat import fileio
 from funaudiochat.errors import InputError
-from funaudiochat.eval.asr import AsrJudge
+from funaudiochat.eval.asr import AsrJudge, read_manifest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,28 +25,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _write_filtered(manifest: Path, report: dict, max_wer: float, out: Path) -> int:
-    records = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    records = [record for _, record in fileio.read_jsonl(manifest)]  # read_manifest checked every line already
     kept = []
     for record, item in zip(records, report["items"]):
         if item["wer"] is not None and item["wer"] <= max_wer:
             record["path"] = os.path.relpath(Path(item["path"]).resolve(), out.parent.resolve())
             kept.append(json.dumps(record, ensure_ascii=False) + "\n")
-    out.write_text("".join(kept), encoding="utf-8")
+    fileio.write_text(out, "".join(kept))
     return len(kept)
 
 
 def main(args: argparse.Namespace) -> int:
     if (args.max_wer is None) != (args.filtered is None):
         raise InputError("--max-wer and --filtered go together: give both or neither")
+    read_manifest(args.manifest)  # every line checked before the model loads
     report = AsrJudge(compute_type=args.compute_type, beam_size=args.beam_size).score(args.manifest)
     print(f"WER {100 * report['wer']:.2f} %  CER {100 * report['cer']:.2f} %  over {report['n']} utterances")
     worst = sorted((i for i in report["items"] if i["wer"]), key=lambda i: -i["wer"])[:5]
     for item in worst:
         print(f"  {item['id']}: WER {100 * item['wer']:.0f} %  ref {item['reference']!r}  hyp {item['hypothesis']!r}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        fileio.write_text(args.out, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     if args.filtered:
         kept = _write_filtered(args.manifest, report, args.max_wer, args.filtered)
         print(f"kept {kept} of {len(report['items'])} utterances with WER <= {args.max_wer} in {args.filtered}")

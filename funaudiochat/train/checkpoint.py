@@ -5,26 +5,34 @@
     step-N/trainer.json    step, data position, data fingerprint, world size
     step-N/rng-rankR.pt    torch / CUDA / numpy / python RNG states of each process
 
-A folder is written as step-N.tmp and renamed when complete, so a run killed while saving leaves the previous
-checkpoint intact; leftover .tmp folders are removed on the next start. Full state dicts make a checkpoint
-independent of the number of processes (the data order is too, see batching.py).
+Rank 0 writes the whole folder under a temporary name and renames it when complete (funaudiochat.fileio), so a run
+killed while saving leaves the previous checkpoint intact; leftovers are removed on the next start. Full state dicts
+make a checkpoint independent of the number of processes (the data order is too, see batching.py).
+
+Tests can stop a save half-way: with FUNAUDIOCHAT_PAUSE_IN_SAVE=FILE set, rank 0 creates FILE once everything but
+the rename of step-N is written (N: FUNAUDIOCHAT_PAUSE_AT_STEP, default the first save), then waits there
+(FUNAUDIOCHAT_PAUSE_SECONDS, default 60 s), so that a test can kill the run in the middle of a save.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from funaudiochat import fileio
 from funaudiochat.config import FunAudioChatConfig
-from funaudiochat.errors import CheckpointError
+from funaudiochat.errors import CheckpointError, FunAudioChatError
 from funaudiochat.model.checkpoint import load_state_dict_checked, save_model
 from funaudiochat.model.funaudiochat import FunAudioChatModel
-from funaudiochat.train.parallel import DistInfo, barrier
+from funaudiochat.train.parallel import DistInfo
 
 _STEP = re.compile(r"step-(\d+)")
 
@@ -46,18 +54,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def remove_partial(run_dir: Path) -> None:
-    folder = checkpoints_dir(run_dir)
-    if folder.is_dir():
-        for d in folder.glob("*.tmp"):
-            shutil.rmtree(d, ignore_errors=True)
+    """Remove what a killed save left: temporary folders / files of fileio, and `*.tmp` of older versions."""
+    for folder in (Path(run_dir), checkpoints_dir(run_dir)):
+        if folder.is_dir():
+            for d in [*folder.glob("*.tmp"), *folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")]:
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
 
 
 def write_released(cfg: FunAudioChatConfig, state: dict[str, torch.Tensor], out: Path,
-                   tokenizer: Path | None) -> None:
-    """A full state dict -> an inference checkpoint folder in the released format (config.json + safetensors)."""
+                   tokenizer: Path | None, source: str = "the model state") -> None:
+    """A full state dict -> an inference checkpoint folder in the released format (config.json + safetensors).
+    `source` names the state in errors (the input checkpoint, not the temporary output folder)."""
     with torch.device("meta"):
         model = FunAudioChatModel(cfg)
-    load_state_dict_checked(model, state, str(out))  # assigns the CPU tensors; no copy
+    load_state_dict_checked(model, state, source)  # assigns the CPU tensors; no copy
     save_model(model, out)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, out / "tokenizer.json")
@@ -80,24 +90,55 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, cfg: FunAudioChatConfig, model_state: dict, optimizer_state: dict,
                     trainer_state: dict, tokenizer: Path | None, keep_last: int, info: DistInfo) -> Path:
-    """Every process calls this (each writes its RNG state); rank 0 writes the rest and renames the folder."""
+    """Every process calls this: the RNG states are gathered to rank 0, which writes the folder atomically; a
+    failure on rank 0 (a full disk) is raised on every process."""
     folder = checkpoints_dir(run_dir)
-    final, tmp = folder / f"step-{step}", folder / f"step-{step}.tmp"
+    final = folder / f"step-{step}"
+    rngs = _gather(rng_state(), info)
+    error = None
     if info.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(info)
-    torch.save(rng_state(), tmp / f"rng-rank{info.rank}.pt")
-    barrier(info)
-    if info.main:
-        write_released(cfg, model_state, tmp / "model", tokenizer)
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        _prune(folder, keep_last)
-    barrier(info)
+        try:
+            with fileio.atomic_path(final, directory=True) as tmp:
+                for rank, state in enumerate(rngs):
+                    torch.save(state, tmp / f"rng-rank{rank}.pt")
+                write_released(cfg, model_state, tmp / "model", tokenizer)
+                torch.save(optimizer_state, tmp / "optimizer.pt")
+                (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+                _test_pause(step)
+            _prune(folder, keep_last)
+        except Exception as err:  # noqa: BLE001 - told to every process, then re-raised
+            error = err
+    failure = _broadcast(None if error is None else str(error), info)
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise FunAudioChatError(f"rank 0 could not save {final}: {failure}")
     return final
+
+
+def _gather(obj, info: DistInfo) -> list:
+    """Every process's `obj`, on rank 0 (a one-element list without torchrun)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world if info.main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def _broadcast(obj, info: DistInfo):
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _test_pause(step: int) -> None:
+    marker = os.environ.get("FUNAUDIOCHAT_PAUSE_IN_SAVE")
+    at = os.environ.get("FUNAUDIOCHAT_PAUSE_AT_STEP")
+    if marker and not Path(marker).exists() and (at is None or int(at) == step):
+        Path(marker).touch()
+        time.sleep(float(os.environ.get("FUNAUDIOCHAT_PAUSE_SECONDS", "60")))
 
 
 def _prune(folder: Path, keep_last: int) -> None:
@@ -126,9 +167,7 @@ def read_rng_state(step_dir: Path, rank: int) -> dict | None:
 
 def export(run_dir: Path, cfg: FunAudioChatConfig, model_state: dict, tokenizer: Path | None) -> Path:
     """RUN_DIR/final: the trained model as a released-format inference checkpoint (rank 0 only)."""
-    out, tmp = Path(run_dir) / "final", Path(run_dir) / "final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_released(cfg, model_state, tmp, tokenizer)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    out = Path(run_dir) / "final"
+    with fileio.atomic_path(out, directory=True) as tmp:
+        write_released(cfg, model_state, tmp, tokenizer)
     return out

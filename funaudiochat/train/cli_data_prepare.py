@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from funaudiochat import fileio
     from funaudiochat.config import FunAudioChatConfig
     from funaudiochat.text.tokenizer import TextTokenizer
     from funaudiochat.train.data import SampleBuilder
@@ -45,5 +46,5 @@ def main(args: argparse.Namespace) -> int:
                           progress=not args.no_progress)
     print(f"{args.output}: {report.summary()}")
     if args.report:
-        args.report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        fileio.write_text(args.report, json.dumps(report.to_dict(), indent=2) + "\n")
     return 0

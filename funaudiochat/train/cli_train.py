@@ -10,6 +10,8 @@ import argparse
 
 from funaudiochat.train.config import load_recipe
 
+INTERMIXED = True  # `--resume` may come before, between or after the overrides
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (see recipes/)")

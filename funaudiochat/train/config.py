@@ -18,6 +18,7 @@ directory the command runs in.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 import yaml
 
 from funaudiochat.errors import ConfigError
+from funaudiochat.model import presets
 
 DPO_TASKS = ("robustness", "instruction_following", "audio_understanding", "empathy")
 
@@ -119,38 +121,92 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
+        """Every value against its allowed range, all problems in one ConfigError (before anything is loaded)."""
         problems = []
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 problems.append(msg)
 
+        def number(name: str, value, low: float, high: float = math.inf, low_open: bool = False,
+                   high_open: bool = True) -> None:
+            """`value` (the field `name`) must be a finite number in the interval low..high."""
+            ok = isinstance(value, (int, float)) and math.isfinite(value) and \
+                (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+            if not ok:
+                left, right = "(" if low_open else "[", ")" if high_open else "]"
+                interval = f"{left}{low:g}, {'inf' if high == math.inf else f'{high:g}'}{right}"
+                problems.append(f"{name}: must be a finite number in {interval}, got {value!r}")
+
+        number("model.init_std", self.model.init_std, 0, low_open=True)
+        number("data.max_len", self.data.max_len, 1)
+        number("data.num_workers", self.data.num_workers, 0)
+        number("optim.lr", self.optim.lr, 0, low_open=True)
+        number("optim.min_lr", self.optim.min_lr, 0)
+        need(not (self.optim.min_lr > self.optim.lr), f"optim.min_lr: must be at most optim.lr "
+                                                      f"({self.optim.lr!r}), got {self.optim.min_lr!r}")
+        number("optim.warmup_steps", self.optim.warmup_steps, 0)
+        number("optim.warmup_ratio", self.optim.warmup_ratio, 0, 1)
+        number("optim.weight_decay", self.optim.weight_decay, 0)
+        for i, beta in enumerate(self.optim.betas[:2]):
+            number(f"optim.betas[{i}]", beta, 0, 1)
+        number("optim.eps", self.optim.eps, 0, low_open=True)
+        number("optim.grad_clip", self.optim.grad_clip, 0)
+        number("train.steps", self.train.steps, 0)
+        number("train.epochs", self.train.epochs, 0)
+        number("train.seed", self.train.seed, 0, 2**32)
+        number("train.global_batch", self.train.global_batch, 1)
+        number("train.micro_batch", self.train.micro_batch, 1)
+        number("data.bucket_batches", self.data.bucket_batches, 1)
+        number("checkpoint.every", self.checkpoint.every, 0)
+        number("checkpoint.keep_last", self.checkpoint.keep_last, 1)
+        number("log.every", self.log.every, 1)
+        number("dpo.beta", self.dpo.beta, 0, low_open=True)
+        need(self.train.global_batch % max(self.train.micro_batch, 1) == 0,
+             f"train.global_batch: must be a multiple of train.micro_batch ({self.train.micro_batch}), got "
+             f"{self.train.global_batch}")
+        need(self.model.preset is None or callable(getattr(presets, str(self.model.preset), None)),
+             f"model.preset: unknown preset {self.model.preset!r} (known: {', '.join(_preset_names())})")
         need(self.stage in ("sft", "dpo"), f"stage: must be sft or dpo, got {self.stage!r}")
         need((self.model.checkpoint is None) != (self.model.preset is None),
              "model: give exactly one of model.checkpoint (a released-format folder) or model.preset")
         need(self.model.checkpoint is not None or self.model.tokenizer is not None,
              "model.tokenizer: a preset model needs a tokenizer.json path")
         need(bool(self.data.train), "data.train: list at least one JSONL file")
-        need(self.data.max_len > 0, "data.max_len: must be positive")
-        need(self.data.bucket_batches >= 1, "data.bucket_batches: must be >= 1")
         need(self.data.on_error in ("skip", "reject"), f"data.on_error: skip or reject, got {self.data.on_error!r}")
         need(self.optim.schedule in ("cosine", "linear", "constant"),
              f"optim.schedule: cosine, linear or constant, got {self.optim.schedule!r}")
         need(not (self.optim.warmup_steps and self.optim.warmup_ratio),
              "optim: give warmup_steps or warmup_ratio, not both")
         need(len(self.optim.betas) == 2, "optim.betas: two numbers")
-        need(self.train.global_batch > 0 and self.train.micro_batch > 0, "train: batch sizes must be positive")
         need(self.train.steps > 0 or self.train.epochs > 0, "train: steps or epochs must be positive")
         need(self.train.precision in ("fp32", "bf16"), f"train.precision: fp32 or bf16, got {self.train.precision!r}")
         need(self.dist.strategy in ("fsdp", "ddp"), f"dist.strategy: fsdp or ddp, got {self.dist.strategy!r}")
-        need(self.checkpoint.every >= 0 and self.checkpoint.keep_last >= 1,
-             "checkpoint: every >= 0 and keep_last >= 1")
-        need(self.log.every >= 1, "log.every: must be >= 1")
-        need(self.dpo.beta > 0, "dpo.beta: must be positive")
         need(not (self.stage == "dpo" and self.data.packing),
              "data.packing: DPO scores whole sequences per row; set data.packing=false")
         if problems:
             raise ConfigError("invalid recipe:\n  " + "\n  ".join(problems))
+
+    def check_files(self) -> None:
+        """The files the recipe names exist (checked before the model loads; a recipe may be parsed without them)."""
+        problems = []
+        if self.model.checkpoint and not (Path(self.model.checkpoint) / "config.json").is_file():
+            problems.append(f"model.checkpoint: {self.model.checkpoint}: no checkpoint folder with a config.json")
+        tok = Path(self.model.tokenizer or self.model.checkpoint or "")
+        if not (tok / "tokenizer.json" if tok.is_dir() else tok).is_file():
+            problems.append(f"model.tokenizer: {tok}: no tokenizer.json there")
+        if self.dpo.reference and self.stage == "dpo" and not (Path(self.dpo.reference) / "config.json").is_file():
+            problems.append(f"dpo.reference: {self.dpo.reference}: no checkpoint folder with a config.json")
+        for i, path in enumerate(self.data.train):
+            if not Path(path).is_file():
+                problems.append(f"data.train[{i}]: {path}: no such file")
+        if problems:
+            raise ConfigError("the recipe names files that are not there:\n  " + "\n  ".join(problems))
+
+
+def _preset_names() -> list[str]:
+    return sorted(n for n, f in vars(presets).items() if callable(f) and getattr(f, "__module__", "") ==
+                  presets.__name__ and not n.startswith("_"))
 
 
 # ---------------------------------------------------------------------------------------------- building from data

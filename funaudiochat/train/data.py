@@ -29,6 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
+from funaudiochat import fileio
 from funaudiochat.config import FunAudioChatConfig
 from funaudiochat.errors import InputError
 from funaudiochat.text.chat import DEFAULT_SYSTEM
@@ -314,20 +315,10 @@ def _short(obj, n: int = 80) -> str:
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict | RecordError]]:
-    """(line number, record) per non-blank line; a line that is not a JSON object yields a RecordError."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield line_no, RecordError("invalid json", f"not valid JSON ({err.msg} at column {err.colno})")
-                continue
-            if not isinstance(record, dict):
-                yield line_no, RecordError("bad format", f"expected a JSON object, got {type(record).__name__}")
-                continue
-            yield line_no, record
+    """(line number, record) per non-blank line; a line that is not UTF-8 or not a JSON object yields a
+    RecordError (so `on_error=skip` skips just that line)."""
+    for line_no, record in fileio.read_jsonl(path):
+        yield line_no, RecordError(record.kind, record.message) if isinstance(record, fileio.LineProblem) else record
 
 
 def load_records(paths: list[str | Path], build, on_error: str = "skip") -> tuple[list, DataReport]:

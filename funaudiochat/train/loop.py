@@ -23,6 +23,7 @@ import yaml
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset
 
+from funaudiochat import fileio
 from funaudiochat.config import FunAudioChatConfig
 from funaudiochat.errors import CheckpointError, ConfigError
 from funaudiochat.model import presets
@@ -88,8 +89,12 @@ class Trainer:
         if resume_dir:
             self._load_training_state(resume_dir)
         self.metrics = MetricsLog(self.run_dir, info.main, self.start_step, r.log.tensorboard)
+        # every process reports itself, and the metrics record how many took part in a collective
+        log.info("process %d of %d (%s) on %s", info.rank, info.world,
+                 r.dist.strategy if info.enabled else "no torchrun", info.device)
+        self.processes = int(parallel.all_reduce_sum(torch.ones(1), info).item())
         if info.main:
-            (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(r.to_dict(), sort_keys=False))
+            fileio.write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(r.to_dict(), sort_keys=False))
 
     def _resume_dir(self) -> Path | None:
         if self.info.main:
@@ -205,7 +210,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - t0
             done = step + 1
-            stats.update(lr=lr, grad_norm=float(norm),
+            stats.update(lr=lr, grad_norm=float(norm), processes=self.processes,
                          step_time=elapsed, tokens_per_s=stats["tokens"] / elapsed)
             if done % r.log.every == 0 or done == self.total_steps:
                 self.metrics.write(done, stats)
@@ -305,6 +310,8 @@ class Trainer:
 
 
 def run(recipe: Recipe, resume: bool = False) -> Trainer:
+    recipe.validate()  # values were checked when parsed; a Recipe built or changed in code is checked here
+    recipe.check_files()
     trainer = Trainer(recipe, resume)
     try:
         trainer.setup()
@@ -357,4 +364,4 @@ def _progress(r: Recipe, info: parallel.DistInfo, start: int, total: int):
 
 def _log_report(report: DataReport, run_dir: Path) -> None:
     log.info("data: %s", report.summary())
-    (run_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    fileio.write_text(run_dir / "data_report.json", json.dumps(report.to_dict(), indent=2) + "\n")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from funaudiochat import fileio
 from funaudiochat.config import FunAudioChatConfig
 from funaudiochat.errors import CheckpointError, InputError
 from funaudiochat.model.checkpoint import read_state_dict
@@ -66,14 +67,16 @@ def merge_checkpoints(base_dir: Path, tuned_dir: Path, out_dir: Path, alpha: flo
     for d in (base_dir, tuned_dir):
         if not d.is_dir():
             raise CheckpointError(f"{d}: checkpoint folder not found")
-    merged = merge_state_dicts(read_state_dict(base_dir), read_state_dict(tuned_dir), alpha)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_released(FunAudioChatConfig.load(tuned_dir), merged, tmp, tokenizer=None)
-    for f in tuned_dir.iterdir():  # tokenizer.json, generation_config.json, ...
-        weights = f.name.endswith((".safetensors", ".safetensors.index.json"))
-        if f.is_file() and not weights and not (tmp / f.name).exists():
-            shutil.copyfile(f, tmp / f.name)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    try:
+        merged = merge_state_dicts(read_state_dict(base_dir), read_state_dict(tuned_dir), alpha)
+    except CheckpointError as err:
+        raise CheckpointError(f"BASE {base_dir}, STAGE1 {tuned_dir}: {err}") from None
+    cfg = FunAudioChatConfig.load(tuned_dir)
+    # written under a temporary name and renamed (fileio): a failure leaves neither a partial OUT nor a temp folder
+    with fileio.atomic_path(out_dir, directory=True) as tmp:
+        write_released(cfg, merged, tmp, tokenizer=None, source=f"{tuned_dir} (STAGE1, with its config.json)")
+        for f in tuned_dir.iterdir():  # tokenizer.json, generation_config.json, ...
+            weights = f.name.endswith((".safetensors", ".safetensors.index.json"))
+            if f.is_file() and not weights and not (tmp / f.name).exists():
+                shutil.copyfile(f, tmp / f.name)
     return out_dir

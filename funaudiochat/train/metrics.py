@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
+
+from funaudiochat import fileio
 
 log = logging.getLogger(__name__)
 
@@ -17,13 +18,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-    return rows
+    # a line cut by a kill is not a JSON object: skipped
+    return [row for _, row in fileio.read_jsonl(path) if not isinstance(row, fileio.LineProblem)]
 
 
 class MetricsLog:
@@ -34,9 +30,7 @@ class MetricsLog:
         if not enabled:
             return
         kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step] if resume_step else []
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        fileio.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a", buffering=1)
         if tensorboard:
             try:
@@ -49,7 +43,8 @@ class MetricsLog:
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        with fileio.storage_errors(self.path):
+            self.file.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from funaudiochat import fileio
 from funaudiochat.errors import InputError
 from funaudiochat.train.metrics import METRICS_FILE, read_metrics
 
@@ -28,8 +29,11 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out = Path(out) if out else run_dir / "loss.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with fileio.atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -99,5 +99,8 @@ def main(args: argparse.Namespace) -> int:
     log.info("serving %s on http://%s:%d (OpenAI base_url http://%s:%d/v1)", ", ".join(ctx.served_models),
              args.host, args.port, args.host, args.port)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
+        pass
     return 0

@@ -170,3 +170,17 @@ def test_audio_chunks_stream_per_session(parts, tmp_path, one_thread):
         assert end.audio is not None and end.audio.size == sum(c.size for c in chunks)
         assert end.usage.first_audio_s is not None
         assert not any(isinstance(ev, TextDelta) and not ev.text for ev in events)
+
+
+def test_stop_strings_across_text_pieces_are_never_sent():
+    from funaudiochat.serve.scheduler import _StopFilter
+
+    f = _StopFilter(["cde", "xyz"])
+    assert f.push("abc") == ("ab", False)   # "c" may start "cde": held
+    assert f.push("d") == ("", False)
+    assert f.push("ef") == ("", True)       # "cde" found: the text ends before it
+    assert f.text == "ab"
+    g = _StopFilter(["cde"])
+    assert g.push("abc") == ("ab", False) and g.push("x") == ("cx", False) and g.flush() == ""
+    h = _StopFilter([])
+    assert h.push("abc") == ("abc", False)

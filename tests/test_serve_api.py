@@ -221,6 +221,23 @@ def test_text_chat_streams_content(server):
     assert whole.usage.completion_tokens_details.audio_tokens == 0
 
 
+def test_stop_strings_and_seeds(server):
+    client = server.client()
+    msgs = [{"role": "user", "content": words([64, 65])}]
+    whole = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
+    text = whole.choices[0].message.content
+    stop = text.split()[3]  # a word of the answer, and what comes after it, must not be sent
+    expected = text[:text.index(stop)].strip()
+    cut = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0, stop=[stop, "zz"])
+    assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=12, temperature=0, stop=stop, stream=True) if c.choices)
+    assert streamed.strip() == expected
+    sampled = [client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=1.5, seed=s)
+               .choices[0].message.content for s in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
 def test_transcription(server, tmp_path):
     client = server.client()
     wav = write_wav(tmp_path / "q.wav", 1.0, freq=250)

@@ -342,7 +342,8 @@ class Scheduler:
         num_codes = self.engine.cfg.audio_config.num_codes
         detok = None
         make_audio = req.mode == "s2s" and req.audio_out and self.detokenizer is not None
-        text, codes, chunks = "", [], []
+        stops = _StopFilter(req.stop)
+        codes, chunks = [], []
         first_text = first_audio = None
         stopped = False
         audio_job = None  # the last detokenizer call: calls run one after another (a session's stream is stateful)
@@ -379,11 +380,9 @@ class Scheduler:
                         continue
                     delta = decoder.push(item.token)
                     if delta:
-                        cut = _stop_cut(text + delta, req.stop, len(text))
-                        if cut is not None:
-                            delta, stopped = (text + delta)[:cut][len(text):], True
+                        delta, stopped = stops.push(delta)
+                        if stopped:
                             session.cancel()
-                        text += delta
                         if delta:
                             first_text = first_text or time.perf_counter() - session.submitted
                             session._out.put_nowait(TextDelta(delta))
@@ -401,10 +400,13 @@ class Scheduler:
                     await audio_job
                 if detok is not None and codes and not session._abandoned:
                     emit_audio([await loop.run_in_executor(self._detok_pool, detok.finalize)])
+                held = stops.flush()
+                if held:
+                    session._out.put_nowait(TextDelta(held))
                 reason = "stop" if stopped else item.reason
                 usage = Usage(session.prompt_tokens, len(item.text_ids), item.speech_tokens, item.prefill_s,
                               first_text, first_audio, time.perf_counter() - session.submitted)
-                final_text = text if stopped else self.tokenizer.decode(item.text_ids)
+                final_text = stops.text if stopped else self.tokenizer.decode(item.text_ids)
                 session._out.put_nowait(TurnEnd(final_text, item.text_ids, tuple(codes), reason, usage,
                                                 np.concatenate(chunks) if chunks else None))
                 return
@@ -591,13 +593,26 @@ class Scheduler:
         return state
 
 
-def _stop_cut(text: str, stops, searched_from: int) -> int | None:
-    """Index where the first stop string starts in `text` (searching only where a new match can be), or None."""
-    best = None
-    for s in stops:
-        if not s:
-            continue
-        at = text.find(s, max(0, searched_from - len(s) + 1))
-        if at >= 0 and (best is None or at < best):
-            best = at
-    return best
+class _StopFilter:
+    """Stop strings on streamed text: text that may still become a stop string is held back until it cannot."""
+
+    def __init__(self, stops):
+        self.stops = [x for x in stops if x]
+        self.text, self.sent = "", 0
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        """-> (text safe to send now, a stop string was found: the text ends before it)."""
+        self.text += delta
+        hits = [i for i in (self.text.find(x, self.sent) for x in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            return self.flush(), True
+        hold = max((n for x in self.stops for n in range(len(x) - 1, 0, -1) if self.text.endswith(x[:n])),
+                   default=0)
+        safe = max(self.sent, len(self.text) - hold)
+        out, self.sent = self.text[self.sent:safe], safe
+        return out, False
+
+    def flush(self) -> str:
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out

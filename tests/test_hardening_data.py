@@ -201,6 +201,9 @@ def test_check_reference_refuses_a_training_run_and_a_folder_without_cases(run_d
     (golden / "golden.json").write_text("{}")
     run = cli("check-reference", golden)
     assert run.returncode == 1 and "no cases found" in run.stdout and "all cases pass" not in run.stdout
+    (golden / "golden.json").write_text("{not json")  # an unreadable golden folder is a failure, not a traceback
+    run = cli("check-reference", golden)
+    assert run.returncode == 1 and f"FAIL {golden}: cannot replay it (JSONDecodeError" in run.stdout
 
 
 # ------------------------------------------------------------------------------------------------------ item 12

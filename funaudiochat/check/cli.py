@@ -76,7 +76,12 @@ def main(args: argparse.Namespace) -> int:
     all_ok, n_cases = True, 0
     for directory, module_name in dirs:
         print(f"== {directory}")
-        results = importlib.import_module(module_name).run(directory, args)
+        try:
+            results = importlib.import_module(module_name).run(directory, args)
+        except Exception as err:  # an unreadable golden folder is one failure; the other folders still run
+            print(f"  FAIL {directory}: cannot replay it ({type(err).__name__}: {err})")
+            all_ok = False
+            continue
         for r in results:
             print("  " + r.line())
             all_ok &= r.ok

@@ -4,6 +4,7 @@ nothing, and a refused, failing or cancelled turn leaves a session as it was."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -148,11 +149,15 @@ def test_bad_arrays_say_what_is_expected_and_count_audios_per_turn(engine, tok):
     assert len(session.history) == 2
 
 
-def test_text_with_undecodable_bytes_is_refused(engine, tok):
+def test_text_with_undecodable_bytes_or_special_tokens_is_refused(engine, tok):
     with pytest.raises(InputError, match="not valid UTF-8 \\(byte 0xe9 at character 3\\)"):
         _session(engine, tok).ask(text="caf\udce9")
     with pytest.raises(InputError, match="expected a string"):
         _session(engine, tok).ask(text=b"cafe")
+    # typed special tokens would end the turn early or add an audio slot with no audio
+    for special in ("<|im_end|>", "<|AUDIO|>"):
+        with pytest.raises(InputError, match=f"contains the special token {re.escape(special)}"):
+            _session(engine, tok).ask(audio=_wav(), text=f"{words([40])} {special} {words([41])}")
 
 
 # ------------------------------------------------------------------ item 10: load_audio's rates
@@ -254,8 +259,7 @@ def test_infer_refuses_bad_input_before_loading_anything(ckpt, tmp_path):
     err = _one_error_line(subprocess.run(CLI + ["infer", "--model", str(ckpt), b"--text", b"caf\xe9"],
                                          capture_output=True, timeout=300))
     assert "--text: is not valid UTF-8 (byte 0xe9" in err
-    # item 6: devices
-    assert "this machine has: cpu" in _one_error_line(_infer(ckpt, "--text", "w40", "--device", "tpu9", text=True))
+    # item 6: the README's device on the CPU build of torch (other device names: test_device_names_...)
     if torch.version.cuda is None:
         err = _one_error_line(_infer(ckpt, "--text", "w40", "--device", "cuda", text=True))
         assert "CPU-only build" in err and "pip install torch==" in err

@@ -23,13 +23,14 @@ import torch
 
 from funaudiochat import fileio
 from funaudiochat.engine.events import TextDelta, TurnEnd, stream_turn
-from funaudiochat.engine.inputs import check_trained, user_audio, user_text
+from funaudiochat.engine.inputs import check_trained, typed_text, user_audio, user_text
 from funaudiochat.engine.loading import (add_runtime_arguments, add_sampling_arguments, check_runtime_arguments,
                                          load_runtime, read_config, sampling_overrides)
 from funaudiochat.engine.presets import default_system, generation_preset
 from funaudiochat.engine.prompt import build_prompt
 from funaudiochat.errors import FunAudioChatError, InputError, StorageError
 from funaudiochat.text.chat import ASR_INSTRUCTION, SYSTEM_PRESETS, user_content
+from funaudiochat.text.tokenizer import TextTokenizer
 from funaudiochat.text.tools import parse_tool_calls, tools_system_prompt
 
 
@@ -74,6 +75,9 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("--task asr transcribes audio: give --audio")
     overrides = sampling_overrides(args)
     cfg = read_config(args.model)
+    tokenizer = TextTokenizer.from_file(args.model)
+    if text is not None:
+        text = typed_text(tokenizer, text, "--text")
     audios = [user_audio(a) for a in args.audio]
     mode = args.mode or ("s2t" if args.task == "asr" or args.tools else "s2s")
     if not check_trained(cfg, bool(audios), mode == "s2s", args.allow_untrained):
@@ -95,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
               f"wav is made (give --detokenizer COSYVOICE_DIR for {args.out}/answer.wav)", file=sys.stderr)
 
     rt = load_runtime(args.model, args.dtype, device, speech=mode == "s2s", detokenizer_dir=args.detokenizer,
-                      speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile)
+                      speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile, tokenizer=tokenizer)
     gen = generation_preset(mode, rt.tokenizer, **overrides)
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user_content(len(audios), text)}]
     prompt = build_prompt(rt.tokenizer, rt.engine.cfg, messages, audios)

@@ -6,6 +6,7 @@
   token (40 ms) long.
 - `user_text`: a str that is valid Unicode. Python decodes command-line bytes that are not UTF-8 into lone
   surrogates (PEP 383); the tokenizer cannot take those, so they are refused here with the offending byte.
+  `typed_text` also refuses special tokens written out in a user's text.
 - `untrained_parts_error` / `check_trained`: a checkpoint whose config marks its hearing or speaking parts as never
   trained (the fun-audio-chat-mini starting point) is refused audio input, and its speech output is switched off.
 """
@@ -50,6 +51,17 @@ def user_text(text, label: str = "text") -> str:
                 else f"lone surrogate U+{ord(bad):04X}")
         raise InputError(f"{label}: is not valid UTF-8 ({what} at character {err.start}); write it in UTF-8 (check "
                          f"the terminal's locale, e.g. LANG=C.UTF-8)") from None
+    return text
+
+
+def typed_text(tokenizer, text: str, label: str = "text") -> str:
+    """`user_text`, and no special tokens written out (`<|im_end|>`, `<|AUDIO|>`, ...): the prompt builder places
+    those itself, and a typed one would break the conversation's structure or its audio count."""
+    text = user_text(text, label)
+    special = [i for i in tokenizer.encode(text) if tokenizer.is_special(i)]
+    if special:
+        name = tokenizer.decode(special[:1], skip_special=False)
+        raise InputError(f"{label}: contains the special token {name}, which typed text cannot hold")
     return text
 
 

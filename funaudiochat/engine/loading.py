@@ -23,11 +23,11 @@ class Runtime:
 
 def load_runtime(model_dir: str | Path, dtype: str | None = None, device: str = "cpu", speech: bool = True,
                  detokenizer_dir: str | Path | None = None, speaker=None, max_seq_len: int = 4096,
-                 compile: bool = False) -> Runtime:
+                 compile: bool = False, tokenizer: TextTokenizer | None = None) -> Runtime:
     device = resolve_device(device, "device")
     model_dir = Path(model_dir)
     read_config(model_dir)
-    tokenizer = TextTokenizer.from_file(model_dir)
+    tokenizer = tokenizer or TextTokenizer.from_file(model_dir)
     model = load_model(model_dir, dtype=dtype, device=device, speech_head=speech)
     detok = None
     if detokenizer_dir is not None:

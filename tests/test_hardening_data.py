@@ -147,12 +147,8 @@ def test_data_synth_unknown_voice_lists_the_voices_and_synthesises_nothing(tmp_p
     line = error_line(cli("data", "synth", lines, "--out-dir", out, "--voice", "espeak:klingon"), "data synth")
     assert "espeak-ng voice 'klingon' speaks piqd, not English" in line
     assert "English espeak voices: en, " in line and "en-us" in line
-    line = error_line(cli("data", "synth", lines, "--out-dir", out, "--voice", "espeak:no-such"), "data synth")
-    assert "unknown espeak-ng voice 'no-such'" in line and "en-gb-x-rp" in line
     line = error_line(cli("data", "synth", lines, "--out-dir", out, "--voice", "espeak:en-us+zz"), "data synth")
     assert "unknown espeak-ng variant 'zz'; variants: " in line and "f3" in line
-    line = error_line(cli("data", "synth", lines, "--out-dir", out, "--voice", "piper:amy"), "data synth")
-    assert "the only Piper voice shipped is 'piper:joe'" in line
     # a bad voice on line 2 stops the run before line 1 is synthesised
     jsonl = tmp_path / "u.jsonl"
     jsonl.write_text('{"text": "One."}\n{"text": "Two.", "voice": "espeak:klingon"}\n', encoding="utf-8")
@@ -169,20 +165,18 @@ def test_train_out_of_range_values_name_field_and_range_before_loading(tmp_path)
     recipe["run_dir"] = str(tmp_path / "run")
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     run = cli("train", tmp_path / "r.yaml", "optim.lr=-1", "optim.betas=[0.9, 1.5]", "train.seed=-3",
-              "optim.min_lr=.nan", "dpo.beta=0", "data.max_len=0", "train.global_batch=3")
-    error_line(run, "train")
+              "optim.min_lr=.nan", "dpo.beta=0", "data.max_len=0", "train.global_batch=3", "model.preset=huge")
+    error_line(run, "train")  # "invalid recipe:", then one indented line per problem
     for expected in ("optim.lr: must be a finite number in (0, inf), got -1.0",
                      "optim.betas[1]: must be a finite number in [0, 1), got 1.5",
                      "train.seed: must be a finite number in [0, 4.29497e+09), got -3",
                      "optim.min_lr: must be a finite number in [0, inf), got nan",
                      "dpo.beta: must be a finite number in (0, inf), got 0.0",
                      "data.max_len: must be a finite number in [1, inf), got 0",
-                     "train.global_batch: must be a multiple of train.micro_batch (2), got 3"):
+                     "train.global_batch: must be a multiple of train.micro_batch (2), got 3",
+                     "model.preset: unknown preset 'huge' (known: fun_audio_chat_8b, tiny)"):
         assert expected in run.stderr, run.stderr
     assert not (tmp_path / "run").exists()  # nothing was set up
-    run = cli("train", tmp_path / "r.yaml", f"data.train={tmp_path / 'nope.jsonl'}", "model.preset=huge")
-    error_line(run, "train")  # "invalid recipe:", then one indented line per problem
-    assert "model.preset: unknown preset 'huge' (known: fun_audio_chat_8b, tiny)" in run.stderr
     run = cli("train", tmp_path / "r.yaml", f"data.train={tmp_path / 'nope.jsonl'}")
     assert f"data.train[0]: {tmp_path / 'nope.jsonl'}: no such file" in run.stderr and run.returncode == 1
     assert not (tmp_path / "run").exists()

@@ -195,6 +195,10 @@ def test_parse_requests_text_and_jsonl(tmp_path):
     ('{"text": "x", "rate": "fast"}', "wrong type"),
     ('{"text": "x", "telephone": "no"}', "true or false"),
     ('not json', "not valid JSON"),
+    ('{"text": "x", "voice": "piper:amy"}', "the only Piper voice shipped is 'piper:joe'"),
+    ('{"text": "x", "voice": "espeak:klingon"}', "speaks piqd, not English .*English espeak voices: en, "),
+    ('{"text": "x", "lang": "zh", "voice": "espeak:en-us"}', "not Mandarin .*Mandarin espeak voices: cmn"),
+    ('{"text": "x", "voice": "espeak:en-us+nobody"}', "unknown espeak-ng variant 'nobody'; variants: .*f3"),
 ])
 def test_bad_requests_name_the_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"

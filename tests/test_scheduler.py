@@ -184,3 +184,33 @@ def test_stop_strings_across_text_pieces_are_never_sent():
     assert g.push("abc") == ("ab", False) and g.push("x") == ("cx", False) and g.flush() == ""
     h = _StopFilter([])
     assert h.push("abc") == ("abc", False)
+
+
+def test_an_engine_failure_ends_its_sessions_and_the_scheduler_goes_on(parts, one_thread, monkeypatch):
+    from funaudiochat.serve.scheduler import EngineFailure
+
+    engine, tok = parts
+    sched = Scheduler(engine, tok, max_sessions=2)
+    real = engine.forward_step
+    calls = {"n": 0}
+
+    def failing_once(*args, **kw):  # a fault injected into one decode step (e.g. out of memory)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected fault")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine, "forward_step", failing_once)
+
+    async def main():
+        sched.start()
+        try:
+            with pytest.raises(EngineFailure, match="injected fault"):
+                await _collect(await sched.submit(_request(0.6, 12, 20)))
+            end, _ = await _collect(await sched.submit(_request(0.6, 13, 4)))
+            return end
+        finally:
+            await sched.stop()
+
+    end = asyncio.run(main())
+    assert end.finish_reason in ("stop", "length") and sched.alive is False and sched.active_sessions == 0

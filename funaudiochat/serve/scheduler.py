@@ -146,6 +146,7 @@ class Session:
         self._cancel = threading.Event()
         self._done = False
         self._abandoned = False  # the consumer left before TurnEnd: nothing more is synthesised for it
+        self._ended = False      # (engine thread) its last engine item was sent and its row freed
         self.submitted = time.perf_counter()
         self._pump = None
 
@@ -426,39 +427,48 @@ class Scheduler:
                     break
                 new = self._inbox.popleft() if self._inbox else None
             if new is not None:
-                self._admit(new)
+                try:
+                    self._admit(new)
+                except Exception as err:  # the engine failed on this prompt: it alone ends
+                    log.exception("prefill of session %s failed", new.id)
+                    self._end(new, EngineFailure(f"the engine failed on this request: {err}"))
             for batch in list(self._batches.values()):
-                self._step(batch)
+                try:
+                    self._step(batch)
+                except Exception as err:  # a failed step ends the sessions of its batch; the others go on
+                    log.exception("a decode step failed; ending its %d session(s)", len(batch.rows))
+                    self._batches.pop(batch.key, None)
+                    for row in batch.rows:
+                        self._end(row.session, EngineFailure(f"the engine failed during generation: {err}"))
         for batch in list(self._batches.values()):  # shutting down: end every running session
             for row in batch.rows:
                 self._finish(row, "cancelled")
         while self._inbox:
-            s = self._inbox.popleft()
-            s._push(EngineFailure("the server is shutting down"))
-            s._loop.call_soon_threadsafe(self._release, s)
+            self._end(self._inbox.popleft(), EngineFailure("the server is shutting down"))
+
+    def _end(self, session: Session, item) -> None:
+        """The session's last engine item (a _Finish or an EngineFailure); frees its row. Idempotent."""
+        if session._ended:
+            return
+        session._ended = True
+        session._push(item)
+        session._loop.call_soon_threadsafe(self._release, session)
 
     def _admit(self, session: Session) -> None:
         """Prefill a new session alone, choose its first token, then let it join a batch."""
         if session.cancelled:
-            session._push(_Finish("cancelled", (), 0, 0.0))
-            session._loop.call_soon_threadsafe(self._release, session)
+            self._end(session, _Finish("cancelled", (), 0, 0.0))
             return
         gen = session.gen
-        try:
-            t0 = time.perf_counter()
-            state, logits, group = self.engine.prefill(session.prompt, gen)
-            result = self.engine.choose_step(state, logits, group, gen)
-            self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
-        except Exception as err:
-            log.exception("prefill of session %s failed", session.id)
-            session._push(EngineFailure(f"the engine failed on this request: {err}"))
-            session._loop.call_soon_threadsafe(self._release, session)
-            return
+        t0 = time.perf_counter()
+        state, logits, group = self.engine.prefill(session.prompt, gen)
+        result = self.engine.choose_step(state, logits, group, gen)
+        self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
         ids = session.prompt.input_ids[0].tolist()
         row = _Row(session, gen, gen.max_new_tokens, session.prompt_tokens, tail=ids[-self._tail_len(gen):],
                    prefill_s=state.timings.get("prefill_s", 0.0))
         self._emit(row, result, 0)
-        if self._row_done(row, result, 0):
+        if self._row_done(row):
             return
         key = _batch_key(gen, session.id if gen.seed is not None and gen.do_sample else None)
         batch = self._batches.get(key)
@@ -466,9 +476,9 @@ class Scheduler:
             batched_gen = gen.with_(max_new_tokens=_UNBOUNDED, force_text_abos=False, seed=None)
             self._batches[key] = _Batch(key, batched_gen, [row], self._repack([(state, 0)], [row]))
         else:
-            parts = [(batch.state, i) for i in range(len(batch.rows))] + [(state, 0)]
-            batch.rows.append(row)
-            batch.state = self._repack(parts, batch.rows)
+            rows = batch.rows + [row]
+            batch.state = self._repack([(batch.state, i) for i in range(len(batch.rows))] + [(state, 0)], rows)
+            batch.rows = rows
 
     @staticmethod
     def _tail_len(gen: GenerationConfig) -> int:
@@ -484,25 +494,17 @@ class Scheduler:
                 return
         state = batch.state
         state.tokens, state.speech = [], [[] for _ in batch.rows]
-        if batch.gen.bad_words_ids:
+        if batch.gen.bad_words_ids:  # the history the bad-word check reads: each row's last ids
             state.prompt_ids = torch.tensor([row.tail for row in batch.rows], device=self.engine.device)
-        try:
-            t0 = time.perf_counter()
-            logits, group = self.engine.forward_step(state, batch.gen)
-            result = self.engine.choose_step(state, logits, group, batch.gen)
-            self.metrics.step_seconds.observe(time.perf_counter() - t0)
-            self.metrics.batch_rows.observe(len(batch.rows))
-        except Exception as err:
-            log.exception("a decode step failed; ending its %d session(s)", len(batch.rows))
-            for row in batch.rows:
-                row.session._push(EngineFailure(f"the engine failed during generation: {err}"))
-                row.session._loop.call_soon_threadsafe(self._release, row.session)
-            del self._batches[batch.key]
-            return
+        t0 = time.perf_counter()
+        logits, group = self.engine.forward_step(state, batch.gen)
+        result = self.engine.choose_step(state, logits, group, batch.gen)
+        self.metrics.step_seconds.observe(time.perf_counter() - t0)
+        self.metrics.batch_rows.observe(len(batch.rows))
         done = set()
         for i, row in enumerate(batch.rows):
             self._emit(row, result, i)
-            if self._row_done(row, result, i):
+            if self._row_done(row):
                 done.add(i)
         if done:
             self._drop(batch, done)
@@ -519,10 +521,9 @@ class Scheduler:
         self.metrics.tokens.inc(1 + (len(group) if group else 0))
         row.session._push(_Step(token, group, bool(result.speech_ended[i])))
 
-    def _row_done(self, row: _Row, result, i: int) -> bool:
+    def _row_done(self, row: _Row) -> bool:
         """Finish the row if its answer is complete -> True."""
-        token = row.text_ids[-1]
-        if token in row.gen.eos_ids:
+        if row.text_ids[-1] in row.gen.eos_ids:
             self._finish(row, "stop")
             return True
         if row.generated >= row.max_new:
@@ -531,8 +532,7 @@ class Scheduler:
         return False
 
     def _finish(self, row: _Row, reason: str) -> None:
-        row.session._push(_Finish(reason, tuple(row.text_ids), row.speech_tokens, row.prefill_s))
-        row.session._loop.call_soon_threadsafe(self._release, row.session)
+        self._end(row.session, _Finish(reason, tuple(row.text_ids), row.speech_tokens, row.prefill_s))
 
     def _drop(self, batch: _Batch, gone: set[int]) -> None:
         keep = [i for i in range(len(batch.rows)) if i not in gone]

@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-audio-seconds", type=float, default=600.0, help="longest audio input per request")
     g.add_argument("--max-messages", type=int, default=256, help="most messages in one chat request")
     g.add_argument("--hop", type=int, default=15, help="speech tokens per streamed audio chunk (15 = 0.6 s)")
+    g.add_argument("--detokenizer-threads", type=int, default=1,
+                   help="worker threads turning speech tokens into audio, beside the engine's thread")
 
 
 def build_context(args: argparse.Namespace):
@@ -50,7 +52,7 @@ def build_context(args: argparse.Namespace):
     from funaudiochat.serve.scheduler import Scheduler
     from funaudiochat.serve.voices import Voices
 
-    for name in ("max_sessions", "port", "max_messages", "hop"):
+    for name in ("max_sessions", "port", "max_messages", "hop", "detokenizer_threads"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("wait_timeout", "max_body_mb", "max_audio_seconds"):
@@ -63,7 +65,8 @@ def build_context(args: argparse.Namespace):
     rt = load_runtime(args.model, args.dtype, args.device, speech=True, detokenizer_dir=args.detokenizer,
                       speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile)
     scheduler = Scheduler(rt.engine, rt.tokenizer, rt.detokenizer, max_sessions=args.max_sessions,
-                          max_waiting=args.max_waiting, wait_timeout_s=args.wait_timeout, detokenizer_hop=args.hop)
+                          max_waiting=args.max_waiting, wait_timeout_s=args.wait_timeout, detokenizer_hop=args.hop,
+                          detokenizer_threads=args.detokenizer_threads)
     names = args.served_model_name or [args.model.resolve().name]
     return ServerContext(scheduler, names, api_key=args.api_key or None,
                          voices=Voices(rt.detokenizer, args.voices),

@@ -39,6 +39,13 @@ def _ctx(request: HTTPRequest) -> ServerContext:
     return request.app.state.ctx
 
 
+def _check_capacity(ctx: ServerContext) -> None:
+    try:
+        ctx.scheduler.check_capacity()
+    except Exception as err:
+        raise to_api_error(err) from None
+
+
 async def _submit(ctx: ServerContext, request: Request):
     try:
         return await ctx.scheduler.submit(request)
@@ -63,6 +70,7 @@ async def chat_completions(request: HTTPRequest):
     ctx = _ctx(request)
     body = await read_json(request, ctx.max_body_bytes)
     call = parse_chat(body, ctx.served_models, ctx.limits, ctx.voices, ctx.audio_store, ctx.can_speak)
+    _check_capacity(ctx)
     await _decode_audios(call, ctx)
     session = await _submit(ctx, call.request)
     answer = _Answer(ctx, call, session)
@@ -272,6 +280,7 @@ async def transcriptions(request: HTTPRequest):
                           "response_format", "unsupported_value")
     if _form_text(form, "stream", "false") not in ("false", "False", "0"):
         raise bad_request("streamed transcriptions are not supported; omit 'stream'", "stream", "unsupported_value")
+    _check_capacity(ctx)
     wav = await _form_audio(form, ctx)
     req = Request([{"role": "user", "content": user_content(1, ASR_INSTRUCTION)}], [wav], mode="s2t",
                   audio_out=False)

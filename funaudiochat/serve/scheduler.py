@@ -15,6 +15,7 @@ Public interface (what the HTTP API, the realtime WebSocket and `/api/chat` buil
   OpenAI-style tools (turned into the released function-calling system prompt), generation overrides of the mode's
   preset (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, do_sample, text_greedy), stop
   strings, the voice (a detokenizer speaker name or a [1, 192] x-vector) and whether to synthesise audio.
+- `check_capacity()` raises the 429 at once when the waiting room is full (cheap: call it before decoding uploads).
 - `submit` validates and builds the prompt off the event loop (bad input raises `InputError` /
   `ContextLengthError`), then waits for a free batch row: when `max_waiting` requests already wait it raises
   `ServerBusyError` (status 429) at once; after `wait_timeout_s` without a row it raises `ServerBusyError` (503). Both
@@ -302,15 +303,11 @@ class Scheduler:
         """Build the prompt, wait (bounded) for a batch row, queue the session for the engine; see module doc."""
         if self._stop or not self.alive:
             raise ServerBusyError("the engine is not running", 503, 5)
+        self.check_capacity()  # before building the prompt: a flood costs no feature extraction
         loop = asyncio.get_running_loop()
         prompt, gen = await loop.run_in_executor(self._prep_pool, self.prepare, request)
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_sessions)
         if self._slots.locked():
-            if self._waiting >= self.max_waiting:
-                self.metrics.rejected.inc()
-                raise ServerBusyError(f"all {self.max_sessions} sessions are busy and {self._waiting} requests "
-                                      f"already wait; retry later", 429, 2)
+            self.check_capacity()
             self._waiting += 1
             try:
                 await asyncio.wait_for(self._slots.acquire(), self.wait_timeout_s)
@@ -329,6 +326,15 @@ class Scheduler:
             self._inbox.append(session)
             self._cond.notify_all()
         return session
+
+    def check_capacity(self) -> None:
+        """Raise ServerBusyError (429) now if a new request could not even wait (event loop only)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_sessions)
+        if self._slots.locked() and self._waiting >= self.max_waiting:
+            self.metrics.rejected.inc()
+            raise ServerBusyError(f"all {self.max_sessions} sessions are busy and {self._waiting} requests already "
+                                  f"wait; retry later", 429, 2)
 
     def _release(self, session: Session) -> None:
         """Called on the event loop when a session's engine part ended."""

@@ -25,9 +25,10 @@ Audio is base64 pcm16 mono 24 kHz both ways; the model hears 16 kHz (resampled h
 Barge-in (server VAD): speech that starts while an answer is being produced or played cancels the response (the
 scheduler stops it at its next engine step) and truncates the assistant item to what the client can have played:
 the audio sent, capped by the wall time since its first chunk went out (played in real time). A client that knows
-better sends conversation.item.truncate with audio_end_ms. The kept text is the same fraction of the answer's text
-as the heard part is of its audio, cut at a word boundary (text and speech are produced together, so the text of a
-cut answer is only known to this precision).
+better sends conversation.item.truncate with audio_end_ms. The kept text is the text the model had produced by the
+engine step whose speech was the last heard (each speech token is 40 ms of audio; text and speech are produced
+together, one text token per step), so the history holds what the user could have heard, to the model's own
+text-speech alignment.
 
 Bad input never ends the session: each bad event gets an `error` event (with the client's event_id) and the
 session goes on. A client that does not read (the bounded outbox overflows) is disconnected and its response
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from funaudiochat.audio.io import resample
-from funaudiochat.engine.events import AudioChunk, TextDelta, TurnEnd
+from funaudiochat.engine.events import AudioChunk, SpeechGroup, TextDelta, TurnEnd
 from funaudiochat.errors import FunAudioChatError, InputError, ProtocolError
 from funaudiochat.serve.scheduler import Request, Scheduler
 from funaudiochat.serve.ws_pump import pump
@@ -192,6 +193,8 @@ class Item:
     text: str = ""
     audio: np.ndarray | None = None  # user audio at 16 kHz
     audio_ms: int = 0  # assistant audio produced
+    marks: list = field(default_factory=list)  # (speech tokens produced before it, text length after it) per delta
+    raw: str = ""  # the text as produced (marks index into it)
     call_id: str | None = None
     name: str | None = None
     arguments: str | None = None
@@ -236,15 +239,11 @@ def conversation_messages(items: list[Item], instructions: str | None) -> tuple[
     return msgs, audios
 
 
-def truncate_text(text: str, fraction: float) -> str:
-    """The first `fraction` of `text`, cut back to a word boundary."""
-    if fraction >= 1.0:
-        return text
-    cut = int(len(text) * max(fraction, 0.0))
-    if cut < len(text) and cut > 0 and not text[cut].isspace():
-        space = text.rfind(" ", 0, cut)
-        cut = space if space > 0 else 0
-    return text[:cut].rstrip()
+def heard_text(text: str, marks: list[tuple[int, int]], heard_ms: int) -> str:
+    """The part of an answer's text produced by the step whose speech was the last one heard."""
+    heard_tokens = heard_ms / CODE_MS
+    kept = max([end for before, end in marks if before < heard_tokens] + [0]) if heard_ms > 0 else 0
+    return text[:kept].strip()
 
 
 def decode_pcm16(data) -> np.ndarray:
@@ -599,8 +598,8 @@ class RealtimeSession:
         self._truncate(item, end_ms)
 
     def _truncate(self, item: Item, end_ms: int) -> None:
-        if item.audio_ms:
-            item.text = truncate_text(item.text, end_ms / item.audio_ms)
+        if item.marks:
+            item.text, item.marks = heard_text(item.raw, item.marks, end_ms), []
         item.audio_ms = end_ms
         self.emit({"type": "conversation.item.truncated", "item_id": item.id, "content_index": 0,
                    "audio_end_ms": end_ms})
@@ -699,6 +698,7 @@ class RealtimeSession:
         text, usage, reason, error = "", None, "stop", None
         hidden = False  # a tool call is being written: its text is not streamed as an answer
         pending = np.zeros(0, np.float32)
+        codes = 0  # speech tokens produced so far
         try:
             response.engine = await self.scheduler.submit(request)
             if response.status == "cancelled":  # cancelled while waiting for a row
@@ -706,8 +706,11 @@ class RealtimeSession:
             async for event in response.engine:
                 if response.status == "cancelled" and not isinstance(event, TurnEnd):
                     continue  # the client stopped listening: wait for the engine's TurnEnd only
-                if isinstance(event, TextDelta):
+                if isinstance(event, SpeechGroup):
+                    codes += len(event.codes)
+                elif isinstance(event, TextDelta):
                     text += event.text
+                    item.marks.append((codes, len(text)))
                     if request.tools and "<tool_call>" in text:
                         hidden = True
                     if not hidden:
@@ -743,7 +746,7 @@ class RealtimeSession:
         self.emit({"type": "response.output_audio.delta", **base, "delta": encode_pcm16(samples)})
 
     def _finish(self, response: Response, request: Request, base: dict, text: str, reason: str,
-                      error: str | None, usage) -> None:
+                error: str | None, usage) -> None:
         item, audio_out = response.item, "audio" in response.modalities
         calls = []
         if request.tools and reason != "cancelled":
@@ -751,7 +754,7 @@ class RealtimeSession:
 
             parsed = parse_tool_calls(text)
             calls, text = parsed.calls, parsed.content
-        item.text = text.strip()
+        item.raw, item.text = text, text.strip()
         status = {"stop": "completed", "cancelled": "cancelled", "length": "incomplete"}.get(reason, "failed")
         if response.status == "cancelled":
             status = "cancelled"

@@ -74,7 +74,7 @@ def check_trained(cfg, audio_in: bool, speech_out: bool, allow_untrained: bool =
     if audio_in and "hearing" in missing:
         raise InputError("this checkpoint's audio adapter was never trained (config.json: trained.hearing is false), "
                          "so it cannot understand audio yet; train it (recipes/pre_align.yaml), use a released "
-                         "checkpoint, or ask in text (--text). --allow-untrained runs it anyway")
+                         "checkpoint, or ask in text; --allow-untrained (allow_untrained=True) runs it anyway")
     if speech_out and "speaking" in missing:
         log.warning("this checkpoint's speech head was never trained (config.json: trained.speaking is false): "
                     "answering in text only (s2t); --allow-untrained generates speech tokens anyway")

@@ -48,6 +48,7 @@ MINI_SYSTEM = "You are a friendly voice assistant. Answer in one to three short 
 DEFAULT_TEXT = Path("recipes/mini/data/text.jsonl.gz")
 SAMPLE_RATE = 16000
 MAX_WER = 0.3         # the ASR judge's WER above which a clip is dropped
+RETRIES = 2           # a dropped clip is tried again in up to this many other voices of its split
 ASR_QUOTA = {"train": 1500, "dev": 60, "test": 150}
 ASR_REUSE_EVERY = 3   # every third QA item also gives an ASR record on its (first) question clip
 ROBUSTNESS = {"snr10": {"noise_snr": 10.0}, "phone": {"telephone": True}}
@@ -314,11 +315,12 @@ class Clip:
     text: str
     voice: Voice
     aug: tuple       # sorted (key, value) pairs of the augmentation
-    judged_only: bool = False  # robustness copies: WER recorded, never dropped
+    base: str | None = None  # robustness copies: the clean clip whose (kept) voice they reuse; never dropped
 
 
 def plan_clips(records: list[dict], seed: int) -> list[Clip]:
-    """Every clip of the build: QA user turns (kept items; every test item), ASR sentences, test robustness copies."""
+    """Every clip of the build: QA user turns (kept items; every test item), ASR sentences, test robustness copies
+    (each right after its clean clip)."""
     clips = []
     for rec in records:
         if rec["family"] != "asr" and rec.get("reject") and rec["split"] != "test":
@@ -332,8 +334,24 @@ def plan_clips(records: list[dict], seed: int) -> list[Clip]:
             if rec["split"] == "test":
                 for name, extra in ROBUSTNESS.items():
                     clips.append(Clip(f"{cid}.{name}", rec["id"], f"test_{name}", text, voice,
-                                      tuple(sorted(extra.items())), judged_only=True))
+                                      tuple(sorted(extra.items())), base=cid))
     return clips
+
+
+def retry(clip: Clip, attempt: int, seed: int) -> Clip:
+    """The clip again, in another voice (and augmentation) of its split, after the judge rejected it."""
+    cid = f"{clip.id}.r{attempt}"
+    aug = choose_augmentation(clip.split, cid, seed)
+    return Clip(cid, clip.item, clip.split, clip.text, choose_voice(clip.split, cid, seed), tuple(sorted(aug.items())))
+
+
+def kept_entry(done: dict[str, dict], clip_id: str, retries: int = RETRIES) -> dict | None:
+    """The journal entry that stands for a clean clip: its first attempt the judge accepted."""
+    for cid in [clip_id] + [f"{clip_id}.r{k}" for k in range(1, retries + 1)]:
+        entry = done.get(cid)
+        if entry and entry["kept"]:
+            return entry
+    return None
 
 
 def synthesize_clip(clip: Clip, seed: int):
@@ -379,42 +397,61 @@ def _done(entry: dict | None, clip: Clip, out: Path, max_wer: float) -> bool:
                                  == entry["bytes"])
 
 
-def make_clips(clips: list[Clip], out: Path, seed: int, max_wer: float, judge, progress: bool = True) -> dict:
-    """Synthesise, judge and save every clip not yet in the journal (OUT/clips.jsonl); returns {id: entry}."""
-    from tqdm import tqdm
-
+def make_clip(clip: Clip, out: Path, seed: int, max_wer: float, judge) -> dict:
+    """Synthesise and judge one clip; save its wav if kept. Returns its journal entry."""
     from funaudiochat.audio.io import save_wav
+
+    t0 = time.perf_counter()
+    entry = {"id": clip.id, "item": clip.item, "split": clip.split, "text": clip.text, "voice": clip.voice.name,
+             "aug": dict(clip.aug), "max_wer": max_wer}
+    try:
+        wav = synthesize_clip(clip, seed)
+    except InputError as err:
+        entry.update(kept=False, reason="synthesis_failed", error=str(err))
+    else:
+        hypothesis, wer = clip_wer(judge, wav, clip.text)
+        entry.update(hypothesis=hypothesis, wer=round(wer, 4), duration=round(len(wav) / SAMPLE_RATE, 3))
+        if wer > max_wer and clip.base is None:
+            entry.update(kept=False, reason="asr_wer")
+        else:
+            path = Path("audio") / clip.split / f"{clip.id}.wav"
+            (out / path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = out / path.with_name(f".{clip.id}.partial.wav")
+            save_wav(tmp, wav, SAMPLE_RATE)
+            os.replace(tmp, out / path)
+            entry.update(kept=True, reason=None, path=str(path), bytes=(out / path).stat().st_size,
+                         sha256=_sha256(out / path), samples=len(wav))
+    entry["seconds"] = round(time.perf_counter() - t0, 3)
+    return entry
+
+
+def make_clips(clips: list[Clip], out: Path, seed: int, max_wer: float, judge, retries: int = RETRIES,
+               progress: bool = True) -> dict:
+    """Make every clip not yet in the journal (OUT/clips.jsonl); a clip the judge rejects is tried again in up to
+    `retries` other voices of its split. Returns the journal, {attempt id: entry}."""
+    from tqdm import tqdm
 
     journal_path = out / "clips.jsonl"
     done = _read_journal(journal_path)
-    todo = [c for c in clips if not _done(done.get(c.id), c, out, max_wer)]
+    voices = {v.name: v for v in VOICES}
     with open(journal_path, "a", encoding="utf-8") as journal, \
-            tqdm(total=len(todo), desc="audio", unit="clip", disable=not progress, dynamic_ncols=True) as bar:
-        for clip in todo:
-            t0 = time.perf_counter()
-            entry = {"id": clip.id, "item": clip.item, "split": clip.split, "text": clip.text,
-                     "voice": clip.voice.name, "aug": dict(clip.aug), "max_wer": max_wer}
-            try:
-                wav = synthesize_clip(clip, seed)
-            except InputError as err:
-                entry.update(kept=False, reason="synthesis_failed", error=str(err))
+            tqdm(total=len(clips), desc="audio", unit="clip", disable=not progress, dynamic_ncols=True) as bar:
+        for clip in clips:
+            if clip.base is not None:  # a robustness copy, in the voice its clean clip was finally kept in
+                base = kept_entry(done, clip.base, retries)
+                attempts = [] if base is None else [Clip(clip.id, clip.item, clip.split, clip.text,
+                                                         voices[base["voice"]], clip.aug, clip.base)]
             else:
-                hypothesis, wer = clip_wer(judge, wav, clip.text)
-                entry.update(hypothesis=hypothesis, wer=round(wer, 4), duration=round(len(wav) / SAMPLE_RATE, 3))
-                if wer > max_wer and not clip.judged_only:
-                    entry.update(kept=False, reason="asr_wer")
-                else:
-                    path = Path("audio") / clip.split / f"{clip.id}.wav"
-                    (out / path).parent.mkdir(parents=True, exist_ok=True)
-                    tmp = out / path.with_name(f".{clip.id}.partial.wav")
-                    save_wav(tmp, wav, SAMPLE_RATE)
-                    os.replace(tmp, out / path)
-                    entry.update(kept=True, reason=None, path=str(path), bytes=(out / path).stat().st_size,
-                                 sha256=_sha256(out / path), samples=len(wav))
-            entry["seconds"] = round(time.perf_counter() - t0, 3)
-            journal.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            journal.flush()
-            done[clip.id] = entry
+                attempts = [clip] + [retry(clip, k, seed) for k in range(1, retries + 1)]
+            for attempt in attempts:
+                entry = done.get(attempt.id)
+                if not _done(entry, attempt, out, max_wer):
+                    entry = make_clip(attempt, out, seed, max_wer, judge)
+                    journal.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                    journal.flush()
+                    done[attempt.id] = entry
+                if entry["kept"]:
+                    break
             bar.update(1)
     return done
 
@@ -450,8 +487,9 @@ def _reuse_for_asr(item_id: str) -> bool:
     return int(hashlib.sha1(item_id.encode()).hexdigest(), 16) % ASR_REUSE_EVERY == 0
 
 
-def write_records(records: list[dict], done: dict[str, dict], out: Path, system: str) -> dict[str, int]:
-    """OUT/{train,dev,test,test_snr10,test_phone}.jsonl from the text records and the kept clips."""
+def write_records(records: list[dict], done: dict[str, dict], out: Path, system: str) -> dict[str, dict]:
+    """OUT/{train,dev,test,test_snr10,test_phone}.jsonl from the text records and the kept clips; returns the
+    record counts per split and family (ASR records under "asr")."""
     by_split: dict[str, list[dict]] = {}
     for rec in records:
         if rec["family"] != "asr" and rec.get("reject") and rec["split"] != "test":
@@ -460,11 +498,10 @@ def write_records(records: list[dict], done: dict[str, dict], out: Path, system:
         base = [rec["id"]] if rec["family"] == "asr" else [f"{rec['id']}.q{i}" for i in range(1, n + 1)]
         variants = [("", rec["split"])] + ([(f".{k}", f"test_{k}") for k in ROBUSTNESS] if rec["split"] == "test"
                                            else [])
-        clean = [done.get(cid) for cid in base]
-        if not all(e and e["kept"] for e in clean):
-            continue  # a dropped clean clip drops the item, with its robustness copies
+        if not all(kept_entry(done, cid) for cid in base):
+            continue  # a clip dropped in every voice drops the item, with its robustness copies
         for suffix, split in variants:
-            entries = [done.get(cid + suffix) for cid in base]
+            entries = [kept_entry(done, cid) if not suffix else done.get(cid + suffix) for cid in base]
             if not all(e and e["kept"] for e in entries):
                 continue
             target = by_split.setdefault(split, [])
@@ -478,7 +515,8 @@ def write_records(records: list[dict], done: dict[str, dict], out: Path, system:
         tmp = out / f".{split}.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
         os.replace(tmp, out / f"{split}.jsonl")
-    return {split: len(recs) for split, recs in sorted(by_split.items())}
+    return {split: dict(sorted(Counter("asr" if r["task"] == "asr" else r["meta"]["family"] for r in recs).items()),
+                        total=len(recs)) for split, recs in sorted(by_split.items())}
 
 
 # ---------------------------------------------------------------------------------------------------- manifest
@@ -525,14 +563,24 @@ def verify_manifest(out: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- the stage
+def attempt_ids(clips: list[Clip], retries: int = RETRIES) -> set[str]:
+    """The journal ids the plan may have made: each clean clip and its retries, each robustness copy."""
+    ids = set()
+    for c in clips:
+        ids.update([c.id] if c.base else [c.id] + [f"{c.id}.r{k}" for k in range(1, retries + 1)])
+    return ids
+
+
 def audio_summary(done: dict[str, dict], clips: list[Clip], records_written: dict, digest: str,
                   seconds: float) -> dict:
-    wanted = {c.id for c in clips}
-    entries = [e for e in done.values() if e["id"] in wanted]
+    entries = [done[i] for i in sorted(attempt_ids(clips) & set(done))]
     by = lambda key: dict(sorted(Counter(key(e) for e in entries if e["kept"]).items()))  # noqa: E731
     kept = [e for e in entries if e["kept"]]
-    return {"clips": len(entries), "kept": len(kept), "planned": len(clips),
+    lost = Counter(c.split for c in clips if c.base is None and kept_entry(done, c.id) is None)
+    return {"attempts": len(entries), "kept": len(kept), "planned": len(clips),
             "rejected": dict(Counter(e["reason"] for e in entries if not e["kept"])),
+            "kept_after_retry": sum(1 for e in kept if re.search(r"\.r\d+$", e["id"])),
+            "dropped_in_every_voice": dict(sorted(lost.items())),
             "by_split": by(lambda e: e["split"]), "by_voice": by(lambda e: e["voice"]),
             "by_augmentation": by(lambda e: aug_name(e["aug"])),
             "audio_hours": round(sum(e["duration"] for e in kept) / 3600, 3),
@@ -558,9 +606,10 @@ def run_audio_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float = 
 
         judge = AsrJudge(threads=threads)
     synth._ENGINE_THREADS = threads  # onnxruntime threads of the Piper engine made in this process
-    done = make_clips(clips, out, seed, max_wer, judge, progress)
+    done = make_clips(clips, out, seed, max_wer, judge, progress=progress)
     written = write_records(records, done, out, meta["settings"]["system"])
-    digest = write_manifest({k: v for k, v in done.items() if k in {c.id for c in clips}}, out)
+    wanted = attempt_ids(clips)
+    digest = write_manifest({k: v for k, v in done.items() if k in wanted}, out)
     summary = {"seed": seed, "text": str(text_path), "text_counts": meta["counts"], "text_seconds": meta["seconds"],
                "voices": {split: [v.name for v in voices_for(split)] for split in mini_questions.SPLITS},
                "max_wer": max_wer,

@@ -48,7 +48,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -105,7 +105,6 @@ class _Row:
     session: "Session"
     gen: GenerationConfig
     max_new: int
-    prompt_tokens: int
     generated: int = 0
     tail: list = field(default_factory=list)   # last ids of prompt + answer (for bad-word prefixes)
     text_ids: list = field(default_factory=list)
@@ -128,9 +127,6 @@ class _Batch:
 
 
 # ---------------------------------------------------------------------------------------------- the session
-_END = object()
-
-
 class Session:
     """A submitted request: iterate it for events; `cancel()` stops it at the next engine step."""
 
@@ -471,7 +467,7 @@ class Scheduler:
         result = self.engine.choose_step(state, logits, group, gen)
         self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
         ids = session.prompt.input_ids[0].tolist()
-        row = _Row(session, gen, gen.max_new_tokens, session.prompt_tokens, tail=ids[-self._tail_len(gen):],
+        row = _Row(session, gen, gen.max_new_tokens, tail=ids[-self._tail_len(gen):],
                    prefill_s=state.timings.get("prefill_s", 0.0))
         self._emit(row, result, 0)
         if self._row_done(row):

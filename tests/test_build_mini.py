@@ -258,3 +258,5 @@ def test_cli_refuses_to_overwrite_and_checks_seeds(tmp_path):
     assert run.returncode == 1 and "with seed 0, not 3" in run.stderr
     run = _cli("--out", out, "--verify")
     assert run.returncode == 1 and "no manifest" in run.stderr
+    run = _cli("--out", tmp_path / "other", "--stage", "text", "--limit", "2")
+    assert run.returncode == 1 and "give --text a path other than" in run.stderr and not (tmp_path / "other").exists()

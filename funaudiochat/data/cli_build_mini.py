@@ -43,6 +43,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}")
+    if args.limit is not None and args.stage != "audio" and args.text == build_mini.DEFAULT_TEXT:
+        raise InputError(f"--limit makes a partial text stage: give --text a path other than {args.text} (the "
+                         f"committed full one)")
     if args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)

@@ -89,9 +89,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, cfg: FunAudioChatConfig, model_state: dict, optimizer_state: dict,
-                    trainer_state: dict, tokenizer: Path | None, keep_last: int, info: DistInfo) -> Path:
+                    trainer_state: dict, tokenizer: Path | None, keep_last: int, info: DistInfo,
+                    extra: dict[str, dict] | None = None) -> Path:
     """Every process calls this: the RNG states are gathered to rank 0, which writes the folder atomically; a
-    failure on rank 0 (a full disk) is raised on every process."""
+    failure on rank 0 (a full disk) is raised on every process. `extra`: more safetensors files for the model
+    folder (file name -> tensors), e.g. LoRA adapters."""
     folder = checkpoints_dir(run_dir)
     final = folder / f"step-{step}"
     rngs = _gather(rng_state(), info)
@@ -102,6 +104,7 @@ def save_checkpoint(run_dir: Path, step: int, cfg: FunAudioChatConfig, model_sta
                 for rank, state in enumerate(rngs):
                     torch.save(state, tmp / f"rng-rank{rank}.pt")
                 write_released(cfg, model_state, tmp / "model", tokenizer)
+                _write_extra(tmp / "model", extra)
                 torch.save(optimizer_state, tmp / "optimizer.pt")
                 (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
                 _test_pause(step)
@@ -165,9 +168,19 @@ def read_rng_state(step_dir: Path, rank: int) -> dict | None:
     return torch.load(path, weights_only=False)  # our own file: numpy / python RNG states are plain objects
 
 
-def export(run_dir: Path, cfg: FunAudioChatConfig, model_state: dict, tokenizer: Path | None) -> Path:
+def export(run_dir: Path, cfg: FunAudioChatConfig, model_state: dict, tokenizer: Path | None,
+           extra: dict[str, dict] | None = None) -> Path:
     """RUN_DIR/final: the trained model as a released-format inference checkpoint (rank 0 only)."""
     out = Path(run_dir) / "final"
     with fileio.atomic_path(out, directory=True) as tmp:
         write_released(cfg, model_state, tmp, tokenizer)
+        _write_extra(tmp, extra)
     return out
+
+
+def _write_extra(folder: Path, extra: dict[str, dict] | None) -> None:
+    from safetensors.torch import save_file
+
+    for name, tensors in (extra or {}).items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / name),
+                  metadata={"format": "pt"})

@@ -14,6 +14,7 @@ directory the command runs in.
     checkpoint: how often, how many to keep, export of an inference checkpoint at the end
     log:        metrics cadence, progress bar, TensorBoard
     dpo:        beta, reference model
+    lora:       low-rank adapters on the LLM (rank 0: none), their scale and target layers
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import yaml
 
 from funaudiochat.errors import ConfigError
 from funaudiochat.model import presets
+from funaudiochat.model.lora import TARGETS as LORA_TARGETS
 
 DPO_TASKS = ("robustness", "instruction_following", "audio_understanding", "empathy")
 
@@ -105,6 +107,13 @@ class DPOSection:
 
 
 @dataclass(kw_only=True)
+class LoraSection:
+    rank: int = 0                      # 0: no adapters; r > 0: low-rank adapters on the LLM, whose base is frozen
+    alpha: float = 16.0                # the update is (alpha / rank) * B A
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # LLM linears
+
+
+@dataclass(kw_only=True)
 class Recipe:
     stage: str = "sft"                 # sft (pre-align, Core-Cocktail stages) | dpo
     run_dir: str = "runs/default"
@@ -116,6 +125,7 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     dpo: DPOSection = field(default_factory=DPOSection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,6 +172,10 @@ class Recipe:
         number("checkpoint.keep_last", self.checkpoint.keep_last, 1)
         number("log.every", self.log.every, 1)
         number("dpo.beta", self.dpo.beta, 0, low_open=True)
+        number("lora.rank", self.lora.rank, 0)
+        number("lora.alpha", self.lora.alpha, 0, low_open=True)
+        need(bool(self.lora.targets) and set(self.lora.targets) <= set(LORA_TARGETS),
+             f"lora.targets: a non-empty list among {', '.join(LORA_TARGETS)}, got {self.lora.targets!r}")
         need(self.train.global_batch % max(self.train.micro_batch, 1) == 0,
              f"train.global_batch: must be a multiple of train.micro_batch ({self.train.micro_batch}), got "
              f"{self.train.global_batch}")

@@ -28,6 +28,7 @@ from funaudiochat.config import FunAudioChatConfig
 from funaudiochat.errors import CheckpointError, ConfigError
 from funaudiochat.model import presets
 from funaudiochat.model.checkpoint import load_model, materialize_buffers
+from funaudiochat.model import lora
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.text.tokenizer import TextTokenizer
 from funaudiochat.train import checkpoint as ckpt
@@ -141,8 +142,15 @@ class Trainer:
                 model = FunAudioChatModel(self.cfg)
         else:
             model = full
+        if trainable and r.lora.rank:
+            self._attach_lora(model, full, source)
         if trainable:
             n, total = select_trainable(model, r.train.trainable, r.train.frozen)
+            if r.lora.rank:
+                n = _train_adapters_not_llm(model)
+            # a stage that trains the LLM's own weights invalidates the LoRA delta it started from
+            self.llm_dense_trained = any(p.requires_grad for k, p in model.named_parameters()
+                                         if k.startswith(lora.LLM_PREFIX) and not lora.is_adapter(k))
             # checkpoints of this stage record the parts it trains (config.json `trained`, read by inference)
             self.cfg.mark_trained(k for k, p in model.named_parameters(remove_duplicate=False) if p.requires_grad)
             if info.main:
@@ -162,6 +170,17 @@ class Trainer:
             if info.enabled and trainable:
                 model = parallel.wrap_ddp(model, info)
         return model.train(trainable)
+
+    def _attach_lora(self, model: torch.nn.Module, full: torch.nn.Module | None, source: Path | None) -> None:
+        """LoRA on the LLM (recipe `lora`); a resumed run takes back its adapters from the step's model folder."""
+        r = self.recipe
+        if full is not None and full is not model:
+            lora.attach(full, r.lora.rank, r.lora.alpha, r.lora.targets)
+        names = lora.attach(model, r.lora.rank, r.lora.alpha, r.lora.targets)
+        if full is not None and source is not None and lora.load_adapters(full, source) and self.info.main:
+            log.info("LoRA adapters read back from %s", source)
+        if self.info.main:
+            log.info("LoRA rank %d (alpha %g) on %d linear layers of the LLM", r.lora.rank, r.lora.alpha, len(names))
 
     def _full_model(self, source: Path | None) -> FunAudioChatModel:
         if source is not None:
@@ -291,18 +310,34 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int, export: bool = False) -> None:
         """Collective: gathers the full model and optimizer state, then rank 0 writes (and exports)."""
-        model_state = parallel.full_model_state(self.model)
+        model_state, adapters = lora.split_state(parallel.full_model_state(self.model))
         optim_state = parallel.full_optimizer_state(self.model, self.optimizer)
         trainer_state = {"step": step, "epoch": step // self.plan.batches_per_epoch,
                          "batch_in_epoch": step % self.plan.batches_per_epoch,
                          "data_fingerprint": self.plan.fingerprint(), "world_size": self.info.world,
                          "stage": self.recipe.stage, "total_steps": self.total_steps}
         folder = ckpt.save_checkpoint(self.run_dir, step, self.cfg, model_state, optim_state, trainer_state,
-                                      self.tokenizer_path, self.recipe.checkpoint.keep_last, self.info)
+                                      self.tokenizer_path, self.recipe.checkpoint.keep_last, self.info,
+                                      extra={lora.ADAPTER_FILE: adapters} if adapters else None)
         if self.info.main:
             log.info("saved %s", folder)
             if export:
-                log.info("exported %s", ckpt.export(self.run_dir, self.cfg, model_state, self.tokenizer_path))
+                model_state, delta_file = self._with_lora_delta(model_state, adapters)
+                log.info("exported %s", ckpt.export(self.run_dir, self.cfg, model_state, self.tokenizer_path,
+                                                    extra=delta_file))
+
+    def _with_lora_delta(self, dense: dict, adapters: dict) -> tuple[dict, dict | None]:
+        """The export: adapters merged into the dense weights, and `lora.safetensors` = the LLM delta of the
+        starting checkpoint (if still valid) followed by this stage's adapters, folded."""
+        r = self.recipe
+        prior = lora.load_delta(r.model.checkpoint) if r.model.checkpoint else {}
+        if prior and self.llm_dense_trained:
+            log.info("this stage trained the LLM's weights: %s/%s is not carried over", r.model.checkpoint,
+                     lora.DELTA_FILE)
+            prior = {}
+        folded = lora.fold(adapters, r.lora.alpha / r.lora.rank) if adapters else {}
+        total = lora.concat(prior, folded)
+        return lora.apply(dense, folded), ({lora.DELTA_FILE: total} if total else None)
 
     def cleanup(self) -> None:
         if hasattr(self, "metrics"):
@@ -322,6 +357,16 @@ def run(recipe: Recipe, resume: bool = False) -> Trainer:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+
+def _train_adapters_not_llm(model: torch.nn.Module) -> int:
+    """With LoRA the LLM's own weights stay frozen and every adapter trains; returns the trained element count."""
+    for name, p in model.named_parameters():
+        if lora.is_adapter(name):
+            p.requires_grad_(True)
+        elif name.startswith(lora.LLM_PREFIX):
+            p.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
 
 def _seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)

@@ -260,3 +260,19 @@ def test_cli_refuses_to_overwrite_and_checks_seeds(tmp_path):
     assert run.returncode == 1 and "no manifest" in run.stderr
     run = _cli("--out", tmp_path / "other", "--stage", "text", "--limit", "2")
     assert run.returncode == 1 and "give --text a path other than" in run.stderr and not (tmp_path / "other").exists()
+
+
+def test_asr_sentences_are_clean_and_never_in_two_splits():
+    def rec(split, answer, reject=None):
+        return {"split": split, "answers": [answer], "reject": reject}
+
+    records = [rec("test", "The capital of France is Paris. It is lovely."), rec("train", "The capital of France is "
+               "Paris."), rec("train", "Seventeen plus one is eighteen, I think."), rec("train", "It is 42 + 1."),
+               rec("dev", "The moon orbits the Earth."), rec("train", "A cat is a small furry animal.", "repetition")]
+    items = build_mini.asr_items(records, seed=0)
+    assert sorted((i["split"], i["text"]) for i in items) == [
+        ("dev", "The moon orbits the Earth."), ("test", "The capital of France is Paris."),
+        ("train", "Seventeen plus one is eighteen, I think.")]
+    assert len({i["id"] for i in items}) == len(items)
+    assert build_mini.asr_items(records, seed=0, quota={"dev": 5}) == [
+        i for i in items if i["split"] == "dev"]

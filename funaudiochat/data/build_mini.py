@@ -94,18 +94,21 @@ def first_sentence(text: str) -> str:
 
 
 def asr_items(records: list[dict], seed: int, quota: dict | None = None) -> list[dict]:
-    """Transcription items per split: clean first sentences (4-20 words, letters only) of kept answers."""
+    """Transcription items per split: clean first sentences (4-20 words, letters only) of kept answers, each
+    sentence in one split only (test chooses first)."""
     quota = ASR_QUOTA if quota is None else quota
     rng = random.Random(f"{seed}:asr")
-    out = []
-    for split in mini_questions.SPLITS:
+    out, used = [], set()
+    for split in reversed(mini_questions.SPLITS):
         sentences = []
         for rec in records:
             if rec["split"] == split and rec["reject"] is None:
                 s = first_sentence(rec["answers"][-1])
-                if _ASR_SENTENCE.match(s) and 4 <= len(s.split()) <= 20 and s not in sentences:
+                if _ASR_SENTENCE.match(s) and 4 <= len(s.split()) <= 20 and s not in sentences \
+                        and s.lower() not in used:
                     sentences.append(s)
         rng.shuffle(sentences)
+        used.update(s.lower() for s in sentences)  # a split's candidates, chosen or not, stay out of the next
         for s in sentences[:quota.get(split, 0)]:
             out.append({"id": f"asr-{hashlib.sha1(s.encode()).hexdigest()[:10]}", "split": split, "family": "asr",
                         "turns": [], "text": s})

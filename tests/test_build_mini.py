@@ -276,3 +276,18 @@ def test_asr_sentences_are_clean_and_never_in_two_splits():
     assert len({i["id"] for i in items}) == len(items)
     assert build_mini.asr_items(records, seed=0, quota={"dev": 5}) == [
         i for i in items if i["split"] == "dev"]
+
+
+def test_clip_plan_skips_rejected_answers_but_keeps_every_test_item():
+    records = AUDIO_RECORDS + [_qa("facts-5", "test", "What is the capital of Peru?", "Lima Lima Lima.", ["Lima"],
+                                   reject="repetition"),
+                               {**_qa("followup-1", "dev", "What is a comet?", "A ball of ice."),
+                                "turns": ["What is a comet?", "Tell me more."], "answers": ["A", "B"]}]
+    clips = {c.id: c for c in build_mini.plan_clips(records, seed=0)}
+    assert set(clips) == {"facts-1.q1", "facts-2.q1", "facts-4.q1", "facts-4.q1.snr10", "facts-4.q1.phone", "asr-1",
+                          "facts-5.q1", "facts-5.q1.snr10", "facts-5.q1.phone", "followup-1.q1", "followup-1.q2"}
+    assert clips["followup-1.q2"].text == "Tell me more." and clips["followup-1.q2"].split == "dev"
+    assert clips["facts-5.q1.phone"].base == "facts-5.q1" and dict(clips["facts-5.q1.phone"].aug) == {
+        "telephone": True}
+    assert dict(clips["facts-5.q1.snr10"].aug) == {"noise_snr": 10.0} and clips["facts-5.q1"].aug == ()
+    assert [c.id for c in build_mini.plan_clips(records, seed=0)] == list(clips)

@@ -20,6 +20,8 @@ from funaudiochat.speech.detokenizer import Detokenizer
 from funaudiochat.speech.flow import TokenToMelFlow
 from funaudiochat.speech.vocoder import HiFTVocoder, released_source_rng
 
+from machine import machine_line  # bench/machine.py: CPU model and SIMD flags
+
 
 def best_of(fn, runs: int) -> float:
     times = []
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(machine_line())
     print(f"torch {torch.__version__}, {args.threads} threads, CPU fp32, best of {args.runs} runs")
     if args.config in ("tiny", "both"):
         bench("tiny (cv-tiny: DiT 64x2, HiFT base 16)", tiny(), args.seconds or 10.0, args.runs)

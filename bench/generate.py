@@ -26,6 +26,8 @@ from funaudiochat.engine.prompt import Prompt
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import fun_audio_chat_8b
 
+from machine import machine_line  # bench/machine.py: CPU model and SIMD flags
+
 
 def make_prompt(cfg: FunAudioChatConfig, length: int, seed: int = 0) -> Prompt:
     g = torch.Generator().manual_seed(seed)
@@ -91,6 +93,7 @@ def main() -> None:
     ap.add_argument("--released-code", default=None, help="folder holding the released funaudiochat package")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print(machine_line())
     torch.manual_seed(0)
     if args.config == "8b":
         if args.released_python:

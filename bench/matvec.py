@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from machine import machine_line  # bench/machine.py: CPU model and SIMD flags
+
 
 def step_matrices(hidden=256, inner=768, heads=8, kv_heads=4, head_dim=32, llm_layers=4, srh_layers=2,
                   text_vocab=4096, speech_vocab=6564, group=5) -> list[torch.Tensor]:
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print(machine_line())
     torch.manual_seed(0)
     weights = step_matrices()
     column_major = [w.t().contiguous().t() for w in weights]

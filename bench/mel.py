@@ -18,6 +18,8 @@ from transformers import WhisperFeatureExtractor
 
 from funaudiochat.audio.mel import WhisperFrontend
 
+from machine import machine_line  # bench/machine.py: CPU model and SIMD flags
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -25,6 +27,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(machine_line())
     rng = np.random.default_rng(0)
     theirs = WhisperFeatureExtractor(feature_size=128)
     ours = WhisperFrontend(n_mels=128)

@@ -22,6 +22,8 @@ from funaudiochat.audio.mel import log_mel
 from funaudiochat.speech.s3onnx import S3TokenizerONNX, export_onnx
 from funaudiochat.speech.s3tokenizer import S3Tokenizer, S3TokenizerConfig
 
+from machine import machine_line  # bench/machine.py: CPU model and SIMD flags
+
 SIZES = {
     "tiny": S3TokenizerConfig(n_audio_state=256, n_audio_head=4, n_audio_layer=2),  # the s3v3-tiny golden
     "released": S3TokenizerConfig(),  # speech_tokenizer_v3: 1280 state, 20 heads, 12 layers
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print(machine_line())
     torch.manual_seed(0)
 
     noise = 0.1 * np.random.default_rng(0).standard_normal(int(args.seconds * 16000))

@@ -26,6 +26,8 @@ from funaudiochat.audio.vad import speech_segments
 from funaudiochat.data import augment, synth
 from funaudiochat.eval.asr import AsrJudge, read_manifest
 
+from machine import machine_line  # bench/machine.py: CPU model and SIMD flags
+
 SENTENCES = [
     "Good morning, I hope you slept well last night.",
     "Can you recommend a good restaurant near the city center?",
@@ -190,6 +192,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes for the parallel synthesis run")
     parser.add_argument("--decoding", action="store_true", help="also judge with beam 1 and with float32")
     args = parser.parse_args()
+    print(machine_line())
     args.n = min(args.n, len(SENTENCES))
     print(f"{os.cpu_count()}-core CPU, load average {os.getloadavg()[0]:.1f}")
     judges = {"int8 beam 5": AsrJudge()}

@@ -28,6 +28,8 @@ from funaudiochat.train.batching import Collator
 from funaudiochat.train.data import SampleBuilder, load_records
 from tests.helpers import make_tiny_tokenizer, sharegpt_record, words, write_wav
 
+from machine import machine_line  # bench/machine.py: CPU model and SIMD flags
+
 
 def make_data(folder: Path, batch: int, question_s: float, answer_s: float) -> Path:
     rng = np.random.default_rng(0)
@@ -86,6 +88,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(machine_line())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tok = make_tiny_tokenizer(tmp / "tok")

@@ -3,6 +3,7 @@ CosyVoice3 folder (so audio really comes out), on a free 127.0.0.1 port; and a s
 """
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import subprocess
@@ -109,10 +110,16 @@ def running_server(folder: Path, *extra: str):
             proc.wait()
 
 
-def spoken_question(rate: int = 24000, silence_before: float = 0.5, silence_after: float = 1.5) -> np.ndarray:
-    """The question, spoken by the packaged Piper voice, with silence around it (float32 mono at `rate`)."""
+@functools.lru_cache(maxsize=None)
+def _spoken(rate: int) -> np.ndarray:
     from funaudiochat.data import synth
 
-    wav = synth.synthesize(synth.make_utterance({"id": "q", "text": QUESTION, "voice": "piper"}), rate)
+    return synth.synthesize(synth.make_utterance({"id": "q", "text": QUESTION, "voice": "piper"}), rate)
+
+
+def spoken_question(rate: int = 24000, silence_before: float = 0.5, silence_after: float = 1.5) -> np.ndarray:
+    """The question, spoken by the packaged Piper voice (synthesised once per test run), with silence around it
+    (float32 mono at `rate`)."""
+    wav = _spoken(rate)
     return np.concatenate([np.zeros(int(silence_before * rate), np.float32), wav,
                            np.zeros(int(silence_after * rate), np.float32)]).astype(np.float32)

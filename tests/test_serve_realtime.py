@@ -345,7 +345,7 @@ def test_client_that_never_reads_is_dropped_and_its_answer_cancelled(server, que
 
 # ---------------------------------------------------------------------------------------------- protocol units
 def test_heard_text_keeps_the_text_of_the_heard_steps():
-    from funaudiochat.serve.realtime import heard_text
+    from funaudiochat.serve.realtime_state import heard_text
 
     text = "Paris is the capital."
     marks = [(0, 5), (0, 8), (6, 12), (12, 20), (18, 21)]  # (speech tokens before the delta, text length after)

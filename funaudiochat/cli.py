@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval asr": ("funaudiochat.eval.cli_asr", "transcribe a manifest's wavs with Whisper tiny.en and report WER/CER"),
     "eval speechfc": ("funaudiochat.eval.cli_speechfc", "score SpeechFCEval tool-call predictions (BFCL / ACEBench)"),
     "eval voicebench": ("funaudiochat.eval.cli_voicebench", "score VoiceBench predictions (rules, or an LLM judge)"),
+    "eval run": ("funaudiochat.eval.cli_run", "answer, score and report evaluation suites (local or OpenAI model)"),
+    "eval merge": ("funaudiochat.eval.cli_merge", "join the shards of a sharded `eval run`, score and report"),
     "assets qwen-vocab": ("funaudiochat.assets.cli_qwen_vocab", "Qwen3 vocabulary + audio specials -> tokenizer.json"),
     "assets whisper": ("funaudiochat.assets.cli_whisper", "Whisper tiny.en encoder (CTranslate2) -> our encoder"),
     "assets smollm2": ("funaudiochat.assets.cli_smollm2", "SmolLM2 + Whisper tiny.en -> fun-audio-chat-mini start"),

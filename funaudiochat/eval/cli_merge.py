@@ -1,0 +1,28 @@
+"""`funaudiochat eval merge OUT`: join the shard prediction files of an `eval run --shard` output, score, report."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from funaudiochat.errors import InputError
+from funaudiochat.eval.cli_run import finish, judge_client
+from funaudiochat.eval.run import runner
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", type=Path, help="the --out folder of the sharded runs")
+    p.add_argument("--suites-dir", type=Path, default=Path("runs/eval-suites"), help="where the suites were built")
+    p.add_argument("--judge-url", default=None, help="judge endpoint for judge-scored suites")
+    p.add_argument("--judge-model", default=None, help="judge model name")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        run = json.loads((args.out / "run.json").read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{args.out}: no run.json (not an `eval run` output folder)") from err
+    for name in run["suites"]:
+        runner.merge(args.out / name)
+    finish(args.out, run["suites"], args.suites_dir, run["model"], judge_client(args))
+    return 0

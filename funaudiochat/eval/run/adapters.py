@@ -1,0 +1,109 @@
+"""Model adapters: something that answers an item (its audio, an optional typed text, optional tools) in text.
+
+- `local`: our engine in-process (a checkpoint folder), S2T, greedy; tool calls come back as the model writes them
+  (`<tool_call>{...}</tool_call>`).
+- `openai`: any OpenAI-compatible chat endpoint that takes `input_audio` parts (our `funaudiochat serve` too); tool
+  calls in the reply's `tool_calls` are written back as `<tool_call>` blocks so the SpeechFC scorer reads them.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from funaudiochat.errors import FunAudioChatError, InputError
+
+log = logging.getLogger(__name__)
+
+
+class LocalModel:
+    name = "local"
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", max_new_tokens: int = 256):
+        from funaudiochat.engine.loading import load_runtime, read_config
+
+        self.cfg = read_config(model_dir)
+        if self.cfg.untrained_parts():
+            log.warning("%s: parts never trained (%s): scores will be near chance; the run shows the pipeline only",
+                        model_dir, ", ".join(self.cfg.untrained_parts()))
+        self.rt = load_runtime(model_dir, device=device, speech=False)
+        self.max_new_tokens = max_new_tokens
+        self.label = f"local:{Path(model_dir).name}"
+
+    def answer(self, audio: Path, text: str | None, tools: list | None) -> str:
+        import torch
+
+        from funaudiochat.engine.inputs import user_audio
+        from funaudiochat.engine.presets import default_system, generation_preset
+        from funaudiochat.engine.prompt import build_prompt
+        from funaudiochat.text.chat import user_content
+        from funaudiochat.text.tools import tools_system_prompt
+
+        tokenizer = self.rt.tokenizer
+        system = tools_system_prompt(tools) if tools else default_system("s2t")
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user_content(1, text)}]
+        prompt = build_prompt(tokenizer, self.cfg, messages, [user_audio(audio)])
+        gen = generation_preset("s2t", tokenizer, max_new_tokens=self.max_new_tokens)
+        with torch.no_grad():
+            result = self.rt.engine.generate(prompt, gen)
+        ids = [int(i) for i in result.new_text_ids[0]]
+        if gen.eos_token_id in ids:
+            ids = ids[:ids.index(gen.eos_token_id)]
+        return tokenizer.decode(ids)
+
+
+class OpenAIModel:
+    name = "openai"
+
+    def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 300.0):
+        url = url.rstrip("/")
+        self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
+        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.label = f"openai:{model}"
+
+    def answer(self, audio: Path, text: str | None, tools: list | None) -> str:
+        content = [{"type": "input_audio", "input_audio": {"data": base64.b64encode(Path(audio).read_bytes()).decode(),
+                                                           "format": "wav"}}]
+        if text:
+            content.append({"type": "text", "text": text})
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "temperature": 0}
+        if tools:
+            body["tools"] = tools
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                message = json.loads(reply.read())["choices"][0]["message"]
+        except urllib.error.HTTPError as err:
+            raise FunAudioChatError(f"HTTP {err.code} from {self.url}: {err.read()[:200]!r}") from err
+        except (urllib.error.URLError, OSError) as err:
+            raise FunAudioChatError(f"cannot reach {self.url}: {getattr(err, 'reason', err)}") from err
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            raise FunAudioChatError(f"{self.url} answered without choices[0].message") from err
+        text_out = message.get("content") or ""
+        for call in message.get("tool_calls") or []:
+            function = call.get("function", {})
+            try:
+                arguments = json.loads(function.get("arguments") or "{}")
+            except ValueError:
+                arguments = function.get("arguments")
+            text_out += "<tool_call>\n" + json.dumps({"name": function.get("name"), "arguments": arguments}) + \
+                "\n</tool_call>"
+        return text_out
+
+
+def make_model(spec: str, url: str | None = None, api_key: str | None = None, device: str = "cpu",
+               max_new_tokens: int = 256):
+    """`--model DIR` (local) or `--model openai:NAME --url URL`."""
+    if spec.startswith("openai:"):
+        if not url:
+            raise InputError("--model openai:NAME needs --url (the endpoint's base URL, e.g. http://127.0.0.1:8000/v1)")
+        return OpenAIModel(url, spec[len("openai:"):], api_key)
+    if not Path(spec).is_dir():
+        raise InputError(f"--model {spec}: not a checkpoint folder (or use openai:NAME with --url)")
+    return LocalModel(spec, device=device, max_new_tokens=max_new_tokens)

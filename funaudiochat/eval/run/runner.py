@@ -1,0 +1,201 @@
+"""The evaluation runner: answer a suite's items with a model, append each prediction as it is made, score, report.
+
+Layout of OUT/SUITE/: `predictions.jsonl` (or `predictions.shard-I-of-N.jsonl` with --shard; one line per item:
+id, response, or error), `records.jsonl` and `summary.json` (the scorer's). OUT/summary.json, OUT/report.md and
+OUT/scores.png cover all suites. A rerun skips items already answered in the predictions file (resume after an
+interrupt) and tries failed ones again (the later line wins); `merge` joins shard files and scores.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from funaudiochat import fileio
+from funaudiochat.errors import FunAudioChatError, InputError
+from funaudiochat.eval.run import suites
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard {text!r}: expected I/N, e.g. 0/2") from None
+    if count < 1 or not 0 <= index < count:
+        raise InputError(f"--shard {text!r}: need 0 <= I < N")
+    return index, count
+
+
+def predictions_path(out: Path, shard: tuple[int, int] | None) -> Path:
+    return out / ("predictions.jsonl" if shard is None else f"predictions.shard-{shard[0]}-of-{shard[1]}.jsonl")
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """id -> prediction line (the last one for an id); a torn last line (an interrupt while writing) is ignored, so
+    that item is redone."""
+    done = {}
+    if path.is_file():
+        for _, line in fileio.read_jsonl(path):
+            if isinstance(line, dict) and "id" in line:
+                done[line["id"]] = line
+    return done
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def predict(suite_dir: Path, model, out: Path, shard: tuple[int, int] | None = None, progress: bool = True) -> int:
+    """Answer the suite's items (this shard's) not answered yet; returns how many were made now."""
+    from tqdm import tqdm
+
+    items = suites.read_items(suite_dir)
+    if shard is not None:
+        items = [item for k, item in enumerate(items) if k % shard[1] == shard[0]]
+    out.mkdir(parents=True, exist_ok=True)
+    path = predictions_path(out, shard)
+    done = read_predictions(path)
+    if path.is_file() and path.read_bytes()[-1:] not in (b"", b"\n"):  # torn last line: end it so appends stay whole
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("\n")
+    todo = [item for item in items if "response" not in done.get(item["id"], {})]  # failed items are tried again
+    for item in tqdm(todo, desc=suite_dir.name, disable=not progress, unit="item"):
+        record = {"id": item["id"]}
+        audio = suite_dir / item["audio"]
+        try:
+            if not audio.is_file():
+                raise InputError(f"missing audio {audio}")
+            record["response"] = model.answer(audio, item.get("text"), item.get("tools"))
+        except FunAudioChatError as err:  # this item fails (recorded), the run goes on
+            record["error"] = str(err)
+        _append(path, record)
+    return len(todo)
+
+
+def merge(out: Path) -> Path:
+    """Join OUT/predictions.shard-*.jsonl into OUT/predictions.jsonl (items in any order, one line per id)."""
+    shards = sorted(out.glob("predictions.shard-*-of-*.jsonl"))
+    if not shards:
+        raise InputError(f"{out}: no predictions.shard-*.jsonl to merge")
+    joined = read_predictions(out / "predictions.jsonl")
+    for shard in shards:
+        joined.update(read_predictions(shard))
+    fileio.write_text(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                         for r in joined.values()))
+    return out / "predictions.jsonl"
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+
+def _score_asr(items: list[dict], responses: dict) -> tuple[list[dict], dict]:
+    from funaudiochat.eval.asr import error_rates
+    from funaudiochat.eval.normalize import normalize_english
+
+    records, refs, hyps = [], [], []
+    for item in items:
+        ref = normalize_english(item["reference"])
+        if item["id"] not in responses:
+            records.append({"id": item["id"], "error": "no prediction"})
+            continue
+        hyp = normalize_english(responses[item["id"]])
+        wer, _ = error_rates([ref], [hyp]) if ref else (None, None)
+        records.append({"id": item["id"], "reference": ref, "hypothesis": hyp, "wer": wer})
+        refs.append(ref)
+        hyps.append(hyp)
+    summary = {"items": len(items), "scored": len(refs), "failed": len(items) - len(refs)}
+    if refs:
+        wer, cer = error_rates(refs, hyps)
+        summary.update({"wer": 100 * wer, "cer": 100 * cer})
+    return records, summary
+
+
+def score(suite_dir: Path, out: Path, judge=None) -> dict:
+    """Score OUT/predictions.jsonl with the suite's scorer; write records.jsonl and summary.json; return the summary
+    with `metric` (name) and `value` (the headline number)."""
+    items = suites.read_items(suite_dir)
+    predictions = read_predictions(out / "predictions.jsonl")
+    responses = {k: v["response"] for k, v in predictions.items() if "response" in v}
+    scorer = suites.scorer_of(suite_dir)
+    if scorer == "asr":
+        records, summary = _score_asr(items, responses)
+        metric = "wer"
+    else:
+        lines = [dict(item, response=responses[item["id"]]) if item["id"] in responses else
+                 {"id": item["id"], "error": predictions.get(item["id"], {}).get("error", "no prediction")}
+                 for item in items]
+        tmp = out / "scorer-input.jsonl"
+        fileio.write_text(tmp, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+        if scorer.startswith("speechfc:"):
+            from funaudiochat.eval.speechfc.score import Setup, score_file
+
+            _, kind, category = scorer.split(":")
+            for line in lines:  # an item the model did not answer reads as an empty prediction
+                line.setdefault("predict", line.pop("response", ""))
+            fileio.write_text(tmp, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+            records, summary = score_file(tmp, Setup(kind, category))
+            summary["items"] = summary["total"]
+            metric = "accuracy"
+        else:
+            from funaudiochat.eval.voicebench.score import SUBSETS, score_file
+
+            subset = scorer.split(":")[1]
+            records, summary = score_file(tmp, subset, judge)
+            metric = {"mcq": "acc", "bbh": "acc", "refusal": "refusal_rate", "ifeval": "final"}.get(SUBSETS[subset],
+                                                                                                    "gpt")
+        tmp.unlink()
+    summary.update({"suite": suite_dir.name, "scorer": scorer, "metric": metric, "value": summary.get(metric),
+                    "prediction_errors": sum("error" in p for p in predictions.values())})
+    fileio.write_text(out / "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    fileio.write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    return summary
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+def _percent(summary: dict) -> float | None:
+    value = summary.get("value")
+    if value is None:
+        return None
+    if summary["metric"] in ("accuracy", "refusal_rate", "final"):
+        return 100 * value
+    return value
+
+
+def write_report(out: Path, summaries: list[dict], model_label: str) -> None:
+    """OUT/summary.json, OUT/report.md and OUT/scores.png (one bar per suite, in percent)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fileio.write_text(out / "summary.json", json.dumps({"model": model_label, "suites": summaries}, indent=1) + "\n")
+    lines = [f"# Evaluation report: {model_label}", "", "| suite | scorer | metric | value | items | failed |",
+             "|---|---|---|---|---|---|"]
+    for s in summaries:
+        value = _percent(s)
+        shown = "n/a" if value is None else f"{value:.2f} %"
+        lines.append(f"| {s['suite']} | {s['scorer']} | {s['metric']} | {shown} | {s.get('items', '')} | "
+                     f"{s.get('failed', 0) + s.get('prediction_errors', 0)} |")
+    lines += ["", "WER: lower is better; the others: higher is better (refusal_rate on harmful requests).",
+              "", "![scores](scores.png)", ""]
+    fileio.write_text(out / "report.md", "\n".join(lines))
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(summaries) + 1.5))
+    names = [f"{s['suite']}\n({s['metric']})" for s in summaries]
+    values = [_percent(s) or 0.0 for s in summaries]
+    bars = ax.barh(names, values, color=["#c0504d" if s["metric"] == "wer" else "#4f81bd" for s in summaries])
+    for bar, s, v in zip(bars, summaries, values):
+        ax.text(bar.get_width() + 1, bar.get_y() + bar.get_height() / 2,
+                "n/a" if _percent(s) is None else f"{v:.1f}", va="center", fontsize=9)
+    ax.set_xlim(0, max(100.0, max(values) * 1.15))
+    ax.invert_yaxis()
+    ax.set_xlabel("percent (WER in red: lower is better)")
+    ax.set_title(f"funaudiochat eval: {model_label}", fontsize=10)
+    fig.tight_layout()
+    with fileio.atomic_path(out / "scores.png") as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)

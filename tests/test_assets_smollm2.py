@@ -81,8 +81,16 @@ def test_greedy_continuations_match_transformers(ours, hf):
     result = Engine(model).generate(batch, text_mode(n))  # one left-padded batch
     for row, p in enumerate(prompts):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=2, pad_token_id=2)
-        ref = ref[0, len(p):].tolist()
-        assert result.new_text_ids[row, :len(ref)].tolist() == ref, PROMPTS[row]
+        ref, got = ref[0, len(p):].tolist(), result.new_text_ids[row, :len(ref[0]) - len(p)].tolist()
+        if got == ref:
+            continue
+        # Two fp32 implementations may only part at a near-tie of the top two logits, whose order can differ
+        # between CPUs (AVX2 vs AVX-512 summation order): check that the first difference is such a tie.
+        j = next(i for i, (a, b) in enumerate(zip(got, ref)) if a != b)
+        with torch.no_grad():
+            logits = hf(torch.tensor([p + ref[:j]])).logits[0, -1]
+        gap = (logits[ref[j]] - logits[got[j]]).abs().item()
+        assert gap <= 1e-3 * logits.abs().max().item(), (PROMPTS[row], j, got, ref, gap)
 
 
 def test_answers_the_capital_of_france(ours):

@@ -2,14 +2,19 @@
 resume after an interrupt without redoing work, shards + merge give the one-run summary, report with a chart."""
 from __future__ import annotations
 
+import base64
+import http.server
 import json
+import socket
 import subprocess
 import sys
+import threading
 
-from helpers import make_tiny_checkpoint
+from helpers import make_tiny_checkpoint, write_wav
 
 from funaudiochat.eval.run import runner, suites
-from funaudiochat.eval.run.adapters import LocalModel
+from funaudiochat.eval.run.adapters import LocalModel, OpenAIModel
+from funaudiochat.eval.speechfc.common import parse_tool_calls
 
 SUITES = "sample-mmsu,sample-bfcl,sample-asr"
 
@@ -89,3 +94,47 @@ def test_bad_input(tmp_path):
     assert run.returncode == 1 and "--shard" in run.stderr
     run = _run("merge", tmp_path / "o2")
     assert run.returncode == 1 and "run.json" in run.stderr
+
+
+def test_openai_adapter_audio_in_tool_calls_out(tmp_path):
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            message = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                "name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]}
+            reply = json.dumps({"choices": [{"index": 0, "message": message}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    wav = write_wav(tmp_path / "q.wav", 0.5)
+    try:
+        text = OpenAIModel(f"http://127.0.0.1:{server.server_address[1]}/v1", "m").answer(wav, "hi", [{"type": "x"}])
+    finally:
+        server.shutdown()
+        server.server_close()
+    part = seen[0]["messages"][0]["content"][0]
+    assert part["type"] == "input_audio" and base64.b64decode(part["input_audio"]["data"]) == wav.read_bytes()
+    assert seen[0]["messages"][0]["content"][1] == {"type": "text", "text": "hi"} and seen[0]["tools"] == [{"type": "x"}]
+    assert parse_tool_calls(text) == [{"get_weather": {"city": "Paris"}}]
+
+    with socket.socket() as s:  # nothing listens here: each item's failure is recorded, the run goes on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    suite = tmp_path / "suite"
+    (suite / "wav").mkdir(parents=True)
+    write_wav(suite / "wav" / "a.wav", 0.5)
+    (suite / "items.jsonl").write_text(json.dumps({"id": "a", "audio": "wav/a.wav"}) + "\n" +
+                                       json.dumps({"id": "b", "audio": "wav/b.wav"}) + "\n")
+    runner.predict(suite, OpenAIModel(f"http://127.0.0.1:{port}/v1", "m", timeout=5), tmp_path / "o", progress=False)
+    errors = [line["error"] for line in _lines(tmp_path / "o" / "predictions.jsonl")]
+    assert "cannot reach" in errors[0] and "missing audio" in errors[1]

@@ -54,18 +54,28 @@ class CountingModel:
         self.asked.append(audio.name)
         return self.inner.answer(audio, text, tools)
 
+    def answer_batch(self, requests):
+        self.asked += [audio.name for audio, _, _ in requests]
+        self.batches = getattr(self, "batches", 0) + 1
+        return self.inner.answer_batch(requests)
+
 
 def test_resume_missing_audio_and_shards(tmp_path):
     model = CountingModel(make_tiny_checkpoint(tmp_path / "tiny", "the answer is a b c"))
     suite = suites.build("sample-mmsu", tmp_path / "suites", limit=4)
     one = tmp_path / "one"
-    assert runner.predict(suite, model, one, progress=False) == 4
+    assert runner.predict(suite, model, one, progress=False, batch_size=3) == 4
+    batched = {line["id"]: line["response"] for line in _lines(one / "predictions.jsonl")}
+    alone = {item["id"]: model.inner.answer(suite / item["audio"], item.get("text"), None)
+             for item in suites.read_items(suite)}
+    assert batched == alone and model.batches == 1  # a batched row answers as the item alone does (3 + 1 alone)
+    model.asked.clear()
     preds = one / "predictions.jsonl"
     # an interrupt in the middle of writing the last line: that item alone is redone
     text = preds.read_text()
     preds.write_text(text[: text.rindex("{") + 5])
-    assert runner.predict(suite, model, one, progress=False) == 1 and model.asked[-1] == "mmsu_3.wav"
-    assert runner.predict(suite, model, one, progress=False) == 0 and len(model.asked) == 5
+    assert runner.predict(suite, model, one, progress=False) == 1 and model.asked == ["mmsu_3.wav"]
+    assert runner.predict(suite, model, one, progress=False) == 0 and len(model.asked) == 1
     single = runner.score(suite, one)
 
     shards = tmp_path / "shards"

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from funaudiochat import fileio
+from funaudiochat.errors import InputError
 from funaudiochat.eval.run import runner, suites
 from funaudiochat.eval.run.adapters import make_model
 
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N items of each suite")
     p.add_argument("--shard", default=None, help="I/N: answer every N-th item from I (then `eval merge`)")
     p.add_argument("--device", default="cpu", help="local model device (default cpu)")
+    p.add_argument("--batch-size", type=int, default=4, help="local model: items per batched generation (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="local model answer length (default 256)")
     p.add_argument("--judge-url", default=None, help="judge endpoint for judge-scored suites")
     p.add_argument("--judge-model", default=None, help="judge model name")
@@ -52,13 +54,16 @@ def finish(out: Path, names: list[str], suites_dir: Path, label: str, judge) -> 
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
+        raise InputError("--batch-size, --max-new-tokens and --limit must be at least 1")
     names = suites.expand(args.suite)
     shard = runner.parse_shard(args.shard)
     model = make_model(args.model, args.url, os.environ.get(args.api_key_env), args.device, args.max_new_tokens)
     fileio.write_text(args.out / "run.json", json.dumps({"model": model.label, "suites": names}) + "\n")
     for name in names:
         folder = suites.build(name, args.suites_dir, args.limit)
-        made = runner.predict(folder, model, args.out / name, shard, progress=not args.no_progress)
+        made = runner.predict(folder, model, args.out / name, shard, progress=not args.no_progress,
+                              batch_size=args.batch_size)
         print(f"{name}: {made} new predictions")
     if shard is None:
         finish(args.out, names, args.suites_dir, model.label, judge_client(args))

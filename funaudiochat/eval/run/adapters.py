@@ -1,7 +1,7 @@
 """Model adapters: something that answers an item (its audio, an optional typed text, optional tools) in text.
 
-- `local`: our engine in-process (a checkpoint folder), S2T, greedy; tool calls come back as the model writes them
-  (`<tool_call>{...}</tool_call>`).
+- `local`: our engine in-process (a checkpoint folder), S2T, greedy, several items per batched generation; tool
+  calls come back as the model writes them (`<tool_call>{...}</tool_call>`).
 - `openai`: any OpenAI-compatible chat endpoint that takes `input_audio` parts (our `funaudiochat serve` too); tool
   calls in the reply's `tool_calls` are written back as `<tool_call>` blocks so the SpeechFC scorer reads them.
 """
@@ -34,25 +34,37 @@ class LocalModel:
         self.label = f"local:{Path(model_dir).name}"
 
     def answer(self, audio: Path, text: str | None, tools: list | None) -> str:
+        return self.answer_batch([(audio, text, tools)])[0]
+
+    def answer_batch(self, requests: list[tuple[Path, str | None, list | None]]) -> list[str]:
+        """Answer several items in one batched generation (rows left-padded; greedy, so each row's answer is the
+        one it would get alone)."""
         import torch
 
         from funaudiochat.engine.inputs import user_audio
         from funaudiochat.engine.presets import default_system, generation_preset
-        from funaudiochat.engine.prompt import build_prompt
+        from funaudiochat.engine.prompt import build_prompt, stack_prompts
         from funaudiochat.text.chat import user_content
         from funaudiochat.text.tools import tools_system_prompt
 
         tokenizer = self.rt.tokenizer
-        system = tools_system_prompt(tools) if tools else default_system("s2t")
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": user_content(1, text)}]
-        prompt = build_prompt(tokenizer, self.cfg, messages, [user_audio(audio)])
+        prompts = []
+        for audio, text, tools in requests:
+            system = tools_system_prompt(tools) if tools else default_system("s2t")
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": user_content(1, text)}]
+            prompts.append(build_prompt(tokenizer, self.cfg, messages, [user_audio(audio)]))
         gen = generation_preset("s2t", tokenizer, max_new_tokens=self.max_new_tokens)
+        batch = prompts[0] if len(prompts) == 1 else \
+            stack_prompts(prompts, gen.pad_token_id, self.cfg.audio_config.pad_token_id)
         with torch.no_grad():
-            result = self.rt.engine.generate(prompt, gen)
-        ids = [int(i) for i in result.new_text_ids[0]]
-        if gen.eos_token_id in ids:
-            ids = ids[:ids.index(gen.eos_token_id)]
-        return tokenizer.decode(ids)
+            result = self.rt.engine.generate(batch, gen)
+        answers = []
+        for row in result.new_text_ids:
+            ids = [int(i) for i in row]
+            if gen.eos_token_id in ids:
+                ids = ids[:ids.index(gen.eos_token_id)]
+            answers.append(tokenizer.decode(ids))
+        return answers
 
 
 class OpenAIModel:

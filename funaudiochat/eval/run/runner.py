@@ -50,8 +50,10 @@ def _append(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def predict(suite_dir: Path, model, out: Path, shard: tuple[int, int] | None = None, progress: bool = True) -> int:
-    """Answer the suite's items (this shard's) not answered yet; returns how many were made now."""
+def predict(suite_dir: Path, model, out: Path, shard: tuple[int, int] | None = None, progress: bool = True,
+            batch_size: int = 1) -> int:
+    """Answer the suite's items (this shard's) not answered yet, `batch_size` at a time where the model can batch;
+    returns how many were attempted now."""
     from tqdm import tqdm
 
     items = suites.read_items(suite_dir)
@@ -64,17 +66,42 @@ def predict(suite_dir: Path, model, out: Path, shard: tuple[int, int] | None = N
         with open(path, "a", encoding="utf-8") as f:
             f.write("\n")
     todo = [item for item in items if "response" not in done.get(item["id"], {})]  # failed items are tried again
-    for item in tqdm(todo, desc=suite_dir.name, disable=not progress, unit="item"):
-        record = {"id": item["id"]}
-        audio = suite_dir / item["audio"]
-        try:
-            if not audio.is_file():
-                raise InputError(f"missing audio {audio}")
-            record["response"] = model.answer(audio, item.get("text"), item.get("tools"))
-        except FunAudioChatError as err:  # this item fails (recorded), the run goes on
-            record["error"] = str(err)
-        _append(path, record)
+    batch_size = batch_size if hasattr(model, "answer_batch") else 1
+    with tqdm(total=len(todo), desc=suite_dir.name, disable=not progress, unit="item") as bar:
+        for start in range(0, len(todo), batch_size):
+            for record in _answer(suite_dir, model, todo[start:start + batch_size]):
+                _append(path, record)
+            bar.update(len(todo[start:start + batch_size]))
     return len(todo)
+
+
+def _answer(suite_dir: Path, model, items: list[dict]) -> list[dict]:
+    """One record per item: its response, or the error that stopped it (the others still get answered)."""
+    records = [{"id": item["id"]} for item in items]
+    ready = []
+    for record, item in zip(records, items):
+        audio = suite_dir / item["audio"]
+        if audio.is_file():
+            ready.append((record, (audio, item.get("text"), item.get("tools"))))
+        else:
+            record["error"] = f"missing audio {audio}"
+    try:
+        if len(ready) > 1:
+            answers = model.answer_batch([request for _, request in ready])
+        else:
+            answers = [model.answer(*request) for _, request in ready]
+        for (record, _), answer in zip(ready, answers):
+            record["response"] = answer
+    except FunAudioChatError as err:
+        if len(ready) == 1:
+            ready[0][0]["error"] = str(err)
+        else:  # find which item of the batch fails: one at a time
+            for record, request in ready:
+                try:
+                    record["response"] = model.answer(*request)
+                except FunAudioChatError as one:
+                    record["error"] = str(one)
+    return records
 
 
 def merge(out: Path) -> Path:

@@ -311,7 +311,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(node.setdefault(p, {}), dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
             node = node[p]
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
+                              f"quote patterns that start with * or &, e.g. [\"*.lora_A\"]") from None
     return data
 
 

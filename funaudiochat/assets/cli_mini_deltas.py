@@ -1,0 +1,30 @@
+"""`funaudiochat assets mini-deltas TRAINED OUT [--base checkpoints/mini-base]`: what fun-audio-chat-mini ships.
+
+Writes OUT/deltas.safetensors: the tensors TRAINED changed against BASE (the adapter, trained encoder layers) and
+the LLM's LoRA delta (TRAINED/lora.safetensors, folded factors), after checking that BASE + deltas is TRAINED and
+that the file fits the 40 MB budget.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trained", type=Path, help="the trained checkpoint (e.g. runs/mini/core_cocktail_stage2/final)")
+    p.add_argument("out_dir", type=Path, help="folder for deltas.safetensors (e.g. models/mini)")
+    p.add_argument("--base", type=Path, default=Path("checkpoints/mini-base"),
+                   help="the checkpoint training started from (default checkpoints/mini-base)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from funaudiochat.assets import mini_deltas
+    from funaudiochat.errors import CheckpointError
+
+    for d in (args.trained, args.base):
+        if not (d / "config.json").is_file():
+            raise CheckpointError(f"{d}: no checkpoint folder with a config.json")
+    deltas, meta = mini_deltas.extract(args.trained, args.base)
+    path = mini_deltas.write(deltas, meta, args.out_dir)
+    print(f"wrote {path}: {len(deltas)} tensors, {path.stat().st_size / 1e6:.1f} MB; trained {meta['trained']}")
+    return 0

@@ -1,0 +1,154 @@
+"""What fun-audio-chat-mini ships: only the tensors trained here, as one small safetensors file (models/mini/), and
+the assembly of the full checkpoint from the pip-shipped parts plus that file, offline.
+
+    deltas.safetensors   every non-LLM tensor that training changed (the audio adapter, the encoder's trained
+                         layers, ...), in full; and the LLM's change as folded LoRA factors (`NAME.lora_A`,
+                         `NAME.lora_B`: the weight `NAME.weight` becomes W + B A, see funaudiochat/model/lora.py).
+                         Metadata: format, the seed of the starting checkpoint's random parts, the parts trained.
+
+`extract` checks that the trained checkpoint is exactly base + deltas (the LLM within float tolerance), so what
+ships reproduces what was measured; `assemble` rebuilds it and records in config.json `trained` which parts the
+deltas trained (hearing, speaking), so inference refuses what the model cannot do.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from funaudiochat.config import TRAINABLE_PARTS, FunAudioChatConfig
+from funaudiochat.errors import CheckpointError
+from funaudiochat.model import lora
+from funaudiochat.model.checkpoint import load_state_dict_checked, read_state_dict, save_model
+
+DELTAS_FILE = "deltas.safetensors"
+FORMAT = "fun-audio-chat-mini-deltas/1"
+MAX_BYTES = 40_000_000          # the issue's budget for everything under models/mini/
+LLM_RTOL = 1e-4                 # |trained - (base + B A)| <= LLM_RTOL * max(1, max |W|) on every LLM weight
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def extract(final_dir: str | Path, base_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The deltas of a trained checkpoint against its starting checkpoint, and the file's metadata."""
+    final_dir, base_dir = Path(final_dir), Path(base_dir)
+    final, base = read_state_dict(final_dir), read_state_dict(base_dir)
+    if final.keys() != base.keys():
+        odd = sorted(final.keys() ^ base.keys())
+        raise CheckpointError(f"{final_dir} and {base_dir} hold different tensors ({odd[:4]}): not the same model")
+    folded = lora.load_delta(final_dir)
+    rebuilt = lora.apply(base, folded)
+    deltas: dict[str, torch.Tensor] = {}
+    for key, tensor in final.items():
+        if tensor.shape != base[key].shape:
+            raise CheckpointError(f"{key}: shape {tuple(tensor.shape)} in {final_dir}, {tuple(base[key].shape)} in "
+                                  f"{base_dir}: not the same model")
+        if not key.startswith(lora.LLM_PREFIX):
+            if not torch.equal(tensor, base[key]):
+                deltas[key] = tensor
+            continue
+        scale = max(1.0, float(tensor.abs().max())) if tensor.numel() else 1.0
+        err = float((tensor.float() - rebuilt[key].float()).abs().max()) if tensor.numel() else 0.0
+        if err > LLM_RTOL * scale:
+            raise CheckpointError(f"{key}: {final_dir} differs from {base_dir} + its LoRA delta by {err:.3g}: the "
+                                  f"LLM was trained outside low-rank adapters, so it cannot ship as a small delta")
+    deltas.update(folded)
+    cfg = FunAudioChatConfig.load(base_dir)
+    seed = (cfg.extra.get("fun_audio_chat_mini") or {}).get("seed", 0)
+    srh = cfg.audio_config.crq_transformer_config
+    meta = {"format": FORMAT, "seed": str(seed), "srh_hidden": str(srh.hidden_size),
+            "srh_layers": str(srh.num_hidden_layers), "trained": json.dumps(trained_parts(deltas))}
+    return deltas, meta
+
+
+def trained_parts(deltas: dict[str, torch.Tensor]) -> dict[str, bool]:
+    """config.json `trained` from the tensors the deltas hold (config.TRAINABLE_PARTS)."""
+    names = [k for k in deltas if not lora.is_adapter(k)]
+    return {part: any(k.startswith(prefixes) for k in names) for part, prefixes in TRAINABLE_PARTS.items()}
+
+
+def write(deltas: dict[str, torch.Tensor], meta: dict[str, str], out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    size = sum(t.numel() * t.element_size() for t in deltas.values())
+    if size > MAX_BYTES:
+        raise CheckpointError(f"the deltas take {size / 1e6:.1f} MB, over the {MAX_BYTES / 1e6:.0f} MB budget of "
+                              f"models/mini/: train fewer encoder layers or a lower lora.rank")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return lora.save(deltas, out_dir / DELTAS_FILE, meta)
+
+
+def read(deltas_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The deltas file of `deltas_dir`, checked: present, within the size budget, our format."""
+    deltas_dir = Path(deltas_dir)
+    hint = "train them with recipes/mini/*.yaml and write them with `funaudiochat assets mini-deltas`"
+    if not deltas_dir.is_dir():
+        raise CheckpointError(f"{deltas_dir}: no such folder (it holds the trained parts of fun-audio-chat-mini; "
+                              f"{hint})")
+    path = deltas_dir / DELTAS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{deltas_dir}: no {DELTAS_FILE} ({hint})")
+    size = sum(f.stat().st_size for f in deltas_dir.glob("*.safetensors"))
+    if size > MAX_BYTES:
+        raise CheckpointError(f"{deltas_dir}: {size / 1e6:.1f} MB of safetensors, over the "
+                              f"{MAX_BYTES / 1e6:.0f} MB budget")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a fun-audio-chat-mini deltas file (format {meta.get('format')!r}, "
+                              f"expected {FORMAT!r})")
+    return tensors, meta
+
+
+def apply_deltas(model: torch.nn.Module, deltas: dict[str, torch.Tensor], source: str) -> None:
+    """Replace the full tensors and add the LoRA deltas in `model` (in place); names and shapes must fit."""
+    state = model.state_dict()
+    factors = {k: v for k, v in deltas.items() if lora.is_adapter(k)}
+    full = {k: v for k, v in deltas.items() if not lora.is_adapter(k)}
+    wrong = [f"{k} (not in the model)" for k in full if k not in state] + \
+        [f"{k}: {tuple(v.shape)} vs {tuple(state[k].shape)}" for k, v in full.items()
+         if k in state and v.shape != state[k].shape]
+    if wrong:
+        raise CheckpointError(f"{source} does not fit this model: {'; '.join(wrong[:4])}")
+    try:
+        state = lora.apply({**state, **full}, factors)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source} does not fit this model: {err}") from None
+    load_state_dict_checked(model, state, source)
+
+
+def assemble(out_dir: str | Path, deltas_dir: str | Path, base_dir: str | Path | None = None,
+             gguf_path: str | Path | None = None, whisper_dir: str | Path | None = None) -> Path:
+    """The full fun-audio-chat-mini checkpoint in `out_dir`: the starting model (from the pip-shipped parts with
+    the deltas' seed, or an existing `base_dir`), plus the deltas; config `trained` set from what they hold."""
+    from funaudiochat import fileio
+    from funaudiochat.model.checkpoint import load_model
+
+    deltas, meta = read(deltas_dir)
+    source = str(Path(deltas_dir) / DELTAS_FILE)
+    out_dir = Path(out_dir)
+    with fileio.atomic_path(out_dir, directory=True) as tmp:
+        if base_dir is not None:
+            if not (Path(base_dir) / "config.json").is_file():
+                raise CheckpointError(f"--base {base_dir}: no checkpoint folder with a config.json")
+            model = load_model(base_dir, dtype=torch.float32)
+            for name in TOKENIZER_FILES:
+                if (Path(base_dir) / name).is_file():
+                    shutil.copyfile(Path(base_dir) / name, tmp / name)
+        else:
+            from funaudiochat.assets.gguf_tokenizer import write_tokenizer
+            from funaudiochat.assets.mini import build_mini
+
+            mini = build_mini(seed=int(meta.get("seed", 0)), srh_hidden=int(meta.get("srh_hidden", 256)),
+                              srh_layers=int(meta.get("srh_layers", 2)), gguf_path=gguf_path, whisper_dir=whisper_dir)
+            model = mini.model
+            write_tokenizer(mini.gguf, tmp, mini.tokenizer)
+        apply_deltas(model, deltas, source)
+        model.cfg.trained = trained_parts(deltas)
+        save_model(model, tmp)
+    return out_dir

@@ -1,0 +1,165 @@
+"""fun-audio-chat-mini end to end on a tiny random model and a hand-made dataset in build-mini's record layout:
+pre-align -> Core-Cocktail stage 1 (LoRA) -> merge -> stage 2 (the recipes/mini/*.yaml files, shrunk by overrides)
+-> deltas -> `assets mini` -> `eval mini`, each a real `funaudiochat` process; plus the deltas' checks and the
+must-show scoring rules."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_tiny_checkpoint, write_wav
+
+from funaudiochat.assets import mini_deltas
+from funaudiochat.engine.prompt import speech_token_count
+from funaudiochat.errors import CheckpointError
+from funaudiochat.eval import mini as eval_mini
+from funaudiochat.model import lora
+from funaudiochat.model.checkpoint import read_state_dict
+from funaudiochat.text.chat import ASR_INSTRUCTION
+from funaudiochat.text.tokenizer import AUDIO_PAD, AUDIO_TEMPLATE
+
+SYSTEM = "You are a friendly voice assistant."
+QA = [("what is two plus two ?", "Two plus two is 4.", ["4"], "It is 4."),
+      ("name the red planet .", "The red planet is Mars.", ["Mars"], "It is Venus."),
+      ("how are you today ?", "I am fine, thank you.", [], "I am fine, thank you.")]
+ASR = ["the cat sat on the mat .", "please open the door ."]
+VOCAB = " ".join([SYSTEM, ASR_INSTRUCTION, *ASR] + [" ".join([q, a, t, *e]) for q, a, e, t in QA])
+SHRINK = ["train.steps=2", "train.global_batch=2", "train.micro_batch=1", "checkpoint.every=1",
+          "data.max_len=256", "log.progress=false", "log.tensorboard=false", "optim.warmup_steps=0"]
+ADAPTER = ["continuous_audio_tower.proj.*", "audio_tower.continual_output_matching.*"]
+
+
+def _entry(folder: Path, name: str, text: str, seconds: float, seed: int) -> str:
+    wav = write_wav(folder / "audio" / f"{name}.wav", seconds, seed=seed, freq=180.0 + 40 * seed)
+    return json.dumps({"path": f"audio/{name}.wav", "text": "", "ref_path": "", "ref_text": text,
+                       "token": AUDIO_PAD * speech_token_count(int(seconds * 16000))}, sort_keys=True)
+
+
+def make_data(folder: Path) -> Path:
+    """train/test/test_snr10/test_phone.jsonl as `data build-mini` writes them (QA and ASR records)."""
+    for split in ("train", "test", "test_snr10", "test_phone"):
+        rows = []
+        for i, (q, a, expected, typed) in enumerate(QA):
+            rows.append({"id": f"{split}-qa{i}", "task": "qa", "system": SYSTEM,
+                         "messages": [{"role": "user", "content": AUDIO_TEMPLATE}, {"role": "assistant", "content": a}],
+                         "audio": [_entry(folder, f"{split}-qa{i}", q, 0.6, i)],
+                         "meta": {"family": "facts", "expected": expected, "typed_answer": typed, "questions": [q],
+                                  "gold": None, "reject": None}})
+        for i, text in enumerate(ASR):
+            rows.append({"id": f"{split}-asr{i}", "task": "asr", "system": SYSTEM,
+                         "messages": [{"role": "user", "content": f"{AUDIO_TEMPLATE}\n{ASR_INSTRUCTION}"},
+                                      {"role": "assistant", "content": text}],
+                         "audio": [_entry(folder, f"{split}-asr{i}", text, 0.5, 10 + i)], "meta": {"family": "asr"}})
+        rows = [r for r in rows if split != "test" or r["id"] != "test-qa2"] + \
+            [r for r in rows if split == "test" and r["id"] == "test-qa2"]  # the gold items first
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "funaudiochat.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_scoring_rules():
+    assert eval_mini.agrees("It is 4. Easy.", "It is 5. Easy.", []) is False  # first sentences differ
+    assert eval_mini.agrees("It is 4. Easy.", "it is 4! Sure.", [])  # same first sentence (normalised)
+    assert eval_mini.agrees("The answer: 4.", "Four is 4.", ["4"])      # same gold verdict (both right)
+    assert eval_mini.agrees("Maybe 5.", "Maybe 6.", ["4"])              # same gold verdict (both wrong)
+    assert not eval_mini.agrees("It is 4.", "Maybe 6.", ["4"])
+    assert eval_mini.accuracy(["Mars, of course.", "Venus."], [["Mars"], ["Mars"]]) == 0.5
+    assert eval_mini.percentile([1.0, 2.0, 3.0], 50) == 2.0
+
+
+def test_mini_pipeline(tmp_path):
+    base = make_tiny_checkpoint(tmp_path / "base", VOCAB)
+    data = make_data(tmp_path / "data")
+    runs = tmp_path / "runs"
+    common = [f"model.checkpoint={base}", f"data.train=[{data / 'train.jsonl'}]", *SHRINK]
+    ok(cli("train", "recipes/mini/pre_align.yaml", *common, f"run_dir={runs / 'pre'}",
+           f"train.trainable=[{', '.join(ADAPTER + ['continuous_audio_tower.layers.1.*'])}]"))
+    lora_train = "train.trainable=" + json.dumps(["*.lora_A", "*.lora_B"] + ADAPTER)
+    ok(cli("train", "recipes/mini/core_cocktail_stage1.yaml", *common, f"model.checkpoint={runs / 'pre/final'}",
+           f"run_dir={runs / 's1'}", lora_train, "lora.rank=2"))
+    out = ok(cli("merge", runs / "pre/final", runs / "s1/final", runs / "merged", "--alpha", "0.5"))
+    assert "merged" in out
+    ok(cli("train", "recipes/mini/core_cocktail_stage2.yaml", *common, f"model.checkpoint={runs / 'merged'}",
+           f"run_dir={runs / 's2'}", lora_train, "lora.rank=2"))
+    final = runs / "s2" / "final"
+    assert lora.load_delta(final)  # stage 1's merged delta + stage 2's
+
+    models = tmp_path / "models" / "mini"
+    ok(cli("assets", "mini-deltas", final, models, "--base", base))
+    deltas, meta = mini_deltas.read(models)
+    assert json.loads(meta["trained"]) == {"hearing": True, "speaking": False}
+    assert not any(k.startswith("language_model.") and not lora.is_adapter(k) for k in deltas)  # LLM: factors only
+    assert any(k.startswith("continuous_audio_tower.layers.1.") for k in deltas)  # the pre-aligned encoder layer
+    assert not any(k.startswith("audio_invert_tower.") for k in deltas)  # untrained parts are not shipped
+
+    ckpt = tmp_path / "checkpoints" / "mini"
+    ok(cli("assets", "mini", ckpt, "--deltas", models, "--base", base))
+    assembled, trained = read_state_dict(ckpt), read_state_dict(final)
+    for k in trained:
+        torch.testing.assert_close(assembled[k], trained[k], rtol=0, atol=1e-5)
+    assert json.loads((ckpt / "config.json").read_text())["trained"] == {"hearing": True, "speaking": False}
+
+    report_dir = tmp_path / "report"
+    out = ok(cli("eval", "mini", "--model", ckpt, "--data", data, "--split", "test", "--limit", "2",
+                 "--latency", "2", "--max-new-tokens", "4", "--out", report_dir))
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["counts"] == {"asr": 2, "qa": 2, "gold": 2}
+    assert report["spoken_qa"]["accuracy_base_typed"] == 0.5  # the recorded typed answers: one right, one wrong
+    figures = [r["figure"] for r in report["summary"]]
+    assert figures[0] == "ASR WER" and "latency p50 (eager), s" in figures
+    assert {"robustness snr10 / clean", "robustness phone / clean"} <= set(figures)
+    assert report["asr"]["wer"] >= 0 and report["asr"]["whisper_tiny_en_wer"] >= 0
+    assert 0 < report["latency"]["eager"]["p50_s"] < 30
+    assert "| ASR WER |" in out and (report_dir / "report.md").read_text() in out
+
+    # errors: one line each, nothing written
+    bad = cli("assets", "mini", tmp_path / "x", "--deltas", tmp_path / "nowhere", "--base", base)
+    assert bad.returncode == 1 and "funaudiochat assets mini: error:" in bad.stderr and "nowhere" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "x").exists()
+    bad = cli("eval", "mini", "--model", ckpt, "--data", data, "--split", "dev")
+    assert bad.returncode == 1 and "dev.jsonl: no such split file" in bad.stderr
+
+
+def test_deltas_must_fit(tmp_path, monkeypatch):
+    base = make_tiny_checkpoint(tmp_path / "base")
+    state = read_state_dict(base)
+    key = "continuous_audio_tower.proj.weight"
+    deltas = {key: state[key] + 1.0}
+    meta = {"format": mini_deltas.FORMAT, "seed": "0", "trained": "{}"}
+    mini_deltas.write(deltas, meta, tmp_path / "m")
+    from funaudiochat.model.checkpoint import load_model
+
+    model = load_model(base)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        mini_deltas.apply_deltas(model, {key: torch.zeros(3, 3)}, "d")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        mini_deltas.apply_deltas(model, {"language_model.model.layers.0.self_attn.q_proj.lora_A": torch.zeros(2, 7),
+                                         "language_model.model.layers.0.self_attn.q_proj.lora_B": torch.zeros(9, 2)},
+                                 "d")
+    monkeypatch.setattr(mini_deltas, "MAX_BYTES", 100)
+    with pytest.raises(CheckpointError, match="budget"):
+        mini_deltas.read(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="budget"):
+        mini_deltas.write(deltas, meta, tmp_path / "m2")
+    # a trained checkpoint whose LLM changed outside LoRA cannot ship small
+    tuned = tmp_path / "tuned"
+    make_tiny_checkpoint(tuned, seed=0)
+    changed = read_state_dict(tuned)
+    changed["language_model.model.layers.0.mlp.up_proj.weight"] += 0.5
+    from safetensors.torch import save_file
+    save_file(changed, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="outside low-rank adapters"):
+        mini_deltas.extract(tuned, base)

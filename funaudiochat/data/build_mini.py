@@ -12,9 +12,10 @@ sentences of the answers as transcripts. Output: one gzipped JSONL (TEXT) and TE
 Audio stage (no LLM): every user turn is spoken by a voice of its split's pool (`VOICES`: Piper joe variants and
 espeak-ng voices; test and dev voices are never used in train), augmented in train/dev (volume, noise at 5-20 dB
 SNR, reverberation, telephone band), and judged by the ASR judge: a clip whose WER against its text is above
-`max_wer` is dropped with the reason (and so is its item). The test split also gets robustness copies of every
-clip (10 dB SNR, telephone band; kept whatever their WER, which is recorded). Outputs under OUT: audio/SPLIT/*.wav,
-clips.jsonl (the journal: every clip, kept or not), manifest.jsonl (sha256 of every kept wav) and manifest.sha256
+`max_wer` is dropped with the reason and tried again in up to `RETRIES` other voices of its split (an item whose
+clip fails in every voice is dropped). The test split also gets robustness copies of every clip, in the voice it
+was kept in (10 dB SNR, telephone band; kept whatever their WER, which is recorded). Outputs under OUT:
+audio/SPLIT/*.wav, clips.jsonl (the journal: every clip, kept or not), manifest.jsonl (sha256 of every kept wav) and manifest.sha256
 (one hash over the set), the training records train/dev/test(_snr10|_phone).jsonl that `funaudiochat train`
 reads, and summary.json.
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import logging
 import os
 import random
 import re
@@ -39,8 +39,6 @@ from funaudiochat.data import distill, mini_questions
 from funaudiochat.errors import InputError
 from funaudiochat.text.chat import ASR_INSTRUCTION, render_chatml
 from funaudiochat.text.tokenizer import AUDIO_PAD, AUDIO_TEMPLATE
-
-log = logging.getLogger(__name__)
 
 # An English rendering of the released spoken persona's style rules (SPOKEN_S2M_PROMPT: "replies short, usually one
 # to three sentences"). The released prompt itself is Chinese: SmolLM2-135M echoes it or rambles under it.

@@ -48,8 +48,8 @@ def main(args: argparse.Namespace) -> int:
                          f"committed full one)")
     if args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
     build_mini.claim_out(args.out, args.seed, args.resume)
+    torch.set_num_threads(args.threads)
     progress = not args.no_progress
     if args.stage in ("text", "all"):
         if args.stage == "all" and args.text.is_file():  # the committed text: no LLM needed

@@ -78,13 +78,14 @@ def tiny_model(folder: Path) -> tuple[Path, Path]:
 
 
 @contextmanager
-def running_server(folder: Path, *extra: str):
+def running_server(folder: Path, *extra: str, max_seq_len: int = 1024):
+    """`funaudiochat serve` on the tiny model; `max_seq_len` also bounds an answer's length (prompt + answer)."""
     ckpt, detok = tiny_model(folder)
     port = free_port()
     log = folder / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "funaudiochat.cli", "serve", "--model", str(ckpt),
-                                 "--detokenizer", str(detok), "--port", str(port), "--max-seq-len", "1024",
+                                 "--detokenizer", str(detok), "--port", str(port), "--max-seq-len", str(max_seq_len),
                                  "--threads", "1", *extra], stdout=out, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", proc, log)
     try:

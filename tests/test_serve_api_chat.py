@@ -50,14 +50,14 @@ def test_message_parsing_and_legacy_fallback():
     assert clean_text("<|audio_bos|><|sil|> Paris. <|audio_eos|><|im_end|>") == "Paris."
 
 
-async def read_until(ws, enough, timeout=120.0, quiet=0.0):
+async def read_until(ws, enough, timeout=120.0, quiet=0.0, plenty=RATE):
     """Collect server messages until `enough(texts, samples)` holds, then until `quiet` s pass without one (the
-    protocol has no end-of-answer message) -> texts, errors, the decoded answer audio."""
+    protocol has no end-of-answer message) or `plenty` samples came -> texts, errors, the decoded answer audio."""
     decoder, texts, errors, pcm = OpusDecoder(), [], [], [np.zeros(0, np.float32)]
     deadline = time.monotonic() + timeout
     while True:
         if enough(texts, sum(map(len, pcm))):
-            if not quiet:
+            if not quiet or sum(map(len, pcm)) >= plenty:
                 break
             try:
                 msg = await asyncio.wait_for(ws.recv(), quiet)
@@ -90,7 +90,7 @@ def test_scripted_client_sends_opus_and_gets_text_and_opus_back(server):
                     await ws.send(b"\x01" + pages)
             await ws.send(b"\x01" + enc.flush())
             await ws.send(bytes([Kind.CONTROL, Control.PAUSE]))
-            # the answer: text pieces and audio, until it has been quiet for 3 s (or a few seconds of audio came)
+            # the answer: text pieces and audio, until it has been quiet for 3 s (or a second of audio came)
             texts, errors, pcm = await read_until(ws, lambda t, n: len(t) >= 3 and n > 0, quiet=3.0)
             # a new turn interrupts the answer; a restart forgets the conversation; the connection goes on
             await ws.send(bytes([Kind.CONTROL, Control.START]))

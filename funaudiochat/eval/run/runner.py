@@ -152,29 +152,25 @@ def score(suite_dir: Path, out: Path, judge=None) -> dict:
         records, summary = _score_asr(items, responses)
         metric = "wer"
     else:
-        lines = [dict(item, response=responses[item["id"]]) if item["id"] in responses else
-                 {"id": item["id"], "error": predictions.get(item["id"], {}).get("error", "no prediction")}
-                 for item in items]
-        tmp = out / "scorer-input.jsonl"
-        fileio.write_text(tmp, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+        lines = [(k + 1, dict(item, response=responses[item["id"]]) if item["id"] in responses else
+                  {"id": item["id"], "error": predictions.get(item["id"], {}).get("error", "no prediction")})
+                 for k, item in enumerate(items)]
         if scorer.startswith("speechfc:"):
-            from funaudiochat.eval.speechfc.score import Setup, score_file
+            from funaudiochat.eval.speechfc.score import Setup, score_lines
 
             _, kind, category = scorer.split(":")
-            for line in lines:  # an item the model did not answer reads as an empty prediction
-                line.setdefault("predict", line.pop("response", ""))
-            fileio.write_text(tmp, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
-            records, summary = score_file(tmp, Setup(kind, category))
+            for _, line in lines:  # the scorer reads "predict"; an item not answered reads as an empty prediction
+                line["predict"] = line.pop("response", "")
+            records, summary = score_lines(lines, Setup(kind, category))
             summary["items"] = summary["total"]
             metric = "accuracy"
         else:
-            from funaudiochat.eval.voicebench.score import SUBSETS, score_file
+            from funaudiochat.eval.voicebench.score import SUBSETS, score_lines
 
             subset = scorer.split(":")[1]
-            records, summary = score_file(tmp, subset, judge)
+            records, summary = score_lines(lines, subset, judge)
             metric = {"mcq": "acc", "bbh": "acc", "refusal": "refusal_rate", "ifeval": "final"}.get(SUBSETS[subset],
                                                                                                     "gpt")
-        tmp.unlink()
     summary.update({"suite": suite_dir.name, "scorer": scorer, "metric": metric, "value": summary.get(metric),
                     "prediction_errors": sum("error" in p for p in predictions.values())})
     fileio.write_text(out / "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -97,23 +97,28 @@ def score_file(path: Path, setup: Setup) -> tuple[list[dict], dict]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no predictions file {path}")
+    records, summary = score_lines(fileio.read_jsonl(path), setup)
+    if not records:
+        raise InputError(f"{path} holds no prediction lines")
+    return records, {"file": str(path), **summary}
+
+
+def score_lines(lines, setup: Setup) -> tuple[list[dict], dict]:
+    """(records, summary) for (line number, item or fileio.LineProblem) pairs."""
     records = []
-    for line_no, item in fileio.read_jsonl(path):
+    for line_no, item in lines:
         if isinstance(item, fileio.LineProblem):
             verdict, key = fail("input_error:bad_line", f"line {line_no}: {item}"), None
         else:
             verdict, key = score_item(item, setup), item.get("dataset_key")
         records.append({"line": line_no, "dataset_key": key, "valid": verdict.valid,
                         "error_type": verdict.error_type or "correct", "reason": verdict.reason})
-    if not records:
-        raise InputError(f"{path} holds no prediction lines")
     correct = sum(r["valid"] for r in records)
-    accuracy = correct / len(records)
+    accuracy = correct / len(records) if records else 0.0
     if setup.scorer == "acebench":
         accuracy = round(accuracy, 3)
-    summary = {"file": str(path), "scorer": setup.scorer, "category": setup.category, "correct": correct,
-               "total": len(records), "accuracy": accuracy,
-               "error_types": dict(Counter(r["error_type"] for r in records).most_common())}
+    summary = {"scorer": setup.scorer, "category": setup.category, "correct": correct, "total": len(records),
+               "accuracy": accuracy, "error_types": dict(Counter(r["error_type"] for r in records).most_common())}
     return records, summary
 
 

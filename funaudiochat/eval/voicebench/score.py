@@ -89,8 +89,17 @@ def score_file(path: Path, subset: str, client: judge.JudgeClient | None = None,
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no predictions file {path}")
+    records, summary = score_lines(fileio.read_jsonl(path), subset, client, seed)
+    if not records:
+        raise InputError(f"{path} holds no prediction lines")
+    return records, {"file": str(path), **summary}
+
+
+def score_lines(lines, subset: str, client: judge.JudgeClient | None = None, seed: int = 0):
+    """(records, summary) for (line number, item or fileio.LineProblem) pairs."""
+    kind = SUBSETS[subset]
     records = []
-    for line_no, item in fileio.read_jsonl(path):
+    for line_no, item in lines:
         record = {"line": line_no}
         if isinstance(item, fileio.LineProblem):
             record["error"] = str(item)
@@ -101,7 +110,4 @@ def score_file(path: Path, subset: str, client: judge.JudgeClient | None = None,
             except FunAudioChatError as err:  # a bad field or the judge down: this item fails, the run goes on
                 record["error"] = str(err)
         records.append(record)
-    if not records:
-        raise InputError(f"{path} holds no prediction lines")
-    summary = {"file": str(path), "subset": subset, **summarize(kind, records, seed)}
-    return records, summary
+    return records, {"subset": subset, **summarize(kind, records, seed)}

@@ -14,8 +14,8 @@ Every WebSocket message is binary: one kind byte, then the payload.
 Turns (push-to-talk, as released): `start` stops a running answer, clears the recording and opens a new Opus
 stream; audio is decoded and recorded until `pause` or `endTurn`, which resample the recording to 16 kHz, add it
 to the history as a user turn (at most 8 turns are kept) and answer it: text and speech through the scheduler,
-speech encoded to Ogg/Opus as it comes. The assistant's turn enters the history as its cleaned text. `restart`
-stops a running answer and forgets the history.
+speech encoded to Ogg/Opus as it comes (one Ogg stream for the whole connection). The assistant's turn enters the
+history as its cleaned text. `restart` stops a running answer and forgets the history.
 As released, a malformed message falls back to the legacy meaning of its kind byte (1 audio, 2 pause, 3 start);
 anything else gets an ERROR message and the connection goes on.
 """
@@ -127,6 +127,8 @@ class ApiChatSession:
         self.pcm: list[np.ndarray] = []
         self.pcm_len = 0
         self.answer: asyncio.Task | None = None
+        # one Ogg/Opus stream per connection, as the client's decoder opens it once
+        self.encoder = OpusEncoder()
 
     def send(self, kind: Kind, payload: bytes | str = b"") -> None:
         if self.closed.is_set():
@@ -209,7 +211,7 @@ class ApiChatSession:
         if not self.scheduler.speech:
             request.mode = "s2t"
         self.send(Kind.TEXT, "[Processing...]")
-        encoder, streamed = OpusEncoder(), ""
+        encoder, streamed = self.encoder, ""
         try:
             async for event in await self.scheduler.submit(request):
                 if isinstance(event, TextDelta):
@@ -233,7 +235,10 @@ class ApiChatSession:
                         self.history = turns + [{"role": "assistant", "content": final}]
         except FunAudioChatError as err:
             self.error(f"the answer failed: {err}")
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # interrupted: close the answer's last frame so the next one starts clean
+            tail = encoder.flush()
+            if tail:
+                self.send(Kind.AUDIO, tail)
             raise
         except Exception as err:  # noqa: BLE001 - one failed answer must not end the connection
             log.exception("/api/chat answer failed")

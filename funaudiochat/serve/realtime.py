@@ -102,9 +102,8 @@ class RealtimeSession:
         self.scheduler, self.beta = scheduler, beta
         self.voices = voices  # funaudiochat.serve.voices.Voices: names() a client may pick, resolve(name)
         self.id = new_id("sess")
-        names = voices.names()
-        default_voice = "中文女" if "中文女" in names else (names[0] if names else None)
-        self.config = SessionConfig(voice=default_voice, modalities=("text", "audio") if can_speak else ("text",))
+        # voice None: the server's default speaker (--speaker, else the detokenizer's default)
+        self.config = SessionConfig(modalities=("text", "audio") if can_speak else ("text",))
         self.can_speak = can_speak
         self.outbox: asyncio.Queue = asyncio.Queue(OUTBOX_SIZE)
         self.closed = asyncio.Event()  # set when the session must end (slow client, close())

@@ -93,8 +93,8 @@ async function loadVoices(current) {
     }
   } catch (err) { /* the list is optional: the session's own voice is still offered */ }
   if (current && !names.includes(current)) names.unshift(current);
-  const keep = select.value || current;
-  select.innerHTML = "";
+  const keep = select.value || current || "";
+  select.innerHTML = '<option value="">(server default)</option>';
   for (const name of names.filter(Boolean)) {
     const option = document.createElement("option");
     option.value = option.textContent = name;

@@ -15,7 +15,7 @@ from helpers import make_tiny_checkpoint, write_wav
 
 from funaudiochat.assets import mini_deltas
 from funaudiochat.engine.prompt import speech_token_count
-from funaudiochat.errors import CheckpointError
+from funaudiochat.errors import CheckpointError, InputError
 from funaudiochat.eval import mini as eval_mini
 from funaudiochat.model import lora
 from funaudiochat.model.checkpoint import read_state_dict
@@ -129,8 +129,8 @@ def test_mini_pipeline(tmp_path):
     bad = cli("assets", "mini", tmp_path / "x", "--deltas", tmp_path / "nowhere", "--base", base)
     assert bad.returncode == 1 and "funaudiochat assets mini: error:" in bad.stderr and "nowhere" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "x").exists()
-    bad = cli("eval", "mini", "--model", ckpt, "--data", data, "--split", "dev")
-    assert bad.returncode == 1 and "dev.jsonl: no such split file" in bad.stderr
+    with pytest.raises(InputError, match="dev.jsonl: no such split file"):
+        eval_mini.read_split(data, "dev")
 
 
 def test_deltas_must_fit(tmp_path, monkeypatch):

@@ -245,6 +245,29 @@ def test_bad_event_gets_an_error_event_and_the_session_goes_on(server, frame, co
     assert server.healthy()
 
 
+def test_audio_past_the_turn_limit_is_refused(server):  # a 2-hour stream stops at 10 minutes
+    from funaudiochat.serve.realtime_state import MAX_BUFFER_S
+
+    minute = pcm16(np.zeros(60 * RATE, np.float32) + 0.01)
+
+    async def talk():
+        async with connect(server) as ws:
+            c = Client(ws)
+            await c.next("session.created")
+            await c.send(type="session.update", session={"turn_detection": None})
+            await c.next("session.updated")
+            for _ in range(int(MAX_BUFFER_S // 60) + 1):  # one minute per event, until the buffer refuses
+                await c.send(type="input_audio_buffer.append", audio=minute)
+            error = await c.next("error", timeout=60)
+            await c.send(type="input_audio_buffer.clear")
+            await c.next("input_audio_buffer.cleared")
+            return error
+
+    error = asyncio.run(talk())
+    assert error["error"]["code"] == "input_audio_buffer_full" and "commit or clear" in error["error"]["message"]
+    assert server.healthy()
+
+
 def test_response_create_while_one_runs_is_refused(server, question):
     async def talk():
         async with connect(server) as ws:

@@ -112,7 +112,8 @@ def _paragraphs(value: str, args: dict) -> bool:
 
 def _postscript(value: str, args: dict) -> bool:
     marker = _need(args, "postscript_marker")[0].strip()
-    pattern = {"P.P.S": r"\s*p\.\s?p\.\s?s.*$", "P.S.": r"\s*p\.\s?s\..*$"}.get(marker, r"\s*" + marker.lower() + r".*$")
+    patterns = {"P.P.S": r"\s*p\.\s?p\.\s?s.*$", "P.S.": r"\s*p\.\s?s\..*$"}
+    pattern = patterns.get(marker, r"\s*" + marker.lower() + r".*$")
     return bool(re.findall(pattern, value.lower(), flags=re.MULTILINE))
 
 
@@ -192,11 +193,13 @@ CHECKS = {
     "detectable_format:number_highlighted_sections": _highlights,
     "detectable_format:multiple_sections": _sections,
     "detectable_format:json_format": _json,
-    "detectable_format:title": lambda v, a: any(t.lstrip("<").rstrip(">").strip() for t in re.findall(r"<<[^\n]+>>", v)),
+    "detectable_format:title": lambda v, a: any(t.lstrip("<").rstrip(">").strip()
+                                                for t in re.findall(r"<<[^\n]+>>", v)),
     "combination:two_responses": _two_responses,
     "combination:repeat_prompt": lambda v, a: v.strip().lower().startswith(
         _need(a, "prompt_to_repeat")[0].strip().lower()),
-    "startend:end_checker": lambda v, a: v.strip().strip('"').lower().endswith(_need(a, "end_phrase")[0].strip().lower()),
+    "startend:end_checker": lambda v, a: v.strip().strip('"').lower().endswith(
+        _need(a, "end_phrase")[0].strip().lower()),
     "change_case:capital_word_frequency": lambda v, a: _compare(sum(w.isupper() for w in _word_tokens(v)),
                                                                 *_need(a, "capital_relation", "capital_frequency")),
     "change_case:english_capital": lambda v, a: _all_case(v, upper=True),

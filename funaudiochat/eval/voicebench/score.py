@@ -28,6 +28,8 @@ def _field(item: dict, name: str):
 
 def score_line(item: dict, kind: str, client: judge.JudgeClient | None) -> dict:
     """The record of one prediction line (without the line number)."""
+    if "response" not in item and "error" in item:  # a prediction that failed (the runner's record of why)
+        raise InputError(f"no response: {item['error']}")
     response = _field(item, "response")
     if not isinstance(response, str):
         raise InputError("'response' is not text")

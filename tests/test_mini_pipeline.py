@@ -28,7 +28,7 @@ QA = [("what is two plus two ?", "Two plus two is 4.", ["4"], "It is 4."),
       ("how are you today ?", "I am fine, thank you.", [], "I am fine, thank you.")]
 ASR = ["the cat sat on the mat .", "please open the door ."]
 VOCAB = " ".join([SYSTEM, ASR_INSTRUCTION, *ASR] + [" ".join([q, a, t, *e]) for q, a, e, t in QA])
-SHRINK = ["train.steps=2", "train.global_batch=2", "train.micro_batch=1", "checkpoint.every=1",
+SHRINK = ["train.steps=2", "train.global_batch=2", "train.micro_batch=1",
           "data.max_len=256", "log.progress=false", "log.tensorboard=false", "optim.warmup_steps=0"]
 ADAPTER = ["continuous_audio_tower.proj.*", "audio_tower.continual_output_matching.*"]
 

@@ -44,7 +44,7 @@ def make_data(folder: Path) -> Path:
     for split in ("train", "test", "test_snr10", "test_phone"):
         rows = []
         for i, (q, a, expected, typed) in enumerate(QA):
-            rows.append({"id": f"{split}-qa{i}", "task": "qa", "system": SYSTEM,
+            rows.append({"id": f"qa{i}", "task": "qa", "system": SYSTEM,  # same id in a test split's copies
                          "messages": [{"role": "user", "content": AUDIO_TEMPLATE}, {"role": "assistant", "content": a}],
                          "audio": [_entry(folder, f"{split}-qa{i}", q, 0.6, i)],
                          "meta": {"family": "facts", "expected": expected, "typed_answer": typed, "questions": [q],
@@ -54,8 +54,8 @@ def make_data(folder: Path) -> Path:
                          "messages": [{"role": "user", "content": f"{AUDIO_TEMPLATE}\n{ASR_INSTRUCTION}"},
                                       {"role": "assistant", "content": text}],
                          "audio": [_entry(folder, f"{split}-asr{i}", text, 0.5, 10 + i)], "meta": {"family": "asr"}})
-        rows = [r for r in rows if split != "test" or r["id"] != "test-qa2"] + \
-            [r for r in rows if split == "test" and r["id"] == "test-qa2"]  # the gold items first
+        rows = [r for r in rows if split != "test" or r["id"] != "qa2"] + \
+            [r for r in rows if split == "test" and r["id"] == "qa2"]  # the gold items first
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
@@ -121,6 +121,7 @@ def test_mini_pipeline(tmp_path):
     figures = [r["figure"] for r in report["summary"]]
     assert figures[0] == "ASR WER" and "latency p50 (eager), s" in figures
     assert {"robustness snr10 / clean", "robustness phone / clean"} <= set(figures)
+    assert report["robustness"]["snr10"]["n"] == report["robustness"]["phone"]["n"] == 2
     assert report["asr"]["wer"] >= 0 and report["asr"]["whisper_tiny_en_wer"] >= 0
     assert 0 < report["latency"]["eager"]["p50_s"] < 30
     assert "| ASR WER |" in out and (report_dir / "report.md").read_text() in out

@@ -203,7 +203,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", limit: in
     qa = [r for r in records if r.task == "qa"]
     gold = [r for r in qa if r.gold]
     me = Answerer(model, max_new_tokens, allow_untrained=allow_untrained)
-    bar = _bar(progress, len(asr) + 2 * len(qa) + len(gold) * 2 + latency_n)
+    bar = _bar(progress)
     report: dict = {"model": str(model), "data": str(data), "split": split, "limit": limit,
                     "counts": {"asr": len(asr), "qa": len(qa), "gold": len(gold)}, "targets": TARGETS}
 
@@ -298,12 +298,12 @@ def _wer(refs: list[str], hyps: list[str]) -> float | None:
     return error_rates([r for r, _ in pairs], [h for _, h in pairs])[0]
 
 
-def _bar(on: bool, total: int):
+def _bar(on: bool):
     if not on:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="eval mini", dynamic_ncols=True)
+    return tqdm(desc="eval mini (answers)", unit="answer", dynamic_ncols=True)
 
 
 def _step(bar, value):

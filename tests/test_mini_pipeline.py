@@ -91,7 +91,7 @@ def test_mini_pipeline(tmp_path):
     ok(cli("train", "recipes/mini/core_cocktail_stage1.yaml", *common, f"model.checkpoint={runs / 'pre/final'}",
            f"run_dir={runs / 's1'}", lora_train, "lora.rank=2"))
     out = ok(cli("merge", runs / "pre/final", runs / "s1/final", runs / "merged", "--alpha", "0.5"))
-    assert "merged" in out
+    assert "LoRA: BASE + 0.5 x STAGE1's delta" in out
     ok(cli("train", "recipes/mini/core_cocktail_stage2.yaml", *common, f"model.checkpoint={runs / 'merged'}",
            f"run_dir={runs / 's2'}", lora_train, "lora.rank=2"))
     final = runs / "s2" / "final"

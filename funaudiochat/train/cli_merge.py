@@ -2,7 +2,8 @@
 
 BASE (M0) is the model before stage 1: the pre-aligned checkpoint (its LLM is the original one, frozen during
 pre-alignment), or a plain causal-LM checkpoint. STAGE1 (M1) is the stage-1 result. Every `language_model.*`
-tensor is interpolated; the audio encoder, adapter and speech head come from STAGE1 (see merge.py).
+tensor is interpolated; the audio encoder, adapter and speech head come from STAGE1 (see merge.py). A STAGE1
+trained with LoRA (its lora.safetensors) merges as BASE + alpha * its LoRA delta, from the factors.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from funaudiochat.train.merge import merge_checkpoints
 
+    from funaudiochat.model.lora import DELTA_FILE
+
     merge_checkpoints(args.base, args.stage1, args.out, args.alpha)
-    print(f"merged {args.base} and {args.stage1} (alpha {args.alpha}) into {args.out}")
+    how = f"LoRA: BASE + {args.alpha} x STAGE1's delta" if (args.out / DELTA_FILE).is_file() else f"alpha {args.alpha}"
+    print(f"merged {args.base} and {args.stage1} ({how}) into {args.out}")
     return 0

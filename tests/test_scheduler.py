@@ -214,3 +214,30 @@ def test_an_engine_failure_ends_its_sessions_and_the_scheduler_goes_on(parts, on
 
     end = asyncio.run(main())
     assert end.finish_reason in ("stop", "length") and sched.alive is False and sched.active_sessions == 0
+
+
+def test_sixteen_conversations_of_three_turns_all_complete(parts, one_thread):
+    """8 rows, 8 more waiting: 16 concurrent conversations x 3 turns finish with no error and free every row."""
+    engine, tok = parts
+    sched = Scheduler(engine, tok, max_sessions=8, max_waiting=8, wait_timeout_s=120)
+
+    async def conversation(c):
+        history = [{"role": "system", "content": words([40, 41])}]
+        for turn in range(3):
+            history.append({"role": "user", "content": words([50 + c, 100 + turn])})
+            req = Request(list(history), mode="s2t", generation=dict(max_new_tokens=4 + c % 5))
+            end = [ev async for ev in await sched.submit(req)][-1]
+            assert isinstance(end, TurnEnd) and end.finish_reason in ("stop", "length")
+            history.append({"role": "assistant", "content": end.text.strip()})
+        return len(history)
+
+    async def main():
+        sched.start()
+        try:
+            return await asyncio.gather(*(conversation(c) for c in range(16)))
+        finally:
+            await sched.stop()
+
+    assert asyncio.run(main()) == [7] * 16
+    assert sched.active_sessions == 0 and sched.metrics.rejected.value == 0
+    assert sum(sched.metrics.batch_rows.counts[2:]) > 0  # steps of 3 or more sessions at once

@@ -17,9 +17,10 @@ Public interface (what the HTTP API, the realtime WebSocket and `/api/chat` buil
   strings, the voice (a detokenizer speaker name or a [1, 192] x-vector) and whether to synthesise audio.
 - `check_capacity()` raises the 429 at once when the waiting room is full (cheap: call it before decoding uploads).
 - `submit` validates and builds the prompt off the event loop (bad input raises `InputError` /
-  `ContextLengthError`), then waits for a free batch row: when `max_waiting` requests already wait it raises
-  `ServerBusyError` (status 429) at once; after `wait_timeout_s` without a row it raises `ServerBusyError` (503). Both
-  carry `retry_after` seconds.
+  `ContextLengthError`), then waits in line (first come, first served) for a free batch row: when `max_waiting`
+  requests already wait it raises `ServerBusyError` (status 429) at once; after `wait_timeout_s` without a row it
+  raises `ServerBusyError` (503). Both carry `retry_after` seconds. A session's row is free again before its
+  `TurnEnd` reaches the consumer, so a conversation's next turn never competes with its own previous one.
 - A `Session` is an async iterator of events ending with `TurnEnd` (finish_reason "stop", "length" or "cancelled";
   usage with prompt / text / speech token counts and timings; `audio` = the whole answer when audio was made).
   An engine failure ends the iteration with `EngineFailure`. Cancelling (explicit, task cancellation, closing the
@@ -214,8 +215,8 @@ class Scheduler:
         self._batches: dict[tuple, _Batch] = {}
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._slots: asyncio.Semaphore | None = None
-        self._waiting = 0
+        self._free_rows = max_sessions                 # batch rows nobody holds (event loop only)
+        self._waiters: deque[asyncio.Future] = deque()  # requests waiting for a row, first come first served
         self._active = 0
         self._detok_pool = ThreadPoolExecutor(max(1, detokenizer_threads), thread_name_prefix="detokenizer")
         self._prep_pool = ThreadPoolExecutor(2, thread_name_prefix="prompt")
@@ -248,7 +249,7 @@ class Scheduler:
 
     @property
     def waiting_sessions(self) -> int:
-        return self._waiting
+        return len(self._waiters)
 
     def _wake(self) -> None:
         with self._cond:
@@ -302,19 +303,7 @@ class Scheduler:
         self.check_capacity()  # before building the prompt: a flood costs no feature extraction
         loop = asyncio.get_running_loop()
         prompt, gen = await loop.run_in_executor(self._prep_pool, self.prepare, request)
-        if self._slots.locked():
-            self.check_capacity()
-            self._waiting += 1
-            try:
-                await asyncio.wait_for(self._slots.acquire(), self.wait_timeout_s)
-            except asyncio.TimeoutError:
-                self.metrics.rejected.inc()
-                raise ServerBusyError(f"no session became free within {self.wait_timeout_s:g} s; retry later",
-                                      503, max(1, int(self.wait_timeout_s))) from None
-            finally:
-                self._waiting -= 1
-        else:
-            await self._slots.acquire()
+        await self._acquire_row()
         self._active += 1
         session = Session(self, request, prompt, gen)
         session._pump = asyncio.create_task(self._pump(session))
@@ -325,17 +314,50 @@ class Scheduler:
 
     def check_capacity(self) -> None:
         """Raise ServerBusyError (429) now if a new request could not even wait (event loop only)."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_sessions)
-        if self._slots.locked() and self._waiting >= self.max_waiting:
+        if self._free_rows == 0 and len(self._waiters) >= self.max_waiting:
             self.metrics.rejected.inc()
-            raise ServerBusyError(f"all {self.max_sessions} sessions are busy and {self._waiting} requests already "
-                                  f"wait; retry later", 429, 2)
+            raise ServerBusyError(f"all {self.max_sessions} sessions are busy and {len(self._waiters)} requests "
+                                  f"already wait; retry later", 429, 2)
 
-    def _release(self, session: Session) -> None:
-        """Called on the event loop when a session's engine part ended."""
+    async def _acquire_row(self) -> None:
+        """Take a free batch row, or wait in line for one at most `wait_timeout_s` (503 after that)."""
+        if self._free_rows > 0 and not self._waiters:
+            self._free_rows -= 1
+            return
+        self.check_capacity()
+        turn = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        try:
+            await asyncio.wait_for(asyncio.shield(turn), self.wait_timeout_s)
+        except asyncio.TimeoutError:
+            if turn.done():  # a row was handed over at the last moment: keep it
+                return
+            self._waiters.remove(turn)
+            self.metrics.rejected.inc()
+            raise ServerBusyError(f"no session became free within {self.wait_timeout_s:g} s; retry later", 503,
+                                  max(1, int(self.wait_timeout_s))) from None
+        except asyncio.CancelledError:  # the client left while waiting
+            if turn.done():
+                self._release_row()
+            else:
+                self._waiters.remove(turn)
+            raise
+
+    def _release_row(self) -> None:
+        """Hand a freed row to the first waiting request (the waiting count drops at once), else keep it free."""
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._free_rows += 1
+
+    def _release(self, session: Session, last_item) -> None:
+        """On the event loop, when a session's engine part ended: free its row, then hand on its last item (so a
+        client that starts its next turn on seeing the end always finds the row free)."""
         self._active -= 1
-        self._slots.release()
+        self._release_row()
+        session._raw.put_nowait(last_item)
 
     # ------------------------------------------------------------------ per-session post-processing (event loop)
     async def _pump(self, session: Session) -> None:
@@ -453,8 +475,7 @@ class Scheduler:
         if session._ended:
             return
         session._ended = True
-        session._push(item)
-        session._loop.call_soon_threadsafe(self._release, session)
+        session._loop.call_soon_threadsafe(self._release, session, item)
 
     def _admit(self, session: Session) -> None:
         """Prefill a new session alone, choose its first token, then let it join a batch."""

@@ -304,6 +304,10 @@ def test_api_key(tool_server):
     assert r.status_code == 401 and "missing API key" in r.json()["error"]["message"]
     assert [m.id for m in tool_server.client(api_key="sesame").models.list()] == [MODEL]
     assert _get(tool_server, "/health").status_code == 200 and _get(tool_server, "/ready").status_code == 200
+    # the page loads without a key (a browser cannot send one); it sends the typed key on its WebSocket
+    page = httpx.get(tool_server.url + "/", timeout=10)
+    assert page.status_code == 200 and "/v1/realtime" in httpx.get(tool_server.url + "/static/app.js", timeout=10).text
+    assert httpx.get(tool_server.url + "/v1/voices", timeout=10).status_code == 401
 
 
 def test_models_ready_metrics(server):

@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 # protocol modules added by name when they exist (the realtime WebSocket, the released demo's /api/chat, the page)
 ROUTE_MODULES = ("funaudiochat.serve.realtime", "funaudiochat.serve.api_chat", "funaudiochat.serve.web")
 OPEN_PATHS = ("/health", "/ready", "/metrics")  # no API key needed
+# The page and its static files: a browser cannot send a key when it loads them; the page then sends the key the
+# user types on its WebSocket (subprotocol), where it is checked.
+OPEN_PREFIXES = ("/static/",)
+PAGE_PATHS = ("/", "/index.html")
+
+
+def needs_key(path: str) -> bool:
+    return not (path in OPEN_PATHS or path in PAGE_PATHS or path.startswith(OPEN_PREFIXES))
 
 
 @dataclass
@@ -139,7 +147,7 @@ def _model_card(ctx: ServerContext, name: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ middleware
 class GuardMiddleware:
-    """API key on every path but OPEN_PATHS; request / error counts for /metrics."""
+    """API key on every path but the open ones (needs_key); request / error counts for /metrics."""
 
     def __init__(self, app, ctx: ServerContext):
         self.app, self.ctx = app, ctx
@@ -147,7 +155,7 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.ctx.api_key and scope["path"] not in OPEN_PATHS:
+        if self.ctx.api_key and needs_key(scope["path"]):
             headers = dict(scope.get("headers") or [])
             auth = headers.get(b"authorization", b"").decode("latin-1")
             token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""

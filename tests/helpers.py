@@ -251,3 +251,18 @@ def write_tiny_detokenizer(path) -> Path:
                 "中文男": {"embedding": torch.randn(1, 192, generator=g)}}, path / "spk2info.pt")
     (path / "cosyvoice3.yaml").write_text(TINY_COSYVOICE_YAML)
     return path
+
+
+def write_campplus_stub(folder: Path) -> np.ndarray:
+    """A stand-in campplus.onnx speaker model in FOLDER: mean over time of |fbank| @ W; returns W [80, 192]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(1).standard_normal((80, 192)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Abs", ["feats"], ["a"]), helper.make_node("ReduceMean", ["a"], ["m"], axes=[1], keepdims=0),
+         helper.make_node("MatMul", ["m", "w"], ["embedding"])], "campplus_stub",
+        [helper.make_tensor_value_info("feats", TensorProto.FLOAT, [1, None, 80])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 192])], [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), Path(folder) / "campplus.onnx")
+    return w

@@ -14,7 +14,7 @@ from funaudiochat.speech import detokenizer as detok_module
 from funaudiochat.speech.detokenizer import Detokenizer, segment
 from funaudiochat.speech.speaker import kaldi_fbank
 from tests.helpers import tiny_detokenizer_modules as tiny_modules
-from tests.helpers import TINY_COSYVOICE_YAML, write_tiny_detokenizer
+from tests.helpers import TINY_COSYVOICE_YAML, write_campplus_stub, write_tiny_detokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -196,20 +196,11 @@ def test_kaldi_fbank_matches_kaldi_native_fbank():
 
 def test_speaker_from_wav_through_an_onnx_speaker_model(model_dir, tmp_path):
     """campplus.onnx stand-in: mean over time of |feats| @ W. Checks fbank, mean removal and the ONNX plumbing."""
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = np.random.default_rng(1).standard_normal((80, 192)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Abs", ["feats"], ["a"]), helper.make_node("ReduceMean", ["a"], ["m"], axes=[1], keepdims=0),
-         helper.make_node("MatMul", ["m", "w"], ["embedding"])], "campplus_stub",
-        [helper.make_tensor_value_info("feats", TensorProto.FLOAT, [1, None, 80])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 192])], [numpy_helper.from_array(w, "w")])
     folder = tmp_path / "model"
     folder.mkdir()
     for name in ("flow.pt", "hift.pt", "cosyvoice3.yaml"):
         (folder / name).write_bytes((model_dir / name).read_bytes())
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), folder / "campplus.onnx")
+    w = write_campplus_stub(folder)
     wav = _sine_wav()
     sf.write(tmp_path / "ref.wav", wav, 16000)
     d = Detokenizer.from_dir(folder, speaker=str(tmp_path / "ref.wav"))  # no spk2info.pt: the wav is the default

@@ -24,7 +24,8 @@ openai = pytest.importorskip("openai")
 from funaudiochat.model.checkpoint import save_model  # noqa: E402
 from funaudiochat.model.funaudiochat import FunAudioChatModel  # noqa: E402
 from funaudiochat.model.presets import tiny  # noqa: E402
-from tests.helpers import make_tiny_tokenizer, tiny_vocab, words, write_tiny_detokenizer, write_wav  # noqa: E402
+from tests.helpers import (make_tiny_tokenizer, tiny_vocab, words, write_campplus_stub,  # noqa: E402
+                           write_tiny_detokenizer, write_wav)
 
 MODEL = "tiny-fun"
 
@@ -60,20 +61,6 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
-def _campplus_stub(folder):
-    """A stand-in speaker model (mean |fbank| @ W) so voices can be registered from a recording."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = np.random.default_rng(1).standard_normal((80, 192)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Abs", ["feats"], ["a"]), helper.make_node("ReduceMean", ["a"], ["m"], axes=[1], keepdims=0),
-         helper.make_node("MatMul", ["m", "w"], ["embedding"])], "campplus_stub",
-        [helper.make_tensor_value_info("feats", TensorProto.FLOAT, [1, None, 80])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 192])], [numpy_helper.from_array(w, "w")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), folder / "campplus.onnx")
-
-
 @pytest.fixture(scope="module")
 def threads():
     n = torch.get_num_threads()
@@ -91,7 +78,7 @@ def server(tmp_path_factory, threads):
     save_model(model, root / "ckpt")
     make_tiny_tokenizer(root / "ckpt")
     detok = write_tiny_detokenizer(root / "cosyvoice")
-    _campplus_stub(detok)
+    write_campplus_stub(detok)
     live = LiveServer(["--model", str(root / "ckpt"), "--detokenizer", str(detok), "--served-model-name", MODEL,
                        "--max-sessions", "2", "--max-waiting", "1", "--wait-timeout", "2", "--max-body-mb", "4",
                        "--max-audio-seconds", "60", "--hop", "10", "--max-messages", "500"])

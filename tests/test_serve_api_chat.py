@@ -94,19 +94,26 @@ def test_scripted_client_sends_opus_and_gets_text_and_opus_back(server):
                         await ws.send(b"\x01" + pages)
                 await ws.send(b"\x01" + enc.flush())
                 await ws.send(bytes([Kind.CONTROL, Control.PAUSE if turn == 0 else Control.END_TURN]))
-                # the answer: text pieces and audio, until it has been quiet for 3 s (or a second of audio came)
-                turns.append(await read_until(ws, lambda t, n: len(t) >= 3 and n > 0, quiet=3.0, decoder=decoder))
+                # the answer: from "[Processing...]" until it has been quiet for 3 s (or a second of audio came)
+                turns.append(await read_until(ws, lambda t, n: "[Processing...]" in t, quiet=3.0, decoder=decoder))
                 await ws.send(bytes([Kind.CONTROL, Control.START]))
             # a restart forgets the conversation; the connection goes on
             await ws.send(bytes([Kind.CONTROL, Control.RESTART]))
             await ws.send(b"\x06")  # ping
             return turns
 
-    for texts, errors, pcm in asyncio.run(talk()):
-        assert not errors
-        start = texts.index("[Processing...]")  # (the first answer's last pieces may come before it)
-        assert "".join(texts[start + 1:]).strip()  # the answer's text, streamed
-        assert len(pcm) >= 0.3 * RATE and np.abs(pcm).max() > 0.01  # spoken answer, from the server's Ogg/Opus
+    def spoken(turns) -> bool:  # each answer has streamed text and at least 0.3 s of audible speech
+        return all("".join(texts[texts.index("[Processing...]") + 1:]).strip() and len(pcm) >= 0.3 * RATE
+                   and np.abs(pcm).max() > 0.01 for texts, _, pcm in turns)
+
+    # The tiny random model samples its answers and may end one after a token or two, without speech: that is the
+    # model, not the protocol, so such a conversation is tried again (at most 3 times).
+    for _ in range(3):
+        turns = asyncio.run(talk())
+        assert not any(errors for _, errors, _ in turns), turns
+        if spoken(turns):
+            break
+    assert spoken(turns), [(texts, len(pcm)) for texts, _, pcm in turns]
     assert server.wait_idle(timeout=10) == 0 and server.healthy()
 
 

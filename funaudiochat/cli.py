@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval speechfc": ("funaudiochat.eval.cli_speechfc", "score SpeechFCEval tool-call predictions (BFCL / ACEBench)"),
     "eval mini": ("funaudiochat.eval.cli_mini", "fun-audio-chat-mini's must-show figures: WER, spoken QA, latency"),
     "eval voicebench": ("funaudiochat.eval.cli_voicebench", "score VoiceBench predictions (rules, or an LLM judge)"),
+    "eval mcq": ("funaudiochat.eval.cli_mcq", "score MMAU / MMSU multiple-choice predictions (official rules)"),
     "eval run": ("funaudiochat.eval.cli_run", "answer, score and report evaluation suites (local or OpenAI model)"),
     "eval merge": ("funaudiochat.eval.cli_merge", "join the shards of a sharded `eval run`, score and report"),
     "assets qwen-vocab": ("funaudiochat.assets.cli_qwen_vocab", "Qwen3 vocabulary + audio specials -> tokenizer.json"),

@@ -6,15 +6,14 @@ import json
 from pathlib import Path
 
 from funaudiochat.errors import InputError
-from funaudiochat.eval.cli_run import finish, judge_client
+from funaudiochat.eval.cli_run import add_judge_arguments, finish, judge_client
 from funaudiochat.eval.run import runner
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="the --out folder of the sharded runs")
     p.add_argument("--suites-dir", type=Path, default=Path("runs/eval-suites"), help="where the suites were built")
-    p.add_argument("--judge-url", default=None, help="judge endpoint for judge-scored suites")
-    p.add_argument("--judge-model", default=None, help="judge model name")
+    add_judge_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:

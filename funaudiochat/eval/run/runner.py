@@ -7,6 +7,7 @@ interrupt) and tries failed ones again (the later line wins); `merge` joins shar
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -69,13 +70,31 @@ def predict(suite_dir: Path, model, out: Path, shard: tuple[int, int] | None = N
     batch_size = batch_size if hasattr(model, "answer_batch") else 1
     with tqdm(total=len(todo), desc=suite_dir.name, disable=not progress, unit="item") as bar:
         for start in range(0, len(todo), batch_size):
-            for record in _answer(suite_dir, model, todo[start:start + batch_size]):
+            for record in _answer(suite_dir, model, todo[start:start + batch_size], out):
                 _append(path, record)
             bar.update(len(todo[start:start + batch_size]))
     return len(todo)
 
 
-def _answer(suite_dir: Path, model, items: list[dict]) -> list[dict]:
+def _keep(record: dict, answer, out: Path) -> None:
+    """Put an answer on its record: the text as `response`; a spoken answer's wav saved as OUT/answers/ID.wav
+    (`audio`, relative to OUT; `no_audio` when the model gave no speech)."""
+    if isinstance(answer, str):
+        record["response"] = answer
+        return
+    from funaudiochat.audio.io import save_wav
+
+    record["response"] = answer.text
+    if answer.wav is None or not len(answer.wav):
+        record["no_audio"] = True
+        return
+    wav = out / "answers" / f"{record['id']}.wav"
+    with fileio.atomic_path(wav) as tmp:
+        save_wav(tmp, answer.wav, answer.rate)
+    record["audio"] = f"answers/{wav.name}"
+
+
+def _answer(suite_dir: Path, model, items: list[dict], out: Path) -> list[dict]:
     """One record per item: its response, or the error that stopped it (the others still get answered)."""
     records = [{"id": item["id"]} for item in items]
     ready = []
@@ -91,14 +110,14 @@ def _answer(suite_dir: Path, model, items: list[dict]) -> list[dict]:
         else:
             answers = [model.answer(*request) for _, request in ready]
         for (record, _), answer in zip(ready, answers):
-            record["response"] = answer
+            _keep(record, answer, out)
     except FunAudioChatError as err:
         if len(ready) == 1:
             ready[0][0]["error"] = str(err)
         else:  # find which item of the batch fails: one at a time
             for record, request in ready:
                 try:
-                    record["response"] = model.answer(*request)
+                    _keep(record, model.answer(*request), out)
                 except FunAudioChatError as one:
                     record["error"] = str(one)
     return records
@@ -141,16 +160,80 @@ def _score_asr(items: list[dict], responses: dict) -> tuple[list[dict], dict]:
     return records, summary
 
 
+@functools.lru_cache(maxsize=1)
+def asr_judge():
+    """The ASR judge (Whisper tiny.en), loaded once, on first use."""
+    from funaudiochat.eval.asr import AsrJudge
+
+    return AsrJudge()
+
+
+def _spoken_answers(items: list[dict], predictions: dict, out: Path) -> list[dict]:
+    """The speech-quality scorer's input: per item its answer's text and wav, or why there is none."""
+    from funaudiochat.audio.io import load_audio
+
+    answers = []
+    for item in items:
+        line = predictions.get(item["id"], {})
+        answer = {"id": item["id"], **{k: item[k] for k in ("style", "neutral") if k in item}}
+        if "response" not in line:
+            answer["error"] = line.get("error", "no prediction")
+        elif "audio" not in line:
+            answer["error"] = "the answer has no speech" + ("" if line.get("no_audio") else
+                                                            " (answer with --mode s2s)")
+        else:
+            try:
+                answer.update(text=line["response"], wav=load_audio(out / line["audio"], 16000), rate=16000)
+            except FunAudioChatError as err:
+                answer["error"] = f"cannot read the answer's speech: {err}"
+        answers.append(answer)
+    return answers
+
+
+def _score_speech(items: list[dict], predictions: dict, out: Path) -> tuple[list[dict], dict]:
+    from funaudiochat.eval import speech_quality
+
+    answers = _spoken_answers(items, predictions, out)
+    if all("error" in a for a in answers):  # nothing to transcribe: do not load the ASR judge
+        return speech_quality.score(answers, None)
+    return speech_quality.score(answers, asr_judge())
+
+
+def _mcq_lines(items: list[dict], predictions: dict, benchmark: str) -> list[tuple[int, dict]]:
+    """MMAU entries carry the answer as model_output, MMSU ones as response (the published formats)."""
+    key = "model_output" if benchmark == "mmau" else "response"
+    lines = []
+    for k, item in enumerate(items):
+        line = predictions.get(item["id"], {})
+        entry = {kk: v for kk, v in item.items() if kk not in ("audio", "text")}
+        if "response" in line:
+            entry[key] = line["response"]
+        else:
+            entry["error"] = line.get("error", "no prediction")
+        lines.append((k + 1, entry))
+    return lines
+
+
 def score(suite_dir: Path, out: Path, judge=None) -> dict:
     """Score OUT/predictions.jsonl with the suite's scorer; write records.jsonl and summary.json; return the summary
-    with `metric` (name) and `value` (the headline number)."""
+    with `metric` (name) and `value` (the headline number). Answers that have speech (S2S) also get the
+    speech-quality scorer's summary under `speech` (its records in speech_records.jsonl)."""
     items = suites.read_items(suite_dir)
     predictions = read_predictions(out / "predictions.jsonl")
     responses = {k: v["response"] for k, v in predictions.items() if "response" in v}
     scorer = suites.scorer_of(suite_dir)
+    speech = None
     if scorer == "asr":
         records, summary = _score_asr(items, responses)
         metric = "wer"
+    elif scorer == "speech":
+        records, summary = _score_speech(items, predictions, out)
+        metric = "wer"
+    elif scorer in ("mmau", "mmsu"):
+        from funaudiochat.eval import audio_mcq
+
+        records, summary = audio_mcq.score_lines(_mcq_lines(items, predictions, scorer), scorer)
+        metric = "acc"
     else:
         lines = [(k + 1, dict(item, response=responses[item["id"]]) if item["id"] in responses else
                   {"id": item["id"], "error": predictions.get(item["id"], {}).get("error", "no prediction")})
@@ -171,6 +254,11 @@ def score(suite_dir: Path, out: Path, judge=None) -> dict:
             records, summary = score_lines(lines, subset, judge)
             metric = {"mcq": "acc", "bbh": "acc", "refusal": "refusal_rate", "ifeval": "final"}.get(SUBSETS[subset],
                                                                                                     "gpt")
+    if scorer != "speech" and any("audio" in p for p in predictions.values()):
+        speech_records, speech = _score_speech(items, predictions, out)
+        fileio.write_text(out / "speech_records.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in speech_records))
+        summary["speech"] = speech
     summary.update({"suite": suite_dir.name, "scorer": scorer, "metric": metric, "value": summary.get(metric),
                     "prediction_errors": sum("error" in p for p in predictions.values())})
     fileio.write_text(out / "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -180,12 +268,17 @@ def score(suite_dir: Path, out: Path, judge=None) -> dict:
 
 # -------------------------------------------------------------------------------------------------- report
 
+OPEN_SUBSETS = ("alpacaeval", "alpacaeval_full", "commoneval", "wildvoice")
+
+
 def _percent(summary: dict) -> float | None:
     value = summary.get("value")
     if value is None:
         return None
     if summary["metric"] in ("accuracy", "refusal_rate", "final"):
         return 100 * value
+    if summary["metric"] == "gpt" and summary["scorer"].split(":")[-1] in OPEN_SUBSETS:
+        return 20 * value  # a 1-5 rating, x20 as VoiceBench's overall score counts it
     return value
 
 
@@ -202,10 +295,26 @@ def write_report(out: Path, summaries: list[dict], model_label: str) -> None:
     for s in summaries:
         value = _percent(s)
         shown = "n/a" if value is None else f"{value:.2f} %"
+        if value is not None and s["metric"] == "gpt" and value != s["value"]:
+            shown = f"{s['value']:.2f} / 5 ({value:.1f} %)"
         lines.append(f"| {s['suite']} | {s['scorer']} | {s['metric']} | {shown} | {s.get('items', '')} | "
                      f"{s.get('failed', 0) + s.get('prediction_errors', 0)} |")
-    lines += ["", "WER: lower is better; the others: higher is better (refusal_rate on harmful requests).",
-              "", "![scores](scores.png)", ""]
+    lines += ["", "WER: lower is better; the others: higher is better (refusal_rate on harmful requests). A judge's "
+              "1-5 rating counts x20 in the chart, as in VoiceBench's overall score.", ""]
+    spoken = [(s["suite"], s if s["scorer"] == "speech" else s["speech"]) for s in summaries
+              if s["scorer"] == "speech" or "speech" in s]
+    if spoken:
+        lines += ["## Speech of the answers", "", "| suite | answers with speech | ASR WER vs own text | words/s | "
+                  "loudness (dB) | F0 (Hz) | style checks passed |", "|---|---|---|---|---|---|---|"]
+        for name, q in spoken:
+            def cell(key, fmt):
+                return "n/a" if q.get(key) is None else format(q[key], fmt)
+            style = f"{q['style_pass']:.0f} % of {q['style_checks']}" if q.get("style_checks") else "n/a"
+            lines.append(f"| {name} | {q['scored']} / {q['items']} | {cell('wer', '.1f')} % | "
+                         f"{cell('mean_words_per_s', '.2f')} | {cell('mean_loudness_db', '.1f')} | "
+                         f"{cell('mean_f0_hz', '.0f')} | {style} |")
+        lines.append("")
+    lines += ["![scores](scores.png)", ""]
     fileio.write_text(out / "report.md", "\n".join(lines))
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(summaries) + 1.5))
     names = [f"{s['suite']}\n({s['metric']})" for s in summaries]

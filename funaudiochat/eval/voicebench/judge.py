@@ -6,6 +6,11 @@ temperature 0.5, top_p 0.95, n=3; an endpoint that returns fewer than n choices 
 Open subsets score the mean of all ratings (a bare number, else "[[n]]"); sd-qa scores the share of items whose
 majority vote is "yes" (a three-way tie goes to the first answer seen). VoiceBench's second sd-qa metric (PEDANT)
 needs a trained model and is not computed.
+
+An item whose judge answers cannot all be read (a rating neither a number nor "[[n]]", where VoiceBench's
+evaluator raises and stops; a QA verdict other than yes/no, case aside) fails with the answers in its error, and
+is left out of the metric; the run goes on. An endpoint that refuses n > 1 (HTTP 400, as `funaudiochat serve`
+does) is asked n times with n=1.
 """
 from __future__ import annotations
 
@@ -70,8 +75,18 @@ class JudgeClient:
         url = url.rstrip("/")
         self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
         self.model, self.api_key, self.timeout, self.retries = model, api_key, timeout, retries
+        self.single_choice = False  # set once the endpoint refused n > 1
 
     def _post(self, body: dict) -> dict:
+        try:
+            return self._post_once(body)
+        except JudgeError as err:
+            if body.get("n", 1) > 1 and "HTTP 400" in str(err):  # n > 1 refused: one choice per request
+                self.single_choice = True
+                return self._post_once(dict(body, n=1))
+            raise
+
+    def _post_once(self, body: dict) -> dict:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -82,7 +97,7 @@ class JudgeClient:
                 with urllib.request.urlopen(request, timeout=self.timeout) as reply:
                     return json.loads(reply.read())
             except urllib.error.HTTPError as err:
-                problem = f"HTTP {err.code} from {self.url}"
+                problem = f"HTTP {err.code} from {self.url}: {err.read()[:200].decode('utf-8', 'replace')}"
                 if err.code < 500 and err.code != 429:
                     break
             except (urllib.error.URLError, OSError, ValueError) as err:
@@ -97,7 +112,7 @@ class JudgeClient:
             body = {"model": self.model, "messages": [{"role": "system", "content": SYSTEM},
                                                       {"role": "user", "content": prompt}],
                     "max_tokens": 1024, "frequency_penalty": 0, "presence_penalty": 0, "stop": None,
-                    "temperature": 0.5, "top_p": 0.95, "n": n - len(answers)}
+                    "temperature": 0.5, "top_p": 0.95, "n": 1 if self.single_choice else n - len(answers)}
             reply = self._post(body)
             try:
                 answers += [choice["message"]["content"].strip() for choice in reply["choices"]]
@@ -117,6 +132,18 @@ def rating(text: str) -> float | None:
         return int(match.group(1)) if match else None
 
 
+def check_readable(answers: list[str], kind: str) -> None:
+    """Raise JudgeError (quoting the answers) unless every answer is a rating (open) or a yes/no (qa)."""
+    if kind == "open":
+        bad = [a for a in answers if rating(a) is None]
+    else:
+        bad = [a for a in answers if a.lower() not in ("yes", "no")]
+    if bad:
+        shown = "; ".join(repr(a[:80]) for a in bad)
+        raise JudgeError(f"the judge's answer is not a {'1-5 rating' if kind == 'open' else 'Yes/No'}: {shown} "
+                         f"(all answers: {json.dumps(answers, ensure_ascii=False)[:400]})")
+
+
 def majority_yes(answers: list[str]) -> bool:
     votes = Counter(a.lower() for a in answers)
     return votes.most_common(1)[0][0] == "yes"
@@ -124,9 +151,8 @@ def majority_yes(answers: list[str]) -> bool:
 
 def summarize_open(all_samples: list[list[str] | None]) -> dict:
     ratings = [r for samples in all_samples if samples for r in map(rating, samples) if r is not None]
-    unreadable = sum(rating(s) is None for samples in all_samples if samples for s in samples)
     return {"gpt": sum(ratings) / len(ratings) if ratings else None, "ratings": len(ratings),
-            "unreadable_ratings": unreadable, "failed_items": sum(s is None for s in all_samples)}
+            "failed_items": sum(s is None for s in all_samples)}
 
 
 def summarize_qa(all_samples: list[list[str] | None]) -> dict:

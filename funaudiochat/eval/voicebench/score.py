@@ -56,7 +56,9 @@ def score_line(item: dict, kind: str, client: judge.JudgeClient | None) -> dict:
     _field(item, "prompt")
     if kind == "qa":
         _field(item, "reference")
-    return {"judge": client.samples(judge.judge_prompt(item))}
+    answers = client.samples(judge.judge_prompt(item))
+    judge.check_readable(answers, kind)
+    return {"judge": answers}
 
 
 def summarize(kind: str, records: list[dict], seed: int = 0) -> dict:

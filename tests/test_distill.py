@@ -105,6 +105,27 @@ def test_distill_cli_on_smollm2_resumes(tmp_path, mini_dir):
     assert (report["already_done"], report["processed"]) == (3, 0)
 
 
+def test_greedy_answers_do_not_depend_on_the_batch(tmp_path, mini_dir):
+    """Greedy distillation batches continuously (rows join and leave between steps): with three rows sharing steps,
+    every answer is the one the prompt gets alone."""
+    from funaudiochat.data.cli_distill import load
+    from funaudiochat.data.distill import DistillSettings, Distiller
+
+    engine, tok = load(mini_dir)
+    prompts = [DistillPrompt(f"p{i}", q, "custom") for i, q in enumerate(
+        ["What is the capital of France?", "Name a fruit that is yellow.", "Explain in detail how a car engine works."])]
+    answers = {}
+    for rows in (1, 3):
+        out = tmp_path / f"rows{rows}.jsonl"
+        settings = DistillSettings(batch_size=rows, max_new_tokens=10, greedy=True)
+        Distiller(engine, tok, settings).run(prompts, out, progress=False)
+        kept, rejected, _ = output_paths(out)
+        lines = kept.read_text().splitlines() + rejected.read_text().splitlines()
+        answers[rows] = {r["id"]: (r["answer"], r["new_tokens"]) for r in map(json.loads, lines)}
+    assert len(answers[1]) == 3 and answers[3] == answers[1]
+    assert len({a for a, _ in answers[1].values()}) == 3  # three different answers, not one copied
+
+
 def test_distill_cli_needs_prompts(tmp_path, capsys):
     assert cli_main(["data", "distill", "--out", str(tmp_path / "x.jsonl")]) == 1
     assert "no prompts" in capsys.readouterr().err

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from funaudiochat.data import distill, mini_questions
 from funaudiochat.errors import InputError
-from funaudiochat.text.chat import ASR_INSTRUCTION, render_chatml
+from funaudiochat.text.chat import ASR_INSTRUCTION
 from funaudiochat.text.tokenizer import AUDIO_PAD, AUDIO_TEMPLATE
 
 # An English rendering of the released spoken persona's style rules (SPOKEN_S2M_PROMPT: "replies short, usually one
@@ -69,10 +69,9 @@ class _HistoryDistiller(distill.Distiller):
         super().__init__(*args, **kwargs)
         self.history = history
 
-    def encode(self, p: distill.DistillPrompt) -> list[int]:
-        messages = [{"role": "system", "content": self.settings.system}, *self.history.get(p.id, []),
-                    {"role": "user", "content": p.prompt}]
-        return self.tok.encode(render_chatml(messages))
+    def messages(self, p: distill.DistillPrompt) -> list[dict]:
+        return [{"role": "system", "content": self.settings.system}, *self.history.get(p.id, []),
+                {"role": "user", "content": p.prompt}]
 
 
 def _read_answers(out: Path) -> dict[str, dict]:

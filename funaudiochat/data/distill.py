@@ -9,12 +9,15 @@ The tool-call family is answered under a tools system prompt (`prompts/tools.jso
 `<tool_call>` blocks naming those tools.
 
 Outputs, next to each other: OUT (kept pairs, JSONL), OUT with suffix .rejected.jsonl (with the reason), and
-.report.json (counts of this run). Both JSONL files are appended batch by batch, and prompts already in either are
-skipped, so an interrupted run resumes where it stopped. Sampling is seeded per batch: the same prompt set and batch
-size give the same answers; a resumed run samples the remaining prompts afresh.
+.report.json (counts of this run). Both JSONL files are appended answer by answer, and prompts already in either are
+skipped, so an interrupted run resumes where it stopped. Greedy answers are made with continuous batching, each row
+exactly as alone, so they do not depend on the batch size or on interruptions. Sampling runs in fixed batches seeded
+per batch: the same prompt set and batch size give the same answers; a resumed run samples the remaining prompts
+afresh.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -260,21 +263,50 @@ class Distiller:
                                 top_p=s.top_p, repetition_penalty=s.repetition_penalty, eos_token_id=self.eos,
                                 pad_token_id=self.pad, disable_speech=True, seed=s.seed + batch_no)
 
+    def messages(self, p: DistillPrompt) -> list[dict]:
+        return [{"role": "system", "content": system_for(p, self.settings.system)}, {"role": "user", "content": p.prompt}]
+
     def encode(self, p: DistillPrompt) -> list[int]:
-        return self.tok.encode(render_chatml([{"role": "system", "content": system_for(p, self.settings.system)},
-                                              {"role": "user", "content": p.prompt}]))
+        return self.tok.encode(render_chatml(self.messages(p)))
+
+    def _answer_text(self, ids: list[int]) -> tuple[str, bool, int]:
+        """(answer text, finished, new tokens) of one row's new ids: the text up to the first end id."""
+        end = next((j for j, t in enumerate(ids) if t in self.eos), None)
+        tokens = ids if end is None else ids[:end]
+        return self.tok.decode(tokens).strip(), end is not None, len(tokens)
 
     def answer(self, prompt_ids: list[list[int]], batch_no: int = 0) -> list[tuple[str, bool, int]]:
         """(answer text, finished, new tokens) per encoded prompt, generated as one left-padded batch."""
         batch = stack_prompts([Prompt(torch.tensor([i])) for i in prompt_ids], self.pad,
                               self.engine.cfg.audio_config.pad_token_id)
         new = self.engine.generate(batch, self.generation(batch_no)).new_text_ids  # [B, T]
-        out = []
-        for row in new.tolist():
-            end = next((j for j, t in enumerate(row) if t in self.eos), None)
-            tokens = row if end is None else row[:end]
-            out.append((self.tok.decode(tokens).strip(), end is not None, len(tokens)))
-        return out
+        return [self._answer_text(row) for row in new.tolist()]
+
+    async def _answer_continuously(self, todo: list[DistillPrompt], on_answer) -> None:
+        """Greedy answers with continuous batching (the server's scheduler): a finished row leaves and the next
+        prompt joins at once, so no row waits for the longest answer of a batch (about 2x the throughput of fixed
+        batches here). Each row computes what it computes alone, so an answer does not depend on which prompts
+        shared its steps, and a resumed run gives the same answers as an uninterrupted one."""
+        from funaudiochat.serve.scheduler import Request, Scheduler
+
+        rows = max(1, self.settings.batch_size)
+        scheduler = Scheduler(self.engine, self.tok, max_sessions=rows, max_waiting=rows, wait_timeout_s=3600)
+        scheduler.start()
+        slots = asyncio.Semaphore(rows)
+        # the s2t preset stops at <|im_end|> only: generation may run on past an <|endoftext|>, cut like `answer`
+        generation = {"max_new_tokens": self.settings.max_new_tokens, "do_sample": False, "repetition_penalty": 1.0}
+
+        async def one(p: DistillPrompt):
+            async with slots:
+                session = await scheduler.submit(Request(messages=self.messages(p), mode="s2t", generation=generation))
+                async for event in session:
+                    end = event
+            on_answer(p, self._answer_text(list(end.text_ids)))
+
+        try:
+            await asyncio.gather(*(one(p) for p in todo))
+        finally:
+            await scheduler.stop()
 
     def run(self, prompts: list[DistillPrompt], out: str | Path, progress: bool = True) -> DistillReport:
         """Answer every prompt not yet in OUT's files, append the records batch by batch, write the report."""
@@ -294,16 +326,24 @@ class Distiller:
         try:
             with fileio.storage_errors(kept_path), open(kept_path, "a", encoding="utf-8") as kept, \
                     open(rejected_path, "a", encoding="utf-8") as rejected:
-                for batch_no, start in enumerate(range(0, len(todo), step)):
-                    batch = todo[start:start + step]
-                    fits = [p.id for p in batch if len(encoded[p.id]) <= budget]
-                    answers = dict(zip(fits, self.answer([encoded[i] for i in fits], batch_no))) if fits else {}
-                    for p in batch:
-                        self._record(p, answers.get(p.id), report, kept, rejected)
+                def record(p: DistillPrompt, answer: tuple[str, bool, int] | None) -> None:
+                    self._record(p, answer, report, kept, rejected)
                     kept.flush()
                     rejected.flush()
-                    bar.update(len(batch))
+                    bar.update(1)
                     bar.set_postfix(kept=report.kept, rejected=sum(report.rejected.values()))
+
+                for p in todo:
+                    if len(encoded[p.id]) > budget:
+                        record(p, None)
+                todo = [p for p in todo if len(encoded[p.id]) <= budget]
+                if self.settings.greedy:
+                    asyncio.run(self._answer_continuously(todo, record))
+                else:  # sampled: fixed batches, each seeded by its number
+                    for batch_no, start in enumerate(range(0, len(todo), step)):
+                        batch = todo[start:start + step]
+                        for p, answer in zip(batch, self.answer([encoded[p.id] for p in batch], batch_no)):
+                            record(p, answer)
         finally:
             bar.close()
             report.seconds = time.perf_counter() - t0

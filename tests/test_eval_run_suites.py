@@ -1,9 +1,11 @@
 """`eval run` on the MMAU / MMSU / judge-scored / speech sample suites and on an imported published MMAU file, with a
 judge served over a real socket on 127.0.0.1 that, like `funaudiochat serve`, refuses n > 1 (the client then asks
 n=1 three times) and answers one prompt unparseably (that item fails, recorded; the others are scored); then the
-judge down: every judged item fails with the reason, the scoring still finishes."""
+judge down: every judged item fails with the reason, the scoring still finishes. The same endpoint, asked to speak,
+returns message.audio, which the S2S OpenAI adapter turns into a wav."""
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import socket
@@ -14,6 +16,7 @@ import threading
 from helpers import make_tiny_checkpoint, write_wav
 
 from funaudiochat.eval.run import runner
+from funaudiochat.eval.run.adapters import OpenAIModel
 from funaudiochat.eval.voicebench.judge import JudgeClient
 
 
@@ -21,8 +24,8 @@ class Judge:
     """An OpenAI-compatible chat endpoint: n > 1 -> HTTP 400; rating prompts -> "4" (but an unparseable sentence
     when the question mentions sleep); QA prompts -> "Yes"."""
 
-    def __init__(self):
-        self.bodies = []
+    def __init__(self, wav=None):
+        self.bodies, self.wav = [], wav
         judge = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -32,8 +35,13 @@ class Judge:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 judge.bodies.append(body)
-                prompt = body["messages"][1]["content"]
-                if body.get("n", 1) > 1:
+                prompt = body["messages"][-1]["content"]
+                if "modalities" in body:  # a model asked to speak: message.audio as OpenAI sends it
+                    audio = {"id": "a1", "data": base64.b64encode(judge.wav.read_bytes()).decode(),
+                             "transcript": "hello there"}
+                    status, reply = 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": None,
+                                                                               "audio": audio}}]}
+                elif body.get("n", 1) > 1:
                     status, reply = 400, {"error": {"message": "only n=1 is supported", "param": "n"}}
                 else:
                     text = "Yes" if "### Reference answer" in prompt else \
@@ -76,13 +84,17 @@ def test_new_suites_with_a_judge_and_an_imported_mmau_file(tmp_path):
     model = make_tiny_checkpoint(tmp_path / "tiny", "the answer is a b c man woman coffee")
     out, suites_dir = tmp_path / "out", tmp_path / "suites"
     names = ["sample-mmau", "sample-mmsu-bench", "sample-commoneval", "sample-sdqa", "sample-speech"]
-    judge = Judge()
+    judge = Judge(wav=write_wav(tmp_path / "spoken.wav", 0.8, freq=220.0))
     try:
+        spoken = OpenAIModel(judge.url, "m", speech=True).answer(dataset / "test-mini-audios" / "u0.wav", None, None)
         run = _run("run", "--model", model, "--suite", ",".join(names + [f"mmau:{dataset / 'mmau-mini.json'}"]),
                    "--limit", "2", "--max-new-tokens", "4", "--suites-dir", suites_dir, "--out", out,
                    "--judge-url", judge.url, "--judge-model", "judge-x", "--no-progress")
     finally:
         judge.close()
+    assert judge.bodies[0]["modalities"] == ["text", "audio"] and spoken.text == "hello there"
+    assert len(spoken.wav) == 12800 and spoken.rate == 16000  # the endpoint's wav (0.8 s at 16 kHz) came back
+    judge.bodies.pop(0)
     assert run.returncode == 0, run.stderr
     summaries = {s["suite"]: s for s in json.loads((out / "summary.json").read_text())["suites"]}
     assert list(summaries) == names + ["mmau-mmau-mini"]
@@ -111,9 +123,10 @@ def test_new_suites_with_a_judge_and_an_imported_mmau_file(tmp_path):
     report = (out / "report.md").read_text()
     assert "| sample-commoneval | voicebench:commoneval | gpt | 4.00 / 5 (80.0 %) |" in report
 
-    # S2T answers have no speech: the speech suite records why, per item
+    # an S2T model does not answer the speech suite: each item records why
+    assert "sample-speech: skipped: its answers must be spoken (--mode s2s)" in run.stdout
     speech = _lines(out / "sample-speech" / "records.jsonl")
-    assert all("no speech" in r["error"] for r in speech) and summaries["sample-speech"]["value"] is None
+    assert all("must be spoken" in r["error"] for r in speech) and summaries["sample-speech"]["value"] is None
 
     # the judge down: each judged item fails with the reason, scoring finishes
     with socket.socket() as s:
@@ -134,3 +147,4 @@ def test_bad_arguments(tmp_path):
     model = make_tiny_checkpoint(tmp_path / "tiny")
     run = _run("run", "--model", model, "--suite", "sample-speech", "--mode", "s2s", "--out", tmp_path / "o")
     assert run.returncode == 1 and "--detokenizer" in run.stderr and "Traceback" not in run.stderr
+

@@ -84,7 +84,8 @@ def main(args: argparse.Namespace) -> int:
     for name, folder in zip(names, folders):
         made = runner.predict(folder, model, args.out / name, shard, progress=not args.no_progress,
                               batch_size=args.batch_size)
-        print(f"{name}: {made} new predictions")
+        print(f"{name}: " + ("skipped: its answers must be spoken (--mode s2s)" if made < 0 else
+                             f"{made} new predictions"))
     if shard is None:
         finish(args.out, names, args.suites_dir, model.label, judge)
     else:

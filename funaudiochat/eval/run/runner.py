@@ -54,7 +54,8 @@ def _append(path: Path, record: dict) -> None:
 def predict(suite_dir: Path, model, out: Path, shard: tuple[int, int] | None = None, progress: bool = True,
             batch_size: int = 1) -> int:
     """Answer the suite's items (this shard's) not answered yet, `batch_size` at a time where the model can batch;
-    returns how many were attempted now."""
+    returns how many were attempted now. A speech-quality suite is not answered by a model that does not speak
+    (its items are then scored as failed, saying why); -1 says so."""
     from tqdm import tqdm
 
     items = suites.read_items(suite_dir)
@@ -62,6 +63,9 @@ def predict(suite_dir: Path, model, out: Path, shard: tuple[int, int] | None = N
         items = [item for k, item in enumerate(items) if k % shard[1] == shard[0]]
     out.mkdir(parents=True, exist_ok=True)
     path = predictions_path(out, shard)
+    if suites.scorer_of(suite_dir) == "speech" and not getattr(model, "speech", False):
+        path.touch()  # an empty prediction file, so that `merge` finds this suite's shard too
+        return -1
     done = read_predictions(path)
     if path.is_file() and path.read_bytes()[-1:] not in (b"", b"\n"):  # torn last line: end it so appends stay whole
         with open(path, "a", encoding="utf-8") as f:
@@ -176,7 +180,9 @@ def _spoken_answers(items: list[dict], predictions: dict, out: Path) -> list[dic
     for item in items:
         line = predictions.get(item["id"], {})
         answer = {"id": item["id"], **{k: item[k] for k in ("style", "neutral") if k in item}}
-        if "response" not in line:
+        if not line:
+            answer["error"] = "not answered: its answers must be spoken (eval run --mode s2s)"
+        elif "response" not in line:
             answer["error"] = line.get("error", "no prediction")
         elif "audio" not in line:
             answer["error"] = "the answer has no speech" + ("" if line.get("no_audio") else

@@ -48,9 +48,11 @@ async def _collect(session, started: asyncio.Event | None = None, after: int = 0
     return end, speech
 
 
-def test_sessions_joining_and_leaving_a_batch_equal_single_runs(parts, one_thread):
+@pytest.mark.parametrize("prefill", [dict(prefill_chunk=None, share_prefix=False),
+                                     dict(prefill_chunk=4, share_prefix=True)], ids=["whole", "chunked_shared"])
+def test_sessions_joining_and_leaving_a_batch_equal_single_runs(parts, one_thread, prefill):
     engine, tok = parts
-    sched = Scheduler(engine, tok, max_sessions=4)
+    sched = Scheduler(engine, tok, max_sessions=4, **prefill)
     requests = [_request(1.2, 1, 40), _request(0.4, 2, 6, words([77, 78])), _request(0.8, 3, 14)]
     singles = []
     for req in requests:
@@ -81,6 +83,123 @@ def test_sessions_joining_and_leaving_a_batch_equal_single_runs(parts, one_threa
     counts = sched.metrics.batch_rows.counts
     assert sum(counts[1:]) > 0, "some decode step must have run several sessions as one batch"
     assert sched.active_sessions == 0 and not sched._batches
+    # B and C started from A's system-turn keys and values (the same system prompt) when sharing is on
+    assert sched.metrics.prefix_hits.value == (2 if prefill["share_prefix"] else 0)
+
+
+def test_chunked_prefill_from_a_shared_prefix_equals_the_whole_prefill(parts, one_thread):
+    """Engine level: a prompt prefilled in chunks of 3, starting from another prompt's copied system-turn keys and
+    values, gives the whole prefill's logits, caches and speech group (up to float rounding), then the same answer."""
+    engine, tok = parts
+    sched = Scheduler(engine, tok)
+    first, first_gen, n = sched._prepare(_request(0.6, 20, 4))
+    prompt, gen, n2 = sched._prepare(_request(1.0, 21, 30, words([60, 61, 62])))
+    assert n == n2 and 0 < n < prompt.input_ids.shape[1] - 3
+    maker = engine.start_prefill(first, first_gen, chunk=5, save_prefix=n)
+    while not maker.advance():
+        pass
+    prefix = maker.saved_prefix
+    assert prefix is not None and len(prefix) == n
+
+    whole_state, whole_logits, whole_group = engine.prefill(prompt, gen)
+    job = engine.start_prefill(prompt, gen, chunk=3, prefix=prefix)
+    calls = 1
+    while not job.advance():
+        calls += 1
+    assert calls == 1 + -(-(prompt.input_ids.shape[1] - n) // 3)  # the prefix's positions are not recomputed
+    state, logits, group = job.result
+    torch.testing.assert_close(logits, whole_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(group, whole_group)
+    p, k = prompt.input_ids.shape[1], engine.k
+    for mine, ref in zip(state.llm_cache.k + state.llm_cache.v, whole_state.llm_cache.k + whole_state.llm_cache.v):
+        torch.testing.assert_close(mine[:, :, :p], ref[:, :, :p], rtol=1e-4, atol=1e-4)
+    for mine, ref in zip(state.srh_cache.k + state.srh_cache.v, whole_state.srh_cache.k + whole_state.srh_cache.v):
+        torch.testing.assert_close(mine[:, :, :k * p], ref[:, :, :k * p], rtol=1e-4, atol=1e-4)
+
+    def answer(state, logits, group):  # continue greedily from a prefill: the same tokens
+        result = engine.choose_step(state, logits, group, gen)
+        while not state.done:
+            result = engine.choose_step(state, *engine.forward_step(state, gen), gen)
+        return [int(t) for t in torch.stack(state.tokens, 1)[0]], state.speech[0]
+
+    assert answer(state, logits, group) == answer(whole_state, whole_logits, whole_group)
+
+    with pytest.raises(Exception, match="prefix"):  # a prefix that the prompt does not start with
+        other, other_gen, _ = sched._prepare(Request([{"role": "system", "content": words([90, 91])},
+                                                      {"role": "user", "content": words([50])}], mode="s2t"))
+        engine.start_prefill(other, other_gen, prefix=prefix)
+
+
+def test_a_session_joins_a_freed_row_in_place_and_computes_its_single_run(parts, one_thread):
+    """A decodes; B joins (its system turn copied from A's), runs and leaves; C is copied into B's freed row in
+    place, without rebuilding the batch, over B's leftover keys and values: B and C still equal single runs."""
+    engine, tok = parts
+    sched = Scheduler(engine, tok, max_sessions=4, prefill_chunk=4)
+    requests = [_request(1.2, 30, 60), _request(0.4, 31, 5, words([70])), _request(0.6, 32, 8, words([71, 72]))]
+    singles = []
+    for req in requests:
+        prompt, gen = sched.prepare(req)
+        out = engine.generate(prompt, gen)
+        singles.append((out.new_text_ids[0].tolist(), out.speech_ids[0]))
+    assert len(singles[0][0]) >= 40, "A must outlive B and C"
+
+    async def main():
+        sched.start()
+        try:
+            started = asyncio.Event()
+            a = asyncio.create_task(_collect(await sched.submit(requests[0]), started, after=3))
+            await started.wait()
+            b = await _collect(await sched.submit(requests[1]))
+            joins, rebuilds = sched.metrics.joins_in_place.value, sched.metrics.batch_rebuilds.value
+            c = await _collect(await sched.submit(requests[2]))
+            assert sched.metrics.joins_in_place.value == joins + 1, "C must take B's free row in place"
+            assert sched.metrics.batch_rebuilds.value == rebuilds
+            return await a, b, c
+        finally:
+            await sched.stop()
+
+    results = asyncio.run(main())
+    for (end, speech), (ids, single_speech) in zip(results, singles):
+        assert list(end.text_ids) == ids and speech == single_speech
+    assert sched.metrics.prefix_hits.value == 2
+
+
+def test_a_long_prefill_runs_in_chunks_between_decode_steps(parts, one_thread):
+    """While B's long prompt is prefilled in chunks of 4, A keeps receiving tokens (it does not stall for the
+    whole prefill), and B's answer is its single run's."""
+    engine, tok = parts
+    sched = Scheduler(engine, tok, max_sessions=2, prefill_chunk=4, share_prefix=False)
+    a_req = _request(0.6, 40, 80)
+    b_req = _request(1.0, 41, 6, words(range(100, 160)))  # about 80 prompt positions: 20 chunks
+    prompt, gen = sched.prepare(b_req)
+    b_single = engine.generate(prompt, gen).new_text_ids[0].tolist()
+    log = []
+
+    async def collect(session, name, started=None):
+        async for ev in session:
+            log.append(name)
+            if started is not None:
+                started.set()
+            if isinstance(ev, TurnEnd):
+                return ev
+
+    async def main():
+        sched.start()
+        try:
+            started = asyncio.Event()
+            a = asyncio.create_task(collect(await sched.submit(a_req), "a", started))
+            await started.wait()
+            log.append("b submitted")
+            b = await collect(await sched.submit(b_req), "b")
+            await a
+            return b
+        finally:
+            await sched.stop()
+
+    b_end = asyncio.run(main())
+    assert list(b_end.text_ids) == b_single
+    during = log[log.index("b submitted"):log.index("b")]
+    assert during.count("a") >= 8, f"A stalled during B's prefill: {during}"
 
 
 def test_cancel_frees_the_row_and_others_continue(parts, one_thread):
@@ -241,3 +360,35 @@ def test_sixteen_conversations_of_three_turns_all_complete(parts, one_thread):
     assert asyncio.run(main()) == [7] * 16
     assert sched.active_sessions == 0 and sched.metrics.rejected.value == 0
     assert sum(sched.metrics.batch_rows.counts[2:]) > 0  # steps of 3 or more sessions at once
+
+
+def test_sessions_waiting_together_are_prefilled_as_one_batch(parts, one_thread):
+    """Four sessions that wait at once (prompts of different lengths: left padded, each with the system turn's
+    keys and values copied from an earlier session) are prefilled as one batch in chunks, and each computes its
+    single run."""
+    engine, tok = parts
+    sched = Scheduler(engine, tok, max_sessions=4, prefill_chunk=5)
+    warm = _request(0.5, 50, 3)
+    requests = [_request(0.4 + 0.3 * i, 51 + i, 12 + 3 * i, words(range(80, 80 + 2 * i))) for i in range(4)]
+    singles = []
+    for req in requests:
+        prompt, gen = sched.prepare(req)
+        assert prompt.input_ids.shape[1] not in [s[2] for s in singles]  # all lengths differ
+        out = engine.generate(prompt, gen)
+        singles.append((out.new_text_ids[0].tolist(), out.speech_ids[0], prompt.input_ids.shape[1]))
+
+    async def main():
+        sched.start()
+        try:
+            await _collect(await sched.submit(warm))  # computes and keeps the system turn's keys and values
+            with sched._cond:  # the engine thread cannot look at its inbox until all four wait there
+                sessions = [await sched.submit(req) for req in requests]
+            return await asyncio.gather(*(_collect(s) for s in sessions))
+        finally:
+            await sched.stop()
+
+    results = asyncio.run(main())
+    for (end, speech), (ids, single_speech, _) in zip(results, singles):
+        assert list(end.text_ids) == ids and speech == single_speech
+    assert sched.metrics.prefill_seconds.count == 2  # the warm-up, then the four together
+    assert sched.metrics.prefix_hits.value == 4

@@ -268,6 +268,75 @@ def test_tool_call(tool_server):
     assert plain.choices[0].finish_reason == "stop" and "<tool_call>" in plain.choices[0].message.content
 
 
+def test_tool_choice_forces_the_call(server, tool_server):
+    """A named function (or "required" with one tool) makes the answer that function's call, even from a model that
+    would not call it: the call's opening is forced, the model writes the arguments."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    msgs = [{"role": "user", "content": words([72, 73])}]
+    client = server.client()  # a random model: with "auto" it answers in words
+    auto = client.chat.completions.create(model=MODEL, messages=msgs, tools=tools, tool_choice="auto", max_tokens=6,
+                                          temperature=0)
+    assert auto.choices[0].message.tool_calls is None
+    for choice in (named, "required"):
+        forced = client.chat.completions.create(model=MODEL, messages=msgs, tools=tools, tool_choice=choice,
+                                                max_tokens=6, temperature=0)
+        assert forced.choices[0].finish_reason == "tool_calls"
+        call = forced.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather" and isinstance(call.function.arguments, str)
+    streamed, finish = [], None
+    for chunk in client.chat.completions.create(model=MODEL, messages=msgs, tools=tools, tool_choice=named,
+                                                max_tokens=6, temperature=0, stream=True):
+        for c in chunk.choices:
+            assert not (c.delta.content or "").strip()  # the forced call is not leaked as text
+            streamed += c.delta.tool_calls or []
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls" and streamed[0].function.name == "get_weather"
+    # a model that writes calls: the forced opening is followed by its own arguments, parsed as JSON
+    resp = tool_server.client(api_key="sesame").chat.completions.create(model=MODEL, messages=msgs, tools=tools,
+                                                                        tool_choice="required")
+    call = resp.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    _healthy(server)
+
+
+@pytest.fixture(scope="module")
+def deaf_checkpoint(tmp_path_factory):
+    """A tiny checkpoint whose config marks its audio adapter (hearing) as never trained."""
+    root = tmp_path_factory.mktemp("deaf")
+    torch.manual_seed(0)
+    cfg = tiny()
+    cfg.trained = {"hearing": False}
+    model = FunAudioChatModel(cfg)
+    model.init_weights(0.3)
+    save_model(model, root / "ckpt")
+    make_tiny_tokenizer(root / "ckpt")
+    return root / "ckpt"
+
+
+def test_untrained_hearing_refuses_audio_unless_allowed(deaf_checkpoint, threads):
+    deaf = LiveServer(["--model", str(deaf_checkpoint), "--served-model-name", MODEL])
+    try:
+        r = httpx.post(deaf.url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": _audio_question(), "max_tokens": 4})
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert "never trained" in err["message"] and "--allow-untrained" in err["message"]
+        assert err["type"] == "invalid_request_error"
+        text = deaf.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "w60"}],
+                                                     max_tokens=3)
+        assert text.choices[0].finish_reason in ("stop", "length")  # typed questions are still answered
+        _healthy(deaf)
+    finally:
+        deaf.stop()
+    allowed = LiveServer(["--model", str(deaf_checkpoint), "--served-model-name", MODEL, "--allow-untrained"])
+    try:
+        resp = allowed.client().chat.completions.create(model=MODEL, messages=_audio_question(), max_tokens=3)
+        assert resp.choices[0].finish_reason in ("stop", "length")
+    finally:
+        allowed.stop()
+
+
 def test_error_object_for_a_bad_request(server):
     client = server.client()
     with pytest.raises(openai.BadRequestError) as info:
@@ -470,6 +539,10 @@ CHAT_CASES = {
                             400, "invalid_value"),
     "tool_choice naming no tool": ({"model": MODEL, "messages": OK_MSGS, "tool_choice": {
         "type": "function", "function": {"name": "f"}}}, 400, None),
+    "tool_choice required among two tools": ({"model": MODEL, "messages": OK_MSGS, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": n}} for n in ("f", "g")]}, 400, "unsupported_value"),
+    "streamed wav audio": ({"model": MODEL, "messages": OK_MSGS, "modalities": ["text", "audio"], "stream": True,
+                            "audio": {"voice": "中文女", "format": "wav"}}, 400, "unsupported_value"),
     "10,000 messages": ({"model": MODEL, "messages": OK_MSGS * 10000}, 400, "array_above_max_length"),
     "temperature out of range": ({"model": MODEL, "messages": OK_MSGS, "temperature": 5}, 400, "invalid_value"),
     "max_tokens zero": ({"model": MODEL, "messages": OK_MSGS, "max_tokens": 0}, 400, "invalid_value"),

@@ -154,65 +154,17 @@ class Engine:
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
     def prefill(self, prompt: Prompt, gen: GenerationConfig, tracer: Tracer | None = None):
-        m, t_cfg, k = self.model, self.cfg.text_config, self.k
-        speech_on = not gen.disable_speech and m.audio_invert_tower is not None
-        ids = prompt.input_ids.to(self.device)
-        b, p = ids.shape
-        mask2d = (prompt.attention_mask if prompt.attention_mask is not None else torch.ones_like(ids)).to(self.device)
-        total = p + gen.max_new_tokens
-        if total > self.max_seq_len:
-            raise ContextLengthError(f"prompt of {p} tokens + max_new_tokens {gen.max_new_tokens} = {total} exceeds "
-                                     f"the context of {self.max_seq_len} tokens; shorten the prompt or history, or "
-                                     f"lower max_new_tokens")
-        t0 = time.perf_counter()
-        text_embeds = m.language_model.embed(ids)  # [B, P, D]; the SRH input adds these to the LLM states
-        embeds = text_embeds
-        if prompt.speech_ids is not None and prompt.speech_ids.numel() > 0:
-            audio = m.encode_audio(prompt.speech_ids.to(self.device), prompt.speech_attention_mask.to(self.device),
-                                   _opt(prompt.input_features, self.device, self.dtype),
-                                   _opt(prompt.feature_attention_mask, self.device),
-                                   _opt(prompt.feature_exist_mask, self.device))
-            embeds = m.merge_audio(ids, embeds, audio)
-        if tracer is not None:
-            tracer.prefill_embeds = embeds
-        pos = (mask2d.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
-        if self.compiled is not None:  # compiled graphs are specialised on the cache size: round it up
-            total = min(-(-total // CACHE_BUCKET) * CACHE_BUCKET, self.max_seq_len)
-        llm_cache = KVCache(t_cfg, b, total, self.dtype, self.device)
-        key_valid = torch.zeros(b, total, dtype=torch.bool, device=self.device)
-        key_valid[:, :p] = mask2d.bool()
-        mask = attention_mask_4d(key_valid[:, :p], p, p, 0, b, self.device)
-        # the SRH reads every prompt position's hidden state; without it only the last one is used
-        hidden = m.language_model.model(embeds, pos, mask, llm_cache, 0, p, rope=self.rope, last_only=not speech_on)
-        text_logits = m.language_model.lm_head(hidden[:, -1]).float()
+        """The whole prompt at once -> (DecodeState, text logits [B, V] of the last position, SRH group or None)."""
+        job = PrefillJob(self, prompt, gen, tracer)
+        while not job.advance():
+            pass
+        return job.result
 
-        state = DecodeState(llm_cache, None, key_valid, torch.zeros(0), pos[:, -1] + 1, p, ids,
-                            padded=not bool(mask2d.bool().all()), speech=[[] for _ in range(b)])
-        state.last_group = torch.full((b, k), self.cfg.audio_config.pad_token_id, device=self.device)
-        state.fuse = torch.zeros(b, dtype=torch.bool, device=self.device)
-        state.active = torch.zeros(b, dtype=torch.bool, device=self.device)
-        state.finished = torch.zeros(b, dtype=torch.bool, device=self.device)
-        if gen.seed is not None:
-            state.generator = torch.Generator(device=self.device).manual_seed(gen.seed)
-        if gen.repetition_penalty != 1.0:
-            state.text_counts = torch.zeros(b, t_cfg.vocab_size, dtype=torch.int32, device=self.device)
-            state.text_counts.scatter_add_(1, ids, mask2d.int())
-
-        group = None
-        if speech_on:
-            srh = m.audio_invert_tower
-            srh_cfg = self.cfg.audio_config.crq_transformer_config
-            state.srh_cache = KVCache(srh_cfg, b, k * total, self.dtype, self.device)
-            state.srh_key_valid = key_valid.repeat_interleave(k, dim=1)
-            if gen.repetition_penalty != 1.0:
-                state.speech_counts = torch.zeros(b, self.cfg.audio_config.codebook_size, dtype=torch.int32,
-                                                  device=self.device)
-            fine = srh.ungroup(hidden + text_embeds)  # [B, kP, D]
-            fine_pos = (pos[..., None] * k + torch.arange(k, device=self.device)).reshape(b, k * p)
-            bos = srh.embed(torch.full((b,), self.cfg.audio_config.bos_token_id, device=self.device))
-            group = self._srh_group(state, fine, fine_pos, bos, p, gen, tracer)
-        state.timings["prefill_s"] = time.perf_counter() - t0
-        return state, text_logits, group
+    def start_prefill(self, prompt: Prompt, gen: GenerationConfig, chunk: int | None = None,
+                      prefix: "PrefixKV | None" = None, save_prefix: int = 0,
+                      cache_len: int | None = None) -> "PrefillJob":
+        """A prefill to run piece by piece (see `PrefillJob`), e.g. between the decode steps of other sessions."""
+        return PrefillJob(self, prompt, gen, None, chunk, prefix, save_prefix, cache_len)
 
     # ------------------------------------------------------------------ SRH
     def _srh_group(self, state: DecodeState, fine: torch.Tensor, fine_pos: torch.Tensor, embed: torch.Tensor,
@@ -402,6 +354,186 @@ class Engine:
         new = torch.stack(state.tokens, dim=1)  # [B, T]
         return GenerationResult(new, state.speech, torch.cat([state.prompt_ids, new], dim=1),
                                 state.timings["prefill_s"], time.perf_counter() - t0)
+
+
+@dataclass
+class PrefixKV:
+    """The LLM (and SRH) keys and values of a prompt's first positions, computed once (one row, no padding): a
+    prompt that starts with the same ids copies them instead of computing them (`Engine.start_prefill(prefix=)`).
+    Causal attention makes them independent of what follows; a prefix never reaches the prompt's last position."""
+
+    ids: tuple
+    llm_k: list          # per layer [1, Hkv, L, D]
+    llm_v: list
+    srh_k: list | None   # per SRH layer [1, Hkv, kL, D]; None when computed without speech
+    srh_v: list | None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class PrefillJob:
+    """One prefill, run piece by piece: each `advance()` does the next piece and returns True once the prompt is in
+    the cache; `result` then holds what `Engine.prefill` returns (state, last text logits, first speech group).
+
+    The first call embeds the prompt and encodes its audio (and copies each row's `prefix` keys and values); each
+    further call runs the next `chunk` positions (all the rest when `chunk` is None) through the LLM, and through
+    the SRH with its start token as the first position of a group, as the whole prompt would (causal: a chunk's
+    positions attend to the cached ones before them). Rows are left padded (`stack_prompts`); `prefix` is one
+    PrefixKV or None per row (or one for a one-row prompt), each a proper prefix of its row; the chunks start at the
+    earliest position no prefix covers. `save_prefix` = L > 0 ends a chunk after row 0's first L ids (row 0 must
+    have no prefix) and keeps them in `saved_prefix`. Chunked and whole prefills compute the same function;
+    floating-point sums may differ in the last bits (different matrix shapes)."""
+
+    def __init__(self, engine: Engine, prompt: Prompt, gen: GenerationConfig, tracer: Tracer | None = None,
+                 chunk: int | None = None, prefix: "PrefixKV | list | None" = None, save_prefix: int = 0,
+                 cache_len: int | None = None):
+        self.engine, self.prompt, self.gen, self.tracer = engine, prompt, gen, tracer
+        self.speech_on = not gen.disable_speech and engine.model.audio_invert_tower is not None
+        self.b, self.p = prompt.input_ids.shape
+        total = self.p + gen.max_new_tokens
+        if total > engine.max_seq_len:
+            raise ContextLengthError(f"prompt of {self.p} tokens + max_new_tokens {gen.max_new_tokens} = {total} "
+                                     f"exceeds the context of {engine.max_seq_len} tokens; shorten the prompt or "
+                                     f"history, or lower max_new_tokens")
+        if chunk is not None and chunk < 1:
+            raise ConfigError(f"prefill chunk must be >= 1, got {chunk}")
+        mask = prompt.attention_mask
+        self.pads = [0] * self.b if mask is None else [int(self.p - row.sum()) for row in mask]
+        self.prefixes = prefix if isinstance(prefix, list) else [prefix] + [None] * (self.b - 1)
+        if len(self.prefixes) != self.b:
+            raise ConfigError(f"{len(self.prefixes)} prefixes for {self.b} prompt rows")
+        starts = []
+        for i, (pre, pad) in enumerate(zip(self.prefixes, self.pads)):
+            n = len(pre) if pre is not None else 0
+            if pre is not None and (not pad + n < self.p or
+                                    tuple(prompt.input_ids[i, pad:pad + n].tolist()) != pre.ids):
+                raise ConfigError(f"prompt row {i} does not start with its shared prefix (or is no longer)")
+            if pre is not None and self.speech_on and pre.srh_k is None:
+                raise ConfigError("this prefix was computed without the speech head")
+            starts.append(pad + n)
+        self.save_at = 0
+        if save_prefix:
+            if self.prefixes[0] is not None or not self.pads[0] + save_prefix < self.p:
+                raise ConfigError("save_prefix needs row 0 without a prefix and longer than it")
+            self.save_at = self.pads[0] + save_prefix
+        self.chunk = chunk
+        self.cache_len = cache_len if cache_len is not None else total
+        self.next = min(starts)        # first prompt position not in the cache yet (after _start)
+        self.state: DecodeState | None = None
+        self.result = None
+        self.saved_prefix: PrefixKV | None = None
+        self.seconds = 0.0             # compute time so far
+
+    @torch.no_grad()
+    def advance(self) -> bool:
+        t0 = time.perf_counter()
+        if self.state is None:
+            self._start()
+        else:
+            self._chunk()
+        self.seconds += time.perf_counter() - t0
+        if self.result is not None:
+            self.state.timings["prefill_s"] = self.seconds
+        return self.result is not None
+
+    def _start(self) -> None:
+        eng, m, prompt, gen, k, b, p = self.engine, self.engine.model, self.prompt, self.gen, self.engine.k, \
+            self.b, self.p
+        dev, t_cfg = eng.device, eng.cfg.text_config
+        ids = prompt.input_ids.to(dev)
+        mask2d = (prompt.attention_mask if prompt.attention_mask is not None else torch.ones_like(ids)).to(dev)
+        self.text_embeds = m.language_model.embed(ids)  # [B, P, D]; the SRH input adds these to the LLM states
+        embeds = self.text_embeds
+        if prompt.speech_ids is not None and prompt.speech_ids.numel() > 0:
+            audio = m.encode_audio(prompt.speech_ids.to(dev), prompt.speech_attention_mask.to(dev),
+                                   _opt(prompt.input_features, dev, eng.dtype),
+                                   _opt(prompt.feature_attention_mask, dev), _opt(prompt.feature_exist_mask, dev))
+            embeds = m.merge_audio(ids, embeds, audio)
+        self.embeds = embeds
+        if self.tracer is not None:
+            self.tracer.prefill_embeds = embeds
+        self.pos = (mask2d.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
+        total = self.cache_len
+        if eng.compiled is not None:  # compiled graphs are specialised on the cache size: round it up
+            total = min(-(-total // CACHE_BUCKET) * CACHE_BUCKET, eng.max_seq_len)
+        total = max(total, p)
+        llm_cache = KVCache(t_cfg, b, total, eng.dtype, dev)
+        key_valid = torch.zeros(b, total, dtype=torch.bool, device=dev)
+        key_valid[:, :p] = mask2d.bool()
+        state = DecodeState(llm_cache, None, key_valid, torch.zeros(0), self.pos[:, -1] + 1, p, ids,
+                            padded=not bool(mask2d.bool().all()), speech=[[] for _ in range(b)])
+        state.last_group = torch.full((b, k), eng.cfg.audio_config.pad_token_id, device=dev)
+        state.fuse = torch.zeros(b, dtype=torch.bool, device=dev)
+        state.active = torch.zeros(b, dtype=torch.bool, device=dev)
+        state.finished = torch.zeros(b, dtype=torch.bool, device=dev)
+        if gen.seed is not None:
+            state.generator = torch.Generator(device=dev).manual_seed(gen.seed)
+        if gen.repetition_penalty != 1.0:
+            state.text_counts = torch.zeros(b, t_cfg.vocab_size, dtype=torch.int32, device=dev)
+            state.text_counts.scatter_add_(1, ids, mask2d.int())
+        if self.speech_on:
+            srh_cfg = eng.cfg.audio_config.crq_transformer_config
+            state.srh_cache = KVCache(srh_cfg, b, k * total, eng.dtype, dev)
+            state.srh_key_valid = key_valid.repeat_interleave(k, dim=1)
+            if gen.repetition_penalty != 1.0:
+                state.speech_counts = torch.zeros(b, eng.cfg.audio_config.codebook_size, dtype=torch.int32,
+                                                  device=dev)
+            srh = m.audio_invert_tower
+            self.bos = srh.embed(torch.full((b,), eng.cfg.audio_config.bos_token_id, device=dev))
+        for i, (pre, pad) in enumerate(zip(self.prefixes, self.pads)):  # copy-on-start: shared prefixes
+            if pre is None:
+                continue
+            n = len(pre)
+            for dst, src in ((llm_cache.k, pre.llm_k), (llm_cache.v, pre.llm_v)):
+                for layer_dst, layer_src in zip(dst, src):
+                    layer_dst[i, :, pad:pad + n] = layer_src[0]
+            if self.speech_on:
+                for dst, src in ((state.srh_cache.k, pre.srh_k), (state.srh_cache.v, pre.srh_v)):
+                    for layer_dst, layer_src in zip(dst, src):
+                        layer_dst[i, :, k * pad:k * (pad + n)] = layer_src[0]
+        self.state = state
+
+    def _chunk(self) -> None:
+        eng, m, state, k, b, p = self.engine, self.engine.model, self.state, self.engine.k, self.b, self.p
+        dev = eng.device
+        a = self.next
+        end = p if self.chunk is None else min(p, a + self.chunk)
+        if a < self.save_at:
+            end = min(end, self.save_at)
+        last = end == p
+        mask = attention_mask_4d(state.key_valid[:, :end], end - a, end, a, b, dev)
+        # the SRH reads every prompt position's hidden state; without it only the last one is used
+        hidden = m.language_model.model(self.embeds[:, a:end], self.pos[:, a:end], mask, state.llm_cache, a, end,
+                                         rope=eng.rope, last_only=not self.speech_on)
+        group = None
+        if self.speech_on:
+            srh = m.audio_invert_tower
+            fine = srh.ungroup(hidden + self.text_embeds[:, a:end])  # [B, k(end-a), D]
+            fine_pos = (self.pos[:, a:end, None] * k + torch.arange(k, device=dev)).reshape(b, k * (end - a))
+            if last:
+                group = eng._srh_group(state, fine, fine_pos, self.bos, p, self.gen, self.tracer)
+            else:  # these fine positions all start a group: the SRH's start token, as in the last chunk's first pass
+                s0, s1 = k * a, k * end
+                srh_mask = attention_mask_4d(state.srh_key_valid[:, :s1], s1 - s0, s1, s0, b, dev)
+                srh.decode_hidden(fine + self.bos[:, None], fine_pos, srh_mask, state.srh_cache, s0, s1,
+                                  eng.srh_rope, last_only=True)
+        self.next = end
+        if end == self.save_at:
+            self.saved_prefix = self._snapshot(self.pads[0], end)
+        if last:
+            self.result = (state, m.language_model.lm_head(hidden[:, -1]).float(), group)
+            self.embeds = self.text_embeds = None  # (the job may be kept a little longer than needed)
+
+    def _snapshot(self, a: int, b: int) -> PrefixKV:
+        """Row 0's positions [a, b) (its ids after its left padding) as a PrefixKV."""
+        state, k = self.state, self.engine.k
+        srh = state.srh_cache
+        return PrefixKV(tuple(self.prompt.input_ids[0, a:b].tolist()),
+                        [x[:1, :, a:b].clone() for x in state.llm_cache.k],
+                        [x[:1, :, a:b].clone() for x in state.llm_cache.v],
+                        [x[:1, :, k * a:k * b].clone() for x in srh.k] if srh is not None else None,
+                        [x[:1, :, k * a:k * b].clone() for x in srh.v] if srh is not None else None)
 
 
 def _weight_layout(model: torch.nn.Module, column_major: bool) -> None:

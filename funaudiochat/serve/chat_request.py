@@ -48,6 +48,8 @@ class ChatCall:
     audio_format: str | None          # None: text only
     tools: bool                       # tool calls are parsed from the answer
     audio_parts: list = field(default_factory=list)   # (param, raw bytes, format): decoded by `decode_audios`
+    forced_tool: str | None = None    # tool_choice names this function (or "required" with one tool): the answer
+                                      # starts with its call (`request.answer_prefix`) and is text only
 
 
 def _type_name(x) -> str:
@@ -123,11 +125,15 @@ def parse_chat(body, served_models: list[str], limits: Limits, voices, audio_sto
             raise bad_request("this server cannot produce audio (no speech head or no --detokenizer); ask for "
                               "modalities [\"text\"]", "modalities", "unsupported_value")
         audio_opts = audio_opts or {}
-        audio_format = audio_opts.get("format", "wav")
+        stream = body.get("stream") is True
+        audio_format = audio_opts.get("format", "pcm16" if stream else "wav")
         _expect(audio_format, str, "audio.format", "a string")
         if audio_format not in OUTPUT_FORMATS:
             raise bad_request(f"audio.format {audio_format!r} is not supported; use one of "
                               f"{', '.join(OUTPUT_FORMATS)}", "audio.format", "unsupported_value")
+        if stream and audio_format != "pcm16":  # as OpenAI: streamed audio chunks are raw pcm16
+            raise bad_request(f"Unsupported value: 'audio.format' does not support {audio_format!r} when "
+                              f"stream=true. Supported values are: 'pcm16'.", "audio.format", "unsupported_value")
         name = audio_opts.get("voice")
         if name is not None:
             _expect(name, str, "audio.voice", "a string")
@@ -166,21 +172,26 @@ def parse_chat(body, served_models: list[str], limits: Limits, voices, audio_sto
         if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             raise bad_request("'stop' must be a non-empty string or up to 4 of them", "stop", "invalid_value")
 
-    tools = _tools(body)
+    tools, forced = _tools(body)
     messages, audio_parts = _messages(body.get("messages"), limits, audio_store)
+    prefix = ""
+    if forced is not None:  # the answer starts with the call, as the tools prompt spells it; the model writes the
+        prefix = f'<tool_call>\n{{"name": {json.dumps(forced)}, "arguments": '  # arguments; text only
+        speak, audio_format = False, None
     mode = "s2s" if speak else "s2t"
     request = Request(messages, [], mode=mode, tools=tools, generation=generation, stop=tuple(stop or ()),
-                      voice=voice, audio_out=speak)
-    return ChatCall(request, model, stream, include_usage, audio_format, bool(tools), audio_parts)
+                      voice=voice, audio_out=speak, answer_prefix=prefix)
+    return ChatCall(request, model, stream, include_usage, audio_format, bool(tools), audio_parts, forced)
 
 
-def _tools(body) -> list | None:
+def _tools(body) -> tuple[list | None, str | None]:
+    """-> (the tools, the name of the function the answer must call or None)."""
     tools = body.get("tools")
     choice = body.get("tool_choice")
     if tools is None:
         if choice not in (None, "none"):
             raise bad_request("'tool_choice' needs 'tools'", "tool_choice")
-        return None
+        return None, None
     _expect(tools, list, "tools", "an array")
     if not tools or len(tools) > 128:
         raise bad_request("'tools' must hold 1 to 128 function definitions", "tools", "invalid_value")
@@ -201,13 +212,20 @@ def _tools(body) -> list | None:
             raise bad_request(f"'{p}.function.description' must be a string", f"{p}.function.description",
                               "invalid_type")
     if choice == "none":
-        return None
-    if choice is not None and choice not in ("auto", "required"):
-        _expect(choice, dict, "tool_choice", "\"none\", \"auto\", \"required\" or a function choice object")
-        name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
-        if choice.get("type") != "function" or name not in [t["function"]["name"] for t in tools]:
-            raise bad_request("'tool_choice' must name one of the given tools", "tool_choice", "invalid_value")
-    return tools
+        return None, None
+    if choice in (None, "auto"):
+        return tools, None
+    if choice == "required":
+        if len(tools) > 1:  # the call's name would have to be constrained to the list: not supported
+            raise bad_request("tool_choice \"required\" is supported with one tool only; name the function to "
+                              "call ({\"type\": \"function\", \"function\": {\"name\": ...}}) or use \"auto\"",
+                              "tool_choice", "unsupported_value")
+        return tools, tools[0]["function"]["name"]
+    _expect(choice, dict, "tool_choice", "\"none\", \"auto\", \"required\" or a function choice object")
+    name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+    if choice.get("type") != "function" or name not in [t["function"]["name"] for t in tools]:
+        raise bad_request("'tool_choice' must name one of the given tools", "tool_choice", "invalid_value")
+    return tools, name
 
 
 def _messages(messages, limits: Limits, audio_store) -> tuple[list[dict], list]:

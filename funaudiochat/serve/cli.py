@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hop", type=int, default=15, help="speech tokens per streamed audio chunk (15 = 0.6 s)")
     g.add_argument("--detokenizer-threads", type=int, default=1,
                    help="worker threads turning speech tokens into audio, beside the engine's thread")
+    g.add_argument("--prefill-chunk", type=int, default=64,
+                   help="prompt positions prefilled per engine step, between the running sessions' decode steps "
+                        "(0: a whole prompt at once)")
 
 
 def build_context(args: argparse.Namespace):
@@ -60,13 +63,16 @@ def build_context(args: argparse.Namespace):
             raise InputError(f"--{name.replace('_', '-')} must be > 0")
     if args.max_waiting < 0:
         raise InputError("--max-waiting must be >= 0")
+    if args.prefill_chunk < 0:
+        raise InputError("--prefill-chunk must be >= 0 (0: whole prompts)")
     if args.threads:
         torch.set_num_threads(args.threads)
     rt = load_runtime(args.model, args.dtype, args.device, speech=True, detokenizer_dir=args.detokenizer,
                       speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile)
     scheduler = Scheduler(rt.engine, rt.tokenizer, rt.detokenizer, max_sessions=args.max_sessions,
                           max_waiting=args.max_waiting, wait_timeout_s=args.wait_timeout, detokenizer_hop=args.hop,
-                          detokenizer_threads=args.detokenizer_threads)
+                          detokenizer_threads=args.detokenizer_threads, prefill_chunk=args.prefill_chunk or None,
+                          allow_untrained=args.allow_untrained)
     names = args.served_model_name or [args.model.resolve().name]
     return ServerContext(scheduler, names, api_key=args.api_key or None,
                          voices=Voices(rt.detokenizer, args.voices),

@@ -60,6 +60,9 @@ class Metrics:
         self.prefill_seconds = Histogram(LATENCY_BUCKETS)
         self.step_seconds = Histogram(STEP_BUCKETS)     # one batched decode step
         self.batch_rows = Histogram(BATCH_BUCKETS)      # rows of each decode step
+        self.prefix_hits = Counter()      # prefills that started from a cached system-turn prefix
+        self.joins_in_place = Counter()   # sessions copied into a free row of a running batch
+        self.batch_rebuilds = Counter()   # batch caches rebuilt (created, a join without a free row, compaction)
         self._rate_mark = (time.perf_counter(), 0)
 
     def tokens_per_second(self) -> float:
@@ -81,6 +84,12 @@ class Metrics:
               self.errors.value),
              ("funaudiochat_rejected_total", "counter", "requests refused for lack of a free session (429/503)",
               self.rejected.value),
+             ("funaudiochat_prefix_cache_hits_total", "counter", "prefills started from a cached system prompt",
+              self.prefix_hits.value),
+             ("funaudiochat_batch_joins_in_place_total", "counter", "sessions that joined a free batch row in place",
+              self.joins_in_place.value),
+             ("funaudiochat_batch_rebuilds_total", "counter", "batch caches rebuilt (copied whole)",
+              self.batch_rebuilds.value),
              ("funaudiochat_uptime_seconds", "gauge", "seconds since the server started",
               round(time.time() - self.started, 3))]
         out = []
@@ -88,7 +97,8 @@ class Metrics:
             out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
         for name, help_, hist in (
                 ("funaudiochat_time_to_first_audio_seconds", "request accepted -> first audio chunk", self.first_audio),
-                ("funaudiochat_prefill_seconds", "prefill + first token of one session", self.prefill_seconds),
+                ("funaudiochat_prefill_seconds", "compute time of one prefill (its sessions, all chunks)",
+                 self.prefill_seconds),
                 ("funaudiochat_decode_step_seconds", "one batched decode step", self.step_seconds),
                 ("funaudiochat_decode_step_rows", "sessions in one batched decode step", self.batch_rows)):
             out += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"] + hist.lines(name)

@@ -118,17 +118,26 @@ class _Answer:
                                               "reasoning_tokens": 0, "accepted_prediction_tokens": 0,
                                               "rejected_prediction_tokens": 0}}
 
-    def _tool_calls(self, text: str):
-        """-> (remaining text, OpenAI tool_calls or None)."""
+    def _tool_calls(self, answer: str):
+        """The answer's text (after the forced call's opening, if any) -> (remaining text, tool_calls or None)."""
         if not self.call.tools:
-            return text, None
-        parsed = parse_tool_calls(text)
-        if not parsed.calls:
+            return answer.strip(), None
+        parsed = parse_tool_calls((self.call.request.answer_prefix + answer).strip())
+        named = [(c.name, json.dumps(c.arguments, ensure_ascii=False)) for c in parsed.calls]
+        text = parsed.text
+        if self.call.forced_tool is not None and (not named or named[0][0] != self.call.forced_tool):
+            # the forced call did not come out as well-formed JSON: its arguments as written (OpenAI's arguments
+            # may be invalid JSON too; the caller validates them)
+            args, _, text = answer.partition("</tool_call>")
+            args = args.strip()
+            if args.endswith("}"):  # the call object's own closing brace
+                args = args[:-1].rstrip()
+            named, text = [(self.call.forced_tool, args)], text.strip()
+        if not named:
             return text, None
         calls = [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                  "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
-                 for c in parsed.calls]
-        return parsed.text, calls
+                  "function": {"name": name, "arguments": args}} for name, args in named]
+        return text, calls
 
     def _finish_reason(self, end: TurnEnd, calls) -> str:
         if calls:
@@ -148,7 +157,7 @@ class _Answer:
                     end = event
         except Exception as err:
             raise to_api_error(err) from None
-        text, calls = self._tool_calls(end.text.strip())
+        text, calls = self._tool_calls(end.text)
         message = {"role": "assistant", "content": text, "refusal": None}
         if self.speak:
             rate = self.ctx.scheduler.detokenizer.sample_rate
@@ -183,7 +192,7 @@ class _Answer:
         return {"content": text}
 
     async def sse(self):
-        held = ""  # with tools: text from a possible "<tool_call>" on is held back until the end
+        held = self.call.request.answer_prefix  # with tools: text from a possible "<tool_call>" on is held back
         yield self._chunk({"role": "assistant", "content": None if self.speak else "", "refusal": None})
         try:
             async for event in self.session:
@@ -201,8 +210,8 @@ class _Answer:
                 elif isinstance(event, TurnEnd):
                     calls = None
                     if self.call.tools:  # what was held back: tool calls, or text after all
-                        _, calls = self._tool_calls(event.text.strip())
-                        tail = parse_tool_calls(held).text if calls else held
+                        rest, calls = self._tool_calls(event.text)
+                        tail = rest if self.call.forced_tool else parse_tool_calls(held).text if calls else held
                         if tail:
                             yield self._chunk(self._text_delta(tail))
                     if calls:

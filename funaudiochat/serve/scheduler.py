@@ -26,14 +26,19 @@ Public interface (what the HTTP API, the realtime WebSocket and `/api/chat` buil
   An engine failure ends the iteration with `EngineFailure`. Cancelling (explicit, task cancellation, closing the
   iterator, a matched stop string) frees the batch row and its cache at the next engine step.
 
-How it runs: a dedicated engine thread loops: admit at most one waiting session (its prefill and first token, alone,
-exactly as a single run does), then one decode step for each batch of running sessions. Sessions whose settings can
-share a step (same mode and sampling parameters; a seeded session always runs alone so its draws are its own) share
-a batch. A batch is one `DecodeState` whose rows are right-aligned in a shared cache: a joining row's keys and values
-are copied to the slots just before the shared slot (its rope positions stay its own; slots before its first real
-position are masked, like left padding), so each row computes what it computes alone (tests/test_scheduler.py).
-Rows that finish or are cancelled are dropped before the next step; the cache is repacked (compacted) on every
-join or leave, sized for the longest remaining answer.
+How it runs: a dedicated engine thread loops: one chunk (`prefill_chunk` prompt positions) of the prefill under way,
+then one decode step for each batch of running sessions, so a long prompt never stalls running sessions for more
+than a chunk. Sessions waiting at the same moment with equal settings are prefilled together as one left-padded
+batch. The keys and values of each distinct system turn are computed once and copied into later prompts that start
+with it (copy-on-start prefix sharing, `max_prefixes` kept), so only the rest of a prompt is prefilled. When its
+prompt is in, a session chooses its first token exactly as a single run does and joins a batch. Sessions whose
+settings can share a step (same mode and sampling parameters; a seeded session always runs alone so its draws are
+its own) share a batch. A batch is one `DecodeState` whose live rows are right-aligned in a shared cache: a joining
+row's keys and values are copied to the slots just before the shared slot (its rope positions stay its own; slots
+before its first real position are masked, like left padding), so each row computes what it computes alone
+(tests/test_scheduler.py). The cache has free rows and spare slots: a session joins by being copied into a free row
+in place, and a finished or cancelled one leaves its row masked; the whole cache is copied (rebuilt: dead rows and
+slots dropped) only when no free row or slot is left or most rows are free.
 
 Per session, text is decoded incrementally and speech codes go to a streaming detokenizer that runs on a worker
 thread, so the engine thread only decodes. Queues are bounded: the waiting room by `max_waiting`, each session's
@@ -47,20 +52,23 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from funaudiochat.engine.compiled import CACHE_BUCKET
 from funaudiochat.engine.events import AudioChunk, IncrementalDecoder, SpeechEnd, SpeechGroup, TextDelta, TurnEnd, Usage
-from funaudiochat.engine.generate import DecodeState, Engine, GenerationConfig
+from funaudiochat.engine.generate import DecodeState, Engine, GenerationConfig, PrefillJob, PrefixKV
+from funaudiochat.engine.inputs import check_trained
 from funaudiochat.engine.presets import default_system, generation_preset
-from funaudiochat.engine.prompt import Prompt, build_prompt
+from funaudiochat.engine.prompt import Prompt, build_prompt, stack_prompts
 from funaudiochat.errors import ContextLengthError, FunAudioChatError, InputError
 from funaudiochat.model.backbone import KVCache
 from funaudiochat.serve.metrics import Metrics
+from funaudiochat.text.chat import render_chatml
 from funaudiochat.text.tools import tools_system_prompt
 
 log = logging.getLogger(__name__)
@@ -69,6 +77,7 @@ MODES = ("s2s", "s2t")
 GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "do_sample",
                    "text_greedy")
 _UNBOUNDED = 1 << 40  # a batch's own max_new_tokens: each row's limit is enforced by the scheduler
+CACHE_HEADROOM = 256  # decode steps a batch cache holds beyond its current slot before it is rebuilt
 # streaming detokenizer bounds of the released web demo: each chunk's cost stops growing with the answer's length
 FLOW_WINDOW, HIFT_RESET = 200, 500
 
@@ -96,6 +105,8 @@ class Request:
     stop: tuple = ()                            # stop strings: the text ends before the first one found
     voice: object = None                        # detokenizer speaker: a name or a [1, 192] x-vector; None = default
     audio_out: bool = True                      # s2s: synthesise audio chunks (needs a detokenizer)
+    answer_prefix: str = ""                     # s2t: text the answer is made to start with (e.g. a forced tool
+                                                # call's opening); not part of TurnEnd.text
 
 
 # ---------------------------------------------------------------------------------------------- engine-side rows
@@ -121,10 +132,26 @@ def _batch_key(gen: GenerationConfig, seeded_id: str | None):
 
 @dataclass
 class _Batch:
+    """One DecodeState of `len(rows)` rows; a free row (None) is masked and finished: it computes a pad token on
+    its own masked keys, which nobody reads, until a joining session is copied into it."""
+
     key: tuple
     gen: GenerationConfig
-    rows: list[_Row]
+    rows: list[_Row | None]
     state: DecodeState
+
+    @property
+    def live(self) -> list[tuple[int, _Row]]:
+        return [(i, row) for i, row in enumerate(self.rows) if row is not None]
+
+
+@dataclass
+class _Prefill:
+    """Sessions whose prompts are prefilled together: one left-padded batch, one chunk per engine loop."""
+
+    sessions: list["Session"]
+    job: PrefillJob
+    gen: GenerationConfig  # the first token's choice (shared: the sessions have equal batch keys)
 
 
 # ---------------------------------------------------------------------------------------------- the session
@@ -133,9 +160,11 @@ class Session:
 
     _ids = itertools.count(1)
 
-    def __init__(self, scheduler: "Scheduler", request: Request, prompt: Prompt, gen: GenerationConfig):
+    def __init__(self, scheduler: "Scheduler", request: Request, prompt: Prompt, gen: GenerationConfig,
+                 prefix_len: int = 0):
         self.id = f"s{next(self._ids)}"
         self.request, self.prompt, self.gen = request, prompt, gen
+        self.prefix_len = prefix_len  # leading prompt ids of the system turn (shareable keys and values), or 0
         self.prompt_tokens = int(prompt.input_ids.shape[1])
         self._scheduler = scheduler
         self._loop = asyncio.get_running_loop()
@@ -202,9 +231,14 @@ class _Finish:
 class Scheduler:
     def __init__(self, engine: Engine, tokenizer, detokenizer=None, *, max_sessions: int = 8, max_waiting: int = 32,
                  wait_timeout_s: float = 10.0, detokenizer_hop: int = 15, detokenizer_threads: int = 1,
-                 metrics: Metrics | None = None, frontend=None):
+                 metrics: Metrics | None = None, frontend=None, prefill_chunk: int | None = 64,
+                 share_prefix: bool = True, max_prefixes: int = 8, allow_untrained: bool = False):
         if max_sessions < 1 or max_waiting < 0:
             raise InputError("max_sessions must be >= 1 and max_waiting >= 0")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise InputError("prefill_chunk must be >= 1 (or None: whole prompts)")
+        self.prefill_chunk, self.share_prefix, self.max_prefixes = prefill_chunk, share_prefix, max_prefixes
+        self.allow_untrained = allow_untrained  # audio input on a checkpoint whose hearing was never trained
         self.engine, self.tokenizer, self.detokenizer = engine, tokenizer, detokenizer
         self.max_sessions, self.max_waiting, self.wait_timeout_s = max_sessions, max_waiting, wait_timeout_s
         self.detokenizer_hop, self.frontend = detokenizer_hop, frontend
@@ -213,6 +247,10 @@ class Scheduler:
         self._cond = threading.Condition()
         self._inbox: deque[Session] = deque()
         self._batches: dict[tuple, _Batch] = {}
+        self._queued: deque[Session] = deque()       # (engine thread) sessions waiting for their prefill, in order
+        self._prefill: _Prefill | None = None          # (engine thread) the prefill under way
+        self._joining = 0                              # (engine thread) rows of a finished prefill still to join
+        self._prefixes: OrderedDict[tuple, PrefixKV] = OrderedDict()  # (engine thread) system-turn KV, LRU
         self._stop = False
         self._thread: threading.Thread | None = None
         self._free_rows = max_sessions                 # batch rows nobody holds (event loop only)
@@ -258,6 +296,11 @@ class Scheduler:
     # ------------------------------------------------------------------ submission
     def prepare(self, request: Request) -> tuple[Prompt, GenerationConfig]:
         """Validate a request and build its prompt and generation settings (blocking; raises InputError)."""
+        prompt, gen, _ = self._prepare(request)
+        return prompt, gen
+
+    def _prepare(self, request: Request) -> tuple[Prompt, GenerationConfig, int]:
+        """`prepare`, plus the length of the prompt's system turn (its shareable prefix; 0 if none)."""
         if request.mode not in MODES:
             raise InputError(f"unknown mode {request.mode!r}; choose one of {', '.join(MODES)}")
         if request.mode == "s2s" and not self.speech:
@@ -265,6 +308,10 @@ class Scheduler:
         if request.mode == "s2s" and request.audio_out and self.detokenizer is None:
             raise InputError("this server has no detokenizer: audio answers are not available (ask for text only, "
                              "or start the server with --detokenizer)")
+        if request.audios:  # a checkpoint whose audio adapter was never trained cannot hear (config.json)
+            check_trained(self.engine.cfg, True, False, self.allow_untrained)
+        if request.answer_prefix and request.mode != "s2t":
+            raise InputError("an answer prefix needs a text answer (mode s2t)")
         unknown = set(request.generation) - set(GENERATION_KEYS)
         if unknown:
             raise InputError(f"unknown generation setting(s): {', '.join(sorted(unknown))}")
@@ -279,6 +326,10 @@ class Scheduler:
         elif request.tools:
             messages[0]["content"] = tools_system_prompt(request.tools, base=messages[0]["content"])
         prompt = build_prompt(self.tokenizer, self.engine.cfg, messages, list(request.audios), self.frontend)
+        if request.answer_prefix:
+            forced = torch.tensor([self.tokenizer.encode(request.answer_prefix)], dtype=prompt.input_ids.dtype)
+            prompt.input_ids = torch.cat([prompt.input_ids, forced], dim=1)
+            prompt.attention_mask = torch.ones_like(prompt.input_ids)
         n_prompt = int(prompt.input_ids.shape[1])
         room = self.engine.max_seq_len - n_prompt
         if room < 1:
@@ -294,7 +345,18 @@ class Scheduler:
             gen = gen.with_(max_new_tokens=room)
         if not gen.disable_speech and not self.speech:
             gen = gen.with_(disable_speech=True, force_text_abos=False)
-        return prompt, gen
+        return prompt, gen, self._system_prefix_len(messages[0], prompt)
+
+    def _system_prefix_len(self, system: dict, prompt: Prompt) -> int:
+        """How many leading prompt ids are the system turn alone (text only), or 0 when they are not."""
+        if not self.share_prefix or system.get("role") != "system" or not isinstance(system.get("content"), str):
+            return 0
+        ids = self.tokenizer.encode(render_chatml([system], False))
+        n = len(ids)
+        prompt_ids = prompt.input_ids[0]
+        if not 0 < n < len(prompt_ids) or prompt_ids[:n].tolist() != ids or self.engine.cfg.audio_token_index in ids:
+            return 0
+        return n
 
     async def submit(self, request: Request) -> Session:
         """Build the prompt, wait (bounded) for a batch row, queue the session for the engine; see module doc."""
@@ -302,10 +364,10 @@ class Scheduler:
             raise ServerBusyError("the engine is not running", 503, 5)
         self.check_capacity()  # before building the prompt: a flood costs no feature extraction
         loop = asyncio.get_running_loop()
-        prompt, gen = await loop.run_in_executor(self._prep_pool, self.prepare, request)
+        prompt, gen, prefix_len = await loop.run_in_executor(self._prep_pool, self._prepare, request)
         await self._acquire_row()
         self._active += 1
-        session = Session(self, request, prompt, gen)
+        session = Session(self, request, prompt, gen, prefix_len)
         session._pump = asyncio.create_task(self._pump(session))
         with self._cond:
             self._inbox.append(session)
@@ -445,28 +507,30 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
-                while not self._stop and not self._inbox and not self._batches:
+                while (not self._stop and not self._inbox and not self._batches and not self._queued
+                       and self._prefill is None):
                     self._cond.wait()
                 if self._stop:
                     break
-                new = self._inbox.popleft() if self._inbox else None
-            if new is not None:
-                try:
-                    self._admit(new)
-                except Exception as err:  # the engine failed on this prompt: it alone ends
-                    log.exception("prefill of session %s failed", new.id)
-                    self._end(new, EngineFailure(f"the engine failed on this request: {err}"))
+                self._queued.extend(self._inbox)
+                self._inbox.clear()
+            if self._prefill is None and self._queued:
+                self._start_prefill()
+            if self._prefill is not None:
+                self._prefill_chunk()
             for batch in list(self._batches.values()):
                 try:
                     self._step(batch)
                 except Exception as err:  # a failed step ends the sessions of its batch; the others go on
-                    log.exception("a decode step failed; ending its %d session(s)", len(batch.rows))
+                    log.exception("a decode step failed; ending its %d session(s)", len(batch.live))
                     self._batches.pop(batch.key, None)
-                    for row in batch.rows:
+                    for _, row in batch.live:
                         self._end(row.session, EngineFailure(f"the engine failed during generation: {err}"))
         for batch in list(self._batches.values()):  # shutting down: end every running session
-            for row in batch.rows:
+            for _, row in batch.live:
                 self._finish(row, "cancelled")
+        for session in list(self._queued) + (self._prefill.sessions if self._prefill else []):
+            self._end(session, EngineFailure("the server is shutting down"))
         while self._inbox:
             self._end(self._inbox.popleft(), EngineFailure("the server is shutting down"))
 
@@ -477,60 +541,148 @@ class Scheduler:
         session._ended = True
         session._loop.call_soon_threadsafe(self._release, session, item)
 
-    def _admit(self, session: Session) -> None:
-        """Prefill a new session alone, choose its first token, then let it join a batch."""
-        if session.cancelled:
-            self._end(session, _Finish("cancelled", (), 0, 0.0))
-            return
-        gen = session.gen
-        t0 = time.perf_counter()
-        state, logits, group = self.engine.prefill(session.prompt, gen)
-        result = self.engine.choose_step(state, logits, group, gen)
-        self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
-        ids = session.prompt.input_ids[0].tolist()
-        row = _Row(session, gen, gen.max_new_tokens, tail=ids[-self._tail_len(gen):],
-                   prefill_s=state.timings.get("prefill_s", 0.0))
-        self._emit(row, result, 0)
-        if self._row_done(row):
-            return
-        key = _batch_key(gen, session.id if gen.seed is not None and gen.do_sample else None)
-        batch = self._batches.get(key)
-        if batch is None:
-            batched_gen = gen.with_(max_new_tokens=_UNBOUNDED, force_text_abos=False, seed=None)
-            self._batches[key] = _Batch(key, batched_gen, [row], self._repack([(state, 0)], [row]))
+    def _start_prefill(self) -> None:
+        """Start prefilling the first waiting session, together with the later waiting ones that can share its
+        first step (equal settings), up to max_sessions. Each starts from the cached keys and values of its system
+        turn when one was computed before; otherwise the first session's are computed and kept (copy-on-start
+        prefix sharing)."""
+        first = self._queued.popleft()
+        group, others = [first], deque()
+        key = self._prefill_key(first)
+        while self._queued and key[0][-1] is None:  # (a seeded sampled session is prefilled alone)
+            session = self._queued.popleft()
+            fits = len(group) < self.max_sessions and self._prefill_key(session) == key
+            (group if fits else others).append(session)
+        self._queued.extendleft(reversed(others))
+        prefixes, save = [], 0
+        for i, session in enumerate(group):
+            prefix = self._prefixes.get(self._prefix_key(session)) if session.prefix_len else None
+            if prefix is not None:
+                self._prefixes.move_to_end(self._prefix_key(session))
+                self.metrics.prefix_hits.inc()
+            elif i == 0:
+                save = session.prefix_len
+            prefixes.append(prefix)
+        gen = first.gen
+        if len(group) == 1:
+            prompt = first.prompt
         else:
-            rows = batch.rows + [row]
-            batch.state = self._repack([(batch.state, i) for i in range(len(batch.rows))] + [(state, 0)], rows)
-            batch.rows = rows
+            prompt = stack_prompts([s.prompt for s in group], gen.pad_token_id,
+                                   self.engine.cfg.audio_config.pad_token_id)
+        try:  # (each prompt's length was checked against the context in prepare)
+            job = self.engine.start_prefill(prompt, gen.with_(max_new_tokens=1), self.prefill_chunk, prefixes, save,
+                                            cache_len=int(prompt.input_ids.shape[1]))
+        except Exception as err:
+            log.exception("prefill of %d session(s) failed to start", len(group))
+            for session in group:
+                self._end(session, EngineFailure(f"the engine failed on this request: {err}"))
+            return
+        self._prefill = _Prefill(group, job, gen.with_(max_new_tokens=_UNBOUNDED))
+
+    def _prefill_key(self, session: Session) -> tuple:
+        gen = session.gen
+        return _batch_key(gen, session.id if gen.seed is not None and gen.do_sample else None), gen.force_text_abos
+
+    def _prefill_chunk(self) -> None:
+        """One piece of the prefill under way (its first call embeds and encodes audio); when the prompts are in,
+        each session's first token is chosen and it joins a batch. A cancelled session ends at once."""
+        pending = self._prefill
+        for session in pending.sessions:
+            if session.cancelled:
+                self._end(session, _Finish("cancelled", (), 0, pending.job.seconds))
+        if all(session._ended for session in pending.sessions):
+            self._prefill = None
+            return
+        try:
+            done = pending.job.advance()
+            if pending.job.saved_prefix is not None:
+                self._keep_prefix(pending.job)
+            if done:
+                self._prefill = None
+                self._admit(pending)
+        except Exception as err:  # the engine failed on these prompts: they alone end
+            self._prefill = None
+            log.exception("prefill of session(s) %s failed", ", ".join(s.id for s in pending.sessions))
+            for session in pending.sessions:
+                self._end(session, EngineFailure(f"the engine failed on this request: {err}"))
+
+    def _prefix_key(self, session: Session) -> tuple:
+        speech_on = not session.gen.disable_speech and self.speech
+        return tuple(session.prompt.input_ids[0, :session.prefix_len].tolist()), speech_on
+
+    def _keep_prefix(self, job: PrefillJob) -> None:
+        speech_on = job.saved_prefix.srh_k is not None
+        self._prefixes[(job.saved_prefix.ids, speech_on)] = job.saved_prefix
+        job.saved_prefix = None
+        while len(self._prefixes) > self.max_prefixes:
+            self._prefixes.popitem(last=False)
+
+    def _admit(self, pending: _Prefill) -> None:
+        """Prefilled sessions: choose each one's first token as a single run does, then let it join a batch."""
+        job = pending.job
+        state, logits, group = job.result
+        result = self.engine.choose_step(state, logits, group, pending.gen)
+        self.metrics.prefill_seconds.observe(job.seconds)
+        self._joining = len(pending.sessions)
+        try:
+            for r, session in enumerate(pending.sessions):
+                self._joining -= 1
+                if session._ended:  # cancelled during the prefill
+                    continue
+                gen = session.gen
+                ids = session.prompt.input_ids[0].tolist()
+                row = _Row(session, gen, gen.max_new_tokens, tail=ids[-self._tail_len(gen):], prefill_s=job.seconds)
+                self._emit(row, result, r)
+                if self._row_done(row):
+                    continue
+                key = _batch_key(gen, session.id if gen.seed is not None and gen.do_sample else None)
+                batch = self._batches.get(key)
+                if batch is None:
+                    batched_gen = gen.with_(max_new_tokens=_UNBOUNDED, force_text_abos=False, seed=None)
+                    batch = self._batches[key] = _Batch(key, batched_gen, [], state)
+                    self._rebuild(batch, [(state, r, row)])
+                else:
+                    self._join(batch, state, r, row)
+        finally:
+            self._joining = 0
 
     @staticmethod
     def _tail_len(gen: GenerationConfig) -> int:
         return max([len(seq) for seq in gen.bad_words_ids] + [1])
 
     def _step(self, batch: _Batch) -> None:
-        cancelled = [i for i, row in enumerate(batch.rows) if row.session.cancelled]
-        if cancelled:
-            for i in cancelled:
-                self._finish(batch.rows[i], "cancelled")
-            self._drop(batch, set(cancelled))
-            if not batch.rows:
-                return
+        for i, row in batch.live:
+            if row.session.cancelled:
+                self._finish(row, "cancelled")
+                self._vacate(batch, i)
+        live = batch.live
+        if not live:
+            del self._batches[batch.key]
+            return
         state = batch.state
+        mostly_free = len(batch.rows) >= 4 * len(live) and self._capacity(batch.key, len(live)) < len(batch.rows)
+        if state.slot + 1 > state.llm_cache.max_len or mostly_free:
+            self._rebuild(batch)  # out of cache slots, or mostly free rows: compact
+            state, live = batch.state, batch.live
+        free = [row is None for row in batch.rows]
+        if any(free):  # a free row's position stays inside the rotary tables
+            state.pos.masked_fill_(torch.tensor(free, device=state.pos.device), 0)
         state.tokens, state.speech = [], [[] for _ in batch.rows]
         if batch.gen.bad_words_ids:  # the history the bad-word check reads: each row's last ids
-            state.prompt_ids = torch.tensor([row.tail for row in batch.rows], device=self.engine.device)
+            pad = [batch.gen.pad_token_id] * self._tail_len(batch.gen)
+            state.prompt_ids = torch.tensor([row.tail if row else pad for row in batch.rows],
+                                            device=self.engine.device)
         t0 = time.perf_counter()
         logits, group = self.engine.forward_step(state, batch.gen)
         result = self.engine.choose_step(state, logits, group, batch.gen)
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
-        self.metrics.batch_rows.observe(len(batch.rows))
-        done = set()
-        for i, row in enumerate(batch.rows):
+        self.metrics.batch_rows.observe(len(live))
+        for i, row in live:
             self._emit(row, result, i)
             if self._row_done(row):
-                done.add(i)
-        if done:
-            self._drop(batch, done)
+                self._vacate(batch, i)
+        if not batch.live:
+            del self._batches[batch.key]
 
     def _emit(self, row: _Row, result, i: int) -> None:
         token = int(result.text[i])
@@ -557,63 +709,105 @@ class Scheduler:
     def _finish(self, row: _Row, reason: str) -> None:
         self._end(row.session, _Finish(reason, tuple(row.text_ids), row.speech_tokens, row.prefill_s))
 
-    def _drop(self, batch: _Batch, gone: set[int]) -> None:
-        keep = [i for i in range(len(batch.rows)) if i not in gone]
-        if not keep:
-            del self._batches[batch.key]
-            return
-        rows = [batch.rows[i] for i in keep]
-        batch.state = self._repack([(batch.state, i) for i in keep], rows)
-        batch.rows = rows
-
     # ------------------------------------------------------------------ batch state surgery
-    def _repack(self, parts: list[tuple[DecodeState, int]], rows: list[_Row]) -> DecodeState:
-        """Rows (state, row index) -> one DecodeState, each row's cache right-aligned to a shared slot.
+    # A batch's live rows are right-aligned: row i's cached positions are the slots [slot - n_i, slot), the slots
+    # before are masked for it (like left padding; its rope positions stay its own), so each row computes what it
+    # computes alone. A session joins by copying its prefilled keys and values into a free row in place; the whole
+    # batch is copied (rebuilt: dead rows and slots dropped) only when no free row or too few slots are left.
+    def _join(self, batch: _Batch, state: DecodeState, r: int, row: _Row) -> None:
+        """Row r of a prefill state joins the batch: in a free row when its prompt fits, else by a rebuild."""
+        n = self._row_len(state, r)
+        free = [i for i, x in enumerate(batch.rows) if x is None]
+        if free and n <= batch.state.slot:
+            self._place(batch.state, free[0], state, r, n)
+            batch.rows[free[0]] = row
+            self.metrics.joins_in_place.inc()
+        else:
+            self._rebuild(batch, [(state, r, row)])
 
-        A row's cached positions are the valid slots just before its state's slot (contiguous: only left padding is
-        ever masked). The new slot T is the longest row; the cache holds T + the largest number of steps any row
-        may still take."""
-        eng, k = self.engine, self.engine.k
-        dev = eng.device
-        lengths = [int(st.key_valid[r, :st.slot].sum()) for st, r in parts]
+    def _vacate(self, batch: _Batch, i: int) -> None:
+        """Row i becomes free: masked, finished, its keys and values left in place until overwritten."""
+        st = batch.state
+        batch.rows[i] = None
+        st.key_valid[i] = False
+        if st.srh_cache is not None:
+            st.srh_key_valid[i] = False
+        st.finished[i], st.active[i], st.fuse[i] = True, False, False
+
+    def _rebuild(self, batch: _Batch, joining: list[tuple[DecodeState, int, _Row]] = ()) -> None:
+        """Copy the live rows (and the joining ones) into a new cache: right-aligned at the longest row, sized for
+        up to CACHE_HEADROOM more steps, with free rows for sessions expected to join."""
+        parts = [(batch.state, i, row) for i, row in batch.live] + list(joining)
+        lengths = [self._row_len(st, r) for st, r, _ in parts]
         slot = max(lengths)
-        size = slot + max(row.max_new - row.generated for row in rows) + 1
-        if eng.compiled is not None:  # compiled graphs are specialised on the cache size: few sizes
-            size = -(-size // 128) * 128
-        b = len(parts)
-        first = parts[0][0]
-        llm = KVCache(eng.cfg.text_config, b, size, eng.dtype, dev)
-        key_valid = torch.zeros(b, size, dtype=torch.bool, device=dev)
-        speech = first.srh_cache is not None
-        srh = KVCache(eng.cfg.audio_config.crq_transformer_config, b, k * size, eng.dtype, dev) if speech else None
-        srh_valid = torch.zeros(b, k * size, dtype=torch.bool, device=dev) if speech else None
-        for i, ((st, r), n) in enumerate(zip(parts, lengths)):
-            src, dst = slice(st.slot - n, st.slot), slice(slot - n, slot)
-            for new, old in ((llm.k, st.llm_cache.k), (llm.v, st.llm_cache.v)):
-                for layer_new, layer_old in zip(new, old):
-                    layer_new[i, :, dst] = layer_old[r, :, src]
-            key_valid[i, dst] = True
-            if speech:
-                s_src, s_dst = slice(k * src.start, k * src.stop), slice(k * dst.start, k * dst.stop)
-                for new, old in ((srh.k, st.srh_cache.k), (srh.v, st.srh_cache.v)):
-                    for layer_new, layer_old in zip(new, old):
-                        layer_new[i, :, s_dst] = layer_old[r, :, s_src]
-                srh_valid[i, s_dst] = True
+        size = slot + 1 + min(CACHE_HEADROOM, max(row.max_new - row.generated for _, _, row in parts))
+        size = -(-size // CACHE_BUCKET) * CACHE_BUCKET  # few sizes: compiled graphs are specialised on them
+        rows = self._capacity(batch.key, len(parts))
+        state = self._empty_state(parts[0][0], rows, size, slot)
+        for i, ((st, r, _), n) in enumerate(zip(parts, lengths)):
+            self._place(state, i, st, r, n)
+        batch.state = state
+        batch.rows = [row for _, _, row in parts] + [None] * (rows - len(parts))
+        self.metrics.batch_rebuilds.inc()
 
-        def cat(name):
-            values = [getattr(st, name) for st, _ in parts]
-            if values[0] is None:
-                return None
-            return torch.cat([v[r:r + 1] for v, (_, r) in zip(values, parts)])
+    def _capacity(self, key: tuple, n: int) -> int:
+        """Rows of a rebuilt batch: a power of two covering its rows and the sessions being prefilled (they may
+        join it), at most max_sessions; a seeded session's batch has one."""
+        if key[-1] is not None:
+            return n
+        want = n + self._joining + len(self._queued) + (len(self._prefill.sessions) if self._prefill else 0)
+        return max(n, min(self.max_sessions, 1 << (want - 1).bit_length()))
 
-        state = DecodeState(llm, srh, key_valid, srh_valid if speech else torch.zeros(0), cat("pos"), slot,
-                            torch.tensor([row.tail for row in rows], device=dev), padded=True,
-                            speech=[[] for _ in rows])
-        for name in ("last_token", "last_group", "fuse", "active", "finished", "srh_embed", "text_counts",
-                     "speech_counts"):
-            setattr(state, name, cat(name))
-        state.generator = first.generator  # only a seeded session's own batch (one row) has one
+    @staticmethod
+    def _row_len(state: DecodeState, r: int) -> int:
+        return int(state.key_valid[r, :state.slot].sum())
+
+    def _empty_state(self, like: DecodeState, rows: int, size: int, slot: int) -> DecodeState:
+        """A batch state of free rows (finished, nothing valid) shaped like `like`."""
+        eng, k, dev = self.engine, self.engine.k, self.engine.device
+        speech = like.srh_cache is not None
+        llm = KVCache(eng.cfg.text_config, rows, size, eng.dtype, dev)
+        srh = KVCache(eng.cfg.audio_config.crq_transformer_config, rows, k * size, eng.dtype, dev) if speech else None
+        srh_valid = torch.zeros(rows, k * size, dtype=torch.bool, device=dev) if speech else torch.zeros(0)
+        state = DecodeState(llm, srh, torch.zeros(rows, size, dtype=torch.bool, device=dev), srh_valid,
+                            torch.zeros(rows, dtype=torch.long, device=dev), slot,
+                            torch.zeros(rows, 1, dtype=torch.long, device=dev), padded=True,
+                            speech=[[] for _ in range(rows)])
+        for name in _ROW_FIELDS:
+            value = getattr(like, name)
+            if value is not None:
+                setattr(state, name, value.new_zeros((rows,) + tuple(value.shape[1:])))
+        state.finished.fill_(True)
+        state.generator = like.generator  # only a seeded session's own batch (one row) has one
         return state
+
+    def _place(self, dst: DecodeState, i: int, src: DecodeState, r: int, n: int) -> None:
+        """Copy row r of `src` (its n cached positions end at src.slot) into row i of `dst`, ending at dst.slot."""
+        k = self.engine.k
+        s, d = slice(src.slot - n, src.slot), slice(dst.slot - n, dst.slot)
+        for new, old in ((dst.llm_cache.k, src.llm_cache.k), (dst.llm_cache.v, src.llm_cache.v)):
+            for layer_new, layer_old in zip(new, old):
+                layer_new[i, :, d] = layer_old[r, :, s]
+        dst.key_valid[i] = False
+        dst.key_valid[i, d] = True
+        if dst.srh_cache is not None:
+            ks, kd = slice(k * s.start, k * s.stop), slice(k * d.start, k * d.stop)
+            for new, old in ((dst.srh_cache.k, src.srh_cache.k), (dst.srh_cache.v, src.srh_cache.v)):
+                for layer_new, layer_old in zip(new, old):
+                    layer_new[i, :, kd] = layer_old[r, :, ks]
+            dst.srh_key_valid[i] = False
+            dst.srh_key_valid[i, kd] = True
+        dst.pos[i] = src.pos[r]
+        for name in _ROW_FIELDS:
+            value = getattr(dst, name)
+            if value is not None:
+                value[i] = getattr(src, name)[r]
+        if src.generator is not None:
+            dst.generator = src.generator
+
+
+# per-row fields of a DecodeState besides the caches, their masks and positions
+_ROW_FIELDS = ("last_token", "last_group", "fuse", "active", "finished", "srh_embed", "text_counts", "speech_counts")
 
 
 class _StopFilter:

@@ -63,7 +63,8 @@ def predict(suite_dir: Path, model, out: Path, shard: tuple[int, int] | None = N
         items = [item for k, item in enumerate(items) if k % shard[1] == shard[0]]
     out.mkdir(parents=True, exist_ok=True)
     path = predictions_path(out, shard)
-    if suites.scorer_of(suite_dir) == "speech" and not getattr(model, "speech", False):
+    if not getattr(model, "speech", False) and (suite_dir / "suite.json").is_file() \
+            and suites.scorer_of(suite_dir) == "speech":
         path.touch()  # an empty prediction file, so that `merge` finds this suite's shard too
         return -1
     done = read_predictions(path)

@@ -152,6 +152,7 @@ class _Prefill:
     sessions: list["Session"]
     job: PrefillJob
     gen: GenerationConfig  # the first token's choice (shared: the sessions have equal batch keys)
+    admitted: int = 0      # sessions already handed to a batch (or finished) once the prompts are in
 
 
 # ---------------------------------------------------------------------------------------------- the session
@@ -603,7 +604,7 @@ class Scheduler:
         except Exception as err:  # the engine failed on these prompts: they alone end
             self._prefill = None
             log.exception("prefill of session(s) %s failed", ", ".join(s.id for s in pending.sessions))
-            for session in pending.sessions:
+            for session in pending.sessions[pending.admitted:]:  # (the admitted ones run in their batch)
                 self._end(session, EngineFailure(f"the engine failed on this request: {err}"))
 
     def _prefix_key(self, session: Session) -> tuple:
@@ -628,21 +629,22 @@ class Scheduler:
             for r, session in enumerate(pending.sessions):
                 self._joining -= 1
                 if session._ended:  # cancelled during the prefill
+                    pending.admitted += 1
                     continue
                 gen = session.gen
                 ids = session.prompt.input_ids[0].tolist()
                 row = _Row(session, gen, gen.max_new_tokens, tail=ids[-self._tail_len(gen):], prefill_s=job.seconds)
                 self._emit(row, result, r)
-                if self._row_done(row):
-                    continue
-                key = _batch_key(gen, session.id if gen.seed is not None and gen.do_sample else None)
-                batch = self._batches.get(key)
-                if batch is None:
-                    batched_gen = gen.with_(max_new_tokens=_UNBOUNDED, force_text_abos=False, seed=None)
-                    batch = self._batches[key] = _Batch(key, batched_gen, [], state)
-                    self._rebuild(batch, [(state, r, row)])
-                else:
-                    self._join(batch, state, r, row)
+                if not self._row_done(row):
+                    key = _batch_key(gen, session.id if gen.seed is not None and gen.do_sample else None)
+                    batch = self._batches.get(key)
+                    if batch is None:
+                        batched_gen = gen.with_(max_new_tokens=_UNBOUNDED, force_text_abos=False, seed=None)
+                        batch = self._batches[key] = _Batch(key, batched_gen, [], state)
+                        self._rebuild(batch, [(state, r, row)])
+                    else:
+                        self._join(batch, state, r, row)
+                pending.admitted += 1
         finally:
             self._joining = 0
 

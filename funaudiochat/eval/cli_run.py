@@ -4,6 +4,9 @@ Suites are built on first use under --suites-dir (spoken with our synthesis, det
 appended to OUT/SUITE/predictions.jsonl as they are made, so a rerun resumes where an interrupt stopped it. With
 `--shard I/N` only every N-th item (from I) is answered, into a shard file; `funaudiochat eval merge OUT --suite ...`
 then joins the shards, scores and reports. Writes OUT/report.md, OUT/summary.json and OUT/scores.png.
+`--mode s2s` asks for spoken answers too (saved as OUT/SUITE/answers/ID.wav, scored for speech quality);
+`--judge-url/--judge-model` name the judge of judge-scored suites; `--suite mmau:FILE` / `mmsu:FILE` runs a
+published MMAU / MMSU file.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ every id's frames. The tokenizer takes the voice's own durations (its duration p
 from a seed) and rounds each unit's end to the nearest token boundary, at least one token per unit, so rounding
 errors never accumulate.
 
-    tok = PiperTokenizer()                       # cuts the voice's ONNX parts (≈ 2 s)
+    tok = PiperTokenizer()                       # cuts the voice's ONNX parts (seconds)
     tokens = tok.tokenize("Hello! How are you?", speed=1.0, gain="normal")
     spans = unit_spans(tokens)                   # [UnitSpan(unit, start, end, gains)], validated
 """

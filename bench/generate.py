@@ -1,10 +1,11 @@
 """Time prefill and per-step decode (S2T and S2S) on a random model built from a config.json.
 
     .venv/bin/python bench/generate.py ../shared/bench/bench_config.json|8b [--threads 2] [--steps 64]
-        [--compile] [--released-python REF_VENV/bin/python --released-code DIR [--rounds 3]]
+        [--compile] [--dtype fp32|bf16|int8] [--released-python REF_VENV/bin/python --released-code DIR [--rounds 3]]
 
 S2S step = one LLM step (text token) + the SRH's 5 speech tokens; S2T step = one LLM step with the SRH off.
-Medians over repeated runs after warm-up; fp32 on CPU by default. With --released-python/--released-code the
+Medians over repeated runs after warm-up; fp32 on CPU by default (int8: weight-only int8 linears in the LLM and the
+SRH, model/quantize.py). With --released-python/--released-code the
 released generate() is timed on the same config and prompt in rounds alternating with ours
 (bench/released_generate.py, run in an environment with the released code's pins); the ratio printed is the median
 of the per-round ratios, each round comparing runs made seconds apart.
@@ -25,6 +26,7 @@ from funaudiochat.engine.generate import Engine, GenerationConfig
 from funaudiochat.engine.prompt import Prompt
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import fun_audio_chat_8b
+from funaudiochat.model.quantize import Int8Weight, quantize_model
 
 from machine import machine_line  # bench/machine.py: CPU model and SIMD flags
 
@@ -53,8 +55,9 @@ def time_run(engine: Engine, prompt: Prompt, gen: GenerationConfig, repeats: int
 def step_weights(model: FunAudioChatModel) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The matrices one S2T step and one S2S step multiply a row vector by, in order (fused as the engine runs)."""
     def stack(bb):
-        return [w for layer in bb.layers for w in (layer.self_attn.fused[0], layer.self_attn.o_proj.weight,
-                                                   layer.mlp.fused, layer.mlp.down_proj.weight)]
+        ws = [w for layer in bb.layers for w in (layer.self_attn.fused[0], layer.self_attn.o_proj.weight,
+                                                 layer.mlp.fused, layer.mlp.down_proj.weight)]
+        return [w.q if isinstance(w, Int8Weight) else w for w in ws]  # int8: the bytes streamed are the int8 ones
     llm = stack(model.language_model.model) + [model.language_model.lm_head.weight]
     srh = model.audio_invert_tower
     if srh is None:  # a speech-to-text model has no S2S step
@@ -84,7 +87,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and the released code")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true", help="Engine(compile=True): compiled decode step")
     ap.add_argument("--modes", nargs="+", default=["s2s", "s2t"], choices=["s2s", "s2t"],
@@ -104,12 +107,14 @@ def main() -> None:
         if not path.is_file():
             raise SystemExit(f"no config file at {path}: give a config.json, or '8b'")
         cfg, config_name = FunAudioChatConfig.from_dict(json.loads(path.read_text())), path.name
-    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     with torch.device(args.device):
         model = FunAudioChatModel(cfg)
     model.init_weights(0.02)
     model = model.to(dtype).eval()
     n_params = sum(p.numel() for p in model.parameters())
+    if args.dtype == "int8":
+        quantize_model(model)
     engine = Engine(model, compile=args.compile)
     prompt = make_prompt(cfg, args.prompt_len)
     t = cfg.text_config

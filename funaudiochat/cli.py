@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "assets smollm2": ("funaudiochat.assets.cli_smollm2", "SmolLM2 + Whisper tiny.en -> fun-audio-chat-mini start"),
     "assets mini-deltas": ("funaudiochat.assets.cli_mini_deltas", "a trained mini checkpoint -> models/mini deltas"),
     "assets mini": ("funaudiochat.assets.cli_mini", "fun-audio-chat-mini: pip-shipped parts + models/mini deltas"),
+    "assets quantize": ("funaudiochat.assets.cli_quantize", "a checkpoint -> weight-only int8 checkpoint (CPU)"),
     "data distill": ("funaudiochat.data.cli_distill", "answer prompts with SmolLM2 (text mode) -> filtered Q/A JSONL"),
     "data build-mini": ("funaudiochat.data.cli_build_mini", "fun-audio-chat-mini's data: questions, answers, voices"),
     "data prepare": ("funaudiochat.train.cli_data_prepare", "validate a training JSONL, tokenize assistant speech"),

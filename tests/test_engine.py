@@ -226,11 +226,12 @@ def test_several_audios_in_one_prompt(tmp_path):
 
 def test_compiled_decode_reproduces_the_goldens(shared_dir):
     """Engine(compile=True) equals the released code's outputs on every path it compiles: the one-graph greedy S2S
-    step (with and without the repetition penalty) and the LLM-only graph (S2T); with sampling (LLM graph + one SRH
-    graph per position) and on a left-padded batch it equals the eager engine."""
+    step (with and without the repetition penalty) and the LLM-only graph (S2T); with the default S2S preset's
+    sampling (one graph per step, sampling inside) and on a left-padded batch it equals the eager engine."""
     from safetensors.torch import load_file
 
     from funaudiochat.check.generation import generation_config
+    from funaudiochat.engine.presets import S2M_SAMPLING
     from funaudiochat.model.checkpoint import load_model
 
     golden = shared_dir / "golden/tiny-dense"
@@ -251,9 +252,15 @@ def test_compiled_decode_reproduces_the_goldens(shared_dir):
             logits = torch.stack(tracer.srh_logits)[:, 0]
             assert (logits - ref["crq_call_logits"][:, 0]).abs().max() <= 1e-4 * ref["crq_call_logits"].abs().max()
 
-    sampled = generation_config(records, "gen").with_(do_sample=True, temperature=1.3, top_k=40, seed=3)
+    # the S2S preset: sampled speech (temperature, top-p, repetition penalty), greedy text; same seed, same tokens
+    sampled = generation_config(records, "gen").with_(**S2M_SAMPLING, text_greedy=True, max_new_tokens=16, seed=3)
+    llm_only = engine.compiled.llm
+    engine.compiled.llm = None  # every sampled S2S step must run as the one S2S graph
     a, b = engine.generate(inputs["gen"], sampled), eager.generate(inputs["gen"], sampled)
+    engine.compiled.llm = llm_only
     assert a.new_text_ids.tolist() == b.new_text_ids.tolist() and a.speech_ids == b.speech_ids
+    greedy_speech = eager.generate(inputs["gen"], sampled.with_(do_sample=False)).speech_ids
+    assert len(a.speech_ids[0]) >= 40 and a.speech_ids != greedy_speech  # really sampled
     batch = stack_prompts([inputs["gen"], inputs["gen_single_b"]], 500, model.cfg.audio_config.pad_token_id)
     greedy = generation_config(records, "gen")
     a, b = engine.generate(batch, greedy), eager.generate(batch, greedy)

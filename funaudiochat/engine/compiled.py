@@ -9,24 +9,34 @@ one graph; on CPU with weight freezing and the C++ wrapper, and its linears trac
 the engine rounds up to `CACHE_BUCKET` slots so few graphs are compiled.
 
 Each graph also builds its own input (token embedding, fused with the last speech group's features) and marks the
-new cache slots valid, and with greedy speech (the released default) a whole speech-to-speech step is one graph: the
-LLM position, the ungrouping and the SRH's 5 positions with their argmax and token embedding in between. One call per
-step instead of six removes the Python, guard checks and small eager ops between them (each costs 10-200 us on a
-small CPU, as much as a layer's matmuls).
+new cache slots valid, and a whole speech-to-speech step is one graph: the LLM position, the ungrouping and the SRH's
+5 positions with the choice of each speech token (repetition penalty, temperature, top-k / top-p, then the argmax,
+or a draw as torch.multinomial makes it from exponential noise drawn outside from the seeded generator) and its
+embedding in between. One
+call per step instead of six removes the Python, guard checks and small eager ops between them (each costs 10-200 us
+on a small CPU, as much as a layer's matmuls). Int8 linears (model/quantize.py) trace themselves the same way when
+compiled on CPU: a product-and-sum reduction over their int8 weights, the conversion fused into it.
+
+Compiled artefacts persist: inductor's FX graph and AOT autograd caches live under the user's cache folder
+(`~/.cache/funaudiochat/torchinductor`, or $TORCHINDUCTOR_CACHE_DIR), so a later process compiling the same graphs
+skips code generation and the C++ compiler.
 
 Shape legend: B batch, S cache slots, L layers, Hkv key/value heads, D head dim, C model width.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from funaudiochat.engine.sampling import SamplingParams, process
+from funaudiochat.engine.sampling import SamplingParams, choose, process
 from funaudiochat.model.backbone import Backbone, RopeTable
+from funaudiochat.model.quantize import PRODUCT_SUM_MAX_ROWS
 
 CACHE_BUCKET = 128
-PRODUCT_SUM_MAX_ROWS = 8  # from about 16 rows on, BLAS (one read of each weight for all rows) is as fast or faster
 
 
 def step_input(model, token: torch.Tensor, group: torch.Tensor | None, fuse: torch.Tensor):
@@ -110,14 +120,14 @@ class CompiledDecoder:
 
     def __init__(self, model, rope: RopeTable, srh_rope: RopeTable | None):
         self.model, self.rope, self.srh_rope = model, rope, srh_rope
-        on_cpu = model.language_model.lm_head.weight.device.type == "cpu"
+        use_persistent_cache()
+        on_cpu = model.language_model.model.norm.weight.device.type == "cpu"
         options = {"freezing": True, "cpp_wrapper": True} if on_cpu else None
         # (product-and-sum linears on CPU only: GPU BLAS already streams weights near memory bandwidth)
         compile = lambda fn: torch.compile(_products_and_sums(fn) if on_cpu else fn,  # noqa: E731
                                            dynamic=False, options=options)
         self.llm = compile(self._llm)
-        self.srh = compile(self._srh) if srh_rope is not None else None
-        self.s2s_greedy = compile(self._s2s_greedy)
+        self.s2s = compile(self._s2s)
 
     def _llm(self, token, group, fuse, positions, k_cache, v_cache, slot, key_valid):
         """token [B] (the last text id), group [B, k] (the last speech group, or None without speech), fuse [B]
@@ -136,11 +146,12 @@ class CompiledDecoder:
                             slot, key_valid)
         return srh.lm_head(srh.output_matching(h)[:, -1]).float()
 
-    def _s2s_greedy(self, token, group, fuse, positions, k_cache, v_cache, slot, key_valid, srh_k, srh_v,
-                    srh_key_valid, embed, counts, penalty: float):
-        """One greedy S2S step (inputs as `_llm`, then the SRH's cache and key mask, embed [B, C] of its last token,
-        counts [B, Vs] speech history or None) -> text logits [B, V], the SRH's raw logits and scores [B, k, Vs],
-        its tokens [B, k] and the embedding [B, C] of the last one."""
+    def _s2s(self, token, group, fuse, positions, k_cache, v_cache, slot, key_valid, srh_k, srh_v, srh_key_valid,
+             embed, counts, noise, params: SamplingParams):
+        """One S2S step (inputs as `_llm`, then the SRH's cache and key mask, embed [B, C] of its last token, counts
+        [B, Vs] speech history or None, noise [B, k, Vs] Exp(1) draws when sampling, else None) -> text logits
+        [B, V], the SRH's raw logits and scores [B, k, Vs], its tokens [B, k] and the embedding [B, C] of the last
+        one. The speech tokens are chosen as `Engine._srh_group` chooses them eagerly."""
         srh = self.model.audio_invert_tower
         k = srh.group_size
         hidden, text_embed, text_logits = self._llm(token, group, fuse, positions, k_cache, v_cache, slot, key_valid)
@@ -148,13 +159,12 @@ class CompiledDecoder:
         fine_pos = positions * k + torch.arange(k, device=fine.device)  # [B, k]
         fine_slots = slot * k + torch.arange(k, device=fine.device)
         srh_key_valid[:, fine_slots] = True
-        params = SamplingParams(repetition_penalty=penalty)
         logits, scores, tokens = [], [], []
         for j in range(k):
             call_logits = self._srh(fine[:, j:j + 1] + embed[:, None], fine_pos[:, j:j + 1], srh_k, srh_v,
                                     fine_slots[j:j + 1], srh_key_valid)
             call_scores = process(call_logits, params, counts)
-            tok = call_scores.argmax(-1)
+            tok = choose(call_scores, params, noise=noise[:, j] if noise is not None else None)
             if counts is not None:  # later calls of the group see this token in the history
                 counts = counts.scatter_add(1, tok[:, None], torch.ones_like(tok[:, None], dtype=counts.dtype))
             embed = srh.embed(tok)
@@ -162,3 +172,11 @@ class CompiledDecoder:
             scores.append(call_scores)
             tokens.append(tok)
         return text_logits, torch.stack(logits, 1), torch.stack(scores, 1), torch.stack(tokens, 1), embed
+
+
+def use_persistent_cache() -> None:
+    """Keep inductor's compiled graphs in the user's cache folder (not /tmp) unless $TORCHINDUCTOR_CACHE_DIR says
+    where: a second process compiling the same graphs loads them instead."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "funaudiochat" / "torchinductor")

@@ -20,7 +20,7 @@ import torch
 
 from funaudiochat.engine.compiled import CACHE_BUCKET, CompiledDecoder, step_input
 from funaudiochat.engine.prompt import Prompt
-from funaudiochat.engine.sampling import SamplingParams, choose, process
+from funaudiochat.engine.sampling import SamplingParams, choose, exponential_noise, process
 from funaudiochat.errors import ConfigError, ContextLengthError
 from funaudiochat.model.backbone import MLP, Attention, KVCache, RopeTable, attention_mask_4d
 from funaudiochat.model.funaudiochat import FunAudioChatModel
@@ -145,11 +145,12 @@ class Engine:
 
     @property
     def device(self):
-        return self.model.language_model.lm_head.weight.device
+        return self.model.language_model.model.norm.weight.device
 
     @property
     def dtype(self):
-        return self.model.language_model.lm_head.weight.dtype
+        """Activations and KV caches (the final norm's dtype: int8 models keep it fp32)."""
+        return self.model.language_model.model.norm.weight.dtype
 
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
@@ -178,25 +179,21 @@ class Engine:
         n_fine = fine.shape[1]
         start = k * llm_len - n_fine
         counts = state.speech_counts.clone() if state.speech_counts is not None else None
+        noise = self._speech_noise(state, gen)
         tokens = []
         for j in range(k):
             q0, q1 = (0, n_fine - (k - 1)) if j == 0 else (n_fine - k + j, n_fine - k + j + 1)
             z = fine[:, q0:q1] + embed[:, None]
             s0, s1 = start + q0, start + q1
-            if q1 - q0 == 1 and self.compiled is not None:
-                c = state.srh_cache
-                logits = self.compiled.srh(z, fine_pos[:, q0:q1], c.k, c.v, torch.tensor([s0], device=self.device),
-                                           state.srh_key_valid)
+            if q1 - q0 == 1:  # one new query sees every valid slot so far (all of them without padding)
+                mask = state.srh_key_valid[:, None, None, :s1] if state.padded else None
             else:
-                if q1 - q0 == 1:  # one new query sees every valid slot so far (all of them without padding)
-                    mask = state.srh_key_valid[:, None, None, :s1] if state.padded else None
-                else:
-                    mask = attention_mask_4d(state.srh_key_valid[:, :s1], q1 - q0, s1, s0, b, self.device)
-                h = srh.decode_hidden(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1, self.srh_rope,
-                                      last_only=True)  # only the last position's logits are used
-                logits = srh.lm_head(h[:, -1]).float()
+                mask = attention_mask_4d(state.srh_key_valid[:, :s1], q1 - q0, s1, s0, b, self.device)
+            h = srh.decode_hidden(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1, self.srh_rope,
+                                  last_only=True)  # only the last position's logits are used
+            logits = srh.lm_head(h[:, -1]).float()
             scores = process(logits, gen.sampling, counts)
-            tok = choose(scores, gen.sampling, state.generator)
+            tok = choose(scores, gen.sampling, noise=noise[:, j] if noise is not None else None)
             if counts is not None:
                 counts.scatter_add_(1, tok[:, None], torch.ones_like(tok[:, None], dtype=counts.dtype))
             if tracer is not None:
@@ -208,15 +205,23 @@ class Engine:
         state.srh_embed = embed
         return torch.stack(tokens, dim=1)  # [B, k]
 
+    def _speech_noise(self, state: DecodeState, gen: GenerationConfig) -> torch.Tensor | None:
+        """The sampling noise [B, k, Vs] of one speech group (None when greedy), one draw per position as
+        `choose` draws it: the eager group and the compiled S2S step use the same draws, so they agree."""
+        if not gen.do_sample:
+            return None
+        shape = (state.batch, self.cfg.audio_config.codebook_size)
+        return torch.stack([exponential_noise(shape, state.generator, self.device) for _ in range(self.k)], 1)
+
     # ------------------------------------------------------------------ one decode forward
     @torch.no_grad()
     def forward_step(self, state: DecodeState, gen: GenerationConfig, tracer: Tracer | None = None):
         """Feed `state.last_token` (fused with the last speech group where `state.fuse`) -> text logits, SRH group.
 
-        Compiled with greedy speech, one graph runs the LLM position and the SRH's whole group; otherwise the LLM
-        position (compiled or eager), then the SRH positions one by one around the sampling."""
+        Compiled, one graph runs the LLM position and the SRH's whole group, sampling included; eager, the LLM
+        position, then the SRH positions one by one around the sampling."""
         speech = state.srh_cache is not None
-        if self.compiled is not None and speech and not gen.do_sample:
+        if self.compiled is not None and speech:
             text_logits, group = self._fused_s2s_step(state, gen, tracer)
         else:
             hidden, text_embed, text_logits = self._llm_position(state, speech)
@@ -250,11 +255,11 @@ class Engine:
         return hidden, text_embed, m.language_model.lm_head(hidden[:, -1]).float()
 
     def _fused_s2s_step(self, state: DecodeState, gen: GenerationConfig, tracer: Tracer | None):
-        """The compiled one-graph greedy S2S step -> text logits [B, V], speech group [B, k]."""
+        """The compiled one-graph S2S step -> text logits [B, V], speech group [B, k]."""
         srh = state.srh_cache
-        text_logits, logits, scores, group, state.srh_embed = self.compiled.s2s_greedy(
+        text_logits, logits, scores, group, state.srh_embed = self.compiled.s2s(
             *self._llm_inputs(state, True), srh.k, srh.v, state.srh_key_valid, state.srh_embed, state.speech_counts,
-            gen.repetition_penalty)
+            self._speech_noise(state, gen), gen.sampling)
         if tracer is not None:
             for j in range(self.k):
                 tracer.srh_logits.append(logits[:, j])

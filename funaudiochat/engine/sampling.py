@@ -74,9 +74,20 @@ def process(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor |
     return scores
 
 
-def choose(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scores [B, V] -> token ids [B]: argmax, or a multinomial draw when sampling."""
+def choose(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores [B, V] -> token ids [B]: argmax, or a draw from softmax(scores) when sampling.
+
+    The draw is an exponential race, argmax(p / q) with q ~ Exp(1) [B, V]: what `torch.multinomial(p, 1)` computes
+    (the same draws from the same generator, so the same tokens), written out so that it also runs inside a compiled
+    graph, there with `noise` (q drawn outside, `exponential_noise`): a compiled run reproduces an eager one."""
     if not params.do_sample:
         return scores.argmax(dim=-1)
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if noise is None:
+        noise = exponential_noise(scores.shape, generator, scores.device)
+    return (scores.softmax(dim=-1) / noise).argmax(dim=-1)
+
+
+def exponential_noise(shape, generator: torch.Generator | None, device=None) -> torch.Tensor:
+    """Exp(1) draws [..., V] for `choose`, consumed from `generator` as torch.multinomial consumes it."""
+    return torch.empty(shape, device=device).exponential_(1, generator=generator)

@@ -16,6 +16,7 @@ from torch import nn
 
 from funaudiochat.config import BackboneConfig
 from funaudiochat.errors import CacheOverflowError
+from funaudiochat.model.quantize import Int8Linear, Int8Weight, linear
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -116,7 +117,10 @@ class KVCache:
 def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate the weights (and biases) of linears sharing an input into one tensor, and make each linear's
     parameters views into it: one matmul instead of several, no extra memory, state_dict unchanged (inference).
-    The fused weight keeps the memory layout of the first weight (see `Engine`: column-major for eager CPU decoding)."""
+    The fused weight keeps the memory layout of the first weight (see `Engine`: column-major for eager CPU decoding).
+    Int8 linears fuse their int8 weights and scales into an `Int8Weight`."""
+    if isinstance(linears[0], Int8Linear):
+        return _fuse_int8(linears)
     column_major = linears[0].weight.stride(0) == 1 and linears[0].weight.shape[1] > 1
     weight = torch.cat([lin.weight.detach() for lin in linears])
     if column_major:
@@ -131,6 +135,21 @@ def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor |
             lin.bias = nn.Parameter(bias[row:row + n], requires_grad=False)
         row += n
     return weight, bias
+
+
+def _fuse_int8(linears: list[Int8Linear]) -> tuple[Int8Weight, torch.Tensor | None]:
+    q = torch.cat([lin.weight for lin in linears])
+    scale = torch.cat([lin.weight_scale for lin in linears])
+    has_bias = [lin.bias is not None for lin in linears]
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None
+    row = 0
+    for lin in linears:  # each linear's buffers become views into the fused ones
+        n = lin.out_features
+        lin.weight, lin.weight_scale = q[row:row + n], scale[row:row + n]
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[row:row + n], requires_grad=False)
+        row += n
+    return Int8Weight(q, scale), bias
 
 
 class Attention(nn.Module):
@@ -161,7 +180,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, hkv, d = self.n_heads, self.n_kv, self.head_dim
         if self.fused is not None:
-            qk, v = F.linear(x, *self.fused).split([(h + hkv) * d, hkv * d], dim=-1)
+            qk, v = linear(x, *self.fused).split([(h + hkv) * d, hkv * d], dim=-1)
             qk = qk.view(b, t, h + hkv, d)
             if self.qk_norm_weight is not None:
                 qk = self.qk_norm_weight * rms_normalize(qk, self.eps)
@@ -204,7 +223,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.fused is not None:
-            gate, up = F.linear(x, self.fused).chunk(2, dim=-1)
+            gate, up = linear(x, self.fused).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

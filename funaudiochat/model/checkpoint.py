@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 from funaudiochat.config import FunAudioChatConfig
 from funaudiochat.errors import CheckpointError
 from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.model.quantize import (SCALE_SUFFIX, prepare_for_quantized_state, quantize_model,
+                                         quantized_module_names)
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SPEECH_EMBED = "audio_tower.embed_tokens.weight"
 SPEECH_HEAD = "audio_invert_tower.lm_head.weight"
+TEXT_HEAD = "language_model.lm_head.weight"
+INT8 = "int8"  # weight-only int8 (model/quantize.py): not a torch dtype of the whole model
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -33,7 +37,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+        raise CheckpointError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16, int8")
     return DTYPES[dtype]
 
 
@@ -81,20 +85,23 @@ def load_state_dict_checked(model: FunAudioChatModel, state: dict[str, torch.Ten
                             allow_missing_speech_head: bool = True) -> None:
     """Load `state` into `model` strictly, with one clear error naming every problem."""
     state = dict(state)
+    int8_heads = {k for k in (SPEECH_HEAD, TEXT_HEAD) if k + SCALE_SUFFIX in state}  # kept: not tied any more
     if SPEECH_HEAD in state and SPEECH_EMBED not in state:
         state[SPEECH_EMBED] = state[SPEECH_HEAD]
-    state.pop(SPEECH_HEAD, None)
-    if model.cfg.text_config.tie_word_embeddings:
-        state.pop("language_model.lm_head.weight", None)
+    if SPEECH_HEAD not in int8_heads:
+        state.pop(SPEECH_HEAD, None)
+    if model.cfg.text_config.tie_word_embeddings and TEXT_HEAD not in int8_heads:
+        state.pop(TEXT_HEAD, None)
     has_head = any(k.startswith("audio_invert_tower.") for k in state)
     if model.audio_invert_tower is not None and not has_head and allow_missing_speech_head:
         log.warning("%s has no audio_invert_tower.* tensors: loading it as a speech-to-text model", source)
         model.drop_speech_head()
 
     expected = _expected(model)
-    expected.pop(SPEECH_HEAD, None)
-    if model.cfg.text_config.tie_word_embeddings:
-        expected.pop("language_model.lm_head.weight", None)
+    if SPEECH_HEAD not in int8_heads:
+        expected.pop(SPEECH_HEAD, None)
+    if model.cfg.text_config.tie_word_embeddings and TEXT_HEAD not in int8_heads:
+        expected.pop(TEXT_HEAD, None)
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
@@ -120,12 +127,16 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
                speech_head: bool = True) -> FunAudioChatModel:
     """Build the model from `directory/config.json` and load its safetensors weights.
 
-    dtype: cast every tensor to fp32 / bf16 / fp16 (None keeps the stored dtypes). speech_head=False drops
-    the SRH (pure speech-to-text, less memory).
+    dtype: cast every tensor to fp32 / bf16 / fp16 (None keeps the stored dtypes), or "int8": fp32 with the LLM's
+    and the SRH's linears quantized to int8 weights (model/quantize.py). A quantized checkpoint (int8 weights with
+    `.weight_scale` beside them) loads as stored, with dtype None or "int8". speech_head=False drops the SRH (pure
+    speech-to-text, less memory).
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
+    quantize = dtype == INT8
+    dt = torch.float32 if quantize else resolve_dtype(dtype)
     cfg = FunAudioChatConfig.load(directory)
     if not speech_head:
         cfg.audio_config.enable_audio_invert_tower = False
@@ -134,10 +145,17 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
     state = read_state_dict(directory)
     if not speech_head:
         state = {k: v for k, v in state.items() if not k.startswith("audio_invert_tower.")}
+    int8_names = quantized_module_names(state)
+    if int8_names:
+        if dtype is not None and not quantize:
+            raise CheckpointError(f"{directory} holds int8 weights (a quantized checkpoint): load it with dtype int8 "
+                                  f"(--dtype int8) or no dtype, not {dtype}")
+        prepare_for_quantized_state(model, int8_names)
     load_state_dict_checked(model, state, str(directory))
     materialize_buffers(model)
-    dt = resolve_dtype(dtype)
     model = model.to(device=device, dtype=dt) if dt is not None else model.to(device)
+    if quantize and not int8_names:
+        quantize_model(model)
     return model.eval()
 
 
@@ -158,9 +176,11 @@ def save_model(model: FunAudioChatModel, directory: str | Path, max_shard_bytes:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.cfg.save(directory / "config.json")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != SPEECH_HEAD}
-    if model.cfg.text_config.tie_word_embeddings:
-        state.pop("language_model.lm_head.weight", None)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    for head in (SPEECH_HEAD, TEXT_HEAD):  # tied heads are stored once, under the embedding; int8 ones are not tied
+        tied = head == SPEECH_HEAD or model.cfg.text_config.tie_word_embeddings
+        if tied and head + SCALE_SUFFIX not in state:
+            state.pop(head, None)
     meta = {"format": "pt"}
     if max_shard_bytes is None:
         _atomic_save(state, directory / SINGLE_FILE, meta)

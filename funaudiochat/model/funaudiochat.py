@@ -20,6 +20,7 @@ from funaudiochat.errors import InputError
 from funaudiochat.model.adapter import GroupingAdapter
 from funaudiochat.model.backbone import CausalLM, attention_mask_4d, load_balancing_loss
 from funaudiochat.model.encoder import AudioEncoder
+from funaudiochat.model.quantize import Int8Linear
 from funaudiochat.model.srh import SpeechRefinedHead
 
 
@@ -74,10 +75,11 @@ class FunAudioChatModel(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """The SRH output layer shares the adapter's speech embedding table (released `tie_weights`)."""
-        if self.audio_invert_tower is not None:
+        """The SRH output layer shares the adapter's speech embedding table (released `tie_weights`). An int8 head
+        (model/quantize.py) keeps its own int8 copy."""
+        if self.audio_invert_tower is not None and not isinstance(self.audio_invert_tower.lm_head, Int8Linear):
             self.audio_invert_tower.lm_head.weight = self.audio_tower.embed_tokens.weight
-        if self.cfg.text_config.tie_word_embeddings:
+        if self.cfg.text_config.tie_word_embeddings and not isinstance(self.language_model.lm_head, Int8Linear):
             self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
 
     @torch.no_grad()

@@ -15,6 +15,7 @@ from torch import nn
 
 from funaudiochat.config import AudioConfig
 from funaudiochat.model.backbone import Backbone, KVCache, attention_mask_4d
+from funaudiochat.model.quantize import Int8Linear
 
 
 class SpeechRefinedHead(nn.Module):
@@ -34,7 +35,9 @@ class SpeechRefinedHead(nn.Module):
         return self.pre_matching(u).view(b, l * self.group_size, -1)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Speech token ids -> their (tied) embeddings."""
+        """Speech token ids -> their (tied) embeddings (dequantized rows of an int8 head)."""
+        if isinstance(self.lm_head, Int8Linear):
+            return self.lm_head.rows(tokens)
         return F.embedding(tokens, self.lm_head.weight)
 
     def decode_hidden(self, z: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,

@@ -1,0 +1,145 @@
+"""Weight-only int8 linears with one scale per output channel, for CPU decoding (`--dtype int8`).
+
+W [N, K] ~ q [N, K] int8 x scale [N] (symmetric: scale = max|W[n]| / 127). y = (x @ q^T) * scale + b, the scale
+applied after the reduction, so decoding reads each weight as one byte and keeps no fp32 copy of it. Eagerly (prefill)
+this is torch's int8 weight-only CPU kernel (`torch._weight_int8pack_mm`); traced for a compiled CPU decode graph
+(engine/compiled.py), it is a product-and-sum reduction over the int8 weights, the int8 -> fp32 conversion inside the
+reduction (x * q promotes per element; nothing for weight freezing to fold into an fp32 constant).
+Activations, norms, embeddings, biases and KV caches stay fp32.
+
+Quantized: every linear of the LLM, its text head, the Speech Refined Head and its speech head (the SRH's
+speech-token embedding then reads rows of the int8 head). Not quantized: the audio encoder, the adapter, embedding
+tables and MoE routers. A tied head gets its own int8 copy; the embedding keeps the fp32 table.
+
+A quantized checkpoint stores each quantized linear's int8 weight under its usual name and the scales beside it
+(`NAME.weight_scale`); `checkpoint.load_model` recognises one by those keys and loads it as is.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCALE_SUFFIX = "_scale"
+PRODUCT_SUM_MAX_ROWS = 8  # compiled CPU decoding: from about 16 rows on, BLAS (one read of each weight for all rows)
+                          # is as fast or faster than product-and-sum reductions (bench/matvec.py)
+QUANTIZED_PARTS = ("language_model", "audio_invert_tower")
+NOT_QUANTIZED = ("mlp.gate",)  # MoE routers: small, and their top-k choice is sensitive
+
+
+class Int8Weight:
+    """A fused int8 weight and its scales, held outside any module (`Attention.fused`, `MLP.fused`)."""
+
+    __slots__ = ("q", "scale")
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        self.q, self.scale = q, scale
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with an int8 weight [N, K] (buffer `weight`) and fp32 scales [N] (buffer `weight_scale`)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", q)
+        self.register_buffer("weight_scale", scale)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.out_features, self.in_features = q.shape
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        q, scale = quantize_weight(linear.weight)
+        bias = linear.bias.detach().float() if linear.bias is not None else None
+        return cls(q, scale, bias)
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear) -> "Int8Linear":
+        """An uninitialised twin of `linear` on its device (a meta model about to load a quantized checkpoint)."""
+        dev = linear.weight.device
+        bias = torch.empty(linear.out_features, device=dev) if linear.bias is not None else None
+        return cls(torch.empty(linear.weight.shape, dtype=torch.int8, device=dev),
+                   torch.empty(linear.out_features, device=dev), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The dequantized rows `ids` of the weight (a tied head used as an embedding table)."""
+        return F.embedding(ids, self.weight).to(self.weight_scale.dtype) * self.weight_scale[ids][..., None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, bias={self.bias is not None}"
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] -> (q [N, K] int8, scale [N] fp32), symmetric per output channel, round to nearest."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (an all-zero row gets q = 0)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    """x [..., K] (fp32) times int8 q [N, K], then * scale [N] (+ bias) -> [..., N]."""
+    flat = x.reshape(-1, x.shape[-1])
+    if x.device.type == "cpu" and torch.compiler.is_compiling() and flat.shape[0] <= PRODUCT_SUM_MAX_ROWS:
+        y = (flat.unsqueeze(-2) * q).sum(-1) * scale  # one vectorised pass over the int8 weights
+    elif x.device.type == "cpu":
+        y = torch._weight_int8pack_mm(flat, q, scale.to(x.dtype))
+    else:  # no fused kernel for fp32 activations here: dequantize on the fly
+        y = F.linear(flat, q.to(x.dtype)) * scale.to(x.dtype)
+    y = y.view(*x.shape[:-1], q.shape[0])
+    return y if bias is None else y + bias
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a plain weight or an `Int8Weight` (the fused projections)."""
+    if isinstance(weight, Int8Weight):
+        return int8_linear(x, weight.q, weight.scale, bias)
+    return F.linear(x, weight, bias)
+
+
+def _targets(model: nn.Module, names: set[str] | None = None):
+    """(parent, attribute, linear) of every nn.Linear to quantize; with `names`, exactly those (checkpoint keys)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if names is not None:
+            if name not in names:
+                continue
+        elif not name.startswith(QUANTIZED_PARTS) or name.endswith(NOT_QUANTIZED):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        yield model.get_submodule(parent_name), attr, module
+
+
+def _unfuse(model: nn.Module) -> None:
+    """Drop fused projections (an Engine made them from the old weights; the next Engine fuses again)."""
+    for m in model.modules():
+        if hasattr(m, "fused"):
+            m.fused = None
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module) -> nn.Module:
+    """Replace the linears of the LLM, text head, SRH and speech head by `Int8Linear`, in place; returns `model`."""
+    _unfuse(model)
+    for parent, attr, lin in list(_targets(model)):
+        setattr(parent, attr, Int8Linear.from_linear(lin))
+    return model
+
+
+def quantized_module_names(state: dict[str, torch.Tensor]) -> set[str]:
+    """Module names that a checkpoint's state dict stores as int8 (those with a `weight_scale` beside the weight)."""
+    suffix = ".weight" + SCALE_SUFFIX
+    return {k[: -len(suffix)] for k in state if k.endswith(suffix)}
+
+
+def prepare_for_quantized_state(model: nn.Module, names: set[str]) -> None:
+    """Swap the linears `names` for empty `Int8Linear`s (before loading a quantized state dict into `model`)."""
+    for parent, attr, lin in list(_targets(model, names)):
+        setattr(parent, attr, Int8Linear.empty_like(lin))
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear) for m in model.modules())

@@ -1,0 +1,122 @@
+"""Weight-only int8 (model/quantize.py): the product's accuracy, the compiled form, quantized checkpoints, the CLI."""
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from funaudiochat.engine.compiled import _products_and_sums
+from funaudiochat.engine.generate import Engine, GenerationConfig
+from funaudiochat.engine.prompt import Prompt
+from funaudiochat.model.checkpoint import load_model, save_model
+from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.model.presets import tiny
+from funaudiochat.model.quantize import Int8Linear, int8_linear, quantize_model, quantize_weight
+from tests.helpers import make_tiny_tokenizer, write_wav
+
+GREEDY = GenerationConfig(max_new_tokens=10, force_text_abos=True, eos_token_id=502, pad_token_id=500,
+                          text_greedy=True)
+
+
+def _model(backbone="qwen3"):
+    torch.manual_seed(0)
+    model = FunAudioChatModel(tiny(backbone))
+    model.init_weights(0.3)
+    return model.eval()
+
+
+def test_int8_product_matches_fp32_within_the_rounding_bound(one_thread):
+    g = torch.Generator().manual_seed(0)
+    w, x, bias = torch.randn(96, 80, generator=g), torch.randn(5, 80, generator=g), torch.randn(96, generator=g)
+    w[3] = 0.0  # an all-zero output channel stays zero
+    q, scale = quantize_weight(w)
+    assert q.dtype == torch.int8 and scale.shape == (96,)
+    y, ref = int8_linear(x, q, scale, bias), F.linear(x, w, bias)
+    # rounding moves each weight by at most scale / 2: |error| <= scale_n / 2 * sum_k |x_k| (+ fp32 sums)
+    bound = scale[None] / 2 * x.abs().sum(-1, keepdim=True)
+    assert ((y - ref).abs() <= bound + 1e-4).all()
+    assert (y - ref).abs().max() > 0  # (it is an approximation)
+    assert torch.equal(y[:, 3], bias[None, 3].expand(5))
+
+    # compiled decoding traces it as a product-and-sum reading the int8 weight itself (no int8 kernel call, no fp32
+    # weight buffer): the same values to fp32 rounding
+    from torch._inductor.utils import run_and_get_code
+
+    compiled = torch.compile(_products_and_sums(lambda x: int8_linear(x, q, scale, bias)), dynamic=False)
+    row = x[:1, None]  # [1, 1, K]: one decode row
+    out, code = run_and_get_code(compiled, row)
+    assert (out[:, 0] - y[:1]).abs().max() <= 1e-5 * y.abs().max()
+    code = "\n".join(code)
+    assert "int8_t" in code and "_weight_int8pack_mm" not in code
+
+
+def test_quantized_model_stays_close_and_keeps_fp32_elsewhere():
+    model = _model()
+    ids = torch.randint(30, 400, (1, 9), generator=torch.Generator().manual_seed(0))
+    ref_logits = Engine(model).prefill(Prompt(ids), GREEDY)[1]
+    encoder_before = model.continuous_audio_tower.state_dict()
+    quantize_model(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, Int8Linear)]
+    assert "language_model.lm_head" in linears and "audio_invert_tower.lm_head" in linears
+    assert any(n.startswith("language_model.model.layers.") for n in linears)
+    assert not any(n.startswith(("continuous_audio_tower", "audio_tower")) for n in linears)
+    assert all(torch.equal(v, model.continuous_audio_tower.state_dict()[k]) for k, v in encoder_before.items())
+    engine = Engine(model)
+    assert engine.dtype == torch.float32
+    logits = engine.prefill(Prompt(ids), GREEDY)[1]
+    assert (logits - ref_logits).abs().max() <= 0.03 * ref_logits.abs().max()
+
+
+def test_quantized_checkpoint_round_trip(tmp_path, one_thread):
+    """`assets quantize` writes int8 weights with their scales beside them; the folder loads as is, equal to
+    quantizing at load time, and generates the same tokens."""
+    for backbone in ("llama", "qwen3_moe"):  # tied and untied text heads, MoE experts
+        src, out = tmp_path / f"{backbone}-fp32", tmp_path / f"{backbone}-int8"
+        save_model(_model(backbone), src)
+        make_tiny_tokenizer(src)
+        run = subprocess.run([sys.executable, "-m", "funaudiochat.cli", "assets", "quantize", str(src), str(out)],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert (out / "tokenizer.json").is_file() and (out / "config.json").read_text() == \
+            (src / "config.json").read_text()
+        assert (out / "model.safetensors").stat().st_size < 0.7 * (src / "model.safetensors").stat().st_size
+        from safetensors.torch import load_file
+
+        stored = load_file(str(out / "model.safetensors"))
+        assert stored["language_model.lm_head.weight"].dtype == torch.int8
+        assert stored["language_model.lm_head.weight_scale"].dtype == torch.float32
+        loaded, at_load = load_model(out), load_model(src, dtype="int8")
+        a, b = loaded.state_dict(), at_load.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        ids = torch.randint(30, 400, (1, 9), generator=torch.Generator().manual_seed(1))
+        x, y = Engine(loaded).generate(Prompt(ids), GREEDY), Engine(at_load).generate(Prompt(ids), GREEDY)
+        assert x.new_text_ids.tolist() == y.new_text_ids.tolist() and x.speech_ids == y.speech_ids
+    run = subprocess.run([sys.executable, "-m", "funaudiochat.cli", "assets", "quantize", str(src), str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and "not an empty folder" in run.stderr
+
+
+def test_infer_dtype_int8_cli(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    save_model(_model(), ckpt)
+    make_tiny_tokenizer(ckpt)
+    wav = write_wav(tmp_path / "q.wav", 1.0, freq=220)
+    base = [sys.executable, "-m", "funaudiochat.cli", "infer", "--audio", str(wav), "--max-new-tokens", "6",
+            "--greedy"]
+    run = subprocess.run(base + ["--model", str(ckpt), "--dtype", "int8", "--out", str(tmp_path / "a")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    int8_speech = (tmp_path / "a/speech_tokens.json").read_text()
+    assert len(int8_speech) > 4
+    quantized = load_model(ckpt, dtype="int8")
+    save_model(quantized, tmp_path / "q")
+    make_tiny_tokenizer(tmp_path / "q")
+    run = subprocess.run(base + ["--model", str(tmp_path / "q"), "--out", str(tmp_path / "b")], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "b/speech_tokens.json").read_text() == int8_speech
+    assert (tmp_path / "b/answer.txt").read_text() == (tmp_path / "a/answer.txt").read_text()
+    run = subprocess.run(base + ["--model", str(tmp_path / "q"), "--dtype", "bf16"], capture_output=True, text=True)
+    assert run.returncode == 1 and "holds int8 weights" in run.stderr and "Traceback" not in run.stderr
+    run = subprocess.run(base + ["--model", str(ckpt), "--dtype", "int4"], capture_output=True, text=True)
+    assert run.returncode == 2 and "--dtype" in run.stderr and "int8" in run.stderr and "Traceback" not in run.stderr

@@ -184,8 +184,10 @@ def _resampler():
 
 
 class PiperStream:
-    """push(tokens) -> audio chunks once `hop` + `lookahead` tokens and the next unit's start are there;
-    finalize() -> the rest. Same methods as `detokenizer.StreamingDetokenizer`."""
+    """push(tokens) -> audio chunks once `hop` new tokens can be rendered (`_ready`: `lookahead` more tokens, the
+    end of their unit, complete encoder blocks); finalize() -> the rest. Same methods as
+    `detokenizer.StreamingDetokenizer`. A `lookahead` under LOOKAHEAD leaves the chunks less right context (they
+    then differ more from the one-shot audio near their ends)."""
 
     def __init__(self, detok: PiperDetokenizer, hop: int = 15, lookahead: int = LOOKAHEAD):
         if hop < 1 or lookahead < 0:

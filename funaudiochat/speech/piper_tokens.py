@@ -184,10 +184,8 @@ def encode(units: list[int], token_ends: list[int], gains=0) -> list[int]:
     return tokens
 
 
-def check_tokens(tokens, previous: int | None = None, offset: int = 0) -> np.ndarray:
-    """Any integer sequence -> int64 [N], refusing anything that is not a well-formed token stream: codes outside
-    [0, VOCAB_SIZE), a first token that continues a unit, a token that continues another unit than the one being
-    spoken. `previous`: the token before these (when validating a stream piece by piece), `offset`: its position."""
+def _as_ints(tokens) -> np.ndarray:
+    """Any integer sequence -> int64 [N], or a clear error."""
     try:
         t = np.asarray(tokens)
         if t.dtype == object or t.dtype.kind not in "iuf":
@@ -197,7 +195,14 @@ def check_tokens(tokens, previous: int | None = None, offset: int = 0) -> np.nda
         raise InputError(f"speech tokens must be a sequence of integers ({err})") from None
     if t.dtype.kind == "f" and not np.array_equal(t, np.round(t)):
         raise InputError("speech tokens must be integers")
-    t = t.astype(np.int64)
+    return t.astype(np.int64)
+
+
+def check_tokens(tokens, previous: int | None = None, offset: int = 0) -> np.ndarray:
+    """Any integer sequence -> int64 [N], refusing anything that is not a well-formed token stream: codes outside
+    [0, VOCAB_SIZE), a first token that continues a unit, a token that continues another unit than the one being
+    spoken. `previous`: the token before these (when validating a stream piece by piece), `offset`: its position."""
+    t = _as_ints(tokens)
     bad = np.flatnonzero((t < 0) | (t >= VOCAB_SIZE))
     if bad.size:
         i = int(bad[0])
@@ -212,6 +217,23 @@ def check_tokens(tokens, previous: int | None = None, offset: int = 0) -> np.nda
         raise InputError(f"speech token {int(t[i])} at position {offset + i} continues unit "
                          f"{UNITS[unit[i]]!r} but {spoken} is being spoken (a unit's first token is even)")
     return t
+
+
+def repair_tokens(tokens, previous: int | None = None) -> np.ndarray:
+    """Any integer sequence -> a well-formed token stream (what `check_tokens` accepts), for speech tokens from a
+    model that may be sloppy: codes outside [0, VOCAB_SIZE) are dropped, and a token continuing another unit than
+    the one being spoken (or continuing at the stream's start) starts its unit instead. `previous`: the (repaired)
+    token before these. Well-formed tokens come back unchanged."""
+    t = _as_ints(tokens)
+    keep = (t >= 0) & (t < VOCAB_SIZE)
+    if not keep.all():
+        log.warning("dropping %d speech code(s) outside the Piper voice's vocabulary [0, %d)", int((~keep).sum()),
+                    VOCAB_SIZE)
+        t = t[keep]
+    unit = (t // 2) % NUM_UNITS
+    prev_unit = np.concatenate([[-1 if previous is None else (previous // 2) % NUM_UNITS], unit[:-1]])
+    wrong = (t % 2 == 1) & (unit != prev_unit)
+    return t - wrong  # the continue bit is the lowest: clearing it makes the token start its unit
 
 
 def unit_spans(tokens) -> list[UnitSpan]:

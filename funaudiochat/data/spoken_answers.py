@@ -1,0 +1,96 @@
+"""Spoken answers for fun-audio-chat-mini's S2S training data (issue 14 item 2): a text answer record -> the same
+record with every assistant answer spoken in the mini's voice, as 25 Hz Piper tokens aligned to the text stream.
+
+The record format is the released sharegpt one (train/data.py, SPEC §8.1) that `build_mini.training_record` writes:
+an assistant answer becomes `<|audio_bos|><|AUDIO|><|audio_eos|>` with the audio entry
+{"path": "", "text": answer, "token": "<|audio_bos|>" x 10 + "[AU####]"..., ...}. The training forward then lays
+the answer's text ids along the speech groups (SPEC §6.4): text token i rides on group i, the speech lags by the
+10-token (2-group) delay, `<|sil|>` pads the text once it has ended, and text beyond the last group would be cut.
+So the speech is made long enough to carry the whole text: when an answer has more text tokens than groups (a fast
+variant of a short, number-heavy answer), its final silence (the last "$" unit) is held longer.
+
+Speech instructions (`INSTRUCTIONS`): "slower" / "faster" / "louder" / "quieter" are appended to the last user turn
+and realised in its answer's tokens through the voice's durations (`speed`) and the tokens' gain level.
+
+    piper = PiperTokenizer()
+    for variant in (None, "slower", "louder"):
+        out = speak_record(record, piper, text_tokenizer, instruction=variant)
+"""
+from __future__ import annotations
+
+import json
+import zlib
+
+from funaudiochat.errors import InputError
+from funaudiochat.speech.piper_tokens import EOS, NUM_UNITS, UNITS
+from funaudiochat.text.tokenizer import AUDIO_TEMPLATE
+from funaudiochat.train.data import SPEECH_DELAY, assistant_token_string, audio_entries
+
+GROUP = 5  # speech tokens per LLM step (the mini's group size)
+# instruction -> (phrasings appended to the question, how the answer is spoken). Speeds leave a margin over the
+# >= 20% rate change issue 14 asks for (token rounding moves each unit end by under one token).
+INSTRUCTIONS = {
+    "slower": (("Please say it slowly.", "Answer slowly, please."), {"speed": 0.7}),
+    "faster": (("Please say it quickly.", "Answer quickly, please."), {"speed": 1.4}),
+    "louder": (("Please say it louder.", "Answer loudly, please."), {"gain": "loud"}),
+    "quieter": (("Please say it quietly.", "Answer quietly, please."), {"gain": "quiet"}),
+}
+
+
+def groups_of(n_codes: int, delay: int = SPEECH_DELAY, k: int = GROUP) -> int:
+    """LLM positions (`<|AUDIO|>` groups) of an assistant answer of `n_codes` speech tokens after the delay."""
+    return -(-(delay + n_codes) // k)
+
+
+def fit_text(codes: list[int], n_text: int, delay: int = SPEECH_DELAY, k: int = GROUP) -> list[int]:
+    """`codes` held long enough for `n_text` text tokens to ride on its groups (one per group, SPEC §6.4): the final
+    "$" unit (the sentence's closing silence) is continued as needed. Codes that already fit come back unchanged."""
+    missing = max(0, n_text * k - delay - len(codes))
+    if missing and (not codes or UNITS[(codes[-1] // 2) % NUM_UNITS] != EOS):
+        raise InputError("speech tokens must end with the sentence end unit \"$\" to be lengthened")
+    return list(codes) + [codes[-1] | 1] * missing  # bit 0 set: a later frame of the same unit, same gain
+
+
+def spoken_entry(answer: str, piper, text_tokenizer, speed: float = 1.0, gain: str = "normal",
+                 delay: int = SPEECH_DELAY, k: int = GROUP) -> dict:
+    """An answer -> its assistant audio entry (released format), the text fitted to the speech groups."""
+    codes = fit_text(piper.tokenize(answer, speed, gain), len(text_tokenizer.encode(answer)), delay, k)
+    return {"path": "", "text": answer, "token": assistant_token_string(codes, delay), "ref_path": "",
+            "ref_text": ""}
+
+
+def speak_record(record: dict, piper, text_tokenizer, instruction: str | None = None,
+                 delay: int = SPEECH_DELAY, k: int = GROUP) -> dict:
+    """A sharegpt record with text answers -> the S2S record: every assistant text answer spoken (`spoken_entry`);
+    with `instruction` (a key of INSTRUCTIONS) its phrasing is appended to the last user turn and the last answer
+    is spoken accordingly. The id gets ".<instruction>", meta.speech says how each answer was spoken."""
+    if instruction is not None and instruction not in INSTRUCTIONS:
+        raise InputError(f"unknown speech instruction {instruction!r}; known: {', '.join(INSTRUCTIONS)}")
+    messages, entries = record["messages"], iter(audio_entries(record))
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if last_answer < last_user:
+        raise InputError(f"record {record.get('id')}: no assistant answer after the last user turn")
+    phrasings, how = INSTRUCTIONS.get(instruction, ((), {}))
+    out_messages, out_audio, spoken = [], [], []
+    for i, m in enumerate(messages):
+        content = m["content"]
+        out_audio += [next(entries) for _ in range(content.count(AUDIO_TEMPLATE))]
+        if m["role"] == "user" and i == last_user and instruction is not None:
+            key = zlib.crc32(f"{record.get('id')}|{instruction}".encode())  # the same phrasing on every run
+            content = f"{content}\n{phrasings[key % len(phrasings)]}"
+        elif m["role"] == "assistant" and AUDIO_TEMPLATE not in content:
+            style = how if i == last_answer else {}
+            out_audio.append(spoken_entry(content, piper, text_tokenizer, delay=delay, k=k, **style))
+            spoken.append({"speed": style.get("speed", 1.0), "gain": style.get("gain", "normal")})
+            content = AUDIO_TEMPLATE
+        out_messages.append({**m, "content": content})
+    if not spoken:
+        raise InputError(f"record {record.get('id')}: no text answer to speak")
+    meta = {**record.get("meta", {}), "speech": spoken, "speech_instruction": instruction}
+    out = {**record, "messages": out_messages, "meta": meta,
+           "audio": [json.dumps(e, ensure_ascii=False, sort_keys=True) for e in out_audio]}
+    out.pop("audios", None)  # (the entries now live under "audio")
+    if instruction is not None and "id" in record:
+        out["id"] = f"{record['id']}.{instruction}"
+    return out

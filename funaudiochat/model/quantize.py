@@ -1,10 +1,12 @@
 """Weight-only int8 linears with one scale per output channel, for CPU decoding (`--dtype int8`).
 
 W [N, K] ~ q [N, K] int8 x scale [N] (symmetric: scale = max|W[n]| / 127). y = (x @ q^T) * scale + b, the scale
-applied after the reduction, so decoding reads each weight as one byte and keeps no fp32 copy of it. Eagerly (prefill)
-this is torch's int8 weight-only CPU kernel (`torch._weight_int8pack_mm`); traced for a compiled CPU decode graph
-(engine/compiled.py), it is a product-and-sum reduction over the int8 weights, the int8 -> fp32 conversion inside the
-reduction (x * q promotes per element; nothing for weight freezing to fold into an fp32 constant).
+applied after the reduction, so decoding reads each weight as one byte and keeps no fp32 copy of it. Traced for a
+compiled CPU decode graph (engine/compiled.py), the product is a product-and-sum reduction over the int8 weights, the
+int8 -> fp32 conversion inside the reduction (x * q promotes per element; nothing for weight freezing to fold into an
+fp32 constant). Eagerly (prefill, eager decoding) blocks of rows are converted into one reused fp32 scratch buffer
+(16 MB at most, per thread) and multiplied by BLAS: torch's int8 kernel (`torch._weight_int8pack_mm`) measured 7x
+slower than fp32 for one row and 20x for 25 rows on an AVX2 CPU, and a fresh fp32 tensor per call costs page faults.
 Activations, norms, embeddings, biases and KV caches stay fp32.
 
 Quantized: every linear of the LLM, its text head, the Speech Refined Head and its speech head (the SRH's
@@ -16,6 +18,8 @@ A quantized checkpoint stores each quantized linear's int8 weight under its usua
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +27,8 @@ from torch import nn
 SCALE_SUFFIX = "_scale"
 PRODUCT_SUM_MAX_ROWS = 8  # compiled CPU decoding: from about 16 rows on, BLAS (one read of each weight for all rows)
                           # is as fast or faster than product-and-sum reductions (bench/matvec.py)
+SCRATCH_ELEMENTS = 1 << 22  # fp32 weights dequantized at once by the eager product
+_scratch = threading.local()
 QUANTIZED_PARTS = ("language_model", "audio_invert_tower")
 NOT_QUANTIZED = ("mlp.gate",)  # MoE routers: small, and their top-k choice is sensitive
 
@@ -82,14 +88,33 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
     """x [..., K] (fp32) times int8 q [N, K], then * scale [N] (+ bias) -> [..., N]."""
     flat = x.reshape(-1, x.shape[-1])
-    if x.device.type == "cpu" and torch.compiler.is_compiling() and flat.shape[0] <= PRODUCT_SUM_MAX_ROWS:
-        y = (flat.unsqueeze(-2) * q).sum(-1) * scale  # one vectorised pass over the int8 weights
-    elif x.device.type == "cpu":
-        y = torch._weight_int8pack_mm(flat, q, scale.to(x.dtype))
-    else:  # no fused kernel for fp32 activations here: dequantize on the fly
-        y = F.linear(flat, q.to(x.dtype)) * scale.to(x.dtype)
+    if torch.compiler.is_compiling() and x.device.type == "cpu":
+        # one vectorised pass over the int8 weights (any row count: a BLAS form would need an fp32 weight)
+        y = (flat.unsqueeze(-2) * q).sum(-1) * scale
+    else:
+        y = _blockwise_dequantized_product(flat, q) * scale.to(x.dtype)
     y = y.view(*x.shape[:-1], q.shape[0])
     return y if bias is None else y + bias
+
+
+def _blockwise_dequantized_product(flat: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """flat [M, K] @ q^T [K, N] through blocks of q's rows converted into this thread's fp32 scratch buffer."""
+    n, k = q.shape
+    rows = max(1, min(n, SCRATCH_ELEMENTS // k))
+    key = (flat.device, flat.dtype)
+    buf = getattr(_scratch, "buffers", {}).get(key)
+    if buf is None or buf.numel() < rows * k:
+        buf = torch.empty(rows * k, dtype=flat.dtype, device=flat.device)
+        _scratch.buffers = {**getattr(_scratch, "buffers", {}), key: buf}
+    if rows == n:
+        w = buf[: n * k].view(n, k).copy_(q)
+        return flat @ w.t()
+    out = flat.new_empty(flat.shape[0], n)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        w = buf[: (r1 - r0) * k].view(r1 - r0, k).copy_(q[r0:r1])
+        out[:, r0:r1] = flat @ w.t()
+    return out
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,6 +8,9 @@ ids as text), `<|endoftext|>` 500, `<|im_start|>` 501, `<|im_end|>` 502, `<|audi
 """
 from __future__ import annotations
 
+import http.server
+import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -266,3 +269,37 @@ def write_campplus_stub(folder: Path) -> np.ndarray:
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 192])], [numpy_helper.from_array(w, "w")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), Path(folder) / "campplus.onnx")
     return w
+
+
+class JsonEndpoint:
+    """A real HTTP server on 127.0.0.1 (a free port) that answers every POST with `reply(path, body)` ->
+    (status, JSON object); `url` ends in /v1, as an OpenAI-compatible base URL does. Use it as a context manager."""
+
+    def __init__(self, reply):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status, answer = reply(self.path, body)
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -6,61 +6,36 @@ returns message.audio, which the S2S OpenAI adapter turns into a wav."""
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import socket
 import subprocess
 import sys
-import threading
 
-from helpers import make_tiny_checkpoint, write_wav
+from helpers import JsonEndpoint, make_tiny_checkpoint, write_wav
 
 from funaudiochat.eval.run import runner
 from funaudiochat.eval.run.adapters import OpenAIModel
 from funaudiochat.eval.voicebench.judge import JudgeClient
 
 
-class Judge:
+class Judge(JsonEndpoint):
     """An OpenAI-compatible chat endpoint: n > 1 -> HTTP 400; rating prompts -> "4" (but an unparseable sentence
     when the question mentions sleep); QA prompts -> "Yes"."""
 
     def __init__(self, wav=None):
         self.bodies, self.wav = [], wav
-        judge = self
+        super().__init__(self.reply)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                judge.bodies.append(body)
-                prompt = body["messages"][-1]["content"]
-                if "modalities" in body:  # a model asked to speak: message.audio as OpenAI sends it
-                    audio = {"id": "a1", "data": base64.b64encode(judge.wav.read_bytes()).decode(),
-                             "transcript": "hello there"}
-                    status, reply = 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": None,
-                                                                               "audio": audio}}]}
-                elif body.get("n", 1) > 1:
-                    status, reply = 400, {"error": {"message": "only n=1 is supported", "param": "n"}}
-                else:
-                    text = "Yes" if "### Reference answer" in prompt else \
-                        "I'd say it is pretty good" if "asleep" in prompt else "4"
-                    status, reply = 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def reply(self, path, body):
+        self.bodies.append(body)
+        prompt = body["messages"][-1]["content"]
+        if "modalities" in body:  # a model asked to speak: message.audio as OpenAI sends it
+            audio = {"id": "a1", "data": base64.b64encode(self.wav.read_bytes()).decode(), "transcript": "hello there"}
+            return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": None, "audio": audio}}]}
+        if body.get("n", 1) > 1:
+            return 400, {"error": {"message": "only n=1 is supported", "param": "n"}}
+        text = "Yes" if "### Reference answer" in prompt else "I'd say it is pretty good" if "asleep" in prompt else "4"
+        return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
 
 
 def _run(*args):

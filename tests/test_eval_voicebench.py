@@ -7,14 +7,13 @@ their expectations are what Punkt gives on such plain text (one sentence per ter
 """
 from __future__ import annotations
 
-import http.server
 import json
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
+from helpers import JsonEndpoint
 
 from funaudiochat.eval.voicebench import ifeval, judge, punkt
 from funaudiochat.eval.voicebench.score import score_file
@@ -230,46 +229,27 @@ def test_ifeval_summary_levels():
 
 # ------------------------------------------------------------------------------------------- judge and CLI
 
-class FakeJudge:
+class FakeJudge(JsonEndpoint):
     """An OpenAI-compatible chat endpoint on 127.0.0.1: rates by the response's first word ("good" -> 5, else 2,
     the third sample as "[[n]]"), answers QA prompts "Yes"/"No"/"Yes"; with one_choice it ignores n."""
 
     def __init__(self, one_choice=False):
-        self.requests, self.served = [], 0
-        judge = self
+        self.requests, self.served, self.one_choice = [], 0, one_choice
+        super().__init__(self.reply)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                judge.requests.append((self.path, body))
-                prompt = body["messages"][1]["content"]
-                if "### Reference answer" in prompt:
-                    texts = ["Yes", "no", "YES"] if "Paris" in prompt.split("### Candidate answer")[1] else \
-                        ["No", "no", "Yes"]
-                else:
-                    score = 5 if "### [Response]: good" in prompt else 2
-                    texts = [f" {score} ", str(score), f"Rating: [[{score}]]"]
-                if one_choice:  # one answer per request, the next of the three each time
-                    texts = [texts[judge.served % 3]]
-                    judge.served += 1
-                reply = json.dumps({"choices": [{"index": i, "message": {"role": "assistant", "content": t}}
-                                                for i, t in enumerate(texts[:body["n"]])]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def reply(self, path, body):
+        self.requests.append((path, body))
+        prompt = body["messages"][1]["content"]
+        if "### Reference answer" in prompt:
+            texts = ["Yes", "no", "YES"] if "Paris" in prompt.split("### Candidate answer")[1] else ["No", "no", "Yes"]
+        else:
+            score = 5 if "### [Response]: good" in prompt else 2
+            texts = [f" {score} ", str(score), f"Rating: [[{score}]]"]
+        if self.one_choice:  # one answer per request, the next of the three each time
+            texts = [texts[self.served % 3]]
+            self.served += 1
+        return 200, {"choices": [{"index": i, "message": {"role": "assistant", "content": t}}
+                                 for i, t in enumerate(texts[:body["n"]])]}
 
 
 def _write(path, items):

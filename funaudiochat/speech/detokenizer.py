@@ -16,6 +16,10 @@ the offset are there, the flow runs on all tokens so far (not finalising: the la
 are appended to the accumulated mel, HiFT re-runs on the whole accumulated mel (not finalising: the last 8 frames are
 held back) and only the samples past the previous output are returned. `finalize()` runs the flow with full attention
 and HiFT finalising. Chunk boundaries are seamless because HiFT is causal and its noise is fixed.
+
+Many streams at once (a server's sessions): `feed` each its tokens, then `drain(streams)` makes every ready chunk
+with one batched flow call and one batched HiFT call per round (rows right-padded; each row's audio is what the
+stream makes alone, up to float rounding: tests/test_detokenizer_batch.py). `push` is `feed` + `drain([self])`.
 """
 from __future__ import annotations
 
@@ -251,41 +255,59 @@ class StreamingDetokenizer:
         return self.detok.sample_rate
 
     @torch.inference_mode()
-    def _run(self, finalize: bool) -> np.ndarray:
-        """`CosyVoice3Model.token2wav` on the current state."""
+    def _final(self) -> np.ndarray:
+        """`CosyVoice3Model.token2wav(finalize=True)` on the current state: full attention, HiFT finalising. It
+        runs alone, not batched: the vocoder's final STFT / iSTFT frames use the row's own end."""
         detok, st = self.detok, self.state
-        ratio = detok.flow.cfg.token_mel_ratio
         if len(st.tokens) > st.token_offset:
             tokens = torch.tensor(st.tokens, dtype=torch.long, device=detok.device).unsqueeze(0)
-            mel = detok.flow.inference(tokens, self.embedding, finalize=finalize,
-                                       streaming=self.chunk_attention and not finalize)[:, :, st.token_offset * ratio:]
-            st.mel = mel if st.mel is None else torch.cat([st.mel, mel], dim=2)
-        if st.mel is None or (not finalize and st.mel.shape[2] <= 8):
+            mel = detok.flow.inference(tokens, self.embedding, finalize=True, streaming=False)
+            st.mel = self._accumulated(mel)
+        if st.mel is None:
             return np.zeros(0, dtype=np.float32)
-        wav = detok.hift(st.mel, finalize=finalize)[0, st.speech_offset:]
+        wav = detok.hift(st.mel, finalize=True)[0, st.speech_offset:]
         st.speech_offset += wav.shape[0]
         return wav.float().cpu().numpy()
 
+    def feed(self, tokens) -> None:
+        """Add tokens without synthesising anything (`drain` makes the chunks that became ready)."""
+        if self.state.closed:
+            raise SessionClosedError("this streaming session was finalised; start a new one with stream()")
+        self.state.tokens.extend(check_tokens(tokens, self.detok.flow.cfg.vocab_size)[0].tolist())
+
     def push(self, tokens) -> list[np.ndarray]:
         """Add tokens; return the audio chunks (float32 numpy) that became ready, possibly none."""
+        self.feed(tokens)
+        return drain([self])[0]
+
+    def _window(self) -> list[int] | None:
+        """The tokens of the next chunk's flow call (hop + look-ahead past the offset), or None: not ready."""
         st = self.state
-        if st.closed:
-            raise SessionClosedError("this streaming session was finalised; start a new one with stream()")
-        st.tokens.extend(check_tokens(tokens, self.detok.flow.cfg.vocab_size)[0].tolist())
-        chunks = []
-        while len(st.tokens) >= st.token_offset + self.hop + self.lookahead:
-            full = st.tokens
-            st.tokens = full[:st.token_offset + self.hop + self.lookahead]
-            chunks.append(self._run(finalize=False))
-            st.tokens = full
-            st.token_offset += self.hop
-            if self.flow_window is not None and st.token_offset >= self.flow_window:
-                st.token_offset -= self.flow_window
-                st.tokens = st.tokens[self.flow_window:]
-                st.dropped_tokens += self.flow_window
-                if self.hift_reset is not None and st.dropped_tokens >= self.hift_reset:
-                    st.dropped_tokens, st.mel, st.speech_offset = 0, None, 0
-        return chunks
+        end = st.token_offset + self.hop + self.lookahead
+        return st.tokens[:end] if len(st.tokens) >= end else None
+
+    def _accumulated(self, mel: torch.Tensor) -> torch.Tensor:
+        """The accumulated mel HiFT runs on once this chunk's flow output `mel` (of the whole window) is in."""
+        new = mel[:, :, self.state.token_offset * self.detok.flow.cfg.token_mel_ratio:]
+        return new if self.state.mel is None else torch.cat([self.state.mel, new], dim=2)
+
+    def _commit(self, mel: torch.Tensor, wav: torch.Tensor | None) -> np.ndarray:
+        """Take a chunk's accumulated mel and HiFT output (None: too few frames yet); move past its hop, dropping
+        the oldest tokens (and the mel) at the flow window / HiFT reset bounds. -> the chunk's new samples."""
+        st = self.state
+        st.mel = mel
+        chunk = np.zeros(0, dtype=np.float32)
+        if wav is not None:
+            chunk = wav[st.speech_offset:].float().cpu().numpy()
+            st.speech_offset += chunk.shape[0]
+        st.token_offset += self.hop
+        if self.flow_window is not None and st.token_offset >= self.flow_window:
+            st.token_offset -= self.flow_window
+            st.tokens = st.tokens[self.flow_window:]
+            st.dropped_tokens += self.flow_window
+            if self.hift_reset is not None and st.dropped_tokens >= self.hift_reset:
+                st.dropped_tokens, st.mel, st.speech_offset = 0, None, 0
+        return chunk
 
     def finalize(self) -> np.ndarray:
         """Synthesise what is left (full attention, HiFT finalising) and close the session."""
@@ -295,4 +317,62 @@ class StreamingDetokenizer:
         st.closed = True
         if not st.tokens and st.mel is None:
             return np.zeros(0, dtype=np.float32)
-        return self._run(finalize=True)
+        return self._final()
+
+
+MAX_PADDING = 1.5  # a batched call computes at most this many times the frames its rows need alone
+
+
+def drain(streams: list[StreamingDetokenizer]) -> list[list[np.ndarray]]:
+    """Every chunk that is ready in each stream, as `push` makes them one stream at a time, with the non-final flow
+    and HiFT calls of all the streams batched: per round, each stream with a ready chunk contributes one row (rows of
+    similar lengths share a call, right-padded: `TokenToMelFlow.inference_rows`, `HiFTVocoder.forward_rows`).
+    Each stream's state moves only once its round has succeeded, so a failure leaves every stream as it was before
+    that round. -> the new chunks of each stream, in order."""
+    out: list[list[np.ndarray]] = [[] for _ in streams]
+    while True:
+        ready = [(i, s) for i, s in enumerate(streams) if s._window() is not None]
+        if not ready:
+            return out
+        groups: dict[tuple, list] = {}
+        for i, s in ready:  # streams of one detokenizer and attention mode can share a call
+            groups.setdefault((id(s.detok), s.chunk_attention), []).append((i, s))
+        for group in groups.values():
+            for i, chunk in zip([i for i, _ in group], _round([s for _, s in group])):
+                out[i].append(chunk)
+
+
+@torch.inference_mode()
+def _round(streams: list[StreamingDetokenizer]) -> list[np.ndarray]:
+    """One chunk of each stream (all ready, one detokenizer): batched flow, then batched HiFT, then commit."""
+    detok = streams[0].detok
+    windows = [s._window() for s in streams]
+    mels: list = [None] * len(streams)
+    for rows in pack([len(w) for w in windows]):
+        embeddings = torch.cat([streams[r].embedding for r in rows])
+        for r, mel in zip(rows, detok.flow.inference_rows([windows[r] for r in rows], embeddings,
+                                                          streaming=streams[0].chunk_attention)):
+            mels[r] = streams[r]._accumulated(mel)
+    wavs: list = [None] * len(streams)
+    vocode = [r for r, mel in enumerate(mels) if mel.shape[2] > 8]
+    for rows in pack([mels[r].shape[2] for r in vocode]):
+        rows = [vocode[j] for j in rows]
+        for r, wav in zip(rows, detok.hift.forward_rows([mels[r] for r in rows])):
+            wavs[r] = wav
+    return [s._commit(mel, wav) for s, mel, wav in zip(streams, mels, wavs)]
+
+
+def pack(lengths: list[int], slack: float = MAX_PADDING) -> list[list[int]]:
+    """Indices of `lengths` in groups to be right-padded to their longest: longest first, a row joins the group
+    while the group's padded size stays within `slack` times the sum of its rows' own lengths."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        group = groups[-1] if groups else None
+        if group and (len(group) + 1) * lengths[group[0]] <= slack * (total + lengths[i]):
+            group.append(i)
+            total += lengths[i]
+        else:
+            groups.append([i])
+            total = lengths[i]
+    return groups

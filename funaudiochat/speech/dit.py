@@ -162,13 +162,19 @@ class DiT(nn.Module):
         self.proj_out = nn.Linear(cfg.dim, cfg.mel_dim)
 
     def forward(self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
-                streaming: bool = False) -> torch.Tensor:
-        """x, mu, cond: [B, M, T]; t: [B]; spks: [B, S]. Returns the velocity [B, M, T]."""
+                streaming: bool = False, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x, mu, cond: [B, M, T]; t: [B]; spks: [B, S]. Returns the velocity [B, M, T].
+
+        `key_valid` [B, T] bool: right-padded rows of different lengths; a padded frame is no key (every block is
+        per frame or causal, so each row's real frames then compute what the row computes alone)."""
         n_frames = x.shape[2]
         t_emb = self.time_embed(t)
         h = self.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks)  # [B, T, C]
         angles = self.rotary_embed(n_frames)
         mask = chunk_mask(n_frames, self.cfg.static_chunk_size, x.device) if streaming else None
+        if key_valid is not None:
+            keys = key_valid[:, None, None, :]  # [B, 1, 1, T]
+            mask = keys if mask is None else mask & keys
         for block in self.transformer_blocks:
             h = block(h, t_emb, angles, mask)
         scale, shift = self.norm_out.modulation(t_emb)

@@ -65,26 +65,29 @@ class ConditionalFlowMatching(nn.Module):
         return 1 - torch.cos(t * 0.5 * torch.pi) if self.cfg.t_scheduler == "cosine" else t
 
     def forward(self, mu: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor, streaming: bool = False,
-                on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """mu, cond: [1, M, T]; spks: [1, M]. Returns the mel [1, M, T].
+                on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+                key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """mu, cond: [B, M, T]; spks: [B, M]. Returns the mel [B, M, T]. Every row starts from the same noise.
 
-        `on_step(step, x_in [2, M, T], t_in [2], velocity [2, M, T])` sees every raw estimator call (row 1: uncond).
+        `on_step(step, x_in [2B, M, T], t_in [2B], velocity [2B, M, T])` sees every raw estimator call (rows B..2B-1:
+        unconditional). `key_valid` [B, T]: rows right-padded to T (see `DiT.forward`).
         """
         n_frames = mu.shape[2]
         if n_frames > self.rand_noise.shape[2]:
             raise InputError(f"{n_frames} mel frames exceed the flow's fixed noise ({self.rand_noise.shape[2]} frames, "
                              f"300 s); synthesise shorter pieces (or stream with a flow window)")
-        x = self.rand_noise[:, :, :n_frames].to(mu)
+        x = self.rand_noise[:, :, :n_frames].to(mu).expand(mu.shape[0], -1, -1)
         t_span = self.time_grid(mu.dtype, mu.device)
         cfg_rate = self.cfg.inference_cfg_rate
-        mu_in = torch.cat([mu, torch.zeros_like(mu)])  # [2, M, T]: conditional row, unconditional row
+        mu_in = torch.cat([mu, torch.zeros_like(mu)])  # [2B, M, T]: conditional rows, unconditional rows
         spks_in = torch.cat([spks, torch.zeros_like(spks)])
         cond_in = torch.cat([cond, torch.zeros_like(cond)])
+        keys_in = None if key_valid is None else torch.cat([key_valid, key_valid])
         # t and dt are advanced exactly like the released solver (t += dt; dt = t_span[k+1] - t)
         t, dt = t_span[0:1], t_span[1] - t_span[0]
         for step in range(1, len(t_span)):
-            x_in, t_in = torch.cat([x, x]), t.expand(2).contiguous()
-            v = self.estimator(x_in, mu_in, t_in, spks_in, cond_in, streaming=streaming)
+            x_in, t_in = torch.cat([x, x]), t.expand(2 * x.shape[0]).contiguous()
+            v = self.estimator(x_in, mu_in, t_in, spks_in, cond_in, streaming=streaming, key_valid=keys_in)
             if on_step is not None:
                 on_step(step - 1, x_in, t_in, v)
             v_cond, v_uncond = v.chunk(2)
@@ -129,3 +132,24 @@ class TokenToMelFlow(nn.Module):
         spks = self.speaker(embedding.to(self.spk_embed_affine_layer.weight))
         mu = self.encode(tokens, finalize)
         return self.decoder(mu, spks, torch.zeros_like(mu), streaming=streaming, on_step=on_step)
+
+    @torch.inference_mode()
+    def inference_rows(self, tokens: list[list[int]], embeddings: torch.Tensor, streaming: bool = False) -> list:
+        """Non-final calls of several streams as one batch: tokens of different lengths (each > the look-ahead),
+        embeddings [B, S] -> one mel [1, M, 2 (N_b - L)] per row, what `inference(row, finalize=False)` gives
+        (up to float rounding). Rows are right-padded: the look-ahead layer and the DiT's position convolution are
+        causal on the padded side, every other block is per frame, and padded frames are masked as keys."""
+        lookahead, ratio = self.cfg.pre_lookahead_len, self.cfg.token_mel_ratio
+        if min(len(row) for row in tokens) <= lookahead:
+            raise ValueError(f"a non-final flow call needs more than {lookahead} tokens")
+        device = self.spk_embed_affine_layer.weight.device
+        width = max(len(row) for row in tokens)
+        padded = torch.tensor([row + [0] * (width - len(row)) for row in tokens], dtype=torch.long, device=device)
+        frames = torch.tensor([ratio * (len(row) - lookahead) for row in tokens], device=device)
+        mu = self.encode(padded, finalize=False)  # [B, M, T]
+        key_valid = torch.arange(mu.shape[2], device=device)[None, :] < frames[:, None]
+        if bool(key_valid.all()):
+            key_valid = None  # equal lengths: exactly the single-row computation, batched
+        spks = self.speaker(embeddings.to(self.spk_embed_affine_layer.weight))
+        mel = self.decoder(mu, spks, torch.zeros_like(mu), streaming=streaming, key_valid=key_valid)
+        return [mel[b:b + 1, :, :int(n)] for b, n in enumerate(frames)]

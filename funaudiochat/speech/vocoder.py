@@ -299,3 +299,22 @@ class HiFTVocoder(nn.Module):
         if trace is not None:
             trace.update(parts, source=source)
         return wav
+
+    @torch.inference_mode()
+    def forward_rows(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Non-final calls of several streams as one batch: mels [1, M, F_b] (each F_b > 8) -> one wav
+        [480 (F_b - 8)] per row, what `forward(mel, finalize=False)[0]` gives (up to float rounding).
+
+        Rows are right-padded with zeros. Every layer is causal, per frame or per sample except the F0 predictor's
+        first conv and conv_pre, whose look-ahead frames are the ones a non-final call holds back, and the
+        STFT / iSTFT, whose frames near the padded end fall in the 480 samples a non-final call drops; so a row's
+        kept samples never see its padding. (A final call uses its own end: it runs alone.)"""
+        lengths = [mel.shape[2] for mel in mels]
+        held = self.f0_predictor.lookahead + self.cfg.conv_pre_look_right + 1  # 8 frames a non-final call holds
+        if min(lengths) <= held:
+            raise ValueError(f"a non-final vocoder call needs more than {held} mel frames")
+        width = max(lengths)
+        batch = torch.cat([F.pad(mel, (0, width - mel.shape[2])) for mel in mels])
+        wav = self.forward(batch, finalize=False)
+        hop = self.cfg.samples_per_frame
+        return [wav[b, :hop * (n - held)] for b, n in enumerate(lengths)]

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from funaudiochat.engine.generate import Engine, GenerationConfig
+from funaudiochat.engine.generate import Engine, GenerationConfig, PrefillJob
 from funaudiochat.engine.prompt import Prompt
 from funaudiochat.errors import InputError
 
@@ -55,6 +55,7 @@ class Usage:
     first_text_s: float | None
     first_audio_s: float | None
     total_s: float
+    cached_tokens: int = 0  # leading prompt tokens whose keys and values were copied, not computed
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,9 @@ class IncrementalDecoder:
 
 
 def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer=None, detokenizer=None,
-                cancel: threading.Event | None = None) -> Iterator:
-    """Run one batch-1 generation and yield events (see module docstring)."""
+                cancel: threading.Event | None = None, prefill: PrefillJob | None = None) -> Iterator:
+    """Run one batch-1 generation and yield events (see module docstring). `prefill`: a started prefill of
+    `prompt` to finish (e.g. one that copies a conversation's cached keys and values, `Engine.steps`)."""
     if prompt.input_ids.shape[0] != 1:
         raise InputError("stream_turn streams one conversation; use Engine.generate for batches")
     num_codes = engine.cfg.audio_config.num_codes
@@ -97,7 +99,7 @@ def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer
     chunks: list[np.ndarray] = []
     reason = "stop"
     state = None
-    for state, step in engine.steps(prompt, gen):
+    for state, step in engine.steps(prompt, gen, prefill=prefill):
         if decoder is not None:
             delta = decoder.push(int(step.text[0]))
             if delta:
@@ -130,6 +132,6 @@ def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer
     ids = tuple(int(t[0]) for t in state.tokens)
     text = tokenizer.decode(ids) if tokenizer is not None else ""
     usage = Usage(int(prompt.input_ids.shape[1]), len(ids), len(state.speech[0]), state.timings["prefill_s"],
-                  first_text, first_audio, time.perf_counter() - t0)
+                  first_text, first_audio, time.perf_counter() - t0, prefill.cached if prefill else 0)
     audio = np.concatenate(chunks) if chunks else None
     yield TurnEnd(text, ids, tuple(codes), reason, usage, audio)

@@ -143,6 +143,8 @@ class Engine:
             self.srh_rope = RopeTable(srh.inv_freq, self.k * self.max_seq_len, self.dtype)
         self.compiled = CompiledDecoder(model, self.rope, self.srh_rope) if compile else None
         self.speech_bias: torch.Tensor | None = None  # [Vs] 0 / -inf: speech codes the detokenizer can render
+        from funaudiochat.engine.prefix_cache import PrefixStore  # (it imports this module)
+        self.prefixes = PrefixStore()  # system turns' keys and values, shared by the ChatSessions on this engine
 
     def restrict_speech_codes(self, valid_codes) -> None:
         """Sample only `valid_codes` (and the specials bos/eos/pad) as speech: codes a detokenizer would refuse are
@@ -357,11 +359,24 @@ class Engine:
         return banned
 
     # ------------------------------------------------------------------ loops
-    def steps(self, prompt: Prompt, gen: GenerationConfig, tracer: Tracer | None = None):
-        """Yield (state, StepResult) for every generated step until all rows finish."""
+    def usable(self, gen: GenerationConfig) -> GenerationConfig:
+        """`gen` as this model can run it: text only when it has no speech head."""
         if not gen.disable_speech and self.model.audio_invert_tower is None:
-            gen = gen.with_(disable_speech=True, force_text_abos=False)
-        state, logits, group = self.prefill(prompt, gen, tracer)
+            return gen.with_(disable_speech=True, force_text_abos=False)
+        return gen
+
+    def steps(self, prompt: Prompt, gen: GenerationConfig, tracer: Tracer | None = None,
+              prefill: "PrefillJob | None" = None):
+        """Yield (state, StepResult) for every generated step until all rows finish. `prefill`: a started prefill
+        of `prompt` (`start_prefill` with `usable(gen)`, e.g. from cached keys and values) to finish instead of a
+        whole one."""
+        gen = self.usable(gen)
+        if prefill is None:
+            state, logits, group = self.prefill(prompt, gen, tracer)
+        else:
+            while not prefill.advance():
+                pass
+            state, logits, group = prefill.result
         result = self.choose_step(state, logits, group, gen, tracer)
         yield state, result
         while not state.done:
@@ -404,8 +419,9 @@ class PrefillJob:
     the SRH with its start token as the first position of a group, as the whole prompt would (causal: a chunk's
     positions attend to the cached ones before them). Rows are left padded (`stack_prompts`); `prefix` is one
     PrefixKV or None per row (or one for a one-row prompt), each a proper prefix of its row; the chunks start at the
-    earliest position no prefix covers. `save_prefix` = L > 0 ends a chunk after row 0's first L ids (row 0 must
-    have no prefix) and keeps them in `saved_prefix`. Chunked and whole prefills compute the same function;
+    earliest position no prefix covers, and the prompt's audio inputs (`Prompt.speech_ids`, features) are those of
+    the `<|AUDIO|>` placeholders from there on: audio inside the prefixes is never encoded again. `save_prefix` =
+    L > 0 ends a chunk after row 0's first L ids (row 0 must have no prefix) and keeps them in `saved_prefix`. Chunked and whole prefills compute the same function;
     floating-point sums may differ in the last bits (different matrix shapes)."""
 
     def __init__(self, engine: Engine, prompt: Prompt, gen: GenerationConfig, tracer: Tracer | None = None,
@@ -443,6 +459,7 @@ class PrefillJob:
         self.chunk = chunk
         self.cache_len = cache_len if cache_len is not None else total
         self.next = min(starts)        # first prompt position not in the cache yet (after _start)
+        self.cached = self.next        # leading positions copied from prefixes (in every row), not computed
         self.state: DecodeState | None = None
         self.result = None
         self.saved_prefix: PrefixKV | None = None
@@ -472,7 +489,8 @@ class PrefillJob:
             audio = m.encode_audio(prompt.speech_ids.to(dev), prompt.speech_attention_mask.to(dev),
                                    _opt(prompt.input_features, dev, eng.dtype),
                                    _opt(prompt.feature_attention_mask, dev), _opt(prompt.feature_exist_mask, dev))
-            embeds = m.merge_audio(ids, embeds, audio)
+            cut = self.next  # the prompt's audios are those of the placeholders no prefix covers
+            embeds = torch.cat([embeds[:, :cut], m.merge_audio(ids[:, cut:], embeds[:, cut:], audio)], dim=1)
         self.embeds = embeds
         if self.tracer is not None:
             self.tracer.prefill_embeds = embeds
@@ -550,13 +568,22 @@ class PrefillJob:
 
     def _snapshot(self, a: int, b: int) -> PrefixKV:
         """Row 0's positions [a, b) (its ids after its left padding) as a PrefixKV."""
-        state, k = self.state, self.engine.k
-        srh = state.srh_cache
-        return PrefixKV(tuple(self.prompt.input_ids[0, a:b].tolist()),
-                        [x[:1, :, a:b].clone() for x in state.llm_cache.k],
-                        [x[:1, :, a:b].clone() for x in state.llm_cache.v],
-                        [x[:1, :, k * a:k * b].clone() for x in srh.k] if srh is not None else None,
-                        [x[:1, :, k * a:k * b].clone() for x in srh.v] if srh is not None else None)
+        ids = tuple(self.prompt.input_ids[0, a:b].tolist())
+        return cached_prefix(self.state, ids, a, self.engine.k, clone=True)
+
+
+def cached_prefix(state: DecodeState, ids: tuple, start: int, k: int, clone: bool = False) -> PrefixKV:
+    """Row 0's cache slots [start, start + len(ids)) as the PrefixKV of `ids`: copies, or views (`clone=False`:
+    for a state whose caches are written no more, e.g. a finished turn's)."""
+    a, b = start, start + len(ids)
+    srh = state.srh_cache
+
+    def part(xs, lo, hi):
+        return [x[:1, :, lo:hi].clone() if clone else x[:1, :, lo:hi] for x in xs]
+
+    return PrefixKV(ids, part(state.llm_cache.k, a, b), part(state.llm_cache.v, a, b),
+                    part(srh.k, k * a, k * b) if srh is not None else None,
+                    part(srh.v, k * a, k * b) if srh is not None else None)
 
 
 def _weight_layout(model: torch.nn.Module, column_major: bool) -> None:

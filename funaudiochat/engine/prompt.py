@@ -37,14 +37,10 @@ def speech_token_count(n_samples: int) -> int:
     return int(n_samples / SAMPLE_RATE * TOKEN_RATE)
 
 
-def build_prompt(tokenizer, cfg, messages: list[dict], audios: list, frontend=None,
-                 add_generation_prompt: bool = True) -> Prompt:
-    """Chat messages + their audios (16 kHz float32 arrays, in order) -> a batch-1 `Prompt`.
-
-    Each `<|AUDIO|>` of the rendered text is expanded to ceil(n/5) copies for an audio of n placeholder speech
-    tokens; user audio enters through the continuous encoder (speech ids are all pad), as the released processor does.
-    """
-    from funaudiochat.audio.mel import WhisperFrontend
+def prompt_ids(tokenizer, cfg, messages: list[dict], audios: list,
+               add_generation_prompt: bool = True) -> tuple[list[int], list[int]]:
+    """Chat messages + their audios -> (the prompt's ids, each `<|AUDIO|>` expanded to ceil(n/5) copies for an audio
+    of n placeholder speech tokens; n per audio). Only the tokenizer runs: no audio features."""
     from funaudiochat.errors import InputError
     from funaudiochat.text.chat import render_chatml
 
@@ -54,7 +50,7 @@ def build_prompt(tokenizer, cfg, messages: list[dict], audios: list, frontend=No
     n_slots = sum(1 for i in ids if i == sp.audio)
     if n_slots != len(audios):
         raise InputError(f"the conversation has {n_slots} audio placeholder(s) but {len(audios)} audio(s) were given")
-    k, a_cfg = cfg.audio_config.group_size, cfg.audio_config
+    k = cfg.audio_config.group_size
     counts = []
     for i, wav in enumerate(audios):
         n = speech_token_count(len(wav))
@@ -69,7 +65,25 @@ def build_prompt(tokenizer, cfg, messages: list[dict], audios: list, frontend=No
             audio_i += 1
         else:
             expanded.append(i)
-    prompt = Prompt(input_ids=torch.tensor([expanded]), attention_mask=torch.ones(1, len(expanded), dtype=torch.long))
+    return expanded, counts
+
+
+def build_prompt(tokenizer, cfg, messages: list[dict], audios: list, frontend=None,
+                 add_generation_prompt: bool = True, cached_audios: int = 0) -> Prompt:
+    """Chat messages + their audios (16 kHz float32 arrays, in order) -> a batch-1 `Prompt`.
+
+    Each `<|AUDIO|>` of the rendered text is expanded to ceil(n/5) copies for an audio of n placeholder speech
+    tokens; user audio enters through the continuous encoder (speech ids are all pad), as the released processor does.
+    `cached_audios` = j: the first j audios get their placeholders but no audio inputs, for a prefill that copies
+    their positions from cached keys and values (`PrefillJob` prefix) and so never encodes them again.
+    """
+    from funaudiochat.audio.mel import WhisperFrontend
+
+    ids, counts = prompt_ids(tokenizer, cfg, messages, audios, add_generation_prompt)
+    a_cfg = cfg.audio_config
+    k = a_cfg.group_size
+    prompt = Prompt(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    audios, counts = list(audios)[cached_audios:], counts[cached_audios:]
     if audios:
         width = -(-max(counts) // k) * k
         prompt.speech_ids = torch.full((len(audios), width), a_cfg.pad_token_id, dtype=torch.long)

@@ -2,14 +2,26 @@
 
 History policy (documented, as released where the release has one):
 - earlier assistant turns are kept as plain text (special tokens removed); earlier user audio is kept as audio;
-- at most `max_turns` user turns are kept (released MAX_HISTORY_TURNS = 8); older ones are dropped first;
-- if the prompt plus `max_new_tokens` would not fit the engine's context, the oldest turns are dropped one by one;
-  if the newest user turn alone does not fit, the turn is refused with a ContextLengthError (nothing is dropped).
+- at most `max_turns` user turns are kept (released MAX_HISTORY_TURNS = 8). When a new turn would exceed it, the
+  oldest turns are dropped at once down to `max_turns // 2` earlier user turns plus the new one, not one per turn,
+  so the kept history is prefilled again once per trim instead of on every turn (a sliding window moves every
+  position, so nothing cached could be reused);
+- if the prompt plus `max_new_tokens` would not fit the engine's context, the oldest half of the earlier turns is
+  dropped, then one more turn at a time until it fits; if the newest user turn alone does not fit, the turn is
+  refused with a ContextLengthError (nothing is dropped).
 
-A turn changes the history only when it completes (TurnEnd with finish_reason "stop" or "length"). A turn that is
-refused (bad audio or text: InputError when `ask` is called, before anything runs), raises while generating, is
-cancelled, or is abandoned by its consumer leaves the history as it was, so the next turn answers as if it never
-happened.
+Conversation KV reuse (`reuse_cache`, on by default): the session keeps the keys and values (LLM and speech head)
+of its last completed turn, and a new turn prefills only what follows the longest common prefix of its prompt with
+the cached one (`prefix_cache.ConversationCache`): the new user turn (its audio alone is encoded) and the previous
+answer as the history renders it; with speech on, also the last position of the previous prompt, whose speech-head
+keys hold the sampled speech. A session's first turn copies its system turn's keys and values from the engine's
+`PrefixStore` (computed once per engine and system prompt). The answers are those of a whole prefill of the same
+prompt (up to float rounding: different matrix shapes), tests/test_conversation_cache.py.
+
+A turn changes the history (and the cache) only when it completes (TurnEnd with finish_reason "stop" or "length").
+A turn that is refused (bad audio or text: InputError when `ask` is called, before anything runs), raises while
+generating, is cancelled, or is abandoned by its consumer leaves the history and the cache as they were (a turn
+copies the cached keys and values, never writes them), so the next turn answers as if it never happened.
 """
 from __future__ import annotations
 
@@ -21,7 +33,8 @@ import numpy as np
 from funaudiochat.engine.events import TurnEnd, stream_turn
 from funaudiochat.engine.generate import Engine, GenerationConfig
 from funaudiochat.engine.inputs import check_trained, typed_text, user_audio
-from funaudiochat.engine.prompt import build_prompt
+from funaudiochat.engine.prefix_cache import ConversationCache, position_keys, system_prefix_len
+from funaudiochat.engine.prompt import build_prompt, prompt_ids
 from funaudiochat.errors import ContextLengthError, InputError, SessionClosedError
 from funaudiochat.text.chat import user_content
 
@@ -35,7 +48,8 @@ class Turn:
 
 class ChatSession:
     def __init__(self, engine: Engine, tokenizer, gen: GenerationConfig, system: str | None = None,
-                 max_turns: int = 8, detokenizer=None, frontend=None, allow_untrained: bool = False):
+                 max_turns: int = 8, detokenizer=None, frontend=None, allow_untrained: bool = False,
+                 reuse_cache: bool = True):
         if max_turns < 1:
             raise InputError("max_turns must be >= 1")
         self.allow_untrained = allow_untrained
@@ -45,6 +59,8 @@ class ChatSession:
         self.system, self.max_turns = system, max_turns
         self.detokenizer, self.frontend = detokenizer, frontend
         self.history: list[Turn] = []
+        self.reuse_cache = reuse_cache
+        self.cache: ConversationCache | None = None  # the last completed turn's keys and values
         self.closed = False
 
     def _messages(self, turns: list[Turn]) -> tuple[list[dict], list[np.ndarray]]:
@@ -53,22 +69,25 @@ class ChatSession:
         return msgs, [a for t in turns for a in t.audios]
 
     def _fit(self, turns: list[Turn]):
-        """Drop the oldest (user, assistant) pairs until the prompt fits; -> (prompt, kept turns)."""
+        """Drop the oldest (user, assistant) pairs as the history policy says; -> (kept turns, messages, audios,
+        prompt ids, speech tokens per audio)."""
         users = [i for i, t in enumerate(turns) if t.role == "user"]
+        keep = len(users) - 1  # earlier user turns kept
         if len(users) > self.max_turns:
-            turns = turns[users[-self.max_turns]:]
+            keep = self.max_turns // 2
+        trimmed = keep < len(users) - 1
         while True:
-            msgs, audios = self._messages(turns)
-            prompt = build_prompt(self.tokenizer, self.engine.cfg, msgs, audios, self.frontend)
-            if prompt.input_ids.shape[1] + self.gen.max_new_tokens <= self.engine.max_seq_len:
-                return prompt, turns
-            users = [i for i, t in enumerate(turns) if t.role == "user"]
-            if len(users) <= 1:
+            kept = turns[users[len(users) - 1 - keep]:]
+            msgs, audios = self._messages(kept)
+            ids, counts = prompt_ids(self.tokenizer, self.engine.cfg, msgs, audios)
+            if len(ids) + self.gen.max_new_tokens <= self.engine.max_seq_len:
+                return kept, msgs, audios, ids, counts
+            if keep == 0:
                 raise ContextLengthError(
-                    f"this turn needs {prompt.input_ids.shape[1]} prompt tokens + max_new_tokens "
-                    f"{self.gen.max_new_tokens}, more than the context of {self.engine.max_seq_len}; send shorter audio "
-                    f"or lower max_new_tokens")
-            turns = turns[users[1]:]
+                    f"this turn needs {len(ids)} prompt tokens + max_new_tokens {self.gen.max_new_tokens}, more "
+                    f"than the context of {self.engine.max_seq_len}; send shorter audio or lower max_new_tokens")
+            keep = keep - 1 if trimmed else keep // 2
+            trimmed = True
 
     def ask(self, audio=None, text: str | None = None, cancel: threading.Event | None = None):
         """Check one user turn and return the stream of its answer's events.
@@ -87,18 +106,45 @@ class ChatSession:
         if audios:
             check_trained(self.engine.cfg, True, False, self.allow_untrained)
         user = Turn("user", user_content(len(audios), text), audios)
-        prompt, kept = self._fit(self.history + [user])
-        return self._stream(prompt, kept, cancel)
+        kept, msgs, audios, ids, counts = self._fit(self.history + [user])
+        prompt, job, keys = self._prefill(msgs, audios, ids, counts)
+        return self._stream(prompt, job, keys, audios, kept, cancel)
 
-    def _stream(self, prompt, kept: list[Turn], cancel: threading.Event | None):
+    def _prefill(self, msgs: list[dict], audios: list, ids: list[int], counts: list[int]):
+        """The prompt and its started prefill, from the cached keys and values of this conversation or of its
+        system turn when there are some (only the audio after them is encoded); -> (prompt, job, position keys)."""
+        engine, cfg = self.engine, self.engine.cfg
+        gen = engine.usable(self.gen)
+        keys = position_keys(ids, audios, counts, cfg.audio_token_index, engine.k)
+        prefix, save = None, 0
+        if self.reuse_cache and self.cache is not None:
+            prefix = self.cache.prefix(ids, keys, engine.k)
+        if self.reuse_cache and prefix is None and self.system:
+            n = system_prefix_len(self.tokenizer, cfg, msgs[0], ids)
+            if n:
+                prefix = engine.prefixes.get(tuple(ids[:n]), not gen.disable_speech)
+                save = 0 if prefix is not None else n
+        n = len(prefix) if prefix is not None else 0
+        cached_audios = sum(1 for key in keys[:n] if isinstance(key, tuple) and key[1] == 0)
+        prompt = build_prompt(self.tokenizer, cfg, msgs, audios, self.frontend, cached_audios=cached_audios)
+        return prompt, engine.start_prefill(prompt, gen, prefix=prefix, save_prefix=save), keys
+
+    def _stream(self, prompt, job, keys: list, audios: list, kept: list[Turn], cancel: threading.Event | None):
         detok = self.detokenizer.stream() if self.detokenizer is not None else None
-        for event in stream_turn(self.engine, prompt, self.gen, self.tokenizer, detok, cancel):
-            if isinstance(event, TurnEnd) and event.finish_reason != "cancelled":
-                self.history = kept + [Turn("assistant", event.text.strip())]
+        for event in stream_turn(self.engine, prompt, self.gen, self.tokenizer, detok, cancel, prefill=job):
+            if isinstance(event, TurnEnd):
+                if job.saved_prefix is not None:  # the system turn, for the next sessions on this engine
+                    self.engine.prefixes.put(job.saved_prefix)
+                if event.finish_reason != "cancelled":
+                    self.history = kept + [Turn("assistant", event.text.strip())]
+                    if self.reuse_cache:
+                        self.cache = ConversationCache.commit(job.state, keys, audios)
             yield event
 
     def reset(self) -> None:
         self.history = []
+        self.cache = None
 
     def close(self) -> None:
         self.closed = True
+        self.cache = None

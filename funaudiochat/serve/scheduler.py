@@ -52,7 +52,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -61,14 +61,14 @@ import torch
 
 from funaudiochat.engine.compiled import CACHE_BUCKET
 from funaudiochat.engine.events import AudioChunk, IncrementalDecoder, SpeechEnd, SpeechGroup, TextDelta, TurnEnd, Usage
-from funaudiochat.engine.generate import DecodeState, Engine, GenerationConfig, PrefillJob, PrefixKV
+from funaudiochat.engine.generate import DecodeState, Engine, GenerationConfig, PrefillJob
 from funaudiochat.engine.inputs import check_trained
+from funaudiochat.engine.prefix_cache import PrefixStore, system_prefix_len
 from funaudiochat.engine.presets import default_system, generation_preset
 from funaudiochat.engine.prompt import Prompt, build_prompt, stack_prompts
 from funaudiochat.errors import ContextLengthError, FunAudioChatError, InputError
 from funaudiochat.model.backbone import KVCache
 from funaudiochat.serve.metrics import Metrics
-from funaudiochat.text.chat import render_chatml
 from funaudiochat.text.tools import tools_system_prompt
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ class Scheduler:
         self._queued: deque[Session] = deque()       # (engine thread) sessions waiting for their prefill, in order
         self._prefill: _Prefill | None = None          # (engine thread) the prefill under way
         self._joining = 0                              # (engine thread) rows of a finished prefill still to join
-        self._prefixes: OrderedDict[tuple, PrefixKV] = OrderedDict()  # (engine thread) system-turn KV, LRU
+        self._prefixes = PrefixStore(max_prefixes)  # system-turn keys and values, LRU
         self._stop = False
         self._thread: threading.Thread | None = None
         self._free_rows = max_sessions                 # batch rows nobody holds (event loop only)
@@ -346,18 +346,9 @@ class Scheduler:
             gen = gen.with_(max_new_tokens=room)
         if not gen.disable_speech and not self.speech:
             gen = gen.with_(disable_speech=True, force_text_abos=False)
-        return prompt, gen, self._system_prefix_len(messages[0], prompt)
-
-    def _system_prefix_len(self, system: dict, prompt: Prompt) -> int:
-        """How many leading prompt ids are the system turn alone (text only), or 0 when they are not."""
-        if not self.share_prefix or system.get("role") != "system" or not isinstance(system.get("content"), str):
-            return 0
-        ids = self.tokenizer.encode(render_chatml([system], False))
-        n = len(ids)
-        prompt_ids = prompt.input_ids[0]
-        if not 0 < n < len(prompt_ids) or prompt_ids[:n].tolist() != ids or self.engine.cfg.audio_token_index in ids:
-            return 0
-        return n
+        n_system = (system_prefix_len(self.tokenizer, self.engine.cfg, messages[0], prompt.input_ids[0].tolist())
+                    if self.share_prefix else 0)
+        return prompt, gen, n_system
 
     async def submit(self, request: Request) -> Session:
         """Build the prompt, wait (bounded) for a batch row, queue the session for the engine; see module doc."""
@@ -557,9 +548,8 @@ class Scheduler:
         self._queued.extendleft(reversed(others))
         prefixes, save = [], 0
         for i, session in enumerate(group):
-            prefix = self._prefixes.get(self._prefix_key(session)) if session.prefix_len else None
+            prefix = self._prefixes.get(*self._prefix_key(session)) if session.prefix_len else None
             if prefix is not None:
-                self._prefixes.move_to_end(self._prefix_key(session))
                 self.metrics.prefix_hits.inc()
             elif i == 0:
                 save = session.prefix_len
@@ -612,11 +602,8 @@ class Scheduler:
         return tuple(session.prompt.input_ids[0, :session.prefix_len].tolist()), speech_on
 
     def _keep_prefix(self, job: PrefillJob) -> None:
-        speech_on = job.saved_prefix.srh_k is not None
-        self._prefixes[(job.saved_prefix.ids, speech_on)] = job.saved_prefix
+        self._prefixes.put(job.saved_prefix)
         job.saved_prefix = None
-        while len(self._prefixes) > self.max_prefixes:
-            self._prefixes.popitem(last=False)
 
     def _admit(self, pending: _Prefill) -> None:
         """Prefilled sessions: choose each one's first token as a single run does, then let it join a batch."""

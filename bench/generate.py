@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 from funaudiochat.config import FunAudioChatConfig
+from funaudiochat.engine.device import resolve_device
 from funaudiochat.engine.generate import Engine, GenerationConfig
 from funaudiochat.engine.prompt import Prompt
 from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.errors import InputError
 from funaudiochat.model.presets import fun_audio_chat_8b
 from funaudiochat.model.quantize import Int8Weight, quantize_model
 
@@ -95,6 +97,10 @@ def main() -> None:
     ap.add_argument("--released-python", default=None, help="python of an environment with the released pins")
     ap.add_argument("--released-code", default=None, help="folder holding the released funaudiochat package")
     args = ap.parse_args()
+    try:  # a device this machine lacks (cuda on a CPU-only torch): one line naming the devices it has
+        resolve_device(args.device)
+    except InputError as err:
+        ap.error(str(err))
     torch.set_num_threads(args.threads)
     print(machine_line())
     torch.manual_seed(0)

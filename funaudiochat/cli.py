@@ -7,10 +7,13 @@ A sub-command module defines `add_arguments(parser)` and `main(args) -> int`.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
+from pathlib import Path
 
+from funaudiochat import fileio
 from funaudiochat.errors import FunAudioChatError
 
 # name -> (module, one-line help). Keep sorted by topic, not alphabet.
@@ -82,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a full disk under a writer that does not go through fileio: one line, not a traceback
+        if err.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        where = fileio.no_space_message(Path(err.filename)) if err.filename else "no space left on the device"
+        print(f"funaudiochat {name}: error: {where}; free some space and run it again", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

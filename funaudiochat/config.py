@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from funaudiochat import fileio
 from funaudiochat.errors import ConfigError
 
 SUPPORTED_BACKBONES = ("qwen3", "qwen3_moe", "llama", "qwen2")
@@ -355,4 +356,4 @@ class FunAudioChatConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        fileio.write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")

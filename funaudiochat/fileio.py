@@ -62,6 +62,8 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
         full = is_disk_full(err, target.parent)
         _remove(tmp)
         if isinstance(err, StorageError):
+            if directory and str(tmp) in str(err):  # a nested atomic write failed: name the final path, not tmp
+                raise StorageError(str(err).replace(str(tmp), str(target))) from err
             raise
         if full:
             raise StorageError(no_space_message(target)) from err

@@ -562,6 +562,8 @@ CHAT_CASES = {
     "too many stop strings": ({"model": MODEL, "messages": OK_MSGS, "stop": ["a", "b", "c", "d", "e"]}, 400,
                               "invalid_value"),
     "oversized body": (b'{"model": "tiny-fun", "pad": "' + b"x" * (5 << 20) + b'"}', 413, "request_too_large"),
+    "body not UTF-8": (b'{"model": "tiny-fun", "messages": [{"role": "user", "content": "caf\xe9"}]}', 400,
+                       "invalid_json"),  # issue 11 item 5 at the server: one latin-1 byte
 }
 
 

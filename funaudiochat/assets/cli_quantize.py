@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from funaudiochat import fileio
     from funaudiochat.errors import CheckpointError, InputError
     from funaudiochat.model.checkpoint import load_model, save_model
 
@@ -25,10 +26,12 @@ def main(args: argparse.Namespace) -> int:
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise InputError(f"{args.out}: exists and is not an empty folder; name a new folder")
     model = load_model(args.src, dtype="int8")
-    save_model(model, args.out)
-    for f in args.src.iterdir():  # config.json as written (it may hold fields the model does not read), tokenizer
-        if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")):
-            shutil.copy2(f, args.out / f.name)
+    # the whole folder under a temporary name, renamed when complete: a failure (a full disk) leaves no half OUT
+    with fileio.atomic_path(args.out, directory=True) as tmp:
+        save_model(model, tmp)
+        for f in args.src.iterdir():  # config.json as written (it may hold fields the model does not read), tokenizer
+            if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")):
+                shutil.copy2(f, tmp / f.name)
     size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors")) / 1e6  # noqa: E731
     print(f"wrote {args.out}: int8 weights, {size(args.out):.1f} MB of safetensors (was {size(args.src):.1f} MB)")
     return 0

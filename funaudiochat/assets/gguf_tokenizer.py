@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from funaudiochat import fileio
 from funaudiochat.assets.gguf_file import GGUFFile
 from funaudiochat.errors import CheckpointError
 from funaudiochat.text.tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, AUDIO_PAD, SIL
@@ -94,6 +95,7 @@ def write_tokenizer(gguf: GGUFFile, out_dir: str | Path, tk: Tokenizer | None = 
     out_dir.mkdir(parents=True, exist_ok=True)
     tk = tk or tokenizer_from_gguf(gguf)
     paths = [out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"]
-    tk.save(str(paths[0]))
-    paths[1].write_text(json.dumps(tokenizer_config(gguf, tk), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with fileio.atomic_path(paths[0]) as tmp:  # temporary names, renamed when complete (fileio)
+        tk.save(str(tmp))
+    fileio.write_text(paths[1], json.dumps(tokenizer_config(gguf, tk), indent=2, ensure_ascii=False) + "\n")
     return paths

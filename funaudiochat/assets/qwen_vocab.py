@@ -18,6 +18,7 @@ import importlib.resources
 import json
 from pathlib import Path
 
+from funaudiochat import fileio
 from funaudiochat.errors import InputError
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -150,6 +151,7 @@ def write_vocab(out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"]
-    build_tokenizer().save(str(paths[0]))
-    paths[1].write_text(json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with fileio.atomic_path(paths[0]) as tmp:  # temporary names, renamed when complete (fileio)
+        build_tokenizer().save(str(tmp))
+    fileio.write_text(paths[1], json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n")
     return paths

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from funaudiochat import fileio
 from funaudiochat.assets.ct2 import CT2Model, read_ct2
 from funaudiochat.config import AudioConfig
 from funaudiochat.errors import CheckpointError
@@ -141,8 +142,9 @@ def convert_whisper_encoder(out_dir: str | Path | None = None,
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt", "source": "whisper tiny.en (ct2)"})
+        with fileio.atomic_path(out_dir / WEIGHTS_FILE) as tmp:  # temporary names, renamed when complete (fileio)
+            save_file(state, str(tmp), metadata={"format": "pt", "source": "whisper tiny.en (ct2)"})
         fields = {k: v for k, v in cfg.to_dict().items() if k in ENCODER_FIELDS}
-        (out_dir / CONFIG_FILE).write_text(json.dumps(fields, indent=2) + "\n")
+        fileio.write_text(out_dir / CONFIG_FILE, json.dumps(fields, indent=2) + "\n")
         log.info("wrote %s and %s", out_dir / WEIGHTS_FILE, out_dir / CONFIG_FILE)
     return cfg, state

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from funaudiochat import fileio
 from funaudiochat.config import FunAudioChatConfig
 from funaudiochat.errors import CheckpointError
 from funaudiochat.model.funaudiochat import FunAudioChatModel
@@ -201,10 +202,10 @@ def save_model(model: FunAudioChatModel, directory: str | Path, max_shard_bytes:
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    fileio.write_text(directory / INDEX_FILE, json.dumps(index, indent=2) + "\n")
 
 
 def _atomic_save(state: dict[str, torch.Tensor], path: Path, meta: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
+    # a temporary name, removed on failure; a full disk is one StorageError line (fileio)
+    with fileio.atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)

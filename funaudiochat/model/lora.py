@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from funaudiochat import fileio
 from funaudiochat.errors import CheckpointError, ConfigError
 
 LLM_PREFIX = "language_model."
@@ -153,10 +154,9 @@ def adapter_scale(model: nn.Module) -> float | None:
 
 def save(factors: dict[str, torch.Tensor], path: str | Path, meta: dict[str, str] | None = None) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in factors.items()}, str(tmp),
-              metadata={"format": "pt", **(meta or {})})
-    tmp.replace(path)
+    with fileio.atomic_path(path) as tmp:  # removed on failure; a full disk is one StorageError line
+        save_file({k: v.detach().contiguous().cpu() for k, v in factors.items()}, str(tmp),
+                  metadata={"format": "pt", **(meta or {})})
     return path
 
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from funaudiochat.engine.loading import add_runtime_arguments, load_runtime
+from funaudiochat.engine.loading import add_runtime_arguments, check_runtime_arguments, load_runtime
 from funaudiochat.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def build_context(args: argparse.Namespace):
     from funaudiochat.serve.scheduler import Scheduler
     from funaudiochat.serve.voices import Voices
 
+    check_runtime_arguments(args)  # --device, --threads, --max-seq-len, --detokenizer: as infer and chat check them
     for name in ("max_sessions", "port", "max_messages", "hop", "detokenizer_threads"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
@@ -65,7 +66,7 @@ def build_context(args: argparse.Namespace):
         raise InputError("--max-waiting must be >= 0")
     if args.prefill_chunk < 0:
         raise InputError("--prefill-chunk must be >= 0 (0: whole prompts)")
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     rt = load_runtime(args.model, args.dtype, args.device, speech=True, detokenizer_dir=args.detokenizer,
                       speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile)

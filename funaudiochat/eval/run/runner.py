@@ -45,7 +45,7 @@ def read_predictions(path: Path) -> dict[str, dict]:
 
 
 def _append(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
+    with fileio.storage_errors(path), open(path, "a", encoding="utf-8") as f:  # a full disk: one StorageError
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -69,7 +69,7 @@ def predict(suite_dir: Path, model, out: Path, shard: tuple[int, int] | None = N
         return -1
     done = read_predictions(path)
     if path.is_file() and path.read_bytes()[-1:] not in (b"", b"\n"):  # torn last line: end it so appends stay whole
-        with open(path, "a", encoding="utf-8") as f:
+        with fileio.storage_errors(path), open(path, "a", encoding="utf-8") as f:
             f.write("\n")
     todo = [item for item in items if "response" not in done.get(item["id"], {})]  # failed items are tried again
     batch_size = batch_size if hasattr(model, "answer_batch") else 1

@@ -5,8 +5,9 @@
 #   OMP_NUM_THREADS=2 nohup bash recipes/mini/pipeline.sh >> runs/mini-pipeline.log 2>&1 &
 #
 # The steps are those of recipes/mini/pre_align.yaml's header. THREADS (default 2) sets the CPU threads of the data
-# steps and OMP_NUM_THREADS those of training: use 1 for both while anything else runs (two torch threads on two
-# shared cores wait on each other: 5x slower, docs/mini.md).
+# steps, WORKERS (default 2) the processes of the audio stage, and OMP_NUM_THREADS those of training: use THREADS=1
+# and OMP_NUM_THREADS=1 while anything else runs (two torch threads on two shared cores wait on each other: 5x
+# slower, docs/mini.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 fac=".venv/bin/funaudiochat"
@@ -17,18 +18,12 @@ if ! grep -q '"trained"' checkpoints/mini-base/config.json 2>/dev/null; then
   step "assets smollm2 (the starting checkpoint)"
   "$fac" assets smollm2 checkpoints/mini-base
 fi
-partial=recipes/mini/data/partial  # answers committed by a session that stopped mid text stage
-if [ ! -f recipes/mini/data/text.jsonl.gz ] && [ ! -e data/mini/text/turn1.jsonl ] && [ -d "$partial" ]; then
-  step "data: restoring the committed partial text stage from $partial"
-  mkdir -p data/mini/text
-  for f in "$partial"/*.jsonl.gz; do gunzip -c "$f" > "data/mini/text/$(basename "$f" .gz)"; done
-fi
 if [ ! -f recipes/mini/data/text.jsonl.gz ]; then
   step "data: text stage (the base model answers every question; resumable)"
   "$fac" data build-mini --out data/mini --resume --stage text --threads "$threads" --batch-size 32 --no-progress
 fi
 step "data: audio stage (resumable; quick when done)"
-"$fac" data build-mini --out data/mini --resume --stage all --threads "$threads" --no-progress
+"$fac" data build-mini --out data/mini --resume --stage all --threads "$threads" --workers "${WORKERS:-2}" --no-progress
 
 train() {  # train RECIPE RUN_DIR: resume until RUN_DIR/final exists
   [ -d "$2/final" ] || { step "train $1"; "$fac" train "$1" --resume; }

@@ -23,7 +23,7 @@ from funaudiochat.model.checkpoint import save_model
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
 from funaudiochat.serve import cli as serve_cli
-from tests.helpers import make_tiny_tokenizer
+from tests.helpers import make_tiny_tokenizer, write_wav
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "funaudiochat.cli"]
@@ -110,6 +110,16 @@ def test_eval_scoring_counts_a_latin1_line_as_one_failed_item(tmp_path):
     assert "line 2: not UTF-8 text (byte 0xe9 at column 33)" in done.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert (summary["items"], summary["scored"], summary["failed"], summary["acc"]) == (2, 1, 1, 100.0)
+
+
+# --------------------------------------------------------------------------- item 7 (outputs checked before the work)
+def test_eval_asr_refuses_a_folder_as_its_report_before_transcribing(tmp_path):
+    write_wav(tmp_path / "a.wav", 0.5)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"path": "a.wav", "text": "hello"}\n', encoding="utf-8")
+    (tmp_path / "report").mkdir()
+    line = error_line(run("eval", "asr", manifest, "--out", tmp_path / "report"), "funaudiochat eval asr")
+    assert f"--out {tmp_path / 'report'}: is a folder; name a file" in line
 
 
 # --------------------------------------------------------------------------- item 9 (a full disk) at newer writers

@@ -38,6 +38,9 @@ def _write_filtered(manifest: Path, report: dict, max_wer: float, out: Path) -> 
 def main(args: argparse.Namespace) -> int:
     if (args.max_wer is None) != (args.filtered is None):
         raise InputError("--max-wer and --filtered go together: give both or neither")
+    for flag, path in (("--out", args.out), ("--filtered", args.filtered)):
+        if path is not None and path.is_dir():  # found now, not after every wav is transcribed
+            raise InputError(f"{flag} {path}: is a folder; name a file")
     read_manifest(args.manifest)  # every line checked before the model loads
     report = AsrJudge(compute_type=args.compute_type, beam_size=args.beam_size).score(args.manifest)
     print(f"WER {100 * report['wer']:.2f} %  CER {100 * report['cer']:.2f} %  over {report['n']} utterances")

@@ -121,3 +121,38 @@ def test_pack_bounds_the_padding():
         assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
         for g in groups:
             assert len(g) * max(lengths[i] for i in g) <= detok_module.MAX_PADDING * sum(lengths[i] for i in g)
+
+
+def test_the_server_worker_batches_sessions_and_isolates_a_failing_one(detok):
+    """DetokenizerWorker (the server's detokenizer thread): pushes that arrive together are drained together, each
+    session gets its own chunks in order, and bad codes fail that session alone."""
+    import threading
+
+    from funaudiochat.errors import InputError
+    from funaudiochat.serve.detok_worker import DetokenizerWorker
+    from funaudiochat.serve.metrics import Metrics
+
+    metrics = Metrics()
+    worker = DetokenizerWorker(metrics)
+    try:
+        hold = threading.Event()
+        worker.call(hold.wait, 60)  # keeps the worker busy while every push below arrives: one round takes them all
+        tokens = [_tokens(n, seed) for seed, n in enumerate((40, 55, 30))]
+        streams = [detok.stream(s, 15) for s in ("中文女", "中文男", "中文女")]
+        got = [[] for _ in streams]
+        for i, (stream, toks) in enumerate(zip(streams, tokens)):
+            for piece in _pieces(toks):
+                worker.push(stream, piece, got[i].append)
+        worker.push(streams[2], [-5], got[2].append)  # not a speech code: this session fails
+        finals = [worker.finalize(s) for s in streams[:2]]
+        hold.set()
+        finals = [f.result(timeout=120) for f in finals]
+    finally:
+        worker.close()
+    assert metrics.detok_round_streams.count >= 1 and metrics.detok_round_streams.sum >= 3
+    for i in range(2):
+        ref_chunks, ref_final = _alone(detok, tokens[i], dict(speaker=("中文女", "中文男")[i], hop=15))
+        chunks = [c for result in got[i] for c in result]
+        assert [len(c) for c in chunks] == [len(c) for c in ref_chunks]
+        assert np.abs(np.concatenate(chunks + [finals[i]]) - np.concatenate(ref_chunks + [ref_final])).max() < TOL
+    assert any(isinstance(r, InputError) for r in got[2])

@@ -10,7 +10,7 @@ from funaudiochat.engine.events import AudioChunk, SpeechGroup, TextDelta, TurnE
 from funaudiochat.engine.generate import Engine
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
-from funaudiochat.serve.scheduler import Request, Scheduler, ServerBusyError
+from funaudiochat.serve.scheduler import FLOW_WINDOW, HIFT_RESET, Request, Scheduler, ServerBusyError
 from funaudiochat.text.chat import user_content
 from tests.helpers import make_tiny_tokenizer, words, write_tiny_detokenizer
 
@@ -281,7 +281,7 @@ def test_audio_chunks_stream_per_session(parts, tmp_path, one_thread):
         finally:
             await sched.stop()
 
-    for events in asyncio.run(main()):
+    for events, voice in zip(asyncio.run(main()), ("中文男", None)):
         chunks = [ev.samples for ev in events if isinstance(ev, AudioChunk)]
         end = events[-1]
         assert isinstance(end, TurnEnd) and len(end.speech_codes) > 0
@@ -289,6 +289,10 @@ def test_audio_chunks_stream_per_session(parts, tmp_path, one_thread):
         assert end.audio is not None and end.audio.size == sum(c.size for c in chunks)
         assert end.usage.first_audio_s is not None
         assert not any(isinstance(ev, TextDelta) and not ev.text for ev in events)
+        # the sessions' chunks were synthesised in shared (batched) detokenizer calls: each equals its stream alone
+        alone = detok.stream(voice, 10, flow_window=FLOW_WINDOW, hift_reset=HIFT_RESET)
+        ref = np.concatenate(alone.push(list(end.speech_codes)) + [alone.finalize()])
+        assert ref.shape == end.audio.shape and np.abs(ref - end.audio).max() < 1e-4
 
 
 def test_stop_strings_across_text_pieces_are_never_sent():

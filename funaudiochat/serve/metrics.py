@@ -60,6 +60,8 @@ class Metrics:
         self.prefill_seconds = Histogram(LATENCY_BUCKETS)
         self.step_seconds = Histogram(STEP_BUCKETS)     # one batched decode step
         self.batch_rows = Histogram(BATCH_BUCKETS)      # rows of each decode step
+        self.detok_round_seconds = Histogram(STEP_BUCKETS)  # one detokenizer round (all sessions' new codes)
+        self.detok_round_streams = Histogram(BATCH_BUCKETS)  # sessions whose codes one round synthesised
         self.prefix_hits = Counter()      # prefills that started from a cached system-turn prefix
         self.joins_in_place = Counter()   # sessions copied into a free row of a running batch
         self.batch_rebuilds = Counter()   # batch caches rebuilt (created, a join without a free row, compaction)
@@ -100,6 +102,10 @@ class Metrics:
                 ("funaudiochat_prefill_seconds", "compute time of one prefill (its sessions, all chunks)",
                  self.prefill_seconds),
                 ("funaudiochat_decode_step_seconds", "one batched decode step", self.step_seconds),
-                ("funaudiochat_decode_step_rows", "sessions in one batched decode step", self.batch_rows)):
+                ("funaudiochat_decode_step_rows", "sessions in one batched decode step", self.batch_rows),
+                ("funaudiochat_detokenizer_round_seconds", "one detokenizer round (every session's new speech codes)",
+                 self.detok_round_seconds),
+                ("funaudiochat_detokenizer_round_sessions", "sessions synthesised in one detokenizer round",
+                 self.detok_round_streams)):
             out += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"] + hist.lines(name)
         return "\n".join(out) + "\n"

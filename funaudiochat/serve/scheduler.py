@@ -40,14 +40,14 @@ before its first real position are masked, like left padding), so each row compu
 in place, and a finished or cancelled one leaves its row masked; the whole cache is copied (rebuilt: dead rows and
 slots dropped) only when no free row or slot is left or most rows are free.
 
-Per session, text is decoded incrementally and speech codes go to a streaming detokenizer that runs on a worker
-thread, so the engine thread only decodes. Queues are bounded: the waiting room by `max_waiting`, each session's
+Per session, text is decoded incrementally and speech codes go to a streaming detokenizer on a worker thread
+(`DetokenizerWorker`), which synthesises the chunks of all sessions in batched calls, so the engine thread only
+decodes. Queues are bounded: the waiting room by `max_waiting`, each session's
 event queue by its `max_new_tokens` (one engine item per step).
 """
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import threading
@@ -68,6 +68,7 @@ from funaudiochat.engine.presets import default_system, generation_preset
 from funaudiochat.engine.prompt import Prompt, build_prompt, stack_prompts
 from funaudiochat.errors import ContextLengthError, FunAudioChatError, InputError
 from funaudiochat.model.backbone import KVCache
+from funaudiochat.serve.detok_worker import DetokenizerWorker
 from funaudiochat.serve.metrics import Metrics
 from funaudiochat.text.tools import tools_system_prompt
 
@@ -257,8 +258,11 @@ class Scheduler:
         self._free_rows = max_sessions                 # batch rows nobody holds (event loop only)
         self._waiters: deque[asyncio.Future] = deque()  # requests waiting for a row, first come first served
         self._active = 0
-        self._detok_pool = ThreadPoolExecutor(max(1, detokenizer_threads), thread_name_prefix="detokenizer")
+        # each worker batches the chunks of its sessions; sessions are dealt to the workers in turn
+        self._detok_workers = [DetokenizerWorker(self.metrics, f"detokenizer-{i}")
+                               for i in range(max(1, detokenizer_threads))] if detokenizer is not None else []
         self._prep_pool = ThreadPoolExecutor(2, thread_name_prefix="prompt")
+        self._deal = itertools.count()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -272,7 +276,8 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self._detok_pool.shutdown(wait=False, cancel_futures=True)
+        for worker in self._detok_workers:
+            worker.close()
         self._prep_pool.shutdown(wait=False, cancel_futures=True)
 
     async def stop(self) -> None:
@@ -415,7 +420,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ per-session post-processing (event loop)
     async def _pump(self, session: Session) -> None:
-        """Engine items -> events: incremental text, speech groups, audio chunks from a worker thread, TurnEnd."""
+        """Engine items -> events: incremental text, speech groups, audio chunks from a detokenizer worker, TurnEnd."""
         req, loop = session.request, asyncio.get_running_loop()
         decoder = IncrementalDecoder(self.tokenizer)
         num_codes = self.engine.cfg.audio_config.num_codes
@@ -425,28 +430,28 @@ class Scheduler:
         codes, chunks = [], []
         first_text = first_audio = None
         stopped = False
-        audio_job = None  # the last detokenizer call: calls run one after another (a session's stream is stateful)
+        failure = None  # the detokenizer's error for this session: it ends the session
+        worker = self._detok_workers[next(self._deal) % len(self._detok_workers)] if make_audio else None
 
-        def emit_audio(pieces):
-            nonlocal first_audio
-            for chunk in pieces:
-                if chunk.size:
+        def on_audio(result):  # (event loop) a worker's chunks for this session, in order, or its error
+            nonlocal first_audio, failure
+            if isinstance(result, BaseException):
+                failure = failure or result
+                return
+            for chunk in result:
+                if chunk.size and not session._abandoned:
                     if first_audio is None:
                         first_audio = time.perf_counter() - session.submitted
                         self.metrics.first_audio.observe(first_audio)
                     chunks.append(chunk)
                     session._out.put_nowait(AudioChunk(chunk, self.detokenizer.sample_rate))
 
-        async def push_codes(new_codes, previous):
-            if previous is not None:
-                await previous
-            if session._abandoned:  # nobody listens any more
-                return
-            emit_audio(await loop.run_in_executor(self._detok_pool, detok.push, new_codes))
+        def deliver(result):  # (worker thread)
+            loop.call_soon_threadsafe(on_audio, result)
 
         try:
             if make_audio:
-                detok = await loop.run_in_executor(self._detok_pool, functools.partial(
+                detok = await asyncio.wrap_future(worker.call(
                     self.detokenizer.stream, req.voice, self.detokenizer_hop, flow_window=FLOW_WINDOW,
                     hift_reset=HIFT_RESET))
             while True:
@@ -469,16 +474,17 @@ class Scheduler:
                         new_codes = tuple(t for t in item.group if 0 <= t < num_codes)
                         codes.extend(new_codes)
                         session._out.put_nowait(SpeechGroup(item.group, new_codes))
-                        if detok is not None and new_codes:
-                            audio_job = asyncio.ensure_future(push_codes(list(new_codes), audio_job))
+                        if detok is not None and new_codes and failure is None:
+                            worker.push(detok, new_codes, deliver, alive=lambda: not session._abandoned)
                         if item.speech_ended:
                             session._out.put_nowait(SpeechEnd())
                     continue
                 # _Finish
-                if audio_job is not None:
-                    await audio_job
-                if detok is not None and codes and not session._abandoned:
-                    emit_audio([await loop.run_in_executor(self._detok_pool, detok.finalize)])
+                if detok is not None and codes and not session._abandoned and failure is None:
+                    # (the worker delivers the pushes' chunks before this future's result reaches the loop)
+                    on_audio([await asyncio.wrap_future(worker.finalize(detok))])
+                if failure is not None:
+                    raise failure
                 held = stops.flush()
                 if held:
                     session._out.put_nowait(TextDelta(held))

@@ -323,23 +323,43 @@ class StreamingDetokenizer:
 MAX_PADDING = 1.5  # a batched call computes at most this many times the frames its rows need alone
 
 
-def drain(streams: list[StreamingDetokenizer]) -> list[list[np.ndarray]]:
+def drain(streams: list[StreamingDetokenizer], isolate: bool = False) -> list:
     """Every chunk that is ready in each stream, as `push` makes them one stream at a time, with the non-final flow
     and HiFT calls of all the streams batched: per round, each stream with a ready chunk contributes one row (rows of
     similar lengths share a call, right-padded: `TokenToMelFlow.inference_rows`, `HiFTVocoder.forward_rows`).
-    Each stream's state moves only once its round has succeeded, so a failure leaves every stream as it was before
-    that round. -> the new chunks of each stream, in order."""
-    out: list[list[np.ndarray]] = [[] for _ in streams]
+    A stream's state moves only once its round has succeeded. -> the new chunks of each stream, in order.
+    `isolate`: a failed batched round is retried stream by stream, and a stream that fails alone gets its exception
+    in place of its chunks (the others go on); otherwise the exception is raised."""
+    out: list = [[] for _ in streams]
     while True:
-        ready = [(i, s) for i, s in enumerate(streams) if s._window() is not None]
+        ready = [(i, s) for i, s in enumerate(streams) if isinstance(out[i], list) and s._window() is not None]
         if not ready:
             return out
         groups: dict[tuple, list] = {}
         for i, s in ready:  # streams of one detokenizer and attention mode can share a call
             groups.setdefault((id(s.detok), s.chunk_attention), []).append((i, s))
         for group in groups.values():
-            for i, chunk in zip([i for i, _ in group], _round([s for _, s in group])):
-                out[i].append(chunk)
+            try:
+                chunks = _round([s for _, s in group])
+            except Exception as err:
+                if not isolate:
+                    raise
+                log.warning("a batched detokenizer round of %d streams failed (%s); retrying them one by one",
+                            len(group), err)
+                chunks = [_alone(s) for _, s in group]
+            for (i, _), chunk in zip(group, chunks):
+                if isinstance(chunk, Exception):
+                    out[i] = chunk
+                else:
+                    out[i].append(chunk)
+
+
+def _alone(stream: StreamingDetokenizer):
+    """One round of one stream: its chunk, or the exception it raised."""
+    try:
+        return _round([stream])[0]
+    except Exception as err:
+        return err
 
 
 @torch.inference_mode()

@@ -20,7 +20,7 @@ SAMPLE_RATE = 16000
 N_FFT = 400
 HOP = 160
 _FRAME_BLOCK = 1024  # frames per FFT call: keeps the working set small (cache-resident, no huge allocations)
-_FILTER_BLOCKS = 4  # row blocks of the banded mel filter bank (see _constants)
+_FILTER_BLOCKS = 8  # row blocks of the banded mel filter bank (see _constants)
 _LOG_SILENCE = math.log10(1e-10)  # the log-mel of a frame of exact zeros
 
 
@@ -47,9 +47,11 @@ def mel_filters(n_mels: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def _constants(n_mels: int, device: torch.device) -> tuple[list, torch.Tensor]:
-    """The filter bank cut into row blocks, each with the span of FFT bins it touches: the bank is banded, so
-    four small matmuls over their spans do a quarter of the work of one dense [M, F] matmul."""
-    filters = mel_filters(n_mels)
+    """The Hann window and the filter bank, built once per device, applied to the squared real view of the rfft
+    ([t, 2F]: re², im² of each bin side by side), so each filter column appears twice: the power re² + im² is summed
+    by the projection itself, with no separate pass over the spectrum. The bank is banded: it is cut into row blocks,
+    each with the span of columns it touches, so a few small matmuls over their spans skip most of its zeros."""
+    filters = np.repeat(mel_filters(n_mels), 2, axis=1)  # [M, 2F]
     blocks = []
     for rows in np.array_split(np.arange(n_mels), _FILTER_BLOCKS):
         bins = np.flatnonzero(filters[rows].any(axis=0))
@@ -67,7 +69,6 @@ def _log_mel_unfloored(wav: torch.Tensor, n_mels: int, n_frames: int | None = No
     if samples <= N_FFT // 2:
         raise InputError(f"audio of {samples} samples is too short for the log-mel front-end (needs more than "
                          f"{N_FFT // 2} samples, {N_FFT // 2 / SAMPLE_RATE * 1000:.1f} ms at 16 kHz)")
-    filter_blocks, window = _constants(n_mels, wav.device)
     half = N_FFT // 2
     padded = torch.cat([wav[:, 1:half + 1].flip(-1), wav, wav[:, -half - 1:-1].flip(-1)], dim=-1)  # reflect
     computed = samples // HOP
@@ -75,20 +76,51 @@ def _log_mel_unfloored(wav: torch.Tensor, n_mels: int, n_frames: int | None = No
     out = wav.new_empty(batch, n_mels, n_frames or computed)
     out[..., computed:] = _LOG_SILENCE
     for b in range(batch):
-        for start in range(0, computed, _FRAME_BLOCK):
-            stop = min(start + _FRAME_BLOCK, computed)
-            spec = torch.view_as_real(torch.fft.rfft(frames[b, start:stop] * window))  # [t, F, 2]
-            power = torch.addcmul(spec[..., 0].square(), spec[..., 1], spec[..., 1])  # [t, F]
-            for r0, r1, c0, c1, weights in filter_blocks:
-                torch.matmul(weights, power[:, c0:c1].T, out=out[b, r0:r1, start:stop])
-            out[b, :, start:stop].clamp_(min=1e-10).log10_()  # while the block is still in cache
+        _log_mel_into(out[b, :, :computed], frames[b, :computed])
     return out
+
+
+def log_mel_frames(padded: torch.Tensor, n_mels: int) -> torch.Tensor:
+    """Unfloored log10 mel of the frames of an already padded 1-D signal: frame i is padded[160 i : 160 i + 400]
+    -> [M, (len - 400) // 160 + 1]. Used to extend a clip's features frame by frame as its samples arrive."""
+    frames = padded.unfold(-1, N_FFT, HOP)
+    out = padded.new_empty(n_mels, frames.shape[0])
+    _log_mel_into(out, frames)
+    return out
+
+
+def _log_mel_into(out: torch.Tensor, frames: torch.Tensor) -> None:
+    """Write the log10 mel power of frames [T, N_FFT] (a strided view of the padded wave) into out [M, T].
+
+    Frames go through in blocks of _FRAME_BLOCK (cache-sized), windowed into one reused buffer, and each block's
+    mel and log are written straight into its slice of the output, in place.
+    """
+    filter_blocks, window = _constants(out.shape[0], out.device)
+    total = frames.shape[0]
+    block = min(_FRAME_BLOCK, total)
+    windowed = frames.new_empty(block, N_FFT)
+    for start in range(0, total, block):
+        stop = min(start + block, total)
+        n = stop - start
+        torch.mul(frames[start:stop], window, out=windowed[:n])
+        spectrum = torch.fft.rfft(windowed[:n])  # (out= would add a copy: the FFT writes its own buffer)
+        squares = torch.view_as_real(spectrum).square_().view(n, N_FFT + 2)  # [t, 2F]: re², im² side by side
+        for r0, r1, c0, c1, weights in filter_blocks:
+            torch.matmul(weights, squares[:, c0:c1].T, out=out[r0:r1, start:stop])
+        log_block = out[:, start:stop].clamp_(min=1e-10)
+        torch.log10(log_block, out=log_block)  # while the block is still in cache (faster than log10_)
 
 
 def _floor_and_scale_(log_spec: torch.Tensor) -> torch.Tensor:
     """In place on [B, M, T]: max(x, item max - 8), then (x + 4) / 4."""
     floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0  # [B, 1, 1]
     return torch.maximum(log_spec, floor, out=log_spec).add_(4.0).mul_(0.25)
+
+
+def floor_and_scale(log_spec: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """Frames of a clip whose largest log10 mel value is `peak`: max(x, peak - 8), then (x + 4) / 4 (a new tensor;
+    the same float32 operations as the whole-clip path, for features computed piece by piece)."""
+    return torch.maximum(log_spec, peak - 8.0).add_(4.0).mul_(0.25)
 
 
 def log_mel(wav: torch.Tensor, n_mels: int = 128) -> torch.Tensor:
@@ -127,9 +159,12 @@ class WhisperFrontend:
         lengths = [w.shape[0] for w in wavs]
         total = self.n_samples if padding == "max_length" else max(lengths)
         computed = min(total, max(lengths) + N_FFT)  # past this, every frame's window holds only zeros
-        batch = wavs[0].new_zeros(len(wavs), computed)  # [B, S']
-        for row, w in zip(batch, wavs):
-            row[: w.shape[0]] = w
+        if all(n == computed for n in lengths):  # nothing to pad (a full 30 s clip): no copy for one wave
+            batch = wavs[0][None] if len(wavs) == 1 else torch.stack(wavs)  # [B, S']
+        else:
+            batch = wavs[0].new_zeros(len(wavs), computed)
+            for row, w in zip(batch, wavs):
+                row[: w.shape[0]] = w
         n_frames = total // HOP
         features = _floor_and_scale_(_log_mel_unfloored(batch, self.n_mels, n_frames))  # [B, M, T]
         valid = torch.tensor([-(-n // HOP) for n in lengths], device=device)  # ceil(L / HOP) frames per item

@@ -46,7 +46,13 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
     """Yield a temporary path beside `target`; on success fsync it and rename it to `target` (replacing it);
     on any failure remove it and re-raise (write failures as one `StorageError`)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a folder should be, no permission, a full disk: one line
+        if is_disk_full(err, target.parent):
+            raise StorageError(no_space_message(target)) from err
+        raise StorageError(f"cannot write {target}: cannot make the folder {target.parent} "
+                           f"({err.strerror or err})") from err
     tmp = temp_name(target)
     _remove(tmp)
     try:

@@ -122,6 +122,17 @@ def test_eval_asr_refuses_a_folder_as_its_report_before_transcribing(tmp_path):
     assert f"--out {tmp_path / 'report'}: is a folder; name a file" in line
 
 
+def test_an_output_folder_that_is_a_file_is_one_line(tmp_path):
+    """fileio makes the target's folder: a file in its place (or no permission) was a raw FileExistsError."""
+    preds = tmp_path / "openbookqa.jsonl"
+    preds.write_text('{"prompt": "q", "response": "B", "reference": "B"}\n', encoding="utf-8")
+    (tmp_path / "out").write_text("not a folder\n")
+    line = error_line(run("eval", "voicebench", preds, "--subset", "openbookqa", "--out", tmp_path / "out"),
+                      "funaudiochat eval voicebench")
+    assert f"cannot make the folder {tmp_path / 'out'} (File exists)" in line
+    assert (tmp_path / "out").read_text() == "not a folder\n"
+
+
 # --------------------------------------------------------------------------- item 9 (a full disk) at newer writers
 def test_assets_quantize_on_a_full_disk_leaves_no_half_checkpoint(ckpt, small_disk):
     fill(small_disk, 64 * 1024)  # the int8 tiny model (~0.6 MB) does not fit

@@ -489,6 +489,11 @@ class PrefillJob:
             audio = m.encode_audio(prompt.speech_ids.to(dev), prompt.speech_attention_mask.to(dev),
                                    _opt(prompt.input_features, dev, eng.dtype),
                                    _opt(prompt.feature_attention_mask, dev), _opt(prompt.feature_exist_mask, dev))
+            if prompt.audio_groups is not None:  # audios encoded ahead (IncrementalAudio): their vectors as given
+                audio.features = audio.features.clone()
+                for row, groups in enumerate(prompt.audio_groups):
+                    if groups is not None:
+                        audio.features[row, : groups.shape[0]] = groups.to(audio.features)
             cut = self.next  # the prompt's audios are those of the placeholders no prefix covers
             embeds = torch.cat([embeds[:, :cut], m.merge_audio(ids[:, cut:], embeds[:, cut:], audio)], dim=1)
         self.embeds = embeds

@@ -20,6 +20,7 @@ class Prompt:
     input_features: torch.Tensor | None = None           # [A_c, M, T] log-mel of audios with features
     feature_attention_mask: torch.Tensor | None = None   # [A_c, T]
     feature_exist_mask: torch.Tensor | None = None       # [A] audio has continuous features
+    audio_groups: list | None = None                     # [A] an audio's 5 Hz vectors [G, D] encoded ahead, or None
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Prompt":
@@ -69,13 +70,15 @@ def prompt_ids(tokenizer, cfg, messages: list[dict], audios: list,
 
 
 def build_prompt(tokenizer, cfg, messages: list[dict], audios: list, frontend=None,
-                 add_generation_prompt: bool = True, cached_audios: int = 0) -> Prompt:
+                 add_generation_prompt: bool = True, cached_audios: int = 0, encoded: dict | None = None) -> Prompt:
     """Chat messages + their audios (16 kHz float32 arrays, in order) -> a batch-1 `Prompt`.
 
     Each `<|AUDIO|>` of the rendered text is expanded to ceil(n/5) copies for an audio of n placeholder speech
     tokens; user audio enters through the continuous encoder (speech ids are all pad), as the released processor does.
     `cached_audios` = j: the first j audios get their placeholders but no audio inputs, for a prefill that copies
     their positions from cached keys and values (`PrefillJob` prefix) and so never encodes them again.
+    `encoded` = {audio index: its 5 Hz vectors [G, D]} for audios encoded ahead (`IncrementalAudio`): they get no
+    features here (`feature_exist_mask` False) and `audio_groups` carries their vectors to the prefill.
     """
     from funaudiochat.audio.mel import WhisperFrontend
 
@@ -90,12 +93,17 @@ def build_prompt(tokenizer, cfg, messages: list[dict], audios: list, frontend=No
         prompt.speech_attention_mask = torch.zeros(len(audios), width, dtype=torch.long)
         for row, n in enumerate(counts):
             prompt.speech_attention_mask[row, :n] = 1
-        frontend = frontend or WhisperFrontend(a_cfg.num_mel_bins)
-        longest = max(len(w) for w in audios) / SAMPLE_RATE
-        if longest > frontend.n_samples / SAMPLE_RATE:  # keep every frame: pad to whole 30 s windows instead of truncating
-            frontend = WhisperFrontend(a_cfg.num_mel_bins, chunk_length=30 * math.ceil(longest / 30))
-        prompt.input_features, prompt.feature_attention_mask = frontend(list(audios), padding="max_length")
-        prompt.feature_exist_mask = torch.ones(len(audios), dtype=torch.bool)
+        encoded = {i - cached_audios: g for i, g in (encoded or {}).items() if i >= cached_audios}
+        fresh = [w for i, w in enumerate(audios) if i not in encoded]  # the audios encoded by the prefill
+        if fresh:
+            frontend = frontend or WhisperFrontend(a_cfg.num_mel_bins)
+            longest = max(len(w) for w in fresh) / SAMPLE_RATE
+            if longest > frontend.n_samples / SAMPLE_RATE:  # keep every frame: pad to whole 30 s windows, not truncate
+                frontend = WhisperFrontend(a_cfg.num_mel_bins, chunk_length=30 * math.ceil(longest / 30))
+            prompt.input_features, prompt.feature_attention_mask = frontend(fresh, padding="max_length")
+        prompt.feature_exist_mask = torch.tensor([i not in encoded for i in range(len(audios))])
+        if encoded:
+            prompt.audio_groups = [encoded.get(i) for i in range(len(audios))]
     return prompt
 
 
@@ -112,12 +120,17 @@ def stack_prompts(prompts: list[Prompt], pad_id: int, speech_pad_id: int) -> Pro
     with_audio = [p for p in prompts if p.speech_ids is not None]
     if with_audio:
         n_tok = max(p.speech_ids.shape[1] for p in with_audio)
-        n_frames = max(p.input_features.shape[-1] for p in with_audio)
         out.speech_ids = torch.cat([_pad_right(p.speech_ids, n_tok, speech_pad_id) for p in with_audio])
         out.speech_attention_mask = torch.cat([_pad_right(p.speech_attention_mask, n_tok, 0) for p in with_audio])
-        out.input_features = torch.cat([_pad_right(p.input_features, n_frames, 0.0) for p in with_audio])
-        out.feature_attention_mask = torch.cat([_pad_right(p.feature_attention_mask, n_frames, 0) for p in with_audio])
+        with_features = [p for p in with_audio if p.input_features is not None]
+        if with_features:
+            n_frames = max(p.input_features.shape[-1] for p in with_features)
+            out.input_features = torch.cat([_pad_right(p.input_features, n_frames, 0.0) for p in with_features])
+            out.feature_attention_mask = torch.cat([_pad_right(p.feature_attention_mask, n_frames, 0)
+                                                    for p in with_features])
         out.feature_exist_mask = torch.cat([p.feature_exist_mask for p in with_audio])
+        if any(p.audio_groups is not None for p in with_audio):
+            out.audio_groups = [g for p in with_audio for g in (p.audio_groups or [None] * p.speech_ids.shape[0])]
     return out
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from funaudiochat.engine.events import TurnEnd, stream_turn
 from funaudiochat.engine.generate import Engine, GenerationConfig
+from funaudiochat.engine.incremental_audio import IncrementalAudio
 from funaudiochat.engine.inputs import check_trained, typed_text, user_audio
 from funaudiochat.engine.prefix_cache import ConversationCache, position_keys, system_prefix_len
 from funaudiochat.engine.prompt import build_prompt, prompt_ids
@@ -93,8 +94,10 @@ class ChatSession:
         """Check one user turn and return the stream of its answer's events.
 
         audio: 16 kHz samples (1-D, or 2-D with channels on the shorter axis; numpy or torch), a file path or file
-        bytes; other rates go through `load_audio(x, source_rate=RATE)` first. text: a str. Bad input raises
-        InputError here, before anything runs; the history is updated when the stream reaches a completed TurnEnd.
+        bytes; other rates go through `load_audio(x, source_rate=RATE)` first; or an `IncrementalAudio`
+        (`start_audio()`) fed while the user spoke, whose complete chunks are encoded already. text: a str. Bad input
+        raises InputError here, before anything runs; the history is updated when the stream reaches a completed
+        TurnEnd.
         """
         if self.closed:
             raise SessionClosedError("this chat session is closed")
@@ -102,15 +105,22 @@ class ChatSession:
             text = typed_text(self.tokenizer, text)
         if audio is None and not text:
             raise InputError("a user turn needs audio or text")
+        encoded = None
+        if isinstance(audio, IncrementalAudio):  # encoded while the user spoke: only its last chunk is left
+            audio, encoded = audio.finish()
         audios = [user_audio(audio)] if audio is not None else []
         if audios:
             check_trained(self.engine.cfg, True, False, self.allow_untrained)
         user = Turn("user", user_content(len(audios), text), audios)
         kept, msgs, audios, ids, counts = self._fit(self.history + [user])
-        prompt, job, keys = self._prefill(msgs, audios, ids, counts)
+        prompt, job, keys = self._prefill(msgs, audios, ids, counts, encoded)
         return self._stream(prompt, job, keys, audios, kept, cancel)
 
-    def _prefill(self, msgs: list[dict], audios: list, ids: list[int], counts: list[int]):
+    def start_audio(self, tolerance: float = 0.0) -> IncrementalAudio:
+        """A user turn's audio to `add(samples)` to as it arrives, then pass to `ask(audio=...)` at end of speech."""
+        return IncrementalAudio(self.engine.model, tolerance)
+
+    def _prefill(self, msgs: list[dict], audios: list, ids: list[int], counts: list[int], encoded=None):
         """The prompt and its started prefill, from the cached keys and values of this conversation or of its
         system turn when there are some (only the audio after them is encoded); -> (prompt, job, position keys)."""
         engine, cfg = self.engine, self.engine.cfg
@@ -126,7 +136,8 @@ class ChatSession:
                 save = 0 if prefix is not None else n
         n = len(prefix) if prefix is not None else 0
         cached_audios = sum(1 for key in keys[:n] if isinstance(key, tuple) and key[1] == 0)
-        prompt = build_prompt(self.tokenizer, cfg, msgs, audios, self.frontend, cached_audios=cached_audios)
+        prompt = build_prompt(self.tokenizer, cfg, msgs, audios, self.frontend, cached_audios=cached_audios,
+                              encoded=None if encoded is None else {len(audios) - 1: encoded})  # the newest audio
         return prompt, engine.start_prefill(prompt, gen, prefix=prefix, save_prefix=save), keys
 
     def _stream(self, prompt, job, keys: list, audios: list, kept: list[Turn], cancel: threading.Event | None):

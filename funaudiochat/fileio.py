@@ -53,6 +53,8 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
             raise StorageError(no_space_message(target)) from err
         raise StorageError(f"cannot write {target}: cannot make the folder {target.parent} "
                            f"({err.strerror or err})") from err
+    if directory and target.exists() and not target.is_dir():  # never replace a user's file with a folder
+        raise StorageError(f"cannot write {target}: it exists and is not a folder")
     tmp = temp_name(target)
     _remove(tmp)
     try:

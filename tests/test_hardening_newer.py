@@ -18,6 +18,7 @@ import torch
 
 from funaudiochat.errors import InputError, StorageError
 from funaudiochat.eval.run import runner
+from funaudiochat.fileio import atomic_path
 from funaudiochat.model import lora
 from funaudiochat.model.checkpoint import save_model
 from funaudiochat.model.funaudiochat import FunAudioChatModel
@@ -120,6 +121,22 @@ def test_eval_asr_refuses_a_folder_as_its_report_before_transcribing(tmp_path):
     (tmp_path / "report").mkdir()
     line = error_line(run("eval", "asr", manifest, "--out", tmp_path / "report"), "funaudiochat eval asr")
     assert f"--out {tmp_path / 'report'}: is a folder; name a file" in line
+
+
+def test_merge_never_replaces_an_input_a_file_or_another_folder(ckpt, tmp_path):
+    """`merge BASE STAGE1 OUT` replaced whatever OUT was, after the work: STAGE1 itself, or a file."""
+    weights = (ckpt / "model.safetensors").read_bytes()
+    line = error_line(run("merge", ckpt, ckpt, ckpt), "funaudiochat merge")
+    assert f"OUT {ckpt} is BASE: writing there would replace an input" in line
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    line = error_line(run("merge", ckpt, ckpt, notes), "funaudiochat merge")
+    assert "exists and is not an empty folder" in line
+    assert notes.read_text() == "mine\n" and (ckpt / "model.safetensors").read_bytes() == weights
+    with pytest.raises(StorageError, match="exists and is not a folder"):  # fileio's own guard, for every writer
+        with atomic_path(notes, directory=True):
+            pass
+    assert notes.read_text() == "mine\n"
 
 
 def test_an_output_folder_that_is_a_file_is_one_line(tmp_path):

@@ -108,6 +108,12 @@ def merge_checkpoints(base_dir: Path, tuned_dir: Path, out_dir: Path, alpha: flo
     for d in (base_dir, tuned_dir):
         if not d.is_dir():
             raise CheckpointError(f"{d}: checkpoint folder not found")
+    # OUT is checked before the work, and nothing the user has is replaced (an input, a file, another folder)
+    for name, d in (("BASE", base_dir), ("STAGE1", tuned_dir)):
+        if out_dir.resolve() == d.resolve():
+            raise InputError(f"OUT {out_dir} is {name}: writing there would replace an input; name a new folder")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InputError(f"OUT {out_dir}: exists and is not an empty folder; name a new folder (or remove it)")
     base_delta, tuned_delta = lora.load_delta(base_dir), lora.load_delta(tuned_dir)
     out_delta = None
     try:

@@ -139,6 +139,12 @@ def test_merge_never_replaces_an_input_a_file_or_another_folder(ckpt, tmp_path):
     assert notes.read_text() == "mine\n"
 
 
+def test_eval_merge_tells_a_damaged_run_record_from_a_missing_one(tmp_path):
+    (tmp_path / "run.json").write_text('{"model": "m", "suites": ')  # torn by an interrupt
+    line = error_line(run("eval", "merge", tmp_path), "funaudiochat eval merge")
+    assert f"{tmp_path / 'run.json'}: not a readable run record" in line and "no run.json" not in line
+
+
 def test_an_output_folder_that_is_a_file_is_one_line(tmp_path):
     """fileio makes the target's folder: a file in its place (or no permission) was a raw FileExistsError."""
     preds = tmp_path / "openbookqa.jsonl"

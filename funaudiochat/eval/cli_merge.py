@@ -17,10 +17,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    path = args.out / "run.json"
+    if not path.is_file():
+        raise InputError(f"{args.out}: no run.json (not an `eval run` output folder)")
     try:
-        run = json.loads((args.out / "run.json").read_text())
+        run = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise InputError(f"{args.out}: no run.json (not an `eval run` output folder)") from err
+        run = err
+    if not (isinstance(run, dict) and isinstance(run.get("suites"), list) and "model" in run):
+        raise InputError(f"{path}: not a readable run record (`eval run` writes it; run it again)")
     for name in run["suites"]:
         runner.merge(args.out / name)
     finish(args.out, run["suites"], args.suites_dir, run["model"], judge_client(args))

@@ -41,7 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_arguments(p)
     p.add_argument("--mode", default="s2s", choices=["s2s", "s2t"])
     p.add_argument("--system", default=None, help=f"system prompt or preset: {', '.join(SYSTEM_PRESETS)}")
-    p.add_argument("--max-turns", type=int, default=8, help="user turns kept in the history (released: 8)")
+    p.add_argument("--max-turns", type=int, default=8,
+                   help="most user turns kept in the history (released: 8); past it the oldest are dropped down to "
+                        "half at once, so the cached history is prefilled again once per trim, not every turn")
     p.add_argument("--out", type=Path, default=Path("chat"), help="folder for spoken answers")
     add_sampling_arguments(p)
 

@@ -222,6 +222,16 @@ def test_audio_stage_filters_writes_records_and_resumes(tmp_path, judge, mini_di
 
     # manifest: every kept wav with its sha256; verify passes, and fails on a changed file
     assert build_mini.verify_manifest(out)["set_sha256"] == summary["manifest_sha256"]
+    # two worker processes (each with its own judge) make the same clips, verdicts and records
+    parallel = tmp_path / "parallel"
+    parallel.mkdir()
+    assert build_mini.run_audio_stage(text, parallel, progress=False, workers=2)["manifest_sha256"] \
+        == summary["manifest_sha256"]
+    pjournal = {e["id"]: e for e in map(json.loads, (parallel / "clips.jsonl").read_text().splitlines())}
+    assert {i: (e["kept"], e["voice"]) for i, e in pjournal.items()} == \
+        {i: (e["kept"], e["voice"]) for i, e in journal.items()}
+    assert all((parallel / f"{s}.jsonl").read_bytes() == (out / f"{s}.jsonl").read_bytes()
+               for s in ("train", "test", "test_snr10", "test_phone"))
     # resume: nothing is made again, the records and the set hash stay the same
     before = {p.name: p.read_bytes() for p in out.glob("*.jsonl")}
     again = build_mini.run_audio_stage(text, out, judge=judge, progress=False)

@@ -46,6 +46,28 @@ def test_synthesised_speech_is_understood_by_the_asr_judge(tmp_path, judge, voic
     assert scored["wer"] <= max_wer, [(i["reference"], i["hypothesis"]) for i in scored["items"] if i["wer"]]
 
 
+def test_piper_in_parts_is_the_packaged_voice_with_seeded_noise():
+    """Without noise, the parts path (encoder, durations, flow + decoder) is piper's whole graph; with noise, the
+    same seed gives the same audio (the whole graph draws its noise unseeded) and another seed another take."""
+    from piper import PiperVoice
+    from piper.config import SynthesisConfig
+
+    from funaudiochat.speech.piper_voice import voice_files
+
+    engine = synth.PiperEngine(threads=1)
+    text = SENTENCES[4] + " " + SENTENCES[0]  # two sentences: one piece each
+    mine = engine.parts.speak(text, 1.0, np.random.default_rng(0), noise_scale=0.0, noise_w=0.0)
+    model, config = voice_files()
+    theirs = np.concatenate([c.audio_float_array for c in PiperVoice.load(model, config).synthesize(
+        text, SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0))])
+    assert mine.shape == theirs.shape
+    np.testing.assert_allclose(mine, theirs, atol=2e-3)  # onnxruntime fp32 on two graph cuts, both [-1, 1]
+    take = engine.synthesize(SENTENCES[4], 1.0, np.random.default_rng(7))
+    assert np.array_equal(take, engine.synthesize(SENTENCES[4], 1.0, np.random.default_rng(7)))
+    other = engine.synthesize(SENTENCES[4], 1.0, np.random.default_rng(8))
+    assert other.shape != take.shape or not np.allclose(other, take, atol=1e-3)
+
+
 @pytest.mark.parametrize("voice", ["piper", "espeak:en-us"])
 def test_rate_one_and_a_half_shortens_duration_by_a_quarter(voice):
     text = SENTENCES[0]

@@ -425,34 +425,93 @@ def make_clip(clip: Clip, out: Path, seed: int, max_wer: float, judge) -> dict:
     return entry
 
 
+def _plan_attempts(clip: Clip, done: dict[str, dict], voices: dict[str, Voice], out: Path, seed: int,
+                   max_wer: float, retries: int) -> list[tuple[Clip, dict | None]] | None:
+    """The attempts that may make `clip`, each with its journal entry if already made (else None); None when the
+    journal already holds the attempt that stands for it (nothing to do)."""
+    if clip.base is not None:  # a robustness copy, in the voice its clean clip was finally kept in
+        base = kept_entry(done, clip.base, retries)
+        attempts = [] if base is None else [Clip(clip.id, clip.item, clip.split, clip.text, voices[base["voice"]],
+                                                 clip.aug, clip.base)]
+    else:
+        attempts = [clip] + [retry(clip, k, seed) for k in range(1, retries + 1)]
+    plan = []
+    for attempt in attempts:
+        entry = done.get(attempt.id)
+        entry = entry if _done(entry, attempt, out, max_wer) else None
+        if entry is not None and entry["kept"]:
+            return None
+        plan.append((attempt, entry))
+    return None if all(entry is not None for _, entry in plan) else plan
+
+
+def _make_first_kept(plan: list[tuple[Clip, dict | None]], out: Path, seed: int, max_wer: float, judge) -> list[dict]:
+    """Make the plan's attempts in order until one is kept; returns the new journal entries."""
+    new = []
+    for attempt, entry in plan:
+        if entry is None:
+            entry = make_clip(attempt, out, seed, max_wer, judge)
+            new.append(entry)
+        if entry["kept"]:
+            break
+    return new
+
+
+_WORKER_JUDGE = None  # the ASR judge of a --workers process, built once by _init_audio_worker
+
+
+def _init_audio_worker(threads: int) -> None:
+    global _WORKER_JUDGE
+    from funaudiochat.data import synth
+    from funaudiochat.eval.asr import AsrJudge
+
+    synth._ENGINE_THREADS = threads
+    _WORKER_JUDGE = AsrJudge(threads=threads)
+
+
+def _worker_job(job: tuple) -> list[dict]:
+    return _make_first_kept(*job, judge=_WORKER_JUDGE)
+
+
 def make_clips(clips: list[Clip], out: Path, seed: int, max_wer: float, judge, retries: int = RETRIES,
-               progress: bool = True) -> dict:
+               progress: bool = True, workers: int = 1, threads: int = 1) -> dict:
     """Make every clip not yet in the journal (OUT/clips.jsonl); a clip the judge rejects is tried again in up to
-    `retries` other voices of its split. Returns the journal, {attempt id: entry}."""
+    `retries` other voices of its split. With `workers` > 1, clips are made in that many processes (each with its
+    own judge and `threads` threads); a clip's result does not depend on the process that made it. Returns the
+    journal, {attempt id: entry}."""
+    import multiprocessing
+
     from tqdm import tqdm
 
     journal_path = out / "clips.jsonl"
     done = _read_journal(journal_path)
     voices = {v.name: v for v in VOICES}
-    with open(journal_path, "a", encoding="utf-8") as journal, \
-            tqdm(total=len(clips), desc="audio", unit="clip", disable=not progress, dynamic_ncols=True) as bar:
-        for clip in clips:
-            if clip.base is not None:  # a robustness copy, in the voice its clean clip was finally kept in
-                base = kept_entry(done, clip.base, retries)
-                attempts = [] if base is None else [Clip(clip.id, clip.item, clip.split, clip.text,
-                                                         voices[base["voice"]], clip.aug, clip.base)]
-            else:
-                attempts = [clip] + [retry(clip, k, seed) for k in range(1, retries + 1)]
-            for attempt in attempts:
-                entry = done.get(attempt.id)
-                if not _done(entry, attempt, out, max_wer):
-                    entry = make_clip(attempt, out, seed, max_wer, judge)
-                    journal.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    pool = None
+    if workers > 1:  # spawn: never fork a process that holds onnxruntime / CTranslate2 threads
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_audio_worker, initargs=(threads,))
+    try:
+        with open(journal_path, "a", encoding="utf-8") as journal, \
+                tqdm(total=len(clips), desc="audio", unit="clip", disable=not progress, dynamic_ncols=True) as bar:
+            # clean clips first: a robustness copy takes the voice its clean clip was kept in
+            for group in ([c for c in clips if c.base is None], [c for c in clips if c.base is not None]):
+                jobs = []
+                for clip in group:
+                    plan = _plan_attempts(clip, done, voices, out, seed, max_wer, retries)
+                    if plan is None:
+                        bar.update(1)
+                    else:
+                        jobs.append((plan, out, seed, max_wer))
+                results = (pool.imap_unordered(_worker_job, jobs) if pool
+                           else (_make_first_kept(*job, judge=judge) for job in jobs))
+                for entries in results:
+                    for entry in entries:
+                        journal.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                        done[entry["id"]] = entry
                     journal.flush()
-                    done[attempt.id] = entry
-                if entry["kept"]:
-                    break
-            bar.update(1)
+                    bar.update(1)
+    finally:
+        if pool is not None:
+            pool.terminate()
     return done
 
 
@@ -592,7 +651,7 @@ def audio_summary(done: dict[str, dict], clips: list[Clip], records_written: dic
 
 
 def run_audio_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float = MAX_WER, threads: int = 1,
-                    judge=None, progress: bool = True) -> dict:
+                    judge=None, progress: bool = True, workers: int = 1) -> dict:
     """Speak, judge and save every clip of TEXT's records; write the records, manifest and OUT/summary.json."""
     from funaudiochat.data import synth
 
@@ -601,12 +660,13 @@ def run_audio_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float = 
     records = read_text(text_path)
     clips = plan_clips(records, seed)
     t0 = time.perf_counter()
-    if judge is None:
+    if judge is None and workers == 1:
         from funaudiochat.eval.asr import AsrJudge
 
         judge = AsrJudge(threads=threads)
     synth._ENGINE_THREADS = threads  # onnxruntime threads of the Piper engine made in this process
-    done = make_clips(clips, out, seed, max_wer, judge, progress=progress)
+    done = make_clips(clips, out, seed, max_wer, judge, progress=progress, workers=workers,
+                      threads=max(1, threads // workers))
     written = write_records(records, done, out, meta["settings"]["system"])
     wanted = attempt_ids(clips)
     digest = write_manifest({k: v for k, v in done.items() if k in wanted}, out)

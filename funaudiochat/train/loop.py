@@ -27,7 +27,8 @@ from funaudiochat import fileio
 from funaudiochat.config import FunAudioChatConfig
 from funaudiochat.errors import CheckpointError, ConfigError
 from funaudiochat.model import presets
-from funaudiochat.model.checkpoint import load_model, materialize_buffers
+from funaudiochat.model.checkpoint import (load_model, load_state_dict_checked, materialize_buffers,
+                                           read_state_dict)
 from funaudiochat.model import lora
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.text.tokenizer import TextTokenizer
@@ -78,6 +79,8 @@ class Trainer:
         start_source = Path(r.model.checkpoint) if r.model.checkpoint else None
         source = resume_dir / "model" if resume_dir else start_source
         self.cfg = FunAudioChatConfig.load(source) if source else _preset_config(r)
+        if r.model.group_size:
+            self.cfg.audio_config.group_size = r.model.group_size
         self.tokenizer_path = _tokenizer_path(r)
         self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
         self._setup_data()
@@ -183,6 +186,9 @@ class Trainer:
             log.info("LoRA rank %d (alpha %g) on %d linear layers of the LLM", r.lora.rank, r.lora.alpha, len(names))
 
     def _full_model(self, source: Path | None) -> FunAudioChatModel:
+        k = self.cfg.audio_config.group_size
+        if source is not None and FunAudioChatConfig.load(source).audio_config.group_size != k:
+            return _regrouped_model(source, self.cfg, self.recipe)
         if source is not None:
             return load_model(source, dtype=torch.float32)
         torch.manual_seed(self.recipe.train.seed)
@@ -366,6 +372,22 @@ def _train_adapters_not_llm(model: torch.nn.Module) -> int:
         elif name.startswith(lora.LLM_PREFIX):
             p.requires_grad_(False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe) -> FunAudioChatModel:
+    """`source`'s weights in a model of another group size (recipe model.group_size): every tensor but the SRH's
+    ungrouping layer (`pre_matching`: one LLM state -> k vectors, its shape depends on k), which starts random."""
+    torch.manual_seed(r.train.seed)
+    model = FunAudioChatModel(cfg)
+    if model.audio_invert_tower is None:
+        raise ConfigError(f"model.group_size: {source} has no Speech Refined Head to regroup")
+    model.init_weights(r.model.init_std, modules=[model.audio_invert_tower.pre_matching])
+    state = {k: v.float() for k, v in read_state_dict(source).items()
+             if not k.startswith("audio_invert_tower.pre_matching.")}
+    load_state_dict_checked(model, {**model.state_dict(), **state}, str(source))
+    log.info("group size %d (the starting model's: %d): the SRH's pre_matching starts random",
+             cfg.audio_config.group_size, FunAudioChatConfig.load(source).audio_config.group_size)
+    return model
 
 
 def _seed_everything(seed: int, deterministic: bool) -> None:

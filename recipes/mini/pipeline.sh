@@ -36,9 +36,12 @@ if [ ! -d runs/mini/core_cocktail_merged ]; then
 fi
 train recipes/mini/core_cocktail_stage2.yaml runs/mini/core_cocktail_stage2
 train recipes/mini/single_stage_baseline.yaml runs/mini/single_stage_baseline
+# speaking (issue 14): the S2S stage on the hearing model, and the same at k = 1 for the DRSR comparison
+train recipes/mini/speak.yaml runs/mini/speak
+train recipes/mini/speak_k1.yaml runs/mini/speak_k1
 
-step "ship: deltas, assembly, evaluation"
-"$fac" assets mini-deltas runs/mini/core_cocktail_stage2/final models/mini --base checkpoints/mini-base
+step "ship: deltas (hearing + speaking), assembly, evaluation"
+"$fac" assets mini-deltas runs/mini/speak/final models/mini --base checkpoints/mini-base
 "$fac" assets mini checkpoints/mini
 "$fac" eval mini --model checkpoints/mini --data data/mini --split test --baseline runs/mini/single_stage_baseline/final \
   --latency 50 --compile --out runs/mini/eval --threads "$threads"

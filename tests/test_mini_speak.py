@@ -1,0 +1,71 @@
+"""fun-audio-chat-mini's speaking stages (issue 14 item 3) on a tiny random model and made-up S2S records, each a
+real `funaudiochat` process: recipes/mini/speak.yaml trains the SRH (config `trained.speaking` becomes true, and
+`hearing` with the adapter), `assets mini-deltas` ships the SRH and `assets mini` writes the Piper detokenizer.json;
+recipes/mini/speak_k1.yaml retrains the same model at group size 1 (the LLM at 25 Hz)."""
+from __future__ import annotations
+
+import json
+
+import torch
+from helpers import make_tiny_checkpoint, synthetic_s2s
+from test_mini_pipeline import SHRINK, cli, ok
+
+from funaudiochat.assets import mini_deltas
+from funaudiochat.model.checkpoint import read_state_dict
+from funaudiochat.train.metrics import read_metrics
+
+
+def _untrained_base(folder):
+    """A tiny checkpoint marked as `assets smollm2` marks the mini's start: nothing of hearing or speaking trained."""
+    base = make_tiny_checkpoint(folder)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["trained"] = {"hearing": False, "speaking": False}
+    (base / "config.json").write_text(json.dumps(cfg))
+    return base
+
+
+def test_speak_stage_trains_and_ships_the_srh(tmp_path):
+    base = _untrained_base(tmp_path / "base")
+    data = synthetic_s2s(tmp_path / "data", n=4)
+    common = [f"model.checkpoint={base}", f"data.train=[{data}]", *SHRINK, "lora.rank=2"]
+    ok(cli("train", "recipes/mini/speak.yaml", *common, f"run_dir={tmp_path / 'speak'}"))
+    final = tmp_path / "speak" / "final"
+    assert json.loads((final / "config.json").read_text())["trained"] == {"hearing": True, "speaking": True}
+    rows = read_metrics(tmp_path / "speak")
+    assert rows and all(r["speech_loss"] > 0 and r["text_loss"] > 0 for r in rows)  # both losses counted
+
+    models = tmp_path / "models"
+    ok(cli("assets", "mini-deltas", final, models, "--base", base))
+    deltas, meta = mini_deltas.read(models)
+    assert json.loads(meta["trained"]) == {"hearing": True, "speaking": True}
+    assert any(k.startswith("audio_invert_tower.crq_transformer.") for k in deltas)
+    ckpt = tmp_path / "mini"
+    ok(cli("assets", "mini", ckpt, "--deltas", models, "--base", base))
+    assert json.loads((ckpt / "detokenizer.json").read_text()) == {"kind": "piper-joe"}
+    assembled, trained = read_state_dict(ckpt), read_state_dict(final)
+    for k in trained:
+        torch.testing.assert_close(assembled[k], trained[k], rtol=0, atol=1e-5)
+
+
+def test_speak_at_group_size_1(tmp_path):
+    base = _untrained_base(tmp_path / "base")
+    data = synthetic_s2s(tmp_path / "data", n=4)
+    common = [f"model.checkpoint={base}", f"data.train=[{data}]", *SHRINK, "data.max_len=512", "lora.rank=2",
+              "train.trainable=[audio_invert_tower.*]"]
+    ok(cli("train", "recipes/mini/speak_k1.yaml", *common, f"run_dir={tmp_path / 'k1'}"))
+    final = tmp_path / "k1" / "final"
+    cfg = json.loads((final / "config.json").read_text())
+    assert cfg["audio_config"]["group_size"] == 1
+    assert cfg["trained"] == {"hearing": False, "speaking": True}  # the SRH alone trained: hearing stays untrained
+    before, after = read_state_dict(base), read_state_dict(final)
+    d = before["audio_invert_tower.pre_matching.weight"].shape[1]
+    assert after["audio_invert_tower.pre_matching.weight"].shape == (d, d)  # one vector per LLM state (k=5: 5d)
+    key = "continuous_audio_tower.layers.0.fc1.weight"  # not trained: carried over from the k=5 model
+    torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+    rows = read_metrics(tmp_path / "k1")
+    assert rows and all(r["speech_loss"] > 0 for r in rows)
+    # the k=1 model is not the shipped shape: one clear error
+    bad = cli("assets", "mini-deltas", final, tmp_path / "m", "--base", base)
+    assert bad.returncode == 1 and "pre_matching" in bad.stderr and "Traceback" not in bad.stderr
+    bad = cli("train", "recipes/mini/speak_k1.yaml", *common, "model.group_size=0", f"run_dir={tmp_path / 'x'}")
+    assert bad.returncode == 1 and "model.group_size" in bad.stderr and "Traceback" not in bad.stderr

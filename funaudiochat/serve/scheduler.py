@@ -462,9 +462,9 @@ class Scheduler:
 
         try:
             if make_audio:
-                detok = await asyncio.wrap_future(worker.call(
-                    self.detokenizer.stream, req.voice, self.detokenizer_hop, flow_window=FLOW_WINDOW,
-                    hift_reset=HIFT_RESET))
+                # (made beside the worker, not behind its current round: a new session's first chunk waits less)
+                detok = await loop.run_in_executor(self._prep_pool, lambda: self.detokenizer.stream(
+                    req.voice, self.detokenizer_hop, flow_window=FLOW_WINDOW, hift_reset=HIFT_RESET))
             while True:
                 item = await session._raw.get()
                 if isinstance(item, BaseException):

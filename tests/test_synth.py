@@ -46,6 +46,14 @@ def test_synthesised_speech_is_understood_by_the_asr_judge(tmp_path, judge, voic
     assert scored["wer"] <= max_wer, [(i["reference"], i["hypothesis"]) for i in scored["items"] if i["wer"]]
 
 
+def test_espeak_utterance_sounds_the_same_whatever_was_said_before():
+    """espeak-ng carries state from one utterance to the next; each is made from the freshly initialised state."""
+    engine = synth._engine("espeak")
+    first = engine.synthesize(SENTENCES[4], "en-us+f3", 1.0)
+    engine.synthesize(SENTENCES[0], "en-gb-x-rp+m3", 1.3)
+    assert np.array_equal(first, engine.synthesize(SENTENCES[4], "en-us+f3", 1.0))
+
+
 def test_piper_in_parts_is_the_packaged_voice_with_seeded_noise():
     """Without noise, the parts path (encoder, durations, flow + decoder) is piper's whole graph; with noise, the
     same seed gives the same audio (the whole graph draws its noise unseeded) and another seed another take."""

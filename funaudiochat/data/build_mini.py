@@ -32,7 +32,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import random
 import re
 import time
@@ -160,15 +159,13 @@ def run_text_stage(engine, tok, text_path: Path, work: Path, seed: int = 0, sett
                         "reject": reject, "finished": all(p.get("finished") for p in parts)})
     records += asr_items(records, seed, asr_quota)
     payload = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records).encode("utf-8")
-    text_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = text_path.with_name(text_path.name + ".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+    with fileio.atomic_path(text_path) as tmp, open(tmp, "wb") as raw, \
+            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
         gz.write(payload)  # mtime 0, no name: the same records give the same bytes
-    os.replace(tmp, text_path)
     meta = {"seed": seed, "limit": limit, "settings": asdict(settings), "model": "SmolLM2-135M-Instruct (greedy)",
             "sha256_jsonl": hashlib.sha256(payload).hexdigest(), "counts": text_counts(records),
             "seconds": round(time.perf_counter() - t0, 1)}
-    meta_path(text_path).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    fileio.write_text(meta_path(text_path), json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -220,7 +217,7 @@ def claim_out(out: Path, seed: int, resume: bool) -> None:
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out} exists and is not a build-mini folder; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"seed": seed}) + "\n", encoding="utf-8")
+    fileio.write_text(marker, json.dumps({"seed": seed}) + "\n")
 
 
 def check_text_seed(text_path: Path, seed: int) -> dict:
@@ -422,10 +419,8 @@ def make_clip(clip: Clip, out: Path, seed: int, max_wer: float, judge) -> dict:
             entry.update(kept=False, reason="asr_wer")
         else:
             path = Path("audio") / clip.split / f"{clip.id}.wav"
-            (out / path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = out / path.with_name(f".{clip.id}.partial.wav")
-            save_wav(tmp, wav, SAMPLE_RATE)
-            os.replace(tmp, out / path)
+            with fileio.atomic_path(out / path) as tmp:
+                save_wav(tmp, wav, SAMPLE_RATE)
             entry.update(kept=True, reason=None, path=str(path), bytes=(out / path).stat().st_size,
                          sha256=_sha256(out / path), samples=len(wav))
     entry["seconds"] = round(time.perf_counter() - t0, 3)
@@ -578,9 +573,7 @@ def write_records(records: list[dict], done: dict[str, dict], out: Path, system:
             if _reuse_for_asr(rec["id"]):
                 target.append(training_record(rec, entries, system, asr=True))
     for split, recs in by_split.items():
-        tmp = out / f".{split}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-        os.replace(tmp, out / f"{split}.jsonl")
+        fileio.write_text(out / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
     return {split: dict(sorted(Counter("asr" if r["task"] == "asr" else r["meta"]["family"] for r in recs).items()),
                         total=len(recs)) for split, recs in sorted(by_split.items())}
 
@@ -596,10 +589,9 @@ def write_manifest(done: dict[str, dict], out: Path) -> str:
     rows = sorted(({"path": e["path"], "sha256": e["sha256"], "bytes": e["bytes"], "id": e["id"],
                     "split": e["split"], "text": e["text"], "voice": e["voice"], "aug": e["aug"], "wer": e["wer"]}
                    for e in done.values() if e["kept"]), key=lambda r: r["path"])
-    (out / "manifest.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                        encoding="utf-8")
+    fileio.write_text(out / "manifest.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     digest = set_hash(rows)
-    (out / "manifest.sha256").write_text(digest + "\n", encoding="utf-8")
+    fileio.write_text(out / "manifest.sha256", digest + "\n")
     return digest
 
 
@@ -670,15 +662,14 @@ def run_speech_stage(out: Path, text_tokenizer, piper=None, progress: bool = Tru
                     rows.append(speak_record(rec, piper, text_tokenizer, instruction=instruction))
                 except InputError:  # an answer with nothing speakable in it
                     skipped[instruction or "plain"] += 1
-        with fileio.atomic_path(dst) as tmp:
-            Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        fileio.write_text(dst, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         by = Counter(r["meta"]["speech_instruction"] or "plain" for r in rows)
         summary[split] = {"records": len(rows), "by_instruction": dict(sorted(by.items())), "skipped": dict(skipped),
                           "seconds": round(time.perf_counter() - t0, 1)}
     path = out / "speech.json"
     old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     summary = {**old, **summary}
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    fileio.write_text(path, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -735,5 +726,5 @@ def run_audio_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float = 
                "voices": {split: [v.name for v in voices_for(split)] for split in mini_questions.SPLITS},
                "max_wer": max_wer,
                **audio_summary(done, clips, written, digest, time.perf_counter() - t0)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    fileio.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -300,20 +300,48 @@ class EspeakEngine:
         return 0  # 0 = go on
 
     def synthesize(self, text: str, voice: str, speed: float) -> np.ndarray:
+        """One utterance, made in a forked child. espeak-ng keeps state from one utterance to the next (its pitch
+        flutter index, filter and phase states: the same text said twice differs by ~40 % RMS), so a sound would
+        depend on what the process said before. This process never speaks itself: every child starts from the state
+        right after initialisation, its random generators seeded, so the same text, voice and speed always give the
+        same samples."""
         with self._lock:
-            if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
-                raise InputError(f"espeak voice {voice!r} is unknown to espeak-ng 1.52; use a voice file name "
-                                 "with an optional +variant, e.g. en-us, en, en-us+f3, en-gb-x-rp, cmn")
-            wpm = ESPEAK_WPM * float(np.interp(1.0 / speed, ESPEAK_DURATION_RATIOS, ESPEAK_SPEEDS))
-            self._lib.espeak_SetParameter(self._PARAM_RATE, int(round(wpm)), 0)
-            self._chunks.clear()
-            data = text.encode("utf-8")
-            err = self._lib.espeak_Synth(data, len(data) + 1, 0, self._POS_CHARACTER, 0, self._CHARS_UTF8, None, None)
-            self._lib.espeak_Synchronize()
-            if err != 0:
-                raise RuntimeError(f"espeak_Synth failed with code {err}")
-            samples = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
-        return samples.astype(np.float32) / 32768.0
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: speak, send b"O" + int16 samples (or b"V" / b"E" + why), leave at once
+                try:
+                    os.close(read_fd)
+                    with os.fdopen(write_fd, "wb") as out:
+                        out.write(self._speak_here(text, voice, speed))
+                finally:
+                    os._exit(0)
+            os.close(write_fd)
+            with os.fdopen(read_fd, "rb") as pipe:
+                reply = pipe.read()
+            os.waitpid(pid, 0)
+        if reply[:1] == b"V":
+            raise InputError(f"espeak voice {voice!r} is unknown to espeak-ng 1.52; use a voice file name "
+                             "with an optional +variant, e.g. en-us, en, en-us+f3, en-gb-x-rp, cmn")
+        if reply[:1] != b"O":
+            raise RuntimeError(f"espeak-ng failed: {reply[1:].decode(errors='replace') or 'no reply'}")
+        return np.frombuffer(reply[1:], dtype=np.int16).astype(np.float32) / 32768.0
+
+    def _speak_here(self, text: str, voice: str, speed: float) -> bytes:
+        # its noise sources: espeak's own generator and libc's rand(), which other libraries of this process move
+        self._lib.espeak_ng_SetRandSeed(ctypes.c_long(0))
+        ctypes.CDLL(None).srand(ctypes.c_uint(0))
+        if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            return b"V"
+        wpm = ESPEAK_WPM * float(np.interp(1.0 / speed, ESPEAK_DURATION_RATIOS, ESPEAK_SPEEDS))
+        self._lib.espeak_SetParameter(self._PARAM_RATE, int(round(wpm)), 0)
+        self._chunks.clear()
+        data = text.encode("utf-8")
+        err = self._lib.espeak_Synth(data, len(data) + 1, 0, self._POS_CHARACTER, 0, self._CHARS_UTF8, None, None)
+        self._lib.espeak_Synchronize()
+        if err != 0:
+            return f"Eespeak_Synth failed with code {err}".encode()
+        samples = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
+        return b"O" + samples.astype(np.int16).tobytes()
 
 
 _ENGINES: dict[str, object] = {}  # per process, built on first use

@@ -149,7 +149,8 @@ def test_the_server_worker_batches_sessions_and_isolates_a_failing_one(detok):
         finals = [f.result(timeout=120) for f in finals]
     finally:
         worker.close()
-    assert metrics.detok_round_streams.count >= 1 and metrics.detok_round_streams.sum >= 3
+    rounds = metrics.detok_round_streams  # some round drained the two good sessions together
+    assert rounds.counts[rounds.buckets.index(2)] >= 1
     for i in range(2):
         ref_chunks, ref_final = _alone(detok, tokens[i], dict(speaker=("中文女", "中文男")[i], hop=15))
         chunks = [c for result in got[i] for c in result]

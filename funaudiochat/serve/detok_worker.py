@@ -7,8 +7,9 @@
     worker.close()
 
 Each round takes everything that arrived while the previous round ran. A session's codes of that round are added
-to its stream together; the CosyVoice3 streams (`StreamingDetokenizer`: `feed` + `detokenizer.drain`) then make all
-their ready chunks in batched flow and HiFT calls, so N sessions cost far fewer calls than N one after another.
+to its stream together; the CosyVoice3 streams (`StreamingDetokenizer`: `feed` + `detokenizer.drain`) then make one
+ready chunk each in batched flow and HiFT calls, so N sessions cost far fewer calls than N one after another, and
+the next round comes back for the rest: a new session's first chunk never waits behind another's whole backlog.
 A stream without `feed` (Piper: its HiFi-GAN decoder is not causal, so a right-padded window would change the
 row's last frames; its chunk windows are bounded already) pushes alone. If a batched round fails, its streams are
 retried alone, so only the stream at fault fails. Final calls, and other calls, run after the round's pushes, in
@@ -32,18 +33,21 @@ class DetokenizerWorker:
         self._cond = threading.Condition()
         self._items: list[tuple] = []
         self._closed = False
+        self._backlog: dict = {}  # (worker thread) stream -> (deliver, alive): chunks still to make
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ any thread
     def push(self, stream, codes: list[int], deliver, alive=None) -> None:
         """Add codes to `stream`; `deliver(list of chunks | exception)` is called on the worker thread. `alive()`
-        False (the listener left): the codes are dropped unsynthesised."""
+        False (the listener left): the codes are dropped unsynthesised, and so is what the stream still held."""
         self._put(("push", stream, list(codes), deliver, alive))
 
     def finalize(self, stream) -> Future:
-        """The stream's last chunk (`stream.finalize()`), once the pushes before it are done."""
-        return self.call(stream.finalize)
+        """The stream's last chunk (`stream.finalize()`), once every chunk of the pushes before it is delivered."""
+        future: Future = Future()
+        self._put(("final", stream, future))
+        return future
 
     def call(self, fn, *args, **kwargs) -> Future:
         """Run `fn(*args, **kwargs)` on the worker thread, after the pushes that arrived before it."""
@@ -71,60 +75,78 @@ class DetokenizerWorker:
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
-                while not self._items and not self._closed:
+                while not self._items and not self._backlog and not self._closed:
                     self._cond.wait()
                 items, self._items = self._items, []
                 closed = self._closed
             if closed:
                 for item in items:
-                    if item[0] == "call":
-                        item[4].set_exception(RuntimeError("the server is shutting down"))
+                    if item[0] != "push":
+                        item[-1].set_exception(RuntimeError("the server is shutting down"))
                 return
             try:
                 self._round(items)
             except Exception as err:  # a bug here must not leave sessions waiting for ever: each gets the error
                 log.exception("a detokenizer round failed")
                 for item in items:
-                    if item[0] == "call":
-                        if not item[4].done():
-                            item[4].set_exception(err)
+                    if item[0] != "push":
+                        if not item[-1].done():
+                            item[-1].set_exception(err)
                     else:
                         _deliver(item[3], err)
+                for deliver, _ in self._backlog.values():
+                    _deliver(deliver, err)
+                self._backlog.clear()
 
     def _round(self, items: list[tuple]) -> None:
+        """New codes join their streams; then ONE chunk of every stream with one ready, batched, is delivered: a
+        stream's further chunks wait for the next round, behind what arrived meanwhile (a new session's first chunk
+        never waits for another's whole backlog, and a listener that left stops its stream at once)."""
         t0 = time.perf_counter()
-        pushes: dict = {}  # stream -> [codes, deliver], in order of arrival
-        calls = []
+        pushes: dict = {}  # stream -> [codes, deliver, alive], in order of arrival
+        others = []
         for item in items:
-            if item[0] == "call":
-                calls.append(item[1:])
+            if item[0] != "push":
+                others.append(item)
                 continue
             _, stream, codes, deliver, alive = item
-            if alive is not None and not alive():
-                continue
-            entry = pushes.setdefault(stream, [[], deliver])
-            entry[0] += codes
-        batched = []
-        for stream, (codes, deliver) in pushes.items():
+            if alive is None or alive():
+                entry = pushes.setdefault(stream, [[], deliver, alive])
+                entry[0] += codes
+        for stream, (codes, deliver, alive) in pushes.items():
             if not hasattr(stream, "feed"):
                 _deliver(deliver, _outcome(stream.push, codes))
             elif (err := _outcome(stream.feed, codes)) is not None:  # bad codes: this stream alone fails
                 _deliver(deliver, err)
             else:
-                batched.append((stream, deliver))
-        if batched:  # (a failed batched round is retried stream by stream: only the stream at fault fails)
-            results = drain([stream for stream, _ in batched], isolate=True)
-            for (_, deliver), result in zip(batched, results):
-                _deliver(deliver, result)
-        for fn, args, kwargs, future in calls:
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args, **kwargs))
-                except Exception as err:
-                    future.set_exception(err)
-        if self.metrics is not None and pushes:
+                self._backlog[stream] = (deliver, alive)
+        self._backlog = {s: v for s, v in self._backlog.items() if v[1] is None or v[1]()}
+        streams = list(self._backlog)
+        if streams:  # (a failed batched round is retried stream by stream: only the stream at fault fails)
+            for stream, result in zip(streams, drain(streams, isolate=True, rounds=1)):
+                deliver = self._backlog[stream][0]
+                if isinstance(result, Exception) or not result:  # failed, or nothing more is ready
+                    del self._backlog[stream]
+                if isinstance(result, Exception) or result:
+                    _deliver(deliver, result)
+        for item in others:
+            if item[0] == "final":
+                _, stream, future = item
+                if future.set_running_or_notify_cancel():
+                    held = self._backlog.pop(stream, None)
+                    if held is not None:  # its remaining chunks come first
+                        rest = drain([stream], isolate=True)[0]
+                        if isinstance(rest, Exception):
+                            future.set_exception(rest)
+                            continue
+                        _deliver(held[0], rest)
+                    _settle(future, stream.finalize)
+            elif item[-1].set_running_or_notify_cancel():
+                _, fn, args, kwargs, future = item
+                _settle(future, fn, *args, **kwargs)
+        if self.metrics is not None and streams:
             self.metrics.detok_round_seconds.observe(time.perf_counter() - t0)
-            self.metrics.detok_round_streams.observe(len(pushes))
+            self.metrics.detok_round_streams.observe(len(streams))
 
 
 def _outcome(fn, *args):
@@ -140,3 +162,10 @@ def _deliver(deliver, result) -> None:
         deliver(result)
     except Exception:  # the listener is gone (e.g. its event loop closed): nothing to tell
         log.debug("a detokenizer result had no listener", exc_info=True)
+
+
+def _settle(future: Future, fn, *args, **kwargs) -> None:
+    try:
+        future.set_result(fn(*args, **kwargs))
+    except Exception as err:
+        future.set_exception(err)

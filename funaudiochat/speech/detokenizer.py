@@ -23,6 +23,7 @@ stream makes alone, up to float rounding: tests/test_detokenizer_batch.py). `pus
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,18 +324,19 @@ class StreamingDetokenizer:
 MAX_PADDING = 1.5  # a batched call computes at most this many times the frames its rows need alone
 
 
-def drain(streams: list[StreamingDetokenizer], isolate: bool = False) -> list:
+def drain(streams: list[StreamingDetokenizer], isolate: bool = False, rounds: int | None = None) -> list:
     """Every chunk that is ready in each stream, as `push` makes them one stream at a time, with the non-final flow
     and HiFT calls of all the streams batched: per round, each stream with a ready chunk contributes one row (rows of
     similar lengths share a call, right-padded: `TokenToMelFlow.inference_rows`, `HiFTVocoder.forward_rows`).
     A stream's state moves only once its round has succeeded. -> the new chunks of each stream, in order.
     `isolate`: a failed batched round is retried stream by stream, and a stream that fails alone gets its exception
-    in place of its chunks (the others go on); otherwise the exception is raised."""
+    in place of its chunks (the others go on); otherwise the exception is raised. `rounds`: stop after that many
+    rounds (at most that many chunks per stream; a server delivers them before the rest, and lets new streams in)."""
     out: list = [[] for _ in streams]
-    while True:
+    for _ in itertools.count() if rounds is None else range(rounds):
         ready = [(i, s) for i, s in enumerate(streams) if isinstance(out[i], list) and s._window() is not None]
         if not ready:
-            return out
+            break
         groups: dict[tuple, list] = {}
         for i, s in ready:  # streams of one detokenizer and attention mode can share a call
             groups.setdefault((id(s.detok), s.chunk_attention), []).append((i, s))
@@ -352,6 +354,7 @@ def drain(streams: list[StreamingDetokenizer], isolate: bool = False) -> list:
                     out[i] = chunk
                 else:
                     out[i].append(chunk)
+    return out
 
 
 def _alone(stream: StreamingDetokenizer):

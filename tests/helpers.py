@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -303,3 +305,17 @@ class JsonEndpoint:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def error_line(run: subprocess.CompletedProcess, prefix: str, code: int = 1) -> str:
+    """The run failed (exit `code`) with exactly one `PREFIX: error: ...` line on stderr; returns that line."""
+    assert run.returncode == code, run.stdout + run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith(f"{prefix}: error: ")]
+    assert len(lines) == 1, run.stderr
+    return lines[0]
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Fill a small disk until only about `leave` bytes are free."""
+    st = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import make_tiny_tokenizer, synthetic_s2s, tiny_recipe
+from helpers import error_line as cli_error_line
+from helpers import fill, make_tiny_tokenizer, synthetic_s2s, tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 LATIN1 = '{"text": "caf\xe9 au lait"}'.encode("latin-1")  # one byte (0xe9) that is not UTF-8
@@ -38,16 +39,7 @@ def cli(*args, cwd=REPO) -> subprocess.CompletedProcess:
 
 def error_line(run: subprocess.CompletedProcess, command: str) -> str:
     """The run failed with exactly one `funaudiochat COMMAND: error: ...` line; returns that line."""
-    assert run.returncode == 1, run.stdout + run.stderr
-    lines = [line for line in run.stderr.splitlines() if line.startswith(f"funaudiochat {command}: error: ")]
-    assert len(lines) == 1, run.stderr
-    return lines[0]
-
-
-def fill(disk: Path, leave: int) -> None:
-    """Fill the small disk until only about `leave` bytes are free."""
-    st = os.statvfs(disk)
-    (disk / "filler").write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    return cli_error_line(run, f"funaudiochat {command}")
 
 
 def leftovers(folder: Path) -> list[str]:

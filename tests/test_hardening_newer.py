@@ -24,7 +24,7 @@ from funaudiochat.model.checkpoint import save_model
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
 from funaudiochat.serve import cli as serve_cli
-from tests.helpers import make_tiny_tokenizer, write_wav
+from tests.helpers import error_line, fill, make_tiny_tokenizer, write_wav
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "funaudiochat.cli"]
@@ -49,18 +49,6 @@ def run(*args, script=None) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "Traceback" not in done.stderr, done.stderr
     return done
-
-
-def error_line(done: subprocess.CompletedProcess, prefix: str, code: int = 1) -> str:
-    assert done.returncode == code, done.stdout + done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.startswith(f"{prefix}: error: ")]
-    assert len(lines) == 1, done.stderr
-    return lines[0]
-
-
-def fill(disk: Path, leave: int) -> None:
-    st = os.statvfs(disk)
-    (disk / "filler").write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
 
 
 def temporaries(folder: Path) -> list[str]:

@@ -467,7 +467,7 @@ def _init_audio_worker(threads: int) -> None:
     from funaudiochat.data import synth
     from funaudiochat.eval.asr import AsrJudge
 
-    synth._ENGINE_THREADS = threads
+    synth._ENGINE_THREADS = 1  # as in run_audio_stage
     _WORKER_JUDGE = AsrJudge(threads=threads)
 
 
@@ -716,7 +716,8 @@ def run_audio_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float = 
         from funaudiochat.eval.asr import AsrJudge
 
         judge = AsrJudge(threads=threads)
-    synth._ENGINE_THREADS = threads  # onnxruntime threads of the Piper engine made in this process
+    # one onnxruntime thread for Piper in every process: its float sums (so a wav's bytes) depend on the thread count
+    synth._ENGINE_THREADS = 1
     done = make_clips(clips, out, seed, max_wer, judge, progress=progress, workers=workers,
                       threads=max(1, threads // workers))
     written = write_records(records, done, out, meta["settings"]["system"])

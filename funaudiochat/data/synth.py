@@ -344,14 +344,15 @@ class EspeakEngine:
         return b"O" + samples.astype(np.int16).tobytes()
 
 
-_ENGINES: dict[str, object] = {}  # per process, built on first use
+_ENGINES: dict[tuple, object] = {}  # per process, built on first use
 _ENGINE_THREADS = 0
 
 
 def _engine(kind: str):
-    if kind not in _ENGINES:
-        _ENGINES[kind] = PiperEngine(_ENGINE_THREADS) if kind == "piper" else EspeakEngine()
-    return _ENGINES[kind]
+    key = (kind, _ENGINE_THREADS if kind == "piper" else 0)  # (onnxruntime's float sums depend on its threads)
+    if key not in _ENGINES:
+        _ENGINES[key] = PiperEngine(_ENGINE_THREADS) if kind == "piper" else EspeakEngine()
+    return _ENGINES[key]
 
 
 # ---------------------------------------------------------------- one utterance

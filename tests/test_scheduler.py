@@ -92,8 +92,8 @@ def test_chunked_prefill_from_a_shared_prefix_equals_the_whole_prefill(parts, on
     values, gives the whole prefill's logits, caches and speech group (up to float rounding), then the same answer."""
     engine, tok = parts
     sched = Scheduler(engine, tok)
-    first, first_gen, n = sched._prepare(_request(0.6, 20, 4))
-    prompt, gen, n2 = sched._prepare(_request(1.0, 21, 30, words([60, 61, 62])))
+    first_req, req = sched._prepare(_request(0.6, 20, 4)), sched._prepare(_request(1.0, 21, 30, words([60, 61, 62])))
+    (first, first_gen, n), (prompt, gen, n2) = [(x.prompt, x.gen, x.prefix_len) for x in (first_req, req)]
     assert n == n2 and 0 < n < prompt.input_ids.shape[1] - 3
     maker = engine.start_prefill(first, first_gen, chunk=5, save_prefix=n)
     while not maker.advance():
@@ -125,8 +125,8 @@ def test_chunked_prefill_from_a_shared_prefix_equals_the_whole_prefill(parts, on
     assert answer(state, logits, group) == answer(whole_state, whole_logits, whole_group)
 
     with pytest.raises(Exception, match="prefix"):  # a prefix that the prompt does not start with
-        other, other_gen, _ = sched._prepare(Request([{"role": "system", "content": words([90, 91])},
-                                                      {"role": "user", "content": words([50])}], mode="s2t"))
+        other, other_gen = sched.prepare(Request([{"role": "system", "content": words([90, 91])},
+                                                  {"role": "user", "content": words([50])}], mode="s2t"))
         engine.start_prefill(other, other_gen, prefix=prefix)
 
 

@@ -391,6 +391,9 @@ class ScriptedScheduler:
     def __init__(self, answers):
         self.answers, self.requests = list(answers), []
 
+    def forget_conversation(self, conversation):
+        pass
+
     async def submit(self, request):
         from funaudiochat.engine.events import TextDelta, TurnEnd, Usage
 

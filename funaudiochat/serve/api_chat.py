@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import json
 import logging
 
@@ -42,6 +43,7 @@ MAX_TURNS = 8  # user turns kept (released MAX_HISTORY_TURNS)
 MAX_RECORDING_S = 300.0  # one spoken turn
 MAX_NEW_TOKENS = 512  # the released server's generation limit
 OUTBOX_SIZE = 1024
+_CONVERSATIONS = itertools.count(1)
 _SPECIAL_EDGES = ("<|audio_bos|>", "<|sil|>", "<|audio_eos|>", "<|im_end|>")
 
 
@@ -127,6 +129,7 @@ class ApiChatSession:
         self.pcm: list[np.ndarray] = []
         self.pcm_len = 0
         self.answer: asyncio.Task | None = None
+        self.conversation = f"api_chat_{next(_CONVERSATIONS)}"  # names its cached keys and values in the scheduler
         # one Ogg/Opus stream per connection, as the client's decoder opens it once
         self.encoder = OpusEncoder()
 
@@ -201,12 +204,12 @@ class ApiChatSession:
         user = {"role": "user", "content": user_content(1), "audio": audio16k}
         turns = self.history + [user]
         users = [i for i, t in enumerate(turns) if t["role"] == "user"]
-        if len(users) > MAX_TURNS:
-            turns = turns[users[-MAX_TURNS]:]
+        if len(users) > MAX_TURNS:  # drop the oldest turns at once, down to half (as ChatSession does): the kept
+            turns = turns[users[-(MAX_TURNS // 2 + 1)]:]  # history is prefilled again once per trim, not every turn
         messages = [{"role": t["role"], "content": t["content"]} for t in turns]
         audios = [t["audio"] for t in turns if "audio" in t]
         request = Request(messages, audios, "s2s", system=self.system_prompt, voice=self.voice,
-                          generation={"max_new_tokens": MAX_NEW_TOKENS},
+                          generation={"max_new_tokens": MAX_NEW_TOKENS}, conversation=self.conversation,
                           audio_out=self.scheduler.detokenizer is not None)
         if not self.scheduler.speech:
             request.mode = "s2t"
@@ -247,6 +250,7 @@ class ApiChatSession:
     async def close(self) -> None:
         self.closed.set()
         await self._stop_answer()
+        self.scheduler.forget_conversation(self.conversation)  # (its answer is cancelled: it commits nothing)
 
 
 async def serve_api_chat(websocket, scheduler: Scheduler, voice=None) -> None:

@@ -47,6 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-chunk", type=int, default=64,
                    help="prompt positions prefilled per engine step, between the running sessions' decode steps "
                         "(0: a whole prompt at once)")
+    g.add_argument("--no-conversation-cache", dest="conversation_cache", action="store_false",
+                   help="prefill every turn of a realtime or /api/chat conversation whole, instead of reusing the "
+                        "keys and values of its last completed turn")
+    g.add_argument("--conversation-cache-mb", type=float, default=512.0,
+                   help="memory for the kept conversations' keys and values, MiB (least recently used dropped)")
+    g.add_argument("--max-conversations", type=int, default=64,
+                   help="conversations whose last turn's keys and values are kept at most")
 
 
 def build_context(args: argparse.Namespace):
@@ -67,6 +74,8 @@ def build_context(args: argparse.Namespace):
         raise InputError("--max-waiting must be >= 0")
     if args.prefill_chunk < 0:
         raise InputError("--prefill-chunk must be >= 0 (0: whole prompts)")
+    if args.conversation_cache_mb < 0 or args.max_conversations < 0:
+        raise InputError("--conversation-cache-mb and --max-conversations must be >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rt = load_runtime(args.model, args.dtype, args.device, speech=True, detokenizer_dir=args.detokenizer,
@@ -74,7 +83,9 @@ def build_context(args: argparse.Namespace):
     scheduler = Scheduler(rt.engine, rt.tokenizer, rt.detokenizer, max_sessions=args.max_sessions,
                           max_waiting=args.max_waiting, wait_timeout_s=args.wait_timeout, detokenizer_hop=args.hop,
                           detokenizer_threads=args.detokenizer_threads, prefill_chunk=args.prefill_chunk or None,
-                          allow_untrained=args.allow_untrained)
+                          allow_untrained=args.allow_untrained, conversation_cache=args.conversation_cache,
+                          max_conversations=args.max_conversations,
+                          max_conversation_bytes=int(args.conversation_cache_mb * 1024 * 1024))
     names = args.served_model_name or [args.model.resolve().name]
     return ServerContext(scheduler, names, api_key=args.api_key or None,
                          voices=Voices(rt.detokenizer, args.voices),

@@ -63,6 +63,10 @@ class Metrics:
         self.detok_round_seconds = Histogram(STEP_BUCKETS)  # one detokenizer round (all sessions' new codes)
         self.detok_round_streams = Histogram(BATCH_BUCKETS)  # sessions whose codes one round synthesised
         self.prefix_hits = Counter()      # prefills that started from a cached system-turn prefix
+        self.conversation_hits = Counter()  # prefills that started from their conversation's cached last turn
+        self.conversation_tokens_saved = Counter()  # prompt positions copied from a conversation's cache
+        self.prefill_tokens = Counter()   # prompt positions computed (not copied from a cache)
+        self.gauges: list[tuple[str, str, object]] = []  # (name, help, fn() -> value), read when rendered
         self.joins_in_place = Counter()   # sessions copied into a free row of a running batch
         self.batch_rebuilds = Counter()   # batch caches rebuilt (created, a join without a free row, compaction)
         self._rate_mark = (time.perf_counter(), 0)
@@ -88,12 +92,20 @@ class Metrics:
               self.rejected.value),
              ("funaudiochat_prefix_cache_hits_total", "counter", "prefills started from a cached system prompt",
               self.prefix_hits.value),
+             ("funaudiochat_conversation_cache_hits_total", "counter",
+              "prefills that started from their conversation's cached last turn", self.conversation_hits.value),
+             ("funaudiochat_conversation_cache_tokens_saved_total", "counter",
+              "prompt tokens copied from a conversation's cached last turn instead of prefilled",
+              self.conversation_tokens_saved.value),
+             ("funaudiochat_prefill_tokens_total", "counter", "prompt tokens prefilled (computed, not copied)",
+              self.prefill_tokens.value),
              ("funaudiochat_batch_joins_in_place_total", "counter", "sessions that joined a free batch row in place",
               self.joins_in_place.value),
              ("funaudiochat_batch_rebuilds_total", "counter", "batch caches rebuilt (copied whole)",
               self.batch_rebuilds.value),
              ("funaudiochat_uptime_seconds", "gauge", "seconds since the server started",
               round(time.time() - self.started, 3))]
+        g += [(name, "gauge", help_, fn()) for name, help_, fn in self.gauges]
         out = []
         for name, kind, help_, value in g:
             out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]

@@ -113,7 +113,7 @@ class _Answer:
         return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.text_tokens + u.speech_tokens,
                 "total_tokens": u.prompt_tokens + u.text_tokens + u.speech_tokens,
                 "prompt_tokens_details": {"audio_tokens": prompt_audio, "text_tokens": u.prompt_tokens - prompt_audio,
-                                          "cached_tokens": 0},
+                                          "cached_tokens": u.cached_tokens},
                 "completion_tokens_details": {"audio_tokens": u.speech_tokens, "text_tokens": u.text_tokens,
                                               "reasoning_tokens": 0, "accepted_prediction_tokens": 0,
                                               "rejected_prediction_tokens": 0}}

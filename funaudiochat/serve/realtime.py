@@ -178,6 +178,8 @@ class RealtimeSession:
         for task in tasks:  # the scheduler frees their batch rows at its next step
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # (after the answer's cancellation: a cancelled turn commits nothing, so the entry stays dropped)
+        self.scheduler.forget_conversation(self.id)
 
     # ------------------------------------------------------------------ session.update
     async def on_session_update(self, event: dict) -> None:
@@ -498,7 +500,8 @@ class RealtimeSession:
         request = Request(msgs, audios, "s2s" if "audio" in modalities and not use_tools else "s2t",
                           system=instructions, tools=use_tools,
                           voice=self.voices.resolve(voice) if voice is not None else None,
-                          generation={k: v for k, v in generation.items() if v is not None})
+                          generation={k: v for k, v in generation.items() if v is not None},
+                          conversation=self.id)  # its last completed turn's keys and values are reused
         item = Item(new_id("item"), "assistant", status="in_progress")
         response = Response(new_id("resp"), item, modalities if request.mode == "s2s" else ("text",))
         self.response = response
@@ -633,6 +636,7 @@ class RealtimeSession:
             body["usage"] = {"input_tokens": usage.prompt_tokens,
                              "output_tokens": usage.text_tokens + usage.speech_tokens,
                              "total_tokens": usage.prompt_tokens + usage.text_tokens + usage.speech_tokens,
+                             "input_token_details": {"cached_tokens": usage.cached_tokens},
                              "output_token_details": {"text_tokens": usage.text_tokens,
                                                       "audio_tokens": usage.speech_tokens}}
         if self.response is response:

@@ -30,7 +30,11 @@ How it runs: a dedicated engine thread loops: one chunk (`prefill_chunk` prompt 
 then one decode step for each batch of running sessions, so a long prompt never stalls running sessions for more
 than a chunk. Sessions waiting at the same moment with equal settings are prefilled together as one left-padded
 batch. The keys and values of each distinct system turn are computed once and copied into later prompts that start
-with it (copy-on-start prefix sharing, `max_prefixes` kept), so only the rest of a prompt is prefilled. When its
+with it (copy-on-start prefix sharing, `max_prefixes` kept), so only the rest of a prompt is prefilled. A request
+that names its conversation (`Request.conversation`) starts from that conversation's last completed turn instead:
+when a turn completes, its row's keys and values are kept (`ConversationStore`, LRU bounded in entries and bytes;
+`forget_conversation` drops one), and the next turn's prompt, compared position by position by content, prefills
+only what follows their longest common prefix (docs/serve.md, "Conversation cache"). When its
 prompt is in, a session chooses its first token exactly as a single run does and joins a batch. Sessions whose
 settings can share a step (same mode and sampling parameters; a seeded session always runs alone so its draws are
 its own) share a batch. A batch is one `DecodeState` whose live rows are right-aligned in a shared cache: a joining
@@ -63,9 +67,10 @@ from funaudiochat.engine.compiled import CACHE_BUCKET
 from funaudiochat.engine.events import AudioChunk, IncrementalDecoder, SpeechEnd, SpeechGroup, TextDelta, TurnEnd, Usage
 from funaudiochat.engine.generate import DecodeState, Engine, GenerationConfig, PrefillJob
 from funaudiochat.engine.inputs import check_trained
-from funaudiochat.engine.prefix_cache import PrefixStore, system_prefix_len
+from funaudiochat.engine.prefix_cache import (ConversationEntry, ConversationStore, PrefixKV, PrefixStore, audio_name,
+                                              audios_in, position_keys, snapshot_row, system_prefix_len)
 from funaudiochat.engine.presets import default_system, generation_preset
-from funaudiochat.engine.prompt import Prompt, build_prompt, stack_prompts
+from funaudiochat.engine.prompt import Prompt, build_prompt, prompt_ids, stack_prompts
 from funaudiochat.errors import ContextLengthError, FunAudioChatError, InputError
 from funaudiochat.model.backbone import KVCache
 from funaudiochat.serve.detok_worker import DetokenizerWorker
@@ -108,6 +113,21 @@ class Request:
     audio_out: bool = True                      # s2s: synthesise audio chunks (needs a detokenizer)
     answer_prefix: str = ""                     # s2t: text the answer is made to start with (e.g. a forced tool
                                                 # call's opening); not part of TurnEnd.text
+    conversation: str | None = None             # a key naming the conversation this turn belongs to: its last
+                                                # completed turn's keys and values are reused (conversation cache)
+
+
+@dataclass
+class _Prepared:
+    """A validated request: its prompt (without audio inputs for the audios `prefix` covers), generation settings,
+    the length of its system turn, and, for a turn of a known conversation, its position keys and the cached keys
+    and values of the conversation's last turn it starts with."""
+
+    prompt: Prompt
+    gen: GenerationConfig
+    prefix_len: int = 0
+    keys: list | None = None
+    conversation_prefix: PrefixKV | None = None
 
 
 # ---------------------------------------------------------------------------------------------- engine-side rows
@@ -168,11 +188,14 @@ class Session:
 
     _ids = itertools.count(1)
 
-    def __init__(self, scheduler: "Scheduler", request: Request, prompt: Prompt, gen: GenerationConfig,
-                 prefix_len: int = 0):
+    def __init__(self, scheduler: "Scheduler", request: Request, prepared: _Prepared):
         self.id = f"s{next(self._ids)}"
-        self.request, self.prompt, self.gen = request, prompt, gen
-        self.prefix_len = prefix_len  # leading prompt ids of the system turn (shareable keys and values), or 0
+        self.request, self.prompt, self.gen = request, prepared.prompt, prepared.gen
+        prompt = prepared.prompt
+        self.prefix_len = prepared.prefix_len  # leading prompt ids of the system turn (shareable keys and values)
+        self.keys = prepared.keys  # (a conversation's turn) what each prompt position holds, for its commit
+        self.conversation_prefix = prepared.conversation_prefix  # its conversation's cached keys and values
+        self.cached_tokens = 0  # leading prompt positions copied from a cache, not computed (set at its prefill)
         self.prompt_tokens = int(prompt.input_ids.shape[1])
         self._scheduler = scheduler
         self._loop = asyncio.get_running_loop()
@@ -240,7 +263,8 @@ class Scheduler:
     def __init__(self, engine: Engine, tokenizer, detokenizer=None, *, max_sessions: int = 8, max_waiting: int = 32,
                  wait_timeout_s: float = 10.0, detokenizer_hop: int = 15, detokenizer_threads: int = 1,
                  metrics: Metrics | None = None, frontend=None, prefill_chunk: int | None = 64,
-                 share_prefix: bool = True, max_prefixes: int = 8, allow_untrained: bool = False):
+                 share_prefix: bool = True, max_prefixes: int = 8, allow_untrained: bool = False,
+                 conversation_cache: bool = True, max_conversations: int = 64, max_conversation_bytes: int = 512 << 20):
         if max_sessions < 1 or max_waiting < 0:
             raise InputError("max_sessions must be >= 1 and max_waiting >= 0")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -259,6 +283,15 @@ class Scheduler:
         self._prefill: _Prefill | None = None          # (engine thread) the prefill under way
         self._joining = 0                              # (engine thread) rows of a finished prefill still to join
         self._prefixes = PrefixStore(max_prefixes)  # system-turn keys and values, LRU
+        # each conversation's last completed turn (keys and values), LRU; None: every turn prefills its whole prompt
+        self.conversations = ConversationStore(max_conversations, max_conversation_bytes) if conversation_cache \
+            else None
+        if self.conversations is not None:
+            self.metrics.gauges += [
+                ("funaudiochat_conversation_cache_entries", "conversations whose last turn's keys and values are kept",
+                 lambda: len(self.conversations)),
+                ("funaudiochat_conversation_cache_bytes", "bytes of the kept conversations' keys and values",
+                 lambda: self.conversations.nbytes)]
         self._stop = False
         self._thread: threading.Thread | None = None
         self._free_rows = max_sessions                 # batch rows nobody holds (event loop only)
@@ -308,11 +341,12 @@ class Scheduler:
     # ------------------------------------------------------------------ submission
     def prepare(self, request: Request) -> tuple[Prompt, GenerationConfig]:
         """Validate a request and build its prompt and generation settings (blocking; raises InputError)."""
-        prompt, gen, _ = self._prepare(request)
-        return prompt, gen
+        prepared = self._prepare(request, reuse=False)
+        return prepared.prompt, prepared.gen
 
-    def _prepare(self, request: Request) -> tuple[Prompt, GenerationConfig, int]:
-        """`prepare`, plus the length of the prompt's system turn (its shareable prefix; 0 if none)."""
+    def _prepare(self, request: Request, reuse: bool = True) -> _Prepared:
+        """`prepare`, plus the length of the prompt's system turn (its shareable prefix; 0 if none) and, with
+        `reuse`, the cached keys and values of the request's conversation that its prompt starts with."""
         if request.mode not in MODES:
             raise InputError(f"unknown mode {request.mode!r}; choose one of {', '.join(MODES)}")
         if request.mode == "s2s" and not self.speech:
@@ -327,6 +361,8 @@ class Scheduler:
         unknown = set(request.generation) - set(GENERATION_KEYS)
         if unknown:
             raise InputError(f"unknown generation setting(s): {', '.join(sorted(unknown))}")
+        if request.conversation is not None and not isinstance(request.conversation, str):
+            raise InputError("a conversation key must be a string")
         messages = [dict(m) for m in request.messages]
         if not messages or not any(m.get("role") == "user" for m in messages):
             raise InputError("a conversation needs at least one user message")
@@ -337,12 +373,11 @@ class Scheduler:
             messages.insert(0, {"role": "system", "content": system})
         elif request.tools:
             messages[0]["content"] = tools_system_prompt(request.tools, base=messages[0]["content"])
-        prompt = build_prompt(self.tokenizer, self.engine.cfg, messages, list(request.audios), self.frontend)
-        if request.answer_prefix:
-            forced = torch.tensor([self.tokenizer.encode(request.answer_prefix)], dtype=prompt.input_ids.dtype)
-            prompt.input_ids = torch.cat([prompt.input_ids, forced], dim=1)
-            prompt.attention_mask = torch.ones_like(prompt.input_ids)
-        n_prompt = int(prompt.input_ids.shape[1])
+        cfg, audios = self.engine.cfg, list(request.audios)
+        ids, counts = prompt_ids(self.tokenizer, cfg, messages, audios)
+        forced = self.tokenizer.encode(request.answer_prefix) if request.answer_prefix else []
+        ids += forced
+        n_prompt = len(ids)
         room = self.engine.max_seq_len - n_prompt
         if room < 1:
             raise ContextLengthError(f"the prompt has {n_prompt} tokens, the context holds {self.engine.max_seq_len}; "
@@ -357,9 +392,30 @@ class Scheduler:
             gen = gen.with_(max_new_tokens=room)
         if not gen.disable_speech and not self.speech:
             gen = gen.with_(disable_speech=True, force_text_abos=False)
-        n_system = (system_prefix_len(self.tokenizer, self.engine.cfg, messages[0], prompt.input_ids[0].tolist())
-                    if self.share_prefix else 0)
-        return prompt, gen, n_system
+        n_system = system_prefix_len(self.tokenizer, cfg, messages[0], ids) if self.share_prefix else 0
+        keys = prefix = None
+        if reuse and request.conversation is not None and self.conversations is not None:
+            keys = position_keys(ids, audios, counts, cfg.audio_token_index, self.engine.k,
+                                 names=[audio_name(a) for a in audios])
+            prefix = self.conversations.lookup(request.conversation, ids, keys, self._speech_on(gen), self.engine.k)
+            if prefix is not None and len(prefix) <= n_system:  # no more than the shared system turn
+                prefix = None
+        # the audios the conversation's keys and values cover are not encoded again: they get no audio inputs
+        cached_audios = audios_in(keys[:len(prefix)]) if prefix is not None else 0
+        prompt = build_prompt(self.tokenizer, cfg, messages, audios, self.frontend, cached_audios=cached_audios)
+        if forced:
+            prompt.input_ids = torch.cat([prompt.input_ids, torch.tensor([forced], dtype=prompt.input_ids.dtype)], 1)
+            prompt.attention_mask = torch.ones_like(prompt.input_ids)
+        return _Prepared(prompt, gen, n_system, keys, prefix)
+
+    def _speech_on(self, gen: GenerationConfig) -> bool:
+        return not gen.disable_speech and self.speech
+
+    def forget_conversation(self, conversation: str) -> None:
+        """Drop a conversation's cached keys and values (its client left). A turn of it still running commits
+        nothing once it is cancelled: cancel it first (thread-safe)."""
+        if self.conversations is not None:
+            self.conversations.drop(conversation)
 
     def check_hearing(self) -> None:
         """Raise InputError if this checkpoint cannot take audio input: its audio adapter was never trained
@@ -372,10 +428,10 @@ class Scheduler:
             raise ServerBusyError("the engine is not running", 503, 5)
         self.check_capacity()  # before building the prompt: a flood costs no feature extraction
         loop = asyncio.get_running_loop()
-        prompt, gen, prefix_len = await loop.run_in_executor(self._prep_pool, self._prepare, request)
+        prepared = await loop.run_in_executor(self._prep_pool, self._prepare, request)
         await self._acquire_row()
         self._active += 1
-        session = Session(self, request, prompt, gen, prefix_len)
+        session = Session(self, request, prepared)
         session._pump = asyncio.create_task(self._pump(session))
         with self._cond:
             self._inbox.append(session)
@@ -501,7 +557,8 @@ class Scheduler:
                     session._out.put_nowait(TextDelta(held))
                 reason = "stop" if stopped else item.reason
                 usage = Usage(session.prompt_tokens, len(item.text_ids), item.speech_tokens, item.prefill_s,
-                              first_text, first_audio, time.perf_counter() - session.submitted)
+                              first_text, first_audio, time.perf_counter() - session.submitted,
+                              session.cached_tokens)
                 final_text = stops.text if stopped else self.tokenizer.decode(item.text_ids)
                 session._out.put_nowait(TurnEnd(final_text, item.text_ids, tuple(codes), reason, usage,
                                                 np.concatenate(chunks) if chunks else None))
@@ -558,18 +615,28 @@ class Scheduler:
         first = self._queued.popleft()
         group, others = [first], deque()
         key = self._prefill_key(first)
-        while self._queued and not _runs_alone(key[0]):
+        # (a conversation's turn is prefilled alone: its prompt has no audio inputs for the audios its cached
+        # keys and values cover, which a batch's shared first computed position cannot tell apart)
+        while self._queued and not _runs_alone(key[0]) and first.conversation_prefix is None:
             session = self._queued.popleft()
-            fits = len(group) < self.max_sessions and self._prefill_key(session) == key
+            fits = (len(group) < self.max_sessions and self._prefill_key(session) == key
+                    and session.conversation_prefix is None)
             (group if fits else others).append(session)
         self._queued.extendleft(reversed(others))
         prefixes, save = [], 0
         for i, session in enumerate(group):
-            prefix = self._prefixes.get(*self._prefix_key(session)) if session.prefix_len else None
+            prefix = session.conversation_prefix
             if prefix is not None:
-                self.metrics.prefix_hits.inc()
-            elif i == 0:
-                save = session.prefix_len
+                self.metrics.conversation_hits.inc()
+                self.metrics.conversation_tokens_saved.inc(len(prefix))
+            elif session.prefix_len:
+                prefix = self._prefixes.get(*self._prefix_key(session))
+                if prefix is not None:
+                    self.metrics.prefix_hits.inc()
+                elif i == 0:
+                    save = session.prefix_len
+            session.cached_tokens = len(prefix) if prefix is not None else 0
+            self.metrics.prefill_tokens.inc(session.prompt_tokens - session.cached_tokens)
             prefixes.append(prefix)
         gen = first.gen
         if len(group) == 1:
@@ -644,7 +711,7 @@ class Scheduler:
         ids = session.prompt.input_ids[0].tolist()
         row = _Row(session, gen, gen.max_new_tokens, tail=ids[-self._tail_len(gen):], prefill_s=prefill_s)
         self._emit(row, result, r)
-        if self._row_done(row):
+        if self._row_done(row, state, r):
             return
         key = _batch_key(session)
         batch = self._batches.get(key)
@@ -688,7 +755,7 @@ class Scheduler:
         self.metrics.batch_rows.observe(len(live))
         for i, row in live:
             self._emit(row, result, i)
-            if self._row_done(row):
+            if self._row_done(row, state, i):
                 self._vacate(batch, i)
         if not batch.live:
             del self._batches[batch.key]
@@ -705,15 +772,41 @@ class Scheduler:
         self.metrics.tokens.inc(1 + (len(group) if group else 0))
         row.session._push(_Step(token, group, bool(result.speech_ended[i])))
 
-    def _row_done(self, row: _Row) -> bool:
-        """Finish the row if its answer is complete -> True."""
-        if row.text_ids[-1] in row.gen.eos_ids:
-            self._finish(row, "stop")
-            return True
-        if row.generated >= row.max_new:
-            self._finish(row, "length")
-            return True
-        return False
+    def _row_done(self, row: _Row, state: DecodeState, i: int) -> bool:
+        """Finish the row (row i of `state`) if its answer is complete -> True; a completed turn of a conversation
+        keeps its keys and values first (so its next turn, sent on seeing this one end, finds them)."""
+        reason = ("stop" if row.text_ids[-1] in row.gen.eos_ids else
+                  "length" if row.generated >= row.max_new else None)
+        if reason is None:
+            return False
+        if row.session.keys is not None and self.conversations is not None:
+            try:
+                self._commit(row, state, i)
+            except Exception:  # (a cache that cannot be kept only costs the next turn a whole prefill)
+                log.exception("session %s: keeping its conversation's cache failed", row.session.id)
+        self._finish(row, reason)
+        return True
+
+    def _commit(self, row: _Row, state: DecodeState, i: int) -> None:
+        """Keep row i's keys and values as its conversation's last turn: the prompt's positions and, text only, the
+        answer ids fed back. With the speech head on, the answer's positions (inputs fused with speech) and the
+        prompt's last one (its SRH slots hold the sampled speech) are not what a prefill of the next prompt
+        computes there, so they are not kept (prefix_cache.ConversationCache.commit: the same rule)."""
+        session, k = row.session, self.engine.k
+        n = self._row_len(state, i)
+        if n != session.prompt_tokens + len(row.text_ids) - 1:  # (the last answer id was never fed back)
+            log.warning("session %s: %d cached positions, expected %d; its conversation's cache is not kept",
+                        session.id, n, session.prompt_tokens + len(row.text_ids) - 1)
+            return
+        ids = session.prompt.input_ids[0].tolist()
+        speech = state.srh_cache is not None
+        if speech:
+            keys, ids = session.keys[:-1], ids[:-1]
+        else:
+            keys, ids = session.keys + row.text_ids[:-1], ids + row.text_ids[:-1]
+        prefix = snapshot_row(state, i, state.slot - n, tuple(ids), k)
+        self.conversations.commit(session.request.conversation, ConversationEntry(keys, prefix, speech),
+                                  still_wanted=lambda: not session.cancelled)
 
     def _finish(self, row: _Row, reason: str) -> None:
         self._end(row.session, _Finish(reason, tuple(row.text_ids), row.speech_tokens, row.prefill_s))

@@ -2,6 +2,7 @@
 decode step of B batched rows, and one streaming-detokenizer round of B sessions' chunks, batched vs one at a time.
 
     .venv/bin/python bench/serve_cost.py [--model tiny|CONFIG.json|DIR] [--detokenizer tiny|DIR] [--rows 1 4 8 16]
+        [--vocoder incremental whole] [--depth 0 10]
 
 Per B: decode CPU ms per step and per row-token, detokenizer CPU ms per chunk batched (`detokenizer.drain` of B
 streams, as the server's worker does) and alone (each stream drained by itself), and the detokenizer's share of a
@@ -49,21 +50,31 @@ def decode_cost(model_dir: Path, rows: int, steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def detok_cost(detok_dir: Path, rows: int, repeats: int = 3) -> tuple[float, float, float, float]:
+def detok_cost(detok_dir: Path, rows: int, repeats: int = 3, vocoder: str = "incremental", depth: int = 0
+               ) -> tuple[float, float, float, float]:
     """CPU seconds per chunk: B streams' next chunks drained together, the same chunks one stream at a time, and
-    the batched time's flow and HiFT parts."""
+    the batched time's flow and HiFT parts. Stream b is 1 + b % 4 + `depth` chunks into its answer."""
+    import copy
+
+    from funaudiochat.speech import detokenizer as detok_module
     from funaudiochat.speech.detokenizer import Detokenizer, drain
 
-    detok = Detokenizer.from_dir(detok_dir)
+    detok = detok_cost.cache.get(detok_dir) or Detokenizer.from_dir(detok_dir)
+    detok_cost.cache[detok_dir] = detok
     g = torch.Generator().manual_seed(0)
+    bases = []
+    for b in range(rows):  # each stream a few chunks in, of different lengths (as sessions are), one chunk ready
+        s = detok.stream(None, HOP, flow_window=200, hift_reset=500, vocoder=vocoder)
+        s.feed(torch.randint(0, 6561, (HOP * (1 + b % 4 + depth) + 3,), generator=g).tolist())
+        drain([s])
+        s.feed(torch.randint(0, 6561, (HOP,), generator=g).tolist())
+        bases.append(s)
 
-    def streams():  # each B stream a few chunks in, of different lengths (as sessions are), one chunk ready
+    def streams():  # copies of the prepared streams (the same chunk is made again)
         out = []
-        for b in range(rows):
-            s = detok.stream(None, HOP, flow_window=200, hift_reset=500)
-            s.feed(torch.randint(0, 6561, (HOP * (1 + b % 4) + 3,), generator=g).tolist())
-            drain([s])
-            s.feed(torch.randint(0, 6561, (HOP,), generator=g).tolist())
+        for base in bases:
+            s = detok.stream(None, HOP, flow_window=200, hift_reset=500, vocoder=vocoder)
+            s.state = copy.deepcopy(base.state)
             out.append(s)
         return out
 
@@ -81,12 +92,14 @@ def detok_cost(detok_dir: Path, rows: int, repeats: int = 3) -> tuple[float, flo
     together = alone = 0.0
     for _ in range(repeats):
         batch = streams()
-        flow_rows, hift_rows = detok.flow.inference_rows, detok.hift.forward_rows
+        flow_rows, hift_rows, vocode = detok.flow.inference_rows, detok.hift.forward_rows, detok_module.vocode_rows
         detok.flow.inference_rows, detok.hift.forward_rows = timed("flow", flow_rows), timed("hift", hift_rows)
+        detok_module.vocode_rows = timed("hift", vocode)
         t = time.process_time()
         drain(batch)
         together += time.process_time() - t
         del detok.flow.inference_rows, detok.hift.forward_rows  # (the instance attributes shadowed the methods)
+        detok_module.vocode_rows = vocode
         single = streams()
         t = time.process_time()
         for s in single:
@@ -96,12 +109,19 @@ def detok_cost(detok_dir: Path, rows: int, repeats: int = 3) -> tuple[float, flo
     return together / n, alone / n, spent["flow"] / n, spent["hift"] / n
 
 
+detok_cost.cache = {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--detokenizer", default="tiny")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--vocoder", nargs="+", default=["incremental"], choices=["incremental", "whole"],
+                    help="the streaming vocoder: incremental (the default) or whole (HiFT re-run on the whole mel)")
+    ap.add_argument("--depth", type=int, nargs="+", default=[0],
+                    help="extra chunks each stream has made before the measured one (its answer so far)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
@@ -110,22 +130,25 @@ def main() -> None:
         model = prepare_model(args.model, Path(tmp))
         detok = prepare_detokenizer(args.detokenizer, Path(tmp))
         print(f"model {args.model}, detokenizer {args.detokenizer}, one torch thread, CPU time (process_time)")
-        print("| B | decode ms/step | decode ms/row-token | detok ms/chunk batched (flow + HiFT) | detok ms/chunk alone "
-              "| detok share of a speech token's CPU, batched |")
-        print("|---|---|---|---|---|---|")
+        print("| vocoder | depth | B | decode ms/step | decode ms/row-token | detok ms/chunk batched (flow + HiFT) "
+              "| detok ms/chunk alone | detok share of a speech token's CPU, batched |")
+        print("|---|---|---|---|---|---|---|---|")
         results = []
         for rows in args.rows:
             step = decode_cost(model, rows, args.steps)
-            together, alone, flow, hift = detok_cost(detok, rows)
-            # per speech token: a decode step makes one group of k speech tokens per row; a chunk covers HOP tokens
-            k = decode_cost.rt.engine.k
-            per_token_decode, per_token_detok = step / rows / k, together / HOP
-            share = per_token_detok / (per_token_decode + per_token_detok)
-            print(f"| {rows} | {step * 1000:.1f} | {step * 1000 / rows:.1f} | {together * 1000:.1f} "
-                  f"({flow * 1000:.1f} + {hift * 1000:.1f}) | "
-                  f"{alone * 1000:.1f} | {share:.0%} |", flush=True)
-            results.append({"rows": rows, "step_s": step, "detok_batched_s": together, "detok_alone_s": alone,
-                            "flow_s": flow, "hift_s": hift})
+            for vocoder in args.vocoder:
+                for depth in args.depth:
+                    together, alone, flow, hift = detok_cost(detok, rows, vocoder=vocoder, depth=depth)
+                    # per speech token: a decode step makes k speech tokens per row; a chunk covers HOP tokens
+                    k = decode_cost.rt.engine.k
+                    per_token_decode, per_token_detok = step / rows / k, together / HOP
+                    share = per_token_detok / (per_token_decode + per_token_detok)
+                    print(f"| {vocoder} | {depth} | {rows} | {step * 1000:.1f} | {step * 1000 / rows:.1f} | "
+                          f"{together * 1000:.1f} ({flow * 1000:.1f} + {hift * 1000:.1f}) | "
+                          f"{alone * 1000:.1f} | {share:.0%} |", flush=True)
+                    results.append({"vocoder": vocoder, "depth": depth, "rows": rows, "step_s": step,
+                                    "detok_batched_s": together, "detok_alone_s": alone, "flow_s": flow,
+                                    "hift_s": hift})
         print(json.dumps(results))
 
 

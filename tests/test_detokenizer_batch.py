@@ -98,19 +98,26 @@ def test_padding_is_masked(detok):
         assert wav.shape == alone.shape and torch.allclose(wav, alone, atol=TOL)
 
 
-def test_a_failed_round_leaves_every_stream_as_it_was(detok, monkeypatch):
-    streams = [detok.stream(speaker=s) for s in ("中文女", "中文男")]
+@pytest.mark.parametrize("vocoder", ["whole", "incremental"])
+def test_a_failed_round_leaves_every_stream_as_it_was(detok, monkeypatch, vocoder):
+    from funaudiochat.speech import hift_stream
+
+    streams = [detok.stream(speaker=s, vocoder=vocoder) for s in ("中文女", "中文男")]
     for s, seed in zip(streams, (1, 2)):
         s.feed(_tokens(20, seed))
     before = [(list(s.state.tokens), s.state.token_offset, s.state.speech_offset) for s in streams]
 
-    def broken(self, mels):
+    def broken(self, *args):
         raise RuntimeError("vocoder out of memory")
-    monkeypatch.setattr(type(detok.hift), "forward_rows", broken)
+    if vocoder == "whole":
+        monkeypatch.setattr(type(detok.hift), "forward_rows", broken)
+    else:  # fails after every layer but the iSTFT has moved its (copied) state
+        monkeypatch.setattr(hift_stream._Rows, "istft", broken)
     with pytest.raises(RuntimeError):
         drain(streams)
     assert [(list(s.state.tokens), s.state.token_offset, s.state.speech_offset) for s in streams] == before
     assert all(s.state.mel is None for s in streams)
+    assert all(s.state.hift.frames == 0 and not s.state.hift.context for s in streams)
 
 
 def test_pack_bounds_the_padding():

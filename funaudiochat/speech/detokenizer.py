@@ -16,6 +16,9 @@ the offset are there, the flow runs on all tokens so far (not finalising: the la
 are appended to the accumulated mel, HiFT re-runs on the whole accumulated mel (not finalising: the last 8 frames are
 held back) and only the samples past the previous output are returned. `finalize()` runs the flow with full attention
 and HiFT finalising. Chunk boundaries are seamless because HiFT is causal and its noise is fixed.
+`vocoder="incremental"` (the default) makes the same samples (up to float rounding) by vocoding only each chunk's new
+mel frames, each HiFT layer continuing from its state (`hift_stream.py`), so a chunk's HiFT cost does not grow with
+the answer; `vocoder="whole"` re-runs HiFT on the whole accumulated mel as the released loop does.
 
 Many streams at once (a server's sessions): `feed` each its tokens, then `drain(streams)` makes every ready chunk
 with one batched flow call and one batched HiFT call per round (rows right-padded; each row's audio is what the
@@ -34,6 +37,7 @@ import torch
 from funaudiochat.errors import CheckpointError, InputError, SessionClosedError
 from funaudiochat.speech.cosyvoice_config import CosyVoiceConfig, load_cosyvoice_config
 from funaudiochat.speech.flow import TokenToMelFlow, released_flow_noise
+from funaudiochat.speech.hift_stream import HiFTStream, vocode_rows
 from funaudiochat.speech.vocoder import HiFTVocoder, released_source_rng
 
 log = logging.getLogger(__name__)
@@ -213,10 +217,10 @@ class Detokenizer:
         return torch.cat(pieces, dim=1)[0].float().cpu().numpy()
 
     def stream(self, speaker=None, hop: int = 15, chunk_attention: bool = True, flow_window: int | None = None,
-               hift_reset: int | None = None) -> "StreamingDetokenizer":
+               hift_reset: int | None = None, vocoder: str = "incremental") -> "StreamingDetokenizer":
         """A streaming session; see `StreamingDetokenizer`."""
         return StreamingDetokenizer(self, self.speaker_embedding(speaker), hop, chunk_attention, flow_window,
-                                    hift_reset)
+                                    hift_reset, vocoder)
 
 
 @dataclass
@@ -224,6 +228,7 @@ class StreamState:
     tokens: list[int] = field(default_factory=list)  # tokens of the current flow window
     token_offset: int = 0  # tokens of the window whose mel is already made
     mel: torch.Tensor | None = None  # [1, M, F] accumulated mel HiFT runs on
+    hift: HiFTStream = field(default_factory=HiFTStream)  # the incremental vocoder's state (vocoder="incremental")
     speech_offset: int = 0  # samples of HiFT's output already returned
     dropped_tokens: int = 0  # tokens dropped from the flow window since the last HiFT reset
     closed: bool = False
@@ -239,13 +244,19 @@ class StreamingDetokenizer:
         the oldest `flow_window` tokens leave the flow context; after `hift_reset` dropped tokens the accumulated mel
         is cleared too (the 8 frames HiFT held back are then lost, as in the web demo). None (default) keeps
         everything, as the official loop does: each chunk's cost then grows with the length of the answer.
+    `vocoder`: "incremental" (default) vocodes only each chunk's new mel frames, continuing HiFT's causal state: the
+        same samples as "whole" (the released loop: HiFT re-runs on the whole accumulated mel) up to float rounding,
+        at a cost per chunk that does not grow with the answer.
     The Fun-Audio-Chat web demo is `stream(hop=15, chunk_attention=False, flow_window=200, hift_reset=500)`.
     """
 
     def __init__(self, detok: Detokenizer, embedding: torch.Tensor, hop: int = 15, chunk_attention: bool = True,
-                 flow_window: int | None = None, hift_reset: int | None = None):
+                 flow_window: int | None = None, hift_reset: int | None = None, vocoder: str = "incremental"):
         if hop < 1:
             raise InputError(f"hop must be at least 1 token, got {hop}")
+        if vocoder not in VOCODER_MODES:
+            raise InputError(f"vocoder must be one of {', '.join(VOCODER_MODES)}, got {vocoder!r}")
+        self.incremental = vocoder == "incremental"
         self.detok, self.embedding, self.hop = detok, embedding, hop
         self.chunk_attention, self.flow_window, self.hift_reset = chunk_attention, flow_window, hift_reset
         self.lookahead = detok.flow.cfg.pre_lookahead_len
@@ -260,13 +271,19 @@ class StreamingDetokenizer:
         """`CosyVoice3Model.token2wav(finalize=True)` on the current state: full attention, HiFT finalising. It
         runs alone, not batched: the vocoder's final STFT / iSTFT frames use the row's own end."""
         detok, st = self.detok, self.state
+        new = None
         if len(st.tokens) > st.token_offset:
             tokens = torch.tensor(st.tokens, dtype=torch.long, device=detok.device).unsqueeze(0)
             mel = detok.flow.inference(tokens, self.embedding, finalize=True, streaming=False)
+            new = self._new_frames(mel)
             st.mel = self._accumulated(mel)
         if st.mel is None:
             return np.zeros(0, dtype=np.float32)
-        wav = detok.hift(st.mel, finalize=True)[0, st.speech_offset:]
+        if self.incremental:
+            new = st.mel[:, :, :0] if new is None else new
+            (st.hift,), (wav,) = vocode_rows(detok.hift, [st.hift], [new], finalize=True)
+        else:
+            wav = detok.hift(st.mel, finalize=True)[0, st.speech_offset:]
         st.speech_offset += wav.shape[0]
         return wav.float().cpu().numpy()
 
@@ -287,18 +304,27 @@ class StreamingDetokenizer:
         end = st.token_offset + self.hop + self.lookahead
         return st.tokens[:end] if len(st.tokens) >= end else None
 
+    def _new_frames(self, mel: torch.Tensor) -> torch.Tensor:
+        """This chunk's new mel frames in the flow output `mel` (of the whole window)."""
+        return mel[:, :, self.state.token_offset * self.detok.flow.cfg.token_mel_ratio:]
+
     def _accumulated(self, mel: torch.Tensor) -> torch.Tensor:
         """The accumulated mel HiFT runs on once this chunk's flow output `mel` (of the whole window) is in."""
-        new = mel[:, :, self.state.token_offset * self.detok.flow.cfg.token_mel_ratio:]
+        new = self._new_frames(mel)
         return new if self.state.mel is None else torch.cat([self.state.mel, new], dim=2)
 
-    def _commit(self, mel: torch.Tensor, wav: torch.Tensor | None) -> np.ndarray:
-        """Take a chunk's accumulated mel and HiFT output (None: too few frames yet); move past its hop, dropping
-        the oldest tokens (and the mel) at the flow window / HiFT reset bounds. -> the chunk's new samples."""
+    def _commit(self, mel: torch.Tensor, wav: torch.Tensor | None, hift: HiFTStream | None = None) -> np.ndarray:
+        """Take a chunk's accumulated mel and HiFT output (None: too few frames yet; incremental: the new samples
+        and the vocoder's new state `hift`); move past its hop, dropping the oldest tokens (and the mel) at the
+        flow window / HiFT reset bounds. -> the chunk's new samples."""
         st = self.state
         st.mel = mel
         chunk = np.zeros(0, dtype=np.float32)
-        if wav is not None:
+        if hift is not None:
+            st.hift = hift
+            chunk = wav.float().cpu().numpy()
+            st.speech_offset += chunk.shape[0]
+        elif wav is not None:
             chunk = wav[st.speech_offset:].float().cpu().numpy()
             st.speech_offset += chunk.shape[0]
         st.token_offset += self.hop
@@ -307,7 +333,7 @@ class StreamingDetokenizer:
             st.tokens = st.tokens[self.flow_window:]
             st.dropped_tokens += self.flow_window
             if self.hift_reset is not None and st.dropped_tokens >= self.hift_reset:
-                st.dropped_tokens, st.mel, st.speech_offset = 0, None, 0
+                st.dropped_tokens, st.mel, st.speech_offset, st.hift = 0, None, 0, HiFTStream()
         return chunk
 
     def finalize(self) -> np.ndarray:
@@ -322,12 +348,14 @@ class StreamingDetokenizer:
 
 
 MAX_PADDING = 1.5  # a batched call computes at most this many times the frames its rows need alone
+VOCODER_MODES = ("incremental", "whole")
 
 
 def drain(streams: list[StreamingDetokenizer], isolate: bool = False, rounds: int | None = None) -> list:
     """Every chunk that is ready in each stream, as `push` makes them one stream at a time, with the non-final flow
     and HiFT calls of all the streams batched: per round, each stream with a ready chunk contributes one row (rows of
-    similar lengths share a call, right-padded: `TokenToMelFlow.inference_rows`, `HiFTVocoder.forward_rows`).
+    similar lengths share a call, right-padded: `TokenToMelFlow.inference_rows`, then `hift_stream.vocode_rows` on
+    the new frames, or `HiFTVocoder.forward_rows` on the whole accumulated mel with vocoder="whole").
     A stream's state moves only once its round has succeeded. -> the new chunks of each stream, in order.
     `isolate`: a failed batched round is retried stream by stream, and a stream that fails alone gets its exception
     in place of its chunks (the others go on); otherwise the exception is raised. `rounds`: stop after that many
@@ -338,8 +366,8 @@ def drain(streams: list[StreamingDetokenizer], isolate: bool = False, rounds: in
         if not ready:
             break
         groups: dict[tuple, list] = {}
-        for i, s in ready:  # streams of one detokenizer and attention mode can share a call
-            groups.setdefault((id(s.detok), s.chunk_attention), []).append((i, s))
+        for i, s in ready:  # streams of one detokenizer, attention mode and vocoder mode can share a call
+            groups.setdefault((id(s.detok), s.chunk_attention, s.incremental), []).append((i, s))
         for group in groups.values():
             try:
                 chunks = _round([s for _, s in group])
@@ -371,11 +399,21 @@ def _round(streams: list[StreamingDetokenizer]) -> list[np.ndarray]:
     detok = streams[0].detok
     windows = [s._window() for s in streams]
     mels: list = [None] * len(streams)
+    news: list = [None] * len(streams)
     for rows in pack([len(w) for w in windows]):
         embeddings = torch.cat([streams[r].embedding for r in rows])
         for r, mel in zip(rows, detok.flow.inference_rows([windows[r] for r in rows], embeddings,
                                                           streaming=streams[0].chunk_attention)):
+            news[r] = streams[r]._new_frames(mel)
             mels[r] = streams[r]._accumulated(mel)
+    if streams[0].incremental:  # HiFT on each stream's new frames only (about one hop each), continuing its state
+        states: list = [None] * len(streams)
+        wavs = [None] * len(streams)
+        for rows in pack([news[r].shape[2] for r in range(len(streams))]):
+            got = vocode_rows(detok.hift, [streams[r].state.hift for r in rows], [news[r] for r in rows])
+            for r, state, wav in zip(rows, *got):
+                states[r], wavs[r] = state, wav
+        return [s._commit(mel, wav, state) for s, mel, wav, state in zip(streams, mels, wavs, states)]
     wavs: list = [None] * len(streams)
     vocode = [r for r, mel in enumerate(mels) if mel.shape[2] > 8]
     for rows in pack([mels[r].shape[2] for r in vocode]):

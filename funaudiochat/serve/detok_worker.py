@@ -10,6 +10,8 @@ Each round takes everything that arrived while the previous round ran. A session
 to its stream together; the CosyVoice3 streams (`StreamingDetokenizer`: `feed` + `detokenizer.drain`) then make one
 ready chunk each in batched flow and HiFT calls, so N sessions cost far fewer calls than N one after another, and
 the next round comes back for the rest: a new session's first chunk never waits behind another's whole backlog.
+HiFT vocodes only each chunk's new mel frames (`speech/hift_stream.py`): a chunk costs the same late in a long
+answer as early, so the rounds' batching is not eaten by answers growing.
 A stream without `feed` (Piper: its HiFi-GAN decoder is not causal, so a right-padded window would change the
 row's last frames; its chunk windows are bounded already) pushes alone. If a batched round fails, its streams are
 retried alone, so only the stream at fault fails. Final calls, and other calls, run after the round's pushes, in

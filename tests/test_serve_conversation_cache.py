@@ -317,3 +317,58 @@ def test_api_chat_names_its_conversation_and_trims_its_history_at_once():
     assert users == list(range(1, MAX_TURNS + 1)) + [5, 6, 7, 8, 5, 6]
     assert {r.conversation for r in scheduler.requests} == {conversation}
     assert scheduler.forgotten == [conversation]
+
+
+def test_realtime_trims_a_full_context_once_and_the_cache_serves_the_turns_after(tmp_path, one_thread):
+    from funaudiochat.serve.realtime import RealtimeSession
+
+    torch.manual_seed(0)
+    model = FunAudioChatModel(tiny())
+    model.init_weights(0.3)
+    engine = Engine(model.eval(), max_seq_len=200)
+    sched = Scheduler(engine, make_tiny_tokenizer(tmp_path / "tok"), max_sessions=1)
+
+    class NoVoices:
+        def names(self):
+            return []
+
+    async def run():
+        sched.start()
+        session = RealtimeSession(sched, NoVoices(), can_speak=False)
+        session.start()
+        done = []
+        try:
+            async def send(**event):
+                await session.on_text(json.dumps(event))
+
+            async def until(kind):
+                while True:
+                    event = await asyncio.wait_for(session.outbox.get(), 60)
+                    if event["type"] == kind:
+                        return event
+
+            await send(type="session.update", session={"instructions": SYSTEM, "turn_detection": None,
+                                                       "max_output_tokens": 4})
+            for turn in range(8):
+                await send(type="conversation.item.create", item={"type": "message", "role": "user", "content": [
+                    {"type": "input_text", "text": words(range(100 + 30 * turn, 130 + 30 * turn))}]})
+                await send(type="response.create")
+                done.append((await until("response.done"))["response"])
+        finally:
+            await session.close()
+            await sched.stop()
+        return done, session
+
+    done, session = asyncio.run(run())
+    assert all(r["status"] in ("completed", "incomplete") for r in done), [r["status_details"] for r in done]
+    prompts = [r["usage"]["input_tokens"] for r in done]
+    cached = [r["usage"]["input_token_details"]["cached_tokens"] for r in done]
+    trims = [t for t in range(1, 8) if prompts[t] < prompts[t - 1]]
+    assert trims, prompts  # the context (200) filled up: the prompt was trimmed instead of the answer failing
+    n_system = cached[trims[0]]  # the trimmed prompt is prefilled once, from the shared system turn only
+    assert n_system < 20 and all(c > n_system for t, c in enumerate(cached) if t and t not in trims)
+    for t in trims:
+        assert t + 1 >= 8 or cached[t + 1] >= prompts[t] - 1  # the turn after a trim reuses its keys and values
+    assert len(trims) < 4  # not every turn: at once, down to half the user turns
+    assert len(session.items) == 16  # the client's items stay
+    assert len(sched.conversations) == 0  # closed: its entry dropped

@@ -30,6 +30,12 @@ engine step whose speech was the last heard (each speech token is 40 ms of audio
 together, one text token per step), so the history holds what the user could have heard, to the model's own
 text-speech alignment.
 
+Each answer's request names the conversation (the session id), so the scheduler reuses the keys and values of its
+last completed turn and prefills only the new part (docs/serve.md, "Conversation cache"); closing the socket drops
+them. When the conversation no longer fits the model's context, the oldest user turns are left out of the prompt at
+once, down to the newest half (the client's items stay), so the prompt is prefilled whole once per trim, not every
+turn; past 200 items the oldest are dropped at once down to 100, for the same reason.
+
 Bad input never ends the session: each bad event gets an `error` event (with the client's event_id) and the
 session goes on. A client that does not read (the bounded outbox overflows) is disconnected and its response
 cancelled.
@@ -47,7 +53,7 @@ import numpy as np
 
 from funaudiochat.audio.io import resample
 from funaudiochat.engine.events import AudioChunk, SpeechGroup, TextDelta, TurnEnd
-from funaudiochat.errors import FunAudioChatError, InputError
+from funaudiochat.errors import ContextLengthError, FunAudioChatError, InputError
 from funaudiochat.serve.realtime_state import (MAX_BUFFER_S, MIN_COMMIT_MS, RATE, Item, RealtimeError,
                                                SessionConfig, conversation_messages, decode_pcm16, encode_pcm16,
                                                heard_text, new_id, number, parse_max_tokens, parse_modalities,
@@ -60,7 +66,7 @@ log = logging.getLogger(__name__)
 
 MODEL_RATE = 16000  # what the model hears
 MAX_EVENT_BYTES = 16 * 1024 * 1024  # one client event (OpenAI's limit is 15 MiB of audio per append)
-MAX_ITEMS = 200  # conversation items kept; older ones are dropped
+MAX_ITEMS = 200  # conversation items kept; past it, the oldest are dropped at once down to half
 OUTBOX_SIZE = 1024  # server events waiting for a slow client before it is disconnected
 AUDIO_DELTA_SAMPLES = RATE // 5  # audio deltas of at most 200 ms
 
@@ -109,6 +115,7 @@ class RealtimeSession:
         self.outbox: asyncio.Queue = asyncio.Queue(OUTBOX_SIZE)
         self.closed = asyncio.Event()  # set when the session must end (slow client, close())
         self.items: list[Item] = []
+        self.context_from: str | None = None  # the first item the prompt holds, once the context was full
         self.response: Response | None = None
         self.played: Response | None = None  # the last answer whose audio was sent
         self.tasks: set[asyncio.Task] = set()  # transcriptions
@@ -350,7 +357,27 @@ class RealtimeSession:
     # ------------------------------------------------------------------ conversation
     def _add_item(self, item: Item) -> None:
         self.items.append(item)
-        del self.items[:-MAX_ITEMS]
+        if len(self.items) > MAX_ITEMS:  # at once, not one per turn: the prompt's start moves once per trim
+            del self.items[:len(self.items) - MAX_ITEMS // 2]
+
+    def _prompt_items(self) -> list[Item]:
+        """The items the model sees: all of them, or those from `context_from` on once the context was full."""
+        ids = [item.id for item in self.items]
+        return self.items[ids.index(self.context_from):] if self.context_from in ids else self.items
+
+    def _trim_context(self) -> bool:
+        """The conversation no longer fits the model's context: leave the oldest user turns out of the prompt, down
+        to the newest half of them, at once (the client's items stay). The prompt then starts at the same item until
+        the next trim, so it is prefilled whole once and the conversation cache serves the turns after it.
+        -> False when there is nothing left to leave out."""
+        items = self._prompt_items()
+        users = [i for i, item in enumerate(items) if item.role == "user" and item.type == "message"]
+        if len(users) < 2:
+            return False
+        self.context_from = items[users[-(len(users) // 2)]].id
+        log.info("realtime session %s: the conversation fills the context; the prompt now starts at item %s",
+                 self.id, self.context_from)
+        return True
 
     def _emit_item_created(self, item: Item, previous: str | None) -> None:
         kind = "conversation.item.created" if self.beta else "conversation.item.added"
@@ -495,7 +522,7 @@ class RealtimeSession:
         temperature = number(spec["temperature"], "temperature", 0.0, 2.0) if "temperature" in spec \
             else cfg.temperature
         use_tools = tools if tools and tool_choice != "none" else None
-        msgs, audios = conversation_messages(self.items, None)
+        msgs, audios = conversation_messages(self._prompt_items(), None)
         generation = {"max_new_tokens": max_tokens, "temperature": temperature}
         request = Request(msgs, audios, "s2s" if "audio" in modalities and not use_tools else "s2t",
                           system=instructions, tools=use_tools,
@@ -524,7 +551,7 @@ class RealtimeSession:
         pending = np.zeros(0, np.float32)
         codes = 0  # speech tokens produced so far
         try:
-            response.engine = await self.scheduler.submit(request)
+            response.engine = await self._submit(request)
             if response.status == "cancelled":  # cancelled while waiting for a row
                 response.engine.cancel()
             async for event in response.engine:
@@ -572,6 +599,17 @@ class RealtimeSession:
             if self.response is response:
                 self.response = None
             self.emit_error("the answer failed while it was being finished", "response_failed", kind="server_error")
+
+    async def _submit(self, request: Request):
+        """The scheduler's session for this answer; a conversation too long for the context is trimmed (see
+        `_trim_context`) until it fits, or the ContextLengthError of its newest turn alone goes to the client."""
+        while True:
+            try:
+                return await self.scheduler.submit(request)
+            except ContextLengthError:
+                if not self._trim_context():
+                    raise
+                request.messages, request.audios = conversation_messages(self._prompt_items(), None)
 
     def _send_audio(self, response: Response, base: dict, samples: np.ndarray) -> None:
         if response.first_audio_at is None:

@@ -653,6 +653,8 @@ class Scheduler:
                 self._end(session, EngineFailure(f"the engine failed on this request: {err}"))
             return
         self._prefill = _Prefill(group, job, gen.with_(max_new_tokens=_UNBOUNDED))
+        for session in group:  # (the job holds what it copies; an evicted entry's memory goes with the job)
+            session.conversation_prefix = None
 
     @staticmethod
     def _prefill_key(session: Session) -> tuple:

@@ -1,7 +1,7 @@
 """Time prefill and per-step decode (S2T and S2S) on a random model built from a config.json.
 
     .venv/bin/python bench/generate.py ../shared/bench/bench_config.json|8b [--threads 2] [--steps 64]
-        [--compile] [--dtype fp32|bf16|int8] [--released-python REF_VENV/bin/python --released-code DIR [--rounds 3]]
+        [--compile] [--dtype fp32|bf16|int8] [--sampled] [--released-python REF_VENV/bin/python --released-code DIR [--rounds 3]]
 
 S2S step = one LLM step (text token) + the SRH's 5 speech tokens; S2T step = one LLM step with the SRH off.
 Medians over repeated runs after warm-up; fp32 on CPU by default (int8: weight-only int8 linears in the LLM and the
@@ -24,6 +24,7 @@ import torch
 from funaudiochat.config import FunAudioChatConfig
 from funaudiochat.engine.device import resolve_device
 from funaudiochat.engine.generate import Engine, GenerationConfig
+from funaudiochat.engine.presets import S2M_SAMPLING
 from funaudiochat.engine.prompt import Prompt
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.errors import InputError
@@ -92,6 +93,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true", help="Engine(compile=True): compiled decode step")
+    ap.add_argument("--sampled", action="store_true", help="the default S2S preset's sampling (temperature 0.8, "
+                    "top-p 0.9, repetition penalty 1.2, greedy text) on both sides, instead of greedy decoding")
     ap.add_argument("--modes", nargs="+", default=["s2s", "s2t"], choices=["s2s", "s2t"],
                     help="what to time (a large model compiles one graph per mode)")
     ap.add_argument("--released-python", default=None, help="python of an environment with the released pins")
@@ -125,7 +128,8 @@ def main() -> None:
     prompt = make_prompt(cfg, args.prompt_len)
     t = cfg.text_config
     # eos/pad ids outside the vocabulary keep random weights from stopping early
-    base = dict(max_new_tokens=args.steps, eos_token_id=t.vocab_size, pad_token_id=0)
+    base = dict(max_new_tokens=args.steps, eos_token_id=t.vocab_size, pad_token_id=0,
+                **(S2M_SAMPLING if args.sampled else {}))
     s2s = GenerationConfig(**base, force_text_abos=True, text_greedy=True)
     s2t = GenerationConfig(**base, disable_speech=True, text_greedy=True)
     released = None
@@ -133,6 +137,7 @@ def main() -> None:
         cmd = [args.released_python, str(Path(__file__).with_name("released_generate.py")), str(args.config),
                "--official", args.released_code, "--threads", str(args.threads), "--steps", str(args.steps),
                "--prompt-len", str(args.prompt_len), "--repeats", str(args.repeats), "--serve"]
+        cmd += ["--sampled"] if args.sampled else []
         released = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if released.stdout.readline().strip() != "ready":
             raise SystemExit("the released-code timer failed to start (see its error above)")
@@ -157,7 +162,8 @@ def main() -> None:
         released.stdin.close()
         released.wait()
     print(f"model: {config_name}, {n_params / 1e6:.1f}M parameters, {args.dtype}, {args.device}, "
-          f"{args.threads} threads, torch {torch.__version__}, compile={args.compile}; "
+          f"{args.threads} threads, torch {torch.__version__}, compile={args.compile}, "
+          f"{'sampled (S2S preset)' if args.sampled else 'greedy'}; "
           f"medians of {n_steps} steps x {args.repeats} runs, {args.rounds} rounds")
     rows = [("prefill, S2S (SRH on the prompt too)", "prefill_s_s2s"), ("prefill, S2T", "prefill_s_s2t"),
             ("S2S step (text + 5 speech tokens)", "step_s_s2s"), ("S2T step (text only)", "step_s_s2t")]

@@ -4,7 +4,7 @@ Runs in a separate environment that has the released code's pins (transformers 4
 `funaudiochat` package (the official repository's folder, which this project does not ship):
 
     REF_PY bench/released_generate.py CONFIG --official DIR [--threads 2 --steps 64 --prompt-len 50 --repeats 5]
-        [--rounds N | --serve]
+        [--rounds N | --serve] [--sampled]
 
 `bench/generate.py --released-python REF_PY --released-code DIR` runs this with --serve, alternating its rounds
 with ours, and prints the ratios. Prints "ready" after warm-up, then one JSON line per round {"prefill_s_s2s",
@@ -37,13 +37,13 @@ class StepClock:
         pass
 
 
-def run(model, ids, steps, sp_kwargs, eos, repeats):
+def run(model, ids, steps, sp_kwargs, eos, repeats, sampling):
     prefill, step = [], []
     for _ in range(repeats):
         model.sp_gen_kwargs = dict(sp_kwargs)
         clock = StepClock()
         t0 = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, **sampling,
                        eos_token_id=eos, pad_token_id=0, streamer=clock)
         prefill.append(clock.text_times[0] - t0)
         step += [b - a for a, b in zip(clock.text_times, clock.text_times[1:])]
@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--serve", action="store_true", help="time one round per line read from stdin")
+    ap.add_argument("--sampled", action="store_true",
+                    help="the released S2S sampling (temperature 0.8, top-p 0.9, repetition penalty 1.2, greedy text)")
     args = ap.parse_args()
     sys.path.insert(0, str(args.official))
     from funaudiochat.configuration_funaudiochat import FunAudioChatConfig
@@ -82,12 +84,15 @@ def main() -> None:
     ids = torch.randint(0, min(vocab, 400), (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     s2s = dict(text_greedy=True, only_crq_sampling=True, disable_speech=False, force_text_abos=True)
     s2t = dict(text_greedy=True, only_crq_sampling=True, disable_speech=True, force_text_abos=False)
+    # examples/infer_s2s.py's DEFAULT_S2M_GEN_KWARGS; text stays greedy (text_greedy), speech is sampled
+    sampling = (dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=0, repetition_penalty=1.2) if args.sampled
+                else dict(do_sample=False))
     with torch.no_grad():
-        run(model, ids, 4, s2s, vocab, 1)  # warm-up
+        run(model, ids, 4, s2s, vocab, 1, sampling)  # warm-up
         print("ready", flush=True)
         for _ in range(args.rounds) if not args.serve else sys.stdin:  # --serve: one round per input line
-            pre_s2s, step_s2s = run(model, ids, args.steps, s2s, vocab, args.repeats)
-            pre_s2t, step_s2t = run(model, ids, args.steps, s2t, vocab, args.repeats)
+            pre_s2s, step_s2s = run(model, ids, args.steps, s2s, vocab, args.repeats, sampling)
+            pre_s2t, step_s2t = run(model, ids, args.steps, s2t, vocab, args.repeats, sampling)
             print(json.dumps(dict(prefill_s_s2s=pre_s2s, step_s_s2s=step_s2s, prefill_s_s2t=pre_s2t,
                                   step_s_s2t=step_s2t)), flush=True)
 

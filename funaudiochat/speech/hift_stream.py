@@ -205,7 +205,7 @@ class _Rows:
         return out
 
 
-def _plan(hift: HiFTVocoder, states: list[HiFTStream], mels: list[torch.Tensor], finalize: bool):
+def _plan(states: list[HiFTStream], mels: list[torch.Tensor], finalize: bool):
     """Which rows vocode now and on which frames; rows too short for their first call keep their frames."""
     rows = []
     for r, (st, mel) in enumerate(zip(states, mels)):
@@ -232,7 +232,7 @@ def vocode_rows(hift: HiFTVocoder, streams: list[HiFTStream], mels: list[torch.T
     states = [st.copy() for st in streams]
     empty = mels[0].new_zeros(0) if mels else torch.zeros(0)
     out = [empty] * len(states)
-    rows = _plan(hift, states, mels, finalize)
+    rows = _plan(states, mels, finalize)
     if not rows:
         return states, out
     active = [states[r] for r, _ in rows]

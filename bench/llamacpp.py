@@ -111,9 +111,13 @@ class Ours:
 
 
 # ---------------------------------------------------------------- llama.cpp
-def import_llama_cpp():
+def check_llama_cpp() -> None:
     if importlib.util.find_spec("llama_cpp") is None:
         raise SystemExit(f"bench/llamacpp.py: error: {INSTALL_HINT}")
+
+
+def import_llama_cpp():
+    check_llama_cpp()
     import llama_cpp
     if llama_cpp.__version__ != LLAMA_CPP_VERSION:
         print(f"note: llama_cpp {llama_cpp.__version__}, not the pinned {LLAMA_CPP_VERSION}")
@@ -204,7 +208,8 @@ def main() -> None:
         check_args(args)
     except ValueError as err:
         ap.error(str(err))
-    llama_cpp = import_llama_cpp() if args.llama else None  # before anything slow
+    if args.llama:
+        check_llama_cpp()  # before anything slow
 
     import torch
     from funaudiochat.assets.smollm2 import smollm2_gguf_path
@@ -220,20 +225,23 @@ def main() -> None:
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
     prompt_ids, _ = render_ids(TextTokenizer.from_file(args.model), FunAudioChatConfig.load(Path(args.model)),
                                messages, [])  # fed as ids to both engines (the GGUF's vocabulary is ours)
-    engines = [Ours(args.model, variant, prompt_ids, args.new_tokens) for variant in args.ours]
-    source = args.gguf or smollm2_gguf_path()
-    for kind in args.llama:
-        path = llama_gguf(llama_cpp, source, kind, args.gguf_dir)
-        engines.append(LlamaCpp(llama_cpp, path, kind, args.threads, prompt_ids, args.new_tokens))
     print(f"prompt: {len(prompt_ids)} tokens; {args.new_tokens} greedy tokens; {args.threads} threads; "
-          f"{args.rounds} rounds x {args.repeats} runs")
-
+          f"{args.rounds} rounds x {args.repeats} runs", flush=True)
     tokens, first_run = {}, {}
-    for e in engines:  # the first run: tokens, and the compilation of ours
-        t0 = time.perf_counter()
-        tokens[e.name] = e.tokens()
-        first_run[e.name] = time.perf_counter() - t0
-        print(f"first run of {e.name}: {first_run[e.name]:.1f}s", flush=True)
+
+    def first_runs(new_engines):  # the tokens, and the compilation of ours
+        for e in new_engines:
+            t0 = time.perf_counter()
+            tokens[e.name] = e.tokens()
+            first_run[e.name] = time.perf_counter() - t0
+            print(f"first run of {e.name}: {first_run[e.name]:.1f}s", flush=True)
+        return new_engines
+
+    engines = first_runs([Ours(args.model, variant, prompt_ids, args.new_tokens) for variant in args.ours])
+    llama_cpp = import_llama_cpp() if args.llama else None
+    source = args.gguf or smollm2_gguf_path()
+    engines += first_runs([LlamaCpp(llama_cpp, llama_gguf(llama_cpp, source, kind, args.gguf_dir), kind,
+                                    args.threads, prompt_ids, args.new_tokens) for kind in args.llama])
     rounds = []
     for r in range(args.rounds):
         order = engines if r % 2 == 0 else engines[::-1]  # alternate: each sees the machine as the others do

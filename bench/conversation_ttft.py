@@ -95,24 +95,31 @@ def main() -> None:
                     times[name][t].append(first)
                 usage[name][t] = ends[name].usage
             alike[t] += ends["reuse"].text_ids == ends["whole history"].text_ids
-    print(f"{args.turns} turns of a {args.seconds:g} s spoken question, {args.mode.upper()}, greedy, "
+    print_turns(times, usage, alike, ("reuse", "whole history"), args, "ask()")
+
+
+def print_turns(times: dict, usage: dict, alike: list, names: tuple[str, str], args, what: str) -> None:
+    """The per-turn table: median (fastest) wall-clock ms and median CPU s to the first text token for both
+    variants (names[0] is the one whose usage is shown), then turn N / turn 1 for each."""
+    turns = len(alike)
+    print(f"{turns} turns of a {args.seconds:g} s spoken question, {args.mode.upper()}, greedy, "
           f"max_new_tokens {args.max_new_tokens}, {args.threads} threads, {args.rounds} rounds (turns interleaved): "
-          f"ask() -> first text token, median (fastest) wall-clock ms | median CPU s")
-    print(f"  {'turn':>4}  {'reuse':>28}  {'whole history':>28}  prompt  cached  same answer")
-    for t in range(args.turns):
+          f"{what} -> first text token, median (fastest) wall-clock ms | median CPU s")
+    print(f"  {'turn':>4}  {names[0]:>28}  {names[1]:>28}  prompt  cached  same answer")
+    for t in range(turns):
         cells = []
-        for x in (times["reuse"][t], times["whole history"][t]):
+        for x in (times[names[0]][t], times[names[1]][t]):
             wall, cpu = [w for w, _ in x], [c for _, c in x]
             cells.append(f"{1e3 * statistics.median(wall):8.0f} ({1e3 * min(wall):6.0f}) | {statistics.median(cpu):5.2f}"
                          if x else f"{'no text':>28}")
-        u = usage["reuse"][t]
+        u = usage[names[0]][t]
         print(f"  {t + 1:>4}  {cells[0]}  {cells[1]}  {u.prompt_tokens:>6}  {u.cached_tokens:>6}  "
               f"{alike[t]}/{args.rounds}")
-    for name in variants:
+    for name in names:
         first, last = times[name][0], times[name][-1]
         if first and last:
             ratios = [statistics.median(v[i] for v in last) / statistics.median(v[i] for v in first) for i in (0, 1)]
-            print(f"  {name}: turn {args.turns} / turn 1 = {ratios[0]:.2f} wall-clock, {ratios[1]:.2f} CPU (medians)")
+            print(f"  {name}: turn {turns} / turn 1 = {ratios[0]:.2f} wall-clock, {ratios[1]:.2f} CPU (medians)")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serve import prepare_detokenizer  # noqa: E402  (bench/serve.py: 'tiny' or a folder)
 from funaudiochat.speech.detokenizer import Detokenizer, drain  # noqa: E402
 
 PIECE = 6  # tokens arriving per stream between two rounds
@@ -46,12 +47,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.detokenizer == "tiny":
-            from tests.helpers import write_tiny_detokenizer
-            folder = write_tiny_detokenizer(Path(tmp) / "detok")
-        else:
-            folder = Path(args.detokenizer)
-        detok = Detokenizer.from_dir(folder)
+        detok = Detokenizer.from_dir(prepare_detokenizer(args.detokenizer, Path(tmp)))
     g = torch.Generator().manual_seed(0)
     tokens = [torch.randint(0, 6561, (args.tokens,), generator=g).tolist() for _ in range(args.streams)]
     for _ in range(args.repeats):

@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serve import prepare_detokenizer  # noqa: E402  (bench/serve.py: 'tiny' or a folder)
 from funaudiochat.speech.detokenizer import Detokenizer  # noqa: E402
 
 HOP = 15
@@ -46,12 +47,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.detokenizer == "tiny":
-            from tests.helpers import write_tiny_detokenizer
-            folder = write_tiny_detokenizer(Path(tmp) / "detok")
-        else:
-            folder = Path(args.detokenizer)
-        detok = Detokenizer.from_dir(folder)
+        detok = Detokenizer.from_dir(prepare_detokenizer(args.detokenizer, Path(tmp)))
     g = torch.Generator().manual_seed(0)
     for n in (18, 68, 118, 168, 218):
         tokens = torch.randint(0, 6561, (n,), generator=g).tolist()

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import time
 
 import torch
 
-from conversation_ttft import QUESTIONS, spoken  # bench/conversation_ttft.py: the same spoken questions
+from conversation_ttft import QUESTIONS, print_turns, spoken  # bench/conversation_ttft.py: same questions, table
 from funaudiochat.engine.events import TextDelta, TurnEnd
 from funaudiochat.engine.loading import load_runtime
 from funaudiochat.serve.realtime_state import Item, conversation_messages, new_id
@@ -72,25 +71,7 @@ async def run(args, rt, audios) -> None:
     finally:
         for sched in scheds.values():
             await sched.stop()
-    print(f"{len(audios)} turns of a {args.seconds:g} s spoken question, {args.mode.upper()}, greedy, "
-          f"max_new_tokens {args.max_new_tokens}, {args.threads} threads, {args.rounds} rounds (turns interleaved): "
-          f"submit -> first text token, median (fastest) wall-clock ms | median CPU s")
-    print(f"  {'turn':>4}  {'cache':>28}  {'no cache':>28}  prompt  cached  same answer")
-    for t in range(len(audios)):
-        cells = []
-        for x in (times["cache"][t], times["no cache"][t]):
-            wall, cpu = [w for w, _ in x], [c for _, c in x]
-            cells.append(f"{1e3 * statistics.median(wall):8.0f} ({1e3 * min(wall):6.0f}) | {statistics.median(cpu):5.2f}"
-                         if x else f"{'no text':>28}")
-        u = usage["cache"][t]
-        print(f"  {t + 1:>4}  {cells[0]}  {cells[1]}  {u.prompt_tokens:>6}  {u.cached_tokens:>6}  "
-              f"{alike[t]}/{args.rounds}")
-    for name in variants:
-        first, last = times[name][0], times[name][-1]
-        if first and last:
-            ratios = [statistics.median(v[i] for v in last) / statistics.median(v[i] for v in first) for i in (0, 1)]
-            print(f"  {name}: turn {len(audios)} / turn 1 = {ratios[0]:.2f} wall-clock, {ratios[1]:.2f} CPU (medians)")
-
+    print_turns(times, usage, alike, ("cache", "no cache"), args, "submit")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -118,6 +118,13 @@ def test_speech_stage_writes_s2s_records_with_instruction_variants(piper, text_t
     before = (tmp_path / "train_s2s.jsonl").stat().st_mtime_ns
     assert build_mini.run_speech_stage(tmp_path, text_tok, piper, progress=False)["train"] == summary["train"]
     assert (tmp_path / "train_s2s.jsonl").stat().st_mtime_ns == before  # up to date: kept as is
+    records = (tmp_path / "train.jsonl").read_text()
+    (tmp_path / "train.jsonl").write_text(records)  # rewritten with the same bytes (as every audio stage run does)
+    build_mini.run_speech_stage(tmp_path, text_tok, piper, progress=False)
+    assert (tmp_path / "train_s2s.jsonl").stat().st_mtime_ns == before
+    (tmp_path / "train.jsonl").write_text(records.split("\n", 1)[1])  # one record fewer: made again
+    assert build_mini.run_speech_stage(tmp_path, text_tok, piper, progress=False)["train"]["records"] < \
+        summary["train"]["records"]
     (tmp_path / "dev.jsonl").unlink()
     (tmp_path / "dev_s2s.jsonl").unlink()
     with pytest.raises(InputError, match="dev.jsonl: no records; run the audio stage first"):

@@ -639,19 +639,22 @@ def instructions_for(record_id: str, split: str) -> list[str]:
 
 def run_speech_stage(out: Path, text_tokenizer, piper=None, progress: bool = True) -> dict:
     """OUT/{split}.jsonl's QA records -> OUT/{split}_s2s.jsonl (spoken answers, instruction variants) and
-    OUT/speech.json (counts, seconds). A split whose S2S file is newer than its records is kept as is."""
+    OUT/speech.json (counts, seconds, the records' sha256). A split whose S2S file was made from records with the
+    same sha256 is kept as is (the audio stage rewrites the records on every run, with the same bytes)."""
     from tqdm import tqdm
 
     from funaudiochat.data.spoken_answers import speak_record
     from funaudiochat.speech.piper_tokens import PiperTokenizer
 
     out = Path(out)
-    summary = {}
+    path = out / "speech.json"
+    summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     for split in SPEECH_SPLITS:
         src, dst = out / f"{split}.jsonl", out / f"{split}_s2s.jsonl"
         if not src.is_file():
             raise InputError(f"{src}: no records; run the audio stage first")
-        if dst.is_file() and dst.stat().st_mtime > src.stat().st_mtime:
+        source = _sha256(src)
+        if dst.is_file() and summary.get(split, {}).get("source_sha256") == source:
             continue
         piper = piper or PiperTokenizer()
         t0, rows, skipped = time.perf_counter(), [], Counter()
@@ -665,11 +668,8 @@ def run_speech_stage(out: Path, text_tokenizer, piper=None, progress: bool = Tru
         fileio.write_text(dst, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         by = Counter(r["meta"]["speech_instruction"] or "plain" for r in rows)
         summary[split] = {"records": len(rows), "by_instruction": dict(sorted(by.items())), "skipped": dict(skipped),
-                          "seconds": round(time.perf_counter() - t0, 1)}
-    path = out / "speech.json"
-    old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    summary = {**old, **summary}
-    fileio.write_text(path, json.dumps(summary, indent=2) + "\n")
+                          "seconds": round(time.perf_counter() - t0, 1), "source_sha256": source}
+        fileio.write_text(path, json.dumps(summary, indent=2) + "\n")  # now: a stop in a later split keeps this one
     return summary
 
 

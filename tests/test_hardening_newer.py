@@ -81,6 +81,10 @@ def test_serve_eval_run_and_bench_check_the_device_before_loading(ckpt, tmp_path
     ("--threads", "-1", "--threads must be >= 1, got -1"),  # was torch's RuntimeError
     ("--max-seq-len", "0", "--max-seq-len must be >= 1, got 0"),  # was accepted: every request then failed
     ("--detokenizer", "/no/such/folder", "--detokenizer /no/such/folder: no such folder"),
+    ("--conversation-cache-mb", "nan", "--conversation-cache-mb must be a finite number >= 0"),  # was int(nan)'s error
+    ("--conversation-cache-mb", "inf", "--conversation-cache-mb must be a finite number >= 0"),
+    ("--conversation-cache-mb", "-1", "--conversation-cache-mb must be a finite number >= 0"),
+    ("--max-conversations", "-1", "--max-conversations >= 0"),
 ])
 def test_serve_checks_the_runtime_flags_as_infer_does(tmp_path, option, value, message):
     parser = argparse.ArgumentParser()

@@ -74,8 +74,8 @@ def build_context(args: argparse.Namespace):
         raise InputError("--max-waiting must be >= 0")
     if args.prefill_chunk < 0:
         raise InputError("--prefill-chunk must be >= 0 (0: whole prompts)")
-    if args.conversation_cache_mb < 0 or args.max_conversations < 0:
-        raise InputError("--conversation-cache-mb and --max-conversations must be >= 0")
+    if not (0 <= args.conversation_cache_mb < float("inf")) or args.max_conversations < 0:  # (NaN fails the first)
+        raise InputError("--conversation-cache-mb must be a finite number >= 0 and --max-conversations >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rt = load_runtime(args.model, args.dtype, args.device, speech=True, detokenizer_dir=args.detokenizer,

@@ -101,6 +101,11 @@ def words(ids) -> str:
     return " ".join(f"w{int(i)}" for i in ids)
 
 
+def noise_audio(seconds: float, seed: int) -> np.ndarray:
+    """`seconds` of 16 kHz float32 Gaussian noise (std 0.1): a clip for a model's ear, seeded."""
+    return (np.random.default_rng(seed).standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)
+
+
 def write_wav(path, seconds: float, seed: int = 0, sample_rate: int = 16000, freq: float | None = None) -> Path:
     """A mono 16-bit wav of `seconds`: a tone at `freq` Hz plus a little noise (pure noise without `freq`)."""
     import soundfile as sf

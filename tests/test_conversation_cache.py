@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,7 +17,7 @@ from funaudiochat.engine.session import ChatSession
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
 from funaudiochat.text.chat import user_content
-from tests.helpers import make_tiny_tokenizer, words
+from tests.helpers import make_tiny_tokenizer, noise_audio, words
 
 S2S = GenerationConfig(max_new_tokens=8, eos_token_id=511, pad_token_id=500, text_greedy=True, force_text_abos=True)
 S2T = S2S.with_(disable_speech=True, force_text_abos=False, eos_token_id=502)
@@ -33,7 +32,7 @@ def parts(tmp_path_factory):
 
 
 def _wav(seconds, seed):
-    return (np.random.default_rng(seed).standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)
+    return noise_audio(seconds, seed)
 
 
 # each turn: (audio seconds or None, text word ids)

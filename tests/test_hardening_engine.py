@@ -25,7 +25,7 @@ from funaudiochat.errors import ConfigError, InputError
 from funaudiochat.model.checkpoint import save_model
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
-from tests.helpers import make_tiny_tokenizer, words, write_wav
+from tests.helpers import make_tiny_tokenizer, noise_audio, words, write_wav
 
 GEN = GenerationConfig(max_new_tokens=6, eos_token_id=511, pad_token_id=500, text_greedy=True, force_text_abos=True)
 CLI = [sys.executable, "-m", "funaudiochat.cli"]
@@ -58,7 +58,7 @@ def ckpt(tmp_path_factory):
 
 
 def _wav(seconds=0.5, seed=1):
-    return (np.random.default_rng(seed).standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)
+    return noise_audio(seconds, seed)
 
 
 def _answer(session, audio=None, text=None):

@@ -12,7 +12,7 @@ from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
 from funaudiochat.serve.scheduler import FLOW_WINDOW, HIFT_RESET, Request, Scheduler, ServerBusyError
 from funaudiochat.text.chat import user_content
-from tests.helpers import make_tiny_tokenizer, words, write_tiny_detokenizer
+from tests.helpers import make_tiny_tokenizer, noise_audio, words, write_tiny_detokenizer
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def parts(tmp_path_factory):
 
 
 def _audio(seconds, seed):
-    return (np.random.default_rng(seed).standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)
+    return noise_audio(seconds, seed)
 
 
 def _request(seconds, seed, max_new, text=None, **kw):

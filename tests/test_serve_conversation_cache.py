@@ -21,7 +21,7 @@ from funaudiochat.model.presets import tiny
 from funaudiochat.serve.realtime_state import Item, conversation_messages, new_id
 from funaudiochat.serve.scheduler import Request, Scheduler
 from funaudiochat.text.chat import render_chatml
-from tests.helpers import make_tiny_tokenizer, words
+from tests.helpers import make_tiny_tokenizer, noise_audio, words
 
 SYSTEM = words([40, 41, 42])
 # each turn: (audio seconds or None, typed word ids)
@@ -38,7 +38,7 @@ def parts(tmp_path_factory):
 
 
 def _wav(seconds, seed):
-    return (np.random.default_rng(seed).standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)
+    return noise_audio(seconds, seed)
 
 
 def _user(turn, seed) -> Item:

@@ -65,7 +65,7 @@ def _pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
 
 def _extend(x: torch.Tensor, lengths: list[int], n: int) -> tuple[torch.Tensor, list[int]]:
     """Append n zero frames at each row's valid end (a finalising call's zero look-ahead)."""
-    x = F.pad(x, (0, n)).clone()
+    x = F.pad(x, (0, n))  # (a new tensor: the caller's x is not written)
     for b, length in enumerate(lengths):
         x[b, ..., length:length + n] = 0
     return x, [length + n for length in lengths]

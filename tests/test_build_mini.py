@@ -232,6 +232,21 @@ def test_audio_stage_filters_writes_records_and_resumes(tmp_path, judge, mini_di
         {i: (e["kept"], e["voice"]) for i, e in journal.items()}
     assert all((parallel / f"{s}.jsonl").read_bytes() == (out / f"{s}.jsonl").read_bytes()
                for s in ("train", "test", "test_snr10", "test_phone"))
+    # replay of the manifest (two workers, no judge): the same wavs, verdicts and records; rejected attempts unmade
+    replayed = tmp_path / "replayed"
+    replayed.mkdir()
+    rsummary = build_mini.run_audio_stage(text, replayed, progress=False, workers=2, replay=out / "manifest.jsonl")
+    assert rsummary["manifest_sha256"] == summary["manifest_sha256"]
+    assert rsummary["replay"]["same_bytes"] == rsummary["replay"]["made"] == summary["kept"]
+    assert all((replayed / f"{s}.jsonl").read_bytes() == (out / f"{s}.jsonl").read_bytes()
+               for s in ("train", "test", "test_snr10", "test_phone"))
+    rjournal = {e["id"]: e for e in map(json.loads, (replayed / "clips.jsonl").read_text().splitlines())}
+    assert {i: e["kept"] for i, e in rjournal.items()} == {i: e["kept"] for i, e in journal.items()}
+    assert all(rjournal[i]["reason"] == "rejected_in_manifest" for i in ("facts-2.q1", "facts-2.q1.r1"))
+    other = tmp_path / "other.jsonl"  # a manifest of another plan is refused before anything is made
+    other.write_text(json.dumps({"id": "facts-9.q1", "text": "x", "voice": "x", "aug": {}}) + "\n")
+    with pytest.raises(InputError, match="1 clip\\(s\\) this build does not plan"):
+        build_mini.run_audio_stage(text, tmp_path / "other", progress=False, replay=other)
     # resume: nothing is made again, the records and the set hash stay the same
     before = {p.name: p.read_bytes() for p in out.glob("*.jsonl")}
     again = build_mini.run_audio_stage(text, out, judge=judge, progress=False)

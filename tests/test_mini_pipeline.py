@@ -92,7 +92,17 @@ def test_mini_pipeline(tmp_path):
            f"run_dir={runs / 's1'}", lora_train, "lora.rank=2"))
     out = ok(cli("merge", runs / "pre/final", runs / "s1/final", runs / "merged", "--alpha", "0.5"))
     assert "LoRA: BASE + 0.5 x STAGE1's delta" in out
-    ok(cli("train", "recipes/mini/core_cocktail_stage2.yaml", *common, f"model.checkpoint={runs / 'merged'}",
+    # a stage's deltas name it, and the checkpoint assembled from them (what the pipeline restores on a fresh
+    # machine) is the stage's output, its LLM delta recorded so that stage 2 on it still ships as one delta
+    snap = tmp_path / "snapshot"
+    ok(cli("assets", "mini-deltas", runs / "merged", snap, "--base", base, "--stage", "core_cocktail_merged"))
+    assert mini_deltas.read(snap)[1]["stage"] == "core_cocktail_merged"
+    ok(cli("assets", "mini", runs / "restored", "--deltas", snap, "--base", base))
+    restored, merged = read_state_dict(runs / "restored"), read_state_dict(runs / "merged")
+    for k in merged:
+        torch.testing.assert_close(restored[k], merged[k], rtol=0, atol=1e-5)
+    assert lora.load_delta(runs / "restored").keys() == lora.load_delta(runs / "merged").keys()
+    ok(cli("train", "recipes/mini/core_cocktail_stage2.yaml", *common, f"model.checkpoint={runs / 'restored'}",
            f"run_dir={runs / 's2'}", lora_train, "lora.rank=2"))
     final = runs / "s2" / "final"
     assert lora.load_delta(final)  # stage 1's merged delta + stage 2's

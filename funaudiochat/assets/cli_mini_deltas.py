@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", type=Path, help="folder for deltas.safetensors (e.g. models/mini)")
     p.add_argument("--base", type=Path, default=Path("checkpoints/mini-base"),
                    help="the checkpoint training started from (default checkpoints/mini-base)")
+    p.add_argument("--stage", default=None,
+                   help="the recipe stage TRAINED ends (recorded in the file; recipes/mini/pipeline.sh restores that "
+                        "stage from it on a machine without runs/)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -24,7 +27,7 @@ def main(args: argparse.Namespace) -> int:
     for d in (args.trained, args.base):
         if not (d / "config.json").is_file():
             raise CheckpointError(f"{d}: no checkpoint folder with a config.json")
-    deltas, meta = mini_deltas.extract(args.trained, args.base)
+    deltas, meta = mini_deltas.extract(args.trained, args.base, stage=args.stage)
     path = mini_deltas.write(deltas, meta, args.out_dir)
     print(f"wrote {path}: {len(deltas)} tensors, {path.stat().st_size / 1e6:.1f} MB; trained {meta['trained']}")
     return 0

@@ -33,8 +33,10 @@ LLM_RTOL = 1e-4                 # |trained - (base + B A)| <= LLM_RTOL * max(1, 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
-def extract(final_dir: str | Path, base_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The deltas of a trained checkpoint against its starting checkpoint, and the file's metadata."""
+def extract(final_dir: str | Path, base_dir: str | Path,
+            stage: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The deltas of a trained checkpoint against its starting checkpoint, and the file's metadata (with `stage`,
+    the recipe stage they come from, when given: the mini pipeline restores that stage from them)."""
     final_dir, base_dir = Path(final_dir), Path(base_dir)
     final, base = read_state_dict(final_dir), read_state_dict(base_dir)
     if final.keys() != base.keys():
@@ -62,6 +64,8 @@ def extract(final_dir: str | Path, base_dir: str | Path) -> tuple[dict[str, torc
     srh = cfg.audio_config.crq_transformer_config
     meta = {"format": FORMAT, "seed": str(seed), "srh_hidden": str(srh.hidden_size),
             "srh_layers": str(srh.num_hidden_layers), "trained": json.dumps(trained_parts(deltas))}
+    if stage:
+        meta["stage"] = stage
     return deltas, meta
 
 
@@ -154,6 +158,9 @@ def assemble(out_dir: str | Path, deltas_dir: str | Path, base_dir: str | Path |
         apply_deltas(model, deltas, source)
         model.cfg.trained = trained_parts(deltas)
         save_model(model, tmp)
+        factors = {k: v for k, v in deltas.items() if lora.is_adapter(k)}
+        if factors:  # the LLM's delta, recorded as training records it: a LoRA stage trained on this still ships
+            lora.save(factors, tmp / lora.DELTA_FILE)
         if model.cfg.trained["speaking"]:  # a trained SRH speaks the mini's speech tokens: the Piper voice's
             (tmp / DETOKENIZER_FILE).write_text(json.dumps({"kind": "piper-joe"}) + "\n", encoding="utf-8")
     return out_dir

@@ -401,21 +401,31 @@ def _done(entry: dict | None, clip: Clip, out: Path, max_wer: float) -> bool:
                                  == entry["bytes"])
 
 
-def make_clip(clip: Clip, out: Path, seed: int, max_wer: float, judge) -> dict:
-    """Synthesise and judge one clip; save its wav if kept. Returns its journal entry."""
+def make_clip(clip: Clip, out: Path, seed: int, max_wer: float, judge, replay: dict | None = None) -> dict:
+    """Synthesise and judge one clip; save its wav if kept. Returns its journal entry. With `replay` ({attempt id:
+    manifest row} of a committed build), the build's verdict stands instead of the judge's: an attempt without a
+    row was rejected there and is not made; one with a row is made and kept, and whether its bytes equal the row's
+    is recorded."""
     from funaudiochat.audio.io import save_wav
 
     t0 = time.perf_counter()
     entry = {"id": clip.id, "item": clip.item, "split": clip.split, "text": clip.text, "voice": clip.voice.name,
              "aug": dict(clip.aug), "max_wer": max_wer}
+    row = None if replay is None else replay.get(clip.id)
+    if replay is not None and row is None:
+        entry.update(kept=False, reason="rejected_in_manifest", seconds=0.0)
+        return entry
+    if row is not None and (row["text"], row["voice"], row["aug"]) != (clip.text, clip.voice.name, dict(clip.aug)):
+        raise InputError(f"replayed manifest: clip {clip.id} is {row['voice']} {row['aug']} {row['text']!r} there, "
+                         f"{clip.voice.name} {dict(clip.aug)} {clip.text!r} in this plan (another text stage or seed)")
     try:
         wav = synthesize_clip(clip, seed)
     except InputError as err:
         entry.update(kept=False, reason="synthesis_failed", error=str(err))
     else:
-        hypothesis, wer = clip_wer(judge, wav, clip.text)
+        hypothesis, wer = (None, row["wer"]) if row is not None else clip_wer(judge, wav, clip.text)
         entry.update(hypothesis=hypothesis, wer=round(wer, 4), duration=round(len(wav) / SAMPLE_RATE, 3))
-        if wer > max_wer and clip.base is None:
+        if wer > max_wer and clip.base is None and row is None:
             entry.update(kept=False, reason="asr_wer")
         else:
             path = Path("audio") / clip.split / f"{clip.id}.wav"
@@ -423,6 +433,8 @@ def make_clip(clip: Clip, out: Path, seed: int, max_wer: float, judge) -> dict:
                 save_wav(tmp, wav, SAMPLE_RATE)
             entry.update(kept=True, reason=None, path=str(path), bytes=(out / path).stat().st_size,
                          sha256=_sha256(out / path), samples=len(wav))
+            if row is not None:
+                entry["replayed_same_bytes"] = entry["sha256"] == row["sha256"]
     entry["seconds"] = round(time.perf_counter() - t0, 3)
     return entry
 
@@ -447,12 +459,13 @@ def _plan_attempts(clip: Clip, done: dict[str, dict], voices: dict[str, Voice], 
     return None if all(entry is not None for _, entry in plan) else plan
 
 
-def _make_first_kept(plan: list[tuple[Clip, dict | None]], out: Path, seed: int, max_wer: float, judge) -> list[dict]:
+def _make_first_kept(plan: list[tuple[Clip, dict | None]], out: Path, seed: int, max_wer: float, replay: dict | None,
+                     judge) -> list[dict]:
     """Make the plan's attempts in order until one is kept; returns the new journal entries."""
     new = []
     for attempt, entry in plan:
         if entry is None:
-            entry = make_clip(attempt, out, seed, max_wer, judge)
+            entry = make_clip(attempt, out, seed, max_wer, judge, replay)
             new.append(entry)
         if entry["kept"]:
             break
@@ -462,13 +475,13 @@ def _make_first_kept(plan: list[tuple[Clip, dict | None]], out: Path, seed: int,
 _WORKER_JUDGE = None  # the ASR judge of a --workers process, built once by _init_audio_worker
 
 
-def _init_audio_worker(threads: int) -> None:
+def _init_audio_worker(threads: int, judged: bool) -> None:
     global _WORKER_JUDGE
     from funaudiochat.data import synth
     from funaudiochat.eval.asr import AsrJudge
 
     synth._ENGINE_THREADS = 1  # as in run_audio_stage
-    _WORKER_JUDGE = AsrJudge(threads=threads)
+    _WORKER_JUDGE = AsrJudge(threads=threads) if judged else None
 
 
 def _worker_job(job: tuple) -> list[dict]:
@@ -476,11 +489,12 @@ def _worker_job(job: tuple) -> list[dict]:
 
 
 def make_clips(clips: list[Clip], out: Path, seed: int, max_wer: float, judge, retries: int = RETRIES,
-               progress: bool = True, workers: int = 1, threads: int = 1) -> dict:
+               progress: bool = True, workers: int = 1, threads: int = 1, replay: dict | None = None) -> dict:
     """Make every clip not yet in the journal (OUT/clips.jsonl); a clip the judge rejects is tried again in up to
     `retries` other voices of its split. With `workers` > 1, clips are made in that many processes (each with its
-    own judge and `threads` threads); a clip's result does not depend on the process that made it. Returns the
-    journal, {attempt id: entry}."""
+    own judge and `threads` threads); a clip's result does not depend on the process that made it. With `replay`
+    (a committed manifest's rows by id) its verdicts replace the judge's (`make_clip`). Returns the journal,
+    {attempt id: entry}."""
     import multiprocessing
 
     from tqdm import tqdm
@@ -490,7 +504,7 @@ def make_clips(clips: list[Clip], out: Path, seed: int, max_wer: float, judge, r
     voices = {v.name: v for v in VOICES}
     pool = None
     if workers > 1:  # spawn: never fork a process that holds onnxruntime / CTranslate2 threads
-        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_audio_worker, initargs=(threads,))
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_audio_worker, initargs=(threads, replay is None))
     try:
         with open(journal_path, "a", encoding="utf-8") as journal, \
                 tqdm(total=len(clips), desc="audio", unit="clip", disable=not progress, dynamic_ncols=True) as bar:
@@ -502,7 +516,9 @@ def make_clips(clips: list[Clip], out: Path, seed: int, max_wer: float, judge, r
                     if plan is None:
                         bar.update(1)
                     else:
-                        jobs.append((plan, out, seed, max_wer))
+                        # only this plan's rows travel to the worker (no row: rejected in the replayed build)
+                        rows = None if replay is None else {a.id: replay[a.id] for a, _ in plan if a.id in replay}
+                        jobs.append((plan, out, seed, max_wer, rows))
                 results = (pool.imap_unordered(_worker_job, jobs) if pool
                            else (_make_first_kept(*job, judge=judge) for job in jobs))
                 for entries in results:
@@ -702,24 +718,45 @@ def audio_summary(done: dict[str, dict], clips: list[Clip], records_written: dic
             "clip_seconds": round(sum(e.get("seconds", 0.0) for e in entries), 1), "seconds": round(seconds, 1)}
 
 
+def read_replay(path: Path, clips: list[Clip]) -> dict[str, dict]:
+    """A committed manifest (JSONL, gzipped or not) as {attempt id: row}, checked against this build's plan."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--replay {path}: no such manifest")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        try:
+            rows = {r["id"]: r for r in map(json.loads, filter(str.strip, f))}
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise InputError(f"--replay {path}: not an audio manifest ({err})") from None
+    unknown = sorted(set(rows) - attempt_ids(clips))
+    if unknown:
+        raise InputError(f"--replay {path}: {len(unknown)} clip(s) this build does not plan (another text stage or "
+                         f"seed?), e.g. {unknown[:3]}")
+    return rows
+
+
 def run_audio_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float = MAX_WER, threads: int = 1,
-                    judge=None, progress: bool = True, workers: int = 1) -> dict:
-    """Speak, judge and save every clip of TEXT's records; write the records, manifest and OUT/summary.json."""
+                    judge=None, progress: bool = True, workers: int = 1, replay: Path | None = None) -> dict:
+    """Speak, judge and save every clip of TEXT's records; write the records, manifest and OUT/summary.json.
+    With `replay` (a committed manifest), make exactly its clips with its verdicts and no judge: the same build in
+    a fraction of the time (the summary counts the clips whose bytes equal the manifest's)."""
     from funaudiochat.data import synth
 
     out = Path(out)
     meta = check_text_seed(text_path, seed)
     records = read_text(text_path)
     clips = plan_clips(records, seed)
+    rows = None if replay is None else read_replay(replay, clips)
     t0 = time.perf_counter()
-    if judge is None and workers == 1:
+    if judge is None and workers == 1 and rows is None:
         from funaudiochat.eval.asr import AsrJudge
 
         judge = AsrJudge(threads=threads)
     # one onnxruntime thread for Piper in every process: its float sums (so a wav's bytes) depend on the thread count
     synth._ENGINE_THREADS = 1
     done = make_clips(clips, out, seed, max_wer, judge, progress=progress, workers=workers,
-                      threads=max(1, threads // workers))
+                      threads=max(1, threads // workers), replay=rows)
     written = write_records(records, done, out, meta["settings"]["system"])
     wanted = attempt_ids(clips)
     digest = write_manifest({k: v for k, v in done.items() if k in wanted}, out)
@@ -727,5 +764,9 @@ def run_audio_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float = 
                "voices": {split: [v.name for v in voices_for(split)] for split in mini_questions.SPLITS},
                "max_wer": max_wer,
                **audio_summary(done, clips, written, digest, time.perf_counter() - t0)}
+    if rows is not None:
+        replayed = [done[i] for i in rows if i in done]
+        summary["replay"] = {"manifest": str(replay), "clips": len(rows), "made": len(replayed),
+                             "same_bytes": sum(bool(e.get("replayed_same_bytes")) for e in replayed)}
     fileio.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -22,31 +22,61 @@ if [ ! -f recipes/mini/data/text.jsonl.gz ]; then
   step "data: text stage (the base model answers every question; resumable)"
   "$fac" data build-mini --out data/mini --resume --stage text --threads "$threads" --batch-size 32 --no-progress
 fi
-step "data: audio stage (resumable; quick when done)"
-"$fac" data build-mini --out data/mini --resume --stage audio --threads "$threads" --workers "${WORKERS:-2}" --no-progress
+# the committed manifest's clips with its judge's verdicts (about a quarter of a judged build's time); drop --replay
+# to judge every clip again
+step "data: audio stage, replaying recipes/mini/data/audio.manifest.jsonl.gz (resumable; quick when done)"
+"$fac" data build-mini --out data/mini --resume --stage audio --threads "$threads" --workers "${WORKERS:-2}" --no-progress \
+  --replay recipes/mini/data/audio.manifest.jsonl.gz
 # the speech stage (one process; only the speaking stages need it) runs beside the hearing stages' training
 step "data: speech stage, in the background (kept as is when its records are unchanged)"
 "$fac" data build-mini --out data/mini --resume --stage speech --no-progress &
 speech=$!
 
-train() {  # train RECIPE RUN_DIR: resume until RUN_DIR/final exists
-  [ -d "$2/final" ] || { step "train $1"; "$fac" train "$1" --resume; }
+# Each finished stage of the main line writes its deltas to models/mini/deltas.safetensors with the stage's name
+# (commit them: the next session may run on a fresh machine). A stage whose output is missing here is restored from
+# those deltas, in the working tree or in the commit that shipped them, before it would be trained again.
+out_of() { [ "$1" = core_cocktail_merged ] && echo runs/mini/core_cocktail_merged || echo "runs/mini/$1/final"; }
+stage_of() { .venv/bin/python -c 'import sys; from safetensors import safe_open
+with safe_open(sys.argv[1], "pt") as f: print((f.metadata() or {}).get("stage", ""))' "$1"; }
+restore() {  # restore STAGE: 0 when its output is here or was rebuilt from committed deltas
+  [ -d "$(out_of "$1")" ] && return 0
+  local tmp rev
+  tmp=$(mktemp -d)
+  for rev in worktree $(git log --format=%H -- models/mini/deltas.safetensors 2>/dev/null); do
+    if [ "$rev" = worktree ]; then cp models/mini/deltas.safetensors "$tmp/" 2>/dev/null || continue
+    else git show "$rev:models/mini/deltas.safetensors" > "$tmp/deltas.safetensors" 2>/dev/null || continue; fi
+    if [ "$(stage_of "$tmp/deltas.safetensors")" = "$1" ]; then
+      step "restore $1 from the deltas of $rev"
+      "$fac" assets mini "$(out_of "$1")" --deltas "$tmp" --base checkpoints/mini-base
+      rm -rf "$tmp"
+      return 0
+    fi
+  done
+  rm -rf "$tmp"
+  return 1
 }
-train recipes/mini/pre_align.yaml runs/mini/pre_align
-train recipes/mini/core_cocktail_stage1.yaml runs/mini/core_cocktail_stage1
-if [ ! -d runs/mini/core_cocktail_merged ]; then
+snapshot() { "$fac" assets mini-deltas "$(out_of "$1")" models/mini --base checkpoints/mini-base --stage "$1"; }
+train() {  # train RECIPE STAGE: resume until its final exists
+  [ -d "runs/mini/$2/final" ] || { step "train $1"; "$fac" train "$1" --resume; }
+}
+
+restore pre_align || { train recipes/mini/pre_align.yaml pre_align; snapshot pre_align; }
+if ! restore core_cocktail_merged; then
+  train recipes/mini/core_cocktail_stage1.yaml core_cocktail_stage1
   step "merge stage 1 with the pre-aligned model at alpha 0.5"
   "$fac" merge runs/mini/pre_align/final runs/mini/core_cocktail_stage1/final runs/mini/core_cocktail_merged --alpha 0.5
+  snapshot core_cocktail_merged
 fi
-train recipes/mini/core_cocktail_stage2.yaml runs/mini/core_cocktail_stage2
-train recipes/mini/single_stage_baseline.yaml runs/mini/single_stage_baseline
+restore core_cocktail_stage2 || { train recipes/mini/core_cocktail_stage2.yaml core_cocktail_stage2
+                                  snapshot core_cocktail_stage2; }
 # speaking (issue 14): the S2S stage on the hearing model, and the same at k = 1 for the DRSR comparison
 wait "$speech"
-train recipes/mini/speak.yaml runs/mini/speak
-train recipes/mini/speak_k1.yaml runs/mini/speak_k1
+restore speak || { train recipes/mini/speak.yaml speak; snapshot speak; }
+train recipes/mini/speak_k1.yaml speak_k1
+restore pre_align  # the paper's baseline for the merge starts where stage 1 did
+train recipes/mini/single_stage_baseline.yaml single_stage_baseline
 
-step "ship: deltas (hearing + speaking), assembly, evaluation"
-"$fac" assets mini-deltas runs/mini/speak/final models/mini --base checkpoints/mini-base
+step "ship: assembly (models/mini holds the speak stage's deltas), evaluation"
 "$fac" assets mini checkpoints/mini
 "$fac" eval mini --model checkpoints/mini --data data/mini --split test --baseline runs/mini/single_stage_baseline/final \
   --latency 50 --compile --out runs/mini/eval --threads "$threads"

@@ -27,10 +27,16 @@ fi
 step "data: audio stage, replaying recipes/mini/data/audio.manifest.jsonl.gz (resumable; quick when done)"
 "$fac" data build-mini --out data/mini --resume --stage audio --threads "$threads" --workers "${WORKERS:-2}" --no-progress \
   --replay recipes/mini/data/audio.manifest.jsonl.gz
-# the speech stage (one process; only the speaking stages need it) runs beside the hearing stages' training
-step "data: speech stage, in the background (kept as is when its records are unchanged)"
-"$fac" data build-mini --out data/mini --resume --stage speech --no-progress &
-speech=$!
+# the speech stage (one process; only the speaking stages need it) runs beside the hearing stages' training when that
+# trains on one thread; before it otherwise (two torch threads wait on each other when a core is taken)
+step "data: speech stage (kept as is when its records are unchanged)"
+if [ "${OMP_NUM_THREADS:-2}" = 1 ]; then
+  "$fac" data build-mini --out data/mini --resume --stage speech --no-progress &
+  speech=$!
+else
+  "$fac" data build-mini --out data/mini --resume --stage speech --no-progress
+  speech=
+fi
 
 # Each finished stage of the main line writes its deltas to models/mini/deltas.safetensors with the stage's name
 # (commit them: the next session may run on a fresh machine). A stage whose output is missing here is restored from
@@ -70,7 +76,7 @@ fi
 restore core_cocktail_stage2 || { train recipes/mini/core_cocktail_stage2.yaml core_cocktail_stage2
                                   snapshot core_cocktail_stage2; }
 # speaking (issue 14): the S2S stage on the hearing model, and the same at k = 1 for the DRSR comparison
-wait "$speech"
+[ -z "$speech" ] || wait "$speech"
 restore speak || { train recipes/mini/speak.yaml speak; snapshot speak; }
 train recipes/mini/speak_k1.yaml speak_k1
 restore pre_align  # the paper's baseline for the merge starts where stage 1 did

@@ -201,6 +201,11 @@ class AudioConfig(_JsonMixin):
     group_size: int = 5
     continuous_features_mode: str = "replace"
     enable_audio_invert_tower: bool = True
+    # Training feeds user-audio features at full scale, as inference does. Off (the released behaviour, SPEC §13 item
+    # 5): training averages them with a zero transcript embedding, so they enter at half scale in training only.
+    # On for a model trained here from a fresh adapter (fun-audio-chat-mini), which would otherwise hear at inference
+    # features twice the scale it learned. Written to config.json only when on.
+    full_scale_user_audio: bool = False
     crq_transformer_config: BackboneConfig = field(default_factory=lambda: BackboneConfig(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=32768,
@@ -224,6 +229,8 @@ class AudioConfig(_JsonMixin):
         out = super().to_dict()
         out["crq_transformer_config"] = self.crq_transformer_config.to_dict(role="srh")
         out["num_hidden_layers"] = self.encoder_layers  # the released class mirrors it
+        if not self.full_scale_user_audio:
+            del out["full_scale_user_audio"]  # released configs round-trip unchanged
         return dict(sorted(out.items()))
 
     def validate(self, where: str) -> None:

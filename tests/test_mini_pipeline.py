@@ -121,6 +121,13 @@ def test_mini_pipeline(tmp_path):
     for k in trained:
         torch.testing.assert_close(assembled[k], trained[k], rtol=0, atol=1e-5)
     assert json.loads((ckpt / "config.json").read_text())["trained"] == {"hearing": True, "speaking": False}
+    # the assembled model answers under the system prompt of its training data unless told otherwise
+    from funaudiochat.config import FunAudioChatConfig
+    from funaudiochat.data.build_mini import MINI_SYSTEM
+    from funaudiochat.engine.presets import default_system
+
+    assert default_system("s2t", FunAudioChatConfig.load(ckpt)) == MINI_SYSTEM != default_system("s2t")
+    assert default_system("s2t", FunAudioChatConfig.load(base)) == default_system("s2t")
 
     report_dir = tmp_path / "report"
     out = ok(cli("eval", "mini", "--model", ckpt, "--data", data, "--split", "test", "--limit", "2",

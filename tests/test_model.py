@@ -191,3 +191,28 @@ def test_check_reference_fails_on_a_perturbed_model(shared_dir, tmp_path):
     assert run.returncode == 1
     assert "FAIL train_fwd:" in run.stdout and "speech_logits" in run.stdout
     assert "ok   train_fwd" not in run.stdout.replace("ok   train_fwd_", "")
+
+
+def test_full_scale_user_audio_switch():
+    """Released training averages every audio row's features with its transcript embedding, zero for user audio,
+    so user audio enters at half scale in training only (SPEC §13 item 5, the default). The switch, on for models
+    trained here from a fresh adapter, leaves rows without a transcript at full scale, as inference sees them."""
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = FunAudioChatModel(cfg).eval()
+    k = cfg.audio_config.group_size
+    ids = torch.randint(0, 100, (2, 4 * k))
+    mask = torch.ones_like(ids)
+    text = torch.randint(30, 100, (2, 4))
+    has_text = torch.tensor([True, False])  # an assistant row with its transcript, a user row without
+    with torch.no_grad():
+        released = model.encode_audio(ids, mask, text_ids=text, text_attention_mask=has_text)
+        groups = model.encode_audio(ids, mask).features
+        assert torch.allclose(released.features[1], groups[1] / 2)
+        cfg.audio_config.full_scale_user_audio = True
+        switched = model.encode_audio(ids, mask, text_ids=text, text_attention_mask=has_text)
+    assert torch.equal(switched.features[0], released.features[0])
+    assert torch.equal(switched.features[1], groups[1])
+    assert "full_scale_user_audio" in cfg.audio_config.to_dict()
+    cfg.audio_config.full_scale_user_audio = False
+    assert "full_scale_user_audio" not in cfg.audio_config.to_dict()  # released configs round-trip unchanged

@@ -56,7 +56,9 @@ def mini_config(text: BackboneConfig, encoder: AudioConfig, tk: Tokenizer, srh: 
     audio = AudioConfig.from_dict({**encoder.to_dict(), "output_dim": text.hidden_size,
                                    "codebook_size": srh.vocab_size, "bos_token_id": SPEECH_CODES,
                                    "eos_token_id": SPEECH_CODES + 1, "pad_token_id": SPEECH_CODES + 2,
-                                   "crq_transformer_config": srh.to_dict(role="srh")}, "audio_config")
+                                   "crq_transformer_config": srh.to_dict(role="srh"),
+                                   # a fresh adapter, trained here: the scale it learns is the one it hears
+                                   "full_scale_user_audio": True}, "audio_config")
     cfg = FunAudioChatConfig(text, audio, audio_token_index=ids[AUDIO])
     cfg.validate()
     return cfg

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from funaudiochat.config import TRAINABLE_PARTS, FunAudioChatConfig
+from funaudiochat.data.build_mini import MINI_SYSTEM
 from funaudiochat.engine.loading import DETOKENIZER_FILE
 from funaudiochat.errors import CheckpointError
 from funaudiochat.model import lora
@@ -157,6 +158,8 @@ def assemble(out_dir: str | Path, deltas_dir: str | Path, base_dir: str | Path |
             write_tokenizer(mini.gguf, tmp, mini.tokenizer)
         apply_deltas(model, deltas, source)
         model.cfg.trained = trained_parts(deltas)
+        # the system prompt of the training data: infer, chat, serve and eval use it when none is given
+        model.cfg.extra.setdefault("fun_audio_chat_mini", {})["system"] = MINI_SYSTEM
         save_model(model, tmp)
         factors = {k: v for k, v in deltas.items() if lora.is_adapter(k)}
         if factors:  # the LLM's delta, recorded as training records it: a LoRA stage trained on this still ships

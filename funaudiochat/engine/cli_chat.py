@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
     overrides = sampling_overrides(args)
     cfg = read_config(args.model)
     mode = args.mode if check_trained(cfg, False, args.mode == "s2s", args.allow_untrained) else "s2t"
-    system = SYSTEM_PRESETS.get(args.system, args.system) if args.system else default_system(mode)
+    system = SYSTEM_PRESETS.get(args.system, args.system) if args.system else default_system(mode, cfg)
     system = user_text(system, "--system")
     if args.detokenizer is not None:
         check_out_dir(args.out, [])

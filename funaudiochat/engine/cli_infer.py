@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
     if not check_trained(cfg, bool(audios), mode == "s2s", args.allow_untrained):
         mode = "s2t"
     text = ASR_INSTRUCTION if args.task == "asr" and not text else text
-    system = SYSTEM_PRESETS.get(args.system, args.system) if args.system else default_system(mode)
+    system = SYSTEM_PRESETS.get(args.system, args.system) if args.system else default_system(mode, cfg)
     system = user_text(system, "--system")
     if args.tools:
         try:

@@ -30,5 +30,8 @@ def generation_preset(mode: str, tokenizer, **overrides) -> GenerationConfig:
     return gen.with_(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def default_system(mode: str) -> str:
-    return S2T_PROMPT if mode == "s2t" else SPOKEN_S2M_PROMPT
+def default_system(mode: str, cfg=None) -> str:
+    """The system prompt `cfg`'s checkpoint was trained with (config.json `fun_audio_chat_mini.system`, written by
+    `assets mini`), else the mode's released one."""
+    trained = (cfg.extra.get("fun_audio_chat_mini") or {}).get("system") if cfg is not None else None
+    return trained or (S2T_PROMPT if mode == "s2t" else SPOKEN_S2M_PROMPT)

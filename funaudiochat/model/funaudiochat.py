@@ -147,6 +147,10 @@ class FunAudioChatModel(nn.Module):
             # Released training fuses every audio row with its transcript embedding, zero for user audio:
             # user features enter the LLM halved in training only (SPEC §13 item 5, reproduced on purpose).
             out.features = (out.text_features + groups) / 2
+            if self.cfg.audio_config.full_scale_user_audio:  # rows without a transcript (user audio) unaveraged
+                has_text = text_attention_mask.bool() if text_attention_mask is not None \
+                    else torch.ones(groups.shape[0], dtype=torch.bool, device=groups.device)
+                out.features = torch.where(has_text[:, None, None], out.features, groups)
         return out
 
     def _transcripts(self, text_ids, text_attention_mask, speech_attention_mask, n_groups: int):

@@ -31,11 +31,12 @@ import numpy as np
 
 from funaudiochat.audio.io import resample
 from funaudiochat.engine.events import AudioChunk, TextDelta, TurnEnd
+from funaudiochat.engine.presets import default_system
 from funaudiochat.errors import FunAudioChatError, ProtocolError
 from funaudiochat.serve.opus import OPUS_RATE, OpusDecoder, OpusEncoder
 from funaudiochat.serve.scheduler import Request, Scheduler
 from funaudiochat.serve.ws_pump import pump
-from funaudiochat.text.chat import SPOKEN_S2M_PROMPT, user_content
+from funaudiochat.text.chat import user_content
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class ApiChatSession:
 
     def __init__(self, scheduler: Scheduler, voice=None):
         self.scheduler, self.voice = scheduler, voice
-        self.system_prompt = SPOKEN_S2M_PROMPT
+        self.system_prompt = default_system("s2s", scheduler.engine.cfg)
         self.outbox: asyncio.Queue = asyncio.Queue(OUTBOX_SIZE)
         self.closed = asyncio.Event()
         self.history: list[dict] = []  # {"role", "content", "audio"?}
@@ -157,7 +158,7 @@ class ApiChatSession:
                 await self._control(payload)
             elif action == "metadata":
                 if payload.get("system_prompt") is not None:
-                    self.system_prompt = payload["system_prompt"] or SPOKEN_S2M_PROMPT
+                    self.system_prompt = payload["system_prompt"] or default_system("s2s", self.scheduler.engine.cfg)
         except FunAudioChatError as err:
             self.error(str(err))
 

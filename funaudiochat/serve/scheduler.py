@@ -367,9 +367,9 @@ class Scheduler:
         if not messages or not any(m.get("role") == "user" for m in messages):
             raise InputError("a conversation needs at least one user message")
         if messages[0].get("role") != "system":
-            system = request.system if request.system is not None else default_system(request.mode)
+            system = request.system if request.system is not None else default_system(request.mode, self.engine.cfg)
             if request.tools:
-                system = tools_system_prompt(request.tools, base=request.system or default_system("s2t"))
+                system = tools_system_prompt(request.tools, base=request.system or default_system("s2t", self.engine.cfg))
             messages.insert(0, {"role": "system", "content": system})
         elif request.tools:
             messages[0]["content"] = tools_system_prompt(request.tools, base=messages[0]["content"])

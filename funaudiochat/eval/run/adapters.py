@@ -67,7 +67,7 @@ class LocalModel:
         from funaudiochat.text.tools import tools_system_prompt
 
         tokenizer = self.rt.tokenizer
-        system = tools_system_prompt(tools) if tools else default_system("s2s")
+        system = tools_system_prompt(tools) if tools else default_system("s2s", self.cfg)
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user_content(1, text)}]
         prompt = build_prompt(tokenizer, self.cfg, messages, [user_audio(audio)])
         gen = generation_preset("s2s", tokenizer, max_new_tokens=self.max_new_tokens, seed=0)
@@ -91,7 +91,7 @@ class LocalModel:
         tokenizer = self.rt.tokenizer
         prompts = []
         for audio, text, tools in requests:
-            system = tools_system_prompt(tools) if tools else default_system("s2t")
+            system = tools_system_prompt(tools) if tools else default_system("s2t", self.cfg)
             messages = [{"role": "system", "content": system}, {"role": "user", "content": user_content(1, text)}]
             prompts.append(build_prompt(tokenizer, self.cfg, messages, [user_audio(audio)]))
         gen = generation_preset("s2t", tokenizer, max_new_tokens=self.max_new_tokens)

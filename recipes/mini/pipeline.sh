@@ -66,6 +66,8 @@ train() {  # train RECIPE STAGE: resume until its final exists
   [ -d "runs/mini/$2/final" ] || { step "train $1"; "$fac" train "$1" --resume; }
 }
 
+# pre-alignment learns on the ASR records alone
+grep '"task": "asr"' data/mini/train.jsonl > data/mini/train_asr.jsonl
 restore pre_align || { train recipes/mini/pre_align.yaml pre_align; snapshot pre_align; }
 if ! restore core_cocktail_merged; then
   train recipes/mini/core_cocktail_stage1.yaml core_cocktail_stage1

@@ -1,0 +1,61 @@
+"""How much a checkpoint hears: the LLM loss of held-out ASR records with their own audio against the same records
+with each other's audio (each record takes the next one's clip). A model that hears scores far below the shuffled
+figure; a deaf one scores the same. Cheap (two forwards), so it scores a training run's checkpoints as they come.
+
+    .venv/bin/python bench/hearing_gap.py --model runs/mini/pre_align/checkpoints/step-200/model [--split test] [-n 16]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True, help="checkpoint folder (a training checkpoint's model/)")
+    ap.add_argument("--data", type=Path, default=Path("data/mini"), help="build-mini's output folder")
+    ap.add_argument("--split", default="test", help="records file SPLIT.jsonl of --data (default test)")
+    ap.add_argument("-n", type=int, default=16, help="ASR records scored (the split's first N; default 16)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from funaudiochat.config import FunAudioChatConfig
+    from funaudiochat.model.checkpoint import load_model
+    from funaudiochat.text.tokenizer import TextTokenizer
+    from funaudiochat.train.batching import Collator
+    from funaudiochat.train.data import SampleBuilder, load_records
+
+    cfg = FunAudioChatConfig.load(args.model / "config.json")
+    source = args.data / f"{args.split}.jsonl"
+    asr = [r for r in map(json.loads, source.read_text(encoding="utf-8").splitlines()) if r["task"] == "asr"]
+    if len(asr) < 2:
+        raise SystemExit(f"{source}: fewer than 2 ASR records")
+    picked = args.data / f".hearing_gap_{args.split}.jsonl"  # beside the records: their audio paths are relative
+    picked.write_text("".join(json.dumps(r) + "\n" for r in asr[: args.n]), encoding="utf-8")
+    try:
+        builder = SampleBuilder(TextTokenizer.from_file(args.model), cfg, 512)
+        samples, _ = load_records([picked], builder.sample, "reject")
+    finally:
+        picked.unlink()
+    model = load_model(args.model, dtype="fp32").eval()
+    collate = Collator(cfg, 512, False)
+    clips = [s.audios[0].wav for s in samples]
+    shuffled = [dataclasses.replace(s, audios=[dataclasses.replace(s.audios[0], wav=clips[(i + 1) % len(clips)])])
+                for i, s in enumerate(samples)]
+
+    def loss(batch_samples) -> float:
+        with torch.no_grad():
+            return float(model(**collate(batch_samples).model_inputs("cpu")).text_loss)
+
+    own, other = loss(samples), loss(shuffled)
+    print(json.dumps({"model": str(args.model), "split": args.split, "records": len(samples), "own_audio": round(own, 4),
+                      "shuffled_audio": round(other, 4), "gap": round(other - own, 4)}))
+
+
+if __name__ == "__main__":
+    main()

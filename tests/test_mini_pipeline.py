@@ -97,7 +97,8 @@ def test_mini_pipeline(tmp_path):
     snap = tmp_path / "snapshot"
     ok(cli("assets", "mini-deltas", runs / "merged", snap, "--base", base, "--stage", "core_cocktail_merged"))
     assert mini_deltas.read(snap)[1]["stage"] == "core_cocktail_merged"
-    ok(cli("assets", "mini", runs / "restored", "--deltas", snap, "--base", base))
+    out = ok(cli("assets", "mini", runs / "restored", "--deltas", snap, "--base", base))
+    assert "'core_cocktail_merged' stage of the training recipe, not a release" in out  # said, not hidden
     restored, merged = read_state_dict(runs / "restored"), read_state_dict(runs / "merged")
     for k in merged:
         torch.testing.assert_close(restored[k], merged[k], rtol=0, atol=1e-5)

@@ -23,11 +23,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from funaudiochat.assets.mini_deltas import assemble
+    from funaudiochat.assets.mini_deltas import RELEASE_STAGES, assemble, read
     from funaudiochat.config import FunAudioChatConfig
 
     out = assemble(args.out_dir, args.deltas, args.base, args.gguf, args.ct2_dir)
     trained = FunAudioChatConfig.load(out).trained or {}
     parts = ", ".join(f"{k} {'trained' if v else 'untrained'}" for k, v in sorted(trained.items()))
     print(f"wrote {out} from {args.base or 'the pip-shipped parts'} + {args.deltas} ({parts})")
+    stage = read(args.deltas)[1].get("stage")
+    if stage and stage not in RELEASE_STAGES:
+        print(f"note: these deltas end the {stage!r} stage of the training recipe, not a release (training in "
+              f"progress: models/mini/README.md says what it can do)")
     return 0

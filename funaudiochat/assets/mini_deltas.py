@@ -31,6 +31,9 @@ DELTAS_FILE = "deltas.safetensors"
 FORMAT = "fun-audio-chat-mini-deltas/1"
 MAX_BYTES = 60_000_000          # issue 14's budget for everything under models/mini/ (hearing + speaking deltas)
 LLM_RTOL = 1e-4                 # |trained - (base + B A)| <= LLM_RTOL * max(1, max |W|) on every LLM weight
+# the recipe stages whose deltas models/mini releases; the pipeline also commits earlier ones there as training
+# progress (so that a fresh machine resumes from them), which `assets mini` says
+RELEASE_STAGES = ("core_cocktail_stage2", "speak")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 

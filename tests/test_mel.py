@@ -88,13 +88,15 @@ def test_log_mel_matches_s3tokenizer(shared_dir):
     s3 = load_file(shared_dir / "golden/cosyvoice/s3v3-tiny/s3_io.safetensors")
     for i in (1, 2):
         mel = log_mel(torch.from_numpy(s3[f"wav{i}"]), n_mels=128)
-        np.testing.assert_allclose(mel.numpy(), s3[f"mel{i}"], atol=1e-5)
+        # the FFT and log10 kernels round differently by instruction set: 2.0e-5 at worst on AVX-512 (5 of 12,800
+        # values over 1e-5), against the golden made on another CPU
+        np.testing.assert_allclose(mel.numpy(), s3[f"mel{i}"], atol=5e-5)
     both = torch.from_numpy(np.stack([s3["wav1"][: len(s3["wav2"])], s3["wav2"]]))  # [2, S]
     batched = log_mel(both)
     assert batched.shape == (2, 128, len(s3["wav2"]) // 160)
     for i in range(2):  # the floor is per item: a batch changes nothing
         torch.testing.assert_close(batched[i], log_mel(both[i]), atol=1e-6, rtol=0)
-    np.testing.assert_allclose(batched[1].numpy(), s3["mel2"], atol=1e-5)
+    np.testing.assert_allclose(batched[1].numpy(), s3["mel2"], atol=5e-5)
 
 
 def test_bad_calls():

@@ -9,6 +9,7 @@ import base64
 import json
 import re
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -281,6 +282,7 @@ class _Recorder:
     each with a short text at once. The protocol code under test is the real one."""
 
     speech, detokenizer = False, None
+    engine = SimpleNamespace(cfg=None)  # a model without its own system prompt: the released one is used
 
     def __init__(self):
         self.requests, self.forgotten = [], []

@@ -53,8 +53,8 @@ def main() -> None:
             return float(model(**collate(batch_samples).model_inputs("cpu")).text_loss)
 
     own, other = loss(samples), loss(shuffled)
-    print(json.dumps({"model": str(args.model), "split": args.split, "records": len(samples), "own_audio": round(own, 4),
-                      "shuffled_audio": round(other, 4), "gap": round(other - own, 4)}))
+    print(json.dumps({"model": str(args.model), "split": args.split, "records": len(samples),
+                      "own_audio": round(own, 4), "shuffled_audio": round(other, 4), "gap": round(other - own, 4)}))
 
 
 if __name__ == "__main__":

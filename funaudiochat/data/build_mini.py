@@ -504,7 +504,8 @@ def make_clips(clips: list[Clip], out: Path, seed: int, max_wer: float, judge, r
     voices = {v.name: v for v in VOICES}
     pool = None
     if workers > 1:  # spawn: never fork a process that holds onnxruntime / CTranslate2 threads
-        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_audio_worker, initargs=(threads, replay is None))
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_audio_worker,
+                                                          initargs=(threads, replay is None))
     try:
         with open(journal_path, "a", encoding="utf-8") as journal, \
                 tqdm(total=len(clips), desc="audio", unit="clip", disable=not progress, dynamic_ncols=True) as bar:

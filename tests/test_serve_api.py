@@ -425,23 +425,30 @@ def test_busy_server_answers_429_with_retry_after(server):
     """2 sessions run, 1 waits: the next request is refused at once with 429; the waiting one gets 503."""
     body = dict(model=MODEL, messages=_endless_question(server), max_tokens=3000, temperature=0)
     streams = []
-    with httpx.Client(timeout=60) as http:
-        for _ in range(2):  # two long answers hold both sessions (their streams are opened, then left unread)
-            req = http.build_request("POST", server.url + "/v1/chat/completions", json=dict(body, stream=True))
-            streams.append(http.send(req, stream=True))
-        assert all(s.status_code == 200 for s in streams)
-        waiting = []
-        waiter = threading.Thread(target=lambda: waiting.append(
-            httpx.post(server.url + "/v1/chat/completions", json=dict(body, max_tokens=2), timeout=60)))
-        waiter.start()
-        deadline = time.time() + 30
-        while server.ctx.scheduler.waiting_sessions < 1:  # the third request is in the waiting room
-            assert time.time() < deadline
-            time.sleep(0.01)
-        refused = http.post(server.url + "/v1/chat/completions", json=dict(body, max_tokens=2))
-        waiter.join()
-        for s in streams:
-            s.close()
+    sched = server.ctx.scheduler
+    # the two answers must outlast the wait: 3000 tiny-model steps take ~2 s on a fast CPU, so the wait is cut
+    # to 0.3 s here (and the answers do not end sooner: `_endless_question` checks 1000 greedy steps)
+    saved, sched.wait_timeout_s = sched.wait_timeout_s, 0.3
+    try:
+        with httpx.Client(timeout=60) as http:
+            for _ in range(2):  # two long answers hold both sessions (their streams are opened, then left unread)
+                req = http.build_request("POST", server.url + "/v1/chat/completions", json=dict(body, stream=True))
+                streams.append(http.send(req, stream=True))
+            assert all(s.status_code == 200 for s in streams)
+            waiting = []
+            waiter = threading.Thread(target=lambda: waiting.append(
+                httpx.post(server.url + "/v1/chat/completions", json=dict(body, max_tokens=2), timeout=60)))
+            waiter.start()
+            deadline = time.time() + 30
+            while sched.waiting_sessions < 1:  # the third request is in the waiting room
+                assert time.time() < deadline
+                time.sleep(0.01)
+            refused = http.post(server.url + "/v1/chat/completions", json=dict(body, max_tokens=2))
+            waiter.join()
+            for s in streams:
+                s.close()
+    finally:
+        sched.wait_timeout_s = saved
     assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error"]["type"] == "rate_limit_error"
     assert waiting[0].status_code == 503 and "retry-after" in waiting[0].headers
@@ -450,13 +457,13 @@ def test_busy_server_answers_429_with_retry_after(server):
 
 
 def _endless_question(live):
-    """A typed question whose greedy answer does not end within 300 tokens (it cycles without <|im_end|>)."""
+    """A typed question whose greedy answer does not end within 1000 tokens (it cycles without <|im_end|>)."""
     from funaudiochat.serve.scheduler import Request
 
     sched = live.ctx.scheduler
     for k in range(40, 140):
         msgs = [{"role": "user", "content": words([k, k + 1])}]
-        prompt, gen = sched.prepare(Request(msgs, mode="s2t", generation={"max_new_tokens": 300}))
+        prompt, gen = sched.prepare(Request(msgs, mode="s2t", generation={"max_new_tokens": 1000}))
         if 502 not in sched.engine.generate(prompt, gen).new_text_ids[0].tolist():
             return msgs
     pytest.fail("no question with an endless answer found")

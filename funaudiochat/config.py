@@ -206,6 +206,11 @@ class AudioConfig(_JsonMixin):
     # On for a model trained here from a fresh adapter (fun-audio-chat-mini), which would otherwise hear at inference
     # features twice the scale it learned. Written to config.json only when on.
     full_scale_user_audio: bool = False
+    # How the adapter groups k continuous 25 Hz frames into one 5 Hz vector before `continual_output_matching`:
+    # "mean" (released: their average, [D] -> [D]) or "concat" (the k frames side by side, [k*D] -> [D], which keeps
+    # their order; fun-audio-chat-mini). A mean matrix W is the concat matrix [W/k ... W/k], so a mean-grouping
+    # checkpoint converts exactly (model.adapter.regroup_continuous_weight). Written to config.json only when "concat".
+    continuous_grouping: str = "mean"
     crq_transformer_config: BackboneConfig = field(default_factory=lambda: BackboneConfig(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=32768,
@@ -231,6 +236,8 @@ class AudioConfig(_JsonMixin):
         out["num_hidden_layers"] = self.encoder_layers  # the released class mirrors it
         if not self.full_scale_user_audio:
             del out["full_scale_user_audio"]  # released configs round-trip unchanged
+        if self.continuous_grouping == "mean":
+            del out["continuous_grouping"]
         return dict(sorted(out.items()))
 
     def validate(self, where: str) -> None:
@@ -244,6 +251,8 @@ class AudioConfig(_JsonMixin):
                f"unsupported activation {self.activation_function!r}")
         _check(self.continuous_features_mode in ("replace", "add"), where, "continuous_features_mode",
                f"must be 'replace' or 'add', got {self.continuous_features_mode!r}")
+        _check(self.continuous_grouping in ("mean", "concat"), where, "continuous_grouping",
+               f"must be 'mean' or 'concat', got {self.continuous_grouping!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name)
             _check(isinstance(v, int) and 0 <= v < self.codebook_size, where, name,

@@ -140,6 +140,10 @@ def test_mini_pipeline(tmp_path):
     assert figures[0] == "ASR WER" and "latency p50 (eager), s" in figures
     assert {"robustness snr10 / clean", "robustness phone / clean"} <= set(figures)
     assert report["robustness"]["snr10"]["n"] == report["robustness"]["phone"]["n"] == 2
+    for name, r in report["robustness"].items():  # against a clean accuracy of 0 a ratio says nothing: n/a
+        assert (r["ratio"] is None) == (r["clean_accuracy"] == 0), (name, r)
+        row = next(x for x in report["summary"] if x["figure"] == f"robustness {name} / clean")
+        assert row["pass"] is None or r["ratio"] is not None  # never a pass on nothing
     assert report["asr"]["wer"] >= 0 and report["asr"]["whisper_tiny_en_wer"] >= 0
     assert 0 < report["latency"]["eager"]["p50_s"] < 30
     assert "| ASR WER |" in out and (report_dir / "report.md").read_text() in out

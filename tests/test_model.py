@@ -216,3 +216,55 @@ def test_full_scale_user_audio_switch():
     assert "full_scale_user_audio" in cfg.audio_config.to_dict()
     cfg.audio_config.full_scale_user_audio = False
     assert "full_scale_user_audio" not in cfg.audio_config.to_dict()  # released configs round-trip unchanged
+
+
+def test_concat_grouping_converts_a_mean_adapter_exactly_and_hears_frame_order():
+    """`continuous_grouping: concat` sets each group's k encoder frames side by side before the matching layer. A
+    mean-grouping model converts to it exactly (the trainer's recipe switch), and unlike the mean it tells the
+    order of the frames in a group apart once trained away from the converted weight."""
+    from funaudiochat.errors import ConfigError
+    from funaudiochat.model.adapter import regroup_continuous_weight
+    from funaudiochat.train.config import Recipe
+    from funaudiochat.train.loop import _regrouped_model
+    from funaudiochat.model.checkpoint import save_model
+
+    torch.manual_seed(0)
+    cfg = tiny()
+    a = cfg.audio_config
+    mean_model = FunAudioChatModel(cfg).eval()
+    mean_model.init_weights(0.3)
+    k = a.group_size
+    feats = torch.randn(2, a.num_mel_bins, 400)  # 4 s of log-mel at 100 Hz -> 100 frames at 25 Hz -> 20 groups
+    fmask = torch.ones(2, 400, dtype=torch.long)
+    ids = torch.full((2, 100), a.pad_token_id)
+    smask = torch.ones_like(ids)
+
+    def groups(model):
+        with torch.no_grad():
+            return model.encode_audio(ids, smask, feats, fmask).features
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(mean_model, tmp)
+        concat_cfg = tiny()
+        concat_cfg.audio_config.continuous_grouping = "concat"
+        concat_model = _regrouped_model(Path(tmp), concat_cfg, Recipe()).eval()
+    w = concat_model.audio_tower.continual_output_matching.weight
+    assert w.shape == (a.output_dim, k * a.output_dim)
+    torch.testing.assert_close(groups(concat_model), groups(mean_model), rtol=1e-5, atol=1e-5)
+    back = regroup_continuous_weight(w.detach(), k, True, k, False)  # and back to the mean weight
+    torch.testing.assert_close(back, mean_model.audio_tower.continual_output_matching.weight, rtol=1e-6, atol=1e-6)
+
+    frames = torch.randn(1, 2 * k, a.output_dim)  # two groups; the second with its frames in reverse order
+    swapped = torch.cat([frames[:, :k], frames[:, k:].flip(1)], dim=1)
+    mean_out = mean_model.audio_tower.group_continuous
+    torch.testing.assert_close(mean_out(swapped), mean_out(frames))  # the mean cannot hear the order
+    with torch.no_grad():
+        w.add_(torch.randn_like(w) * 0.1)  # a trained concat weight: blocks differ per frame
+        moved = concat_model.audio_tower.group_continuous(swapped) - concat_model.audio_tower.group_continuous(frames)
+    assert moved[0, 0].abs().max() == 0 and moved[0, 1].abs().max() > 1e-3
+
+    assert "continuous_grouping" not in cfg.audio_config.to_dict()  # released configs round-trip unchanged
+    assert concat_cfg.audio_config.to_dict()["continuous_grouping"] == "concat"
+    with pytest.raises(ConfigError, match="continuous_grouping"):
+        type(a).from_dict({**a.to_dict(), "continuous_grouping": "max"})

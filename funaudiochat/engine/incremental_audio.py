@@ -160,7 +160,7 @@ class IncrementalAudio:
 
     def _groups(self, frames: torch.Tensor) -> torch.Tensor:
         """25 Hz frames [5 G, D] -> the adapter's continuous 5 Hz vectors [G, D]."""
-        return self.adapter.continual_output_matching(self.adapter.group_mean(frames[None]))[0]
+        return self.adapter.group_continuous(frames[None])[0]
 
     # ------------------------------------------------------------------ end of speech
     @torch.no_grad()

@@ -137,9 +137,10 @@ def agrees(spoken: str, typed: str, expected: list[str]) -> bool:
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None:
+    """a / b; None (shown n/a, never a pass) when either is missing or b is 0: a ratio to nothing says nothing."""
+    if a is None or b is None or b <= 0:
         return None
-    return a / b if b > 0 else (1.0 if a >= b else None)
+    return a / b
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -44,6 +44,8 @@ class ModelSection:
     tokenizer: str | None = None       # tokenizer.json or its folder; default: the checkpoint folder
     group_size: int | None = None      # speech tokens per LLM step, when it differs from the starting model's
     #   (e.g. 1: the LLM at 25 Hz); the SRH's ungrouping layer, whose shape depends on it, then starts random
+    continuous_grouping: str | None = None  # "mean" or "concat", when it differs from the starting model's: the
+    #   adapter's continuous matching weight is converted (mean -> concat exactly; model.adapter)
 
 
 @dataclass(kw_only=True)
@@ -153,6 +155,8 @@ class Recipe:
         number("model.init_std", self.model.init_std, 0, low_open=True)
         need(self.model.group_size is None or (isinstance(self.model.group_size, int) and self.model.group_size >= 1),
              f"model.group_size: a positive integer, got {self.model.group_size!r}")
+        need(self.model.continuous_grouping in (None, "mean", "concat"),
+             f"model.continuous_grouping: 'mean' or 'concat', got {self.model.continuous_grouping!r}")
         number("data.max_len", self.data.max_len, 1)
         number("data.num_workers", self.data.num_workers, 0)
         number("optim.lr", self.optim.lr, 0, low_open=True)

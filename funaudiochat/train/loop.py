@@ -30,6 +30,7 @@ from funaudiochat.model import presets
 from funaudiochat.model.checkpoint import (load_model, load_state_dict_checked, materialize_buffers,
                                            read_state_dict)
 from funaudiochat.model import lora
+from funaudiochat.model.adapter import regroup_continuous_weight
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.text.tokenizer import TextTokenizer
 from funaudiochat.train import checkpoint as ckpt
@@ -81,6 +82,8 @@ class Trainer:
         self.cfg = FunAudioChatConfig.load(source) if source else _preset_config(r)
         if r.model.group_size:
             self.cfg.audio_config.group_size = r.model.group_size
+        if r.model.continuous_grouping:
+            self.cfg.audio_config.continuous_grouping = r.model.continuous_grouping
         self.tokenizer_path = _tokenizer_path(r)
         self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
         self._setup_data()
@@ -186,9 +189,11 @@ class Trainer:
             log.info("LoRA rank %d (alpha %g) on %d linear layers of the LLM", r.lora.rank, r.lora.alpha, len(names))
 
     def _full_model(self, source: Path | None) -> FunAudioChatModel:
-        k = self.cfg.audio_config.group_size
-        if source is not None and FunAudioChatConfig.load(source).audio_config.group_size != k:
-            return _regrouped_model(source, self.cfg, self.recipe)
+        a = self.cfg.audio_config
+        if source is not None:
+            src = FunAudioChatConfig.load(source).audio_config
+            if (src.group_size, src.continuous_grouping) != (a.group_size, a.continuous_grouping):
+                return _regrouped_model(source, self.cfg, self.recipe)
         if source is not None:
             return load_model(source, dtype=torch.float32)
         torch.manual_seed(self.recipe.train.seed)
@@ -375,18 +380,25 @@ def _train_adapters_not_llm(model: torch.nn.Module) -> int:
 
 
 def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe) -> FunAudioChatModel:
-    """`source`'s weights in a model of another group size (recipe model.group_size): every tensor but the SRH's
-    ungrouping layer (`pre_matching`: one LLM state -> k vectors, its shape depends on k), which starts random."""
+    """`source`'s weights in a model of another group size or continuous grouping (recipe model.group_size,
+    model.continuous_grouping): the adapter's continuous matching weight is converted (model.adapter), and at a new
+    group size the SRH's ungrouping layer (`pre_matching`: one LLM state -> k vectors) starts random."""
+    a, src = cfg.audio_config, FunAudioChatConfig.load(source).audio_config
     torch.manual_seed(r.train.seed)
     model = FunAudioChatModel(cfg)
-    if model.audio_invert_tower is None:
-        raise ConfigError(f"model.group_size: {source} has no Speech Refined Head to regroup")
-    model.init_weights(r.model.init_std, modules=[model.audio_invert_tower.pre_matching])
-    state = {k: v.float() for k, v in read_state_dict(source).items()
-             if not k.startswith("audio_invert_tower.pre_matching.")}
+    state = {k: v.float() for k, v in read_state_dict(source).items()}
+    if a.group_size != src.group_size:
+        if model.audio_invert_tower is None:
+            raise ConfigError(f"model.group_size: {source} has no Speech Refined Head to regroup")
+        model.init_weights(r.model.init_std, modules=[model.audio_invert_tower.pre_matching])
+        state = {k: v for k, v in state.items() if not k.startswith("audio_invert_tower.pre_matching.")}
+    key = "audio_tower.continual_output_matching.weight"
+    state[key] = regroup_continuous_weight(state[key], src.group_size, src.continuous_grouping == "concat",
+                                           a.group_size, a.continuous_grouping == "concat")
     load_state_dict_checked(model, {**model.state_dict(), **state}, str(source))
-    log.info("group size %d (the starting model's: %d): the SRH's pre_matching starts random",
-             cfg.audio_config.group_size, FunAudioChatConfig.load(source).audio_config.group_size)
+    log.info("group size %d, %s grouping (the starting model's: %d, %s): the adapter's continuous matching "
+             "converted%s", a.group_size, a.continuous_grouping, src.group_size, src.continuous_grouping,
+             ", the SRH's pre_matching starts random" if a.group_size != src.group_size else "")
     return model
 
 

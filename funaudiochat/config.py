@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,10 @@ class AudioConfig(_JsonMixin):
     # their order; fun-audio-chat-mini). A mean matrix W is the concat matrix [W/k ... W/k], so a mean-grouping
     # checkpoint converts exactly (model.adapter.regroup_continuous_weight). Written to config.json only when "concat".
     continuous_grouping: str = "mean"
+    # When set, each continuous 5 Hz vector is RMS-normalised to this per-element RMS (no learned gain): a fresh
+    # adapter trained into a frozen LLM otherwise grows its outputs ~100x past the text embeddings' scale (docs/mini.md).
+    # Released: None (not written to config.json).
+    continuous_output_rms: float | None = None
     crq_transformer_config: BackboneConfig = field(default_factory=lambda: BackboneConfig(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=32768,
@@ -238,6 +243,8 @@ class AudioConfig(_JsonMixin):
             del out["full_scale_user_audio"]  # released configs round-trip unchanged
         if self.continuous_grouping == "mean":
             del out["continuous_grouping"]
+        if self.continuous_output_rms is None:
+            del out["continuous_output_rms"]
         return dict(sorted(out.items()))
 
     def validate(self, where: str) -> None:
@@ -253,6 +260,9 @@ class AudioConfig(_JsonMixin):
                f"must be 'replace' or 'add', got {self.continuous_features_mode!r}")
         _check(self.continuous_grouping in ("mean", "concat"), where, "continuous_grouping",
                f"must be 'mean' or 'concat', got {self.continuous_grouping!r}")
+        rms = self.continuous_output_rms
+        _check(rms is None or (isinstance(rms, (int, float)) and not isinstance(rms, bool) and 0 < rms < math.inf),
+               where, "continuous_output_rms", f"must be a positive number or null, got {rms!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name)
             _check(isinstance(v, int) and 0 <= v < self.codebook_size, where, name,

@@ -268,3 +268,33 @@ def test_concat_grouping_converts_a_mean_adapter_exactly_and_hears_frame_order()
     assert concat_cfg.audio_config.to_dict()["continuous_grouping"] == "concat"
     with pytest.raises(ConfigError, match="continuous_grouping"):
         type(a).from_dict({**a.to_dict(), "continuous_grouping": "max"})
+
+
+def test_continuous_output_rms_holds_user_audio_at_the_text_scale():
+    """`continuous_output_rms` RMS-normalises each continuous 5 Hz vector (no learned gain), so however large the
+    adapter's weights grow, user audio enters the LLM at the scale set (the mini: its text embeddings' RMS)."""
+    from funaudiochat.errors import ConfigError
+    from funaudiochat.model.adapter import GroupingAdapter
+
+    cfg = tiny().audio_config
+    k, d = cfg.group_size, cfg.output_dim
+    frames = torch.randn(2, 4 * k, d)
+    free = GroupingAdapter(cfg)
+    cfg.continuous_output_rms = 0.25
+    held = GroupingAdapter(cfg)
+    held.load_state_dict(free.state_dict())
+    with torch.no_grad():
+        for adapter in (free, held):
+            adapter.continual_output_matching.weight.mul_(100.0)  # weights grown in training
+        out_free, out_held = free.group_continuous(frames), held.group_continuous(frames)
+    rms = out_held.pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, 0.25), rtol=1e-4, atol=1e-5)
+    assert out_free.pow(2).mean(-1).sqrt().min() > 10 * 0.25  # without it the scale follows the weights
+    cos = torch.nn.functional.cosine_similarity(out_free, out_held, dim=-1)  # the direction is the adapter's own
+    torch.testing.assert_close(cos, torch.ones_like(cos), rtol=1e-5, atol=1e-5)
+    assert cfg.to_dict()["continuous_output_rms"] == 0.25
+    cfg.continuous_output_rms = None
+    assert "continuous_output_rms" not in cfg.to_dict()  # released configs round-trip unchanged
+    for bad in (0, -1.0, float("nan"), "0.1", True):
+        with pytest.raises(ConfigError, match="continuous_output_rms"):
+            type(cfg).from_dict({**cfg.to_dict(), "continuous_output_rms": bad})

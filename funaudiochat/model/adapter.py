@@ -12,6 +12,7 @@ Shape legend: A audios, N speech tokens (a multiple of k), G = N/k groups, D LLM
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from funaudiochat.config import AudioConfig
@@ -22,6 +23,7 @@ class GroupingAdapter(nn.Module):
         super().__init__()
         self.group_size, self.mode = cfg.group_size, cfg.continuous_features_mode
         self.concat = cfg.continuous_grouping == "concat"
+        self.output_rms = cfg.continuous_output_rms
         d = cfg.output_dim
         self.embed_tokens = nn.Embedding(cfg.codebook_size, d, padding_idx=cfg.pad_token_id)
         self.output_matching = nn.Linear(d, d, bias=False)
@@ -44,7 +46,10 @@ class GroupingAdapter(nn.Module):
             x = x.reshape(a, n // self.group_size, self.group_size * d)
         else:
             x = self.group_mean(x)
-        return self.continual_output_matching(x)
+        x = self.continual_output_matching(x)
+        if self.output_rms is not None:
+            x = F.rms_norm(x, (x.shape[-1],), eps=1e-6) * self.output_rms
+        return x
 
     def forward(self, ids: torch.Tensor, continuous: torch.Tensor | None = None,
                 has_continuous: torch.Tensor | None = None) -> torch.Tensor:

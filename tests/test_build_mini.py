@@ -220,6 +220,18 @@ def test_audio_stage_filters_writes_records_and_resumes(tmp_path, judge, mini_di
         kept = build_mini.kept_entry(journal, item if task == "asr" else item + ".q1")
         assert tasks.get(item) == (task if kept else None)
 
+    # the pre-alignment records: every kept train clip as an ASR record, its spoken text as the transcript
+    clips = [json.loads(line) for line in (out / "train_clips_asr.jsonl").read_text().splitlines()]
+    kept_train = {e["path"]: e for e in journal.values() if e["kept"] and e["split"] == "train"}
+    assert sorted(json.loads(r["audio"][0])["path"] for r in clips) == sorted(kept_train)
+    for r in clips:
+        spoken = kept_train[json.loads(r["audio"][0])["path"]]["text"]
+        assert r["task"] == "asr" and r["messages"][1]["content"] == spoken
+    assert {r["id"] for r in train if r["task"] == "asr"} <= {r["id"].replace(".clip1", "") for r in clips} | \
+        {r["id"].replace(".clip1", ".asr") for r in clips}
+    assert load_records([out / "train_clips_asr.jsonl"], SampleBuilder(TextTokenizer.from_file(mini_dir), cfg,
+                                                                        512).sample, "reject")[1].kept == len(clips)
+
     # manifest: every kept wav with its sha256; verify passes, and fails on a changed file
     assert build_mini.verify_manifest(out)["set_sha256"] == summary["manifest_sha256"]
     # two worker processes (each with its own judge) make the same clips, verdicts and records

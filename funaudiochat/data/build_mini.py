@@ -548,10 +548,7 @@ def training_record(rec: dict, entries: list[dict], system: str, asr: bool = Fal
             "augmentation": [aug_name(e["aug"]) for e in entries]}
     if asr:
         text = rec["text"] if rec["family"] == "asr" else rec["turns"][0]
-        messages = [{"role": "user", "content": f"{AUDIO_TEMPLATE}\n{ASR_INSTRUCTION}"},
-                    {"role": "assistant", "content": text}]
-        return {"id": rec["id"] + ("" if rec["family"] == "asr" else ".asr"), "task": "asr", "system": system,
-                "messages": messages, "audio": [_audio_entry(entries[0], text)], "meta": meta}
+        return _asr_record(rec["id"] + ("" if rec["family"] == "asr" else ".asr"), text, entries[0], system, meta)
     messages = []
     for turn, answer in zip(rec["turns"], rec["answers"]):
         messages += [{"role": "user", "content": AUDIO_TEMPLATE}, {"role": "assistant", "content": answer}]
@@ -561,14 +558,34 @@ def training_record(rec: dict, entries: list[dict], system: str, asr: bool = Fal
             "audio": [_audio_entry(e, t) for e, t in zip(entries, rec["turns"])], "meta": meta}
 
 
+def clip_asr_record(rec: dict, entries: list[dict], system: str, turn: int) -> dict:
+    """Clip `turn` of an item (an ASR sentence, or a QA item's question turn) as an ASR record, for
+    train_clips_asr.jsonl; ids ITEM.clipN."""
+    text = rec["text"] if rec["family"] == "asr" else rec["turns"][turn]
+    meta = {"family": rec["family"], "voices": [entries[turn]["voice"]],
+            "augmentation": [aug_name(entries[turn]["aug"])]}
+    return _asr_record(f"{rec['id']}.clip{turn + 1}", text, entries[turn], system, meta)
+
+
+def _asr_record(record_id: str, text: str, entry: dict, system: str, meta: dict) -> dict:
+    """"Please help me transcribe the audio." on one clip, its text as the answer."""
+    messages = [{"role": "user", "content": f"{AUDIO_TEMPLATE}\n{ASR_INSTRUCTION}"},
+                {"role": "assistant", "content": text}]
+    return {"id": record_id, "task": "asr", "system": system, "messages": messages,
+            "audio": [_audio_entry(entry, text)], "meta": meta}
+
+
 def _reuse_for_asr(item_id: str) -> bool:
     return int(hashlib.sha1(item_id.encode()).hexdigest(), 16) % ASR_REUSE_EVERY == 0
 
 
 def write_records(records: list[dict], done: dict[str, dict], out: Path, system: str) -> dict[str, dict]:
-    """OUT/{train,dev,test,test_snr10,test_phone}.jsonl from the text records and the kept clips; returns the
-    record counts per split and family (ASR records under "asr")."""
+    """OUT/{train,dev,test,test_snr10,test_phone}.jsonl from the text records and the kept clips, and
+    OUT/train_clips_asr.jsonl: every kept train clip (ASR sentences and each question turn) as an ASR record, for
+    pre-alignment (about twice the ASR records of train.jsonl, from the same audio). Returns the record counts per
+    split and family (ASR records under "asr")."""
     by_split: dict[str, list[dict]] = {}
+    clips_asr: list[dict] = []
     for rec in records:
         if rec["family"] != "asr" and rec.get("reject") and rec["split"] != "test":
             continue
@@ -583,14 +600,16 @@ def write_records(records: list[dict], done: dict[str, dict], out: Path, system:
             if not all(e and e["kept"] for e in entries):
                 continue
             target = by_split.setdefault(split, [])
+            if split == "train":
+                clips_asr += [clip_asr_record(rec, entries, system, t) for t in range(len(entries))]
             if rec["family"] == "asr":
                 target.append(training_record(rec, entries, system, asr=True))
                 continue
             target.append(training_record(rec, entries, system))
             if _reuse_for_asr(rec["id"]):
                 target.append(training_record(rec, entries, system, asr=True))
-    for split, recs in by_split.items():
-        fileio.write_text(out / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    for name, recs in [*by_split.items(), ("train_clips_asr", clips_asr)]:
+        fileio.write_text(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
     return {split: dict(sorted(Counter("asr" if r["task"] == "asr" else r["meta"]["family"] for r in recs).items()),
                         total=len(recs)) for split, recs in sorted(by_split.items())}
 

@@ -209,11 +209,12 @@ class AudioConfig(_JsonMixin):
     full_scale_user_audio: bool = False
     # How the adapter groups k continuous 25 Hz frames into one 5 Hz vector before `continual_output_matching`:
     # "mean" (released: their average, [D] -> [D]) or "concat" (the k frames side by side, [k*D] -> [D], which keeps
-    # their order; fun-audio-chat-mini). A mean matrix W is the concat matrix [W/k ... W/k], so a mean-grouping
-    # checkpoint converts exactly (model.adapter.regroup_continuous_weight). Written to config.json only when "concat".
+    # their order; tried for fun-audio-chat-mini, docs/mini.md). A mean matrix W is the concat matrix
+    # [W/k ... W/k], so a mean-grouping checkpoint converts exactly (model.adapter.regroup_continuous_weight).
+    # Written to config.json only when "concat".
     continuous_grouping: str = "mean"
     # When set, each continuous 5 Hz vector is RMS-normalised to this per-element RMS (no learned gain): a fresh
-    # adapter trained into a frozen LLM otherwise grows its outputs ~100x past the text embeddings' scale (docs/mini.md).
+    # adapter trained into a frozen LLM otherwise grows its outputs ~80x past the text embeddings' scale (docs/mini.md).
     # Released: None (not written to config.json).
     continuous_output_rms: float | None = None
     crq_transformer_config: BackboneConfig = field(default_factory=lambda: BackboneConfig(

@@ -29,8 +29,8 @@ from tests.test_serve_realtime import Client
 # by up to +-15 MiB, the trend after the first waves is 0.06-0.4 MiB per client (more on a loaded machine). So the test
 # compares the median of the last four waves with that of the first four of eight (40 clients apart) and allows
 # LEAK_TOLERANCE_MIB (0.6 MiB per dropped client: a leak of what a dropped session holds each time, its caches,
-# detokenizer stream state and audio, its connection and send buffers, a parked thread, fails it). A leak of a few small objects per session would not show
-# in RSS at all (the /metrics and /ready checks cover the rows themselves).
+# detokenizer stream state and audio, its connection and send buffers, a parked thread, fails it). A leak of a few
+# small objects per session would not show in RSS at all (the /metrics and /ready checks cover the rows themselves).
 LEAK_TOLERANCE_MIB = 24
 DROPS, WAVE, WARM_WAVES = 80, 10, 2  # 80 dropped clients, 10 at a time, after 2 waves of warm-up
 TYPED = "w40 w41 w42"         # words of the tiny tokenizer

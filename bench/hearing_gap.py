@@ -3,6 +3,9 @@ with each other's audio (each record takes the next one's clip). A model that he
 figure; a deaf one scores the same. Cheap (two forwards), so it scores a training run's checkpoints as they come.
 
     .venv/bin/python bench/hearing_gap.py --model runs/mini/pre_align/checkpoints/step-200/model [--split test] [-n 16]
+
+`--positions N` also prints both losses at each of the transcripts' first N tokens (where in a sentence the audio
+is heard: a model that reads only the start of the clip helps the first tokens alone).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 
 def main() -> None:
@@ -21,6 +25,7 @@ def main() -> None:
     ap.add_argument("--split", default="test", help="records file SPLIT.jsonl of --data (default test)")
     ap.add_argument("-n", type=int, default=16, help="ASR records scored (the split's first N; default 16)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--positions", type=int, default=0, help="also the losses at the first N transcript tokens")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -48,13 +53,24 @@ def main() -> None:
     shuffled = [dataclasses.replace(s, audios=[dataclasses.replace(s.audios[0], wav=clips[(i + 1) % len(clips)])])
                 for i, s in enumerate(samples)]
 
-    def loss(batch_samples) -> float:
+    def losses(batch_samples) -> tuple[float, list[float]]:
+        """Mean loss of the target tokens, and the mean loss at each target position j < --positions."""
+        inputs = collate(batch_samples).model_inputs("cpu")
         with torch.no_grad():
-            return float(model(**collate(batch_samples).model_inputs("cpu")).text_loss)
+            out = model(**inputs)
+        labels = inputs["labels"][:, 1:]
+        per_token = F.cross_entropy(out.text_logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                                    reduction="none")  # [B, L-1]
+        rank = (labels != -100).cumsum(dim=1) - 1  # j of each target token within its row
+        at = [per_token[(labels != -100) & (rank == j)] for j in range(args.positions)]
+        return float(out.text_loss), [float(x.mean()) if x.numel() else float("nan") for x in at]
 
-    own, other = loss(samples), loss(shuffled)
+    (own, own_at), (other, other_at) = losses(samples), losses(shuffled)
     print(json.dumps({"model": str(args.model), "split": args.split, "records": len(samples),
                       "own_audio": round(own, 4), "shuffled_audio": round(other, 4), "gap": round(other - own, 4)}))
+    for j, (a, b) in enumerate(zip(own_at, other_at)):
+        print(json.dumps({"position": j, "own_audio": round(a, 3), "shuffled_audio": round(b, 3),
+                          "gap": round(b - a, 3)}))
 
 
 if __name__ == "__main__":

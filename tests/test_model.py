@@ -218,15 +218,15 @@ def test_full_scale_user_audio_switch():
     assert "full_scale_user_audio" not in cfg.audio_config.to_dict()  # released configs round-trip unchanged
 
 
-def test_concat_grouping_converts_a_mean_adapter_exactly_and_hears_frame_order():
+def test_concat_grouping_converts_a_mean_adapter_exactly_and_hears_frame_order(tmp_path):
     """`continuous_grouping: concat` sets each group's k encoder frames side by side before the matching layer. A
     mean-grouping model converts to it exactly (the trainer's recipe switch), and unlike the mean it tells the
     order of the frames in a group apart once trained away from the converted weight."""
     from funaudiochat.errors import ConfigError
     from funaudiochat.model.adapter import regroup_continuous_weight
+    from funaudiochat.model.checkpoint import save_model
     from funaudiochat.train.config import Recipe
     from funaudiochat.train.loop import _regrouped_model
-    from funaudiochat.model.checkpoint import save_model
 
     torch.manual_seed(0)
     cfg = tiny()
@@ -243,12 +243,10 @@ def test_concat_grouping_converts_a_mean_adapter_exactly_and_hears_frame_order()
         with torch.no_grad():
             return model.encode_audio(ids, smask, feats, fmask).features
 
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model(mean_model, tmp)
-        concat_cfg = tiny()
-        concat_cfg.audio_config.continuous_grouping = "concat"
-        concat_model = _regrouped_model(Path(tmp), concat_cfg, Recipe()).eval()
+    save_model(mean_model, tmp_path)
+    concat_cfg = tiny()
+    concat_cfg.audio_config.continuous_grouping = "concat"
+    concat_model = _regrouped_model(tmp_path, concat_cfg, Recipe()).eval()
     w = concat_model.audio_tower.continual_output_matching.weight
     assert w.shape == (a.output_dim, k * a.output_dim)
     torch.testing.assert_close(groups(concat_model), groups(mean_model), rtol=1e-5, atol=1e-5)

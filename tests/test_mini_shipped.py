@@ -16,24 +16,19 @@ QUESTION = ROOT / "examples" / "question.wav"  # test item facts-95bea16bf2: "Wh
 GOLD = "oslo"
 
 
-
-def _stage() -> str | None:
-    from funaudiochat.assets.mini_deltas import read
-
-    return read(DELTAS.parent)[1].get("stage") if DELTAS.is_file() else None
-
-
 def _skip_reason() -> str | None:
-    from funaudiochat.assets.mini_deltas import RELEASE_STAGES
+    from funaudiochat.assets.mini_deltas import RELEASE_STAGES, stage_of
 
     if not DELTAS.is_file():
         return "models/mini/deltas.safetensors is not committed yet"
-    if _stage() not in RELEASE_STAGES:
-        return f"models/mini holds the {_stage()!r} stage's deltas (training progress), not a release"
+    stage = stage_of(DELTAS)
+    if stage not in RELEASE_STAGES:
+        return f"models/mini holds the {stage!r} stage's deltas (training progress), not a release"
     return None
 
 
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+SKIP = _skip_reason()
+pytestmark = pytest.mark.skipif(SKIP is not None, reason=str(SKIP))
 
 
 def _cli(*args, timeout=600):

@@ -23,14 +23,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from funaudiochat.assets.mini_deltas import RELEASE_STAGES, assemble, read
+    from funaudiochat.assets.mini_deltas import DELTAS_FILE, RELEASE_STAGES, assemble, stage_of
     from funaudiochat.config import FunAudioChatConfig
 
     out = assemble(args.out_dir, args.deltas, args.base, args.gguf, args.ct2_dir)
     trained = FunAudioChatConfig.load(out).trained or {}
     parts = ", ".join(f"{k} {'trained' if v else 'untrained'}" for k, v in sorted(trained.items()))
     print(f"wrote {out} from {args.base or 'the pip-shipped parts'} + {args.deltas} ({parts})")
-    stage = read(args.deltas)[1].get("stage")
+    stage = stage_of(Path(args.deltas) / DELTAS_FILE)  # (assemble has checked the file)
     if stage and stage not in RELEASE_STAGES:
         print(f"note: these deltas end the {stage!r} stage of the training recipe, not a release (training in "
               f"progress: models/mini/README.md says what it can do)")

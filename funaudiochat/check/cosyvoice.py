@@ -3,14 +3,15 @@
 Every hyper-parameter comes from the directory's config.json; flow.pt / hift.pt load as saved; the fixed noise is
 injected from noise.safetensors. Cases: noise regeneration, each flow_io tag (mel, mu, speaker projection; for
 final_full each Euler step's estimator call), estimator_io, hift_io (final, nonfinal, random mel), stream_io.
-Tolerances: mel, mu, estimator, f0 <= 1e-4 max|ref| (the README's); the source 1e-3 (see TOL_SOURCE). Waveforms are compared by RMS error and
-peak error, both relative to the reference. HiFT in fp32 is chaotic: its phase is a long cumulative sum fed to sin(),
-and exp() makes the magnitudes, so ulp-level differences between machines grow. Measured on a 2-core CPU (torch
-2.13.0), where our flow and HiFT equal the released code bit for bit: HiFT fed the recorded mel differs from the
-golden by <= 1.4e-3 peak / 5e-5 RMS; the whole chain (a 2e-7 mel difference from the golden's machine) by 5.7e-3 peak /
-8.7e-4 RMS. Tolerances: HiFT alone 1e-2 peak, 1e-3 RMS (its random-mel case 1e-1 / 5e-3, TOL_HIFT_RAND_WAV); tokens->wav 3e-2 peak, 5e-3 RMS. A real defect (a shifted
-chunk, a wrong slice) is an O(1) difference. (A second golden made here with the released code, hop 25 / chunk 50,
-DiT 48x3 with 3 heads, HiFT base 32, passes every case with 0 difference.)
+Tolerances: mel, mu, estimator, f0 <= 1e-4 max|ref| (the README's); the source 1e-3 (see TOL_SOURCE). Waveforms are
+compared by RMS error and peak error, both relative to the reference. HiFT in fp32 is chaotic: its phase is a long
+cumulative sum fed to sin(), and exp() makes the magnitudes, so ulp-level differences between machines grow.
+Measured on a 2-core CPU (torch 2.13.0), where our flow and HiFT equal the released code bit for bit: HiFT fed the
+recorded mel differs from the golden by <= 1.4e-3 peak / 5e-5 RMS; the whole chain (a 2e-7 mel difference from the
+golden's machine) by 5.7e-3 peak / 8.7e-4 RMS. Tolerances: HiFT alone 1e-2 peak, 1e-3 RMS (its random-mel case 1e-1
+/ 5e-3, TOL_HIFT_RAND_WAV); tokens->wav 3e-2 peak, 5e-3 RMS. A real defect (a shifted chunk, a wrong slice) is an
+O(1) difference. (A second golden made here with the released code, hop 25 / chunk 50, DiT 48x3 with 3 heads, HiFT
+base 32, passes every case with 0 difference.)
 """
 from __future__ import annotations
 

@@ -189,12 +189,10 @@ class Trainer:
             log.info("LoRA rank %d (alpha %g) on %d linear layers of the LLM", r.lora.rank, r.lora.alpha, len(names))
 
     def _full_model(self, source: Path | None) -> FunAudioChatModel:
-        a = self.cfg.audio_config
         if source is not None:
-            src = FunAudioChatConfig.load(source).audio_config
+            a, src = self.cfg.audio_config, FunAudioChatConfig.load(source).audio_config
             if (src.group_size, src.continuous_grouping) != (a.group_size, a.continuous_grouping):
                 return _regrouped_model(source, self.cfg, self.recipe)
-        if source is not None:
             return load_model(source, dtype=torch.float32)
         torch.manual_seed(self.recipe.train.seed)
         model = FunAudioChatModel(self.cfg)

@@ -42,8 +42,8 @@ fi
 # (commit them: the next session may run on a fresh machine). A stage whose output is missing here is restored from
 # those deltas, in the working tree or in the commit that shipped them, before it would be trained again.
 out_of() { [ "$1" = core_cocktail_merged ] && echo runs/mini/core_cocktail_merged || echo "runs/mini/$1/final"; }
-stage_of() { .venv/bin/python -c 'import sys; from safetensors import safe_open
-with safe_open(sys.argv[1], "pt") as f: print((f.metadata() or {}).get("stage", ""))' "$1"; }
+stage_of() { .venv/bin/python -c 'import sys; from funaudiochat.assets.mini_deltas import stage_of
+print(stage_of(sys.argv[1]) or "")' "$1"; }
 restore() {  # restore STAGE: 0 when its output is here or was rebuilt from committed deltas
   [ -d "$(out_of "$1")" ] && return 0
   local tmp rev

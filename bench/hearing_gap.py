@@ -83,7 +83,10 @@ def _fold_live_adapters(model, folder: Path) -> None:
 
     if not (folder / lora.ADAPTER_FILE).is_file():
         return
-    recipe = yaml.safe_load((folder.parents[2] / "recipe.yaml").read_text(encoding="utf-8"))
+    path = folder.parents[2] / "recipe.yaml" if len(folder.parents) > 2 else folder / "recipe.yaml"
+    if not path.is_file():
+        raise SystemExit(f"{folder} holds live LoRA adapters but {path} (its run's recipe, for their scale) is missing")
+    recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
     scale = float(recipe["lora"]["alpha"]) / int(recipe["lora"]["rank"])
     folded = lora.fold(lora.load(folder / lora.ADAPTER_FILE), scale)
     model.load_state_dict(lora.apply(model.state_dict(), folded))

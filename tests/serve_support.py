@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -82,15 +83,18 @@ def tiny_model(folder: Path, trained: dict | None = None) -> tuple[Path, Path]:
 
 
 @contextmanager
-def running_server(folder: Path, *extra: str, max_seq_len: int = 1024, trained: dict | None = None):
-    """`funaudiochat serve` on the tiny model; `max_seq_len` also bounds an answer's length (prompt + answer)."""
+def running_server(folder: Path, *extra: str, max_seq_len: int = 1024, trained: dict | None = None,
+                   env: dict | None = None):
+    """`funaudiochat serve` on the tiny model; `max_seq_len` also bounds an answer's length (prompt + answer);
+    `env`: variables added to the server's environment."""
     ckpt, detok = tiny_model(folder, trained)
     port = free_port()
     log = folder / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "funaudiochat.cli", "serve", "--model", str(ckpt),
                                  "--detokenizer", str(detok), "--port", str(port), "--max-seq-len", str(max_seq_len),
-                                 "--threads", "1", *extra], stdout=out, stderr=subprocess.STDOUT)
+                                 "--threads", "1", *extra], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
     server = Server(f"http://127.0.0.1:{port}", proc, log)
     try:
         deadline = time.monotonic() + 180

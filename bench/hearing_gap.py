@@ -48,7 +48,6 @@ def main() -> None:
     finally:
         picked.unlink()
     model = load_model(args.model, dtype="fp32").eval()
-    _fold_live_adapters(model, args.model)
     collate = Collator(cfg, 512, False)
     clips = [s.audios[0].wav for s in samples]
     shuffled = [dataclasses.replace(s, audios=[dataclasses.replace(s.audios[0], wav=clips[(i + 1) % len(clips)])])
@@ -72,24 +71,6 @@ def main() -> None:
     for j, (a, b) in enumerate(zip(own_at, other_at)):
         print(json.dumps({"position": j, "own_audio": round(a, 3), "shuffled_audio": round(b, 3),
                           "gap": round(b - a, 3)}))
-
-
-def _fold_live_adapters(model, folder: Path) -> None:
-    """A LoRA run's training checkpoint keeps the LLM unmerged and its live adapters beside it: add their delta
-    (scale alpha / rank from the run's recipe.yaml, RUN/checkpoints/step-N/model), as the run's export does."""
-    import yaml
-
-    from funaudiochat.model import lora
-
-    if not (folder / lora.ADAPTER_FILE).is_file():
-        return
-    path = folder.parents[2] / "recipe.yaml" if len(folder.parents) > 2 else folder / "recipe.yaml"
-    if not path.is_file():
-        raise SystemExit(f"{folder} holds live LoRA adapters but {path} (its run's recipe, for their scale) is missing")
-    recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
-    scale = float(recipe["lora"]["alpha"]) / int(recipe["lora"]["rank"])
-    folded = lora.fold(lora.load(folder / lora.ADAPTER_FILE), scale)
-    model.load_state_dict(lora.apply(model.state_dict(), folded))
 
 
 if __name__ == "__main__":

@@ -91,6 +91,23 @@ def test_lora_stages_merge_and_resume(tmp_path):
     assert max(float(lora.delta(delta, n).abs().max()) for n in lora.modules_of(delta)) > 1e-4
     assert any(not torch.equal(base[k], tuned[k]) for k in tuned if k.startswith("audio_tower."))
     assert all(torch.equal(base[k], tuned[k]) for k in tuned if k.startswith("continuous_audio_tower."))
+    # inference on a training checkpoint folds its live adapters (scale recorded beside them), as the export does
+    last = tmp_path / "stage1" / "checkpoints" / "step-2" / "model"
+    from_step = load_model(last).state_dict()
+    for k, v in load_model(final).state_dict().items():
+        torch.testing.assert_close(from_step[k], v, rtol=0, atol=1e-6)
+    assert lora.adapters_scale(last) == 4.0 / 2
+    # an adapter file written before the scale was recorded takes it from the run's recipe.yaml, else a clear error
+    old = tmp_path / "old" / "checkpoints" / "step-2" / "model"
+    shutil.copytree(last, old)
+    from safetensors.torch import save_file
+    save_file(lora.load(old / lora.ADAPTER_FILE), str(old / lora.ADAPTER_FILE), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="without their scale"):
+        load_model(old)
+    shutil.copy(tmp_path / "stage1" / "recipe.yaml", tmp_path / "old" / "recipe.yaml")
+    torch.testing.assert_close(load_model(old).state_dict(), from_step, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="training checkpoint"):  # merging it would leave the adapters out
+        merge_checkpoints(start, last, tmp_path / "merged-step", alpha=0.5)
     # a resumed run reads its adapters back: deleting the last step and resuming gives the same export
     step1 = tmp_path / "stage1" / "checkpoints" / "step-1"
     assert (step1 / "model" / lora.ADAPTER_FILE).is_file()
@@ -128,7 +145,6 @@ def test_lora_stages_merge_and_resume(tmp_path):
     shutil.copytree(final, bad)
     state = read_state_dict(bad)
     state["language_model.model.layers.0.mlp.up_proj.weight"] += 0.1
-    from safetensors.torch import save_file
     save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="not trained from BASE"):
         merge_checkpoints(start, bad, tmp_path / "merged-bad", alpha=0.5)

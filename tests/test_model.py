@@ -246,7 +246,7 @@ def test_concat_grouping_converts_a_mean_adapter_exactly_and_hears_frame_order(t
     save_model(mean_model, tmp_path)
     concat_cfg = tiny()
     concat_cfg.audio_config.continuous_grouping = "concat"
-    concat_model = _regrouped_model(tmp_path, concat_cfg, Recipe()).eval()
+    concat_model = _regrouped_model(tmp_path, concat_cfg, Recipe(), fold_adapters=True).eval()
     w = concat_model.audio_tower.continual_output_matching.weight
     assert w.shape == (a.output_dim, k * a.output_dim)
     torch.testing.assert_close(groups(concat_model), groups(mean_model), rtol=1e-5, atol=1e-5)

@@ -42,6 +42,8 @@ def extract(final_dir: str | Path, base_dir: str | Path,
     """The deltas of a trained checkpoint against its starting checkpoint, and the file's metadata (with `stage`,
     the recipe stage they come from, when given: the mini pipeline restores that stage from them)."""
     final_dir, base_dir = Path(final_dir), Path(base_dir)
+    for d in (final_dir, base_dir):
+        lora.require_export(d)
     final, base = read_state_dict(final_dir), read_state_dict(base_dir)
     if final.keys() != base.keys():
         odd = sorted(final.keys() ^ base.keys())

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from funaudiochat import fileio
 from funaudiochat.config import FunAudioChatConfig
 from funaudiochat.errors import CheckpointError
+from funaudiochat.model import lora
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.quantize import (SCALE_SUFFIX, prepare_for_quantized_state, quantize_model,
                                          quantized_module_names)
@@ -125,13 +126,15 @@ def _few(items: list[str], n: int = 8) -> str:
 
 
 def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               speech_head: bool = True) -> FunAudioChatModel:
+               speech_head: bool = True, fold_adapters: bool = True) -> FunAudioChatModel:
     """Build the model from `directory/config.json` and load its safetensors weights.
 
     dtype: cast every tensor to fp32 / bf16 / fp16 (None keeps the stored dtypes), or "int8": fp32 with the LLM's
     and the SRH's linears quantized to int8 weights (model/quantize.py). A quantized checkpoint (int8 weights with
     `.weight_scale` beside them) loads as stored, with dtype None or "int8". speech_head=False drops the SRH (pure
-    speech-to-text, less memory).
+    speech-to-text, less memory). A LoRA run's training checkpoint (RUN/checkpoints/step-N/model) keeps the LLM
+    unmerged with its live adapters beside it: they are folded into the weights, as the run's export does, unless
+    fold_adapters=False (the trainer resuming them as live parameters).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -144,6 +147,8 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
     with torch.device("meta"):
         model = FunAudioChatModel(cfg)
     state = read_state_dict(directory)
+    if fold_adapters:
+        state = lora.apply(state, lora.folded_adapters(directory))
     if not speech_head:
         state = {k: v for k, v in state.items() if not k.startswith("audio_invert_tower.")}
     int8_names = quantized_module_names(state)

@@ -179,6 +179,47 @@ def load_delta(folder: str | Path) -> dict[str, torch.Tensor]:
     return load(path) if path.is_file() else {}
 
 
+def adapters_scale(folder: str | Path) -> float:
+    """The scale (alpha / rank) of the live adapters in a training checkpoint's model folder: recorded in the file's
+    metadata; a file written before that was recorded takes it from its run's recipe (RUN/checkpoints/step-N/model
+    -> RUN/recipe.yaml)."""
+    import yaml
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    path = folder / ADAPTER_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get("scale")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    if recorded is not None:
+        return float(recorded)
+    recipe = folder.parents[2] / "recipe.yaml" if len(folder.parents) > 2 else folder / "recipe.yaml"
+    if not recipe.is_file():
+        raise CheckpointError(f"{path}: live LoRA adapters without their scale, and no run recipe at {recipe} to "
+                              f"read it from: load the run's exported RUN/final instead")
+    section = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("lora") or {}
+    try:
+        return float(section["alpha"]) / int(section["rank"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        raise CheckpointError(f"{recipe}: no lora.alpha / lora.rank for the adapters in {path}") from None
+
+
+def folded_adapters(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The live adapters of a training checkpoint's model folder as folded factors ({} when it has none)."""
+    path = Path(folder) / ADAPTER_FILE
+    return fold(load(path), adapters_scale(folder)) if path.is_file() else {}
+
+
+def require_export(folder: str | Path) -> None:
+    """Weight arithmetic (merge, deltas) reads dense weights as stored: refuse a training checkpoint whose LLM delta
+    still lives in separate adapters, rather than silently leave it out."""
+    if (Path(folder) / ADAPTER_FILE).is_file():
+        raise CheckpointError(f"{folder} is a LoRA run's training checkpoint (its adapters are not merged yet): use "
+                              f"the run's export, RUN/final")
+
+
 def load_adapters(model: nn.Module, folder: str | Path) -> bool:
     """Copy the live adapters saved in a training checkpoint's model folder into `model`; False when none."""
     path = Path(folder) / ADAPTER_FILE

@@ -90,10 +90,10 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, cfg: FunAudioChatConfig, model_state: dict, optimizer_state: dict,
                     trainer_state: dict, tokenizer: Path | None, keep_last: int, info: DistInfo,
-                    extra: dict[str, dict] | None = None) -> Path:
+                    extra: dict[str, tuple[dict, dict]] | None = None) -> Path:
     """Every process calls this: the RNG states are gathered to rank 0, which writes the folder atomically; a
     failure on rank 0 (a full disk) is raised on every process. `extra`: more safetensors files for the model
-    folder (file name -> tensors), e.g. LoRA adapters."""
+    folder (file name -> (tensors, metadata)), e.g. LoRA adapters and their scale."""
     folder = checkpoints_dir(run_dir)
     final = folder / f"step-{step}"
     rngs = _gather(rng_state(), info)
@@ -169,7 +169,7 @@ def read_rng_state(step_dir: Path, rank: int) -> dict | None:
 
 
 def export(run_dir: Path, cfg: FunAudioChatConfig, model_state: dict, tokenizer: Path | None,
-           extra: dict[str, dict] | None = None) -> Path:
+           extra: dict[str, tuple[dict, dict]] | None = None) -> Path:
     """RUN_DIR/final: the trained model as a released-format inference checkpoint (rank 0 only)."""
     out = Path(run_dir) / "final"
     with fileio.atomic_path(out, directory=True) as tmp:
@@ -178,9 +178,9 @@ def export(run_dir: Path, cfg: FunAudioChatConfig, model_state: dict, tokenizer:
     return out
 
 
-def _write_extra(folder: Path, extra: dict[str, dict] | None) -> None:
+def _write_extra(folder: Path, extra: dict[str, tuple[dict, dict]] | None) -> None:
     from safetensors.torch import save_file
 
-    for name, tensors in (extra or {}).items():
+    for name, (tensors, meta) in (extra or {}).items():
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / name),
-                  metadata={"format": "pt"})
+                  metadata={"format": "pt", **meta})

@@ -142,7 +142,8 @@ class Trainer:
         build on the meta device; all shard, then rank 0's weights are broadcast into the shards."""
         r, info = self.recipe, self.info
         fsdp = info.enabled and r.dist.strategy == "fsdp"
-        full = self._full_model(source) if info.main or not fsdp else None
+        live_adapters = trainable and bool(r.lora.rank)  # a resumed LoRA run takes them back as parameters
+        full = self._full_model(source, live_adapters) if info.main or not fsdp else None
         if fsdp:
             with torch.device("meta"):
                 model = FunAudioChatModel(self.cfg)
@@ -188,12 +189,12 @@ class Trainer:
         if self.info.main:
             log.info("LoRA rank %d (alpha %g) on %d linear layers of the LLM", r.lora.rank, r.lora.alpha, len(names))
 
-    def _full_model(self, source: Path | None) -> FunAudioChatModel:
+    def _full_model(self, source: Path | None, live_adapters: bool) -> FunAudioChatModel:
         if source is not None:
             a, src = self.cfg.audio_config, FunAudioChatConfig.load(source).audio_config
             if (src.group_size, src.continuous_grouping) != (a.group_size, a.continuous_grouping):
-                return _regrouped_model(source, self.cfg, self.recipe)
-            return load_model(source, dtype=torch.float32)
+                return _regrouped_model(source, self.cfg, self.recipe, fold_adapters=not live_adapters)
+            return load_model(source, dtype=torch.float32, fold_adapters=not live_adapters)
         torch.manual_seed(self.recipe.train.seed)
         model = FunAudioChatModel(self.cfg)
         model.init_weights(self.recipe.model.init_std)
@@ -327,7 +328,8 @@ class Trainer:
                          "stage": self.recipe.stage, "total_steps": self.total_steps}
         folder = ckpt.save_checkpoint(self.run_dir, step, self.cfg, model_state, optim_state, trainer_state,
                                       self.tokenizer_path, self.recipe.checkpoint.keep_last, self.info,
-                                      extra={lora.ADAPTER_FILE: adapters} if adapters else None)
+                                      extra={lora.ADAPTER_FILE: (adapters, {"scale": repr(self._lora_scale)})}
+                                      if adapters else None)
         if self.info.main:
             log.info("saved %s", folder)
             if export:
@@ -344,9 +346,13 @@ class Trainer:
             log.info("this stage trained the LLM's weights: %s/%s is not carried over", r.model.checkpoint,
                      lora.DELTA_FILE)
             prior = {}
-        folded = lora.fold(adapters, r.lora.alpha / r.lora.rank) if adapters else {}
+        folded = lora.fold(adapters, self._lora_scale) if adapters else {}
         total = lora.concat(prior, folded)
-        return lora.apply(dense, folded), ({lora.DELTA_FILE: total} if total else None)
+        return lora.apply(dense, folded), ({lora.DELTA_FILE: (total, {})} if total else None)
+
+    @property
+    def _lora_scale(self) -> float:
+        return self.recipe.lora.alpha / self.recipe.lora.rank
 
     def cleanup(self) -> None:
         if hasattr(self, "metrics"):
@@ -377,7 +383,7 @@ def _train_adapters_not_llm(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe) -> FunAudioChatModel:
+def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe, fold_adapters: bool) -> FunAudioChatModel:
     """`source`'s weights in a model of another group size or continuous grouping (recipe model.group_size,
     model.continuous_grouping): the adapter's continuous matching weight is converted (model.adapter), and at a new
     group size the SRH's ungrouping layer (`pre_matching`: one LLM state -> k vectors) starts random."""
@@ -385,6 +391,8 @@ def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe) -> FunAud
     torch.manual_seed(r.train.seed)
     model = FunAudioChatModel(cfg)
     state = {k: v.float() for k, v in read_state_dict(source).items()}
+    if fold_adapters:
+        state = lora.apply(state, lora.folded_adapters(source))
     if a.group_size != src.group_size:
         if model.audio_invert_tower is None:
             raise ConfigError(f"model.group_size: {source} has no Speech Refined Head to regroup")

@@ -108,6 +108,7 @@ def merge_checkpoints(base_dir: Path, tuned_dir: Path, out_dir: Path, alpha: flo
     for d in (base_dir, tuned_dir):
         if not d.is_dir():
             raise CheckpointError(f"{d}: checkpoint folder not found")
+        lora.require_export(d)
     # OUT is checked before the work, and nothing the user has is replaced (an input, a file, another folder)
     for name, d in (("BASE", base_dir), ("STAGE1", tuned_dir)):
         if out_dir.resolve() == d.resolve():

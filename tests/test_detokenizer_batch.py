@@ -29,6 +29,8 @@ SESSIONS = [
     (5, 70, dict(speaker="中文男", hop=15, chunk_attention=False)),           # full attention: another batch
     (6, 62, dict(speaker="中文女", hop=15, chunk_attention=False, flow_window=45)),
     (9, 33, dict(speaker="中文女", hop=15)),                                   # joins late
+    (1, 50, dict(speaker="中文男", hop=15, flow_cache=False)),                # every call on the whole window
+    (1, 42, dict(speaker="中文女", hop=15, flow_cache=False)),
 ]
 
 
@@ -48,11 +50,13 @@ def _alone(detok, tokens, settings):
 
 def test_batched_streams_equal_each_stream_alone(detok, monkeypatch):
     tokens = [_tokens(n, seed) for seed, (_, n, _) in enumerate(SESSIONS)]
-    rows_per_call = []
-    inference_rows = type(detok.flow).inference_rows
+    rows_per_call, cached_per_call = [], []
+    inference_rows, cached_rows = type(detok.flow).inference_rows, detok_module.cached_rows
     monkeypatch.setattr(type(detok.flow), "inference_rows",
                         lambda self, rows, *a, **kw: rows_per_call.append(len(rows)) or inference_rows(self, rows, *a,
                                                                                                      **kw))
+    monkeypatch.setattr(detok_module, "cached_rows",
+                        lambda flow, rows, *a: cached_per_call.append(len(rows)) or cached_rows(flow, rows, *a))
     streams = [detok.stream(**settings) for _, _, settings in SESSIONS]
     chunks = [[] for _ in SESSIONS]
     finals = [None] * len(SESSIONS)
@@ -73,7 +77,7 @@ def test_batched_streams_equal_each_stream_alone(detok, monkeypatch):
         for i, (start, _, _) in enumerate(SESSIONS):
             if step - start == len(pieces[i]):  # its last piece went in on the step before: it leaves
                 finals[i] = streams[i].finalize()
-    assert max(rows_per_call) >= 3  # the streams really shared calls
+    assert max(cached_per_call) >= 3 and max(rows_per_call) >= 2  # the streams really shared calls
     for i, (_, n, settings) in enumerate(SESSIONS):
         ref_chunks, ref_final = _alone(detok, tokens[i], settings)
         assert [len(c) for c in chunks[i]] == [len(c) for c in ref_chunks], f"session {i}: other chunk boundaries"

@@ -37,6 +37,7 @@ import torch
 from funaudiochat.errors import CheckpointError, InputError, SessionClosedError
 from funaudiochat.speech.cosyvoice_config import CosyVoiceConfig, load_cosyvoice_config
 from funaudiochat.speech.flow import TokenToMelFlow, released_flow_noise
+from funaudiochat.speech.flow_cache import FlowCache, cached_rows
 from funaudiochat.speech.hift_stream import HiFTStream, vocode_rows
 from funaudiochat.speech.vocoder import HiFTVocoder, released_source_rng
 
@@ -217,10 +218,11 @@ class Detokenizer:
         return torch.cat(pieces, dim=1)[0].float().cpu().numpy()
 
     def stream(self, speaker=None, hop: int = 15, chunk_attention: bool = True, flow_window: int | None = None,
-               hift_reset: int | None = None, vocoder: str = "incremental") -> "StreamingDetokenizer":
+               hift_reset: int | None = None, vocoder: str = "incremental",
+               flow_cache: bool = True) -> "StreamingDetokenizer":
         """A streaming session; see `StreamingDetokenizer`."""
         return StreamingDetokenizer(self, self.speaker_embedding(speaker), hop, chunk_attention, flow_window,
-                                    hift_reset, vocoder)
+                                    hift_reset, vocoder, flow_cache)
 
 
 @dataclass
@@ -231,6 +233,7 @@ class StreamState:
     hift: HiFTStream = field(default_factory=HiFTStream)  # the incremental vocoder's state (vocoder="incremental")
     speech_offset: int = 0  # samples of HiFT's output already returned
     dropped_tokens: int = 0  # tokens dropped from the flow window since the last HiFT reset
+    flow: FlowCache = field(default_factory=FlowCache)  # keys and values of the window's completed chunks
     closed: bool = False
 
 
@@ -247,11 +250,15 @@ class StreamingDetokenizer:
     `vocoder`: "incremental" (default) vocodes only each chunk's new mel frames, continuing HiFT's causal state: the
         same samples as "whole" (the released loop: HiFT re-runs on the whole accumulated mel) up to float rounding,
         at a cost per chunk that does not grow with the answer.
+    `flow_cache` (with chunk attention): each non-final flow call computes only the frames from the window's first
+        incomplete chunk on, reusing the keys and values of the completed ones (`speech/flow_cache.py`): the same
+        mel up to float rounding, at a cost per chunk that does not grow with the window.
     The Fun-Audio-Chat web demo is `stream(hop=15, chunk_attention=False, flow_window=200, hift_reset=500)`.
     """
 
     def __init__(self, detok: Detokenizer, embedding: torch.Tensor, hop: int = 15, chunk_attention: bool = True,
-                 flow_window: int | None = None, hift_reset: int | None = None, vocoder: str = "incremental"):
+                 flow_window: int | None = None, hift_reset: int | None = None, vocoder: str = "incremental",
+                 flow_cache: bool = True):
         if hop < 1:
             raise InputError(f"hop must be at least 1 token, got {hop}")
         if vocoder not in VOCODER_MODES:
@@ -259,6 +266,7 @@ class StreamingDetokenizer:
         self.incremental = vocoder == "incremental"
         self.detok, self.embedding, self.hop = detok, embedding, hop
         self.chunk_attention, self.flow_window, self.hift_reset = chunk_attention, flow_window, hift_reset
+        self.flow_cache = flow_cache and chunk_attention  # full attention: every frame sees the newest ones
         self.lookahead = detok.flow.cfg.pre_lookahead_len
         self.state = StreamState()
 
@@ -276,7 +284,7 @@ class StreamingDetokenizer:
             tokens = torch.tensor(st.tokens, dtype=torch.long, device=detok.device).unsqueeze(0)
             mel = detok.flow.inference(tokens, self.embedding, finalize=True, streaming=False)
             new = self._new_frames(mel)
-            st.mel = self._accumulated(mel)
+            st.mel = self._accumulated(new)
         if st.mel is None:
             return np.zeros(0, dtype=np.float32)
         if self.incremental:
@@ -304,21 +312,23 @@ class StreamingDetokenizer:
         end = st.token_offset + self.hop + self.lookahead
         return st.tokens[:end] if len(st.tokens) >= end else None
 
-    def _new_frames(self, mel: torch.Tensor) -> torch.Tensor:
-        """This chunk's new mel frames in the flow output `mel` (of the whole window)."""
-        return mel[:, :, self.state.token_offset * self.detok.flow.cfg.token_mel_ratio:]
+    def _new_frames(self, mel: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """This chunk's new mel frames in the flow output `mel` (the window's frames from `start` on)."""
+        return mel[:, :, self.state.token_offset * self.detok.flow.cfg.token_mel_ratio - start:]
 
-    def _accumulated(self, mel: torch.Tensor) -> torch.Tensor:
-        """The accumulated mel HiFT runs on once this chunk's flow output `mel` (of the whole window) is in."""
-        new = self._new_frames(mel)
+    def _accumulated(self, new: torch.Tensor) -> torch.Tensor:
+        """The accumulated mel HiFT runs on once this chunk's `new` frames are in."""
         return new if self.state.mel is None else torch.cat([self.state.mel, new], dim=2)
 
-    def _commit(self, mel: torch.Tensor, wav: torch.Tensor | None, hift: HiFTStream | None = None) -> np.ndarray:
+    def _commit(self, mel: torch.Tensor, wav: torch.Tensor | None, hift: HiFTStream | None = None,
+                flow: FlowCache | None = None) -> np.ndarray:
         """Take a chunk's accumulated mel and HiFT output (None: too few frames yet; incremental: the new samples
-        and the vocoder's new state `hift`); move past its hop, dropping the oldest tokens (and the mel) at the
-        flow window / HiFT reset bounds. -> the chunk's new samples."""
+        and the vocoder's new state `hift`) and the flow's kept keys and values; move past its hop, dropping the
+        oldest tokens (and the mel) at the flow window / HiFT reset bounds. -> the chunk's new samples."""
         st = self.state
         st.mel = mel
+        if flow is not None:
+            st.flow = flow
         chunk = np.zeros(0, dtype=np.float32)
         if hift is not None:
             st.hift = hift
@@ -331,6 +341,7 @@ class StreamingDetokenizer:
         if self.flow_window is not None and st.token_offset >= self.flow_window:
             st.token_offset -= self.flow_window
             st.tokens = st.tokens[self.flow_window:]
+            st.flow = FlowCache()  # a new window: its frames start again at position 0
             st.dropped_tokens += self.flow_window
             if self.hift_reset is not None and st.dropped_tokens >= self.hift_reset:
                 st.dropped_tokens, st.mel, st.speech_offset, st.hift = 0, None, 0, HiFTStream()
@@ -367,7 +378,7 @@ def drain(streams: list[StreamingDetokenizer], isolate: bool = False, rounds: in
             break
         groups: dict[tuple, list] = {}
         for i, s in ready:  # streams of one detokenizer, attention mode and vocoder mode can share a call
-            groups.setdefault((id(s.detok), s.chunk_attention, s.incremental), []).append((i, s))
+            groups.setdefault((id(s.detok), s.chunk_attention, s.incremental, s.flow_cache), []).append((i, s))
         for group in groups.values():
             try:
                 chunks = _round([s for _, s in group])
@@ -400,12 +411,20 @@ def _round(streams: list[StreamingDetokenizer]) -> list[np.ndarray]:
     windows = [s._window() for s in streams]
     mels: list = [None] * len(streams)
     news: list = [None] * len(streams)
+    flows: list = [None] * len(streams)
     for rows in pack([len(w) for w in windows]):
         embeddings = torch.cat([streams[r].embedding for r in rows])
-        for r, mel in zip(rows, detok.flow.inference_rows([windows[r] for r in rows], embeddings,
-                                                          streaming=streams[0].chunk_attention)):
-            news[r] = streams[r]._new_frames(mel)
-            mels[r] = streams[r]._accumulated(mel)
+        if streams[0].flow_cache:
+            got, kept = cached_rows(detok.flow, [windows[r] for r in rows], embeddings,
+                                    [streams[r].state.flow for r in rows])
+            starts = [streams[r].state.flow.frames for r in rows]
+        else:
+            got = detok.flow.inference_rows([windows[r] for r in rows], embeddings,
+                                            streaming=streams[0].chunk_attention)
+            kept, starts = [None] * len(rows), [0] * len(rows)
+        for r, mel, flow, start in zip(rows, got, kept, starts):
+            news[r] = streams[r]._new_frames(mel, start)
+            mels[r], flows[r] = streams[r]._accumulated(news[r]), flow
     if streams[0].incremental:  # HiFT on each stream's new frames only (about one hop each), continuing its state
         states: list = [None] * len(streams)
         wavs = [None] * len(streams)
@@ -413,14 +432,14 @@ def _round(streams: list[StreamingDetokenizer]) -> list[np.ndarray]:
             got = vocode_rows(detok.hift, [streams[r].state.hift for r in rows], [news[r] for r in rows])
             for r, state, wav in zip(rows, *got):
                 states[r], wavs[r] = state, wav
-        return [s._commit(mel, wav, state) for s, mel, wav, state in zip(streams, mels, wavs, states)]
+        return [s._commit(*args) for s, *args in zip(streams, mels, wavs, states, flows)]
     wavs: list = [None] * len(streams)
     vocode = [r for r, mel in enumerate(mels) if mel.shape[2] > 8]
     for rows in pack([mels[r].shape[2] for r in vocode]):
         rows = [vocode[j] for j in rows]
         for r, wav in zip(rows, detok.hift.forward_rows([mels[r] for r in rows])):
             wavs[r] = wav
-    return [s._commit(mel, wav) for s, mel, wav in zip(streams, mels, wavs)]
+    return [s._commit(mel, wav, None, flow) for s, mel, wav, flow in zip(streams, mels, wavs, flows)]
 
 
 def pack(lengths: list[int], slack: float = MAX_PADDING) -> list[list[int]]:

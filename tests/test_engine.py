@@ -63,6 +63,23 @@ def test_seeded_sampling_is_reproducible():
     assert a.new_text_ids.tolist() != c.new_text_ids.tolist() or a.speech_ids != c.speech_ids
 
 
+def test_top_p_from_sorted_values_keeps_hf_set():
+    """The CPU top-p (numpy-sorted values, a threshold) keeps exactly the tokens of HF's sort-and-scatter form."""
+    from funaudiochat.engine import sampling
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        scores = torch.randn(3, (300, 6564)[trial % 2], generator=g) * (0.5 + trial % 7)
+        if trial % 3 == 0:
+            scores[:, :10] = float("-inf")  # banned / top-k-masked tokens
+        p = (0.3, 0.5, 0.9, 0.95, 0.99)[trial % 5]
+        ascending, order = torch.sort(scores, dim=-1)
+        remove = ascending.softmax(-1).cumsum(-1) <= 1 - p
+        remove[..., -1:] = False
+        hf = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+        assert torch.equal(sampling.top_p_filter(scores, p), hf), (trial, p)
+
+
 def test_max_new_tokens_and_finish_reason(tmp_path):
     tok = make_tiny_tokenizer(tmp_path)
     engine = Engine(_model())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from funaudiochat.errors import ConfigError
@@ -48,12 +49,28 @@ def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of top tokens whose probability mass exceeds p (HF semantics, min 1 token)."""
+    if scores.device.type == "cpu" and scores.dtype == torch.float32 and not torch.compiler.is_compiling():
+        return _top_p_by_threshold(scores, p)
     sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
     cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cum <= (1 - p)
     remove_sorted[..., -1:] = False
     remove = remove_sorted.scatter(-1, order, remove_sorted)
     return scores.masked_fill(remove, float("-inf"))
+
+
+def _top_p_by_threshold(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """`top_p_filter` from the sorted values alone, which numpy sorts with vectorised code (about 40x torch.sort
+    on CPU: 0.13 against 5.5 ms for 8 x 6564 speech scores): HF's ascending cumulative mass, computed on the same
+    sorted values (so the same floats), gives how many of the lowest tokens go; every score below the first kept
+    value goes. The kept set is HF's, except that tokens tied with the boundary value are all kept (HF keeps those
+    that torch.sort happens to put last)."""
+    rows = scores.reshape(-1, scores.shape[-1])
+    sorted_scores = torch.from_numpy(np.sort(rows.numpy(), axis=-1))
+    cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    removed = (cum <= (1 - p)).sum(dim=-1, keepdim=True).clamp(max=rows.shape[-1] - 1)  # cum rises: a prefix goes
+    lowest_kept = sorted_scores.gather(-1, removed).reshape(*scores.shape[:-1], 1)
+    return scores.masked_fill(scores < lowest_kept, float("-inf"))
 
 
 def process(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None = None,

@@ -19,7 +19,8 @@ At the end, a profile per run from the server's /metrics: seconds in decode step
 
 `--model`: `tiny` (a random tiny checkpoint), a config.json (random weights of that shape, e.g.
 ../shared/bench/bench_config.json, with the tiny test tokenizer), or a checkpoint folder (checkpoints/mini-base for
-the mini shape). `--detokenizer`: `tiny` (random tiny CosyVoice3) or a CosyVoice3 folder. Traffic stays on 127.0.0.1.
+the mini shape; with `--random-weights`, its shape with random weights, so that answers run to the token limit).
+`--detokenizer`: `tiny` (random tiny CosyVoice3) or a CosyVoice3 folder. Traffic stays on 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -47,9 +48,11 @@ RATE, CHUNK = 24000, 480  # pcm16 24 kHz, 20 ms per append
 
 
 # ------------------------------------------------------------------------------------------ model and server
-def prepare_model(spec: str, folder: Path) -> Path:
-    if Path(spec).is_dir():
+def prepare_model(spec: str, folder: Path, random_weights: bool = False) -> Path:
+    if Path(spec).is_dir() and not random_weights:
         return Path(spec)
+    import shutil
+
     import torch
 
     from funaudiochat.config import FunAudioChatConfig
@@ -58,6 +61,15 @@ def prepare_model(spec: str, folder: Path) -> Path:
     from funaudiochat.model.presets import tiny
     from tests.helpers import make_tiny_tokenizer
 
+    if Path(spec).is_dir():  # its shape and tokenizer, random weights: every answer runs to the token limit
+        torch.manual_seed(0)
+        model = FunAudioChatModel(FunAudioChatConfig.load(Path(spec)))
+        model.init_weights(0.02)
+        save_model(model, folder / "ckpt")
+        for f in Path(spec).iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and not (folder / "ckpt" / f.name).exists():
+                shutil.copy(f, folder / "ckpt")
+        return folder / "ckpt"
     cfg = tiny() if spec == "tiny" else FunAudioChatConfig.from_dict(json.loads(Path(spec).read_text()))
     torch.manual_seed(0)
     model = FunAudioChatModel(cfg)
@@ -86,7 +98,9 @@ def start_server(model: Path, detok: Path, args, log: Path) -> tuple[subprocess.
     cmd = [sys.executable, "-m", "funaudiochat.cli", "serve", "--model", str(model), "--detokenizer", str(detok),
            "--host", "127.0.0.1", "--port", str(port), "--threads", str(args.threads),
            "--max-sessions", str(max(args.sessions)), "--max-waiting", str(2 * max(args.sessions)),
-           "--wait-timeout", "300", "--max-seq-len", str(args.max_seq_len)]
+           "--wait-timeout", "300", "--max-seq-len", str(args.max_seq_len),
+           "--allow-untrained",  # the bench measures cost: random or untrained parts answer too
+           "--dtype", args.dtype] + (["--compile"] if args.compile else [])
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -230,6 +244,9 @@ def row(n: int, mode: str, s: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny", help="tiny | a config.json (random weights) | a checkpoint folder")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="a checkpoint folder's shape and tokenizer with random weights (every answer then runs to "
+                         "--max-output-tokens, as on the bench config: the cost of long answers, e.g. on the mini shape)")
     ap.add_argument("--detokenizer", default="tiny", help="tiny | a CosyVoice3 folder")
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--turns", type=int, default=3)
@@ -238,6 +255,8 @@ def main() -> None:
     ap.add_argument("--max-output-tokens", type=int, default=40, help="text tokens per answer (speech follows)")
     ap.add_argument("--max-seq-len", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2, help="the server's torch threads")
+    ap.add_argument("--dtype", default="fp32", help="the server's --dtype (fp32 | bf16 | int8)")
+    ap.add_argument("--compile", action="store_true", help="the server's --compile")
     ap.add_argument("--turn-timeout", type=float, default=600.0, help="seconds to wait for any one event")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop before the next N once this many seconds have passed (a bounded run)")
@@ -250,13 +269,14 @@ def main() -> None:
     silence = np.zeros(int(RATE * (args.silence_ms / 1000 + 0.5)), np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model = prepare_model(args.model, folder)
+        model = prepare_model(args.model, folder, args.random_weights)
         detok = prepare_detokenizer(args.detokenizer, folder)
         proc, ws_url = start_server(model, detok, args, folder / "server.log")
         try:
             print(f"model {args.model}, detokenizer {args.detokenizer}, {args.turns} turns, question "
                   f"{len(question) / RATE:.1f} s, {args.turn_detection}, max {args.max_output_tokens} text tokens "
-                  f"per answer, server --threads {args.threads} --max-sessions {max(args.sessions)}")
+                  f"per answer, server --threads {args.threads} --dtype {args.dtype}"
+                  f"{' --compile' if args.compile else ''} --max-sessions {max(args.sessions)}")
             warm = argparse.Namespace(**{**vars(args), "turns": 1})
             asyncio.run(run(ws_url, 1, True, question, silence, warm))  # first calls build caches and graphs
             print("| N | served | TTFA p50 ms | TTFA p95 ms | RTF median | RTF worst | speech tok/s |")

@@ -77,25 +77,33 @@ class ConditionalFlowMatching(nn.Module):
             raise InputError(f"{n_frames} mel frames exceed the flow's fixed noise ({self.rand_noise.shape[2]} frames, "
                              f"300 s); synthesise shorter pieces (or stream with a flow window)")
         x = self.rand_noise[:, :, :n_frames].to(mu).expand(mu.shape[0], -1, -1)
-        t_span = self.time_grid(mu.dtype, mu.device)
-        cfg_rate = self.cfg.inference_cfg_rate
         mu_in = torch.cat([mu, torch.zeros_like(mu)])  # [2B, M, T]: conditional rows, unconditional rows
         spks_in = torch.cat([spks, torch.zeros_like(spks)])
         cond_in = torch.cat([cond, torch.zeros_like(cond)])
         keys_in = None if key_valid is None else torch.cat([key_valid, key_valid])
-        # t and dt are advanced exactly like the released solver (t += dt; dt = t_span[k+1] - t)
-        t, dt = t_span[0:1], t_span[1] - t_span[0]
-        for step in range(1, len(t_span)):
-            x_in, t_in = torch.cat([x, x]), t.expand(2 * x.shape[0]).contiguous()
+
+        def velocity(step: int, x_in: torch.Tensor, t_in: torch.Tensor) -> torch.Tensor:
             v = self.estimator(x_in, mu_in, t_in, spks_in, cond_in, streaming=streaming, key_valid=keys_in)
             if on_step is not None:
-                on_step(step - 1, x_in, t_in, v)
-            v_cond, v_uncond = v.chunk(2)
+                on_step(step, x_in, t_in, v)
+            return v
+
+        return self.solve(x, velocity).float()
+
+    def solve(self, x: torch.Tensor, velocity: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]):
+        """The Euler steps with classifier-free guidance from noise x [B, ...]: `velocity(step, x_in [2B, ...],
+        t_in [2B])` -> v [2B, ...] (rows B..2B-1 unconditional). t and dt advance exactly like the released solver
+        (t += dt; dt = t_span[k+1] - t)."""
+        t_span = self.time_grid(x.dtype, x.device)
+        cfg_rate = self.cfg.inference_cfg_rate
+        t, dt = t_span[0:1], t_span[1] - t_span[0]
+        for step in range(1, len(t_span)):
+            v_cond, v_uncond = velocity(step - 1, torch.cat([x, x]), t.expand(2 * x.shape[0]).contiguous()).chunk(2)
             x = x + dt * ((1.0 + cfg_rate) * v_cond - cfg_rate * v_uncond)
             t = t + dt
             if step < len(t_span) - 1:
                 dt = t_span[step + 1] - t
-        return x.float()
+        return x
 
 
 class TokenToMelFlow(nn.Module):

@@ -73,27 +73,21 @@ def cached_rows(flow, tokens: list[list[int]], embeddings: torch.Tensor,
     mask = (torch.arange(k_len, device=device) < limit[..., None]).repeat(2, 1, 1).unsqueeze(1)  # [G, 1, Q, K]
 
     steps = []  # per step: (proj input [G, ctx + Q, C], [(k, v) [G, H, Q, D] per layer])
-    t_span = solver.time_grid(mu.dtype, device)
-    t, dt = t_span[0:1], t_span[1] - t_span[0]
-    for step in range(1, len(t_span)):
-        x_in = torch.cat([x, x])
-        t_emb = dit.time_embed(t.expand(2 * n).contiguous())
+
+    def velocity(step: int, x_in: torch.Tensor, t_in: torch.Tensor) -> torch.Tensor:  # x_in [G, Q, M] -> [G, Q, M]
+        t_emb = dit.time_embed(t_in)
         h_in = dit.input_embed.proj(torch.cat([x_in, cond_in, mu_in, spks_in.unsqueeze(1).expand(-1, q_len, -1)], -1))
-        ext = torch.cat([_context(caches, step - 1, h_in, ctx), h_in], dim=1)
+        ext = torch.cat([_context(caches, step, h_in, ctx), h_in], dim=1)
         h = _position_conv(dit.input_embed.conv_pos_embed, ext, first) + h_in
         kv = []
         for layer, block in enumerate(dit.transformer_blocks):
-            h, k, v = _block(block, h, t_emb, angles, mask, caches, step - 1, layer, first, total, k_len)
+            h, k, v = _block(block, h, t_emb, angles, mask, caches, step, layer, first, total, k_len)
             kv.append((k, v))
         steps.append((ext, kv))
         scale, shift = dit.norm_out.modulation(t_emb)
-        vel = dit.proj_out(_modulate(h, scale, shift))  # [G, Q, M]
-        v_cond, v_uncond = vel.chunk(2)
-        x = x + dt * ((1.0 + cfg.inference_cfg_rate) * v_cond - cfg.inference_cfg_rate * v_uncond)
-        t = t + dt
-        if step < len(t_span) - 1:
-            dt = t_span[step + 1] - t
+        return dit.proj_out(_modulate(h, scale, shift))
 
+    x = solver.solve(x, velocity)  # frames last here: [B, Q, M]
     mels = [x[b:b + 1, :t - p].transpose(1, 2).float() for b, (p, t) in enumerate(zip(first, total))]
     return mels, [_extended(caches[b], b, n, steps, (total[b] // chunk) * chunk, ctx) for b in range(n)]
 

@@ -1,5 +1,5 @@
 """fun-audio-chat-mini end to end on a tiny random model and a hand-made dataset in build-mini's record layout:
-pre-align -> Core-Cocktail stage 1 (LoRA) -> merge -> stage 2 (the recipes/mini/*.yaml files, shrunk by overrides)
+pre-align -> hearing (LoRA) -> Core-Cocktail stage 1 (LoRA) -> merge -> stage 2 (the recipes/mini/*.yaml files, shrunk by overrides)
 -> deltas -> `assets mini` -> `eval mini`, each a real `funaudiochat` process; plus the deltas' checks and the
 must-show scoring rules."""
 from __future__ import annotations
@@ -88,10 +88,16 @@ def test_mini_pipeline(tmp_path):
     ok(cli("train", "recipes/mini/pre_align.yaml", *common, f"run_dir={runs / 'pre'}",
            f"train.trainable=[{', '.join(ADAPTER + ['continuous_audio_tower.layers.1.*'])}]"))
     lora_train = "train.trainable=" + json.dumps(["*.lora_A", "*.lora_B"] + ADAPTER)
-    ok(cli("train", "recipes/mini/core_cocktail_stage1.yaml", *common, f"model.checkpoint={runs / 'pre/final'}",
+    ok(cli("train", "recipes/mini/hear.yaml", *common, f"model.checkpoint={runs / 'pre/final'}",
+           f"run_dir={runs / 'hear'}", lora_train, "lora.rank=2"))
+    ok(cli("train", "recipes/mini/core_cocktail_stage1.yaml", *common, f"model.checkpoint={runs / 'hear/final'}",
            f"run_dir={runs / 's1'}", lora_train, "lora.rank=2"))
-    out = ok(cli("merge", runs / "pre/final", runs / "s1/final", runs / "merged", "--alpha", "0.5"))
+    out = ok(cli("merge", runs / "hear/final", runs / "s1/final", runs / "merged", "--alpha", "0.5"))
     assert "LoRA: BASE + 0.5 x STAGE1's delta" in out
+    hear_delta = lora.load_delta(runs / "hear/final")
+    name = lora.modules_of(hear_delta)[0]  # the merge keeps the hearing stage's delta whole, halves stage 1's
+    merged_delta = lora.load_delta(runs / "merged")
+    torch.testing.assert_close(merged_delta[name + ".lora_A"][:2], hear_delta[name + ".lora_A"], rtol=0, atol=0)
     # a stage's deltas name it, and the checkpoint assembled from them (what the pipeline restores on a fresh
     # machine) is the stage's output, its LLM delta recorded so that stage 2 on it still ships as one delta
     snap = tmp_path / "snapshot"

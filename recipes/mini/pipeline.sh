@@ -69,10 +69,12 @@ train() {  # train RECIPE STAGE: resume until its final exists
 # pre-alignment learns on the ASR records alone
 grep '"task": "asr"' data/mini/train.jsonl > data/mini/train_asr.jsonl
 restore pre_align || { train recipes/mini/pre_align.yaml pre_align; snapshot pre_align; }
+# hearing: LoRA + adapter on every kept train clip as ASR (the audio stage writes train_clips_asr.jsonl)
+restore hear || { train recipes/mini/hear.yaml hear; snapshot hear; }
 if ! restore core_cocktail_merged; then
   train recipes/mini/core_cocktail_stage1.yaml core_cocktail_stage1
-  step "merge stage 1 with the pre-aligned model at alpha 0.5"
-  "$fac" merge runs/mini/pre_align/final runs/mini/core_cocktail_stage1/final runs/mini/core_cocktail_merged --alpha 0.5
+  step "merge stage 1 with the hearing model at alpha 0.5"
+  "$fac" merge runs/mini/hear/final runs/mini/core_cocktail_stage1/final runs/mini/core_cocktail_merged --alpha 0.5
   snapshot core_cocktail_merged
 fi
 restore core_cocktail_stage2 || { train recipes/mini/core_cocktail_stage2.yaml core_cocktail_stage2
@@ -81,7 +83,7 @@ restore core_cocktail_stage2 || { train recipes/mini/core_cocktail_stage2.yaml c
 [ -z "$speech" ] || wait "$speech"
 restore speak || { train recipes/mini/speak.yaml speak; snapshot speak; }
 train recipes/mini/speak_k1.yaml speak_k1
-restore pre_align  # the paper's baseline for the merge starts where stage 1 did
+restore hear  # the paper's baseline for the merge starts where stage 1 did
 train recipes/mini/single_stage_baseline.yaml single_stage_baseline
 
 step "ship: assembly (models/mini holds the speak stage's deltas), evaluation"

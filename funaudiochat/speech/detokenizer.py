@@ -353,6 +353,7 @@ class StreamingDetokenizer:
         if st.closed:
             raise SessionClosedError("this streaming session was already finalised")
         st.closed = True
+        st.flow = FlowCache()  # the final call attends to the whole window: the kept keys and values go now
         if not st.tokens and st.mel is None:
             return np.zeros(0, dtype=np.float32)
         return self._final()

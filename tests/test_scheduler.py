@@ -260,12 +260,13 @@ def test_a_full_server_refuses_with_retry_after(parts, one_thread):
     assert end.finish_reason in ("stop", "length")
 
 
-def test_audio_chunks_stream_per_session(parts, tmp_path, one_thread):
+@pytest.mark.parametrize("flow_cache", [True, False])
+def test_audio_chunks_stream_per_session(parts, tmp_path, one_thread, flow_cache):
     from funaudiochat.speech.detokenizer import Detokenizer
 
     engine, tok = parts
     detok = Detokenizer.from_dir(write_tiny_detokenizer(tmp_path / "cosyvoice"))
-    sched = Scheduler(engine, tok, detok, max_sessions=2, detokenizer_hop=10)
+    sched = Scheduler(engine, tok, detok, max_sessions=2, detokenizer_hop=10, flow_cache=flow_cache)
 
     async def run_one(req):
         events = [ev async for ev in await sched.submit(req)]
@@ -289,8 +290,9 @@ def test_audio_chunks_stream_per_session(parts, tmp_path, one_thread):
         assert end.audio is not None and end.audio.size == sum(c.size for c in chunks)
         assert end.usage.first_audio_s is not None
         assert not any(isinstance(ev, TextDelta) and not ev.text for ev in events)
-        # the sessions' chunks were synthesised in shared (batched) detokenizer calls: each equals its stream alone
-        alone = detok.stream(voice, 10, flow_window=FLOW_WINDOW, hift_reset=HIFT_RESET)
+        # the sessions' chunks were synthesised in shared (batched) detokenizer calls, with or without the flow's
+        # kept keys and values: each equals its stream alone, every chunk's flow over its whole window
+        alone = detok.stream(voice, 10, flow_window=FLOW_WINDOW, hift_reset=HIFT_RESET, flow_cache=False)
         ref = np.concatenate(alone.push(list(end.speech_codes)) + [alone.finalize()])
         assert ref.shape == end.audio.shape and np.abs(ref - end.audio).max() < 1e-4
 

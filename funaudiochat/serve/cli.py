@@ -44,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--detokenizer-threads", type=int, default=1,
                    help="worker threads turning speech tokens into audio, beside the engine's thread; each "
                         "batches the chunks of the sessions dealt to it")
+    g.add_argument("--no-flow-cache", dest="flow_cache", action="store_false",
+                   help="re-run each streamed chunk's flow over its whole window instead of keeping the keys and "
+                        "values of its completed chunks (less memory per session: the released DiT keeps up to "
+                        "about 1.4 GB)")
     g.add_argument("--prefill-chunk", type=int, default=64,
                    help="prompt positions prefilled per engine step, between the running sessions' decode steps "
                         "(0: a whole prompt at once)")
@@ -85,7 +89,8 @@ def build_context(args: argparse.Namespace):
                           detokenizer_threads=args.detokenizer_threads, prefill_chunk=args.prefill_chunk or None,
                           allow_untrained=args.allow_untrained, conversation_cache=args.conversation_cache,
                           max_conversations=args.max_conversations,
-                          max_conversation_bytes=int(args.conversation_cache_mb * 1024 * 1024))
+                          max_conversation_bytes=int(args.conversation_cache_mb * 1024 * 1024),
+                          flow_cache=args.flow_cache)
     names = args.served_model_name or [args.model.resolve().name]
     return ServerContext(scheduler, names, api_key=args.api_key or None,
                          voices=Voices(rt.detokenizer, args.voices),

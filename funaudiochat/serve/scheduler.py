@@ -264,7 +264,8 @@ class Scheduler:
                  wait_timeout_s: float = 10.0, detokenizer_hop: int = 15, detokenizer_threads: int = 1,
                  metrics: Metrics | None = None, frontend=None, prefill_chunk: int | None = 64,
                  share_prefix: bool = True, max_prefixes: int = 8, allow_untrained: bool = False,
-                 conversation_cache: bool = True, max_conversations: int = 64, max_conversation_bytes: int = 512 << 20):
+                 conversation_cache: bool = True, max_conversations: int = 64, max_conversation_bytes: int = 512 << 20,
+                 flow_cache: bool = True):
         if max_sessions < 1 or max_waiting < 0:
             raise InputError("max_sessions must be >= 1 and max_waiting >= 0")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -274,6 +275,7 @@ class Scheduler:
         self.engine, self.tokenizer, self.detokenizer = engine, tokenizer, detokenizer
         self.max_sessions, self.max_waiting, self.wait_timeout_s = max_sessions, max_waiting, wait_timeout_s
         self.detokenizer_hop, self.frontend = detokenizer_hop, frontend
+        self.flow_cache = flow_cache  # each stream keeps its flow's keys and values (speech/flow_cache.py)
         self.metrics = metrics or Metrics()
         self.speech = engine.model.audio_invert_tower is not None
         self._cond = threading.Condition()
@@ -520,7 +522,8 @@ class Scheduler:
             if make_audio:
                 # (made beside the worker, not behind its current round: a new session's first chunk waits less)
                 detok = await loop.run_in_executor(self._prep_pool, lambda: self.detokenizer.stream(
-                    req.voice, self.detokenizer_hop, flow_window=FLOW_WINDOW, hift_reset=HIFT_RESET))
+                    req.voice, self.detokenizer_hop, flow_window=FLOW_WINDOW, hift_reset=HIFT_RESET,
+                    flow_cache=self.flow_cache))
             while True:
                 item = await session._raw.get()
                 if isinstance(item, BaseException):

@@ -154,9 +154,9 @@ class PiperDetokenizer:
         return _resampler().resample_chunk(audio, last=True)
 
     def stream(self, speaker=None, hop: int = 15, chunk_attention: bool = True, flow_window: int | None = None,
-               hift_reset: int | None = None, lookahead: int = LOOKAHEAD) -> "PiperStream":
-        """A streaming session. `chunk_attention`, `flow_window`, `hift_reset` are the CosyVoice3 detokenizer's
-        knobs, accepted and unused: here each chunk's cost is bounded by its context window already."""
+               hift_reset: int | None = None, lookahead: int = LOOKAHEAD, flow_cache: bool = True) -> "PiperStream":
+        """A streaming session. `chunk_attention`, `flow_window`, `hift_reset`, `flow_cache` are the CosyVoice3
+        detokenizer's knobs, accepted and unused: here each chunk's cost is bounded by its context window already."""
         self.speaker_embedding(speaker)
         return PiperStream(self, hop, lookahead)
 

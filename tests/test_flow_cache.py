@@ -14,7 +14,7 @@ from tests.helpers import write_tiny_detokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TOL = 1e-5  # fp32: the cached call multiplies fewer rows at a time, so its sums may round differently
+TOL = 1e-4  # fp32, mel values up to about 6: the cached call multiplies fewer rows at a time (measured 1e-6 apart)
 
 
 @pytest.fixture(scope="module")

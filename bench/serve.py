@@ -61,22 +61,23 @@ def prepare_model(spec: str, folder: Path, random_weights: bool = False) -> Path
     from funaudiochat.model.presets import tiny
     from tests.helpers import make_tiny_tokenizer
 
-    if Path(spec).is_dir():  # its shape and tokenizer, random weights: every answer runs to the token limit
-        torch.manual_seed(0)
-        model = FunAudioChatModel(FunAudioChatConfig.load(Path(spec)))
-        model.init_weights(0.02)
-        save_model(model, folder / "ckpt")
-        for f in Path(spec).iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and not (folder / "ckpt" / f.name).exists():
-                shutil.copy(f, folder / "ckpt")
-        return folder / "ckpt"
-    cfg = tiny() if spec == "tiny" else FunAudioChatConfig.from_dict(json.loads(Path(spec).read_text()))
+    source = Path(spec) if Path(spec).is_dir() else None  # its shape and tokenizer files, random weights
+    if source is not None:
+        cfg, std = FunAudioChatConfig.load(source), 0.02
+    else:  # large init: varied text and speech tokens, answers that do not end at once
+        cfg, std = tiny() if spec == "tiny" else FunAudioChatConfig.from_dict(json.loads(Path(spec).read_text())), 0.3
     torch.manual_seed(0)
     model = FunAudioChatModel(cfg)
-    model.init_weights(0.3)  # large init: varied text and speech tokens, answers that do not end at once
-    save_model(model, folder / "ckpt")
-    make_tiny_tokenizer(folder / "ckpt")
-    return folder / "ckpt"
+    model.init_weights(std)
+    out = folder / "ckpt"
+    save_model(model, out)
+    if source is None:
+        make_tiny_tokenizer(out)
+    else:
+        for f in source.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and not (out / f.name).exists():
+                shutil.copy(f, out)
+    return out
 
 
 def prepare_detokenizer(spec: str, folder: Path) -> Path:

@@ -119,11 +119,7 @@ def read(deltas_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def stage_of(path: str | Path) -> str | None:
     """The recipe stage recorded in a deltas file (its metadata alone: no tensor is read); None when none is."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("stage")
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    return lora.metadata(path).get("stage")
 
 
 def apply_deltas(model: torch.nn.Module, deltas: dict[str, torch.Tensor], source: str) -> None:

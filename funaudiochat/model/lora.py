@@ -173,6 +173,17 @@ def load(path: str | Path) -> dict[str, torch.Tensor]:
     return factors
 
 
+def metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's metadata alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+
+
 def load_delta(folder: str | Path) -> dict[str, torch.Tensor]:
     """The folded LLM delta of a checkpoint folder ({} when it has no `lora.safetensors`)."""
     path = Path(folder) / DELTA_FILE
@@ -184,15 +195,10 @@ def adapters_scale(folder: str | Path) -> float:
     metadata; a file written before that was recorded takes it from its run's recipe (RUN/checkpoints/step-N/model
     -> RUN/recipe.yaml)."""
     import yaml
-    from safetensors import safe_open
 
     folder = Path(folder)
     path = folder / ADAPTER_FILE
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            recorded = (f.metadata() or {}).get("scale")
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    recorded = metadata(path).get("scale")
     if recorded is not None:
         return float(recorded)
     recipe = folder.parents[2] / "recipe.yaml" if len(folder.parents) > 2 else folder / "recipe.yaml"

@@ -239,3 +239,29 @@ def test_unreadable_audio_at_collate_names_the_record(tok, tmp_path):
     (tmp_path / "q0.wav").write_text("garbage")
     with pytest.raises(InputError, match=r"train\.jsonl:1: .*data prepare"):
         Collator(cfg, 256, packing=True)(samples)
+
+
+def test_text_logits_at_targets_only_give_the_same_loss_and_gradients(tok, tmp_path):
+    """Training computes the text head only at text targets (`text_logits="targets"`): the loss and every parameter's
+    gradient equal the full-sequence head's, to fp32 rounding, on packed S2S rows with user audio."""
+    cfg = presets.tiny()
+    samples, _ = load_records([synthetic_s2s(tmp_path, n=4)], SampleBuilder(tok, cfg, 256).sample)
+    batch = Collator(cfg, 256, packing=True)(samples)
+    model = FunAudioChatModel(cfg)
+    model.init_weights(0.2)
+
+    def loss_and_grads(**kw):
+        model.zero_grad(set_to_none=True)
+        out = model(**batch.model_inputs("cpu"), **kw)
+        out.loss.backward()
+        return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    full, g_full = loss_and_grads()
+    at, g_at = loss_and_grads(text_logits="targets")
+    assert at.text_logits.shape == (batch.n_text_targets, cfg.text_config.vocab_size)
+    assert torch.allclose(at.loss, full.loss, rtol=1e-6) and torch.allclose(at.text_loss, full.text_loss, rtol=1e-6)
+    assert g_at.keys() == g_full.keys() and len(g_at) > 10
+    for k in g_full:
+        assert torch.allclose(g_at[k], g_full[k], rtol=1e-4, atol=1e-7), k
+    with pytest.raises(ValueError, match="text_logits"):
+        model(**{k: v for k, v in batch.model_inputs("cpu").items() if k != "labels"}, text_logits="targets")

@@ -21,7 +21,7 @@ from funaudiochat.model.checkpoint import load_model, read_state_dict
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.train import loop
 from funaudiochat.train.batching import Collator
-from funaudiochat.train.config import OptimSection, load_recipe, recipe_from_dict
+from funaudiochat.train.config import OptimSection, load_recipe, recipe_from_dict, resolve_precision
 from funaudiochat.train.data import SampleBuilder, load_records
 from funaudiochat.train.losses import sequence_logps
 from funaudiochat.train.metrics import read_metrics
@@ -153,9 +153,28 @@ def test_recipes_parse_and_overrides_are_typed(tmp_path):
     assert all(s in str(err.value) for s in ("optim.lrr: unknown key", "train.steps: expected an integer"))
     with pytest.raises(ConfigError, match="packing"):
         load_recipe(REPO / "recipes" / "dpo.yaml", ["data.packing=true"])
+    with pytest.raises(ConfigError, match="fp32, bf16 or auto"):
+        load_recipe(REPO / "recipes" / "dpo.yaml", ["train.precision=fp16"])
     data = synthetic_s2s(tmp_path / "d", n=4)
     with pytest.raises(ConfigError, match="match no parameter"):
         loop.run(recipe_from_dict(tiny_recipe(tmp_path, data, train={"frozen": ["llm.*"]})))
+
+
+def test_precision_auto_is_bf16_where_the_cpu_computes_it_natively():
+    """`train.precision: auto` (the mini's recipes) takes bf16 on a CPU whose flags name AMX or AVX-512 BF16, fp32
+    elsewhere; fp32 and bf16 are kept as given."""
+    flags = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("flags")), set())
+    else:
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    native = bool(flags & {"amx_tile", "avx512_bf16"})
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():

@@ -26,7 +26,7 @@ from funaudiochat.model.srh import SpeechRefinedHead
 
 @dataclass
 class ModelOutput:
-    text_logits: torch.Tensor                  # [B, L, V]
+    text_logits: torch.Tensor                  # [B, L, V]; [N, V] at the N text targets with text_logits="targets"
     speech_logits: torch.Tensor | None = None  # [B, kL, Vs]
     loss: torch.Tensor | None = None           # text_loss + speech_loss
     text_loss: torch.Tensor | None = None      # includes router_aux_loss_coef * aux_loss for MoE, as released
@@ -189,11 +189,15 @@ class FunAudioChatModel(nn.Module):
                 input_features: torch.Tensor | None = None, feature_attention_mask: torch.Tensor | None = None,
                 feature_exist_mask: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
                 text_attention_mask: torch.Tensor | None = None, output_router_logits: bool | None = None,
-                speech: bool = True, trace: dict | None = None) -> ModelOutput:
+                speech: bool = True, text_logits: str = "all", trace: dict | None = None) -> ModelOutput:
         """Full-sequence forward (training, scoring). Inputs are named as the released forward's (SPEC §6).
 
-        `speech=False` skips the SRH (pure text/S2T). `trace`, if a dict, receives named intermediates.
+        `speech=False` skips the SRH (pure text/S2T). `text_logits="targets"` (with labels) computes the text head only
+        where a text target is, the same loss for a fraction of the head's work and memory (a 49k-vocab head over every
+        prompt position dominates a small model's step). `trace`, if a dict, receives named intermediates.
         """
+        if text_logits not in ("all", "targets") or (text_logits == "targets" and labels is None):
+            raise ValueError(f"text_logits must be 'all', or 'targets' with labels; got {text_logits!r}")
         cfg, k, ign = self.cfg, self.group_size, self.cfg.ignore_index
         b, l = input_ids.shape
         text_embeds = self.language_model.embed(input_ids)  # [B, L, D]
@@ -219,13 +223,16 @@ class FunAudioChatModel(nn.Module):
         want_router = cfg.text_config.output_router_logits if output_router_logits is None else output_router_logits
         router_logits = [] if want_router else None
         hidden = self.language_model.model(embeds, positions, mask, router_logits=router_logits)
-        text_logits = self.language_model.lm_head(hidden)
-        out = ModelOutput(text_logits=text_logits, last_hidden=hidden)
+        if text_logits == "targets":  # position i predicts label i + 1
+            at = labels[:, 1:] != ign
+            out = ModelOutput(text_logits=self.language_model.lm_head(hidden[:, :-1][at]), last_hidden=hidden)
+            out.text_loss = cross_entropy(out.text_logits, labels[:, 1:][at], ign)
+        else:
+            out = ModelOutput(text_logits=self.language_model.lm_head(hidden), last_hidden=hidden)
+            if labels is not None:
+                out.text_loss = cross_entropy(out.text_logits[:, :-1], labels[:, 1:], ign)
         if trace is not None:
             trace["lm_last_hidden"] = hidden
-
-        if labels is not None:
-            out.text_loss = cross_entropy(text_logits[:, :-1], labels[:, 1:], ign)
         if router_logits:
             t = cfg.text_config
             out.aux_loss = load_balancing_loss(router_logits, t.num_experts, t.num_experts_per_tok, attention_mask)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from funaudiochat.errors import ConfigError
@@ -79,7 +80,8 @@ class TrainSection:
     micro_batch: int = 2               # samples per forward on one process; the rest is gradient accumulation
     trainable: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns over parameter names
     frozen: list[str] = field(default_factory=list)             # ... that override `trainable`
-    precision: str = "fp32"            # fp32 | bf16 (autocast; parameters and optimizer state stay fp32)
+    precision: str = "fp32"            # fp32 | bf16 (autocast; parameters and optimizer state stay fp32) | auto: bf16
+                                       # where the device computes it natively (CUDA; CPUs with AMX or AVX-512 BF16)
     activation_checkpointing: bool = False
     seed: int = 0
     deterministic: bool = False        # torch.use_deterministic_algorithms
@@ -202,7 +204,8 @@ class Recipe:
              "optim: give warmup_steps or warmup_ratio, not both")
         need(len(self.optim.betas) == 2, "optim.betas: two numbers")
         need(self.train.steps > 0 or self.train.epochs > 0, "train: steps or epochs must be positive")
-        need(self.train.precision in ("fp32", "bf16"), f"train.precision: fp32 or bf16, got {self.train.precision!r}")
+        need(self.train.precision in ("fp32", "bf16", "auto"),
+             f"train.precision: fp32, bf16 or auto, got {self.train.precision!r}")
         need(self.dist.strategy in ("fsdp", "ddp"), f"dist.strategy: fsdp or ddp, got {self.dist.strategy!r}")
         need(not (self.stage == "dpo" and self.data.packing),
              "data.packing: DPO scores whole sequences per row; set data.packing=false")
@@ -338,3 +341,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     return recipe_from_dict(apply_overrides(data, list(overrides)))
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively here (CUDA, or a CPU with AMX or AVX-512 BF16), so bf16 autocast
+    speeds training up; elsewhere the CPU emulates them, slower than fp32."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`train.precision` -> fp32 | bf16 on this device (auto: bf16 where it is native)."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision

@@ -36,7 +36,7 @@ from funaudiochat.text.tokenizer import TextTokenizer
 from funaudiochat.train import checkpoint as ckpt
 from funaudiochat.train import parallel
 from funaudiochat.train.batching import Collator, EpochPlan, split_global_batch
-from funaudiochat.train.config import DPO_TASKS, Recipe
+from funaudiochat.train.config import DPO_TASKS, Recipe, resolve_precision
 from funaudiochat.train.data import DataReport, SampleBuilder, load_records
 from funaudiochat.train.losses import GlobalCounts, dpo_loss, sequence_logps, sft_loss
 from funaudiochat.train.metrics import MetricsLog
@@ -97,8 +97,9 @@ class Trainer:
             self._load_training_state(resume_dir)
         self.metrics = MetricsLog(self.run_dir, info.main, self.start_step, r.log.tensorboard)
         # every process reports itself, and the metrics record how many took part in a collective
-        log.info("process %d of %d (%s) on %s", info.rank, info.world,
-                 r.dist.strategy if info.enabled else "no torchrun", info.device)
+        self.precision = resolve_precision(r.train.precision, info.device)
+        log.info("process %d of %d (%s) on %s, %s", info.rank, info.world,
+                 r.dist.strategy if info.enabled else "no torchrun", info.device, self.precision)
         self.processes = int(parallel.all_reduce_sum(torch.ones(1), info).item())
         if info.main:
             fileio.write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(r.to_dict(), sort_keys=False))
@@ -160,6 +161,8 @@ class Trainer:
                                          if k.startswith(lora.LLM_PREFIX) and not lora.is_adapter(k))
             # checkpoints of this stage record the parts it trains (config.json `trained`, read by inference)
             self.cfg.mark_trained(k for k, p in model.named_parameters(remove_duplicate=False) if p.requires_grad)
+            # a frozen SRH on a batch without speech targets adds nothing to the loss or gradients: skip it then
+            self.srh_trains = any(p.requires_grad for k, p in model.named_parameters() if "audio_invert_tower" in k)
             if info.main:
                 log.info("training %.2fM of %.2fM parameters", n / 1e6, total / 1e6)
             if r.train.activation_checkpointing:
@@ -254,7 +257,7 @@ class Trainer:
 
     def _autocast(self):
         return torch.autocast(self.info.device.type, dtype=torch.bfloat16,
-                              enabled=self.recipe.train.precision == "bf16")
+                              enabled=self.precision == "bf16")
 
     def _sft_step(self, micro: list) -> dict:
         info, world = self.info, self.info.world
@@ -268,7 +271,8 @@ class Trainer:
         for j, b in enumerate(micro):
             with parallel.gradient_sync(self.model, j == len(micro) - 1):
                 with self._autocast():
-                    out = self.model(**b.model_inputs(info.device))
+                    out = self.model(**b.model_inputs(info.device), text_logits="targets",
+                                     speech=self.srh_trains or b.n_speech_targets > 0)
                     loss, parts = sft_loss(out, b.n_text_targets, b.n_speech_targets, total, aux_coef)
                 (loss * world).backward()  # the gradient reduction averages over processes
             sums += torch.stack([parts["text_sum"].double().cpu(), parts["speech_sum"].double().cpu(),

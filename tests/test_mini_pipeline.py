@@ -1,5 +1,5 @@
 """fun-audio-chat-mini end to end on a tiny random model and a hand-made dataset in build-mini's record layout:
-pre-align -> hearing (LoRA) -> Core-Cocktail stage 1 (LoRA) -> merge -> stage 2 (the recipes/mini/*.yaml files, shrunk by overrides)
+pre-align -> hearing (LoRA) -> more hearing (LoRA on the MLPs too) -> Core-Cocktail stage 1 (LoRA) -> merge -> stage 2 (the recipes/mini/*.yaml files, shrunk by overrides)
 -> deltas -> `assets mini` -> `eval mini`, each a real `funaudiochat` process; plus the deltas' checks and the
 must-show scoring rules."""
 from __future__ import annotations
@@ -90,14 +90,21 @@ def test_mini_pipeline(tmp_path):
     lora_train = "train.trainable=" + json.dumps(["*.lora_A", "*.lora_B"] + ADAPTER)
     ok(cli("train", "recipes/mini/hear.yaml", *common, f"model.checkpoint={runs / 'pre/final'}",
            f"run_dir={runs / 'hear'}", lora_train, "lora.rank=2"))
-    ok(cli("train", "recipes/mini/core_cocktail_stage1.yaml", *common, f"model.checkpoint={runs / 'hear/final'}",
+    # hear2 adds adapters on all seven projections (the MLPs too) on top of hear's attention-only delta
+    ok(cli("train", "recipes/mini/hear2.yaml", *common, f"model.checkpoint={runs / 'hear/final'}",
+           f"run_dir={runs / 'hear2'}", lora_train, "lora.rank=2"))
+    first, second = lora.load_delta(runs / "hear/final"), lora.load_delta(runs / "hear2/final")
+    assert set(lora.modules_of(first)) < set(lora.modules_of(second))
+    assert any(".mlp." in m for m in lora.modules_of(second)) and not any(".mlp." in m for m in lora.modules_of(first))
+    ok(cli("train", "recipes/mini/core_cocktail_stage1.yaml", *common, f"model.checkpoint={runs / 'hear2/final'}",
            f"run_dir={runs / 's1'}", lora_train, "lora.rank=2"))
-    out = ok(cli("merge", runs / "hear/final", runs / "s1/final", runs / "merged", "--alpha", "0.5"))
+    out = ok(cli("merge", runs / "hear2/final", runs / "s1/final", runs / "merged", "--alpha", "0.5"))
     assert "LoRA: BASE + 0.5 x STAGE1's delta" in out
-    hear_delta = lora.load_delta(runs / "hear/final")
-    name = lora.modules_of(hear_delta)[0]  # the merge keeps the hearing stage's delta whole, halves stage 1's
+    hear_delta = lora.load_delta(runs / "hear2/final")
+    name = lora.modules_of(first)[0]  # the merge keeps the hearing stages' delta whole, halves stage 1's
     merged_delta = lora.load_delta(runs / "merged")
-    torch.testing.assert_close(merged_delta[name + ".lora_A"][:2], hear_delta[name + ".lora_A"], rtol=0, atol=0)
+    n = hear_delta[name + ".lora_A"].shape[0]
+    torch.testing.assert_close(merged_delta[name + ".lora_A"][:n], hear_delta[name + ".lora_A"], rtol=0, atol=0)
     # a stage's deltas name it, and the checkpoint assembled from them (what the pipeline restores on a fresh
     # machine) is the stage's output, its LLM delta recorded so that stage 2 on it still ships as one delta
     snap = tmp_path / "snapshot"

@@ -7,7 +7,8 @@
 # The steps are those of recipes/mini/pre_align.yaml's header. THREADS (default 2) sets the CPU threads of the data
 # steps, WORKERS (default 2) the processes of the audio stage, and OMP_NUM_THREADS those of training: use THREADS=1
 # and OMP_NUM_THREADS=1 while anything else runs (two torch threads on two shared cores wait on each other: 5x
-# slower, docs/mini.md).
+# slower, docs/mini.md). STOP_AFTER=STAGE (hear, hear2, core_cocktail_merged, core_cocktail_stage2, speak) ends the
+# run once that stage of the main line is done, e.g. to score it before going on.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 fac=".venv/bin/funaudiochat"
@@ -62,6 +63,7 @@ restore() {  # restore STAGE: 0 when its output is here or was rebuilt from comm
   return 1
 }
 snapshot() { "$fac" assets mini-deltas "$(out_of "$1")" models/mini --base checkpoints/mini-base --stage "$1"; }
+stop_after() { if [ "${STOP_AFTER:-}" = "$1" ]; then step "stop after $1 (STOP_AFTER)"; exit 0; fi; }
 train() {  # train RECIPE STAGE: resume until its final exists
   [ -d "runs/mini/$2/final" ] || { step "train $1"; "$fac" train "$1" --resume; }
 }
@@ -71,19 +73,26 @@ grep '"task": "asr"' data/mini/train.jsonl > data/mini/train_asr.jsonl
 restore pre_align || { train recipes/mini/pre_align.yaml pre_align; snapshot pre_align; }
 # hearing: LoRA + adapter on every kept train clip as ASR (the audio stage writes train_clips_asr.jsonl)
 restore hear || { train recipes/mini/hear.yaml hear; snapshot hear; }
+stop_after hear
+# more hearing: LoRA on all seven projections (the MLPs too) on top of hear's
+restore hear2 || { train recipes/mini/hear2.yaml hear2; snapshot hear2; }
+stop_after hear2
 if ! restore core_cocktail_merged; then
   train recipes/mini/core_cocktail_stage1.yaml core_cocktail_stage1
   step "merge stage 1 with the hearing model at alpha 0.5"
-  "$fac" merge runs/mini/hear/final runs/mini/core_cocktail_stage1/final runs/mini/core_cocktail_merged --alpha 0.5
+  "$fac" merge runs/mini/hear2/final runs/mini/core_cocktail_stage1/final runs/mini/core_cocktail_merged --alpha 0.5
   snapshot core_cocktail_merged
 fi
+stop_after core_cocktail_merged
 restore core_cocktail_stage2 || { train recipes/mini/core_cocktail_stage2.yaml core_cocktail_stage2
                                   snapshot core_cocktail_stage2; }
+stop_after core_cocktail_stage2
 # speaking (issue 14): the S2S stage on the hearing model, and the same at k = 1 for the DRSR comparison
 [ -z "$speech" ] || wait "$speech"
 restore speak || { train recipes/mini/speak.yaml speak; snapshot speak; }
+stop_after speak
 train recipes/mini/speak_k1.yaml speak_k1
-restore hear  # the paper's baseline for the merge starts where stage 1 did
+restore hear2  # the paper's baseline for the merge starts where stage 1 did
 train recipes/mini/single_stage_baseline.yaml single_stage_baseline
 
 step "ship: assembly (models/mini holds the speak stage's deltas), evaluation"

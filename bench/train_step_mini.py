@@ -6,7 +6,8 @@ text head runs: the levers of CPU training time, side by side on the same micro-
   bf16, head at targets   the same under bf16 autocast (parameters and optimizer state stay fp32; AMX where the CPU
                           has it)
 
-It also reports how far each variant's gradient is from the first one's (cosine over all trainable parameters).
+It also reports how far each variant's gradient is from the first one's (cosine over all trainable parameters, in
+float64: a float32 sum over millions of elements rounds a vector's cosine with itself to 1.0002).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/train_step_mini.py recipes/mini/core_cocktail_stage1.yaml --rounds 3
 """
@@ -44,7 +45,7 @@ def forward_backward(trainer: loop.Trainer, micro: list, bf16: bool, text_logits
 
 
 def gradient(trainer: loop.Trainer) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    return torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]).double()
 
 
 def main() -> None:

@@ -38,8 +38,7 @@ def forward_backward(trainer: loop.Trainer, micro: list, bf16: bool, text_logits
     t0 = time.perf_counter()
     for b in micro:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(**b.model_inputs("cpu"), text_logits=text_logits,
-                        speech=srh_always or trainer.srh_trains or b.n_speech_targets > 0)
+            out = model(**b.model_inputs("cpu"), text_logits=text_logits, speech=srh_always or trainer.runs_srh(b))
         out.loss.backward()
     return time.perf_counter() - t0
 

@@ -161,7 +161,6 @@ class Trainer:
                                          if k.startswith(lora.LLM_PREFIX) and not lora.is_adapter(k))
             # checkpoints of this stage record the parts it trains (config.json `trained`, read by inference)
             self.cfg.mark_trained(k for k, p in model.named_parameters(remove_duplicate=False) if p.requires_grad)
-            # a frozen SRH on a batch without speech targets adds nothing to the loss or gradients: skip it then
             self.srh_trains = any(p.requires_grad for k, p in model.named_parameters() if "audio_invert_tower" in k)
             if info.main:
                 log.info("training %.2fM of %.2fM parameters", n / 1e6, total / 1e6)
@@ -255,6 +254,11 @@ class Trainer:
             bar.close()
         self.save_checkpoint(self.total_steps, export=r.checkpoint.export)
 
+    def runs_srh(self, batch) -> bool:
+        """Whether a training forward needs the SRH: it trains, or the batch has speech targets (a frozen SRH without
+        targets adds nothing to the loss or the gradients)."""
+        return self.srh_trains or batch.n_speech_targets > 0
+
     def _autocast(self):
         return torch.autocast(self.info.device.type, dtype=torch.bfloat16,
                               enabled=self.precision == "bf16")
@@ -271,8 +275,7 @@ class Trainer:
         for j, b in enumerate(micro):
             with parallel.gradient_sync(self.model, j == len(micro) - 1):
                 with self._autocast():
-                    out = self.model(**b.model_inputs(info.device), text_logits="targets",
-                                     speech=self.srh_trains or b.n_speech_targets > 0)
+                    out = self.model(**b.model_inputs(info.device), text_logits="targets", speech=self.runs_srh(b))
                     loss, parts = sft_loss(out, b.n_text_targets, b.n_speech_targets, total, aux_coef)
                 (loss * world).backward()  # the gradient reduction averages over processes
             sums += torch.stack([parts["text_sum"].double().cpu(), parts["speech_sum"].double().cpu(),

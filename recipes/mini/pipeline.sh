@@ -14,6 +14,11 @@ cd "$(dirname "$0")/../.."
 fac=".venv/bin/funaudiochat"
 threads="${THREADS:-2}"
 step() { echo "== $(date -u +%FT%TZ) $*"; }
+case "${STOP_AFTER:-}" in
+  ""|hear|hear2|core_cocktail_merged|core_cocktail_stage2|speak) ;;
+  *) echo "STOP_AFTER=$STOP_AFTER: not a stage of the main line (hear, hear2, core_cocktail_merged," \
+          "core_cocktail_stage2, speak)" >&2; exit 2 ;;
+esac
 
 if ! grep -q '"trained"' checkpoints/mini-base/config.json 2>/dev/null; then
   step "assets smollm2 (the starting checkpoint)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -40,7 +41,8 @@ def main() -> None:
     asr = [r for r in map(json.loads, source.read_text(encoding="utf-8").splitlines()) if r["task"] == "asr"]
     if len(asr) < 2:
         raise SystemExit(f"{source}: fewer than 2 ASR records")
-    picked = args.data / f".hearing_gap_{args.split}.jsonl"  # beside the records: their audio paths are relative
+    # beside the records (their audio paths are relative); one file per process, so scorings can run side by side
+    picked = args.data / f".hearing_gap_{args.split}_{os.getpid()}.jsonl"
     picked.write_text("".join(json.dumps(r) + "\n" for r in asr[: args.n]), encoding="utf-8")
     try:
         builder = SampleBuilder(TextTokenizer.from_file(args.model), cfg, 512)

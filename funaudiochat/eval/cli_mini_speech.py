@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="SPLIT_s2s.jsonl of --data")
     p.add_argument("--limit", type=int, default=None,
                    help="the first N spoken questions (and their instruction variants)")
+    p.add_argument("--detokenizer", type=Path, default=None,
+                   help="a detokenizer folder (default: the checkpoint's own detokenizer.json), e.g. to score a "
+                        "training checkpoint: a folder holding detokenizer.json {\"kind\": \"piper-joe\"}")
     p.add_argument("--compile", action="store_true", help="decode with the compiled step")
     p.add_argument("--no-judge", action="store_true", help="skip the ASR judge (no speech WER)")
     p.add_argument("--max-new-tokens", type=int, default=400, help="LLM steps per answer (5 speech tokens each)")
@@ -49,7 +52,8 @@ def main(args: argparse.Namespace) -> int:
         audio_dir.mkdir(parents=True, exist_ok=True)
     report = evaluate_speech(args.model, args.data, args.split, args.limit, judge=not args.no_judge,
                              max_new_tokens=args.max_new_tokens, compiled=args.compile,
-                             allow_untrained=args.allow_untrained, progress=True, audio_dir=audio_dir)
+                             allow_untrained=args.allow_untrained, progress=True, audio_dir=audio_dir,
+                             detokenizer=args.detokenizer)
     out.mkdir(parents=True, exist_ok=True)
     json_path = fileio.write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     fileio.write_text(out / "report.md", markdown(report))

@@ -161,13 +161,14 @@ class Speaker:
     """Spoken answers of one checkpoint through its streaming detokenizer, timed."""
 
     def __init__(self, model_dir: str | Path, max_new_tokens: int = 400, hop: int = 15, compile: bool = False,
-                 allow_untrained: bool = False):
+                 allow_untrained: bool = False, detokenizer: str | Path | None = None):
         from funaudiochat.engine.loading import load_runtime
         from funaudiochat.engine.presets import generation_preset
 
-        rt = load_runtime(model_dir, speech=True, compile=compile)
+        rt = load_runtime(model_dir, speech=True, compile=compile, detokenizer_dir=detokenizer)
         if rt.detokenizer is None:
-            raise InputError(f"{model_dir}: no detokenizer (a speaking mini checkpoint holds detokenizer.json)")
+            raise InputError(f"{model_dir}: no detokenizer (a speaking mini checkpoint holds detokenizer.json; "
+                             f"for a training checkpoint pass --detokenizer, e.g. a folder holding one)")
         self.engine, self.tokenizer, self.detok = rt.engine, rt.tokenizer, rt.detokenizer
         self.gen = generation_preset("s2s", self.tokenizer, max_new_tokens=max_new_tokens)
         self.hop, self.allow_untrained = hop, allow_untrained
@@ -202,12 +203,12 @@ class Speaker:
 # ---------------------------------------------------------------------------------------------------- the report
 def evaluate_speech(model: str | Path, data: str | Path, split: str = "test", limit: int | None = None,
                     judge: bool = True, max_new_tokens: int = 400, compiled: bool = False,
-                    allow_untrained: bool = False, progress: bool = False, audio_dir: str | Path | None = None
-                    ) -> dict:
+                    allow_untrained: bool = False, progress: bool = False, audio_dir: str | Path | None = None,
+                    detokenizer: str | Path | None = None) -> dict:
     from funaudiochat.speech.piper_tokens import PiperTokenizer
 
     records = read_s2s_split(data, split, limit)
-    me = Speaker(model, max_new_tokens, compile=compiled, allow_untrained=allow_untrained)
+    me = Speaker(model, max_new_tokens, compile=compiled, allow_untrained=allow_untrained, detokenizer=detokenizer)
     voice = PiperTokenizer()
     asr = None
     if judge:

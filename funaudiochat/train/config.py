@@ -47,6 +47,8 @@ class ModelSection:
     #   (e.g. 1: the LLM at 25 Hz); the SRH's ungrouping layer, whose shape depends on it, then starts random
     continuous_grouping: str | None = None  # "mean" or "concat", when it differs from the starting model's: the
     #   adapter's continuous matching weight is converted (mean -> concat exactly; model.adapter)
+    scale_at_start: dict = field(default_factory=dict)  # {parameter name pattern: factor}: multiplied into the
+    #   starting weights of a new run (never on resume), e.g. to balance a random part's inputs before it trains
 
 
 @dataclass(kw_only=True)
@@ -159,6 +161,12 @@ class Recipe:
              f"model.group_size: a positive integer, got {self.model.group_size!r}")
         need(self.model.continuous_grouping in (None, "mean", "concat"),
              f"model.continuous_grouping: 'mean' or 'concat', got {self.model.continuous_grouping!r}")
+        if not isinstance(self.model.scale_at_start, dict):
+            problems.append(f"model.scale_at_start: a mapping of parameter name patterns to factors, got "
+                            f"{self.model.scale_at_start!r}")
+        else:
+            for pattern, factor in self.model.scale_at_start.items():
+                number(f"model.scale_at_start[{pattern!r}]", factor, 0, low_open=True)
         number("data.max_len", self.data.max_len, 1)
         number("data.num_workers", self.data.num_workers, 0)
         number("optim.lr", self.optim.lr, 0, low_open=True)

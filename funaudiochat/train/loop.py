@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import time
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,7 @@ class Trainer:
         self.tokenizer_path = _tokenizer_path(r)
         self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
         self._setup_data()
-        self.model = self._build_model(source, trainable=True)
+        self.model = self._build_model(source, trainable=True, fresh=resume_dir is None)
         self.optimizer = build_optimizer(self.model, r.optim)
         self.ref_model = None
         if r.stage == "dpo":
@@ -138,13 +139,16 @@ class Trainer:
         if other and info.main:
             log.info("DPO task tags besides the paper's %s: %s (metrics are logged per tag)", DPO_TASKS, other)
 
-    def _build_model(self, source: Path | None, trainable: bool) -> torch.nn.Module:
+    def _build_model(self, source: Path | None, trainable: bool, fresh: bool = False) -> torch.nn.Module:
         """Plain / DDP: every process holds the whole model. FSDP2: rank 0 reads the full weights, the others
-        build on the meta device; all shard, then rank 0's weights are broadcast into the shards."""
+        build on the meta device; all shard, then rank 0's weights are broadcast into the shards. `fresh`: the
+        starting weights of a new run (`model.scale_at_start` applies)."""
         r, info = self.recipe, self.info
         fsdp = info.enabled and r.dist.strategy == "fsdp"
         live_adapters = trainable and bool(r.lora.rank)  # a resumed LoRA run takes them back as parameters
         full = self._full_model(source, live_adapters) if info.main or not fsdp else None
+        if full is not None and fresh:
+            _scale_at_start(full, r.model.scale_at_start)
         if fsdp:
             with torch.device("meta"):
                 model = FunAudioChatModel(self.cfg)
@@ -388,6 +392,20 @@ def _train_adapters_not_llm(model: torch.nn.Module) -> int:
         elif name.startswith(lora.LLM_PREFIX):
             p.requires_grad_(False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _scale_at_start(model: torch.nn.Module, factors: dict) -> None:
+    """Multiply the parameters matching each pattern of `model.scale_at_start` by its factor (a pattern that
+    matches nothing is an error: a typo would silently change nothing)."""
+    named = dict(model.named_parameters())
+    for pattern, factor in factors.items():
+        hits = [k for k in named if fnmatchcase(k, pattern)]
+        if not hits:
+            raise ConfigError(f"model.scale_at_start: pattern {pattern!r} matches no parameter")
+        with torch.no_grad():
+            for k in hits:
+                named[k].mul_(factor)
+        log.info("model.scale_at_start: %d parameter(s) matching %r scaled by %g", len(hits), pattern, factor)
 
 
 def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe, fold_adapters: bool) -> FunAudioChatModel:

@@ -78,7 +78,8 @@ def make_word_tokenizer(path, text: str) -> TextTokenizer:
     return TextTokenizer.from_file(path)
 
 
-def make_tiny_checkpoint(folder, vocabulary_text: str = "", seed: int = 0, init_std: float = 0.02) -> Path:
+def make_tiny_checkpoint(folder, vocabulary_text: str = "", seed: int = 0, init_std: float = 0.02,
+                         codebook: int = 300) -> Path:
     """A random tiny-preset model saved as a checkpoint folder (config.json, safetensors, tokenizer.json), with a
     word-level tokenizer that knows the words of `vocabulary_text` (make_word_tokenizer)."""
     import torch
@@ -89,7 +90,7 @@ def make_tiny_checkpoint(folder, vocabulary_text: str = "", seed: int = 0, init_
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    model = FunAudioChatModel(tiny())
+    model = FunAudioChatModel(tiny(codebook=codebook))
     model.init_weights(init_std)
     save_model(model, folder)
     make_word_tokenizer(folder, vocabulary_text)

@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from helpers import make_tiny_checkpoint, synthetic_s2s
 from test_mini_pipeline import SHRINK, cli, ok
 
 from funaudiochat.assets import mini_deltas
+from funaudiochat.errors import ConfigError
+from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.model.presets import tiny
+from funaudiochat.speech import piper_tokens as pt
+from funaudiochat.train import loop
 from funaudiochat.model.checkpoint import read_state_dict
 from funaudiochat.train.metrics import read_metrics
 
 
 def _untrained_base(folder):
-    """A tiny checkpoint marked as `assets smollm2` marks the mini's start: nothing of hearing or speaking trained."""
-    base = make_tiny_checkpoint(folder)
+    """A tiny checkpoint marked as `assets smollm2` marks the mini's start: nothing of hearing or speaking trained;
+    its speech codebook holds the Piper vocabulary (the recipes start its embeddings factorized)."""
+    base = make_tiny_checkpoint(folder, codebook=pt.VOCAB_SIZE + 8)
     cfg = json.loads((base / "config.json").read_text())
     cfg["trained"] = {"hearing": False, "speaking": False}
     (base / "config.json").write_text(json.dumps(cfg))
@@ -69,3 +76,26 @@ def test_speak_at_group_size_1(tmp_path):
     assert bad.returncode == 1 and "pre_matching" in bad.stderr and "Traceback" not in bad.stderr
     bad = cli("train", "recipes/mini/speak_k1.yaml", *common, "model.group_size=0", f"run_dir={tmp_path / 'x'}")
     assert bad.returncode == 1 and "model.group_size" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_speech_embeddings_start_factorized_over_the_piper_vocabulary():
+    """`model.speech_embeddings_at_start: piper-factorized`: every continue token is its start token plus one
+    shared vector, every gain level one shared shift; the rows keep their scale; specials stay; a codebook smaller
+    than the vocabulary is a clear error."""
+    torch.manual_seed(0)
+    model = FunAudioChatModel(tiny(codebook=pt.VOCAB_SIZE + 8))
+    model.init_weights(0.02)
+    table = model.audio_tower.embed_tokens.weight
+    before = table.detach().clone()
+    loop._piper_factorized_speech_embeddings(model, seed=0)
+    e = table.detach()
+    codes = torch.arange(0, pt.VOCAB_SIZE, 2)
+    mark = e[codes + 1] - e[codes]  # continue - start, for every unit and gain
+    torch.testing.assert_close(mark, mark[:1].expand_as(mark), rtol=0, atol=1e-6)
+    loud = e[2 * pt.NUM_UNITS: 4 * pt.NUM_UNITS] - e[: 2 * pt.NUM_UNITS]  # gain 1 - gain 0, same unit and mark
+    torch.testing.assert_close(loud, loud[:1].expand_as(loud), rtol=0, atol=1e-6)
+    assert e[:pt.VOCAB_SIZE].std().item() == pytest.approx(before[:pt.VOCAB_SIZE].std().item(), rel=0.2)
+    assert torch.equal(e[pt.VOCAB_SIZE:], before[pt.VOCAB_SIZE:])
+    assert not torch.equal(e[0], e[2])  # units differ
+    with pytest.raises(ConfigError, match="smaller than the Piper vocabulary"):
+        loop._piper_factorized_speech_embeddings(FunAudioChatModel(tiny()), seed=0)

@@ -49,6 +49,8 @@ class ModelSection:
     #   adapter's continuous matching weight is converted (mean -> concat exactly; model.adapter)
     scale_at_start: dict = field(default_factory=dict)  # {parameter name pattern: factor}: multiplied into the
     #   starting weights of a new run (never on resume), e.g. to balance a random part's inputs before it trains
+    speech_embeddings_at_start: str | None = None  # "piper-factorized": a new run's speech embeddings (tied to the
+    #   SRH's output) start as unit + start/continue + gain vectors of the Piper vocabulary (speech/piper_tokens.py)
 
 
 @dataclass(kw_only=True)
@@ -161,6 +163,9 @@ class Recipe:
              f"model.group_size: a positive integer, got {self.model.group_size!r}")
         need(self.model.continuous_grouping in (None, "mean", "concat"),
              f"model.continuous_grouping: 'mean' or 'concat', got {self.model.continuous_grouping!r}")
+        need(self.model.speech_embeddings_at_start in (None, "piper-factorized"),
+             f"model.speech_embeddings_at_start: null or 'piper-factorized', got "
+             f"{self.model.speech_embeddings_at_start!r}")
         if not isinstance(self.model.scale_at_start, dict):
             problems.append(f"model.scale_at_start: a mapping of parameter name patterns to factors, got "
                             f"{self.model.scale_at_start!r}")

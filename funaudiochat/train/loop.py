@@ -149,6 +149,8 @@ class Trainer:
         full = self._full_model(source, live_adapters) if info.main or not fsdp else None
         if full is not None and fresh:
             _scale_at_start(full, r.model.scale_at_start)
+            if r.model.speech_embeddings_at_start == "piper-factorized":
+                _piper_factorized_speech_embeddings(full, r.train.seed)
         if fsdp:
             with torch.device("meta"):
                 model = FunAudioChatModel(self.cfg)
@@ -392,6 +394,22 @@ def _train_adapters_not_llm(model: torch.nn.Module) -> int:
         elif name.startswith(lora.LLM_PREFIX):
             p.requires_grad_(False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _piper_factorized_speech_embeddings(model: FunAudioChatModel, seed: int) -> None:
+    """The speech embedding rows of the Piper vocabulary <- unit + start/continue + gain vectors, at the rows' own
+    scale (the specials above it are kept)."""
+    from funaudiochat.speech.piper_tokens import VOCAB_SIZE, factorized_embeddings
+
+    table = model.audio_tower.embed_tokens.weight
+    if table.shape[0] < VOCAB_SIZE:
+        raise ConfigError(f"model.speech_embeddings_at_start: the speech codebook ({table.shape[0]}) is smaller "
+                          f"than the Piper vocabulary ({VOCAB_SIZE})")
+    std = float(table.detach()[:VOCAB_SIZE].std()) / 3 ** 0.5  # three parts summed: the rows keep their scale
+    with torch.no_grad():
+        table[:VOCAB_SIZE] = factorized_embeddings(table.shape[1], std, seed).to(table.dtype)
+    log.info("model.speech_embeddings_at_start: %d speech embeddings set to Piper unit + mark + gain vectors",
+             VOCAB_SIZE)
 
 
 def _scale_at_start(model: torch.nn.Module, factors: dict) -> None:

@@ -185,26 +185,3 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lrs[54] == pytest.approx(0.5 * (1e-4 + 1e-5), rel=0.02)
     assert lr_at(50, 100, OptimSection(lr=3.0, schedule="constant", warmup_ratio=0.1)) == 3.0
 
-
-def test_scale_at_start_scales_a_new_run_once_and_never_on_resume(tmp_path, one_thread):
-    """`model.scale_at_start` multiplies the starting weights of a new run; a resumed run keeps what it trained
-    (the factor is not applied again); an unmatched pattern or a non-positive factor is a clear error."""
-    data = synthetic_s2s(tmp_path / "data", n=4)
-    start = train(tmp_path, "start", data, train={"steps": 1})
-    base = read_state_dict(start / "final")
-    key = "audio_invert_tower.pre_matching.weight"
-    frozen = {"frozen": ["audio_invert_tower.pre_matching.*"], "steps": 2}
-    sections = dict(model={**from_checkpoint(start / "final"), "scale_at_start": {key: 0.25}},
-                    checkpoint={"every": 1, "keep_last": 5})
-    run = train(tmp_path, "scaled", data, train=frozen, **sections)
-    torch.testing.assert_close(read_state_dict(run / "final")[key], base[key] * 0.25, rtol=0, atol=0)
-    other = "audio_invert_tower.input_matching.weight"
-    assert not torch.equal(read_state_dict(run / "final")[other], base[other])  # the rest trained
-    recipe = tiny_recipe(tmp_path, data, train={**frozen, "steps": 3}, **sections)
-    recipe["run_dir"] = str(run)
-    loop.run(recipe_from_dict(recipe), resume=True)
-    torch.testing.assert_close(read_state_dict(run / "final")[key], base[key] * 0.25, rtol=0, atol=0)
-    with pytest.raises(ConfigError, match="pattern 'srh.nothing' matches no parameter"):
-        train(tmp_path, "typo", data, model={**from_checkpoint(start / "final"), "scale_at_start": {"srh.nothing": 2}})
-    with pytest.raises(ConfigError, match=r"model.scale_at_start\['x'\]: must be a finite number in \(0, inf\)"):
-        recipe_from_dict(tiny_recipe(tmp_path, data, model={"scale_at_start": {"x": 0}}))

@@ -47,8 +47,6 @@ class ModelSection:
     #   (e.g. 1: the LLM at 25 Hz); the SRH's ungrouping layer, whose shape depends on it, then starts random
     continuous_grouping: str | None = None  # "mean" or "concat", when it differs from the starting model's: the
     #   adapter's continuous matching weight is converted (mean -> concat exactly; model.adapter)
-    scale_at_start: dict = field(default_factory=dict)  # {parameter name pattern: factor}: multiplied into the
-    #   starting weights of a new run (never on resume), e.g. to balance a random part's inputs before it trains
     speech_embeddings_at_start: str | None = None  # "piper-factorized": a new run's speech embeddings (tied to the
     #   SRH's output) start as unit + start/continue + gain vectors of the Piper vocabulary (speech/piper_tokens.py)
 
@@ -166,12 +164,6 @@ class Recipe:
         need(self.model.speech_embeddings_at_start in (None, "piper-factorized"),
              f"model.speech_embeddings_at_start: null or 'piper-factorized', got "
              f"{self.model.speech_embeddings_at_start!r}")
-        if not isinstance(self.model.scale_at_start, dict):
-            problems.append(f"model.scale_at_start: a mapping of parameter name patterns to factors, got "
-                            f"{self.model.scale_at_start!r}")
-        else:
-            for pattern, factor in self.model.scale_at_start.items():
-                number(f"model.scale_at_start[{pattern!r}]", factor, 0, low_open=True)
         number("data.max_len", self.data.max_len, 1)
         number("data.num_workers", self.data.num_workers, 0)
         number("optim.lr", self.optim.lr, 0, low_open=True)

@@ -15,7 +15,6 @@ import logging
 import os
 import random
 import time
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 import numpy as np
@@ -142,15 +141,13 @@ class Trainer:
     def _build_model(self, source: Path | None, trainable: bool, fresh: bool = False) -> torch.nn.Module:
         """Plain / DDP: every process holds the whole model. FSDP2: rank 0 reads the full weights, the others
         build on the meta device; all shard, then rank 0's weights are broadcast into the shards. `fresh`: the
-        starting weights of a new run (`model.scale_at_start` applies)."""
+        starting weights of a new run (`model.speech_embeddings_at_start` applies)."""
         r, info = self.recipe, self.info
         fsdp = info.enabled and r.dist.strategy == "fsdp"
         live_adapters = trainable and bool(r.lora.rank)  # a resumed LoRA run takes them back as parameters
         full = self._full_model(source, live_adapters) if info.main or not fsdp else None
-        if full is not None and fresh:
-            _scale_at_start(full, r.model.scale_at_start)
-            if r.model.speech_embeddings_at_start == "piper-factorized":
-                _piper_factorized_speech_embeddings(full, r.train.seed)
+        if full is not None and fresh and r.model.speech_embeddings_at_start == "piper-factorized":
+            _piper_factorized_speech_embeddings(full, r.train.seed)
         if fsdp:
             with torch.device("meta"):
                 model = FunAudioChatModel(self.cfg)
@@ -410,20 +407,6 @@ def _piper_factorized_speech_embeddings(model: FunAudioChatModel, seed: int) -> 
         table[:VOCAB_SIZE] = factorized_embeddings(table.shape[1], std, seed).to(table.dtype)
     log.info("model.speech_embeddings_at_start: %d speech embeddings set to Piper unit + mark + gain vectors",
              VOCAB_SIZE)
-
-
-def _scale_at_start(model: torch.nn.Module, factors: dict) -> None:
-    """Multiply the parameters matching each pattern of `model.scale_at_start` by its factor (a pattern that
-    matches nothing is an error: a typo would silently change nothing)."""
-    named = dict(model.named_parameters())
-    for pattern, factor in factors.items():
-        hits = [k for k in named if fnmatchcase(k, pattern)]
-        if not hits:
-            raise ConfigError(f"model.scale_at_start: pattern {pattern!r} matches no parameter")
-        with torch.no_grad():
-            for k in hits:
-                named[k].mul_(factor)
-        log.info("model.scale_at_start: %d parameter(s) matching %r scaled by %g", len(hits), pattern, factor)
 
 
 def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe, fold_adapters: bool) -> FunAudioChatModel:

@@ -185,3 +185,33 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lrs[54] == pytest.approx(0.5 * (1e-4 + 1e-5), rel=0.02)
     assert lr_at(50, 100, OptimSection(lr=3.0, schedule="constant", warmup_ratio=0.1)) == 3.0
 
+
+
+def test_lr_scale_trains_matching_parameters_at_a_multiple_of_the_rate(tmp_path, one_thread):
+    """`optim.lr_scale`: groups by the first matching pattern (a tied tensor matches by any of its names), the
+    scheduled rate times the factor in the loop; a pattern that matches nothing or a factor <= 0 is an error."""
+    from funaudiochat.train.optim import build_optimizer, set_lr
+
+    torch.manual_seed(0)
+    model = FunAudioChatModel(presets.tiny())
+    cfg = OptimSection(lr=1e-3, lr_scale={"audio_invert_tower.lm_head.*": 8, "audio_invert_tower.*": 4})
+    opt = build_optimizer(model, cfg)
+    set_lr(opt, 1e-3)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(model.audio_tower.embed_tokens.weight)] == pytest.approx(8e-3)  # tied to the SRH's lm_head
+    assert lr_of[id(model.audio_invert_tower.pre_matching.weight)] == pytest.approx(4e-3)
+    assert lr_of[id(model.language_model.lm_head.weight)] == pytest.approx(1e-3)
+    assert [g["weight_decay"] for g in build_optimizer(model, OptimSection(weight_decay=0.1)).param_groups] == [0.1, 0]
+    with pytest.raises(ConfigError, match="pattern 'srh.x' matches no trainable parameter"):
+        build_optimizer(model, OptimSection(lr_scale={"srh.x": 2}))
+    data = synthetic_s2s(tmp_path / "data", n=4)
+    with pytest.raises(ConfigError, match=r"optim.lr_scale\['x'\]: must be a finite number in \(0, inf\)"):
+        recipe_from_dict(tiny_recipe(tmp_path, data, optim={"lr_scale": {"x": 0}}))
+    # in the loop: a part at 1e-9 x the rate does not move while the rest trains
+    start = train(tmp_path, "start", data, train={"steps": 1})
+    run = train(tmp_path, "scaled", data, model=from_checkpoint(start / "final"), train={"steps": 2},
+                optim={"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "lr_scale": {"audio_invert_tower.*": 1e-9}})
+    before, after = read_state_dict(start / "final"), read_state_dict(run / "final")
+    key = "audio_invert_tower.pre_matching.weight"
+    torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-7)
+    assert not torch.equal(after["audio_tower.output_matching.weight"], before["audio_tower.output_matching.weight"])

@@ -72,6 +72,8 @@ class OptimSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: float = 1.0             # max global grad norm; 0 disables clipping
+    lr_scale: dict = field(default_factory=dict)  # {parameter name pattern: factor}: those parameters train at
+    #   factor x the scheduled rate (the first pattern that matches wins), e.g. a random part beside LoRA adapters
 
 
 @dataclass(kw_only=True)
@@ -168,6 +170,12 @@ class Recipe:
         number("data.num_workers", self.data.num_workers, 0)
         number("optim.lr", self.optim.lr, 0, low_open=True)
         number("optim.min_lr", self.optim.min_lr, 0)
+        if not isinstance(self.optim.lr_scale, dict):
+            problems.append(f"optim.lr_scale: a mapping of parameter name patterns to factors, got "
+                            f"{self.optim.lr_scale!r}")
+        else:
+            for pattern, factor in self.optim.lr_scale.items():
+                number(f"optim.lr_scale[{pattern!r}]", factor, 0, low_open=True)
         need(not (self.optim.min_lr > self.optim.lr), f"optim.min_lr: must be at most optim.lr "
                                                       f"({self.optim.lr!r}), got {self.optim.min_lr!r}")
         number("optim.warmup_steps", self.optim.warmup_steps, 0)

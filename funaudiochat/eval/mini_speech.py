@@ -30,7 +30,7 @@ from funaudiochat import fileio
 from funaudiochat.audio.io import load_audio
 from funaudiochat.errors import InputError
 from funaudiochat.eval.asr import error_rates
-from funaudiochat.eval.mini import fmt_beside, percentile, summary_table
+from funaudiochat.eval.mini import fmt_beside, percentile, summary_row, summary_table
 from funaudiochat.eval.normalize import normalize_english
 from funaudiochat.speech.piper_tokens import BOS, EOS, PUNCTUATION, SPACE, TOKEN_RATE, UNITS, repair_tokens, \
     unit_spans
@@ -274,11 +274,11 @@ def evaluate_speech(model: str | Path, data: str | Path, split: str = "test", li
 
 
 def summary(report: dict) -> list[dict]:
+    """One row per speaking figure."""
     rows = []
 
-    def row(name, value, beside, target, ok):
-        rows.append({"figure": name, "value": value, "beside": beside, "target": target,
-                     "pass": None if value is None else bool(ok)})
+    def row(*args):
+        rows.append(summary_row(*args))
 
     if "speech_wer" in report:
         w = report["speech_wer"]

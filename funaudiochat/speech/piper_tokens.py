@@ -260,8 +260,9 @@ def factorized_embeddings(dim: int, std: float = 0.02, seed: int = 0) -> torch.T
     """Embeddings [VOCAB_SIZE, dim] for the codes of this vocabulary, each the sum of its unit's, its start /
     continue mark's and its gain level's random vectors (normal, `std`). A speech head that starts from them sees
     the token's parts: a "continue" token is its unit's "start" token plus one shared vector, so saying the same
-    unit on is one direction to learn rather than 2,376 separate pairs (a start from independent random rows left a
-    mini SRH unable to predict continuations after 160 steps, docs/mini.md "Speaking")."""
+    unit on is one direction to learn rather than 2,376 separate pairs. (With independent random rows the mini's
+    SRH had not learned continuations after 160 steps; this start alone did not change that in 40: docs/mini.md,
+    "Speaking".)"""
     g = torch.Generator().manual_seed(seed)
     unit, mark, gain = (torch.randn(n, dim, generator=g) * std for n in (NUM_UNITS, 2, len(GAINS)))
     codes = torch.arange(VOCAB_SIZE)

@@ -13,11 +13,11 @@ from test_mini_pipeline import SHRINK, cli, ok
 
 from funaudiochat.assets import mini_deltas
 from funaudiochat.errors import ConfigError
+from funaudiochat.model.checkpoint import read_state_dict
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
 from funaudiochat.speech import piper_tokens as pt
 from funaudiochat.train import loop
-from funaudiochat.model.checkpoint import read_state_dict
 from funaudiochat.train.metrics import read_metrics
 
 

@@ -30,7 +30,7 @@ from funaudiochat import fileio
 from funaudiochat.audio.io import load_audio
 from funaudiochat.errors import InputError
 from funaudiochat.eval.asr import error_rates
-from funaudiochat.eval.mini import fmt_beside, percentile, summary_row, summary_table
+from funaudiochat.eval.mini import fmt_beside, percentile, spoken_messages, summary_row, summary_table
 from funaudiochat.eval.normalize import normalize_english
 from funaudiochat.speech.piper_tokens import BOS, EOS, PUNCTUATION, SPACE, TOKEN_RATE, UNITS, repair_tokens, \
     unit_spans
@@ -162,6 +162,7 @@ class Speaker:
 
     def __init__(self, model_dir: str | Path, max_new_tokens: int = 400, hop: int = 15, compile: bool = False,
                  allow_untrained: bool = False, detokenizer: str | Path | None = None):
+        from funaudiochat.engine.inputs import check_trained
         from funaudiochat.engine.loading import load_runtime
         from funaudiochat.engine.presets import generation_preset
 
@@ -171,18 +172,17 @@ class Speaker:
                              f"for a training checkpoint pass --detokenizer, e.g. a folder holding one)")
         self.engine, self.tokenizer, self.detok = rt.engine, rt.tokenizer, rt.detokenizer
         self.gen = generation_preset("s2s", self.tokenizer, max_new_tokens=max_new_tokens)
-        self.hop, self.allow_untrained = hop, allow_untrained
+        self.hop = hop
+        if not check_trained(self.engine.cfg, True, True, allow_untrained):
+            raise InputError("this checkpoint's speech head was never trained (config.json: trained.speaking); "
+                             "--allow-untrained measures it anyway")
 
     def speak(self, rec: SpokenRecord) -> dict:
         from funaudiochat.engine.events import TurnEnd, stream_turn
-        from funaudiochat.engine.inputs import check_trained
         from funaudiochat.engine.prompt import build_prompt
 
-        if not check_trained(self.engine.cfg, True, True, self.allow_untrained):
-            raise InputError("this checkpoint's speech head was never trained (config.json: trained.speaking); "
-                             "--allow-untrained measures it anyway")
         audios = [load_audio(p, RATE) for p in rec.wavs]
-        messages = ([{"role": "system", "content": rec.system}] if rec.system else []) + rec.messages
+        messages = spoken_messages(rec)
         gen = self.gen.with_(seed=zlib.crc32(rec.id.encode()))
         t0 = time.perf_counter()
         prompt = build_prompt(self.tokenizer, self.engine.cfg, messages, audios)
@@ -223,12 +223,12 @@ def evaluate_speech(model: str | Path, data: str | Path, split: str = "test", li
     items = {}
     for rec in bar if bar is not None else records:
         out = me.speak(rec)
-        item = {"id": rec.id, "instruction": rec.instruction, "reference": rec.answer, "text": out["text"],
+        item = {"id": rec.id, "question_id": rec.question_id, "instruction": rec.instruction,
+                "reference": rec.answer, "text": out["text"],
                 "finish_reason": out["finish_reason"], "audio_s": out["audio_s"],
                 "first_audio_s": out["first_audio_s"], "rtf": out["rtf"], "codes": len(out["codes"]),
-                "rate": speaking_rate(out["codes"]) if out["codes"] else None,
-                "level_db": voiced_level_db(out["audio"], me.detok.sample_rate) if out["audio"].size else None}
-        item["speech_s"] = speech_seconds(out["codes"]) if out["codes"] else 0.0
+                "rate": speaking_rate(out["codes"]), "speech_s": speech_seconds(out["codes"]),
+                "level_db": voiced_level_db(out["audio"], me.detok.sample_rate)}
         try:
             item["text_speech_s"] = speech_seconds(voice.tokenize(out["text"])) if out["text"] else 0.0
         except InputError:  # a text with nothing to say (no words): nothing should be spoken
@@ -262,8 +262,8 @@ def evaluate_speech(model: str | Path, data: str | Path, split: str = "test", li
     for name in INSTRUCTIONS:
         verdicts = []
         for i in items.values():
-            if i["instruction"] == name and i["id"][: -len(name) - 1] in items:
-                ok, change = followed(name, items[i["id"][: -len(name) - 1]], i)
+            if i["instruction"] == name and i["question_id"] in items:
+                ok, change = followed(name, items[i["question_id"]], i)
                 i["change"] = change
                 verdicts.append(ok)
         if verdicts:

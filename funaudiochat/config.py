@@ -217,6 +217,10 @@ class AudioConfig(_JsonMixin):
     # adapter trained into a frozen LLM otherwise grows its outputs ~80x past the text embeddings' scale (docs/mini.md).
     # Released: None (not written to config.json).
     continuous_output_rms: float | None = None
+    # The SRH's input at each fine position is the ungrouped LLM state plus this times the previous speech token's
+    # embedding. Released: 1.0 (not written to config.json). A fresh SRH on a small LLM starts with the state ~50x
+    # louder than the embeddings and never learns to use the token it just said (docs/mini.md, "Speaking").
+    srh_token_scale: float = 1.0
     crq_transformer_config: BackboneConfig = field(default_factory=lambda: BackboneConfig(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=32768,
@@ -246,6 +250,8 @@ class AudioConfig(_JsonMixin):
             del out["continuous_grouping"]
         if self.continuous_output_rms is None:
             del out["continuous_output_rms"]
+        if self.srh_token_scale == 1.0:
+            del out["srh_token_scale"]
         return dict(sorted(out.items()))
 
     def validate(self, where: str) -> None:
@@ -264,6 +270,9 @@ class AudioConfig(_JsonMixin):
         rms = self.continuous_output_rms
         _check(rms is None or (isinstance(rms, (int, float)) and not isinstance(rms, bool) and 0 < rms < math.inf),
                where, "continuous_output_rms", f"must be a positive number or null, got {rms!r}")
+        scale = self.srh_token_scale
+        _check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf,
+               where, "srh_token_scale", f"must be a positive number, got {scale!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name)
             _check(isinstance(v, int) and 0 <= v < self.codebook_size, where, name,

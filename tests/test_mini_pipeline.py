@@ -180,6 +180,8 @@ def test_deltas_must_fit(tmp_path, monkeypatch):
     model = load_model(base)
     with pytest.raises(CheckpointError, match="does not fit"):
         mini_deltas.apply_deltas(model, {key: torch.zeros(3, 3)}, "d")
+    with pytest.raises(CheckpointError, match="d: audio_config.*srh_token_scale"):  # a bad setting in the metadata
+        mini_deltas.with_audio_settings(model, {"srh_token_scale": -1}, "d")
     with pytest.raises(CheckpointError, match="does not fit"):
         mini_deltas.apply_deltas(model, {"language_model.model.layers.0.self_attn.q_proj.lora_A": torch.zeros(2, 7),
                                          "language_model.model.layers.0.self_attn.q_proj.lora_B": torch.zeros(9, 2)},

@@ -35,9 +35,11 @@ def test_speak_stage_trains_and_ships_the_srh(tmp_path):
     base = _untrained_base(tmp_path / "base")
     data = synthetic_s2s(tmp_path / "data", n=4)
     common = [f"model.checkpoint={base}", f"data.train=[{data}]", *SHRINK, "lora.rank=2"]
-    ok(cli("train", "recipes/mini/speak.yaml", *common, f"run_dir={tmp_path / 'speak'}"))
+    ok(cli("train", "recipes/mini/speak.yaml", *common, "model.srh_token_scale=9", f"run_dir={tmp_path / 'speak'}"))
     final = tmp_path / "speak" / "final"
-    assert json.loads((final / "config.json").read_text())["trained"] == {"hearing": True, "speaking": True}
+    trained_cfg = json.loads((final / "config.json").read_text())
+    assert trained_cfg["trained"] == {"hearing": True, "speaking": True}
+    assert trained_cfg["audio_config"]["srh_token_scale"] == 9
     rows = read_metrics(tmp_path / "speak")
     assert rows and all(r["speech_loss"] > 0 and r["text_loss"] > 0 for r in rows)  # both losses counted
 
@@ -45,10 +47,12 @@ def test_speak_stage_trains_and_ships_the_srh(tmp_path):
     ok(cli("assets", "mini-deltas", final, models, "--base", base))
     deltas, meta = mini_deltas.read(models)
     assert json.loads(meta["trained"]) == {"hearing": True, "speaking": True}
+    assert json.loads(meta["audio_config"]) == {"srh_token_scale": 9}  # a setting the SRH was trained with
     assert any(k.startswith("audio_invert_tower.crq_transformer.") for k in deltas)
     ckpt = tmp_path / "mini"
     ok(cli("assets", "mini", ckpt, "--deltas", models, "--base", base))
     assert json.loads((ckpt / "detokenizer.json").read_text()) == {"kind": "piper-joe"}
+    assert json.loads((ckpt / "config.json").read_text())["audio_config"]["srh_token_scale"] == 9
     assembled, trained = read_state_dict(ckpt), read_state_dict(final)
     for k in trained:
         torch.testing.assert_close(assembled[k], trained[k], rtol=0, atol=1e-5)

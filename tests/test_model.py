@@ -296,3 +296,38 @@ def test_continuous_output_rms_holds_user_audio_at_the_text_scale():
     for bad in (0, -1.0, float("nan"), "0.1", True):
         with pytest.raises(ConfigError, match="continuous_output_rms"):
             type(cfg).from_dict({**cfg.to_dict(), "continuous_output_rms": bad})
+
+
+def test_srh_token_scale_is_applied_alike_in_training_and_generation():
+    """`srh_token_scale` multiplies the previous-token embedding in the SRH's input: the teacher-forced forward (from
+    the adapter's tied table) and the generation path (`embed`, one token at a time) build the same input, and a
+    scale other than 1 changes the logits. Released configs round-trip without the field."""
+    from funaudiochat.errors import ConfigError
+    from funaudiochat.model.backbone import attention_mask_4d
+    from funaudiochat.model.srh import SpeechRefinedHead
+
+    cfg = tiny().audio_config
+    k, n = cfg.group_size, 3
+    torch.manual_seed(0)
+    plain = SpeechRefinedHead(cfg)
+    cfg.srh_token_scale = 7.0
+    scaled = SpeechRefinedHead(cfg)
+    scaled.load_state_dict(plain.state_dict())
+    u = torch.randn(1, n, cfg.output_dim)
+    labels = torch.randint(0, cfg.num_codes, (1, n * k))
+    table = scaled.lm_head.weight  # the adapter's speech embedding is tied to it
+    with torch.no_grad():
+        train = scaled.forward_train(u, torch.nn.functional.embedding(labels, table), None, None)
+        # generation: fine position q gets the ungrouped state plus embed(token q+k-1), as `Engine._srh_group` adds it
+        z = scaled.ungroup(u) + torch.roll(scaled.embed(labels), shifts=-(k - 1), dims=1)
+        mask = attention_mask_4d(None, n * k, n * k, 0, 1, "cpu")
+        generated = scaled.decode(z, torch.arange(n * k)[None], mask)
+        unscaled = plain.forward_train(u, torch.nn.functional.embedding(labels, table), None, None)
+    torch.testing.assert_close(train, generated, rtol=1e-5, atol=1e-5)
+    assert (train - unscaled).abs().max() > 1e-3
+    assert cfg.to_dict()["srh_token_scale"] == 7.0
+    cfg.srh_token_scale = 1.0
+    assert "srh_token_scale" not in cfg.to_dict()
+    for bad in (0, -2.0, float("inf"), "3", True):
+        with pytest.raises(ConfigError, match="srh_token_scale"):
+            type(cfg).from_dict({**cfg.to_dict(), "srh_token_scale": bad})

@@ -4,7 +4,8 @@ the assembly of the full checkpoint from the pip-shipped parts plus that file, o
     deltas.safetensors   every non-LLM tensor that training changed (the audio adapter, the encoder's trained
                          layers, ...), in full; and the LLM's change as folded LoRA factors (`NAME.lora_A`,
                          `NAME.lora_B`: the weight `NAME.weight` becomes W + B A, see funaudiochat/model/lora.py).
-                         Metadata: format, the seed of the starting checkpoint's random parts, the parts trained.
+                         Metadata: format, the seed of the starting checkpoint's random parts, the parts trained,
+                         and the `audio_config` settings training changed (e.g. `srh_token_scale`).
 
 `extract` checks that the trained checkpoint is exactly base + deltas (the LLM within float tolerance), so what
 ships reproduces what was measured; `assemble` rebuilds it and records in config.json `trained` which parts the
@@ -20,12 +21,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from funaudiochat.config import TRAINABLE_PARTS, FunAudioChatConfig
+from funaudiochat.config import TRAINABLE_PARTS, AudioConfig, FunAudioChatConfig
 from funaudiochat.data.build_mini import MINI_SYSTEM
 from funaudiochat.engine.loading import DETOKENIZER_FILE
-from funaudiochat.errors import CheckpointError
+from funaudiochat.errors import CheckpointError, ConfigError
 from funaudiochat.model import lora
 from funaudiochat.model.checkpoint import load_state_dict_checked, read_state_dict, save_model
+from funaudiochat.model.funaudiochat import FunAudioChatModel
 
 DELTAS_FILE = "deltas.safetensors"
 FORMAT = "fun-audio-chat-mini-deltas/1"
@@ -70,9 +72,20 @@ def extract(final_dir: str | Path, base_dir: str | Path,
     srh = cfg.audio_config.crq_transformer_config
     meta = {"format": FORMAT, "seed": str(seed), "srh_hidden": str(srh.hidden_size),
             "srh_layers": str(srh.num_hidden_layers), "trained": json.dumps(trained_parts(deltas))}
+    changed = audio_settings(FunAudioChatConfig.load(final_dir), cfg)
+    if changed:
+        meta["audio_config"] = json.dumps(changed, sort_keys=True)
     if stage:
         meta["stage"] = stage
     return deltas, meta
+
+
+def audio_settings(trained: FunAudioChatConfig, base: FunAudioChatConfig) -> dict:
+    """The `audio_config` entries a training run set differently from its starting model (the SRH's stack is fixed
+    by the tensors' shapes, so it is not compared)."""
+    now, before = trained.audio_config.to_dict(), base.audio_config.to_dict()
+    now.pop("crq_transformer_config"), before.pop("crq_transformer_config")
+    return {k: v for k, v in now.items() if before.get(k) != v}
 
 
 def trained_parts(deltas: dict[str, torch.Tensor]) -> dict[str, bool]:
@@ -139,6 +152,18 @@ def apply_deltas(model: torch.nn.Module, deltas: dict[str, torch.Tensor], source
     load_state_dict_checked(model, state, source)
 
 
+def with_audio_settings(model: FunAudioChatModel, settings: dict, source: str) -> FunAudioChatModel:
+    """`model` rebuilt with `settings` merged into its audio_config (checked as any config.json is), same weights."""
+    cfg = FunAudioChatConfig.from_dict(model.cfg.to_dict())
+    try:
+        cfg.audio_config = AudioConfig.from_dict({**cfg.audio_config.to_dict(), **settings}, f"{source}: audio_config")
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    rebuilt = FunAudioChatModel(cfg)
+    load_state_dict_checked(rebuilt, model.state_dict(), source)
+    return rebuilt
+
+
 def assemble(out_dir: str | Path, deltas_dir: str | Path, base_dir: str | Path | None = None,
              gguf_path: str | Path | None = None, whisper_dir: str | Path | None = None) -> Path:
     """The full fun-audio-chat-mini checkpoint in `out_dir`: the starting model (from the pip-shipped parts with
@@ -166,6 +191,8 @@ def assemble(out_dir: str | Path, deltas_dir: str | Path, base_dir: str | Path |
                               srh_layers=int(meta.get("srh_layers", 2)), gguf_path=gguf_path, whisper_dir=whisper_dir)
             model = mini.model
             write_tokenizer(mini.gguf, tmp, mini.tokenizer)
+        if meta.get("audio_config"):  # settings the trained parts were trained with: rebuild the model with them
+            model = with_audio_settings(model, json.loads(meta["audio_config"]), source)
         apply_deltas(model, deltas, source)
         model.cfg.trained = trained_parts(deltas)
         # the system prompt of the training data: infer, chat, serve and eval use it when none is given

@@ -2,7 +2,7 @@
 
 One LLM state u_p (5 Hz) is ungrouped by `pre_matching` into k=5 vectors P[5p .. 5p+4] (25 Hz). A small causal
 transformer then predicts the speech tokens one by one: the input at fine position q is P[q] plus the embedding of
-the previous speech token, so token j = q+5 is predicted from P[j-5] and token j-1 (teacher forcing in training, the
+the previous speech token (times `srh_token_scale`, 1 in the released model), so token j = q+5 is predicted from P[j-5] and token j-1 (teacher forcing in training, the
 token just sampled in generation). `lm_head` is tied to the adapter's speech embedding table.
 
 Shape legend: B batch, L LLM positions, Q = 5L fine positions, D LLM width, Dc SRH width, V speech codebook.
@@ -22,6 +22,7 @@ class SpeechRefinedHead(nn.Module):
     def __init__(self, cfg: AudioConfig):
         super().__init__()
         self.group_size = k = cfg.group_size
+        self.token_scale = float(cfg.srh_token_scale)
         d, crq = cfg.output_dim, cfg.crq_transformer_config
         self.pre_matching = nn.Linear(d, d * k, bias=True)
         self.crq_transformer = Backbone(crq, with_embeddings=False)
@@ -35,10 +36,13 @@ class SpeechRefinedHead(nn.Module):
         return self.pre_matching(u).view(b, l * self.group_size, -1)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Speech token ids -> their (tied) embeddings (dequantized rows of an int8 head)."""
+        """Speech token ids -> their (tied) embeddings as the head's input adds them (dequantized rows of an int8
+        head), times `token_scale`."""
         if isinstance(self.lm_head, Int8Linear):
-            return self.lm_head.rows(tokens)
-        return F.embedding(tokens, self.lm_head.weight)
+            rows = self.lm_head.rows(tokens)
+        else:
+            rows = F.embedding(tokens, self.lm_head.weight)
+        return rows * self.token_scale if self.token_scale != 1.0 else rows
 
     def decode_hidden(self, z: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                       cache: KVCache | None = None, cache_start: int = 0, read_len: int | None = None,
@@ -63,7 +67,7 @@ class SpeechRefinedHead(nn.Module):
         """
         b, l, _ = u.shape
         k = self.group_size
-        z = self.ungroup(u) + torch.roll(label_embeds, shifts=-(k - 1), dims=1)
+        z = self.ungroup(u) + self.token_scale * torch.roll(label_embeds, shifts=-(k - 1), dims=1)
         mask2d = attention_mask.repeat_interleave(k, dim=1) if attention_mask is not None else None
         if position_ids is None:
             positions = torch.arange(l * k, device=u.device)[None].expand(b, -1)

@@ -47,6 +47,8 @@ class ModelSection:
     #   (e.g. 1: the LLM at 25 Hz); the SRH's ungrouping layer, whose shape depends on it, then starts random
     continuous_grouping: str | None = None  # "mean" or "concat", when it differs from the starting model's: the
     #   adapter's continuous matching weight is converted (mean -> concat exactly; model.adapter)
+    srh_token_scale: float | None = None  # the SRH's previous-token scale (config.srh_token_scale), when it differs
+    #   from the starting model's
     speech_embeddings_at_start: str | None = None  # "piper-factorized": a new run's speech embeddings (tied to the
     #   SRH's output) start as unit + start/continue + gain vectors of the Piper vocabulary (speech/piper_tokens.py)
 
@@ -161,6 +163,8 @@ class Recipe:
         number("model.init_std", self.model.init_std, 0, low_open=True)
         need(self.model.group_size is None or (isinstance(self.model.group_size, int) and self.model.group_size >= 1),
              f"model.group_size: a positive integer, got {self.model.group_size!r}")
+        if self.model.srh_token_scale is not None:
+            number("model.srh_token_scale", self.model.srh_token_scale, 0, low_open=True)
         need(self.model.continuous_grouping in (None, "mean", "concat"),
              f"model.continuous_grouping: 'mean' or 'concat', got {self.model.continuous_grouping!r}")
         need(self.model.speech_embeddings_at_start in (None, "piper-factorized"),

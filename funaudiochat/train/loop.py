@@ -84,6 +84,8 @@ class Trainer:
             self.cfg.audio_config.group_size = r.model.group_size
         if r.model.continuous_grouping:
             self.cfg.audio_config.continuous_grouping = r.model.continuous_grouping
+        if r.model.srh_token_scale:
+            self.cfg.audio_config.srh_token_scale = r.model.srh_token_scale
         self.tokenizer_path = _tokenizer_path(r)
         self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
         self._setup_data()

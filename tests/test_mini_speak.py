@@ -1,6 +1,6 @@
 """fun-audio-chat-mini's speaking stages (issue 14 item 3) on a tiny random model and made-up S2S records, each a
-real `funaudiochat` process: recipes/mini/speak.yaml trains the SRH (config `trained.speaking` becomes true, and
-`hearing` with the adapter), `assets mini-deltas` ships the SRH and `assets mini` writes the Piper detokenizer.json;
+real `funaudiochat` process: recipes/mini/speak_srh.yaml trains the SRH alone, speak.yaml the LLM with it (config
+`trained.speaking` becomes true, and `hearing` with the adapter), `assets mini-deltas` ships the SRH and `assets mini` writes the Piper detokenizer.json;
 recipes/mini/speak_k1.yaml retrains the same model at group size 1 (the LLM at 25 Hz)."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from helpers import make_tiny_checkpoint, synthetic_s2s
 from test_mini_pipeline import SHRINK, cli, ok
 
@@ -31,15 +32,28 @@ def _untrained_base(folder):
     return base
 
 
-def test_speak_stage_trains_and_ships_the_srh(tmp_path):
+def test_speak_stages_train_and_ship_the_srh(tmp_path):
+    """speak_srh.yaml trains the head alone on the frozen hearing model; speak.yaml then trains the LLM's text stream
+    with it; the deltas ship the head and the setting it was trained with (srh_token_scale)."""
     base = _untrained_base(tmp_path / "base")
     data = synthetic_s2s(tmp_path / "data", n=4)
-    common = [f"model.checkpoint={base}", f"data.train=[{data}]", *SHRINK, "lora.rank=2"]
-    ok(cli("train", "recipes/mini/speak.yaml", *common, "model.srh_token_scale=9", f"run_dir={tmp_path / 'speak'}"))
+    common = [f"data.train=[{data}]", *SHRINK]
+    ok(cli("train", "recipes/mini/speak_srh.yaml", f"model.checkpoint={base}", *common, f"run_dir={tmp_path / 'srh'}"))
+    head = tmp_path / "srh" / "final"
+    scale = yaml.safe_load(open("recipes/mini/speak_srh.yaml"))["model"]["srh_token_scale"]
+    head_cfg = json.loads((head / "config.json").read_text())
+    assert head_cfg["trained"] == {"hearing": False, "speaking": True}  # the head alone
+    assert head_cfg["audio_config"]["srh_token_scale"] == scale
+    before, after = read_state_dict(base), read_state_dict(head)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("audio_invert_tower.", "audio_tower.embed_tokens.")) for k in changed)
+
+    ok(cli("train", "recipes/mini/speak.yaml", f"model.checkpoint={head}", *common, "lora.rank=2",
+           f"run_dir={tmp_path / 'speak'}"))
     final = tmp_path / "speak" / "final"
     trained_cfg = json.loads((final / "config.json").read_text())
     assert trained_cfg["trained"] == {"hearing": True, "speaking": True}
-    assert trained_cfg["audio_config"]["srh_token_scale"] == 9
+    assert trained_cfg["audio_config"]["srh_token_scale"] == scale  # carried from the head's checkpoint
     rows = read_metrics(tmp_path / "speak")
     assert rows and all(r["speech_loss"] > 0 and r["text_loss"] > 0 for r in rows)  # both losses counted
 
@@ -47,38 +61,45 @@ def test_speak_stage_trains_and_ships_the_srh(tmp_path):
     ok(cli("assets", "mini-deltas", final, models, "--base", base))
     deltas, meta = mini_deltas.read(models)
     assert json.loads(meta["trained"]) == {"hearing": True, "speaking": True}
-    assert json.loads(meta["audio_config"]) == {"srh_token_scale": 9}  # a setting the SRH was trained with
+    assert json.loads(meta["audio_config"]) == {"srh_token_scale": scale}  # a setting the head was trained with
     assert any(k.startswith("audio_invert_tower.crq_transformer.") for k in deltas)
     ckpt = tmp_path / "mini"
     ok(cli("assets", "mini", ckpt, "--deltas", models, "--base", base))
     assert json.loads((ckpt / "detokenizer.json").read_text()) == {"kind": "piper-joe"}
-    assert json.loads((ckpt / "config.json").read_text())["audio_config"]["srh_token_scale"] == 9
+    assert json.loads((ckpt / "config.json").read_text())["audio_config"]["srh_token_scale"] == scale
     assembled, trained = read_state_dict(ckpt), read_state_dict(final)
     for k in trained:
         torch.testing.assert_close(assembled[k], trained[k], rtol=0, atol=1e-5)
 
 
 def test_speak_at_group_size_1(tmp_path):
+    """The k = 1 line: speak_srh.yaml rebuilds the hearing model at group size 1 (a new pre_matching shape, every
+    other tensor carried over) and trains its head; speak_k1.yaml goes on from there."""
     base = _untrained_base(tmp_path / "base")
     data = synthetic_s2s(tmp_path / "data", n=4)
-    common = [f"model.checkpoint={base}", f"data.train=[{data}]", *SHRINK, "data.max_len=512", "lora.rank=2",
-              "train.trainable=[audio_invert_tower.*]"]
-    ok(cli("train", "recipes/mini/speak_k1.yaml", *common, f"run_dir={tmp_path / 'k1'}"))
-    final = tmp_path / "k1" / "final"
-    cfg = json.loads((final / "config.json").read_text())
+    common = [f"data.train=[{data}]", *SHRINK, "data.max_len=512"]
+    ok(cli("train", "recipes/mini/speak_srh.yaml", f"model.checkpoint={base}", *common, "model.group_size=1",
+           f"run_dir={tmp_path / 'srh_k1'}"))
+    head = tmp_path / "srh_k1" / "final"
+    cfg = json.loads((head / "config.json").read_text())
     assert cfg["audio_config"]["group_size"] == 1
     assert cfg["trained"] == {"hearing": False, "speaking": True}  # the SRH alone trained: hearing stays untrained
-    before, after = read_state_dict(base), read_state_dict(final)
+    before, after = read_state_dict(base), read_state_dict(head)
     d = before["audio_invert_tower.pre_matching.weight"].shape[1]
     assert after["audio_invert_tower.pre_matching.weight"].shape == (d, d)  # one vector per LLM state (k=5: 5d)
     key = "continuous_audio_tower.layers.0.fc1.weight"  # not trained: carried over from the k=5 model
     torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+    ok(cli("train", "recipes/mini/speak_k1.yaml", f"model.checkpoint={head}", *common, "lora.rank=2",
+           f"run_dir={tmp_path / 'k1'}"))
+    final = tmp_path / "k1" / "final"
+    assert json.loads((final / "config.json").read_text())["audio_config"]["group_size"] == 1
     rows = read_metrics(tmp_path / "k1")
     assert rows and all(r["speech_loss"] > 0 for r in rows)
     # the k=1 model is not the shipped shape: one clear error
     bad = cli("assets", "mini-deltas", final, tmp_path / "m", "--base", base)
     assert bad.returncode == 1 and "pre_matching" in bad.stderr and "Traceback" not in bad.stderr
-    bad = cli("train", "recipes/mini/speak_k1.yaml", *common, "model.group_size=0", f"run_dir={tmp_path / 'x'}")
+    bad = cli("train", "recipes/mini/speak_srh.yaml", f"model.checkpoint={base}", *common, "model.group_size=0",
+              f"run_dir={tmp_path / 'x'}")
     assert bad.returncode == 1 and "model.group_size" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -215,3 +215,45 @@ def test_lr_scale_trains_matching_parameters_at_a_multiple_of_the_rate(tmp_path,
     key = "audio_invert_tower.pre_matching.weight"
     torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-7)
     assert not torch.equal(after["audio_tower.output_matching.weight"], before["audio_tower.output_matching.weight"])
+
+
+def test_speech_embedding_grad_head_keeps_the_llm_loss_off_the_speech_embedding(tmp_path):
+    """`train.speech_embedding_grad: head`: the speech embedding (tied to the SRH's output) gets no gradient from the
+    text loss through the speech fed back to the LLM, and still gets the SRH's; "all" (released) gets both."""
+    data = synthetic_s2s(tmp_path / "data", n=2)
+    tok = make_tiny_tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    model = FunAudioChatModel(presets.tiny())
+    items, _ = load_records([data], SampleBuilder(tok, model.cfg, 256).sample)
+    inputs = Collator(model.cfg, 256, packing=False)(items).model_inputs("cpu")
+    table = model.audio_tower.embed_tokens.weight
+
+    def grad_norm(loss_name: str, head_only: bool) -> float:
+        model.zero_grad()
+        model.audio_tower.detach_fed_back_speech = head_only
+        getattr(model(**inputs), loss_name).backward()
+        return 0.0 if table.grad is None else float(table.grad.norm())
+
+    assert grad_norm("text_loss", head_only=False) > 0
+    assert grad_norm("text_loss", head_only=True) == 0.0
+    assert grad_norm("speech_loss", head_only=True) > 0
+    with pytest.raises(ConfigError, match="train.speech_embedding_grad"):
+        recipe_from_dict(tiny_recipe(tmp_path, data, train={"speech_embedding_grad": "llm"}))
+
+
+def test_recipe_srh_token_scale_applies_to_the_loaded_model(tmp_path, one_thread):
+    """`model.srh_token_scale` on a checkpoint trained at another scale: the model the run trains uses the recipe's
+    (it once kept the checkpoint's while recording the recipe's in its config)."""
+    data = synthetic_s2s(tmp_path / "data", n=4)
+    start = train(tmp_path, "start", data, train={"steps": 1})
+    recipe = tiny_recipe(tmp_path, data, model={**from_checkpoint(start / "final"), "srh_token_scale": 7},
+                         train={"steps": 1})
+    recipe["run_dir"] = str(tmp_path / "scaled")
+    trainer = loop.Trainer(recipe_from_dict(recipe))
+    try:
+        trainer.setup()
+        assert trainer.model.audio_invert_tower.token_scale == 7
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    assert load_model(tmp_path / "scaled" / "final").audio_invert_tower.token_scale == 7

@@ -26,6 +26,9 @@ class GroupingAdapter(nn.Module):
         self.output_rms = cfg.continuous_output_rms
         d = cfg.output_dim
         self.embed_tokens = nn.Embedding(cfg.codebook_size, d, padding_idx=cfg.pad_token_id)
+        # training only (`train.speech_embedding_grad: head`): the speech fed back to the LLM reads the embedding
+        # without a gradient, so only the SRH's loss trains it
+        self.detach_fed_back_speech = False
         self.output_matching = nn.Linear(d, d, bias=False)
         self.continual_output_matching = nn.Linear(d * self.group_size if self.concat else d, d, bias=False)
 
@@ -54,7 +57,11 @@ class GroupingAdapter(nn.Module):
     def forward(self, ids: torch.Tensor, continuous: torch.Tensor | None = None,
                 has_continuous: torch.Tensor | None = None) -> torch.Tensor:
         """ids [A, N]; continuous [A_c, N, D] for the rows where `has_continuous` [A] is True -> [A, G, D]."""
-        groups = self.output_matching(self.group_mean(self.embed_tokens(ids)))
+        if self.detach_fed_back_speech:
+            tokens = F.embedding(ids, self.embed_tokens.weight.detach(), padding_idx=self.embed_tokens.padding_idx)
+        else:
+            tokens = self.embed_tokens(ids)
+        groups = self.output_matching(self.group_mean(tokens))
         if continuous is not None:
             cont = self.group_continuous(continuous)
             rows = has_continuous if has_continuous is not None else torch.ones(ids.shape[0], dtype=torch.bool)

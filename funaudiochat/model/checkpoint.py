@@ -126,7 +126,8 @@ def _few(items: list[str], n: int = 8) -> str:
 
 
 def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               speech_head: bool = True, fold_adapters: bool = True) -> FunAudioChatModel:
+               speech_head: bool = True, fold_adapters: bool = True,
+               cfg: FunAudioChatConfig | None = None) -> FunAudioChatModel:
     """Build the model from `directory/config.json` and load its safetensors weights.
 
     dtype: cast every tensor to fp32 / bf16 / fp16 (None keeps the stored dtypes), or "int8": fp32 with the LLM's
@@ -134,14 +135,15 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = None, de
     `.weight_scale` beside them) loads as stored, with dtype None or "int8". speech_head=False drops the SRH (pure
     speech-to-text, less memory). A LoRA run's training checkpoint (RUN/checkpoints/step-N/model) keeps the LLM
     unmerged with its live adapters beside it: they are folded into the weights, as the run's export does, unless
-    fold_adapters=False (the trainer resuming them as live parameters).
+    fold_adapters=False (the trainer resuming them as live parameters). `cfg` builds the model with another config
+    than the folder's, for the same tensors (the trainer: a recipe's `model.srh_token_scale`).
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     quantize = dtype == INT8
     dt = torch.float32 if quantize else resolve_dtype(dtype)
-    cfg = FunAudioChatConfig.load(directory)
+    cfg = FunAudioChatConfig.from_dict(cfg.to_dict()) if cfg is not None else FunAudioChatConfig.load(directory)
     if not speech_head:
         cfg.audio_config.enable_audio_invert_tower = False
     with torch.device("meta"):

@@ -86,6 +86,8 @@ class TrainSection:
     micro_batch: int = 2               # samples per forward on one process; the rest is gradient accumulation
     trainable: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns over parameter names
     frozen: list[str] = field(default_factory=list)             # ... that override `trainable`
+    speech_embedding_grad: str = "all"  # what trains a trainable speech embedding (tied to the SRH's output): "all"
+    #   its uses (released), or "head": only the SRH's loss, not the LLM's loss through the speech fed back to it
     precision: str = "fp32"            # fp32 | bf16 (autocast; parameters and optimizer state stay fp32) | auto: bf16
                                        # where the device computes it natively (CUDA; CPUs with AMX or AVX-512 BF16)
     activation_checkpointing: bool = False
@@ -163,6 +165,8 @@ class Recipe:
         number("model.init_std", self.model.init_std, 0, low_open=True)
         need(self.model.group_size is None or (isinstance(self.model.group_size, int) and self.model.group_size >= 1),
              f"model.group_size: a positive integer, got {self.model.group_size!r}")
+        need(self.train.speech_embedding_grad in ("all", "head"),
+             f"train.speech_embedding_grad: 'all' or 'head', got {self.train.speech_embedding_grad!r}")
         if self.model.srh_token_scale is not None:
             number("model.srh_token_scale", self.model.srh_token_scale, 0, low_open=True)
         need(self.model.continuous_grouping in (None, "mean", "concat"),

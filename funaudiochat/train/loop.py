@@ -167,6 +167,7 @@ class Trainer:
             # checkpoints of this stage record the parts it trains (config.json `trained`, read by inference)
             self.cfg.mark_trained(k for k, p in model.named_parameters(remove_duplicate=False) if p.requires_grad)
             self.srh_trains = any(p.requires_grad for k, p in model.named_parameters() if "audio_invert_tower" in k)
+            model.audio_tower.detach_fed_back_speech = r.train.speech_embedding_grad == "head"
             if info.main:
                 log.info("training %.2fM of %.2fM parameters", n / 1e6, total / 1e6)
             if r.train.activation_checkpointing:
@@ -201,7 +202,8 @@ class Trainer:
             a, src = self.cfg.audio_config, FunAudioChatConfig.load(source).audio_config
             if (src.group_size, src.continuous_grouping) != (a.group_size, a.continuous_grouping):
                 return _regrouped_model(source, self.cfg, self.recipe, fold_adapters=not live_adapters)
-            return load_model(source, dtype=torch.float32, fold_adapters=not live_adapters)
+            # built with the run's config: the recipe's settings (model.srh_token_scale) apply to the loaded weights
+            return load_model(source, dtype=torch.float32, fold_adapters=not live_adapters, cfg=self.cfg)
         torch.manual_seed(self.recipe.train.seed)
         model = FunAudioChatModel(self.cfg)
         model.init_weights(self.recipe.model.init_std)

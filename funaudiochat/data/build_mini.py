@@ -673,10 +673,12 @@ def instructions_for(record_id: str, split: str) -> list[str]:
     return names if split == "test" else [names[(key // INSTRUCTION_EVERY) % len(names)]]
 
 
-def run_speech_stage(out: Path, text_tokenizer, piper=None, progress: bool = True) -> dict:
-    """OUT/{split}.jsonl's QA records -> OUT/{split}_s2s.jsonl (spoken answers, instruction variants) and
-    OUT/speech.json (counts, seconds, the records' sha256). A split whose S2S file was made from records with the
-    same sha256 is kept as is (the audio stage rewrites the records on every run, with the same bytes)."""
+def run_speech_stage(out: Path, text_tokenizer, piper=None, progress: bool = True,
+                     layout: str = "released") -> dict:
+    """OUT/{split}.jsonl's QA records -> OUT/{split}_s2s.jsonl (spoken answers, instruction variants, the text laid
+    out along the speech by `layout`, spoken_answers.LAYOUTS) and OUT/speech.json (counts, seconds, the records'
+    sha256, the layout). A split whose S2S file was made from records with the same sha256 and the same layout is
+    kept as is (the audio stage rewrites the records on every run, with the same bytes)."""
     from tqdm import tqdm
 
     from funaudiochat.data.spoken_answers import speak_record
@@ -690,7 +692,8 @@ def run_speech_stage(out: Path, text_tokenizer, piper=None, progress: bool = Tru
         if not src.is_file():
             raise InputError(f"{src}: no records; run the audio stage first")
         source = _sha256(src)
-        if dst.is_file() and summary.get(split, {}).get("source_sha256") == source:
+        done = summary.get(split, {})
+        if dst.is_file() and done.get("source_sha256") == source and done.get("layout", "released") == layout:
             continue
         piper = piper or PiperTokenizer()
         t0, rows, skipped = time.perf_counter(), [], Counter()
@@ -698,13 +701,14 @@ def run_speech_stage(out: Path, text_tokenizer, piper=None, progress: bool = Tru
         for rec in tqdm(records, desc=f"speech {split}", unit="record", disable=not progress, dynamic_ncols=True):
             for instruction in [None] + instructions_for(rec["id"], split):
                 try:
-                    rows.append(speak_record(rec, piper, text_tokenizer, instruction=instruction))
+                    rows.append(speak_record(rec, piper, text_tokenizer, instruction=instruction, layout=layout))
                 except InputError:  # an answer with nothing speakable in it
                     skipped[instruction or "plain"] += 1
         fileio.write_text(dst, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         by = Counter(r["meta"]["speech_instruction"] or "plain" for r in rows)
         summary[split] = {"records": len(rows), "by_instruction": dict(sorted(by.items())), "skipped": dict(skipped),
-                          "seconds": round(time.perf_counter() - t0, 1), "source_sha256": source}
+                          "seconds": round(time.perf_counter() - t0, 1), "source_sha256": source,
+                          "layout": layout}
         fileio.write_text(path, json.dumps(summary, indent=2) + "\n")  # now: a stop in a later split keeps this one
     return summary
 

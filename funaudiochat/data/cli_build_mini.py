@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="audio stage: make exactly the clips of this committed manifest (e.g. "
                         "recipes/mini/data/audio.manifest.jsonl.gz) with its verdicts, without the ASR judge "
                         "(about a quarter of the time); the summary says how many clips have the same bytes")
+    p.add_argument("--speech-layout", choices=("released", "word"), default="released",
+                   help="speech stage: where the answer's text rides along its speech (default released: one token "
+                        "per group from the first, SPEC §6.4; word: each word just before its speech)")
     p.add_argument("--verify", action="store_true", help="only check OUT's wavs against its manifest hashes")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -86,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"replayed {r['made']} of {r['clips']} clips of {args.replay}: {r['same_bytes']} with the same "
                   f"bytes (another CPU kind may round a sample differently)")
     if args.stage in ("speech", "all"):
-        speech = build_mini.run_speech_stage(args.out, _text_tokenizer(args.model), progress=progress)
+        speech = build_mini.run_speech_stage(args.out, _text_tokenizer(args.model), progress=progress,
+                                              layout=args.speech_layout)
         print(f"speech stage: {json.dumps({k: v['records'] for k, v in speech.items()})} -> {args.out}/*_s2s.jsonl")
     return 0
 

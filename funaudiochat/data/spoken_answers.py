@@ -9,6 +9,14 @@ the answer's text ids along the speech groups (SPEC §6.4): text token i rides o
 So the speech is made long enough to carry the whole text: when an answer has more text tokens than groups (a fast
 variant of a short, number-heavy answer), its final silence (the last "$" unit) is held longer.
 
+Two layouts of the text along the speech (`LAYOUTS`):
+- "released": the released one above, text token i on group i; the text runs ahead of the speech by up to
+  seconds, and the head has to find the word being spoken in the LLM's history.
+- "word" (the mini's): each written word's first text token rides `WORD_LEAD` groups before the group its speech
+  starts in, its other tokens on the groups after, `<|sil|>` in between (the entry's "text_at": for each text id,
+  the first speech token of its group, the delay counted, so the record serves any group size). The text still leads and `<|sil|>` still pads; only where it pads changes, so the format, the
+  training forward and generation are the released ones. docs/mini.md, "Speaking", says why.
+
 Speech instructions (`INSTRUCTIONS`): "slower" / "faster" / "louder" / "quieter" are appended to the last user turn
 and realised in its answer's tokens through the voice's durations (`speed`) and the tokens' gain level.
 
@@ -18,15 +26,22 @@ and realised in its answer's tokens through the voice's durations (`speed`) and 
 """
 from __future__ import annotations
 
+import bisect
 import json
+import re
 import zlib
+from difflib import SequenceMatcher
+
+import numpy as np
 
 from funaudiochat.errors import InputError
-from funaudiochat.speech.piper_tokens import EOS, NUM_UNITS, UNITS
+from funaudiochat.speech.piper_tokens import EOS, NUM_UNITS, UNITS, sound_starts
 from funaudiochat.text.tokenizer import AUDIO_TEMPLATE
 from funaudiochat.train.data import SPEECH_DELAY, assistant_token_string, audio_entries
 
 GROUP = 5  # speech tokens per LLM step (the mini's group size)
+LAYOUTS = ("released", "word")
+WORD_LEAD = 2  # layout "word": groups between a word's first text token and the group its speech starts in
 # instruction -> (phrasings appended to the question, how the answer is spoken). The voice's durations follow
 # `speed` sublinearly (answers of 36-78 tokens: speed 0.7 -> x1.28-1.36 tokens, 0.6 -> x1.47-1.55; 1.4 -> x0.77-0.80,
 # 1.5 / 1.6 -> ~x0.7), so 0.6 / 1.5 leave a margin over the >= 20 % rate change issue 14 asks for.
@@ -52,16 +67,54 @@ def fit_text(codes: list[int], n_text: int, delay: int = SPEECH_DELAY, k: int = 
     return list(codes) + [codes[-1] | 1] * missing  # bit 0 set: a later frame of the same unit, same gain
 
 
+def word_groups(answer: str, codes: list[int], piper, text_tokenizer, lead: int = WORD_LEAD,
+                delay: int = SPEECH_DELAY, k: int = GROUP) -> list[int]:
+    """Layout "word": the group (0 = the first `<|AUDIO|>` of the answer) each text id of `answer` rides on. A
+    written word's first id goes `lead` groups before the group its speech starts in, its later ids on the groups
+    after; every id at least one group after the one before, the first on group 0 (generation starts the text at
+    once). Where a word's speech starts: its phonemes said alone, matched against what `codes` say
+    (`sound_starts`, after the `delay`); a word matched nowhere starts where the word before it did."""
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", answer)]
+    said, char_token = sound_starts(codes)
+    if not words or not said:
+        raise InputError(f"nothing spoken to align the text with in {answer[:60]!r}")
+    word_sounds = piper.word_sounds([answer[a:b] for a, b in words])
+    owner = [w for w, chars in enumerate(word_sounds) for _ in chars]
+    word_token = [None] * len(words)
+    for a, b, n in SequenceMatcher(None, "".join(word_sounds), said, autojunk=False).get_matching_blocks():
+        for j in range(n):
+            if word_token[owner[a + j]] is None:
+                word_token[owner[a + j]] = char_token[b + j]
+    word_token = np.maximum.accumulate([t if t is not None else -1 for t in word_token]).clip(min=char_token[0])
+    ends = [b for _, b in words]
+    groups, last_word = [], None
+    for i, (a, b) in enumerate(text_tokenizer.offsets(answer)):
+        char = a + len(answer[a:b]) - len(answer[a:b].lstrip())  # a leading space belongs to no word
+        w = min(bisect.bisect_right(ends, char), len(words) - 1)
+        wanted = (delay + int(word_token[w])) // k - lead if w != last_word else 0
+        groups.append(0 if i == 0 else max(groups[-1] + 1, wanted))
+        last_word = w
+    return groups
+
+
 def spoken_entry(answer: str, piper, text_tokenizer, speed: float = 1.0, gain: str = "normal",
-                 delay: int = SPEECH_DELAY, k: int = GROUP) -> dict:
+                 delay: int = SPEECH_DELAY, k: int = GROUP, layout: str = "released") -> dict:
     """An answer -> its assistant audio entry (released format), the text fitted to the speech groups."""
-    codes = fit_text(piper.tokenize(answer, speed, gain), len(text_tokenizer.encode(answer)), delay, k)
-    return {"path": "", "text": answer, "token": assistant_token_string(codes, delay), "ref_path": "",
-            "ref_text": ""}
+    if layout not in LAYOUTS:
+        raise InputError(f"unknown text layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    codes = piper.tokenize(answer, speed, gain)
+    entry = {"path": "", "text": answer, "ref_path": "", "ref_text": ""}
+    if layout == "word":
+        groups = word_groups(answer, codes, piper, text_tokenizer, delay=delay, k=k)
+        entry["text_at"] = [g * k for g in groups]
+        n_text = groups[-1] + 1
+    else:
+        n_text = len(text_tokenizer.encode(answer))
+    return {**entry, "token": assistant_token_string(fit_text(codes, n_text, delay, k), delay)}
 
 
 def speak_record(record: dict, piper, text_tokenizer, instruction: str | None = None,
-                 delay: int = SPEECH_DELAY, k: int = GROUP) -> dict:
+                 delay: int = SPEECH_DELAY, k: int = GROUP, layout: str = "released") -> dict:
     """A sharegpt record with text answers -> the S2S record: every assistant text answer spoken (`spoken_entry`);
     with `instruction` (a key of INSTRUCTIONS) its phrasing is appended to the last user turn and the last answer
     is spoken accordingly. The id gets ".<instruction>", meta.speech says how each answer was spoken."""
@@ -82,7 +135,8 @@ def speak_record(record: dict, piper, text_tokenizer, instruction: str | None = 
             content = f"{content}\n{phrasings[key % len(phrasings)]}"
         elif m["role"] == "assistant" and AUDIO_TEMPLATE not in content:
             style = how if i == last_answer else {}
-            out_audio.append(spoken_entry(content, piper, text_tokenizer, delay=delay, k=k, **style))
+            out_audio.append(spoken_entry(content, piper, text_tokenizer, delay=delay, k=k, layout=layout,
+                                           **style))
             spoken.append({"speed": style.get("speed", 1.0), "gain": style.get("gain", "normal")})
             content = AUDIO_TEMPLATE
         out_messages.append({**m, "content": content})

@@ -79,6 +79,7 @@ ID_WEIGHTS = {"consonant": 2.1, "vowel": 2.2, "stress": 2.4, "mark": 1.9, "space
               BOS: 3.6, EOS: 4.5, "pad": 2.05, "pad after stress": 2.55, "pad after punctuation": 4.2}
 PUNCTUATION = set("!'(),-.:;?\"")
 MARKS = set("ːˑʲ˞ʰˤ\u0327\u0303\u032a\u032f\u0329")
+_UNSAID = PUNCTUATION | {"ˈ", "ˌ", BOS, EOS, SPACE}
 VOWELS = set("aeiouyæøœɐɑɒɔɘəɚɛɜɞɤɨɪɯɵɶʉʊʌʏᵻ")
 
 
@@ -246,6 +247,22 @@ def unit_spans(tokens) -> list[UnitSpan]:
             for a, b in zip(starts[:-1], starts[1:])]
 
 
+def sounds(symbols) -> str:
+    """Phoneme symbols (or a string of them) -> what is said: without stress marks, word spaces, punctuation and
+    sentence marks, so a word phonemized alone compares with the same word inside its sentence."""
+    return "".join(ch for ch in "".join(symbols) if ch not in _UNSAID)
+
+
+def sound_starts(tokens) -> tuple[str, list[int]]:
+    """Tokens -> what they say (`sounds`) and, for each of its characters, the token where its unit begins."""
+    said, starts = [], []
+    for span in unit_spans(tokens):
+        chars = sounds(UNITS[span.unit])
+        said.append(chars)
+        starts += [span.start] * len(chars)
+    return "".join(said), starts
+
+
 def token_ends_of(unit_frames: list[int]) -> list[int]:
     """Each unit's voice frames -> its token end boundary: the nearest boundary to its cumulative frame end, and
     at least one token after the previous unit's end."""
@@ -310,6 +327,11 @@ class PiperTokenizer:
             units += sentence
             frames += per_unit.astype(np.int64).tolist()
         return units, frames
+
+    def word_sounds(self, words: list[str]) -> list[str]:
+        """What the voice says (`sounds`) for each written word alone: "1945" -> nineteen forty-five's phonemes, a
+        lone dash -> "". Inside a sentence espeak-ng may join words ("there are" -> one word) or reduce them."""
+        return ["".join(sounds(s) for s in self.parts.phonemize(w)) for w in words]
 
     def tokenize(self, text: str, speed: float = 1.0, gain: str = "normal") -> list[int]:
         """Text -> tokens (25 Hz) spoken at `speed` with loudness `gain` (one of GAINS)."""

@@ -76,6 +76,12 @@ class TextTokenizer:
             raise InputError(f"text must be a string, got {type(text).__name__}")
         return self.tk.encode(text, add_special_tokens=False).ids
 
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """The character span [start, end) in `text` of each id `encode(text)` returns."""
+        if not isinstance(text, str):
+            raise InputError(f"text must be a string, got {type(text).__name__}")
+        return [tuple(o) for o in self.tk.encode(text, add_special_tokens=False).offsets]
+
     def decode(self, ids, skip_special: bool = True) -> str:
         ids = [int(i) for i in ids]
         if skip_special:

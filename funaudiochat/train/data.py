@@ -11,7 +11,10 @@ Each audio placeholder, in order, takes one `audio` entry (a JSON string or an o
 inputs (SPEC §8.3): its `token` string gives the speech ids (`<|audio_pad|>` for user audio, `<|audio_bos|>` x10
 delay + `[AU####]` codes for assistant speech); the placeholder expands to ceil(len/k) `<|AUDIO|>`; an entry whose
 token starts with `<|audio_bos|>` and holds codes is assistant speech and gets no continuous features; other entries
-with a `path` get Whisper features of that wav; `text` is the transcript (text_ids), empty for user audio.
+with a `path` get Whisper features of that wav; `text` is the transcript (text_ids), empty for user audio; an
+optional `text_at` (per text id, the index of the speech token it rides with, the delay counted; increasing) lays
+the ids out on the groups holding those tokens with `<|sil|>` between (spoken_answers.py's "word" layout) instead
+of one id per group from the first. It is in speech tokens, not groups, so one record serves any group size k.
 The chat template is the released `funaudiochat` one; labels cover every assistant part `content<|im_end|>\\n`.
 
 DPO pairs use the same record for the prompt (messages end with a user turn) plus `chosen` / `rejected` responses
@@ -234,7 +237,27 @@ class SampleBuilder:
         if is_assistant_speech(token) and not text.strip():
             raise RecordError("empty text", f"audio {i}: assistant speech without its text")
         text_ids = np.asarray(self.tok.encode(text) if text else [], dtype=np.int64)
+        if entry.get("text_at") is not None:
+            text_ids = self._laid_out(text_ids, entry["text_at"], i)
         return AudioItem(np.asarray(speech, dtype=np.int64), text_ids, wav)
+
+    def _laid_out(self, text_ids: np.ndarray, text_at, i: int) -> np.ndarray:
+        """Text ids placed on the groups holding the speech tokens `text_at` names (one per id), `<|sil|>` on the
+        other groups."""
+        if not (isinstance(text_at, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in text_at)):
+            raise RecordError("bad format", f"audio {i}: text_at must be a list of integers")
+        if len(text_at) != len(text_ids):
+            raise RecordError("bad format", f"audio {i}: text_at has {len(text_at)} entries for "
+                                            f"{len(text_ids)} text tokens")
+        groups = [t // self.k for t in text_at]
+        if groups and (min(text_at) < 0 or any(b <= a for a, b in zip(groups, groups[1:]))):
+            raise RecordError("bad format", f"audio {i}: text_at must be 0 or more and put each text token on a "
+                                            f"later group of {self.k} speech tokens than the one before")
+        if self.tok.special.sil is None:
+            raise RecordError("bad format", f"audio {i}: text_at needs a <|sil|> token in the vocabulary")
+        out = np.full(groups[-1] + 1 if groups else 0, self.tok.special.sil, dtype=np.int64)
+        out[groups] = text_ids
+        return out
 
     def _build(self, system: str, messages: list[dict], entries: list[dict], base_dir: Path, source: str) -> Sample:
         n_slots = sum(m["content"].count(AUDIO_TEMPLATE) for m in messages)

@@ -154,6 +154,23 @@ def test_stream_equals_oneshot_without_clicks(detok, tokens, oneshot):
             assert abs(audio[e] - audio[e - 1]) <= inner
 
 
+def test_first_chunk_comes_after_first_hop_tokens(detok, tokenizer):
+    def pushed_before_first_chunk(tokens, **kw):
+        session = detok.stream(hop=15, **kw)
+        for start in range(0, len(tokens), 5):
+            if session.push(tokens[start:start + 5]):
+                assert session.done >= kw.get("first_hop", 5)
+                return start + 5
+
+    sentences = ("Sure, I can help with that.", "The museum opens at nine tomorrow morning.",
+                 "It is a small town by the sea.")
+    early = [pushed_before_first_chunk(tokenizer.tokenize(s)) for s in sentences]  # default first_hop 5
+    late = [pushed_before_first_chunk(tokenizer.tokenize(s), first_hop=15) for s in sentences]
+    assert all(e <= lt for e, lt in zip(early, late)) and any(e < lt for e, lt in zip(early, late))
+    with pytest.raises(InputError, match="first_hop must be at least 1"):
+        detok.stream(first_hop=0)
+
+
 def test_gain_levels_change_the_level(detok, tokenizer, oneshot):
     def rms_db(x):
         return 10 * np.log10(np.mean(x ** 2))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from funaudiochat.engine.events import TurnEnd
+from funaudiochat.engine.events import DetokenizerThread, TurnEnd
 from funaudiochat.engine.generate import Engine, GenerationConfig
 from funaudiochat.engine.loading import detokenizer_kind, load_detokenizer
 from funaudiochat.engine.session import ChatSession
@@ -104,6 +104,32 @@ def test_lenient_detokenizer_renders_sloppy_streams_and_strict_refuses(piper_dir
     assert voices.names() == ["joe"] and voices.resolve("joe") == "joe"
     with pytest.raises(Exception, match="unknown voice 'bob'; known voices: joe"):
         voices.resolve("bob")
+
+
+def test_detokenizer_thread_gives_the_sessions_audio_and_its_errors(piper_dir):
+    detok = load_detokenizer(piper_dir)
+    tokens = pt.PiperTokenizer(detok.parts).tokenize("Hello there. How are you today?")
+    direct = detok.stream(hop=15)
+    expected = [c for i in range(0, len(tokens), 5) for c in direct.push(tokens[i:i + 5])] + [direct.finalize()]
+    threaded = DetokenizerThread(detok.stream(hop=15))
+    got = []
+    for i in range(0, len(tokens), 5):
+        threaded.push(tokens[i:i + 5])
+        got += threaded.ready()
+    got += threaded.finish()
+    assert len(got) == len(expected) > 2 and not threaded.thread.is_alive()
+    for a, b in zip(got, expected):  # the same chunks in the same order
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    detok.lenient = False
+    broken = DetokenizerThread(detok.stream(hop=15))
+    broken.push([tokens[0] | 1])  # a stream may not start with a "continue" token
+    broken.thread.join(timeout=30)
+    with pytest.raises(InputError, match="continue"):
+        broken.ready()
+    idle = DetokenizerThread(detok.stream(hop=15))
+    idle.close()  # stopped without finalizing
+    idle.thread.join(timeout=30)
+    assert not idle.thread.is_alive() and idle.finish() == []
 
 
 def test_detokenizer_json_is_checked(tmp_path):

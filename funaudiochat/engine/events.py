@@ -7,11 +7,15 @@
         SpeechEnd   -> the speech stream ended (speech EOS)
         TurnEnd     -> final text, all codes, finish reason ("stop", "length", "cancelled"), usage and timings
 
+The detokenizer session runs on a thread of its own (`DetokenizerThread`): audio is rendered while the next LLM steps
+run (onnxruntime and torch release the GIL), and each chunk is handed out after the first step that follows it.
+
 Cancellation: set the `threading.Event` passed as `cancel`; the turn ends after the current step with
 finish_reason "cancelled" (the detokenizer is finalized so no audio already generated is lost).
 """
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -85,6 +89,56 @@ class IncrementalDecoder:
         return delta
 
 
+class DetokenizerThread:
+    """A streaming detokenizer session fed from one thread and run on another. `push(codes)` returns at once;
+    `ready()` gives the chunks made so far, in order; `finish()` finalizes the session (when codes came) and gives
+    the rest; `close()` stops it without finalizing. An error of the session is raised by the next call."""
+
+    _FINISH, _CLOSE = object(), object()
+
+    def __init__(self, session):
+        self.session = session
+        self.todo: queue.Queue = queue.Queue()
+        self.made: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.pushed = False
+        self.thread = threading.Thread(target=self._run, name="detokenizer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (codes := self.todo.get()) not in (self._FINISH, self._CLOSE):
+                for chunk in self.session.push(codes):
+                    self.made.put(chunk)
+            if codes is self._FINISH and self.pushed:
+                self.made.put(self.session.finalize())
+        except BaseException as err:  # handed to the caller's thread
+            self.error = err
+
+    def ready(self) -> list[np.ndarray]:
+        if self.error is not None:
+            raise self.error
+        out = []
+        while not self.made.empty():
+            out.append(self.made.get())
+        return out
+
+    def push(self, codes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.pushed = True
+        self.todo.put(list(codes))
+
+    def finish(self) -> list[np.ndarray]:
+        self.todo.put(self._FINISH)
+        self.thread.join()
+        return self.ready()
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.todo.put(self._CLOSE)
+
+
 def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer=None, detokenizer=None,
                 cancel: threading.Event | None = None, prefill: PrefillJob | None = None) -> Iterator:
     """Run one batch-1 generation and yield events (see module docstring). `prefill`: a started prefill of
@@ -99,39 +153,44 @@ def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer
     chunks: list[np.ndarray] = []
     reason = "stop"
     state = None
-    for state, step in engine.steps(prompt, gen, prefill=prefill):
-        if decoder is not None:
-            delta = decoder.push(int(step.text[0]))
-            if delta:
-                first_text = first_text or time.perf_counter() - t0
-                yield TextDelta(delta)
-        if step.speech is not None and bool(step.speech_mask[0]):
-            group = tuple(int(t) for t in step.speech[0])
-            new_codes = tuple(t for t in group if 0 <= t < num_codes)
-            codes.extend(new_codes)
-            yield SpeechGroup(group, new_codes)
-            if detokenizer is not None and new_codes:
-                for chunk in detokenizer.push(list(new_codes)):
-                    first_audio = first_audio or time.perf_counter() - t0
-                    chunks.append(chunk)
-                    yield AudioChunk(chunk, detokenizer.sample_rate)
-            if bool(step.speech_ended[0]):
-                yield SpeechEnd()
-        if cancel is not None and cancel.is_set():
-            reason = "cancelled"
-            break
+    audio = DetokenizerThread(detokenizer) if detokenizer is not None else None
+    try:
+        for state, step in engine.steps(prompt, gen, prefill=prefill):
+            for chunk in audio.ready() if audio is not None else ():
+                first_audio = first_audio or time.perf_counter() - t0
+                chunks.append(chunk)
+                yield AudioChunk(chunk, detokenizer.sample_rate)
+            if decoder is not None:
+                delta = decoder.push(int(step.text[0]))
+                if delta:
+                    first_text = first_text or time.perf_counter() - t0
+                    yield TextDelta(delta)
+            if step.speech is not None and bool(step.speech_mask[0]):
+                group = tuple(int(t) for t in step.speech[0])
+                new_codes = tuple(t for t in group if 0 <= t < num_codes)
+                codes.extend(new_codes)
+                yield SpeechGroup(group, new_codes)
+                if audio is not None and new_codes:
+                    audio.push(new_codes)
+                if bool(step.speech_ended[0]):
+                    yield SpeechEnd()
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled"
+                break
+    except BaseException:  # an error, or the consumer stopped early: stop the detokenizer's thread
+        if audio is not None:
+            audio.close()
+        raise
     hit_limit = len(state.tokens) >= gen.max_new_tokens and int(state.tokens[-1][0]) not in gen.eos_ids
     if reason != "cancelled" and hit_limit:
         reason = "length"
-    if detokenizer is not None and codes:
-        tail = detokenizer.finalize()
-        if tail.size:
+    for chunk in audio.finish() if audio is not None else ():
+        if chunk.size:
             first_audio = first_audio or time.perf_counter() - t0
-            chunks.append(tail)
-            yield AudioChunk(tail, detokenizer.sample_rate)
+            chunks.append(chunk)
+            yield AudioChunk(chunk, detokenizer.sample_rate)
     ids = tuple(int(t[0]) for t in state.tokens)
     text = tokenizer.decode(ids) if tokenizer is not None else ""
     usage = Usage(int(prompt.input_ids.shape[1]), len(ids), len(state.speech[0]), state.timings["prefill_s"],
                   first_text, first_audio, time.perf_counter() - t0, prefill.cached if prefill else 0)
-    audio = np.concatenate(chunks) if chunks else None
-    yield TurnEnd(text, ids, tuple(codes), reason, usage, audio)
+    yield TurnEnd(text, ids, tuple(codes), reason, usage, np.concatenate(chunks) if chunks else None)

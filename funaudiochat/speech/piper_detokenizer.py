@@ -16,7 +16,7 @@ the same blocks) -> expanded to frames -> z_p = mean + noise * exp(logstd) * NOI
 noise fixed per absolute frame (seeded blocks), as VITS samples it -> reverse flow + HiFi-GAN -> per-token gain
 (GAIN_DB, ramped over a frame) -> resampled 22.05 -> 24 kHz (soxr, one streaming resampler for both modes).
 
-Streaming: a chunk is made once `hop` tokens past the last chunk are there, followed by `lookahead` more and by the
+Streaming: a chunk is made once `hop` tokens past the last chunk (`first_hop` for the first) are there, followed by `lookahead` more and by the
 end of its unit, and the text-encoder blocks of all those units are complete (`encodable`: the encoder sees
 RIGHT units past each block, so it need not wait for the sentence's end). The chunk is rendered with MARGIN_LEFT /
 MARGIN_RIGHT voice frames of context before / after it (the flow + decoder's reach: with 24 / 24 the streamed
@@ -36,6 +36,7 @@ from funaudiochat.speech.piper_tokens import (EOS, GAIN_DB, NUM_UNITS, UNITS, VO
 OUTPUT_RATE = 24000
 VOICE_NAME = "joe"
 LOOKAHEAD = 8  # tokens after a chunk (320 ms, >= 27 frames: the cross-fade + MARGIN_RIGHT)
+FIRST_HOP = 5  # tokens of the first chunk: the first audio comes early, later chunks are `hop` long
 MARGIN_LEFT, MARGIN_RIGHT = 24, 24  # voice frames of flow + decoder context before and after a chunk
 CROSSFADE = 512  # samples at 22.05 kHz (23 ms)
 BLOCK, LEFT, RIGHT = 4, 16, 8  # the text encoder runs per BLOCK units, seeing LEFT units before and RIGHT after
@@ -154,11 +155,12 @@ class PiperDetokenizer:
         return _resampler().resample_chunk(audio, last=True)
 
     def stream(self, speaker=None, hop: int = 15, chunk_attention: bool = True, flow_window: int | None = None,
-               hift_reset: int | None = None, lookahead: int = LOOKAHEAD, flow_cache: bool = True) -> "PiperStream":
+               hift_reset: int | None = None, lookahead: int = LOOKAHEAD, flow_cache: bool = True,
+               first_hop: int = FIRST_HOP) -> "PiperStream":
         """A streaming session. `chunk_attention`, `flow_window`, `hift_reset`, `flow_cache` are the CosyVoice3
         detokenizer's knobs, accepted and unused: here each chunk's cost is bounded by its context window already."""
         self.speaker_embedding(speaker)
-        return PiperStream(self, hop, lookahead)
+        return PiperStream(self, hop, lookahead, first_hop)
 
 
 def sentence_bounds(spans: list[UnitSpan]) -> list[tuple[int, int]]:
@@ -189,15 +191,17 @@ def _resampler():
 
 
 class PiperStream:
-    """push(tokens) -> audio chunks once `hop` new tokens can be rendered (`_ready`: `lookahead` more tokens, the
-    end of their unit, complete encoder blocks); finalize() -> the rest. Same methods as
-    `detokenizer.StreamingDetokenizer`. A `lookahead` under LOOKAHEAD leaves the chunks less right context (they
-    then differ more from the one-shot audio near their ends)."""
+    """push(tokens) -> audio chunks once `hop` new tokens (`first_hop` for the first chunk) can be rendered
+    (`_ready`: `lookahead` more tokens, the end of their unit, complete encoder blocks); finalize() -> the rest.
+    Same methods as `detokenizer.StreamingDetokenizer`. A `lookahead` under LOOKAHEAD leaves the chunks less right
+    context (they then differ more from the one-shot audio near their ends)."""
 
-    def __init__(self, detok: PiperDetokenizer, hop: int = 15, lookahead: int = LOOKAHEAD):
-        if hop < 1 or lookahead < 0:
-            raise InputError(f"hop must be at least 1 token and lookahead at least 0, got {hop} and {lookahead}")
-        self.detok, self.hop, self.lookahead = detok, hop, lookahead
+    def __init__(self, detok: PiperDetokenizer, hop: int = 15, lookahead: int = LOOKAHEAD,
+                 first_hop: int = FIRST_HOP):
+        if hop < 1 or first_hop < 1 or lookahead < 0:
+            raise InputError(f"hop and first_hop must be at least 1 token and lookahead at least 0, got {hop}, "
+                             f"{first_hop} and {lookahead}")
+        self.detok, self.hop, self.lookahead, self.first_hop = detok, hop, lookahead, min(first_hop, hop)
         self.tokens: list[int] = []
         self.usable = 0  # spans [0, usable) have ended and have their complete text-encoder block
         self.cache: dict = {}  # text-encoder blocks already computed
@@ -220,7 +224,7 @@ class PiperStream:
         new = check_tokens(tokens, previous, len(self.tokens))
         self.tokens.extend(new.tolist())
         ready = self._ready()
-        if ready - self.done >= self.hop:
+        if ready - self.done >= (self.hop if self.done else self.first_hop):
             return [self._chunk(ready, final=False)]
         return []
 

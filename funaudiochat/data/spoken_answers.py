@@ -10,12 +10,13 @@ So the speech is made long enough to carry the whole text: when an answer has mo
 variant of a short, number-heavy answer), its final silence (the last "$" unit) is held longer.
 
 Two layouts of the text along the speech (`LAYOUTS`):
-- "released": the released one above, text token i on group i; the text runs ahead of the speech by up to
+- "released" (the default): the one above, text token i on group i; the text runs ahead of the speech by up to
   seconds, and the head has to find the word being spoken in the LLM's history.
-- "word" (the mini's): each written word's first text token rides `WORD_LEAD` groups before the group its speech
-  starts in, its other tokens on the groups after, `<|sil|>` in between (the entry's "text_at": for each text id,
-  the first speech token of its group, the delay counted, so the record serves any group size). The text still leads and `<|sil|>` still pads; only where it pads changes, so the format, the
-  training forward and generation are the released ones. docs/mini.md, "Speaking", says why.
+- "word": each written word's first text token rides `WORD_LEAD` groups before the group its speech starts in, its
+  other tokens on the groups after, `<|sil|>` in between. The entry's "text_at" gives, for each text id, the first
+  speech token of its group (the delay counted), so the record serves any group size. The text still leads and
+  `<|sil|>` still pads; only where it pads changes, so the format, the training forward and generation are the
+  released ones. docs/mini.md ("Where the text rides") has the measurement: about 0.1 nats on start tokens.
 
 Speech instructions (`INSTRUCTIONS`): "slower" / "faster" / "louder" / "quieter" are appended to the last user turn
 and realised in its answer's tokens through the voice's durations (`speed`) and the tokens' gain level.

@@ -16,13 +16,14 @@ the same blocks) -> expanded to frames -> z_p = mean + noise * exp(logstd) * NOI
 noise fixed per absolute frame (seeded blocks), as VITS samples it -> reverse flow + HiFi-GAN -> per-token gain
 (GAIN_DB, ramped over a frame) -> resampled 22.05 -> 24 kHz (soxr, one streaming resampler for both modes).
 
-Streaming: a chunk is made once `hop` tokens past the last chunk (`first_hop` for the first) are there, followed by `lookahead` more and by the
-end of its unit, and the text-encoder blocks of all those units are complete (`encodable`: the encoder sees
-RIGHT units past each block, so it need not wait for the sentence's end). The chunk is rendered with MARGIN_LEFT /
-MARGIN_RIGHT voice frames of context before / after it (the flow + decoder's reach: with 24 / 24 the streamed
-audio is within 1e-4 of the one-shot audio; with 16 frames on either side, errors reach 1e-2); CROSSFADE samples
-past its end are kept and cross-faded into the next chunk. The encoder blocks are the same in both modes, so the stream equals the
-one-shot audio up to those margins, and the cross-fade leaves no click at the boundary.
+Streaming: a chunk is made once `hop` tokens past the last chunk (`first_hop` for the first) are there, followed
+by `lookahead` more and by the end of its unit, and the text-encoder blocks of all those units are complete
+(`encodable`: the encoder sees RIGHT units past each block, RIGHT_FIRST past the first two, so it need not wait for
+the sentence's end). The chunk is rendered with MARGIN_LEFT / MARGIN_RIGHT voice frames of context before / after
+it (the flow + decoder's reach: with 24 / 24 the streamed audio is within 1e-4 of the one-shot audio; with 16
+frames on either side, errors reach 1e-2); CROSSFADE samples past its end are kept and cross-faded into the next
+chunk. The encoder blocks are the same in both modes, so the stream equals the one-shot audio up to those margins,
+and the cross-fade leaves no click at the boundary.
 """
 from __future__ import annotations
 

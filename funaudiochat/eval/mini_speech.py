@@ -220,7 +220,7 @@ def evaluate_speech(model: str | Path, data: str | Path, split: str = "test", li
         from tqdm import tqdm
 
         bar = tqdm(records, desc="eval mini-speech", unit="answer", dynamic_ncols=True)
-    items = {}
+    items, answers = {}, {}
     for rec in bar if bar is not None else records:
         out = me.speak(rec)
         item = {"id": rec.id, "question_id": rec.question_id, "instruction": rec.instruction,
@@ -234,13 +234,15 @@ def evaluate_speech(model: str | Path, data: str | Path, split: str = "test", li
         except InputError:  # a text with nothing to say (no words): nothing should be spoken
             item["text_speech_s"] = 0.0
         if asr is not None:
-            item["transcript"] = asr.transcribe(out["audio"], me.detok.sample_rate) if out["audio"].size else ""
+            answers[rec.id] = out["audio"]
         if audio_dir is not None:
             from funaudiochat.audio.io import save_wav
 
             save_wav(Path(audio_dir) / f"{rec.id}.wav", out["audio"], me.detok.sample_rate)
         items[rec.id] = item
 
+    for rec_id, audio in answers.items():  # judged after all answers are made: its threads never share their timing
+        items[rec_id]["transcript"] = asr.transcribe(audio, me.detok.sample_rate) if audio.size else ""
     plain = [i for i in items.values() if i["instruction"] is None]
     report: dict = {"model": str(model), "data": str(data), "split": split, "limit": limit,
                     "counts": {"plain": len(plain), "instructions": len(items) - len(plain)}, "targets": TARGETS}

@@ -100,8 +100,7 @@ class PiperDetokenizer:
         logstd = np.zeros((192, g1 - g0), np.float32)
         self._encode_blocks(spans, sentences, range(first, last), cache)
         for n in range(first, last):
-            lo = sentences[n][0]
-            b0 = lo + (n - lo) // BLOCK * BLOCK
+            b0 = block_start(sentences, n)
             m_p, logs_p = cache[b0][n - b0]
             frames = split_frames(int(bounds[n + 1] - bounds[n]), self._weights[spans[n].unit])
             a, b = max(int(bounds[n]), g0), min(int(bounds[n + 1]), g1)
@@ -120,7 +119,7 @@ class PiperDetokenizer:
         blocks = {}
         for n in needed:
             lo, hi = sentences[n]
-            b0 = lo + (n - lo) // BLOCK * BLOCK
+            b0 = block_start(sentences, n)
             if b0 not in cache and b0 not in blocks:
                 b1 = min(b0 + BLOCK, hi)
                 blocks[b0] = (b1, max(lo, b0 - LEFT), min(hi, b1 + right_of(b0)))
@@ -180,11 +179,16 @@ def sentence_bounds(spans: list[UnitSpan]) -> list[tuple[int, int]]:
 def encodable(spans: list[UnitSpan], sentences: list[tuple[int, int]], n: int) -> bool:
     """Whether span n's text-encoder block sees all it will ever see: its sentence has ended ("$" is there) or
     RIGHT units past its block are there."""
-    lo, hi = sentences[n]
-    if UNITS[spans[hi - 1].unit] == EOS:
+    if UNITS[spans[sentences[n][1] - 1].unit] == EOS:
         return True
-    b0 = lo + (n - lo) // BLOCK * BLOCK
+    b0 = block_start(sentences, n)
     return len(spans) >= b0 + BLOCK + right_of(b0)
+
+
+def block_start(sentences: list[tuple[int, int]], n: int) -> int:
+    """The first span of span n's text-encoder block: blocks of BLOCK units counted from its sentence's start."""
+    lo = sentences[n][0]
+    return lo + (n - lo) // BLOCK * BLOCK
 
 
 def right_of(b0: int) -> int:

@@ -79,7 +79,7 @@ ID_WEIGHTS = {"consonant": 2.1, "vowel": 2.2, "stress": 2.4, "mark": 1.9, "space
               BOS: 3.6, EOS: 4.5, "pad": 2.05, "pad after stress": 2.55, "pad after punctuation": 4.2}
 PUNCTUATION = set("!'(),-.:;?\"")
 MARKS = set("ːˑʲ˞ʰˤ\u0327\u0303\u032a\u032f\u0329")
-_UNSAID = PUNCTUATION | {"ˈ", "ˌ", BOS, EOS, SPACE}
+_UNSAID = PUNCTUATION | set(STRESS[1:]) | {BOS, EOS, SPACE}
 VOWELS = set("aeiouyæøœɐɑɒɔɘəɚɛɜɞɤɨɪɯɵɶʉʊʌʏᵻ")
 
 

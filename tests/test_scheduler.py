@@ -398,3 +398,17 @@ def test_sessions_waiting_together_are_prefilled_as_one_batch(parts, one_thread)
         assert list(end.text_ids) == ids and speech == single_speech
     assert sched.metrics.prefill_seconds.count == 2  # the warm-up, then the four together
     assert sched.metrics.prefix_hits.value == 4
+
+
+def test_max_new_tokens_beyond_the_context_is_refused_or_capped(parts):
+    """An API request asking more new tokens than the context has room for is refused with the room it has; the web
+    chat marks its limit a ceiling (its history grows), and gets the room instead."""
+    from funaudiochat.errors import ContextLengthError
+
+    engine, tok = parts
+    sched = Scheduler(engine, tok)
+    asked = engine.max_seq_len  # more than any prompt leaves
+    with pytest.raises(ContextLengthError, match="lower max_new_tokens to at most"):
+        sched.prepare(_request(1.0, 0, asked))
+    prompt, gen = sched.prepare(_request(1.0, 0, asked, max_new_tokens_is_ceiling=True))
+    assert gen.max_new_tokens == engine.max_seq_len - prompt.input_ids.shape[1] < asked

@@ -210,7 +210,8 @@ class ApiChatSession:
         messages = [{"role": t["role"], "content": t["content"]} for t in turns]
         audios = [t["audio"] for t in turns if "audio" in t]
         request = Request(messages, audios, "s2s", system=self.system_prompt, voice=self.voice,
-                          generation={"max_new_tokens": MAX_NEW_TOKENS}, conversation=self.conversation,
+                          generation={"max_new_tokens": MAX_NEW_TOKENS}, max_new_tokens_is_ceiling=True,
+                          conversation=self.conversation,
                           audio_out=self.scheduler.detokenizer is not None)
         if not self.scheduler.speech:
             request.mode = "s2t"

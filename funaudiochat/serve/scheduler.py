@@ -108,6 +108,8 @@ class Request:
     system: str | None = None                   # None: the mode's default, unless messages start with a system turn
     tools: list | None = None                   # OpenAI tool definitions -> the function-calling system prompt
     generation: dict = field(default_factory=dict)  # overrides of the mode's preset (GENERATION_KEYS)
+    max_new_tokens_is_ceiling: bool = False     # generation's max_new_tokens shrinks to the context's room instead
+                                                # of being refused (the web chat, whose history grows)
     stop: tuple = ()                            # stop strings: the text ends before the first one found
     voice: object = None                        # detokenizer speaker: a name or a [1, 192] x-vector; None = default
     audio_out: bool = True                      # s2s: synthesise audio chunks (needs a detokenizer)
@@ -386,6 +388,8 @@ class Scheduler:
                                      f"send shorter audio or fewer messages")
         overrides = {k: v for k, v in request.generation.items() if v is not None}
         asked = overrides.get("max_new_tokens")
+        if asked is not None and asked > room and request.max_new_tokens_is_ceiling:
+            overrides["max_new_tokens"] = asked = room
         if asked is not None and asked > room:
             raise ContextLengthError(f"prompt of {n_prompt} tokens + max_new_tokens {asked} exceeds the context of "
                                      f"{self.engine.max_seq_len} tokens; lower max_new_tokens to at most {room}")

@@ -221,6 +221,9 @@ class AudioConfig(_JsonMixin):
     # embedding. Released: 1.0 (not written to config.json). A fresh SRH on a small LLM starts with the state ~50x
     # louder than the embeddings and never learns to use the token it just said (docs/mini.md, "Speaking").
     srh_token_scale: float = 1.0
+    # Pending-units view (fun-audio-chat-mini, work in progress): the SRH's input also gets the embeddings of the
+    # next this-many Piper units not yet started (speech/pending_units.py). Released: 0 (off, not written).
+    srh_pending_units: int = 0
     crq_transformer_config: BackboneConfig = field(default_factory=lambda: BackboneConfig(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=32768,
@@ -252,6 +255,8 @@ class AudioConfig(_JsonMixin):
             del out["continuous_output_rms"]
         if self.srh_token_scale == 1.0:
             del out["srh_token_scale"]
+        if self.srh_pending_units == 0:
+            del out["srh_pending_units"]
         return dict(sorted(out.items()))
 
     def validate(self, where: str) -> None:
@@ -273,6 +278,9 @@ class AudioConfig(_JsonMixin):
         scale = self.srh_token_scale
         _check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf,
                where, "srh_token_scale", f"must be a positive number, got {scale!r}")
+        width = self.srh_pending_units
+        _check(isinstance(width, int) and not isinstance(width, bool) and 0 <= width <= 16, where,
+               "srh_pending_units", f"must be an integer in [0, 16], got {width!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name)
             _check(isinstance(v, int) and 0 <= v < self.codebook_size, where, name,

@@ -124,3 +124,27 @@ def test_speech_embeddings_start_factorized_over_the_piper_vocabulary():
     assert not torch.equal(e[0], e[2])  # units differ
     with pytest.raises(ConfigError, match="smaller than the Piper vocabulary"):
         loop._piper_factorized_speech_embeddings(FunAudioChatModel(tiny()), seed=0)
+
+
+def test_speak_srh_with_the_pending_units_view(tmp_path):
+    """Work in progress (branch pending-units): `model.srh_pending_units` gives the head the next units not yet
+    started; training starts that view random and trains it, and generation refuses such a checkpoint clearly."""
+    from funaudiochat.engine.generate import Engine
+    from funaudiochat.model.checkpoint import load_model
+
+    base = _untrained_base(tmp_path / "base")
+    data = synthetic_s2s(tmp_path / "data", n=4)
+    common = [f"data.train=[{data}]", *SHRINK]
+    ok(cli("train", "recipes/mini/speak_srh.yaml", f"model.checkpoint={base}", *common, "model.srh_pending_units=3",
+           f"run_dir={tmp_path / 'srh'}"))
+    head = tmp_path / "srh" / "final"
+    assert json.loads((head / "config.json").read_text())["audio_config"]["srh_pending_units"] == 3
+    weights = read_state_dict(head)["audio_invert_tower.pending_embed.weight"]
+    assert weights.shape[0] == 3 * (pt.NUM_UNITS + 1) and 0.3 < float(weights.std()) < 1.0
+    rows = read_metrics(tmp_path / "srh")
+    assert rows and all(r["speech_loss"] > 0 for r in rows)
+    with pytest.raises(ConfigError, match="pending units"):
+        Engine(load_model(head))
+    bad = cli("train", "recipes/mini/speak_srh.yaml", f"model.checkpoint={base}", *common,
+              "model.srh_pending_units=99", f"run_dir={tmp_path / 'x'}")
+    assert bad.returncode == 1 and "model.srh_pending_units" in bad.stderr and "Traceback" not in bad.stderr

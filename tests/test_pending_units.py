@@ -55,3 +55,21 @@ def test_generation_waits_for_complete_words(piper):
     assert runtime.pending("", False, []) == [PAD] * 4
     with pytest.raises(InputError, match="at least 1"):
         PendingUnits(piper, 0)
+
+
+def test_the_head_reads_the_pending_units():
+    from funaudiochat.model.presets import tiny
+    from funaudiochat.model.srh import SpeechRefinedHead
+
+    torch.manual_seed(0)
+    cfg = tiny(codebook=pt.VOCAB_SIZE + 8).audio_config
+    cfg.srh_pending_units = 2
+    head = SpeechRefinedHead(cfg)
+    d = cfg.output_dim
+    u, labels = torch.randn(1, 3, d), torch.randn(1, 15, d)
+    pending = torch.randint(0, PAD + 1, (1, 15, 2))
+    logits = head.forward_train(u, labels, None, None, pending)
+    other = head.forward_train(u, labels, None, None, (pending + 1) % (PAD + 1))
+    assert not torch.allclose(logits, other)  # another unit pending: another prediction
+    logits.sum().backward()
+    assert head.pending_embed.weight.grad.abs().sum() > 0

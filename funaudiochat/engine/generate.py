@@ -126,6 +126,9 @@ class Engine:
     """
 
     def __init__(self, model: FunAudioChatModel, max_seq_len: int = 4096, compile: bool = False):
+        if model.audio_invert_tower is not None and model.audio_invert_tower.pending_width:
+            raise ConfigError("this checkpoint's speech head reads pending units (audio_config.srh_pending_units), "
+                              "which generation does not give it yet (work in progress, docs/mini.md)")
         self.model = model.eval()
         self.cfg = model.cfg
         self.k = model.group_size

@@ -250,7 +250,15 @@ class FunAudioChatModel(nn.Module):
             if trace is not None:
                 trace.update(crq_inputs_embeds=u, crq_speech_labels=speech_labels,
                              crq_audio_embeds=label_embeds.reshape(b, l, -1))
-            out.speech_logits = self.audio_invert_tower.forward_train(u, label_embeds, attention_mask, position_ids)
+            pending = None
+            if self.audio_invert_tower.pending_width:  # fine position q predicts token q + k: its pending units
+                from funaudiochat.speech.pending_units import PAD, pending_from_labels
+
+                pending = pending_from_labels(label_ids, self.audio_invert_tower.pending_width,
+                                              cfg.audio_config.bos_token_id)
+                pending = F.pad(pending, (0, 0, 0, k), value=PAD)[:, k:]
+            out.speech_logits = self.audio_invert_tower.forward_train(u, label_embeds, attention_mask, position_ids,
+                                                                      pending)
             if speech_labels is not None:
                 targets = F.pad(speech_labels, (0, k), value=ign)[:, k:]  # token j+5 is predicted at fine index j
                 out.speech_loss = cross_entropy(out.speech_logits, targets, ign)

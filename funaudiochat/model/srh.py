@@ -30,6 +30,17 @@ class SpeechRefinedHead(nn.Module):
         self.input_matching = nn.Linear(d, crq.hidden_size, bias=False)
         self.output_matching = nn.Linear(crq.hidden_size, d, bias=False)
         self.lm_head = nn.Linear(d, cfg.codebook_size, bias=False)
+        self.pending_width = cfg.srh_pending_units
+        if self.pending_width:  # one row per (slot, unit), the last unit of each slot = none known
+            from funaudiochat.speech.pending_units import PAD
+
+            self.pending_rows = PAD + 1
+            self.pending_embed = nn.Embedding(self.pending_width * self.pending_rows, d)
+
+    def pending_view(self, pending: torch.Tensor) -> torch.Tensor:
+        """Pending unit ids [B, Q, W] (speech/pending_units.py) -> [B, Q, D]: the sum of each slot's embedding."""
+        slots = torch.arange(self.pending_width, device=pending.device) * self.pending_rows
+        return self.pending_embed(pending + slots).sum(dim=-2)
 
     def ungroup(self, u: torch.Tensor) -> torch.Tensor:
         """u [B, L, D] -> P [B, 5L, D]; fine position 5p+k belongs to LLM position p."""
@@ -59,16 +70,19 @@ class SpeechRefinedHead(nn.Module):
         return self.lm_head(self.decode_hidden(z, positions, mask, cache, cache_start, read_len, rope))
 
     def forward_train(self, u: torch.Tensor, label_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
-                      position_ids: torch.Tensor | None) -> torch.Tensor:
+                      position_ids: torch.Tensor | None, pending: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits [B, 5L, V].
 
         u [B, L, D]: LLM last hidden + text embeddings; label_embeds [B, 5L, D]: embeddings of the speech labels
         (-100 replaced by pad). Mask and positions follow the released code: the LLM mask repeated 5x and positions
-        5p+k, zeroed after the last non-zero LLM position (the packing tail).
+        5p+k, zeroed after the last non-zero LLM position (the packing tail). pending [B, 5L, W]: the units pending
+        at each fine position (required when the head has the pending-units view).
         """
         b, l, _ = u.shape
         k = self.group_size
         z = self.ungroup(u) + self.token_scale * torch.roll(label_embeds, shifts=-(k - 1), dims=1)
+        if self.pending_width:
+            z = z + self.pending_view(pending)
         mask2d = attention_mask.repeat_interleave(k, dim=1) if attention_mask is not None else None
         if position_ids is None:
             positions = torch.arange(l * k, device=u.device)[None].expand(b, -1)

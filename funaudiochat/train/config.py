@@ -49,6 +49,8 @@ class ModelSection:
     #   adapter's continuous matching weight is converted (mean -> concat exactly; model.adapter)
     srh_token_scale: float | None = None  # the SRH's previous-token scale (config.srh_token_scale), when it differs
     #   from the starting model's
+    srh_pending_units: int | None = None  # the SRH's pending-units view (config.srh_pending_units), when it differs
+    #   from the starting model's; its embeddings then start random (work in progress)
     speech_embeddings_at_start: str | None = None  # "piper-factorized": a new run's speech embeddings (tied to the
     #   SRH's output) start as unit + start/continue + gain vectors of the Piper vocabulary (speech/piper_tokens.py)
 
@@ -169,6 +171,9 @@ class Recipe:
              f"train.speech_embedding_grad: 'all' or 'head', got {self.train.speech_embedding_grad!r}")
         if self.model.srh_token_scale is not None:
             number("model.srh_token_scale", self.model.srh_token_scale, 0, low_open=True)
+        width = self.model.srh_pending_units
+        need(width is None or (isinstance(width, int) and not isinstance(width, bool) and 0 <= width <= 16),
+             f"model.srh_pending_units: an integer in [0, 16], got {width!r}")
         need(self.model.continuous_grouping in (None, "mean", "concat"),
              f"model.continuous_grouping: 'mean' or 'concat', got {self.model.continuous_grouping!r}")
         need(self.model.speech_embeddings_at_start in (None, "piper-factorized"),

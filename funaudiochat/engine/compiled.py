@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 from funaudiochat.engine.sampling import SamplingParams, choose, process
 from funaudiochat.model.backbone import Backbone, RopeTable
 from funaudiochat.model.quantize import PRODUCT_SUM_MAX_ROWS
+from funaudiochat.speech.pending_units import is_start, window
 
 CACHE_BUCKET = 128
 
@@ -147,10 +148,11 @@ class CompiledDecoder:
         return srh.lm_head(srh.output_matching(h)[:, -1]).float()
 
     def _s2s(self, token, group, fuse, positions, k_cache, v_cache, slot, key_valid, srh_k, srh_v, srh_key_valid,
-             embed, counts, noise, params: SamplingParams, speech_bias=None):
+             embed, counts, noise, params: SamplingParams, speech_bias=None, upcoming=None):
         """One S2S step (inputs as `_llm`, then the SRH's cache and key mask, embed [B, C] of its last token, counts
         [B, Vs] speech history or None, noise [B, k, Vs] Exp(1) draws when sampling, else None, speech_bias [Vs]
-        0 / -inf on codes never to draw, or None) -> text logits
+        0 / -inf on codes never to draw, or None, upcoming [B, W + k] the pending-units view's units from the
+        group's start, or None) -> text logits
         [B, V], the SRH's raw logits and scores [B, k, Vs], its tokens [B, k] and the embedding [B, C] of the last
         one. The speech tokens are chosen as `Engine._srh_group` chooses them eagerly."""
         srh = self.model.audio_invert_tower
@@ -161,15 +163,19 @@ class CompiledDecoder:
         fine_slots = slot * k + torch.arange(k, device=fine.device)
         srh_key_valid[:, fine_slots] = True
         logits, scores, tokens = [], [], []
+        started = torch.zeros(fine.shape[0], dtype=torch.long, device=fine.device)  # units begun in the group
         for j in range(k):
-            call_logits = self._srh(fine[:, j:j + 1] + embed[:, None], fine_pos[:, j:j + 1], srh_k, srh_v,
-                                    fine_slots[j:j + 1], srh_key_valid)
+            z = fine[:, j:j + 1] + embed[:, None]
+            if upcoming is not None:
+                z = z + srh.pending_view(window(upcoming, started, srh.pending_width)[:, None])
+            call_logits = self._srh(z, fine_pos[:, j:j + 1], srh_k, srh_v, fine_slots[j:j + 1], srh_key_valid)
             if speech_bias is not None:
                 call_logits = call_logits + speech_bias
             call_scores = process(call_logits, params, counts)
             tok = choose(call_scores, params, noise=noise[:, j] if noise is not None else None)
             if counts is not None:  # later calls of the group see this token in the history
                 counts = counts.scatter_add(1, tok[:, None], torch.ones_like(tok[:, None], dtype=counts.dtype))
+            started = started + is_start(tok).long()
             embed = srh.embed(tok)
             logits.append(call_logits)
             scores.append(call_scores)

@@ -24,6 +24,7 @@ from funaudiochat.engine.sampling import SamplingParams, choose, exponential_noi
 from funaudiochat.errors import ConfigError, ContextLengthError
 from funaudiochat.model.backbone import MLP, Attention, KVCache, RopeTable, attention_mask_4d
 from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.speech.pending_units import PAD, is_start, window
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class DecodeState:
     srh_embed: torch.Tensor | None = None     # [B, D] embedding of the SRH's last sampled token
     text_counts: torch.Tensor | None = None   # [B, V] history for the text repetition penalty
     speech_counts: torch.Tensor | None = None  # [B, Vs]
+    answers: list | None = None               # per row: its AnswerUnits when the SRH reads pending units
     generator: torch.Generator | None = None
     timings: dict = field(default_factory=dict)
 
@@ -125,10 +127,14 @@ class Engine:
     sets the layout for all.
     """
 
-    def __init__(self, model: FunAudioChatModel, max_seq_len: int = 4096, compile: bool = False):
-        if model.audio_invert_tower is not None and model.audio_invert_tower.pending_width:
-            raise ConfigError("this checkpoint's speech head reads pending units (audio_config.srh_pending_units), "
-                              "which generation does not give it yet (work in progress, docs/mini.md)")
+    def __init__(self, model: FunAudioChatModel, max_seq_len: int = 4096, compile: bool = False,
+                 pending_view=None):
+        width = model.audio_invert_tower.pending_width if model.audio_invert_tower is not None else 0
+        if width and (pending_view is None or pending_view.width != width):
+            raise ConfigError(f"this checkpoint's speech head reads the next {width} pending units "
+                              f"(audio_config.srh_pending_units): pass Engine(pending_view=...) of that width "
+                              f"(speech/pending_units.py view_for; load_runtime does it)")
+        self.pending_view = pending_view if width else None
         self.model = model.eval()
         self.cfg = model.cfg
         self.k = model.group_size
@@ -201,10 +207,16 @@ class Engine:
         start = k * llm_len - n_fine
         counts = state.speech_counts.clone() if state.speech_counts is not None else None
         noise = self._speech_noise(state, gen)
+        upcoming = self._upcoming(state)
+        started = torch.zeros(b, dtype=torch.long, device=self.device)
         tokens = []
         for j in range(k):
             q0, q1 = (0, n_fine - (k - 1)) if j == 0 else (n_fine - k + j, n_fine - k + j + 1)
             z = fine[:, q0:q1] + embed[:, None]
+            if upcoming is not None:  # the last query predicts the group's next token; earlier ones are the prompt's
+                pending = torch.full((b, q1 - q0, srh.pending_width), PAD, dtype=torch.long, device=self.device)
+                pending[:, -1] = window(upcoming, started, srh.pending_width)
+                z = z + srh.pending_view(pending)
             s0, s1 = start + q0, start + q1
             if q1 - q0 == 1:  # one new query sees every valid slot so far (all of them without padding)
                 mask = state.srh_key_valid[:, None, None, :s1] if state.padded else None
@@ -224,9 +236,19 @@ class Engine:
                 tracer.srh_scores.append(scores)
                 tracer.srh_tokens.append(tok)
             tokens.append(tok)
+            started = started + is_start(tok).long()
             embed = srh.embed(tok)
         state.srh_embed = embed
         return torch.stack(tokens, dim=1)  # [B, k]
+
+    def _upcoming(self, state: DecodeState) -> torch.Tensor | None:
+        """The pending-units view's units [B, width + k] from where the next speech group starts (rows without an
+        answer yet: PAD), or None when the head has no such view."""
+        if self.pending_view is None:
+            return None
+        n = self.pending_view.width + self.k
+        rows = [a.upcoming(n) if a is not None else [PAD] * n for a in state.answers]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def _speech_noise(self, state: DecodeState, gen: GenerationConfig) -> torch.Tensor | None:
         """The sampling noise [B, k, Vs] of one speech group (None when greedy), one draw per position as
@@ -282,7 +304,7 @@ class Engine:
         srh = state.srh_cache
         text_logits, logits, scores, group, state.srh_embed = self.compiled.s2s(
             *self._llm_inputs(state, True), srh.k, srh.v, state.srh_key_valid, state.srh_embed, state.speech_counts,
-            self._speech_noise(state, gen), gen.sampling, self.speech_bias)
+            self._speech_noise(state, gen), gen.sampling, self.speech_bias, self._upcoming(state))
         if tracer is not None:
             for j in range(self.k):
                 tracer.srh_logits.append(logits[:, j])
@@ -315,6 +337,7 @@ class Engine:
             state.active = state.prompt_ids[:, -1] == t_cfg.audio_bos_index
         else:
             state.active = state.active | (state.last_token == t_cfg.audio_bos_index)
+        speaking = state.active & ~was_finished  # rows whose chosen text id belongs to their answer
         appended = state.active & ~was_finished if group is not None else torch.zeros_like(state.active)
         ended = torch.zeros_like(appended)
         if group is not None and bool(appended.any()):
@@ -333,6 +356,8 @@ class Engine:
             token = torch.where(ended, eos_tok, token)
             state.active = state.active & ~ended
         state.fuse = appended & state.active
+        if state.answers is not None:
+            self._track_answers(state, token, group, speaking, appended)
         state.tokens.append(token)
         state.last_token = token
         stop = torch.zeros_like(was_finished)
@@ -342,6 +367,17 @@ class Engine:
         if len(state.tokens) >= gen.max_new_tokens:
             state.finished = torch.ones_like(state.finished)
         return StepResult(token, group if bool(appended.any()) else None, appended, ended, state.finished)
+
+    @staticmethod
+    def _track_answers(state: DecodeState, token: torch.Tensor, group: torch.Tensor | None, speaking: torch.Tensor,
+                       appended: torch.Tensor) -> None:
+        """Give each row's AnswerUnits the text id it chose and the speech group it appended."""
+        for row in speaking.nonzero().flatten().tolist():
+            answer = state.answers[row]
+            if answer is not None:
+                answer.add_text(int(token[row]))
+                if bool(appended[row]):
+                    answer.add_speech(group[row].tolist())
 
     def _banned(self, state: DecodeState, gen: GenerationConfig) -> torch.Tensor | None:
         """Bad-word sequences: ban the last id of each sequence whose prefix ends the row's history."""
@@ -462,6 +498,7 @@ class PrefillJob:
         self.chunk = chunk
         self.cache_len = cache_len if cache_len is not None else total
         self.next = min(starts)        # first prompt position not in the cache yet (after _start)
+        self.bos = self.prompt_bos = None  # the SRH's start-token embedding (+ the empty pending view for prompts)
         self.cached = self.next        # leading positions copied from prefixes (in every row), not computed
         self.state: DecodeState | None = None
         self.result = None
@@ -529,7 +566,10 @@ class PrefillJob:
                 state.speech_counts = torch.zeros(b, eng.cfg.audio_config.codebook_size, dtype=torch.int32,
                                                   device=dev)
             srh = m.audio_invert_tower
-            self.bos = srh.embed(torch.full((b,), eng.cfg.audio_config.bos_token_id, device=dev))
+            self.bos = self.prompt_bos = srh.embed(torch.full((b,), eng.cfg.audio_config.bos_token_id, device=dev))
+            if eng.pending_view is not None:  # (the prompt's fine positions see no units pending)
+                state.answers = [eng.pending_view.answer() for _ in range(b)]
+                self.prompt_bos = self.bos + srh.pending_view(torch.full((1, srh.pending_width), PAD, device=dev))
         for i, (pre, pad) in enumerate(zip(self.prefixes, self.pads)):  # copy-on-start: shared prefixes
             if pre is None:
                 continue
@@ -565,7 +605,7 @@ class PrefillJob:
             else:  # these fine positions all start a group: the SRH's start token, as in the last chunk's first pass
                 s0, s1 = k * a, k * end
                 srh_mask = attention_mask_4d(state.srh_key_valid[:, :s1], s1 - s0, s1, s0, b, dev)
-                srh.decode_hidden(fine + self.bos[:, None], fine_pos, srh_mask, state.srh_cache, s0, s1,
+                srh.decode_hidden(fine + self.prompt_bos[:, None], fine_pos, srh_mask, state.srh_cache, s0, s1,
                                   eng.srh_rope, last_only=True)
         self.next = end
         if end == self.save_at:

@@ -33,8 +33,13 @@ def load_runtime(model_dir: str | Path, dtype: str | None = None, device: str = 
     if detokenizer_dir is None and detokenizer_kind(model_dir) is not None:
         detokenizer_dir = model_dir  # the checkpoint names its own detokenizer (the mini: the Piper voice)
     detok = None if detokenizer_dir is None else load_detokenizer(detokenizer_dir, speaker, device)
+    view = None
+    if model.audio_invert_tower is not None and model.audio_invert_tower.pending_width:
+        from funaudiochat.speech.pending_units import view_for
+
+        view = view_for(model.cfg.text_config, tokenizer, model.audio_invert_tower.pending_width)
     with torch.no_grad():
-        engine = Engine(model, max_seq_len=max_seq_len, compile=compile)
+        engine = Engine(model, max_seq_len=max_seq_len, compile=compile, pending_view=view)
     if detok is not None and speech and model.audio_invert_tower is not None:
         engine.restrict_speech_codes(getattr(detok, "valid_codes", None))  # Piper: [0, 4752); CosyVoice3: all
     return Runtime(engine, tokenizer, detok)

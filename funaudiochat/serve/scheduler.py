@@ -844,6 +844,8 @@ class Scheduler:
         if st.srh_cache is not None:
             st.srh_key_valid[i] = False
         st.finished[i], st.active[i], st.fuse[i] = True, False, False
+        if st.answers is not None:
+            st.answers[i] = None
 
     def _rebuild(self, batch: _Batch, joining: list[tuple[DecodeState, int, _Row]] = ()) -> None:
         """Copy the live rows (and the joining ones) into a new cache: right-aligned at the longest row, sized for
@@ -883,7 +885,7 @@ class Scheduler:
         state = DecodeState(llm, srh, torch.zeros(rows, size, dtype=torch.bool, device=dev), srh_valid,
                             torch.zeros(rows, dtype=torch.long, device=dev), slot,
                             torch.zeros(rows, 1, dtype=torch.long, device=dev), padded=True,
-                            speech=[[] for _ in range(rows)])
+                            speech=[[] for _ in range(rows)], answers=[None] * rows if like.answers else None)
         for name in _ROW_FIELDS:
             value = getattr(like, name)
             if value is not None:
@@ -913,6 +915,8 @@ class Scheduler:
             value = getattr(dst, name)
             if value is not None:
                 value[i] = getattr(src, name)[r]
+        if dst.answers is not None:
+            dst.answers[i] = src.answers[r]
         if src.generator is not None:
             dst.generator = src.generator
 

@@ -43,34 +43,92 @@ def pending_from_labels(labels: torch.Tensor, width: int, bos: int) -> torch.Ten
     return torch.where(same, units, PAD)
 
 
-class PendingUnits:
-    """Generation side: the text of the answer so far and the codes said so far -> the next `width` units not yet
-    started. Only complete words are phonemized until the text is finished (espeak's units for a word-boundary
-    prefix equal the whole text's except the last 1-2 units in 97.5 % of the mini's dev answers), and an unfinished
-    sentence gets no closing "$" yet."""
+def is_start(codes):
+    """Codes (ints or a tensor) -> whether each starts a unit (even Piper codes; specials never do)."""
+    return (codes >= 0) & (codes < VOCAB_SIZE) & (codes % 2 == 0)
 
-    def __init__(self, piper, width: int):
+
+def window(upcoming: torch.Tensor, started: torch.Tensor, width: int) -> torch.Tensor:
+    """upcoming [B, N] units from where a speech group starts, started [B] units begun inside the group so far ->
+    the pending units [B, width] of the group's next token (N >= width + the group size keeps it in range)."""
+    return upcoming.gather(1, started[:, None] + torch.arange(width, device=upcoming.device))
+
+
+class PendingUnitsView:
+    """Generation side, one per model: the text of an answer so far and the units its speech has started -> the
+    next units. Only complete words are phonemized while the text goes on (espeak's units for a word-boundary prefix
+    equal the whole text's except the last 1-2 units in 97.5 % of the mini's dev answers); when that is not enough
+    units ahead of the speech (the answer's start), the unfinished last word is phonemized too. An unfinished
+    sentence gets no closing "$" yet.
+
+    decode: text ids -> text; text_ends: ids that end an answer's text (<|sil|>, <|audio_eos|>, end of turn)."""
+
+    def __init__(self, piper, width: int, decode=None, text_ends=()):
         if width < 1:
             raise InputError(f"the pending-units width must be at least 1, got {width}")
-        self.piper, self.width = piper, width
-        self._cache: tuple[str, list[int]] = ("", [])
+        self.piper, self.width, self.decode, self.text_ends = piper, width, decode, frozenset(text_ends)
+        self._cache: dict[tuple, list[int]] = {}
 
-    def units_of(self, text: str, finished: bool) -> list[int]:
-        if not finished:
+    def units_of(self, text: str, finished: bool, whole_words: bool = True) -> list[int]:
+        if not finished and whole_words:
             cut = max(text.rfind(" "), text.rfind("\n"))
             text = text[:cut] if cut > 0 else ""
-        key = f"{finished}|{text}"
-        if self._cache[0] != key:
+        key = (text, finished)
+        if key not in self._cache:
             try:
                 units = [u for sentence in self.piper.units(text) for u in sentence] if text.strip() else []
             except InputError:  # nothing speakable yet
                 units = []
             if units and not finished and not text.rstrip().endswith(SENTENCE_ENDS) and UNITS[units[-1]] == EOS:
                 units = units[:-1]
-            self._cache = (key, units)
-        return self._cache[1]
+            if len(self._cache) > 4096:  # (texts of answers being generated: a bounded memo)
+                self._cache.clear()
+            self._cache[key] = units
+        return self._cache[key]
+
+    def upcoming(self, text: str, finished: bool, started: int, n: int) -> list[int]:
+        """The n units after the first `started` ones, PAD where none is known."""
+        units = self.units_of(text, finished)
+        if not finished and len(units) < started + n:
+            units = self.units_of(text, finished, whole_words=False)
+        return (units[started:started + n] + [PAD] * n)[:n]
 
     def pending(self, text: str, finished: bool, codes) -> list[int]:
-        units = self.units_of(text, finished)
-        started = sum(1 for c in codes if 0 <= c < VOCAB_SIZE and c % 2 == 0)
-        return (units[started:started + self.width] + [PAD] * self.width)[:self.width]
+        """The next `width` units of an answer whose speech so far is `codes`."""
+        started = int(is_start(torch.as_tensor(list(codes), dtype=torch.long)).sum())
+        return self.upcoming(text, finished, started, self.width)
+
+    def answer(self) -> "AnswerUnits":
+        return AnswerUnits(self)
+
+
+class AnswerUnits:
+    """One row's answer being generated: its text ids from <|audio_bos|> to the first id that ends the text, and the
+    number of units its speech has started."""
+
+    def __init__(self, view: PendingUnitsView):
+        self.view, self.ids, self.finished, self.started = view, [], False, 0
+
+    def add_text(self, token: int) -> None:
+        if self.finished:
+            return
+        if token in self.view.text_ends:
+            self.finished = True
+        else:
+            self.ids.append(token)
+
+    def add_speech(self, codes: list[int]) -> None:
+        self.started += sum(1 for c in codes if is_start(c))
+
+    def upcoming(self, n: int) -> list[int]:
+        return self.view.upcoming(self.view.decode(self.ids), self.finished, self.started, n)
+
+
+def view_for(text_config, tokenizer, width: int) -> PendingUnitsView:
+    """The view a checkpoint with `audio_config.srh_pending_units = width` generates with: the installed Piper
+    voice's phonemizer and the checkpoint's text tokenizer."""
+    from funaudiochat.speech.piper_tokens import PiperTokenizer
+
+    ends = {text_config.sil_index, text_config.audio_eos_index, *tokenizer.special_ids}
+    ends.discard(text_config.audio_bos_index)
+    return PendingUnitsView(PiperTokenizer(), width, tokenizer.decode, ends)

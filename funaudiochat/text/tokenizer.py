@@ -90,3 +90,7 @@ class TextTokenizer:
 
     def is_special(self, i: int) -> bool:
         return int(i) in self._special_ids
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self._special_ids)

@@ -221,7 +221,7 @@ class AudioConfig(_JsonMixin):
     # embedding. Released: 1.0 (not written to config.json). A fresh SRH on a small LLM starts with the state ~50x
     # louder than the embeddings and never learns to use the token it just said (docs/mini.md, "Speaking").
     srh_token_scale: float = 1.0
-    # Pending-units view (fun-audio-chat-mini, work in progress): the SRH's input also gets the embeddings of the
+    # Pending-units view (fun-audio-chat-mini): the SRH's input also gets the embeddings of the
     # next this-many Piper units not yet started (speech/pending_units.py). Released: 0 (off, not written).
     srh_pending_units: int = 0
     crq_transformer_config: BackboneConfig = field(default_factory=lambda: BackboneConfig(

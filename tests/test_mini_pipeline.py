@@ -181,7 +181,7 @@ def test_deltas_must_fit(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="does not fit"):
         mini_deltas.apply_deltas(model, {key: torch.zeros(3, 3)}, "d")
     with pytest.raises(CheckpointError, match="d: audio_config.*srh_token_scale"):  # a bad setting in the metadata
-        mini_deltas.with_audio_settings(model, {"srh_token_scale": -1}, "d")
+        mini_deltas.with_audio_settings(model, {"srh_token_scale": -1}, "d", {})
     with pytest.raises(CheckpointError, match="does not fit"):
         mini_deltas.apply_deltas(model, {"language_model.model.layers.0.self_attn.q_proj.lora_A": torch.zeros(2, 7),
                                          "language_model.model.layers.0.self_attn.q_proj.lora_B": torch.zeros(9, 2)},
@@ -200,3 +200,30 @@ def test_deltas_must_fit(tmp_path, monkeypatch):
     save_file(changed, str(tuned / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="outside low-rank adapters"):
         mini_deltas.extract(tuned, base)
+
+
+def test_deltas_carry_the_tensors_a_trained_setting_adds(tmp_path):
+    """A head trained with the pending-units view (audio_config.srh_pending_units) ships its view's embeddings in
+    full, and assembly rebuilds the model with the setting before it applies them."""
+    from funaudiochat.model.checkpoint import load_model, save_model
+    from funaudiochat.model.funaudiochat import FunAudioChatModel
+
+    base = make_tiny_checkpoint(tmp_path / "base")
+    model = load_model(base)
+    cfg = model.cfg
+    cfg.audio_config.srh_pending_units = 2
+    trained = FunAudioChatModel(cfg)
+    state = {**model.state_dict(), **{k: v for k, v in trained.state_dict().items() if "pending_embed" in k}}
+    trained.load_state_dict(state)
+    with torch.no_grad():
+        trained.audio_invert_tower.pending_embed.weight.normal_()
+        trained.audio_invert_tower.lm_head.weight.add_(0.1)
+    save_model(trained, tmp_path / "trained")
+    deltas, meta = mini_deltas.extract(tmp_path / "trained", base)
+    assert "audio_invert_tower.pending_embed.weight" in deltas
+    assert json.loads(meta["audio_config"]) == {"srh_pending_units": 2}
+    mini_deltas.write(deltas, meta, tmp_path / "deltas")
+    rebuilt = load_model(mini_deltas.assemble(tmp_path / "out", tmp_path / "deltas", base_dir=base))
+    assert rebuilt.audio_invert_tower.pending_width == 2
+    for key, value in trained.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key

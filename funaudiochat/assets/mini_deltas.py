@@ -47,13 +47,19 @@ def extract(final_dir: str | Path, base_dir: str | Path,
     for d in (final_dir, base_dir):
         lora.require_export(d)
     final, base = read_state_dict(final_dir), read_state_dict(base_dir)
-    if final.keys() != base.keys():
+    cfg = FunAudioChatConfig.load(base_dir)
+    changed = audio_settings(FunAudioChatConfig.load(final_dir), cfg)
+    added = final.keys() - base.keys()  # tensors of a setting training switched on (the SRH's pending view)
+    if base.keys() - final.keys() or (added and not changed):
         odd = sorted(final.keys() ^ base.keys())
         raise CheckpointError(f"{final_dir} and {base_dir} hold different tensors ({odd[:4]}): not the same model")
     folded = lora.load_delta(final_dir)
     rebuilt = lora.apply(base, folded)
     deltas: dict[str, torch.Tensor] = {}
     for key, tensor in final.items():
+        if key in added:
+            deltas[key] = tensor
+            continue
         if tensor.shape != base[key].shape:
             raise CheckpointError(f"{key}: shape {tuple(tensor.shape)} in {final_dir}, {tuple(base[key].shape)} in "
                                   f"{base_dir}: not the same model")
@@ -67,12 +73,10 @@ def extract(final_dir: str | Path, base_dir: str | Path,
             raise CheckpointError(f"{key}: {final_dir} differs from {base_dir} + its LoRA delta by {err:.3g}: the "
                                   f"LLM was trained outside low-rank adapters, so it cannot ship as a small delta")
     deltas.update(folded)
-    cfg = FunAudioChatConfig.load(base_dir)
     seed = (cfg.extra.get("fun_audio_chat_mini") or {}).get("seed", 0)
     srh = cfg.audio_config.crq_transformer_config
     meta = {"format": FORMAT, "seed": str(seed), "srh_hidden": str(srh.hidden_size),
             "srh_layers": str(srh.num_hidden_layers), "trained": json.dumps(trained_parts(deltas))}
-    changed = audio_settings(FunAudioChatConfig.load(final_dir), cfg)
     if changed:
         meta["audio_config"] = json.dumps(changed, sort_keys=True)
     if stage:
@@ -152,15 +156,19 @@ def apply_deltas(model: torch.nn.Module, deltas: dict[str, torch.Tensor], source
     load_state_dict_checked(model, state, source)
 
 
-def with_audio_settings(model: FunAudioChatModel, settings: dict, source: str) -> FunAudioChatModel:
-    """`model` rebuilt with `settings` merged into its audio_config (checked as any config.json is), same weights."""
+def with_audio_settings(model: FunAudioChatModel, settings: dict, source: str,
+                        deltas: dict[str, torch.Tensor]) -> FunAudioChatModel:
+    """`model` rebuilt with `settings` merged into its audio_config (checked as any config.json is), same weights;
+    the tensors a setting adds (the SRH's pending view) come from `deltas`."""
     cfg = FunAudioChatConfig.from_dict(model.cfg.to_dict())
     try:
         cfg.audio_config = AudioConfig.from_dict({**cfg.audio_config.to_dict(), **settings}, f"{source}: audio_config")
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
     rebuilt = FunAudioChatModel(cfg)
-    load_state_dict_checked(rebuilt, model.state_dict(), source)
+    state = model.state_dict()
+    added = {k: v for k, v in deltas.items() if k not in state and k in rebuilt.state_dict()}
+    load_state_dict_checked(rebuilt, {**state, **added}, source)
     return rebuilt
 
 
@@ -192,7 +200,7 @@ def assemble(out_dir: str | Path, deltas_dir: str | Path, base_dir: str | Path |
             model = mini.model
             write_tokenizer(mini.gguf, tmp, mini.tokenizer)
         if meta.get("audio_config"):  # settings the trained parts were trained with: rebuild the model with them
-            model = with_audio_settings(model, json.loads(meta["audio_config"]), source)
+            model = with_audio_settings(model, json.loads(meta["audio_config"]), source, deltas)
         apply_deltas(model, deltas, source)
         model.cfg.trained = trained_parts(deltas)
         # the system prompt of the training data: infer, chat, serve and eval use it when none is given

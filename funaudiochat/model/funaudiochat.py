@@ -22,6 +22,7 @@ from funaudiochat.model.backbone import CausalLM, attention_mask_4d, load_balanc
 from funaudiochat.model.encoder import AudioEncoder
 from funaudiochat.model.quantize import Int8Linear
 from funaudiochat.model.srh import SpeechRefinedHead
+from funaudiochat.speech.pending_units import PAD, pending_from_labels
 
 
 @dataclass
@@ -252,8 +253,6 @@ class FunAudioChatModel(nn.Module):
                              crq_audio_embeds=label_embeds.reshape(b, l, -1))
             pending = None
             if self.audio_invert_tower.pending_width:  # fine position q predicts token q + k: its pending units
-                from funaudiochat.speech.pending_units import PAD, pending_from_labels
-
                 pending = pending_from_labels(label_ids, self.audio_invert_tower.pending_width,
                                               cfg.audio_config.bos_token_id)
                 pending = F.pad(pending, (0, 0, 0, k), value=PAD)[:, k:]

@@ -17,6 +17,7 @@ from torch import nn
 from funaudiochat.config import AudioConfig
 from funaudiochat.model.backbone import Backbone, KVCache, attention_mask_4d
 from funaudiochat.model.quantize import Int8Linear
+from funaudiochat.speech.pending_units import PAD
 
 
 class SpeechRefinedHead(nn.Module):
@@ -32,8 +33,6 @@ class SpeechRefinedHead(nn.Module):
         self.lm_head = nn.Linear(d, cfg.codebook_size, bias=False)
         self.pending_width = cfg.srh_pending_units
         if self.pending_width:  # one row per (slot, unit), the last unit of each slot = none known
-            from funaudiochat.speech.pending_units import PAD
-
             self.pending_rows = PAD + 1
             self.pending_embed = nn.Embedding(self.pending_width * self.pending_rows, d)
 

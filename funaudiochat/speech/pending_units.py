@@ -1,8 +1,8 @@
-"""The pending-units view for fun-audio-chat-mini's Speech Refined Head (work in progress, docs/mini.md "Where the
+"""The pending-units view for fun-audio-chat-mini's Speech Refined Head (docs/mini.md "Where the
 text rides"): for each speech token to predict, the next WIDTH phonetic units of the answer that have not been
 started yet. The head then picks the unit to start among given ones instead of learning every word's pronunciation.
 
-Training (`pending_from_labels`) reads them off the target codes; generation (`PendingUnits`) phonemizes the text
+Training (`pending_from_labels`) reads them off the target codes; generation (`PendingUnitsView`) phonemizes the text
 generated so far and counts the units already started. Both give the same units for the same answer (tests).
 
     PAD = NUM_UNITS: no unit known (past the answer's end, or the text not far enough ahead yet)

@@ -32,7 +32,7 @@ def test_training_and_generation_see_the_same_pending_units(piper):
     for offset, codes, text in ((13, a, FIRST), (13 + len(a) + 19, b, SECOND)):
         for j in range(len(codes)):
             assert pending[0, offset + j].tolist() == runtime.pending(text, True, codes[:j])
-        assert pending[0, offset - 10].tolist() == runtime.pending(text, True, [])  # the delay: the first units
+        assert (pending[0, offset - 10:offset] == PAD).all()  # the delay: no text known yet when generating
         units = [s.unit for s in pt.unit_spans(codes)]
         assert pending[0, offset].tolist() == units[:width]
     # the end of the first answer shows nothing of the second
@@ -127,9 +127,9 @@ def test_generation_gives_the_head_the_units_of_the_text_it_wrote(piper, tmp_pat
     text_ids, speech = out.new_text_ids[0].tolist(), out.speech_ids[0]
     assert text_ids[0] == model.cfg.text_config.audio_bos_index and len(speech) == 5 * (len(text_ids) - 1)
     assert sum(is_start(c) for c in speech) > 3
-    asked = view.asked[1:]  # (the prefill's group: no answer yet)
-    assert len(asked) == len(text_ids) - 1
-    for step, (text, finished, started) in enumerate(asked, start=1):
+    asked = view.asked  # from the third group on: the first two say the delay (PAD, as in training)
+    assert len(asked) == len(text_ids) - 3
+    for step, (text, finished, started) in enumerate(asked, start=3):
         assert text == tok.decode(text_ids[1:step]) and not finished  # the text ids chosen before this group
         assert started == sum(is_start(c) for c in speech[:5 * (step - 1)])
     assert asked[-1][0].count(" ") >= 8  # the words were there to phonemize

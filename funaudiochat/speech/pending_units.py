@@ -13,6 +13,7 @@ import torch
 
 from funaudiochat.errors import InputError
 from funaudiochat.speech.piper_tokens import EOS, NUM_UNITS, UNITS, VOCAB_SIZE
+from funaudiochat.train.data import SPEECH_DELAY
 
 PAD = NUM_UNITS
 SENTENCE_ENDS = (".", "!", "?")
@@ -21,7 +22,8 @@ SENTENCE_ENDS = (".", "!", "?")
 def pending_from_labels(labels: torch.Tensor, width: int, bos: int) -> torch.Tensor:
     """Speech labels [B, N] (flat 25 Hz stream: -100 outside assistant speech, `bos` delay tokens opening each
     answer, codes < VOCAB_SIZE, specials above) -> [B, N, width] unit ids: for the token at j, the first `width`
-    units started after j - 1 within the same answer, PAD where none."""
+    units started after j - 1 within the same answer, PAD where none and for the delay tokens (generation knows no
+    text yet when it says the first of them: `AnswerUnits`)."""
     valid = (labels >= 0) & (labels < VOCAB_SIZE)
     start = valid & (labels % 2 == 0)
     unit = torch.where(start, (labels // 2) % NUM_UNITS, PAD)
@@ -40,7 +42,7 @@ def pending_from_labels(labels: torch.Tensor, width: int, bos: int) -> torch.Ten
     index = (before[..., None] + torch.arange(width, device=labels.device)).clamp(max=n_starts)  # [B, N, W]
     units = torch.gather(start_units[:, None].expand(b, n, -1), 2, index)
     same = torch.gather(start_segment[:, None].expand(b, n, -1), 2, index) == segment[..., None]
-    return torch.where(same, units, PAD)
+    return torch.where(same & (labels != bos)[..., None], units, PAD)
 
 
 def is_start(codes):
@@ -103,11 +105,12 @@ class PendingUnitsView:
 
 
 class AnswerUnits:
-    """One row's answer being generated: its text ids from <|audio_bos|> to the first id that ends the text, and the
-    number of units its speech has started."""
+    """One row's answer being generated: its text ids from <|audio_bos|> to the first id that ends the text, the
+    number of speech tokens said and of units started. The speech delay (SPEECH_DELAY tokens) sees no units, as in
+    training."""
 
     def __init__(self, view: PendingUnitsView):
-        self.view, self.ids, self.finished, self.started = view, [], False, 0
+        self.view, self.ids, self.finished, self.said, self.started = view, [], False, 0, 0
 
     def add_text(self, token: int) -> None:
         if self.finished:
@@ -118,9 +121,12 @@ class AnswerUnits:
             self.ids.append(token)
 
     def add_speech(self, codes: list[int]) -> None:
+        self.said += len(codes)
         self.started += sum(1 for c in codes if is_start(c))
 
     def upcoming(self, n: int) -> list[int]:
+        if self.said < SPEECH_DELAY:
+            return [PAD] * n
         return self.view.upcoming(self.view.decode(self.ids), self.finished, self.started, n)
 
 

@@ -50,7 +50,7 @@ class ModelSection:
     srh_token_scale: float | None = None  # the SRH's previous-token scale (config.srh_token_scale), when it differs
     #   from the starting model's
     srh_pending_units: int | None = None  # the SRH's pending-units view (config.srh_pending_units), when it differs
-    #   from the starting model's; its embeddings then start random (work in progress)
+    #   from the starting model's; its embeddings then start random
     speech_embeddings_at_start: str | None = None  # "piper-factorized": a new run's speech embeddings (tied to the
     #   SRH's output) start as unit + start/continue + gain vectors of the Piper vocabulary (speech/piper_tokens.py)
 

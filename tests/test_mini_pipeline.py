@@ -227,3 +227,10 @@ def test_deltas_carry_the_tensors_a_trained_setting_adds(tmp_path):
     assert rebuilt.audio_invert_tower.pending_width == 2
     for key, value in trained.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
+    half = mini_deltas.write(deltas, meta, tmp_path / "half", bf16=True)  # --bf16: half the bytes, rounded weights
+    assert half.stat().st_size < 0.6 * (tmp_path / "deltas" / mini_deltas.DELTAS_FILE).stat().st_size
+    rounded = load_model(mini_deltas.assemble(tmp_path / "out_half", tmp_path / "half", base_dir=base)).state_dict()
+    for key, value in trained.state_dict().items():
+        assert torch.allclose(rounded[key], value, rtol=1e-2, atol=1e-2), key
+    assert not torch.equal(rounded["audio_invert_tower.pending_embed.weight"],
+                           trained.state_dict()["audio_invert_tower.pending_embed.weight"])

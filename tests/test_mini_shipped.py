@@ -38,14 +38,37 @@ def _cli(*args, timeout=600):
     return run.stdout
 
 
-def test_shipped_mini_answers_the_readme_question(tmp_path):
-    ckpt = tmp_path / "mini"
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("shipped") / "mini"
     _cli("assets", "mini", ckpt, "--deltas", DELTAS.parent)
-    config = json.loads((ckpt / "config.json").read_text())
+    return ckpt
+
+
+def test_shipped_mini_answers_the_readme_question(shipped, tmp_path):
+    config = json.loads((shipped / "config.json").read_text())
     assert config["trained"]["hearing"] is True
     out = tmp_path / "answer"
-    stdout = _cli("infer", "--model", ckpt, "--audio", QUESTION, "--mode", "s2t", "--max-new-tokens", "48",
+    stdout = _cli("infer", "--model", shipped, "--audio", QUESTION, "--mode", "s2t", "--max-new-tokens", "48",
                   "--threads", "2", "--out", out)
     answer = (out / "answer.txt").read_text(encoding="utf-8")
     assert answer.strip() and answer.strip() in stdout
     assert GOLD in answer.lower(), answer
+
+
+def test_shipped_mini_says_its_answer(shipped, tmp_path):
+    """Issue 14 must-show 7: the README's main job speaks; the ASR judge hears the answer's own text in its wav."""
+    from funaudiochat.audio.io import load_audio
+    from funaudiochat.eval.asr import WHISPER_RATE, AsrJudge, error_rates
+    from funaudiochat.eval.normalize import normalize_english
+
+    if not json.loads((shipped / "config.json").read_text())["trained"]["speaking"]:
+        pytest.skip("the shipped deltas do not train the speech head yet")
+    out = tmp_path / "answer"
+    _cli("infer", "--model", shipped, "--audio", QUESTION, "--threads", "2", "--seed", "0", "--out", out)
+    text = normalize_english((out / "answer.txt").read_text(encoding="utf-8"))
+    heard = normalize_english(AsrJudge(threads=2).transcribe(load_audio(out / "answer.wav", WHISPER_RATE),
+                                                             WHISPER_RATE))
+    assert text, "the answer has no text"
+    wer, _ = error_rates([text], [heard])
+    assert wer <= 0.15, (text, heard, wer)

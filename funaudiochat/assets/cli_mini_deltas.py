@@ -2,7 +2,8 @@
 
 Writes OUT/deltas.safetensors: the tensors TRAINED changed against BASE (the adapter, trained encoder layers) and
 the LLM's LoRA delta (TRAINED/lora.safetensors, folded factors), after checking that BASE + deltas is TRAINED and
-that the file fits the 40 MB budget.
+that the file fits the 60 MB budget (`--bf16` halves it: the assembled model is then the rounded one, which is what
+ships and what its figures must be measured on).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", default=None,
                    help="the recipe stage TRAINED ends (recorded in the file; recipes/mini/pipeline.sh restores that "
                         "stage from it on a machine without runs/)")
+    p.add_argument("--bf16", action="store_true",
+                   help="store the deltas in bfloat16 (half the size; measure the assembled model, not TRAINED)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -28,6 +31,6 @@ def main(args: argparse.Namespace) -> int:
         if not (d / "config.json").is_file():
             raise CheckpointError(f"{d}: no checkpoint folder with a config.json")
     deltas, meta = mini_deltas.extract(args.trained, args.base, stage=args.stage)
-    path = mini_deltas.write(deltas, meta, args.out_dir)
+    path = mini_deltas.write(deltas, meta, args.out_dir, bf16=args.bf16)
     print(f"wrote {path}: {len(deltas)} tensors, {path.stat().st_size / 1e6:.1f} MB; trained {meta['trained']}")
     return 0

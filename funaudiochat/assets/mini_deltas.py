@@ -98,8 +98,12 @@ def trained_parts(deltas: dict[str, torch.Tensor]) -> dict[str, bool]:
     return {part: any(k.startswith(prefixes) for k in names) for part, prefixes in TRAINABLE_PARTS.items()}
 
 
-def write(deltas: dict[str, torch.Tensor], meta: dict[str, str], out_dir: str | Path) -> Path:
+def write(deltas: dict[str, torch.Tensor], meta: dict[str, str], out_dir: str | Path, bf16: bool = False) -> Path:
+    """Write OUT/deltas.safetensors; `bf16` stores every tensor in bfloat16 (read() returns them in float32)."""
     out_dir = Path(out_dir)
+    if bf16:
+        deltas = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in deltas.items()}
+        meta = {**meta, "dtype": "bfloat16"}
     size = sum(t.numel() * t.element_size() for t in deltas.values())
     if size > MAX_BYTES:
         raise CheckpointError(f"the deltas take {size / 1e6:.1f} MB, over the {MAX_BYTES / 1e6:.0f} MB budget of "
@@ -126,6 +130,7 @@ def read(deltas_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}  # (bf16 files)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
     if meta.get("format") != FORMAT:

@@ -283,3 +283,23 @@ def test_compiled_decode_reproduces_the_goldens(shared_dir):
     a, b = engine.generate(batch, greedy), eager.generate(batch, greedy)
     assert bool(batch.attention_mask.eq(0).any())  # left padded
     assert a.new_text_ids.tolist() == b.new_text_ids.tolist() and a.speech_ids == b.speech_ids
+
+
+def test_a_spoken_answer_keeps_its_stream_format():
+    """speech_holds_turn: an end-of-turn id said while speaking ends the text, not the turn; the ended text pads
+    with <|sil|> until the speech ends (then <|audio_eos|>); without it the turn ends there."""
+    model = _model()
+    engine = Engine(model)
+    t_cfg = model.cfg.text_config
+    ids = torch.randint(30, 400, (1, 9), generator=torch.Generator().manual_seed(0))
+    gen = GenerationConfig(max_new_tokens=12, force_text_abos=True, **GREEDY)
+    free = engine.generate(Prompt(ids), gen).new_text_ids[0].tolist()
+    said = free[4]  # make the id said at step 4 an end of turn
+    assert said not in (t_cfg.sil_index, t_cfg.audio_eos_index) and said not in free[:4]
+    cut = engine.generate(Prompt(ids), gen.with_(eos_token_id=said)).new_text_ids[0].tolist()
+    assert cut == free[:5]  # the turn ended mid-speech
+    held = engine.generate(Prompt(ids), gen.with_(eos_token_id=said, speech_holds_turn=True))
+    text = held.new_text_ids[0].tolist()
+    assert text[:4] == free[:4] and len(text) == 12
+    assert set(text[4:]) == {t_cfg.sil_index}  # the text ended, the speech goes on
+    assert len(held.speech_ids[0]) == 5 * 11

@@ -43,6 +43,9 @@ class GenerationConfig:
     text_greedy: bool = False          # text = argmax of raw logits
     disable_speech: bool = False       # pure speech-to-text: the SRH never runs
     force_text_abos: bool = False      # first text token is <|audio_bos|> (starts speech)
+    speech_holds_turn: bool = False    # a speaking row's text, once ended, pads with <|sil|> until its speech ends
+    #   (an end-of-turn id then ends the text, not the turn): the stream format the released data teaches (SPEC
+    #   §6.4), enforced for small models that say <|im_end|> mid-speech or write on after <|sil|> (not released)
     seed: int | None = None
 
     def __post_init__(self):
@@ -85,6 +88,7 @@ class DecodeState:
     text_counts: torch.Tensor | None = None   # [B, V] history for the text repetition penalty
     speech_counts: torch.Tensor | None = None  # [B, Vs]
     answers: list | None = None               # per row: its AnswerUnits when the SRH reads pending units
+    text_ended: torch.Tensor | None = None    # [B] the speaking row's text has ended (speech_holds_turn)
     generator: torch.Generator | None = None
     timings: dict = field(default_factory=dict)
 
@@ -329,15 +333,17 @@ class Engine:
             token = torch.full_like(token, t_cfg.audio_bos_index)
         was_finished = state.finished
         token = torch.where(was_finished, torch.full_like(token, gen.pad_token_id), token)
-        if state.text_counts is not None:
-            state.text_counts.scatter_add_(1, token[:, None], torch.ones_like(token[:, None], dtype=torch.int32))
-
         # speech mode starts on the row whose current input is <|audio_bos|> (released `generate_speech |= ...`)
         if state.last_token is None:
             state.active = state.prompt_ids[:, -1] == t_cfg.audio_bos_index
         else:
             state.active = state.active | (state.last_token == t_cfg.audio_bos_index)
         speaking = state.active & ~was_finished  # rows whose chosen text id belongs to their answer
+        if gen.speech_holds_turn:
+            token = self._hold_turn(state, token, speaking, gen)
+        if state.text_counts is not None:
+            state.text_counts.scatter_add_(1, token[:, None], torch.ones_like(token[:, None], dtype=torch.int32))
+
         appended = state.active & ~was_finished if group is not None else torch.zeros_like(state.active)
         ended = torch.zeros_like(appended)
         if group is not None and bool(appended.any()):
@@ -367,6 +373,20 @@ class Engine:
         if len(state.tokens) >= gen.max_new_tokens:
             state.finished = torch.ones_like(state.finished)
         return StepResult(token, group if bool(appended.any()) else None, appended, ended, state.finished)
+
+    def _hold_turn(self, state: DecodeState, token: torch.Tensor, speaking: torch.Tensor,
+                   gen: GenerationConfig) -> torch.Tensor:
+        """The chosen text ids [B] with speaking rows kept to the format: <|sil|> or an end-of-turn id ends the
+        row's text, and an ended text stays <|sil|> (until the speech ends: the caller then writes
+        <|audio_eos|>)."""
+        sil = self.cfg.text_config.sil_index
+        if state.text_ended is None:
+            state.text_ended = torch.zeros_like(speaking)
+        ends = token == sil
+        for e in gen.eos_ids:
+            ends |= token == e
+        state.text_ended = (state.text_ended | (speaking & ends)) & speaking
+        return torch.where(state.text_ended, torch.full_like(token, sil), token)
 
     @staticmethod
     def _track_answers(state: DecodeState, token: torch.Tensor, group: torch.Tensor | None, speaking: torch.Tensor,

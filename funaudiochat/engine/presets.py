@@ -4,6 +4,10 @@
   shaping text and speech alike) with greedy text and forced <|audio_bos|>; system prompt SPOKEN_S2M_PROMPT.
 - s2t: examples/infer_s2t.py — greedy text, speech head off; system prompt DEFAULT_S2T_PROMPT.
 - server: the web demo — as s2s but sampled text, 512 new tokens, <|sil|> banned right after <|audio_bos|>.
+
+s2s and server also keep a spoken answer to its stream format (`speech_holds_turn`, ours): once its text ends
+(<|sil|>, or an end-of-turn id said mid-speech) it pads with <|sil|> until the speech ends, so the speech says the
+whole text and the turn ends after <|audio_eos|>. A model that follows the format is unaffected.
 """
 from __future__ import annotations
 
@@ -19,12 +23,14 @@ def generation_preset(mode: str, tokenizer, **overrides) -> GenerationConfig:
     sp = tokenizer.special
     ids = dict(eos_token_id=sp.im_end, pad_token_id=sp.endoftext if sp.endoftext is not None else sp.im_end)
     if mode == "s2s":
-        gen = GenerationConfig(max_new_tokens=2048, **S2M_SAMPLING, **ids, text_greedy=True, force_text_abos=True)
+        gen = GenerationConfig(max_new_tokens=2048, **S2M_SAMPLING, **ids, text_greedy=True, force_text_abos=True,
+                               speech_holds_turn=True)
     elif mode == "s2t":
         gen = GenerationConfig(max_new_tokens=512, **ids, text_greedy=True, disable_speech=True)
     elif mode == "server":
         bad = ((sp.audio_bos, sp.sil),) if sp.sil is not None else ()
-        gen = GenerationConfig(max_new_tokens=512, **S2M_SAMPLING, **ids, force_text_abos=True, bad_words_ids=bad)
+        gen = GenerationConfig(max_new_tokens=512, **S2M_SAMPLING, **ids, force_text_abos=True, bad_words_ids=bad,
+                               speech_holds_turn=True)
     else:
         raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     return gen.with_(**{k: v for k, v in overrides.items() if v is not None})

@@ -922,7 +922,8 @@ class Scheduler:
 
 
 # per-row fields of a DecodeState besides the caches, their masks and positions
-_ROW_FIELDS = ("last_token", "last_group", "fuse", "active", "finished", "srh_embed", "text_counts", "speech_counts")
+_ROW_FIELDS = ("last_token", "last_group", "fuse", "active", "finished", "srh_embed", "text_counts", "speech_counts",
+               "text_ended")
 
 
 class _StopFilter:

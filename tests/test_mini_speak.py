@@ -61,7 +61,10 @@ def test_speak_stages_train_and_ship_the_srh(tmp_path):
     ok(cli("assets", "mini-deltas", final, models, "--base", base))
     deltas, meta = mini_deltas.read(models)
     assert json.loads(meta["trained"]) == {"hearing": True, "speaking": True}
-    assert json.loads(meta["audio_config"]) == {"srh_token_scale": scale}  # a setting the head was trained with
+    width = yaml.safe_load(open("recipes/mini/speak_srh.yaml"))["model"]["srh_pending_units"]
+    assert json.loads(meta["audio_config"]) == {"srh_token_scale": scale, "srh_pending_units": width}  # the
+    # settings the head was trained with (and the view's embeddings: they ship too)
+    assert "audio_invert_tower.pending_embed.weight" in deltas
     assert any(k.startswith("audio_invert_tower.crq_transformer.") for k in deltas)
     ckpt = tmp_path / "mini"
     ok(cli("assets", "mini", ckpt, "--deltas", models, "--base", base))

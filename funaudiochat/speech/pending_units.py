@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from funaudiochat.errors import InputError
-from funaudiochat.speech.piper_tokens import EOS, NUM_UNITS, UNITS, VOCAB_SIZE
+from funaudiochat.speech.piper_tokens import EOS, NUM_UNITS, UNITS, VOCAB_SIZE, PiperTokenizer
 from funaudiochat.train.data import SPEECH_DELAY
 
 PAD = NUM_UNITS
@@ -133,8 +133,6 @@ class AnswerUnits:
 def view_for(text_config, tokenizer, width: int) -> PendingUnitsView:
     """The view a checkpoint with `audio_config.srh_pending_units = width` generates with: the installed Piper
     voice's phonemizer and the checkpoint's text tokenizer."""
-    from funaudiochat.speech.piper_tokens import PiperTokenizer
-
     ends = {text_config.sil_index, text_config.audio_eos_index, *tokenizer.special_ids}
     ends.discard(text_config.audio_bos_index)
     return PendingUnitsView(PiperTokenizer(), width, tokenizer.decode, ends)

@@ -97,8 +97,7 @@ class PendingUnitsView:
 
     def pending(self, text: str, finished: bool, codes) -> list[int]:
         """The next `width` units of an answer whose speech so far is `codes`."""
-        started = int(is_start(torch.as_tensor(list(codes), dtype=torch.long)).sum())
-        return self.upcoming(text, finished, started, self.width)
+        return self.upcoming(text, finished, sum(1 for c in codes if is_start(c)), self.width)
 
     def answer(self) -> "AnswerUnits":
         return AnswerUnits(self)

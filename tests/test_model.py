@@ -331,3 +331,52 @@ def test_srh_token_scale_is_applied_alike_in_training_and_generation():
     for bad in (0, -2.0, float("inf"), "3", True):
         with pytest.raises(ConfigError, match="srh_token_scale"):
             type(cfg).from_dict({**cfg.to_dict(), "srh_token_scale": bad})
+
+
+def test_feature_layers_start_as_the_identity_and_attend_inside_each_chunk(tmp_path):
+    """`continuous_post_layers` adds transformer layers on the 25 Hz features before grouping. A trained model
+    gains them unchanged (their residual outputs start at zero: the trainer's recipe switch); once trained they
+    change the groups, and they attend only inside the encoder's chunks, so a later chunk never reaches back."""
+    from funaudiochat.errors import ConfigError
+    from funaudiochat.model.checkpoint import save_model
+    from funaudiochat.train.config import Recipe
+    from funaudiochat.train.loop import _regrouped_model
+
+    torch.manual_seed(0)
+    cfg = tiny()
+    a = cfg.audio_config
+    a.n_window = 100  # chunks of 2 s: 50 frames at 25 Hz
+    plain = FunAudioChatModel(cfg).eval()
+    plain.init_weights(0.3)
+    feats = torch.randn(1, a.num_mel_bins, 400)  # 4 s: two chunks, 100 frames at 25 Hz, 20 groups
+    fmask = torch.ones(1, 400, dtype=torch.long)
+    ids = torch.full((1, 100), a.pad_token_id)
+    smask = torch.ones_like(ids)
+
+    def groups(model, features=feats):
+        with torch.no_grad():
+            return model.encode_audio(ids, smask, features, fmask).features[0]
+
+    save_model(plain, tmp_path)
+    deep_cfg = tiny()
+    deep_cfg.audio_config.n_window = 100
+    deep_cfg.audio_config.continuous_post_layers = 2
+    deep = _regrouped_model(tmp_path, deep_cfg, Recipe(), fold_adapters=True).eval()
+    assert len(deep.continuous_audio_tower.post_layers) == 2
+    torch.testing.assert_close(groups(deep), groups(plain), rtol=0, atol=0)  # the identity at the start
+    with torch.no_grad():
+        for p in deep.continuous_audio_tower.post_layers.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # "trained"
+    before = groups(deep)
+    assert (before - groups(plain)).abs().max() > 1e-2
+    later = feats.clone()
+    later[:, :, 200:] = torch.randn(1, a.num_mel_bins, 200)  # another second chunk
+    after = groups(deep, later)
+    torch.testing.assert_close(after[:10], before[:10], rtol=1e-5, atol=1e-5)  # the first chunk's 10 groups
+    assert (after[10:] - before[10:]).abs().max() > 1e-2
+
+    assert "continuous_post_layers" not in cfg.audio_config.to_dict()  # released configs round-trip unchanged
+    assert deep_cfg.audio_config.to_dict()["continuous_post_layers"] == 2
+    for bad in (-1, 9, 1.5, True):
+        with pytest.raises(ConfigError, match="continuous_post_layers"):
+            type(a).from_dict({**a.to_dict(), "continuous_post_layers": bad})

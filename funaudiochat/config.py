@@ -217,11 +217,6 @@ class AudioConfig(_JsonMixin):
     # adapter trained into a frozen LLM otherwise grows its outputs ~80x past the text embeddings' scale (docs/mini.md).
     # Released: None (not written to config.json).
     continuous_output_rms: float | None = None
-    # Transformer layers (width output_dim, 64-wide heads, MLP 2x) on the projected 25 Hz features before grouping,
-    # attending inside the encoder's chunks; their residual outputs start at zero, so adding them to a trained model
-    # changes nothing until they train. A linear map and a mean over 5 frames lose a word's identity for a small LLM
-    # (docs/mini.md, "Hearing"). Released: 0 (not written to config.json).
-    continuous_post_layers: int = 0
     # The SRH's input at each fine position is the ungrouped LLM state plus this times the previous speech token's
     # embedding. Released: 1.0 (not written to config.json). A fresh SRH on a small LLM starts with the state ~50x
     # louder than the embeddings and never learns to use the token it just said (docs/mini.md, "Speaking").
@@ -258,8 +253,6 @@ class AudioConfig(_JsonMixin):
             del out["continuous_grouping"]
         if self.continuous_output_rms is None:
             del out["continuous_output_rms"]
-        if self.continuous_post_layers == 0:
-            del out["continuous_post_layers"]
         if self.srh_token_scale == 1.0:
             del out["srh_token_scale"]
         if self.srh_pending_units == 0:
@@ -282,11 +275,6 @@ class AudioConfig(_JsonMixin):
         rms = self.continuous_output_rms
         _check(rms is None or (isinstance(rms, (int, float)) and not isinstance(rms, bool) and 0 < rms < math.inf),
                where, "continuous_output_rms", f"must be a positive number or null, got {rms!r}")
-        layers = self.continuous_post_layers
-        _check(isinstance(layers, int) and not isinstance(layers, bool) and 0 <= layers <= 8, where,
-               "continuous_post_layers", f"must be an integer in [0, 8], got {layers!r}")
-        _check(layers == 0 or self.output_dim % 64 == 0, where, "continuous_post_layers",
-               f"needs output_dim divisible by 64 (the layers' head width), got {self.output_dim}")
         scale = self.srh_token_scale
         _check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf,
                where, "srh_token_scale", f"must be a positive number, got {scale!r}")

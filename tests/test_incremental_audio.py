@@ -19,13 +19,12 @@ from funaudiochat.text.chat import user_content
 from tests.helpers import make_tiny_tokenizer, words
 
 
-def _model(mode="replace", n_window=100, post_layers=0):
+def _model(mode="replace", n_window=100):
     torch.manual_seed(0)
     cfg = tiny(mode=mode)
     cfg.audio_config.n_window = n_window
-    cfg.audio_config.continuous_post_layers = post_layers
     model = FunAudioChatModel(cfg)
-    model.init_weights(0.3)  # the feature layers too: not the identity
+    model.init_weights(0.3)
     return model.eval()
 
 
@@ -74,21 +73,6 @@ def test_chunk_by_chunk_equals_whole_clip(tmp_path, one_thread, mode, seconds):
     assert groups.shape == want.shape
     torch.testing.assert_close(groups, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     assert inc.recomputed_chunks > 0  # the quiet start was encoded under a floor that rose later
-
-
-@pytest.mark.parametrize("seconds", [4.33, 6.0])
-def test_chunk_by_chunk_equals_whole_clip_through_feature_layers(tmp_path, one_thread, seconds):
-    """The mini's feature layers (`continuous_post_layers`) attend inside the encoder's chunks, so a chunk encoded
-    while the user still speaks gives what the whole clip gives."""
-    tok = make_tiny_tokenizer(tmp_path)
-    model = _model(post_layers=2)
-    wav = _clip(seconds)
-    inc = IncrementalAudio(model)
-    _feed(inc, wav)
-    assert inc.encoded_seconds >= 2 * (int(seconds) // 2) - 2
-    _, groups = inc.finish()
-    want = _whole(model, tok, wav)
-    torch.testing.assert_close(groups, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 def test_the_floor_matters_and_tolerance_skips_recompute(tmp_path, one_thread):

@@ -3,7 +3,6 @@
 log-mel [n_mels, T] at 100 Hz -> conv1 (k3) -> GELU -> conv2 (k3, stride 2) -> GELU  => 50 Hz
 -> + sinusoid positions (restarting per chunk) -> pre-LN layers, attention inside each chunk of 2*n_window mel frames
 -> avg-pool x2 (25 Hz) -> ln_post -> proj to the LLM width.   (SPEC.md §3.1)
--> (fun-audio-chat-mini only, `continuous_post_layers`) pre-LN layers at the LLM width, inside the same chunks.
 
 Chunks are processed as a batch with a key-padding mask, which is the block-diagonal attention of the released
 code (its sdpa / flash-attention path; its eager path scrambles heads, SPEC §13 item 1).
@@ -12,7 +11,6 @@ Shape legend: F audios, M mel bins, T mel frames, K chunks, W frames per chunk, 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -86,13 +84,6 @@ class AudioEncoder(nn.Module):
         self.proj = nn.Linear(c, cfg.output_dim)
         self.audio_bos_eos_token = nn.Embedding(2, cfg.output_dim)  # present in released weights, never used
         self.register_buffer("positional_embedding", sinusoids(cfg.max_source_positions, c), persistent=False)
-        d = cfg.output_dim
-        post = dataclasses.replace(cfg, d_model=d, encoder_attention_heads=max(1, d // 64), encoder_ffn_dim=2 * d)
-        self.post_layers = nn.ModuleList(EncoderLayer(post) for _ in range(cfg.continuous_post_layers))
-        for layer in self.post_layers:  # residual outputs at zero: the layers start as the identity
-            for out in (layer.self_attn.out_proj, layer.fc2):
-                nn.init.zeros_(out.weight)
-                nn.init.zeros_(out.bias)
 
     def _chunks(self, features: torch.Tensor, lengths: list[int]):
         """Cut each audio's valid frames into chunks of `self.chunk` frames -> [K, M, W], chunk lengths, owners."""
@@ -143,19 +134,7 @@ class AudioEncoder(nn.Module):
         """[T', C] at 50 Hz -> [T'//2, D] at 25 Hz (sequences shorter than 2 are not pooled, as released)."""
         if frames.shape[0] >= 2:
             frames = F.avg_pool1d(frames.T[None], kernel_size=2, stride=2)[0].T
-        x = self.proj(self.ln_post(frames))
-        return self._post(x) if len(self.post_layers) else x
-
-    def _post(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, D] at 25 Hz -> [T, D] through `post_layers`, each encoder chunk (chunk/4 frames here) on its own, so a
-        chunk encoded alone (engine/incremental_audio.py) gives what the whole clip gives."""
-        blocks = x.split(self.chunk // 4)
-        lens = torch.tensor([b.shape[0] for b in blocks], device=x.device)
-        batch = nn.utils.rnn.pad_sequence(list(blocks), batch_first=True)  # [K, W, D]
-        key_mask = (torch.arange(batch.shape[1], device=x.device)[None] < lens[:, None])[:, None, None, :]
-        for layer in self.post_layers:
-            batch = layer(batch, key_mask)
-        return torch.cat([batch[j, :n] for j, n in enumerate(lens.tolist())])
+        return self.proj(self.ln_post(frames))
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
         """features [F, M, T], lengths [F] -> [F, max_len, D] at 25 Hz, zero-padded / truncated to `max_len`."""

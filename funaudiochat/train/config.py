@@ -51,8 +51,6 @@ class ModelSection:
     #   from the starting model's
     srh_pending_units: int | None = None  # the SRH's pending-units view (config.srh_pending_units), when it differs
     #   from the starting model's; its embeddings then start random
-    continuous_post_layers: int | None = None  # layers on the 25 Hz features before grouping
-    #   (config.continuous_post_layers), when it differs from the starting model's; new layers start as the identity
     speech_embeddings_at_start: str | None = None  # "piper-factorized": a new run's speech embeddings (tied to the
     #   SRH's output) start as unit + start/continue + gain vectors of the Piper vocabulary (speech/piper_tokens.py)
 
@@ -176,9 +174,6 @@ class Recipe:
         width = self.model.srh_pending_units
         need(width is None or (isinstance(width, int) and not isinstance(width, bool) and 0 <= width <= 16),
              f"model.srh_pending_units: an integer in [0, 16], got {width!r}")
-        layers = self.model.continuous_post_layers
-        need(layers is None or (isinstance(layers, int) and not isinstance(layers, bool) and 0 <= layers <= 8),
-             f"model.continuous_post_layers: an integer in [0, 8], got {layers!r}")
         need(self.model.continuous_grouping in (None, "mean", "concat"),
              f"model.continuous_grouping: 'mean' or 'concat', got {self.model.continuous_grouping!r}")
         need(self.model.speech_embeddings_at_start in (None, "piper-factorized"),

@@ -88,8 +88,6 @@ class Trainer:
             self.cfg.audio_config.srh_token_scale = r.model.srh_token_scale
         if r.model.srh_pending_units is not None:
             self.cfg.audio_config.srh_pending_units = r.model.srh_pending_units
-        if r.model.continuous_post_layers is not None:
-            self.cfg.audio_config.continuous_post_layers = r.model.continuous_post_layers
         self.tokenizer_path = _tokenizer_path(r)
         self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
         self._setup_data()
@@ -204,7 +202,8 @@ class Trainer:
     def _full_model(self, source: Path | None, live_adapters: bool) -> FunAudioChatModel:
         if source is not None:
             a, src = self.cfg.audio_config, FunAudioChatConfig.load(source).audio_config
-            if _shape_settings(src) != _shape_settings(a):
+            if (src.group_size, src.continuous_grouping, src.srh_pending_units) != \
+                    (a.group_size, a.continuous_grouping, a.srh_pending_units):
                 return _regrouped_model(source, self.cfg, self.recipe, fold_adapters=not live_adapters)
             # built with the run's config: the recipe's settings (model.srh_token_scale) apply to the loaded weights
             return load_model(source, dtype=torch.float32, fold_adapters=not live_adapters, cfg=self.cfg)
@@ -416,11 +415,6 @@ def _piper_factorized_speech_embeddings(model: FunAudioChatModel, seed: int) -> 
              VOCAB_SIZE)
 
 
-def _shape_settings(a) -> tuple:
-    """The audio settings that change tensors' shapes or add tensors: a run that changes one rebuilds the model."""
-    return a.group_size, a.continuous_grouping, a.srh_pending_units, a.continuous_post_layers
-
-
 def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe, fold_adapters: bool) -> FunAudioChatModel:
     """`source`'s weights in a model of another group size or continuous grouping (recipe model.group_size,
     model.continuous_grouping): the adapter's continuous matching weight is converted (model.adapter), and at a new
@@ -443,20 +437,15 @@ def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe, fold_adap
             model.audio_invert_tower.pending_embed.weight.normal_(0.0, a.srh_pending_units ** -0.5)
     state = {k: v for k, v in state.items()
              if a.srh_pending_units == src.srh_pending_units or not k.startswith("audio_invert_tower.pending_embed.")}
-    # layers the run adds keep the new model's identity start; layers it removes are dropped
-    state = {k: v for k, v in state.items() if not k.startswith("continuous_audio_tower.post_layers.")
-             or int(k.split(".")[2]) < min(a.continuous_post_layers, src.continuous_post_layers)}
     key = "audio_tower.continual_output_matching.weight"
     state[key] = regroup_continuous_weight(state[key], src.group_size, src.continuous_grouping == "concat",
                                            a.group_size, a.continuous_grouping == "concat")
     load_state_dict_checked(model, {**model.state_dict(), **state}, str(source))
     log.info("group size %d, %s grouping (the starting model's: %d, %s): the adapter's continuous matching "
-             "converted%s%s%s", a.group_size, a.continuous_grouping, src.group_size, src.continuous_grouping,
+             "converted%s%s", a.group_size, a.continuous_grouping, src.group_size, src.continuous_grouping,
              ", the SRH's pre_matching starts random" if a.group_size != src.group_size else "",
              f", the SRH's view of {a.srh_pending_units} pending units starts random"
-             if a.srh_pending_units != src.srh_pending_units else "",
-             f", {a.continuous_post_layers} feature layers (the starting model's {src.continuous_post_layers})"
-             if a.continuous_post_layers != src.continuous_post_layers else "")
+             if a.srh_pending_units != src.srh_pending_units else "")
     return model
 
 

@@ -342,6 +342,25 @@ def plan_clips(records: list[dict], seed: int) -> list[Clip]:
     return clips
 
 
+def plan_answer_clips(records: list[dict], seed: int) -> list[Clip]:
+    """The answers stage's clips: the first sentence (3-30 words) of each kept train answer that is not already an
+    ASR item, once, in a train voice (ids ITEM.a1). Hearing is held back by the words it has heard (entities,
+    numbers: docs/mini.md); the answers say the questions' entities again, in other sentences."""
+    taken = {r["text"].lower() for r in records if r["family"] == "asr"}
+    clips = []
+    for rec in records:
+        if rec["split"] != "train" or rec["family"] == "asr" or rec.get("reject"):
+            continue
+        text = first_sentence(rec["answers"][-1])
+        if not 3 <= len(text.split()) <= 30 or text.lower() in taken:
+            continue
+        taken.add(text.lower())
+        cid = f"{rec['id']}.a1"
+        aug = choose_augmentation("train", cid, seed)
+        clips.append(Clip(cid, rec["id"], "train", text, choose_voice("train", cid, seed), tuple(sorted(aug.items()))))
+    return clips
+
+
 def retry(clip: Clip, attempt: int, seed: int) -> Clip:
     """The clip again, in another voice (and augmentation) of its split, after the judge rejected it."""
     cid = f"{clip.id}.r{attempt}"
@@ -621,22 +640,22 @@ def set_hash(rows: list[dict]) -> str:
     return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 
 
-def write_manifest(done: dict[str, dict], out: Path) -> str:
+def write_manifest(done: dict[str, dict], out: Path, name: str = "manifest") -> str:
     rows = sorted(({"path": e["path"], "sha256": e["sha256"], "bytes": e["bytes"], "id": e["id"],
                     "split": e["split"], "text": e["text"], "voice": e["voice"], "aug": e["aug"], "wer": e["wer"]}
                    for e in done.values() if e["kept"]), key=lambda r: r["path"])
-    fileio.write_text(out / "manifest.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    fileio.write_text(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     digest = set_hash(rows)
-    fileio.write_text(out / "manifest.sha256", digest + "\n")
+    fileio.write_text(out / f"{name}.sha256", digest + "\n")
     return digest
 
 
-def verify_manifest(out: Path) -> dict:
-    """Check every wav of OUT/manifest.jsonl against its sha256, and the set hash; raise InputError on a mismatch."""
+def verify_manifest(out: Path, name: str = "manifest") -> dict:
+    """Check every wav of OUT/NAME.jsonl against its sha256, and the set hash; raise InputError on a mismatch."""
     out = Path(out)
-    path = out / "manifest.jsonl"
+    path = out / f"{name}.jsonl"
     if not path.is_file():
-        raise InputError(f"{path}: no manifest (the audio stage writes it)")
+        raise InputError(f"{path}: no manifest (the {'audio' if name == 'manifest' else 'answers'} stage writes it)")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     bad = []
     for r in rows:
@@ -646,10 +665,10 @@ def verify_manifest(out: Path) -> dict:
         elif _sha256(wav) != r["sha256"]:
             bad.append(f"{r['path']} (different content)")
     digest = set_hash(rows)
-    stored = (out / "manifest.sha256").read_text(encoding="utf-8").strip() if (out / "manifest.sha256").is_file() \
+    stored = (out / f"{name}.sha256").read_text(encoding="utf-8").strip() if (out / f"{name}.sha256").is_file() \
         else None
     if stored != digest:
-        bad.append(f"manifest.sha256 ({stored} != {digest} computed from manifest.jsonl)")
+        bad.append(f"{name}.sha256 ({stored} != {digest} computed from {name}.jsonl)")
     if bad:
         raise InputError(f"{out}: {len(bad)} problem(s) against the manifest: " + "; ".join(bad[:5])
                          + (" ..." if len(bad) > 5 else ""))
@@ -793,4 +812,44 @@ def run_audio_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float = 
         summary["replay"] = {"manifest": str(replay), "clips": len(rows), "made": len(replayed),
                              "same_bytes": sum(bool(e.get("replayed_same_bytes")) for e in replayed)}
     fileio.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------- answers stage
+ANSWERS_MANIFEST = "answers_manifest"
+
+
+def run_answers_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float = MAX_WER, threads: int = 1,
+                      judge=None, progress: bool = True, workers: int = 1, replay: Path | None = None) -> dict:
+    """More ASR clips, after the audio stage, in the same folder and journal: `plan_answer_clips`, made and judged
+    as the audio stage's clips are. Writes OUT/train_answers_asr.jsonl (one ASR record per kept clip, ids
+    ITEM.answer), OUT/answers_manifest.{jsonl,sha256} and OUT/answers_summary.json; the audio stage's own files
+    are untouched."""
+    from funaudiochat.data import synth
+
+    out = Path(out)
+    meta = check_text_seed(text_path, seed)
+    clips = plan_answer_clips(read_text(text_path), seed)
+    rows = None if replay is None else read_replay(replay, clips)
+    t0 = time.perf_counter()
+    if judge is None and workers == 1 and rows is None:
+        from funaudiochat.eval.asr import AsrJudge
+
+        judge = AsrJudge(threads=threads)
+    synth._ENGINE_THREADS = 1  # as in run_audio_stage
+    done = make_clips(clips, out, seed, max_wer, judge, progress=progress, workers=workers,
+                      threads=max(1, threads // workers), replay=rows)
+    system = meta["settings"]["system"]
+    records = []
+    for clip in clips:
+        entry = kept_entry(done, clip.id)
+        if entry is not None:
+            records.append(_asr_record(f"{clip.item}.answer", clip.text, entry, system,
+                                       {"family": "answer", "voices": [entry["voice"]],
+                                        "augmentation": [aug_name(entry["aug"])]}))
+    fileio.write_text(out / "train_answers_asr.jsonl",
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    digest = write_manifest({k: v for k, v in done.items() if k in attempt_ids(clips)}, out, ANSWERS_MANIFEST)
+    summary = audio_summary(done, clips, {"train_answers_asr": len(records)}, digest, time.perf_counter() - t0)
+    fileio.write_text(out / "answers_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -1,9 +1,10 @@
-"""`funaudiochat data build-mini --out data/mini [--seed 0] [--stage text|audio|speech|all] [--resume]`: fun-audio-chat-mini's
+"""`funaudiochat data build-mini --out data/mini [--seed 0] [--stage text|audio|speech|all|answers] [--resume]`: fun-audio-chat-mini's
 data (questions, the base model's greedy answers, speech in 24+ voices, ASR-judge filter, training records).
 
 The text stage writes --text (default recipes/mini/data/text.jsonl.gz, committed); the audio stage reads it, so
 it never needs the LLM; the speech stage turns the audio stage's QA records into S2S records (answers spoken as
-Piper tokens; issue 14). Without --resume an OUT that already holds a build is refused, never overwritten.
+Piper tokens; issue 14). The answers stage (not part of all) speaks kept train answers' first sentences in the train
+voices as more ASR records (train_answers_asr.jsonl). Without --resume an OUT that already holds a build is refused, never overwritten.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from funaudiochat.errors import InputError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="build folder (audio, records, manifest, summary)")
     p.add_argument("--seed", type=int, default=0, help="question set, voices and augmentation seed (default 0)")
-    p.add_argument("--stage", choices=("text", "audio", "speech", "all"), default="all",
-                   help="what to build (default all: text if not committed, audio, speech)")
+    p.add_argument("--stage", choices=("text", "audio", "speech", "all", "answers"), default="all",
+                   help="what to build (default all: text if not committed, audio, speech; answers: after the "
+                        "audio stage, the train answers' first sentences spoken as more ASR records)")
     p.add_argument("--resume", action="store_true", help="continue the build already in OUT")
     p.add_argument("--text", type=Path, default=build_mini.DEFAULT_TEXT,
                    help=f"text-stage output, gzipped JSONL (default {build_mini.DEFAULT_TEXT})")
@@ -39,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="audio stage: processes making clips in parallel, sharing --threads (default 1; one per "
                         "core is fastest); the clips do not depend on it")
     p.add_argument("--replay", type=Path, default=None,
-                   help="audio stage: make exactly the clips of this committed manifest (e.g. "
+                   help="audio or answers stage: make exactly the clips of this committed manifest (e.g. "
                         "recipes/mini/data/audio.manifest.jsonl.gz) with its verdicts, without the ASR judge "
                         "(about a quarter of the time); the summary says how many clips have the same bytes")
     p.add_argument("--speech-layout", choices=("released", "word"), default="released",
@@ -51,8 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.verify:
-        report = build_mini.verify_manifest(args.out)
-        print(f"{report['files']} files match {args.out / 'manifest.jsonl'}; set hash {report['set_sha256']}")
+        names = ["manifest"] + ([build_mini.ANSWERS_MANIFEST]
+                                if (args.out / f"{build_mini.ANSWERS_MANIFEST}.jsonl").is_file() else [])
+        for name in names:
+            report = build_mini.verify_manifest(args.out, name)
+            print(f"{report['files']} files match {args.out / (name + '.jsonl')}; set hash {report['set_sha256']}")
         return 0
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}")
@@ -88,6 +93,13 @@ def main(args: argparse.Namespace) -> int:
             r = summary["replay"]
             print(f"replayed {r['made']} of {r['clips']} clips of {args.replay}: {r['same_bytes']} with the same "
                   f"bytes (another CPU kind may round a sample differently)")
+    if args.stage == "answers":
+        summary = build_mini.run_answers_stage(args.text, args.out, seed=args.seed, max_wer=args.max_wer,
+                                               threads=args.threads, progress=progress, workers=args.workers,
+                                               replay=args.replay)
+        print(f"answers stage: {summary['kept']} of {summary['planned']} clips kept "
+              f"({summary['audio_hours']} h); manifest hash {summary['manifest_sha256']} -> "
+              f"{args.out}/train_answers_asr.jsonl")
     if args.stage in ("speech", "all"):
         speech = build_mini.run_speech_stage(args.out, _text_tokenizer(args.model), progress=progress,
                                               layout=args.speech_layout)

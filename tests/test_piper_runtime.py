@@ -120,7 +120,21 @@ def test_detokenizer_thread_gives_the_sessions_audio_and_its_errors(piper_dir):
     assert len(got) == len(expected) > 2 and not threaded.thread.is_alive()
     for a, b in zip(got, expected):  # the same chunks in the same order
         np.testing.assert_allclose(a, b, atol=1e-6)
+    waited = DetokenizerThread(detok.stream(hop=15))  # push(wait=True): the chunk a push completes is there at once
+    first = []
+    for i in range(0, len(tokens), 5):
+        waited.push(tokens[i:i + 5], wait=True)
+        first = waited.ready()
+        if first:
+            break
+    assert waited.taken == waited.pushed and first
+    np.testing.assert_allclose(first[0], expected[0], atol=1e-6)
+    assert i + 5 == min(j for j in range(5, len(tokens) + 5, 5)
+                        if detok.stream(hop=15).push(tokens[:j]))  # the first push that can make a chunk
+    waited.close()
     detok.lenient = False
+    with pytest.raises(InputError, match="continue"):  # an error reaches a waiting push instead of hanging it
+        DetokenizerThread(detok.stream(hop=15)).push([tokens[0] | 1], wait=True)
     broken = DetokenizerThread(detok.stream(hop=15))
     broken.push([tokens[0] | 1])  # a stream may not start with a "continue" token
     broken.thread.join(timeout=30)

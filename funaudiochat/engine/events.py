@@ -8,7 +8,8 @@
         TurnEnd     -> final text, all codes, finish reason ("stop", "length", "cancelled"), usage and timings
 
 The detokenizer session runs on a thread of its own (`DetokenizerThread`): audio is rendered while the next LLM steps
-run (onnxruntime and torch release the GIL), and each chunk is handed out after the first step that follows it.
+run (onnxruntime and torch release the GIL), and each chunk is handed out after the first step that follows it;
+the first chunk is handed out as soon as it is made (the engine waits for the detokenizer until then).
 
 Cancellation: set the `threading.Event` passed as `cancel`; the turn ends after the current step with
 finish_reason "cancelled" (the detokenizer is finalized so no audio already generated is lost).
@@ -90,9 +91,10 @@ class IncrementalDecoder:
 
 
 class DetokenizerThread:
-    """A streaming detokenizer session fed from one thread and run on another. `push(codes)` returns at once;
-    `ready()` gives the chunks made so far, in order; `finish()` finalizes the session (when codes came) and gives
-    the rest; `close()` stops it without finalizing. An error of the session is raised by the next call."""
+    """A streaming detokenizer session fed from one thread and run on another. `push(codes)` returns at once, or
+    with `wait=True` once the session has taken those codes (and made any chunk they complete); `ready()` gives the
+    chunks made so far, in order; `finish()` finalizes the session (when codes came) and gives the rest; `close()`
+    stops it without finalizing. An error of the session is raised by the next call."""
 
     _FINISH, _CLOSE = object(), object()
 
@@ -101,7 +103,8 @@ class DetokenizerThread:
         self.todo: queue.Queue = queue.Queue()
         self.made: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
-        self.pushed = False
+        self.pushed = self.taken = 0  # pushes sent / taken by the session (under `self.progress`)
+        self.progress = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="detokenizer", daemon=True)
         self.thread.start()
 
@@ -110,10 +113,15 @@ class DetokenizerThread:
             while (codes := self.todo.get()) not in (self._FINISH, self._CLOSE):
                 for chunk in self.session.push(codes):
                     self.made.put(chunk)
+                with self.progress:
+                    self.taken += 1
+                    self.progress.notify_all()
             if codes is self._FINISH and self.pushed:
                 self.made.put(self.session.finalize())
         except BaseException as err:  # handed to the caller's thread
-            self.error = err
+            with self.progress:
+                self.error = err
+                self.progress.notify_all()
 
     def ready(self) -> list[np.ndarray]:
         if self.error is not None:
@@ -123,11 +131,16 @@ class DetokenizerThread:
             out.append(self.made.get())
         return out
 
-    def push(self, codes) -> None:
+    def push(self, codes, wait: bool = False) -> None:
         if self.error is not None:
             raise self.error
-        self.pushed = True
+        self.pushed += 1
         self.todo.put(list(codes))
+        if wait:
+            with self.progress:
+                self.progress.wait_for(lambda: self.taken >= self.pushed or self.error is not None)
+            if self.error is not None:
+                raise self.error
 
     def finish(self) -> list[np.ndarray]:
         self.todo.put(self._FINISH)
@@ -171,7 +184,13 @@ def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer
                 codes.extend(new_codes)
                 yield SpeechGroup(group, new_codes)
                 if audio is not None and new_codes:
-                    audio.push(new_codes)
+                    # until the first chunk, wait for the detokenizer to take each group: the chunk they complete
+                    # goes out now, not after the next engine step (the first audio's latency)
+                    audio.push(new_codes, wait=first_audio is None)
+                    for chunk in audio.ready() if first_audio is None else ():
+                        first_audio = time.perf_counter() - t0
+                        chunks.append(chunk)
+                        yield AudioChunk(chunk, detokenizer.sample_rate)
                 if bool(step.speech_ended[0]):
                     yield SpeechEnd()
             if cancel is not None and cancel.is_set():

@@ -4,7 +4,8 @@ data (questions, the base model's greedy answers, speech in 24+ voices, ASR-judg
 The text stage writes --text (default recipes/mini/data/text.jsonl.gz, committed); the audio stage reads it, so
 it never needs the LLM; the speech stage turns the audio stage's QA records into S2S records (answers spoken as
 Piper tokens; issue 14). The answers stage (not part of all) speaks kept train answers' first sentences in the train
-voices as more ASR records (train_answers_asr.jsonl). Without --resume an OUT that already holds a build is refused, never overwritten.
+voices as more ASR records (train_answers_asr.jsonl). Without --resume an OUT that already holds a build is refused,
+never overwritten.
 """
 from __future__ import annotations
 

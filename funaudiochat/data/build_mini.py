@@ -779,19 +779,13 @@ def read_replay(path: Path, clips: list[Clip]) -> dict[str, dict]:
     return rows
 
 
-def run_audio_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float = MAX_WER, threads: int = 1,
-                    judge=None, progress: bool = True, workers: int = 1, replay: Path | None = None) -> dict:
-    """Speak, judge and save every clip of TEXT's records; write the records, manifest and OUT/summary.json.
-    With `replay` (a committed manifest), make exactly its clips with its verdicts and no judge: the same build in
-    a fraction of the time (the summary counts the clips whose bytes equal the manifest's)."""
+def _make_planned(clips: list[Clip], out: Path, seed: int, max_wer: float, threads: int, judge, progress: bool,
+                  workers: int, replay: Path | None) -> tuple[dict[str, dict], dict | None]:
+    """Make a stage's planned clips (`make_clips`), judged, or with `replay`'s verdicts. Returns the journal and the
+    replayed manifest's rows (None without `replay`)."""
     from funaudiochat.data import synth
 
-    out = Path(out)
-    meta = check_text_seed(text_path, seed)
-    records = read_text(text_path)
-    clips = plan_clips(records, seed)
     rows = None if replay is None else read_replay(replay, clips)
-    t0 = time.perf_counter()
     if judge is None and workers == 1 and rows is None:
         from funaudiochat.eval.asr import AsrJudge
 
@@ -800,6 +794,20 @@ def run_audio_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float = 
     synth._ENGINE_THREADS = 1
     done = make_clips(clips, out, seed, max_wer, judge, progress=progress, workers=workers,
                       threads=max(1, threads // workers), replay=rows)
+    return done, rows
+
+
+def run_audio_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float = MAX_WER, threads: int = 1,
+                    judge=None, progress: bool = True, workers: int = 1, replay: Path | None = None) -> dict:
+    """Speak, judge and save every clip of TEXT's records; write the records, manifest and OUT/summary.json.
+    With `replay` (a committed manifest), make exactly its clips with its verdicts and no judge: the same build in
+    a fraction of the time (the summary counts the clips whose bytes equal the manifest's)."""
+    out = Path(out)
+    meta = check_text_seed(text_path, seed)
+    records = read_text(text_path)
+    clips = plan_clips(records, seed)
+    t0 = time.perf_counter()
+    done, rows = _make_planned(clips, out, seed, max_wer, threads, judge, progress, workers, replay)
     written = write_records(records, done, out, meta["settings"]["system"])
     wanted = attempt_ids(clips)
     digest = write_manifest({k: v for k, v in done.items() if k in wanted}, out)
@@ -825,20 +833,11 @@ def run_answers_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float 
     as the audio stage's clips are. Writes OUT/train_answers_asr.jsonl (one ASR record per kept clip, ids
     ITEM.answer), OUT/answers_manifest.{jsonl,sha256} and OUT/answers_summary.json; the audio stage's own files
     are untouched."""
-    from funaudiochat.data import synth
-
     out = Path(out)
     meta = check_text_seed(text_path, seed)
     clips = plan_answer_clips(read_text(text_path), seed)
-    rows = None if replay is None else read_replay(replay, clips)
     t0 = time.perf_counter()
-    if judge is None and workers == 1 and rows is None:
-        from funaudiochat.eval.asr import AsrJudge
-
-        judge = AsrJudge(threads=threads)
-    synth._ENGINE_THREADS = 1  # as in run_audio_stage
-    done = make_clips(clips, out, seed, max_wer, judge, progress=progress, workers=workers,
-                      threads=max(1, threads // workers), replay=rows)
+    done, _ = _make_planned(clips, out, seed, max_wer, threads, judge, progress, workers, replay)
     system = meta["settings"]["system"]
     records = []
     for clip in clips:

@@ -1,5 +1,5 @@
-"""`funaudiochat data build-mini --out data/mini [--seed 0] [--stage text|audio|speech|all|answers] [--resume]`: fun-audio-chat-mini's
-data (questions, the base model's greedy answers, speech in 24+ voices, ASR-judge filter, training records).
+"""`funaudiochat data build-mini --out data/mini [--seed 0] [--stage text|audio|speech|all|answers] [--resume]`:
+fun-audio-chat-mini's data (questions, the base model's greedy answers, speech in 24+ voices, ASR-judge filter, training records).
 
 The text stage writes --text (default recipes/mini/data/text.jsonl.gz, committed); the audio stage reads it, so
 it never needs the LLM; the speech stage turns the audio stage's QA records into S2S records (answers spoken as

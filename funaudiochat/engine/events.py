@@ -167,12 +167,18 @@ def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer
     reason = "stop"
     state = None
     audio = DetokenizerThread(detokenizer) if detokenizer is not None else None
+
+    def hand_out(made):
+        nonlocal first_audio
+        for chunk in made:
+            first_audio = first_audio or time.perf_counter() - t0
+            chunks.append(chunk)
+            yield AudioChunk(chunk, detokenizer.sample_rate)
+
     try:
         for state, step in engine.steps(prompt, gen, prefill=prefill):
-            for chunk in audio.ready() if audio is not None else ():
-                first_audio = first_audio or time.perf_counter() - t0
-                chunks.append(chunk)
-                yield AudioChunk(chunk, detokenizer.sample_rate)
+            if audio is not None:
+                yield from hand_out(audio.ready())
             if decoder is not None:
                 delta = decoder.push(int(step.text[0]))
                 if delta:
@@ -186,11 +192,11 @@ def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer
                 if audio is not None and new_codes:
                     # until the first chunk, wait for the detokenizer to take each group: the chunk they complete
                     # goes out now, not after the next engine step (the first audio's latency)
-                    audio.push(new_codes, wait=first_audio is None)
-                    for chunk in audio.ready() if first_audio is None else ():
-                        first_audio = time.perf_counter() - t0
-                        chunks.append(chunk)
-                        yield AudioChunk(chunk, detokenizer.sample_rate)
+                    if first_audio is None:
+                        audio.push(new_codes, wait=True)
+                        yield from hand_out(audio.ready())
+                    else:
+                        audio.push(new_codes)
                 if bool(step.speech_ended[0]):
                     yield SpeechEnd()
             if cancel is not None and cancel.is_set():
@@ -203,11 +209,8 @@ def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer
     hit_limit = len(state.tokens) >= gen.max_new_tokens and int(state.tokens[-1][0]) not in gen.eos_ids
     if reason != "cancelled" and hit_limit:
         reason = "length"
-    for chunk in audio.finish() if audio is not None else ():
-        if chunk.size:
-            first_audio = first_audio or time.perf_counter() - t0
-            chunks.append(chunk)
-            yield AudioChunk(chunk, detokenizer.sample_rate)
+    if audio is not None:
+        yield from hand_out(chunk for chunk in audio.finish() if chunk.size)
     ids = tuple(int(t[0]) for t in state.tokens)
     text = tokenizer.decode(ids) if tokenizer is not None else ""
     usage = Usage(int(prompt.input_ids.shape[1]), len(ids), len(state.speech[0]), state.timings["prefill_s"],

@@ -885,7 +885,8 @@ class Scheduler:
         state = DecodeState(llm, srh, torch.zeros(rows, size, dtype=torch.bool, device=dev), srh_valid,
                             torch.zeros(rows, dtype=torch.long, device=dev), slot,
                             torch.zeros(rows, 1, dtype=torch.long, device=dev), padded=True,
-                            speech=[[] for _ in range(rows)], answers=[None] * rows if like.answers is not None else None)
+                            speech=[[] for _ in range(rows)],
+                            answers=None if like.answers is None else [None] * rows)
         for name in _ROW_FIELDS:
             value = getattr(like, name)
             if value is not None:

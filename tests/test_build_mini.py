@@ -278,22 +278,27 @@ def test_audio_stage_filters_writes_records_and_resumes(tmp_path, judge, mini_di
 
 
 def test_answers_stage_speaks_kept_train_answers_as_more_asr_records(tmp_path, judge, mini_dir):
-    """`--stage answers`: each kept train answer's first sentence that is not already an ASR item, spoken once in a
-    train voice and judged; records, a manifest of their own (replayable), and the audio stage's files untouched."""
+    """`--stage answers`: every sentence of each kept train answer that is not already an ASR item or a question,
+    spoken once in a train voice and judged; first sentences first; one later sentence in HELD_OUT_EVERY written
+    apart, never trained on; records, a manifest of their own (replayable), and the audio stage's files untouched."""
     from funaudiochat.config import FunAudioChatConfig
     from funaudiochat.text.tokenizer import TextTokenizer
     from funaudiochat.train.data import SampleBuilder, load_records
 
     records = AUDIO_RECORDS + [
-        _qa("facts-5", "train", "What is the capital of Peru?", "The capital of Peru is Lima. It is on the coast."),
+        _qa("facts-5", "train", "What is the capital of Peru?",
+            "The capital of Peru is Lima. Lima has good food. It is on the coast."),
         _qa("facts-6", "train", "Which star is closest?", "The sun is a star."),  # already the ASR item's sentence
-        _qa("facts-7", "train", "Say hi.", "Hi!"),  # too short
+        _qa("facts-7", "train", "Say hi.", "Hi! What is the capital of Italy?"),  # too short; a (test) question
     ]
     text = _write_text(tmp_path / "text.jsonl.gz", records)
     plan = build_mini.plan_answer_clips(build_mini.read_text(text), seed=0)
     assert [(c.id, c.text) for c in plan] == [("facts-1.a1", "The capital of France is Paris."),
                                               ("facts-2.a1", "I do not know."),
-                                              ("facts-5.a1", "The capital of Peru is Lima.")]
+                                              ("facts-5.a1", "The capital of Peru is Lima."),
+                                              ("facts-5.a2", "Lima has good food."),
+                                              ("facts-5.a3", "It is on the coast.")]
+    assert [build_mini.held_out_sentence(c.text) for c in plan[2:]] == [False, True, False]
     assert all(c.voice in build_mini.voices_for("train") for c in plan)
     out = tmp_path / "build"
     out.mkdir()
@@ -302,10 +307,14 @@ def test_answers_stage_speaks_kept_train_answers_as_more_asr_records(tmp_path, j
     assert (out / "manifest.jsonl").read_text() == "the audio stage's\n"
     journal = {e["id"]: e for e in map(json.loads, (out / "clips.jsonl").read_text().splitlines())}
     kept = {c.id for c in plan if build_mini.kept_entry(journal, c.id)}
-    assert kept >= {"facts-1.a1", "facts-5.a1"} and summary["kept"] == len(kept)
-    answers = [json.loads(line) for line in (out / "train_answers_asr.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in answers] == [c.item + ".answer" for c in plan if c.id in kept]
+    assert kept >= {"facts-1.a1", "facts-5.a1", "facts-5.a2", "facts-5.a3"} and summary["kept"] == len(kept)
+    read = lambda name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]  # noqa: E731
+    answers, held = read("train_answers_asr"), read("train_voices_heldout_asr")
+    assert [r["id"] for r in answers] == [c.item + ".answer" for c in plan if c.id in kept and c.id.endswith(".a1")] \
+        + ["facts-5.answer3"]
+    assert [(r["id"], r["messages"][1]["content"]) for r in held] == [("facts-5.answer2", "Lima has good food.")]
     assert answers[0]["task"] == "asr" and answers[0]["messages"][1]["content"] == "The capital of France is Paris."
+    assert summary["records"] == {"train_answers_asr": len(answers), "train_voices_heldout_asr": 1}
     cfg = FunAudioChatConfig.load(mini_dir / "config.json")
     builder = SampleBuilder(TextTokenizer.from_file(mini_dir), cfg, 512)
     assert load_records([out / "train_answers_asr.jsonl"], builder.sample, "reject")[1].kept == len(answers)
@@ -315,7 +324,8 @@ def test_answers_stage_speaks_kept_train_answers_as_more_asr_records(tmp_path, j
     again = build_mini.run_answers_stage(text, replayed, progress=False, workers=2,
                                          replay=out / f"{build_mini.ANSWERS_MANIFEST}.jsonl")
     assert again["manifest_sha256"] == summary["manifest_sha256"]
-    assert (replayed / "train_answers_asr.jsonl").read_bytes() == (out / "train_answers_asr.jsonl").read_bytes()
+    for name in ("train_answers_asr", "train_voices_heldout_asr"):
+        assert (replayed / f"{name}.jsonl").read_bytes() == (out / f"{name}.jsonl").read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

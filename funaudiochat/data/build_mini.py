@@ -55,6 +55,7 @@ MAX_WER = 0.3         # the ASR judge's WER above which a clip is dropped
 RETRIES = 2           # a dropped clip is tried again in up to this many other voices of its split
 ASR_QUOTA = {"train": 1500, "dev": 60, "test": 150}
 ASR_REUSE_EVERY = 3   # every third QA item also gives an ASR record on its (first) question clip
+HELD_OUT_EVERY = 20   # answers stage: one later answer sentence in 20 is held out (`held_out_sentence`)
 ROBUSTNESS = {"snr10": {"noise_snr": 10.0}, "phone": {"telephone": True}}
 _ASR_SENTENCE = re.compile(r"^[A-Z][A-Za-z ,'-]*[A-Za-z][.!?]$")
 
@@ -342,22 +343,43 @@ def plan_clips(records: list[dict], seed: int) -> list[Clip]:
     return clips
 
 
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
+
+
+def answer_sentences(rec: dict) -> list[str]:
+    """An item's answer sentences, numbered from 1 as the answers stage names their clips (ITEM.aN): the last
+    answer's first sentence, its other sentences, then the earlier turns' answers' sentences."""
+    last = sentences(rec["answers"][-1])
+    return last + [s for answer in rec["answers"][:-1] for s in sentences(answer)]
+
+
+def held_out_sentence(text: str) -> bool:
+    """One answer sentence in HELD_OUT_EVERY (by a hash of its text) is never trained on: hearing is scored on new
+    sentences in train voices (train_voices_heldout_asr.jsonl), not only on the test questions. First sentences
+    (ITEM.a1) are all trained on, as before there were more."""
+    return zlib.crc32(text.lower().encode()) % HELD_OUT_EVERY == 0
+
+
 def plan_answer_clips(records: list[dict], seed: int) -> list[Clip]:
-    """The answers stage's clips: the first sentence (3-30 words) of each kept train answer that is not already an
-    ASR item, once, in a train voice (ids ITEM.a1). Hearing is held back by the words it has heard (entities,
-    numbers: docs/mini.md); the answers say the questions' entities again, in other sentences."""
+    """The answers stage's clips: every sentence (3-30 words) of each kept train answer that is not already an ASR
+    item nor a question, once, in a train voice; ids ITEM.aN (`answer_sentences`), the first sentences first.
+    Hearing is held back by the sentences it has heard (entities, numbers: docs/mini.md); the answers say the
+    questions' entities again, in other sentences."""
     taken = {r["text"].lower() for r in records if r["family"] == "asr"}
+    first = [r for r in records if r["split"] == "train" and r["family"] != "asr" and not r.get("reject")]
+    taken.update(t.lower() for r in records if r["family"] != "asr" for t in r["turns"])
     clips = []
-    for rec in records:
-        if rec["split"] != "train" or rec["family"] == "asr" or rec.get("reject"):
-            continue
-        text = first_sentence(rec["answers"][-1])
-        if not 3 <= len(text.split()) <= 30 or text.lower() in taken:
-            continue
-        taken.add(text.lower())
-        cid = f"{rec['id']}.a1"
-        aug = choose_augmentation("train", cid, seed)
-        clips.append(Clip(cid, rec["id"], "train", text, choose_voice("train", cid, seed), tuple(sorted(aug.items()))))
+    for later in (False, True):  # every item's first sentence before any later one: ITEM.a1 as it always was
+        for rec in first:
+            for n, text in enumerate(answer_sentences(rec), start=1):
+                if (n > 1) != later or not 3 <= len(text.split()) <= 30 or text.lower() in taken:
+                    continue
+                taken.add(text.lower())
+                cid = f"{rec['id']}.a{n}"
+                aug = choose_augmentation("train", cid, seed)
+                clips.append(Clip(cid, rec["id"], "train", text, choose_voice("train", cid, seed),
+                                  tuple(sorted(aug.items()))))
     return clips
 
 
@@ -831,24 +853,27 @@ def run_answers_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float 
                       judge=None, progress: bool = True, workers: int = 1, replay: Path | None = None) -> dict:
     """More ASR clips, after the audio stage, in the same folder and journal: `plan_answer_clips`, made and judged
     as the audio stage's clips are. Writes OUT/train_answers_asr.jsonl (one ASR record per kept clip, ids
-    ITEM.answer), OUT/answers_manifest.{jsonl,sha256} and OUT/answers_summary.json; the audio stage's own files
-    are untouched."""
+    ITEM.answer for a first sentence, ITEM.answerN for the Nth), OUT/train_voices_heldout_asr.jsonl (the held-out
+    sentences' records, `held_out_sentence`), OUT/answers_manifest.{jsonl,sha256} and OUT/answers_summary.json;
+    the audio stage's own files are untouched."""
     out = Path(out)
     meta = check_text_seed(text_path, seed)
     clips = plan_answer_clips(read_text(text_path), seed)
     t0 = time.perf_counter()
     done, _ = _make_planned(clips, out, seed, max_wer, threads, judge, progress, workers, replay)
     system = meta["settings"]["system"]
-    records = []
+    written = {"train_answers_asr": [], "train_voices_heldout_asr": []}
     for clip in clips:
         entry = kept_entry(done, clip.id)
         if entry is not None:
-            records.append(_asr_record(f"{clip.item}.answer", clip.text, entry, system,
-                                       {"family": "answer", "voices": [entry["voice"]],
-                                        "augmentation": [aug_name(entry["aug"])]}))
-    fileio.write_text(out / "train_answers_asr.jsonl",
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            n = clip.id.rsplit(".a", 1)[1]
+            held = n != "1" and held_out_sentence(clip.text)
+            written["train_voices_heldout_asr" if held else "train_answers_asr"].append(_asr_record(
+                f"{clip.item}.answer" + ("" if n == "1" else n), clip.text, entry, system,
+                {"family": "answer", "voices": [entry["voice"]], "augmentation": [aug_name(entry["aug"])]}))
+    for name, records in written.items():
+        fileio.write_text(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     digest = write_manifest({k: v for k, v in done.items() if k in attempt_ids(clips)}, out, ANSWERS_MANIFEST)
-    summary = audio_summary(done, clips, {"train_answers_asr": len(records)}, digest, time.perf_counter() - t0)
+    summary = audio_summary(done, clips, {k: len(v) for k, v in written.items()}, digest, time.perf_counter() - t0)
     fileio.write_text(out / "answers_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -3,8 +3,9 @@ fun-audio-chat-mini's data (questions, the base model's greedy answers, speech i
 
 The text stage writes --text (default recipes/mini/data/text.jsonl.gz, committed); the audio stage reads it, so
 it never needs the LLM; the speech stage turns the audio stage's QA records into S2S records (answers spoken as
-Piper tokens; issue 14). The answers stage (not part of all) speaks kept train answers' first sentences in the train
-voices as more ASR records (train_answers_asr.jsonl). Without --resume an OUT that already holds a build is refused,
+Piper tokens; issue 14). The answers stage (not part of all) speaks every sentence of the kept train answers in
+the train voices as more ASR records (train_answers_asr.jsonl; one later sentence in 20 held out for scoring,
+train_voices_heldout_asr.jsonl). Without --resume an OUT that already holds a build is refused,
 never overwritten.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="question set, voices and augmentation seed (default 0)")
     p.add_argument("--stage", choices=("text", "audio", "speech", "all", "answers"), default="all",
                    help="what to build (default all: text if not committed, audio, speech; answers: after the "
-                        "audio stage, the train answers' first sentences spoken as more ASR records)")
+                        "audio stage, the train answers' sentences spoken as more ASR records)")
     p.add_argument("--resume", action="store_true", help="continue the build already in OUT")
     p.add_argument("--text", type=Path, default=build_mini.DEFAULT_TEXT,
                    help=f"text-stage output, gzipped JSONL (default {build_mini.DEFAULT_TEXT})")

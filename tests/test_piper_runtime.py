@@ -146,6 +146,38 @@ def test_detokenizer_thread_gives_the_sessions_audio_and_its_errors(piper_dir):
     assert not idle.thread.is_alive() and idle.finish() == []
 
 
+def test_server_worker_speaks_piper_streams_and_counts_their_rounds(piper_dir):
+    """The server's detokenizer worker pushes Piper streams alone (no batched `feed`); its rounds still reach
+    /metrics, so the serve bench's profile shows the detokenizer's share for the mini too."""
+    import threading
+
+    from funaudiochat.serve.detok_worker import DetokenizerWorker
+    from funaudiochat.serve.metrics import Metrics
+
+    detok = load_detokenizer(piper_dir)
+    tokens = pt.PiperTokenizer(detok.parts).tokenize("Hello there. How are you today?")
+    length = len(detok.token2wav(tokens))
+    metrics = Metrics()
+    worker = DetokenizerWorker(metrics)
+    try:
+        hold = threading.Event()
+        worker.call(hold.wait, 60)  # the two sessions' pushes arrive while the worker is busy: one round takes both
+        streams, got = [detok.stream(hop=15), detok.stream(hop=15)], [[], []]
+        for i in range(0, len(tokens), 5):
+            for stream, out in zip(streams, got):
+                worker.push(stream, tokens[i:i + 5], out.append)
+        finals = [worker.finalize(s) for s in streams]
+        hold.set()
+        finals = [f.result(timeout=60) for f in finals]
+    finally:
+        worker.close()
+    for out, final in zip(got, finals):
+        audio = np.concatenate([c for result in out for c in result] + [final])
+        assert abs(len(audio) - length) < 0.02 * length and np.isfinite(audio).all()
+    rounds = metrics.detok_round_streams
+    assert rounds.counts[rounds.buckets.index(2)] >= 1 and metrics.detok_round_seconds.sum > 0
+
+
 def test_detokenizer_json_is_checked(tmp_path):
     assert detokenizer_kind(tmp_path) is None
     (tmp_path / "detokenizer.json").write_text('{"kind": "vocos"}')

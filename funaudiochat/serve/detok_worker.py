@@ -146,9 +146,10 @@ class DetokenizerWorker:
             elif item[-1].set_running_or_notify_cancel():
                 _, fn, args, kwargs, future = item
                 _settle(future, fn, *args, **kwargs)
-        if self.metrics is not None and streams:
+        synthesised = set(pushes) | set(streams)  # streams pushed alone (Piper) and the batched ones
+        if self.metrics is not None and synthesised:
             self.metrics.detok_round_seconds.observe(time.perf_counter() - t0)
-            self.metrics.detok_round_streams.observe(len(streams))
+            self.metrics.detok_round_streams.observe(len(synthesised))
 
 
 def _outcome(fn, *args):

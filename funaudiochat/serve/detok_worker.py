@@ -146,7 +146,7 @@ class DetokenizerWorker:
             elif item[-1].set_running_or_notify_cancel():
                 _, fn, args, kwargs, future = item
                 _settle(future, fn, *args, **kwargs)
-        synthesised = set(pushes) | set(streams)  # streams pushed alone (Piper) and the batched ones
+        synthesised = {s for s in pushes if not hasattr(s, "feed")} | set(streams)  # pushed alone (Piper), batched
         if self.metrics is not None and synthesised:
             self.metrics.detok_round_seconds.observe(time.perf_counter() - t0)
             self.metrics.detok_round_streams.observe(len(synthesised))

@@ -93,8 +93,12 @@ def _read_answers(out: Path) -> dict[str, dict]:
     return found
 
 
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
+
+
 def first_sentence(text: str) -> str:
-    return re.split(r"(?<=[.!?])\s+", text.strip(), maxsplit=1)[0].strip()
+    return next(iter(sentences(text)), "")
 
 
 def asr_items(records: list[dict], seed: int, quota: dict | None = None) -> list[dict]:
@@ -343,10 +347,6 @@ def plan_clips(records: list[dict], seed: int) -> list[Clip]:
     return clips
 
 
-def sentences(text: str) -> list[str]:
-    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
-
-
 def answer_sentences(rec: dict) -> list[str]:
     """An item's answer sentences, numbered from 1 as the answers stage names their clips (ITEM.aN): the last
     answer's first sentence, its other sentences, then the earlier turns' answers' sentences."""
@@ -367,11 +367,11 @@ def plan_answer_clips(records: list[dict], seed: int) -> list[Clip]:
     Hearing is held back by the sentences it has heard (entities, numbers: docs/mini.md); the answers say the
     questions' entities again, in other sentences."""
     taken = {r["text"].lower() for r in records if r["family"] == "asr"}
-    first = [r for r in records if r["split"] == "train" and r["family"] != "asr" and not r.get("reject")]
+    kept = [r for r in records if r["split"] == "train" and r["family"] != "asr" and not r.get("reject")]
     taken.update(t.lower() for r in records if r["family"] != "asr" for t in r["turns"])
     clips = []
     for later in (False, True):  # every item's first sentence before any later one: ITEM.a1 as it always was
-        for rec in first:
+        for rec in kept:
             for n, text in enumerate(answer_sentences(rec), start=1):
                 if (n > 1) != later or not 3 <= len(text.split()) <= 30 or text.lower() in taken:
                     continue

@@ -224,6 +224,9 @@ class AudioConfig(_JsonMixin):
     # Pending-units view (fun-audio-chat-mini): the SRH's input also gets the embeddings of the
     # next this-many Piper units not yet started (speech/pending_units.py). Released: 0 (off, not written).
     srh_pending_units: int = 0
+    # fun-audio-chat-mini: Whisper's decoder reads the user's words into the 5 Hz slots (model/word_reader.py;
+    # WordReaderConfig's fields). The encoder then sees Whisper's own 30 s windows. Released: None (not written).
+    word_reader: dict | None = None
     crq_transformer_config: BackboneConfig = field(default_factory=lambda: BackboneConfig(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=32768,
@@ -257,6 +260,8 @@ class AudioConfig(_JsonMixin):
             del out["srh_token_scale"]
         if self.srh_pending_units == 0:
             del out["srh_pending_units"]
+        if self.word_reader is None:
+            del out["word_reader"]
         return dict(sorted(out.items()))
 
     def validate(self, where: str) -> None:
@@ -281,6 +286,12 @@ class AudioConfig(_JsonMixin):
         width = self.srh_pending_units
         _check(isinstance(width, int) and not isinstance(width, bool) and 0 <= width <= 16, where,
                "srh_pending_units", f"must be an integer in [0, 16], got {width!r}")
+        if self.word_reader is not None:
+            from funaudiochat.model.word_reader import WordReaderConfig  # the reader's own checks
+            _check(isinstance(self.word_reader, dict), where, "word_reader", "must be an object or null")
+            reader = WordReaderConfig.from_dict(self.word_reader, f"{where}.word_reader")
+            _check(reader.width == self.d_model, where, "word_reader", f"width {reader.width} is not the "
+                   f"encoder's d_model {self.d_model}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name)
             _check(isinstance(v, int) and 0 <= v < self.codebook_size, where, name,
@@ -296,7 +307,8 @@ class AudioConfig(_JsonMixin):
 # Parts of the model that a checkpoint may not have trained yet, by parameter-name prefix. "hearing": the audio
 # encoder and the adapter's feature projection that bring user audio into the LLM; "speaking": the Speech Refined
 # Head and the speech-token embedding (tied to the SRH output) + projection that feed its groups back to the LLM.
-TRAINABLE_PARTS = {"hearing": ("continuous_audio_tower.", "audio_tower.continual_output_matching."),
+TRAINABLE_PARTS = {"hearing": ("continuous_audio_tower.", "audio_tower.continual_output_matching.",
+                               "word_reader.correction."),
                    "speaking": ("audio_invert_tower.", "audio_tower.embed_tokens.", "audio_tower.output_matching.")}
 
 
@@ -328,6 +340,8 @@ class FunAudioChatConfig:
         for part, prefixes in TRAINABLE_PARTS.items():
             if any(n.startswith(prefixes) for n in names):
                 self.trained[part] = True
+        if self.audio_config.word_reader is not None:  # Whisper's pretrained decoder hears
+            self.trained["hearing"] = True
 
     @property
     def hidden_size(self) -> int:

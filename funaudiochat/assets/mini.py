@@ -96,8 +96,10 @@ def init_new_parts(model: FunAudioChatModel, seed: int) -> None:
 
 
 def build_mini(seed: int = 0, srh_hidden: int = 256, srh_layers: int = 2, gguf_path: str | Path | None = None,
-               whisper_dir: str | Path | None = None) -> Mini:
-    """The fun-audio-chat-mini starting model and its tokenizer. Same seed -> same weights."""
+               whisper_dir: str | Path | None = None, word_reader: bool = False) -> Mini:
+    """The fun-audio-chat-mini starting model and its tokenizer. Same seed -> same weights. `word_reader`: with
+    Whisper's decoder reading the user's words (model/word_reader.py); the adapter's continuous matching then starts
+    at zero, so at first the 5 Hz slots hold Whisper's words alone."""
     text, lm_state, gguf = convert_llama_gguf(gguf_path)
     tk = tokenizer_from_gguf(gguf)
     encoder, enc_state = convert_whisper_encoder(model_dir=whisper_dir)
@@ -118,13 +120,21 @@ def build_mini(seed: int = 0, srh_hidden: int = 256, srh_layers: int = 2, gguf_p
     left = [k for k in missing if not k.startswith(NEW_PARTS) and k not in tied]
     if left:
         raise CheckpointError(f"parameters neither converted nor initialised: {left[:5]}")
+    if word_reader:
+        from funaudiochat.assets.whisper_decoder import attach_word_reader
+
+        attach_word_reader(model, tk, whisper_dir)
+        torch.nn.init.zeros_(model.audio_tower.continual_output_matching.weight)
+        cfg.trained["hearing"] = True  # Whisper's decoder, pretrained, reads the words
+        cfg.extra["fun_audio_chat_mini"]["word_reader"] = "Whisper decoder (the same CTranslate2 files)"
     return Mini(model.eval(), tk, gguf)
 
 
 def write_mini(out_dir: str | Path, seed: int = 0, srh_hidden: int = 256, srh_layers: int = 2,
-               gguf_path: str | Path | None = None, whisper_dir: str | Path | None = None) -> FunAudioChatModel:
+               gguf_path: str | Path | None = None, whisper_dir: str | Path | None = None,
+               word_reader: bool = False) -> FunAudioChatModel:
     """Write the starting checkpoint folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json."""
-    mini = build_mini(seed, srh_hidden, srh_layers, gguf_path, whisper_dir)
+    mini = build_mini(seed, srh_hidden, srh_layers, gguf_path, whisper_dir, word_reader)
     save_model(mini.model, out_dir)
     write_tokenizer(mini.gguf, out_dir, mini.tokenizer)
     log.info("wrote %s", out_dir)

@@ -49,6 +49,9 @@ def extract(final_dir: str | Path, base_dir: str | Path,
     final, base = read_state_dict(final_dir), read_state_dict(base_dir)
     cfg = FunAudioChatConfig.load(base_dir)
     changed = audio_settings(FunAudioChatConfig.load(final_dir), cfg)
+    if "word_reader" in changed:  # its Whisper weights are pip-shipped: they must come from the base, not the deltas
+        raise CheckpointError(f"{final_dir} and {base_dir} differ in their word reader: extract against the starting "
+                              f"checkpoint it was trained from (`assets smollm2 --word-reader`)")
     added = final.keys() - base.keys()  # tensors of a setting training switched on (the SRH's pending view)
     if base.keys() - final.keys() or (added and not changed):
         odd = sorted(final.keys() ^ base.keys())
@@ -76,7 +79,9 @@ def extract(final_dir: str | Path, base_dir: str | Path,
     seed = (cfg.extra.get("fun_audio_chat_mini") or {}).get("seed", 0)
     srh = cfg.audio_config.crq_transformer_config
     meta = {"format": FORMAT, "seed": str(seed), "srh_hidden": str(srh.hidden_size),
-            "srh_layers": str(srh.num_hidden_layers), "trained": json.dumps(trained_parts(deltas))}
+            "srh_layers": str(srh.num_hidden_layers), "trained": json.dumps(trained_parts(deltas, cfg.audio_config.word_reader is not None))}
+    if cfg.audio_config.word_reader is not None:  # the starting model had Whisper's decoder (pip-shipped) attached
+        meta["word_reader"] = "1"
     if changed:
         meta["audio_config"] = json.dumps(changed, sort_keys=True)
     if stage:
@@ -92,10 +97,13 @@ def audio_settings(trained: FunAudioChatConfig, base: FunAudioChatConfig) -> dic
     return {k: v for k, v in now.items() if before.get(k) != v}
 
 
-def trained_parts(deltas: dict[str, torch.Tensor]) -> dict[str, bool]:
-    """config.json `trained` from the tensors the deltas hold (config.TRAINABLE_PARTS)."""
+def trained_parts(deltas: dict[str, torch.Tensor], word_reader: bool = False) -> dict[str, bool]:
+    """config.json `trained` from the tensors the deltas hold (config.TRAINABLE_PARTS); a model with a word reader
+    hears through Whisper's pretrained decoder whatever the deltas hold."""
     names = [k for k in deltas if not lora.is_adapter(k)]
-    return {part: any(k.startswith(prefixes) for k in names) for part, prefixes in TRAINABLE_PARTS.items()}
+    parts = {part: any(k.startswith(prefixes) for k in names) for part, prefixes in TRAINABLE_PARTS.items()}
+    parts["hearing"] = parts["hearing"] or word_reader
+    return parts
 
 
 def write(deltas: dict[str, torch.Tensor], meta: dict[str, str], out_dir: str | Path, bf16: bool = False) -> Path:
@@ -201,13 +209,14 @@ def assemble(out_dir: str | Path, deltas_dir: str | Path, base_dir: str | Path |
             from funaudiochat.assets.mini import build_mini
 
             mini = build_mini(seed=int(meta.get("seed", 0)), srh_hidden=int(meta.get("srh_hidden", 256)),
-                              srh_layers=int(meta.get("srh_layers", 2)), gguf_path=gguf_path, whisper_dir=whisper_dir)
+                              srh_layers=int(meta.get("srh_layers", 2)), gguf_path=gguf_path, whisper_dir=whisper_dir,
+                              word_reader=meta.get("word_reader") == "1")
             model = mini.model
             write_tokenizer(mini.gguf, tmp, mini.tokenizer)
         if meta.get("audio_config"):  # settings the trained parts were trained with: rebuild the model with them
             model = with_audio_settings(model, json.loads(meta["audio_config"]), source, deltas)
         apply_deltas(model, deltas, source)
-        model.cfg.trained = trained_parts(deltas)
+        model.cfg.trained = trained_parts(deltas, model.word_reader is not None)
         # the system prompt of the training data: infer, chat, serve and eval use it when none is given
         model.cfg.extra.setdefault("fun_audio_chat_mini", {})["system"] = MINI_SYSTEM
         save_model(model, tmp)

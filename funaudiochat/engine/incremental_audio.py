@@ -16,8 +16,9 @@ final one (an approximation: their quietest values stay floored a little lower t
 default, always gives the whole clip's result.
 
 A clip shorter than one chunk is all last chunk: encoded at `finish`. The mini model's encoder attends over 30 s
-(W = 3000): there only clips longer than 30 s are encoded ahead. Where W is not a multiple of 4k nothing is done
-ahead and `finish` returns no vectors (the caller encodes the clip as usual).
+(W = 3000): there only clips longer than 30 s are encoded ahead, and none with its word reader (which reads the
+whole clip). Where W is not a multiple of 4k nothing is done ahead and `finish` returns no vectors (the caller
+encodes the clip as usual).
 
 Shape legend: M mel bins, W mel frames per chunk, G 5 Hz groups, D LLM width.
 """
@@ -60,7 +61,8 @@ class IncrementalAudio:
         self.encoder, self.adapter = model.continuous_audio_tower, model.audio_tower
         self.mode = a.continuous_features_mode
         self.n_mels, self.k, self.width = a.num_mel_bins, a.group_size, self.encoder.chunk
-        self.streaming = self.width % (4 * self.k) == 0
+        # a word reader (the mini) reads the whole clip's words at the end: nothing is encoded ahead
+        self.streaming = self.width % (4 * self.k) == 0 and getattr(model, "word_reader", None) is None
         self.device, self.dtype = self.encoder.proj.weight.device, self.encoder.proj.weight.dtype
         self.tolerance = float(tolerance)
         self._pieces: list[np.ndarray] = []  # every sample so far, as it came

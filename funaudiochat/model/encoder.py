@@ -130,6 +130,20 @@ class AudioEncoder(nn.Module):
             out[i] = torch.cat(per_audio[k], dim=0)
         return out
 
+    def window_frames(self, features: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Whisper's own input: each audio's mel cut into windows of one attention chunk, the last padded with the
+        clip's floor (the log-mel of silence: its scaled max - 2) -> per audio [W, chunk/2, C] at 50 Hz, pre-LN."""
+        out = []
+        for mel, n in zip(features, lengths.tolist()):
+            n_windows = -(-n // self.chunk)
+            padded = mel.new_full((mel.shape[0], n_windows * self.chunk), float(mel[:, :n].max()) - 2.0 if n else 0)
+            padded[:, :n] = mel[:, :n]
+            windows = padded.unflatten(1, (n_windows, self.chunk)).transpose(0, 1)  # [W, M, chunk]
+            full = torch.full((n_windows,), self.chunk, device=mel.device)
+            out.append(torch.stack(self.encode_frames(windows, full)) if n_windows else
+                       mel.new_zeros(0, self.chunk // 2, self.cfg.d_model))
+        return out
+
     def pool_project(self, frames: torch.Tensor) -> torch.Tensor:
         """[T', C] at 50 Hz -> [T'//2, D] at 25 Hz (sequences shorter than 2 are not pooled, as released)."""
         if frames.shape[0] >= 2:
@@ -138,8 +152,12 @@ class AudioEncoder(nn.Module):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
         """features [F, M, T], lengths [F] -> [F, max_len, D] at 25 Hz, zero-padded / truncated to `max_len`."""
-        out = features.new_zeros(features.shape[0], max_len, self.cfg.output_dim, dtype=self.proj.weight.dtype)
-        for i, frames in enumerate(self.encode_frames(features, lengths)):
+        return self.project(self.encode_frames(features, lengths), max_len)
+
+    def project(self, per_audio: list[torch.Tensor], max_len: int) -> torch.Tensor:
+        """Per audio frames [T_i', C] at 50 Hz -> [F, max_len, D] at 25 Hz, zero-padded / truncated to `max_len`."""
+        out = self.proj.weight.new_zeros(len(per_audio), max_len, self.cfg.output_dim)
+        for i, frames in enumerate(per_audio):
             if frames.shape[0] == 0:
                 continue
             feats = self.pool_project(frames)[:max_len]

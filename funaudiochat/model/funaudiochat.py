@@ -19,9 +19,10 @@ from funaudiochat.config import FunAudioChatConfig
 from funaudiochat.errors import InputError
 from funaudiochat.model.adapter import GroupingAdapter
 from funaudiochat.model.backbone import CausalLM, attention_mask_4d, load_balancing_loss
-from funaudiochat.model.encoder import AudioEncoder
+from funaudiochat.model.encoder import AudioEncoder, conv_output_lengths
 from funaudiochat.model.quantize import Int8Linear
 from funaudiochat.model.srh import SpeechRefinedHead
+from funaudiochat.model.word_reader import WordReader, WordReaderConfig
 from funaudiochat.speech.pending_units import PAD, pending_from_labels
 
 
@@ -72,6 +73,8 @@ class FunAudioChatModel(nn.Module):
         self.continuous_audio_tower = AudioEncoder(a)
         self.audio_tower = GroupingAdapter(a)
         self.audio_invert_tower = SpeechRefinedHead(a) if a.enable_audio_invert_tower else None
+        self.word_reader = (WordReader(WordReaderConfig.from_dict(a.word_reader), a.output_dim)
+                            if a.word_reader is not None else None)
         self.language_model = CausalLM(cfg.text_config)
         self.tie_weights()
 
@@ -124,12 +127,15 @@ class FunAudioChatModel(nn.Module):
         n_tokens = speech_ids.shape[-1]
         n_groups = (speech_attention_mask.sum(-1) + k - 1) // k
 
-        continuous = None
+        continuous = read = None
         if input_features is not None:
             if feature_attention_mask is None:
                 raise InputError("input_features were given without feature_attention_mask")
             lengths = feature_attention_mask.sum(-1)
-            continuous = self.continuous_audio_tower(input_features, lengths, n_tokens)
+            if self.word_reader is not None:
+                continuous, read = self._read_words(input_features, lengths, n_tokens)
+            else:
+                continuous = self.continuous_audio_tower(input_features, lengths, n_tokens)
             if trace is not None:
                 trace["cont_audio_features"] = continuous
             if feature_exist_mask is None:
@@ -138,6 +144,9 @@ class FunAudioChatModel(nn.Module):
                 raise InputError(f"feature_exist_mask marks {int(feature_exist_mask.sum())} audios with features but "
                                  f"{continuous.shape[0]} feature rows were given")
         groups = self.audio_tower(speech_ids, continuous, feature_exist_mask)
+        if read is not None:
+            groups = groups.clone()
+            groups[feature_exist_mask] = groups[feature_exist_mask] + read.to(groups.dtype)
         if trace is not None:
             trace["audio_tower_fused"] = groups
         out = AudioGroups(groups, n_groups, speech_ids, labels)
@@ -153,6 +162,17 @@ class FunAudioChatModel(nn.Module):
                     else torch.ones(groups.shape[0], dtype=torch.bool, device=groups.device)
                 out.features = torch.where(has_text[:, None, None], out.features, groups)
         return out
+
+    def _read_words(self, features: torch.Tensor, lengths: torch.Tensor, n_tokens: int):
+        """With a word reader: the encoder runs on Whisper's 30 s windows once, for both the continuous features
+        [F, n_tokens, D] and the reader's words [F, n_tokens / k, D]."""
+        tower = self.continuous_audio_tower
+        windows = tower.window_frames(features, lengths)  # per audio [W, T, C]
+        valid = conv_output_lengths(lengths)[0].tolist()
+        continuous = tower.project([w.flatten(0, 1)[:n] for w, n in zip(windows, valid)], n_tokens)
+        read = self.word_reader([tower.ln_post(w) for w in windows], n_tokens // self.group_size,
+                                self.language_model.model.embed_tokens.weight)
+        return continuous, read
 
     def _transcripts(self, text_ids, text_attention_mask, speech_attention_mask, n_groups: int):
         """Transcript ids [A, T] -> embeddings [A, G, D] and per-group text labels [A, G] (SPEC §6.1 step 6)."""

@@ -4,25 +4,31 @@
 #
 #   OMP_NUM_THREADS=2 nohup bash recipes/mini/pipeline.sh >> runs/mini-pipeline.log 2>&1 &
 #
-# The steps are those of recipes/mini/pre_align.yaml's header. THREADS (default 2) sets the CPU threads of the data
-# steps, WORKERS (default 2) the processes of the audio stage, and OMP_NUM_THREADS those of training: use THREADS=1
-# and OMP_NUM_THREADS=1 while anything else runs (two torch threads on two shared cores wait on each other: 5x
-# slower, docs/mini.md). STOP_AFTER=STAGE (hear, hear2, core_cocktail_merged, core_cocktail_stage2, speak) ends the
-# run once that stage of the main line is done, e.g. to score it before going on.
+# The main line (the release): mini-reader -> hear_reader -> Core-Cocktail stage 1 -> merge -> stage 2, then the
+# single-stage baseline, assembly and evaluation. SPEAK=1 also runs the speaking stages (issue 14), which still start
+# from the hear2 line (pre_align -> hear -> hear2, recipes/mini/pre_align.yaml's header). THREADS (default 2) sets the
+# CPU threads of the data steps, WORKERS (default 2) the processes of the audio stage, and OMP_NUM_THREADS those of
+# training: use THREADS=1 and OMP_NUM_THREADS=1 while anything else runs (two torch threads on two shared cores wait
+# on each other: 5x slower, docs/mini.md). STOP_AFTER=STAGE (hear_reader, core_cocktail_merged, core_cocktail_stage2)
+# ends the run once that stage of the main line is done, e.g. to score it before going on.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 fac=".venv/bin/funaudiochat"
 threads="${THREADS:-2}"
 step() { echo "== $(date -u +%FT%TZ) $*"; }
 case "${STOP_AFTER:-}" in
-  ""|hear|hear2|core_cocktail_merged|core_cocktail_stage2|speak) ;;
-  *) echo "STOP_AFTER=$STOP_AFTER: not a stage of the main line (hear, hear2, core_cocktail_merged," \
-          "core_cocktail_stage2, speak)" >&2; exit 2 ;;
+  ""|hear_reader|core_cocktail_merged|core_cocktail_stage2) ;;
+  *) echo "STOP_AFTER=$STOP_AFTER: not a stage of the main line (hear_reader, core_cocktail_merged," \
+          "core_cocktail_stage2)" >&2; exit 2 ;;
 esac
 
 if ! grep -q '"trained"' checkpoints/mini-base/config.json 2>/dev/null; then
   step "assets smollm2 (the starting checkpoint)"
   "$fac" assets smollm2 checkpoints/mini-base
+fi
+if [ ! -f checkpoints/mini-reader/config.json ]; then
+  step "assets smollm2 --word-reader (the main line's starting checkpoint: Whisper's decoder reads the words)"
+  "$fac" assets smollm2 checkpoints/mini-reader --word-reader
 fi
 if [ ! -f recipes/mini/data/text.jsonl.gz ]; then
   step "data: text stage (the base model answers every question; resumable)"
@@ -33,21 +39,26 @@ fi
 step "data: audio stage, replaying recipes/mini/data/audio.manifest.jsonl.gz (resumable; quick when done)"
 "$fac" data build-mini --out data/mini --resume --stage audio --threads "$threads" --workers "${WORKERS:-2}" --no-progress \
   --replay recipes/mini/data/audio.manifest.jsonl.gz
-# the speech stage (one process; only the speaking stages need it) runs beside the hearing stages' training when that
-# trains on one thread; before it otherwise (two torch threads wait on each other when a core is taken)
-step "data: speech stage (kept as is when its records are unchanged)"
-if [ "${OMP_NUM_THREADS:-2}" = 1 ]; then
-  "$fac" data build-mini --out data/mini --resume --stage speech --no-progress &
-  speech=$!
-else
-  "$fac" data build-mini --out data/mini --resume --stage speech --no-progress
-  speech=
+speech=
+if [ "${SPEAK:-0}" = 1 ]; then
+  # the speech stage (one process; only the speaking stages need it) runs beside the hearing stages' training when
+  # that trains on one thread; before it otherwise (two torch threads wait on each other when a core is taken)
+  step "data: speech stage (kept as is when its records are unchanged)"
+  if [ "${OMP_NUM_THREADS:-2}" = 1 ]; then
+    "$fac" data build-mini --out data/mini --resume --stage speech --no-progress &
+    speech=$!
+  else
+    "$fac" data build-mini --out data/mini --resume --stage speech --no-progress
+    speech=
+  fi
 fi
 
 # Each finished stage of the main line writes its deltas to models/mini/deltas.safetensors with the stage's name
 # (commit them: the next session may run on a fresh machine). A stage whose output is missing here is restored from
 # those deltas, in the working tree or in the commit that shipped them, before it would be trained again.
 out_of() { [ "$1" = core_cocktail_merged ] && echo runs/mini/core_cocktail_merged || echo "runs/mini/$1/final"; }
+base_of() {  # the starting checkpoint of a stage's line
+  case "$1" in pre_align|hear|hear2|speak*) echo checkpoints/mini-base ;; *) echo checkpoints/mini-reader ;; esac; }
 stage_of() { .venv/bin/python -c 'import sys; from funaudiochat.assets.mini_deltas import stage_of
 print(stage_of(sys.argv[1]) or "")' "$1"; }
 restore() {  # restore STAGE: 0 when its output is here or was rebuilt from committed deltas
@@ -59,7 +70,7 @@ restore() {  # restore STAGE: 0 when its output is here or was rebuilt from comm
     else git show "$rev:models/mini/deltas.safetensors" > "$tmp/deltas.safetensors" 2>/dev/null || continue; fi
     if [ "$(stage_of "$tmp/deltas.safetensors")" = "$1" ]; then
       step "restore $1 from the deltas of $rev"
-      "$fac" assets mini "$(out_of "$1")" --deltas "$tmp" --base checkpoints/mini-base
+      "$fac" assets mini "$(out_of "$1")" --deltas "$tmp" --base "$(base_of "$1")"
       rm -rf "$tmp"
       return 0
     fi
@@ -67,44 +78,47 @@ restore() {  # restore STAGE: 0 when its output is here or was rebuilt from comm
   rm -rf "$tmp"
   return 1
 }
-snapshot() { "$fac" assets mini-deltas "$(out_of "$1")" models/mini --base checkpoints/mini-base --stage "$1"; }
+snapshot() { "$fac" assets mini-deltas "$(out_of "$1")" models/mini --base "$(base_of "$1")" --stage "$1"; }
 stop_after() { if [ "${STOP_AFTER:-}" = "$1" ]; then step "stop after $1 (STOP_AFTER)"; exit 0; fi; }
 train() {  # train RECIPE STAGE: resume until its final exists
   [ -d "runs/mini/$2/final" ] || { step "train $1"; "$fac" train "$1" --resume; }
 }
 
-# pre-alignment learns on the ASR records alone
-grep '"task": "asr"' data/mini/train.jsonl > data/mini/train_asr.jsonl
-restore pre_align || { train recipes/mini/pre_align.yaml pre_align; snapshot pre_align; }
-# hearing: LoRA + adapter on every kept train clip as ASR (the audio stage writes train_clips_asr.jsonl)
-restore hear || { train recipes/mini/hear.yaml hear; snapshot hear; }
-stop_after hear
-# more hearing: LoRA on all seven projections (the MLPs too) on top of hear's
-restore hear2 || { train recipes/mini/hear2.yaml hear2; snapshot hear2; }
-stop_after hear2
+# hearing: LoRA on the LLM learns to take Whisper's words in the user's slots (ASR + spoken QA records)
+restore hear_reader || { train recipes/mini/hear_reader.yaml hear_reader; snapshot hear_reader; }
+stop_after hear_reader
 if ! restore core_cocktail_merged; then
   train recipes/mini/core_cocktail_stage1.yaml core_cocktail_stage1
   step "merge stage 1 with the hearing model at alpha 0.5"
-  "$fac" merge runs/mini/hear2/final runs/mini/core_cocktail_stage1/final runs/mini/core_cocktail_merged --alpha 0.5
+  "$fac" merge runs/mini/hear_reader/final runs/mini/core_cocktail_stage1/final runs/mini/core_cocktail_merged \
+    --alpha 0.5
   snapshot core_cocktail_merged
 fi
 stop_after core_cocktail_merged
 restore core_cocktail_stage2 || { train recipes/mini/core_cocktail_stage2.yaml core_cocktail_stage2
                                   snapshot core_cocktail_stage2; }
 stop_after core_cocktail_stage2
-# speaking (issue 14): the S2S stage on the hearing model, and the same at k = 1 for the DRSR comparison
-[ -z "$speech" ] || wait "$speech"
-# the head alone on the frozen hearing model, then the LLM with it (the head's stage only when speak is not restored)
-restore speak || { train recipes/mini/speak_srh.yaml speak_srh; train recipes/mini/speak.yaml speak; snapshot speak; }
-stop_after speak
-[ -d runs/mini/speak_srh_k1/final ] || { step "train recipes/mini/speak_srh.yaml at k = 1"
-  "$fac" train recipes/mini/speak_srh.yaml --resume model.group_size=1 data.max_len=2048 run_dir=runs/mini/speak_srh_k1; }
-train recipes/mini/speak_k1.yaml speak_k1
-restore hear2  # the paper's baseline for the merge starts where stage 1 did
+restore hear_reader  # the paper's baseline for the merge starts where stage 1 did
 train recipes/mini/single_stage_baseline.yaml single_stage_baseline
 
-step "ship: assembly (models/mini holds the speak stage's deltas), evaluation"
+step "ship: assembly (models/mini holds core_cocktail_stage2's deltas), evaluation"
 "$fac" assets mini checkpoints/mini
 "$fac" eval mini --model checkpoints/mini --data data/mini --split test --baseline runs/mini/single_stage_baseline/final \
   --latency 50 --compile --out runs/mini/eval --threads "$threads"
+
+if [ "${SPEAK:-0}" = 1 ]; then
+  # speaking (issue 14), on the hear2 line: pre-alignment on the ASR records alone, hearing, more hearing, then the
+  # head alone on the frozen hearing model, the LLM with it, and the same at k = 1 for the DRSR comparison. Their
+  # outputs stay in runs/ (models/mini holds the release).
+  grep '"task": "asr"' data/mini/train.jsonl > data/mini/train_asr.jsonl
+  train recipes/mini/pre_align.yaml pre_align
+  train recipes/mini/hear.yaml hear
+  train recipes/mini/hear2.yaml hear2
+  train recipes/mini/speak_srh.yaml speak_srh
+  train recipes/mini/speak.yaml speak
+  [ -d runs/mini/speak_srh_k1/final ] || { step "train recipes/mini/speak_srh.yaml at k = 1"
+    "$fac" train recipes/mini/speak_srh.yaml --resume model.group_size=1 data.max_len=2048 run_dir=runs/mini/speak_srh_k1; }
+  train recipes/mini/speak_k1.yaml speak_k1
+fi
+[ -z "$speech" ] || wait "$speech"
 step "done"

@@ -20,7 +20,7 @@ import torch
 from funaudiochat.assets.ct2 import CT2Model, read_ct2
 from funaudiochat.assets.whisper_encoder import whisper_model_dir
 from funaudiochat.errors import CheckpointError
-from funaudiochat.model.word_reader import WordReaderConfig
+from funaudiochat.model.word_reader import WordReader, WordReaderConfig
 
 PREFIX = "word_reader."
 _LAYER_MAP = {"self_attention/layer_norm": "self_norm", "self_attention/linear_0": "self_attn.qkv",
@@ -74,8 +74,6 @@ def attach_word_reader(model, llm_tokenizer, model_dir: str | Path | None = None
     """Give a mini model (Whisper tiny.en encoder) Whisper's decoder as its word reader, in place: config, weights,
     the token table (the correction starts at zero: the reader's first words are Whisper's own)."""
     import tokenizers
-
-    from funaudiochat.model.word_reader import WordReader
 
     directory = Path(model_dir) if model_dir is not None else whisper_model_dir()
     ct2 = read_ct2(directory / "model.bin")

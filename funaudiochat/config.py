@@ -307,8 +307,7 @@ class AudioConfig(_JsonMixin):
 # Parts of the model that a checkpoint may not have trained yet, by parameter-name prefix. "hearing": the audio
 # encoder and the adapter's feature projection that bring user audio into the LLM; "speaking": the Speech Refined
 # Head and the speech-token embedding (tied to the SRH output) + projection that feed its groups back to the LLM.
-TRAINABLE_PARTS = {"hearing": ("continuous_audio_tower.", "audio_tower.continual_output_matching.",
-                               "word_reader.correction."),
+TRAINABLE_PARTS = {"hearing": ("continuous_audio_tower.", "audio_tower.continual_output_matching."),
                    "speaking": ("audio_invert_tower.", "audio_tower.embed_tokens.", "audio_tower.output_matching.")}
 
 

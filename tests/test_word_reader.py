@@ -6,6 +6,7 @@ slots' nearest LLM embeddings spell the sentence).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from funaudiochat.audio.mel import WhisperFrontend
 from funaudiochat.config import AudioConfig, FunAudioChatConfig
 from funaudiochat.errors import CheckpointError, ConfigError
 from funaudiochat.model.encoder import AudioEncoder
-from funaudiochat.model.word_reader import WordReader, WordReaderConfig
+from funaudiochat.model.word_reader import WordReader, WordReaderConfig, cut_loop
 
 ctranslate2 = pytest.importorskip("ctranslate2")
 SPOKEN = "What is the capital city of France?"
@@ -41,64 +42,104 @@ def whisper():
     enc_cfg, enc_state = convert_whisper_encoder()
     encoder = AudioEncoder(enc_cfg)
     encoder.load_state_dict({k.removeprefix(ENCODER_PREFIX): v for k, v in enc_state.items()}, strict=False)
-    reader = WordReader(cfg, 576)
+    reader = WordReader(cfg)
     reader.load_state_dict({k.removeprefix("word_reader."): v for k, v in reader_state_dict(ct2, cfg).items()},
                            strict=False)
     return cfg, tok, encoder.eval(), reader.eval()
 
 
-@pytest.fixture(scope="module")
-def spoken():
+def speak(text: str) -> np.ndarray:
     if shutil.which("espeak-ng") is None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("espeak-ng is missing (apt-get install -y espeak-ng), and CI=true forbids skipping")
         pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng)")
     path = f"/tmp/word_reader_{os.getpid()}.wav"
-    subprocess.run(["espeak-ng", "-w", path, SPOKEN], check=True, capture_output=True)
+    subprocess.run(["espeak-ng", "-w", path, text], check=True, capture_output=True)
     try:
         return load_audio(path)
     finally:
         os.unlink(path)
 
 
+@pytest.fixture(scope="module")
+def spoken():
+    return speak(SPOKEN)
+
+
 def read_tokens(reader: WordReader, memory: torch.Tensor) -> list[int]:
-    states, count = reader.read(memory, 100)
-    return (states[0, : int(count[0])] @ reader.embed_tokens.weight.T).argmax(-1).tolist()
+    tokens, count = reader.read(memory, 100)
+    return tokens[0, : int(count[0])].tolist()
+
+
+def ct2_decode(ct2_model, padded: torch.Tensor, cfg: WordReaderConfig, beam_size: int) -> list[int]:
+    memory = ct2_model.encode(ctranslate2.StorageView.from_array(padded.numpy()), to_cpu=True)
+    return ct2_model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(memory)), [list(cfg.start_ids)],
+                              beam_size=beam_size, max_length=100)[0].sequences_ids[0]
+
+
+def test_beam_search_and_greedy_read_what_ctranslate2_reads(whisper, spoken):
+    """On a clip at 5 dB SNR, where beam search and greedy decoding read different words, each reads what
+    CTranslate2's decoding of the same features does."""
+    cfg, tok, encoder, reader = whisper
+    noise = np.random.default_rng(0).standard_normal(len(spoken)).astype(np.float32)
+    noisy = spoken + noise * np.sqrt(np.mean(spoken ** 2) / 10 ** 0.5)
+    padded, _ = WhisperFrontend(80)([noisy], padding="max_length")
+    ct2_model = ctranslate2.models.Whisper(str(whisper_model_dir()), device="cpu", compute_type="float32")
+    greedy = WordReader(dataclasses.replace(cfg, beam_size=1))
+    greedy.load_state_dict(reader.state_dict())
+    with torch.no_grad():
+        memory = encoder.ln_post(encoder.encode_frames(padded, torch.tensor([padded.shape[-1]]))[0])[None]
+        ours = {5: read_tokens(reader, memory), 1: read_tokens(greedy, memory)}
+    theirs = {5: ct2_decode(ct2_model, padded, cfg, 5), 1: ct2_decode(ct2_model, padded, cfg, 1)}
+    assert theirs[5] != theirs[1], "the clip no longer tells beam search from greedy decoding"
+    assert {k: tok.decode(v) for k, v in ours.items()} == {k: tok.decode(v) for k, v in theirs.items()}
+    # windows batched together read what each reads alone
+    with torch.no_grad():
+        both, count = reader.read(torch.cat([memory, memory[:, :, :]]), 100)
+    assert both[1, : int(count[1])].tolist() == ours[5]
 
 
 def test_reads_the_tokens_ctranslate2_reads(whisper, spoken):
     cfg, tok, encoder, reader = whisper
     padded, _ = WhisperFrontend(80)([spoken], padding="max_length")  # Whisper's own 30 s input [1, 80, 3000]
     ct2_model = ctranslate2.models.Whisper(str(whisper_model_dir()), device="cpu", compute_type="float32")
-    ref = ct2_model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(
-        ct2_model.encode(ctranslate2.StorageView.from_array(padded.numpy()), to_cpu=True))), [list(cfg.start_ids)],
-        beam_size=1, max_length=100)[0].sequences_ids[0]
+    ref = ct2_decode(ct2_model, padded, cfg, cfg.beam_size)
     assert "capital" in tok.decode(ref).lower()
     with torch.no_grad():
         whole = encoder.ln_post(encoder.encode_frames(padded, torch.tensor([padded.shape[-1]]))[0])[None]
         assert read_tokens(reader, whole) == ref
         # the model's path: the clip's own mel frames, padded to the window with the clip's floor
         features, mask = WhisperFrontend(80)([spoken], padding="longest")
-        windows = encoder.window_frames(features, mask.sum(-1))
+        windows = encoder.window_frames(features, mask.sum(-1), 3000)
         assert windows[0].shape == (1, 1500, 384)
         assert read_tokens(reader, encoder.ln_post(windows[0])) == ref
+        # a 10 s window (the mini's): a third of the frames, the same words
+        short = encoder.window_frames(features, mask.sum(-1), 1000)[0]
+        assert short.shape == (1, 500, 384)
+        assert tok.decode(read_tokens(reader, encoder.ln_post(short))) == tok.decode(ref)
+        with pytest.raises(ConfigError, match="even and within one attention chunk"):
+            encoder.window_frames(features, mask.sum(-1), 3001)
 
 
-def test_slots_hold_the_llm_embeddings_of_the_words(whisper, spoken, mini_dir):
-    """The soft embedding of each word read is nearest to the LLM embedding of that word's first LLM piece."""
+def test_slots_hold_the_llm_pieces_of_the_words_in_order(whisper, mini_dir):
+    """Each LLM piece of each word read takes its own slot, in order: Whisper's one token " 72" is SmolLM2's " ",
+    "7", "2", so the slots' nearest LLM embeddings spell the sentence, digits in their order."""
     cfg, tok, encoder, reader = whisper
     llm_tok = tokenizers.Tokenizer.from_file(str(mini_dir / "tokenizer.json"))
     reader.llm_ids.copy_(llm_ids_table(cfg, tok, llm_tok))
     torch.manual_seed(0)
     table = torch.randn(llm_tok.get_vocab_size(), 576)  # any table: the soft embedding is a mixture of its rows
-    features, mask = WhisperFrontend(80)([spoken], padding="longest")
+    features, mask = WhisperFrontend(80)([speak("What is 72 plus 91?")], padding="longest")
     with torch.no_grad():
-        windows = [encoder.ln_post(w) for w in encoder.window_frames(features, mask.sum(-1))]
+        windows = [encoder.ln_post(w) for w in encoder.window_frames(features, mask.sum(-1), 1000)]
+        read = tok.decode(read_tokens(reader, windows[0]))
         slots = reader(windows, 40, table)[0]  # [G, D]
+    assert "72" in read and "91" in read, read
     nearest = (torch.nn.functional.normalize(slots, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T)
-    words = llm_tok.decode(nearest.argmax(-1)[(slots.abs().sum(-1) > 0)].tolist())
-    assert "capital" in words.lower() and "france" in words.lower(), words
-    assert slots[-1].abs().sum() == 0  # past the last word: nothing from the reader
+    filled = slots.abs().sum(-1) > 0
+    assert llm_tok.decode(nearest.argmax(-1)[filled].tolist()) == read
+    assert int(filled.sum()) == len(llm_tok.encode(read, add_special_tokens=False).ids)
+    assert not filled[int(filled.sum()):].any()  # past the last piece: nothing from the reader
 
 
 def test_llm_ids_table_maps_bytes_to_the_same_bytes(whisper, mini_dir):
@@ -112,9 +153,28 @@ def test_llm_ids_table_maps_bytes_to_the_same_bytes(whisper, mini_dir):
     assert (table[cfg.end_id] == -1).all() and (table[cfg.start_ids[0]] == -1).all()
 
 
+def test_a_looping_transcript_keeps_one_copy(whisper):
+    """Whisper tiny.en's loops on the mini's test clips, cut to one copy; repeats that speech has stay."""
+    _, tok, _, _ = whisper
+
+    def cut(text: str) -> str:
+        ids = torch.tensor(tok.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+        return tok.decode(cut_loop(ids).tolist())
+
+    assert cut(" behold behold behold behold behold") == " behold"
+    assert cut(" Can you tell me how to keep my cat entertained? Can you tell me how to keep my cat entertained? Can"
+               " you tell") == " Can you tell me how to keep my cat entertained?"
+    for kept in (" What is 7 times 7 times 7?", " No, no.", " I am very very tired", " Why? Why not?"):
+        assert cut(kept) == kept
+
+
 def test_config_is_checked():
     with pytest.raises(ConfigError, match="unknown keys"):
         WordReaderConfig.from_dict({"layerz": 4})
+    with pytest.raises(ConfigError, match="whole seconds within"):
+        WordReaderConfig.from_dict({"window_s": 45})
+    with pytest.raises(ConfigError, match="beam_size"):
+        WordReaderConfig.from_dict({"beam_size": 0})
     with pytest.raises(ConfigError, match="d_model"):  # Whisper tiny's 384 against the default encoder's 1280
         AudioConfig.from_dict({"word_reader": {}})
     with pytest.raises(ConfigError, match="object or null"):
@@ -166,22 +226,31 @@ def test_the_untrained_mini_with_a_reader_answers_a_spoken_question(reader_base,
 
 def test_deltas_ship_the_trained_reader_parts_and_assembly_reattaches_whisper(reader_base, tmp_path):
     """`assets smollm2 --word-reader` -> train (here: changed tensors) -> deltas without Whisper's weights ->
-    `assets mini`'s assembly from the pip-shipped parts gives the trained model back."""
+    `assets mini`'s assembly from the pip-shipped parts gives the trained model back, with the reader's settings
+    it was trained with (here a 12 s window, not the default)."""
     from funaudiochat.assets import mini_deltas
     from funaudiochat.model.checkpoint import load_model, save_model
 
-    base = reader_base
+    base = tmp_path / "base"
+    shutil.copytree(reader_base, base)
+    config = json.loads((base / "config.json").read_text())
+    config["audio_config"]["word_reader"]["window_s"] = 12
+    (base / "config.json").write_text(json.dumps(config))
     model = load_model(base, dtype="fp32")
     assert model.word_reader is not None and not model.audio_tower.continual_output_matching.weight.any()
     with torch.no_grad():
-        model.word_reader.correction.weight.normal_(0, 0.01)
         model.audio_tower.continual_output_matching.weight.normal_(0, 0.01)
     save_model(model, tmp_path / "trained")
     shutil.copy(base / "tokenizer.json", tmp_path / "trained")
     deltas, meta = mini_deltas.extract(tmp_path / "trained", base)
-    assert meta["word_reader"] == "1" and json.loads(meta["trained"])["hearing"]
-    assert sorted(deltas) == ["audio_tower.continual_output_matching.weight", "word_reader.correction.weight"]
+    assert json.loads(meta["word_reader"])["window_s"] == 12 and json.loads(meta["trained"])["hearing"]
+    assert sorted(deltas) == ["audio_tower.continual_output_matching.weight"]
     mini_deltas.write(deltas, meta, tmp_path / "deltas")
     rebuilt = load_model(mini_deltas.assemble(tmp_path / "out", tmp_path / "deltas"), dtype="fp32")
+    assert rebuilt.word_reader.cfg.window_s == 12
     for key, value in model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
+    # release 1's deltas recorded no reader settings: refused with a reason, not assembled into another model
+    mini_deltas.write(deltas, {**meta, "word_reader": "1"}, tmp_path / "old")
+    with pytest.raises(CheckpointError, match="first word-reader release"):
+        mini_deltas.assemble(tmp_path / "out_old", tmp_path / "old")

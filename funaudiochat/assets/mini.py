@@ -96,7 +96,7 @@ def init_new_parts(model: FunAudioChatModel, seed: int) -> None:
 
 
 def build_mini(seed: int = 0, srh_hidden: int = 256, srh_layers: int = 2, gguf_path: str | Path | None = None,
-               whisper_dir: str | Path | None = None, word_reader: bool = False) -> Mini:
+               whisper_dir: str | Path | None = None, word_reader: bool | dict = False) -> Mini:
     """The fun-audio-chat-mini starting model and its tokenizer. Same seed -> same weights. `word_reader`: with
     Whisper's decoder reading the user's words (model/word_reader.py); the adapter's continuous matching then starts
     at zero, so at first the 5 Hz slots hold Whisper's words alone."""
@@ -123,7 +123,7 @@ def build_mini(seed: int = 0, srh_hidden: int = 256, srh_layers: int = 2, gguf_p
     if word_reader:
         from funaudiochat.assets.whisper_decoder import attach_word_reader
 
-        attach_word_reader(model, tk, whisper_dir)
+        attach_word_reader(model, tk, whisper_dir, word_reader if isinstance(word_reader, dict) else None)
         torch.nn.init.zeros_(model.audio_tower.continual_output_matching.weight)
         cfg.trained["hearing"] = True  # Whisper's decoder, pretrained, reads the words
         cfg.extra["fun_audio_chat_mini"]["word_reader"] = "Whisper decoder (the same CTranslate2 files)"
@@ -132,7 +132,7 @@ def build_mini(seed: int = 0, srh_hidden: int = 256, srh_layers: int = 2, gguf_p
 
 def write_mini(out_dir: str | Path, seed: int = 0, srh_hidden: int = 256, srh_layers: int = 2,
                gguf_path: str | Path | None = None, whisper_dir: str | Path | None = None,
-               word_reader: bool = False) -> FunAudioChatModel:
+               word_reader: bool | dict = False) -> FunAudioChatModel:
     """Write the starting checkpoint folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json."""
     mini = build_mini(seed, srh_hidden, srh_layers, gguf_path, whisper_dir, word_reader)
     save_model(mini.model, out_dir)

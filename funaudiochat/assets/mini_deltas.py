@@ -81,7 +81,7 @@ def extract(final_dir: str | Path, base_dir: str | Path,
     meta = {"format": FORMAT, "seed": str(seed), "srh_hidden": str(srh.hidden_size),
             "srh_layers": str(srh.num_hidden_layers), "trained": json.dumps(trained_parts(deltas, cfg.audio_config.word_reader is not None))}
     if cfg.audio_config.word_reader is not None:  # the starting model had Whisper's decoder (pip-shipped) attached
-        meta["word_reader"] = "1"
+        meta["word_reader"] = json.dumps(cfg.audio_config.word_reader, sort_keys=True)  # and its settings
     if changed:
         meta["audio_config"] = json.dumps(changed, sort_keys=True)
     if stage:
@@ -95,6 +95,17 @@ def audio_settings(trained: FunAudioChatConfig, base: FunAudioChatConfig) -> dic
     now, before = trained.audio_config.to_dict(), base.audio_config.to_dict()
     now.pop("crq_transformer_config"), before.pop("crq_transformer_config")
     return {k: v for k, v in now.items() if before.get(k) != v}
+
+
+def reader_settings(meta: dict[str, str], source: str) -> dict | bool:
+    """The word reader's config the deltas were trained with (False: the model has no reader)."""
+    recorded = meta.get("word_reader")
+    if not recorded:
+        return False
+    if recorded == "1":  # release 1 recorded no settings: one slot per Whisper token, 30 s windows
+        raise CheckpointError(f"{source}: deltas of the first word-reader release (one slot per Whisper token), "
+                              f"which this version no longer builds; retrain them from `assets smollm2 --word-reader`")
+    return json.loads(recorded)
 
 
 def trained_parts(deltas: dict[str, torch.Tensor], word_reader: bool = False) -> dict[str, bool]:
@@ -210,7 +221,7 @@ def assemble(out_dir: str | Path, deltas_dir: str | Path, base_dir: str | Path |
 
             mini = build_mini(seed=int(meta.get("seed", 0)), srh_hidden=int(meta.get("srh_hidden", 256)),
                               srh_layers=int(meta.get("srh_layers", 2)), gguf_path=gguf_path, whisper_dir=whisper_dir,
-                              word_reader=meta.get("word_reader") == "1")
+                              word_reader=reader_settings(meta, source))
             model = mini.model
             write_tokenizer(mini.gguf, tmp, mini.tokenizer)
         if meta.get("audio_config"):  # settings the trained parts were trained with: rebuild the model with them

@@ -56,7 +56,7 @@ def llm_ids_table(cfg: WordReaderConfig, whisper_tokenizer, llm_tokenizer) -> to
 
 
 def reader_state_dict(ct2: CT2Model, cfg: WordReaderConfig) -> dict[str, torch.Tensor]:
-    """`word_reader.*` fp32 tensors for Whisper's decoder (the reader's `correction` and `llm_ids` excluded)."""
+    """`word_reader.*` fp32 tensors for Whisper's decoder (its `llm_ids` table excluded)."""
     t = lambda name: torch.from_numpy(ct2.get(name).copy()).float()
     out = {PREFIX + "embed_tokens.weight": t("decoder/embeddings/weight"),
            PREFIX + "embed_positions": t("decoder/position_encodings/encodings"),
@@ -70,21 +70,34 @@ def reader_state_dict(ct2: CT2Model, cfg: WordReaderConfig) -> dict[str, torch.T
     return out
 
 
-def attach_word_reader(model, llm_tokenizer, model_dir: str | Path | None = None) -> None:
+_SHAPE_FIELDS = ("vocab_size", "width", "layers", "heads", "ffn_dim", "max_positions", "start_ids", "end_id")
+
+
+def attach_word_reader(model, llm_tokenizer, model_dir: str | Path | None = None,
+                       settings: dict | None = None) -> None:
     """Give a mini model (Whisper tiny.en encoder) Whisper's decoder as its word reader, in place: config, weights,
-    the token table (the correction starts at zero: the reader's first words are Whisper's own)."""
+    the token table. `settings`: the reader config a model was trained with (e.g. from a deltas file); default the
+    current one."""
     import tokenizers
 
     directory = Path(model_dir) if model_dir is not None else whisper_model_dir()
     ct2 = read_ct2(directory / "model.bin")
     whisper_tokenizer = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
     cfg = reader_config(ct2, whisper_tokenizer)
+    if settings is not None:
+        wanted = WordReaderConfig.from_dict(settings, where="the trained model's word_reader")
+        differ = [f for f in _SHAPE_FIELDS if getattr(wanted, f) != getattr(cfg, f)]
+        if differ:
+            raise CheckpointError(f"the model was trained with another Whisper decoder than {directory} ({differ})")
+        cfg = wanted
     a = model.cfg.audio_config
     if cfg.width != a.d_model:
         raise CheckpointError(f"the Whisper decoder's width {cfg.width} is not the encoder's d_model {a.d_model}")
     a.word_reader = cfg.to_dict()
-    reader = WordReader(cfg, a.output_dim)
+    reader = WordReader(cfg)
     state = reader_state_dict(ct2, cfg)
-    reader.load_state_dict({k[len(PREFIX):]: v for k, v in state.items()}, strict=False)
+    missing, _ = reader.load_state_dict({k[len(PREFIX):]: v for k, v in state.items()}, strict=False)
+    if missing != ["llm_ids"]:
+        raise CheckpointError(f"the Whisper decoder in {directory} lacks {missing}")
     reader.llm_ids.copy_(llm_ids_table(cfg, whisper_tokenizer, llm_tokenizer))
     model.word_reader = reader.to(next(model.parameters()).dtype)

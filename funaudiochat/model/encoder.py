@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from funaudiochat.config import AudioConfig
+from funaudiochat.errors import ConfigError
 
 _ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
@@ -130,18 +131,22 @@ class AudioEncoder(nn.Module):
             out[i] = torch.cat(per_audio[k], dim=0)
         return out
 
-    def window_frames(self, features: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
-        """Whisper's own input: each audio's mel cut into windows of one attention chunk, the last padded with the
-        clip's floor (the log-mel of silence: its scaled max - 2) -> per audio [W, chunk/2, C] at 50 Hz, pre-LN."""
+    def window_frames(self, features: torch.Tensor, lengths: torch.Tensor, window: int) -> list[torch.Tensor]:
+        """Whisper's own input: each audio's mel cut into windows of `window` mel frames (even, at most one attention
+        chunk), the last padded with the clip's floor (the log-mel of silence: its scaled max - 2)
+        -> per audio [W, window/2, C] at 50 Hz, pre-LN."""
+        if window % 2 or not 0 < window <= self.chunk:
+            raise ConfigError(f"a window of {window} mel frames must be even and within one attention chunk "
+                              f"({self.chunk} frames)")
         out = []
         for mel, n in zip(features, lengths.tolist()):
-            n_windows = -(-n // self.chunk)
-            padded = mel.new_full((mel.shape[0], n_windows * self.chunk), float(mel[:, :n].max()) - 2.0 if n else 0)
+            n_windows = -(-n // window)
+            padded = mel.new_full((mel.shape[0], n_windows * window), float(mel[:, :n].max()) - 2.0 if n else 0)
             padded[:, :n] = mel[:, :n]
-            windows = padded.unflatten(1, (n_windows, self.chunk)).transpose(0, 1)  # [W, M, chunk]
-            full = torch.full((n_windows,), self.chunk, device=mel.device)
+            windows = padded.unflatten(1, (n_windows, window)).transpose(0, 1)  # [W, M, window]
+            full = torch.full((n_windows,), window, device=mel.device)
             out.append(torch.stack(self.encode_frames(windows, full)) if n_windows else
-                       mel.new_zeros(0, self.chunk // 2, self.cfg.d_model))
+                       mel.new_zeros(0, window // 2, self.cfg.d_model))
         return out
 
     def pool_project(self, frames: torch.Tensor) -> torch.Tensor:

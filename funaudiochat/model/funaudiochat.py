@@ -73,7 +73,7 @@ class FunAudioChatModel(nn.Module):
         self.continuous_audio_tower = AudioEncoder(a)
         self.audio_tower = GroupingAdapter(a)
         self.audio_invert_tower = SpeechRefinedHead(a) if a.enable_audio_invert_tower else None
-        self.word_reader = (WordReader(WordReaderConfig.from_dict(a.word_reader), a.output_dim)
+        self.word_reader = (WordReader(WordReaderConfig.from_dict(a.word_reader))
                             if a.word_reader is not None else None)
         self.language_model = CausalLM(cfg.text_config)
         self.tie_weights()
@@ -164,10 +164,10 @@ class FunAudioChatModel(nn.Module):
         return out
 
     def _read_words(self, features: torch.Tensor, lengths: torch.Tensor, n_tokens: int):
-        """With a word reader: the encoder runs on Whisper's 30 s windows once, for both the continuous features
+        """With a word reader: the encoder runs on Whisper's padded windows once, for both the continuous features
         [F, n_tokens, D] and the reader's words [F, n_tokens / k, D]."""
         tower = self.continuous_audio_tower
-        windows = tower.window_frames(features, lengths)  # per audio [W, T, C]
+        windows = tower.window_frames(features, lengths, self.word_reader.cfg.window_frames)  # per audio [W, T, C]
         valid = conv_output_lengths(lengths)[0].tolist()
         continuous = tower.project([w.flatten(0, 1)[:n] for w, n in zip(windows, valid)], n_tokens)
         read = self.word_reader([tower.ln_post(w) for w in windows], n_tokens // self.group_size,

@@ -255,6 +255,17 @@ def test_audio_stage_filters_writes_records_and_resumes(tmp_path, judge, mini_di
     rjournal = {e["id"]: e for e in map(json.loads, (replayed / "clips.jsonl").read_text().splitlines())}
     assert {i: e["kept"] for i, e in rjournal.items()} == {i: e["kept"] for i, e in journal.items()}
     assert all(rjournal[i]["reason"] == "rejected_in_manifest" for i in ("facts-2.q1", "facts-2.q1.r1"))
+    # the test split alone from the full manifest (evaluation without the train audio): the same test records
+    test_only = tmp_path / "test_only"
+    test_only.mkdir()
+    tsummary = build_mini.run_audio_stage(text, test_only, progress=False, replay=out / "manifest.jsonl",
+                                          splits=("test",))
+    assert tsummary["splits"] == ["test"] and not (test_only / "train.jsonl").exists()
+    assert all((test_only / f"{s}.jsonl").read_bytes() == (out / f"{s}.jsonl").read_bytes()
+               for s in ("test", "test_snr10", "test_phone"))
+    assert {p.parent.name for p in test_only.glob("audio/*/*.wav")} == {"test", "test_snr10", "test_phone"}
+    with pytest.raises(InputError, match="unknown split"):
+        build_mini.run_audio_stage(text, tmp_path / "bad", progress=False, splits=("tset",))
     other = tmp_path / "other.jsonl"  # a manifest of another plan is refused before anything is made
     other.write_text(json.dumps({"id": "facts-9.q1", "text": "x", "voice": "x", "aug": {}}) + "\n")
     with pytest.raises(InputError, match="1 clip\\(s\\) this build does not plan"):
@@ -343,6 +354,8 @@ def test_cli_refuses_to_overwrite_and_checks_seeds(tmp_path):
     assert run.returncode == 1 and "already holds a build" in run.stderr
     run = _cli("--out", tmp_path / "other", "--stage", "text", "--limit", "2")
     assert run.returncode == 1 and "give --text a path other than" in run.stderr and not (tmp_path / "other").exists()
+    run = _cli("--out", tmp_path / "other", "--stage", "all", "--splits", "test")
+    assert run.returncode == 1 and "give --stage audio" in run.stderr and not (tmp_path / "other").exists()
 
 
 def test_cli_seed_of_a_build_and_verify_without_manifest(tmp_path, capsys):

@@ -783,15 +783,17 @@ def audio_summary(done: dict[str, dict], clips: list[Clip], records_written: dic
             "clip_seconds": round(sum(e.get("seconds", 0.0) for e in entries), 1), "seconds": round(seconds, 1)}
 
 
-def read_replay(path: Path, clips: list[Clip]) -> dict[str, dict]:
-    """A committed manifest (JSONL, gzipped or not) as {attempt id: row}, checked against this build's plan."""
+def read_replay(path: Path, clips: list[Clip], splits: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """A committed manifest (JSONL, gzipped or not) as {attempt id: row}, checked against this build's plan (only
+    the rows of `splits` when given)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--replay {path}: no such manifest")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         try:
-            rows = {r["id"]: r for r in map(json.loads, filter(str.strip, f))}
+            rows = {r["id"]: r for r in map(json.loads, filter(str.strip, f))
+                    if splits is None or r["split"].partition("_")[0] in splits}  # test_snr10 is test's
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise InputError(f"--replay {path}: not an audio manifest ({err})") from None
     unknown = sorted(set(rows) - attempt_ids(clips))
@@ -802,12 +804,13 @@ def read_replay(path: Path, clips: list[Clip]) -> dict[str, dict]:
 
 
 def _make_planned(clips: list[Clip], out: Path, seed: int, max_wer: float, threads: int, judge, progress: bool,
-                  workers: int, replay: Path | None) -> tuple[dict[str, dict], dict | None]:
+                  workers: int, replay: Path | None,
+                  splits: tuple[str, ...] | None = None) -> tuple[dict[str, dict], dict | None]:
     """Make a stage's planned clips (`make_clips`), judged, or with `replay`'s verdicts. Returns the journal and the
     replayed manifest's rows (None without `replay`)."""
     from funaudiochat.data import synth
 
-    rows = None if replay is None else read_replay(replay, clips)
+    rows = None if replay is None else read_replay(replay, clips, splits)
     if judge is None and workers == 1 and rows is None:
         from funaudiochat.eval.asr import AsrJudge
 
@@ -820,22 +823,30 @@ def _make_planned(clips: list[Clip], out: Path, seed: int, max_wer: float, threa
 
 
 def run_audio_stage(text_path: Path, out: Path, seed: int = 0, max_wer: float = MAX_WER, threads: int = 1,
-                    judge=None, progress: bool = True, workers: int = 1, replay: Path | None = None) -> dict:
+                    judge=None, progress: bool = True, workers: int = 1, replay: Path | None = None,
+                    splits: tuple[str, ...] | None = None) -> dict:
     """Speak, judge and save every clip of TEXT's records; write the records, manifest and OUT/summary.json.
     With `replay` (a committed manifest), make exactly its clips with its verdicts and no judge: the same build in
-    a fraction of the time (the summary counts the clips whose bytes equal the manifest's)."""
+    a fraction of the time (the summary counts the clips whose bytes equal the manifest's). With `splits`, only
+    those splits' records (e.g. ("test",) to evaluate without the train audio); a clip does not depend on the
+    other splits, so they are the same clips as in a full build."""
     out = Path(out)
     meta = check_text_seed(text_path, seed)
     records = read_text(text_path)
+    if splits is not None:
+        unknown = sorted(set(splits) - set(mini_questions.SPLITS))
+        if unknown:
+            raise InputError(f"unknown split(s) {unknown}; the splits are {list(mini_questions.SPLITS)}")
+        records = [r for r in records if r["split"] in splits]
     clips = plan_clips(records, seed)
     t0 = time.perf_counter()
-    done, rows = _make_planned(clips, out, seed, max_wer, threads, judge, progress, workers, replay)
+    done, rows = _make_planned(clips, out, seed, max_wer, threads, judge, progress, workers, replay, splits)
     written = write_records(records, done, out, meta["settings"]["system"])
     wanted = attempt_ids(clips)
     digest = write_manifest({k: v for k, v in done.items() if k in wanted}, out)
     summary = {"seed": seed, "text": str(text_path), "text_counts": meta["counts"], "text_seconds": meta["seconds"],
                "voices": {split: [v.name for v in voices_for(split)] for split in mini_questions.SPLITS},
-               "max_wer": max_wer,
+               "max_wer": max_wer, "splits": list(splits or mini_questions.SPLITS),
                **audio_summary(done, clips, written, digest, time.perf_counter() - t0)}
     if rows is not None:
         replayed = [done[i] for i in rows if i in done]

@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="audio or answers stage: make exactly the clips of this committed manifest (e.g. "
                         "recipes/mini/data/audio.manifest.jsonl.gz) with its verdicts, without the ASR judge "
                         "(about a quarter of the time); the summary says how many clips have the same bytes")
+    p.add_argument("--splits", nargs="+", default=None, metavar="SPLIT",
+                   help="audio stage: only these splits (e.g. --splits test: the evaluation clips alone, the same "
+                        "clips as in a full build; with --replay, only those splits' manifest rows)")
     p.add_argument("--speech-layout", choices=("released", "word"), default="released",
                    help="speech stage: where the answer's text rides along its speech (default released: one token "
                         "per group from the first, SPEC §6.4; word: each word just before its speech)")
@@ -66,6 +69,8 @@ def main(args: argparse.Namespace) -> int:
     if args.limit is not None and args.stage != "audio" and args.text == build_mini.DEFAULT_TEXT:
         raise InputError(f"--limit makes a partial text stage: give --text a path other than {args.text} (the "
                          f"committed full one)")
+    if args.splits is not None and args.stage != "audio":
+        raise InputError(f"--splits selects the audio stage's clips; give --stage audio (not {args.stage})")
     if args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.workers < 1:
@@ -88,7 +93,8 @@ def main(args: argparse.Namespace) -> int:
     if args.stage in ("audio", "all"):
         summary = build_mini.run_audio_stage(args.text, args.out, seed=args.seed, max_wer=args.max_wer,
                                              threads=args.threads, progress=progress,
-                                             workers=args.workers, replay=args.replay)
+                                             workers=args.workers, replay=args.replay,
+                                             splits=None if args.splits is None else tuple(args.splits))
         print(f"audio stage: {json.dumps(summary['records'])}; manifest hash {summary['manifest_sha256']} "
               f"-> {args.out}")
         if "replay" in summary:

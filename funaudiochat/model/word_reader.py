@@ -29,6 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from funaudiochat.errors import ConfigError
+from funaudiochat.model.precision import native_bf16
+
+
+LOGITS_DTYPES = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -101,6 +105,15 @@ class _Attention(nn.Module):
         out = F.scaled_dot_product_attention(self.split(q), k, v)
         return self.out(out.transpose(1, 2).flatten(2))
 
+    def attend_window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Cross-attention of q [A*B, 1, C] (B beams of each of A windows) to each window's k, v [A, H, T, C/H]:
+        a window's B beams are B query positions of one unmasked attention, so its keys and values are read once
+        a step, not once per beam."""
+        a = k.shape[0]
+        q = self.split(q).view(a, -1, self.heads, q.shape[-1] // self.heads).transpose(1, 2)  # [A, H, B, C/H]
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # [A, B, H, C/H]
+        return self.out(out.reshape(-1, 1, q.shape[1] * q.shape[3]))
+
 
 class _DecoderLayer(nn.Module):
     def __init__(self, cfg: WordReaderConfig):
@@ -111,13 +124,14 @@ class _DecoderLayer(nn.Module):
         self.fc1, self.fc2 = nn.Linear(cfg.width, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, cfg.width)
 
     def forward(self, x, cache: list, cross_kv: tuple) -> torch.Tensor:
-        """x [A, 1, C], one new position; cache [k, v] of the positions before it (grown in place)."""
+        """x [A*B, 1, C], one new position of each beam; cache [k, v] of the positions before it (grown in place);
+        cross_kv: each window's keys and values [A, H, T, C/H]."""
         q, k, v = self.self_attn.qkv(self.self_norm(x)).chunk(3, dim=-1)
         k, v = self.self_attn.split(k), self.self_attn.split(v)
         cache[0] = k if cache[0] is None else torch.cat([cache[0], k], dim=2)
         cache[1] = v if cache[1] is None else torch.cat([cache[1], v], dim=2)
         x = x + self.self_attn.attend(q, cache[0], cache[1])
-        x = x + self.cross_attn.attend(self.cross_attn.q(self.cross_norm(x)), *cross_kv)
+        x = x + self.cross_attn.attend_window(self.cross_attn.q(self.cross_norm(x)), *cross_kv)
         return x + self.fc2(F.gelu(self.fc1(self.ffn_norm(x))))
 
 
@@ -131,6 +145,26 @@ class WordReader(nn.Module):
         self.norm = nn.LayerNorm(cfg.width)
         # Whisper token -> its LLM sub-tokens (-1 past the last one); set when the reader is attached
         self.register_buffer("llm_ids", torch.full((cfg.vocab_size, cfg.sub_tokens), -1, dtype=torch.long))
+        self.logits_dtype = "auto"
+        self._bf16_copy: tuple[tuple, torch.Tensor] | None = None  # ((ptr, version), the projection in bf16)
+
+    def set_logits_dtype(self, name: str) -> None:
+        """What the vocabulary is scored in: fp32, bf16, or auto (bf16 where the device computes it natively)."""
+        if name not in LOGITS_DTYPES:
+            raise ConfigError(f"word reader logits dtype must be one of {LOGITS_DTYPES}, got {name!r}")
+        self.logits_dtype = name
+
+    def _logits(self, z: torch.Tensor) -> torch.Tensor:
+        """final states [N, C] -> fp32 logits [N, V]. The tied projection [V, C] is read whole at every step, most
+        of a read's time on a CPU whose cache does not hold it (80 MB in fp32); in bf16 it is half the bytes."""
+        w = self.embed_tokens.weight
+        bf16 = self.logits_dtype == "bf16" or (self.logits_dtype == "auto" and native_bf16(w.device))
+        if bf16 and w.dtype == torch.float32:
+            key = (w.data_ptr(), w._version)  # a new or reloaded weight makes a new copy
+            if self._bf16_copy is None or self._bf16_copy[0] != key:
+                self._bf16_copy = (key, w.detach().to(torch.bfloat16))
+            w = self._bf16_copy[1]
+        return (z.to(w.dtype) @ w.T).float()
 
     def _step(self, token: torch.Tensor, pos: int, caches: list, cross: list) -> torch.Tensor:
         """tokens [N] at position `pos` -> final states [N, C] (caches grown in place)."""
@@ -145,8 +179,8 @@ class WordReader(nn.Module):
         [A, m] (padded with the end token) and how many each window read [A] (the end token excluded)."""
         cfg, a, b = self.cfg, memory.shape[0], self.cfg.beam_size
         max_tokens = min(max_tokens, cfg.max_positions - len(cfg.start_ids))
-        cross = [tuple(layer.cross_attn.split(t).repeat_interleave(b, dim=0)
-                       for t in layer.cross_attn.kv(memory).chunk(2, dim=-1)) for layer in self.layers]
+        cross = [tuple(layer.cross_attn.split(t) for t in layer.cross_attn.kv(memory).chunk(2, dim=-1))
+                 for layer in self.layers]  # per window [A, H, T, C/H], shared by its beams
         caches = [[None, None] for _ in self.layers]
         for pos, start in enumerate(cfg.start_ids[:-1]):  # the prompt, the same in every beam
             self._step(torch.full((a * b,), start, device=memory.device), pos, caches, cross)
@@ -159,7 +193,7 @@ class WordReader(nn.Module):
         top_ended, done = [False] * a, [False] * a
         rows = torch.arange(a, device=memory.device)[:, None]
         for step in range(max_tokens):
-            logits = (self._step(token, len(cfg.start_ids) - 1 + step, caches, cross) @ self.embed_tokens.weight.T).float()
+            logits = self._logits(self._step(token, len(cfg.start_ids) - 1 + step, caches, cross))
             logits[:, cfg.end_id + 1:] = float("-inf")  # Whisper's specials and timestamps are never words
             if step == 0:
                 logits[:, cfg.end_id] = float("-inf")   # nor is an empty transcript

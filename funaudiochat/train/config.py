@@ -32,6 +32,7 @@ import yaml
 from funaudiochat.errors import ConfigError
 from funaudiochat.model import presets
 from funaudiochat.model.lora import TARGETS as LORA_TARGETS
+from funaudiochat.model.precision import native_bf16
 
 DPO_TASKS = ("robustness", "instruction_following", "audio_understanding", "empathy")
 
@@ -367,14 +368,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     return recipe_from_dict(apply_overrides(data, list(overrides)))
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products run natively here (CUDA, or a CPU with AMX or AVX-512 BF16), so bf16 autocast
-    speeds training up; elsewhere the CPU emulates them, slower than fp32."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -1,0 +1,92 @@
+"""The word reader alone (model/word_reader.py): what it reads from a split's ASR clips, and how long a read takes.
+
+For each ASR record of DATA/SPLIT.jsonl: the clip's log-mel, the encoder on the reader's padded windows, the reader's
+beam search, its tokens decoded with Whisper's tokenizer; WER against the transcript (the project's English
+normaliser), and the median time of the encoder and of the read per clip. Settings are overridden on the
+checkpoint's reader (`--window`, `--beam`, `--no-cut`) and the vocabulary is scored in fp32 or a bf16 copy
+(`--logits`: fp32, bf16, or auto, which is bf16 where the CPU computes it natively), so each choice is measured on the same clips in one run.
+
+    .venv/bin/python bench/word_reader.py --model checkpoints/mini -n 150 --threads 2 [--window 10] [--beam 5] \
+        [--logits fp32 bf16]
+
+Prints the machine line, then one row per setting: WER, clips, encode and read medians.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from funaudiochat.model import word_reader
+
+sys.path.insert(0, str(Path(__file__).parent))  # bench/machine.py
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=Path("checkpoints/mini"), help="a checkpoint with a word reader")
+    ap.add_argument("--data", type=Path, default=Path("data/mini"), help="build-mini's output folder")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("-n", type=int, default=150, help="the split's first N ASR records (default 150)")
+    ap.add_argument("--window", type=int, default=None, help="window_s override (seconds)")
+    ap.add_argument("--beam", type=int, default=None, help="beam_size override (1: greedy)")
+    ap.add_argument("--no-cut", action="store_true", help="keep a looping transcript as read")
+    ap.add_argument("--logits", nargs="+", default=["fp32", "auto"], choices=list(word_reader.LOGITS_DTYPES),
+                    help="what the vocabulary is scored in, each measured in turn (default fp32 auto; auto: bf16 "
+                         "where the CPU computes it natively)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    import tokenizers
+
+    from machine import machine_line
+    from funaudiochat.assets.whisper_encoder import whisper_model_dir
+    from funaudiochat.audio.mel import WhisperFrontend
+    from funaudiochat.audio.io import load_audio
+    from funaudiochat.eval.asr import error_rates
+    from funaudiochat.eval.mini import read_split
+    from funaudiochat.eval.normalize import normalize_english
+    from funaudiochat.model.checkpoint import load_model
+
+    torch.set_num_threads(args.threads)
+    print(machine_line())
+    model = load_model(args.model).eval()
+    reader, tower = model.word_reader, model.continuous_audio_tower
+    if reader is None:
+        raise SystemExit(f"{args.model}: no word reader (audio_config.word_reader)")
+    overrides = {k: v for k, v in (("window_s", args.window), ("beam_size", args.beam)) if v is not None}
+    reader.cfg = dataclasses.replace(reader.cfg, **overrides)
+    if args.no_cut:
+        word_reader.cut_loop = lambda tokens: tokens
+    tok = tokenizers.Tokenizer.from_file(str(whisper_model_dir() / "tokenizer.json"))
+    records = [r for r in read_split(args.data, args.split) if r.task == "asr"][: args.n]
+    frontend = WhisperFrontend(model.cfg.audio_config.num_mel_bins)
+    clips = [frontend([load_audio(r.wavs[0])], padding="longest") for r in records]
+    print(f"{len(records)} ASR clips of {args.data / args.split}.jsonl; reader {json.dumps(reader.cfg.to_dict())}")
+    for dtype in args.logits:
+        reader.set_logits_dtype(dtype)
+        hyps, encode_s, read_s = [], [], []
+        with torch.no_grad():
+            for features, mask in clips:
+                t0 = time.perf_counter()
+                windows = tower.ln_post(tower.window_frames(features, mask.sum(-1), reader.cfg.window_frames)[0])
+                t1 = time.perf_counter()
+                tokens, count = reader.read(windows, 448)
+                t2 = time.perf_counter()
+                encode_s.append(t1 - t0)
+                read_s.append(t2 - t1)
+                hyps.append(" ".join(tok.decode(tokens[i, : int(count[i])].tolist()) for i in range(len(count))))
+        refs = [normalize_english(r.answer) for r in records]
+        wer = error_rates(refs, [normalize_english(h) for h in hyps])[0]
+        print(f"logits {dtype}: WER {wer:.3f} on {len(records)} clips; encode {statistics.median(encode_s):.3f} s, "
+              f"read {statistics.median(read_s):.3f} s (medians per clip)")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ import torch
 from helpers import make_tiny_checkpoint, write_wav
 
 from funaudiochat.assets import mini_deltas
+from funaudiochat.audio.io import load_audio
 from funaudiochat.engine.prompt import speech_token_count
 from funaudiochat.errors import CheckpointError, InputError
 from funaudiochat.eval import mini as eval_mini
@@ -159,6 +160,12 @@ def test_mini_pipeline(tmp_path):
     assert report["asr"]["wer"] >= 0 and report["asr"]["whisper_tiny_en_wer"] >= 0
     assert 0 < report["latency"]["eager"]["p50_s"] < 30
     assert "| ASR WER |" in out and (report_dir / "report.md").read_text() in out
+    # the latency is a new conversation's, as `chat` and `serve` run one: the system turn computed once per engine
+    me = eval_mini.Answerer(ckpt, max_new_tokens=4)
+    rec = next(r for r in eval_mini.read_split(data, "test") if r.task == "qa")
+    audio = eval_mini.five_seconds(load_audio(rec.wavs[0], eval_mini.RATE))
+    assert rec.system and len(me.engine.prefixes) == 0
+    assert me.first_text_latency(rec.system, audio) > 0 and len(me.engine.prefixes) == 1
 
     # errors: one line each, nothing written
     bad = cli("assets", "mini", tmp_path / "x", "--deltas", tmp_path / "nowhere", "--base", base)

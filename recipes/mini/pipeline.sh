@@ -70,9 +70,12 @@ restore() {  # restore STAGE: 0 when its output is here or was rebuilt from comm
     else git show "$rev:models/mini/deltas.safetensors" > "$tmp/deltas.safetensors" 2>/dev/null || continue; fi
     if [ "$(stage_of "$tmp/deltas.safetensors")" = "$1" ]; then
       step "restore $1 from the deltas of $rev"
-      "$fac" assets mini "$(out_of "$1")" --deltas "$tmp" --base "$(base_of "$1")"
-      rm -rf "$tmp"
-      return 0
+      # deltas this version no longer assembles (e.g. release 1's reader) are passed over: the stage is trained
+      if "$fac" assets mini "$(out_of "$1")" --deltas "$tmp" --base "$(base_of "$1")"; then
+        rm -rf "$tmp"
+        return 0
+      fi
+      step "the deltas of $rev do not assemble with this version; trying older ones, else training $1"
     fi
   done
   rm -rf "$tmp"

@@ -3,11 +3,11 @@
 For each ASR record of DATA/SPLIT.jsonl: the clip's log-mel, the encoder on the reader's padded windows, the reader's
 beam search, its tokens decoded with Whisper's tokenizer; WER against the transcript (the project's English
 normaliser), and the median time of the encoder and of the read per clip. Settings are overridden on the
-checkpoint's reader (`--window`, `--beam`, `--no-cut`) and the vocabulary is scored in fp32 or a bf16 copy
-(`--logits`: fp32, bf16, or auto, which is bf16 where the CPU computes it natively), so each choice is measured on the same clips in one run.
+checkpoint's reader (`--window`, `--beam`, `--no-cut`), and the vocabulary is scored in each of `--logits` in turn
+(fp32, bf16, or auto: bf16 where the CPU computes it natively), on the same clips in one run.
 
     .venv/bin/python bench/word_reader.py --model checkpoints/mini -n 150 --threads 2 [--window 10] [--beam 5] \
-        [--logits fp32 bf16]
+        [--logits fp32 auto]
 
 Prints the machine line, then one row per setting: WER, clips, encode and read medians.
 """

@@ -15,7 +15,9 @@ needs).
 The reader sees Whisper's padded windows of `window_s` seconds: Whisper was trained on 30 s, but tiny.en reads a
 question as well from 10 s (those clips: WER 0.068 against 0.073) at a quarter of the encoder's time.
 
-The reader is frozen (Whisper's weights, nothing trained). Released checkpoints have no reader.
+The reader is frozen (Whisper's weights, nothing trained). Released checkpoints have no reader. Each step scores
+the whole vocabulary; by default (`set_logits_dtype`) in bf16 where the device computes it natively: half the
+bytes, and it reads as well (the mini's 150 test ASR clips: WER 0.064 against 0.068 in fp32, bench/word_reader.py).
 
 Shape legend: A windows, B beams, T encoder frames of a window (50 Hz), C Whisper width, V Whisper vocabulary,
 S LLM sub-tokens per Whisper token, m tokens read, G 5 Hz slots, D LLM width.

@@ -3,11 +3,11 @@
 For each ASR record of DATA/SPLIT.jsonl: the clip's log-mel, the encoder on the reader's padded windows, the reader's
 beam search, its tokens decoded with Whisper's tokenizer; WER against the transcript (the project's English
 normaliser), and the median time of the encoder and of the read per clip. Settings are overridden on the
-checkpoint's reader (`--window`, `--beam`, `--no-cut`), and the vocabulary is scored in each of `--logits` in turn
-(fp32, bf16, or auto: bf16 where the CPU computes it natively), on the same clips in one run.
+checkpoint's reader (`--window`, `--beam`, `--no-cut`), and its products read the weights in each of `--compute` in
+turn (fp32, bf16 copies, or auto: bf16 where the CPU computes it natively), on the same clips in one run.
 
     .venv/bin/python bench/word_reader.py --model checkpoints/mini -n 150 --threads 2 [--window 10] [--beam 5] \
-        [--logits fp32 auto]
+        [--compute fp32 auto]
 
 Prints the machine line, then one row per setting: WER, clips, encode and read medians.
 """
@@ -37,9 +37,12 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=None, help="window_s override (seconds)")
     ap.add_argument("--beam", type=int, default=None, help="beam_size override (1: greedy)")
     ap.add_argument("--no-cut", action="store_true", help="keep a looping transcript as read")
-    ap.add_argument("--logits", nargs="+", default=["fp32", "auto"], choices=list(word_reader.LOGITS_DTYPES),
-                    help="what the vocabulary is scored in, each measured in turn (default fp32 auto; auto: bf16 "
-                         "where the CPU computes it natively)")
+    ap.add_argument("--compute", nargs="+", default=["fp32", "auto"], choices=list(word_reader.COMPUTE_DTYPES),
+                    help="what the reader's products read, each measured in turn (default fp32 auto; auto: bf16 "
+                         "copies of the weights where the CPU computes bf16 natively)")
+    ap.add_argument("--load-dtype", default=None, choices=["fp32", "bf16"],
+                    help="cast the checkpoint's weights as `infer --dtype` does (default: as stored); in bf16 the "
+                         "reader's products, sums and residual stream are all bf16")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
@@ -56,7 +59,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     print(machine_line())
-    model = load_model(args.model).eval()
+    model = load_model(args.model, dtype=args.load_dtype).eval()
     reader, tower = model.word_reader, model.continuous_audio_tower
     if reader is None:
         raise SystemExit(f"{args.model}: no word reader (audio_config.word_reader)")
@@ -67,10 +70,11 @@ def main() -> None:
     tok = tokenizers.Tokenizer.from_file(str(whisper_model_dir() / "tokenizer.json"))
     records = [r for r in read_split(args.data, args.split) if r.task == "asr"][: args.n]
     frontend = WhisperFrontend(model.cfg.audio_config.num_mel_bins)
-    clips = [frontend([load_audio(r.wavs[0])], padding="longest") for r in records]
+    dtype = next(tower.parameters()).dtype
+    clips = [(f.to(dtype), m) for f, m in (frontend([load_audio(r.wavs[0])], padding="longest") for r in records)]
     print(f"{len(records)} ASR clips of {args.data / args.split}.jsonl; reader {json.dumps(reader.cfg.to_dict())}")
-    for dtype in args.logits:
-        reader.set_logits_dtype(dtype)
+    for dtype in args.compute:
+        reader.set_compute_dtype(dtype)
         hyps, encode_s, read_s = [], [], []
         with torch.no_grad():
             for features, mask in clips:
@@ -84,7 +88,7 @@ def main() -> None:
                 hyps.append(" ".join(tok.decode(tokens[i, : int(count[i])].tolist()) for i in range(len(count))))
         refs = [normalize_english(r.answer) for r in records]
         wer = error_rates(refs, [normalize_english(h) for h in hyps])[0]
-        print(f"logits {dtype}: WER {wer:.3f} on {len(records)} clips; encode {statistics.median(encode_s):.3f} s, "
+        print(f"compute {dtype}: WER {wer:.3f} on {len(records)} clips; encode {statistics.median(encode_s):.3f} s, "
               f"read {statistics.median(read_s):.3f} s (medians per clip)")
 
 

@@ -145,9 +145,9 @@ def test_mini_pipeline(tmp_path):
 
     report_dir = tmp_path / "report"
     out = ok(cli("eval", "mini", "--model", ckpt, "--data", data, "--split", "test", "--limit", "2",
-                 "--latency", "2", "--max-new-tokens", "4", "--out", report_dir))
+                 "--latency", "2", "--max-new-tokens", "4", "--out", report_dir, "--dtype", "bf16"))
     report = json.loads((report_dir / "report.json").read_text())
-    assert report["counts"] == {"asr": 2, "qa": 2, "gold": 2}
+    assert report["counts"] == {"asr": 2, "qa": 2, "gold": 2} and report["dtype"] == "bf16" and "(bf16)" in out
     assert report["spoken_qa"]["accuracy_base_typed"] == 0.5  # the recorded typed answers: one right, one wrong
     figures = [r["figure"] for r in report["summary"]]
     assert figures[0] == "ASR WER" and "latency p50 (eager), s" in figures
@@ -165,6 +165,7 @@ def test_mini_pipeline(tmp_path):
     rec = next(r for r in eval_mini.read_split(data, "test") if r.task == "qa")
     audio = eval_mini.five_seconds(load_audio(rec.wavs[0], eval_mini.RATE))
     assert rec.system and len(me.engine.prefixes) == 0
+    assert next(me.engine.model.parameters()).dtype == torch.float32  # as stored (the eval above: --dtype bf16)
     assert me.first_text_latency(rec.system, audio) > 0 and len(me.engine.prefixes) == 1
 
     # errors: one line each, nothing written

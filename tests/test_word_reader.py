@@ -45,7 +45,7 @@ def whisper():
     reader = WordReader(cfg)
     reader.load_state_dict({k.removeprefix("word_reader."): v for k, v in reader_state_dict(ct2, cfg).items()},
                            strict=False)
-    reader.set_logits_dtype("fp32")  # compared with CTranslate2's float32 decoding (bf16: its own test)
+    reader.set_compute_dtype("fp32")  # compared with CTranslate2's float32 decoding (bf16: its own test)
     return cfg, tok, encoder.eval(), reader.eval()
 
 
@@ -88,7 +88,7 @@ def test_beam_search_and_greedy_read_what_ctranslate2_reads(whisper, spoken):
     ct2_model = ctranslate2.models.Whisper(str(whisper_model_dir()), device="cpu", compute_type="float32")
     greedy = WordReader(dataclasses.replace(cfg, beam_size=1))
     greedy.load_state_dict(reader.state_dict())
-    greedy.set_logits_dtype("fp32")
+    greedy.set_compute_dtype("fp32")
     with torch.no_grad():
         memory = encoder.ln_post(encoder.encode_frames(padded, torch.tensor([padded.shape[-1]]))[0])[None]
         ours = {5: read_tokens(reader, memory), 1: read_tokens(greedy, memory)}
@@ -101,9 +101,9 @@ def test_beam_search_and_greedy_read_what_ctranslate2_reads(whisper, spoken):
     assert both[1, : int(count[1])].tolist() == ours[5]
 
 
-def test_vocabulary_scored_in_bf16_reads_what_fp32_reads(whisper, spoken):
-    """The projection scored in bf16 (auto's choice where the CPU computes bf16 natively: half the bytes a step
-    reads) reads the same tokens as fp32 on the clean clip and at 5 dB SNR."""
+def test_bf16_products_read_what_fp32_reads(whisper, spoken):
+    """The products reading bf16 copies of the weights (auto's choice where the CPU computes bf16 natively: half the
+    bytes a step reads) read the same tokens as fp32 on the clean clip and at 5 dB SNR."""
     cfg, tok, encoder, reader = whisper
     noise = np.random.default_rng(0).standard_normal(len(spoken)).astype(np.float32)
     clips = [spoken, spoken + noise * np.sqrt(np.mean(spoken ** 2) / 10 ** 0.5)]
@@ -112,13 +112,20 @@ def test_vocabulary_scored_in_bf16_reads_what_fp32_reads(whisper, spoken):
         memory = encoder.ln_post(torch.stack(encoder.encode_frames(padded, torch.tensor([padded.shape[-1]] * 2))))
         read = {}
         for name in ("fp32", "bf16"):
-            reader.set_logits_dtype(name)
+            reader.set_compute_dtype(name)
             tokens, count = reader.read(memory, 100)
             read[name] = [tokens[i, : int(count[i])].tolist() for i in range(2)]
-    reader.set_logits_dtype("fp32")
+    reader.set_compute_dtype("fp32")
     assert read["bf16"] == read["fp32"] and "capital" in tok.decode(read["fp32"][0]).lower()
-    with pytest.raises(ConfigError, match="logits dtype must be one of"):
-        reader.set_logits_dtype("int8")
+    fc1, x = reader.layers[0].fc1, memory[0, :4]
+    fc1.bf16 = True  # (as the bf16 read left it) its product reads the bf16 copy: close to fp32, not equal
+    rounded = fc1(x)
+    fc1.bf16 = False
+    exact = fc1(x)
+    assert not torch.equal(rounded, exact) and rounded.dtype == torch.float32
+    torch.testing.assert_close(rounded, exact, rtol=0.05, atol=0.05)
+    with pytest.raises(ConfigError, match="compute dtype must be one of"):
+        reader.set_compute_dtype("int8")
 
 
 def test_reads_the_tokens_ctranslate2_reads(whisper, spoken):

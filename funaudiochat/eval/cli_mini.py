@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="measure a model whose config marks hearing as untrained (e.g. the base)")
     p.add_argument("--out", type=Path, default=None, help="report folder (default outputs/eval-mini/MODEL_NAME)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "int8"],
+                   help="cast the weights of every model measured (default: as stored, fp32); bf16 is faster only "
+                        "where the CPU computes it natively (AVX-512 BF16 or AMX)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,7 +51,8 @@ def main(args: argparse.Namespace) -> int:
 
     report = evaluate(args.model, args.data, args.split, args.limit, args.base, args.baseline,
                       whisper=not args.no_whisper, latency_n=args.latency, compiled=args.compile,
-                      max_new_tokens=args.max_new_tokens, allow_untrained=args.allow_untrained, progress=True)
+                      max_new_tokens=args.max_new_tokens, allow_untrained=args.allow_untrained, progress=True,
+                      dtype=args.dtype)
     out = args.out or Path("outputs/eval-mini") / args.model.resolve().name
     json_path, _ = write_report(report, out)
     print(markdown(report), end="")

@@ -13,7 +13,8 @@
                  conversation as `chat` and `serve` run one (the system turn's keys and values computed once per
                  engine): features + encoder + word reader + prefill + first step, p50 / p95, eager (and compiled)
 
-Everything is greedy text (the s2t preset; the speech head never runs). Targets are the issue's thresholds.
+Everything is greedy text (the s2t preset; the speech head never runs), with the weights as stored or cast to
+`dtype` (every model the report loads). Targets are the issue's thresholds.
 """
 from __future__ import annotations
 
@@ -157,11 +158,11 @@ class Answerer:
     text token."""
 
     def __init__(self, model_dir: str | Path, max_new_tokens: int = 128, compile: bool = False,
-                 allow_untrained: bool = False, max_seq_len: int = 2048):
+                 allow_untrained: bool = False, max_seq_len: int = 2048, dtype: str | None = None):
         from funaudiochat.engine.loading import load_runtime
         from funaudiochat.engine.presets import generation_preset
 
-        rt = load_runtime(model_dir, speech=False, compile=compile, max_seq_len=max_seq_len)
+        rt = load_runtime(model_dir, dtype=dtype, speech=False, compile=compile, max_seq_len=max_seq_len)
         self.engine, self.tokenizer = rt.engine, rt.tokenizer
         self.gen = generation_preset("s2t", self.tokenizer, max_new_tokens=max_new_tokens)
         self.allow_untrained = allow_untrained
@@ -218,14 +219,15 @@ def five_seconds(wav: np.ndarray) -> np.ndarray:
 def evaluate(model: str | Path, data: str | Path, split: str = "test", limit: int | None = None,
              base: str | Path | None = None, baseline: str | Path | None = None, whisper: bool = True,
              latency_n: int = 50, compiled: bool = False, max_new_tokens: int = 128,
-             allow_untrained: bool = False, progress: bool = False) -> dict:
+             allow_untrained: bool = False, progress: bool = False, dtype: str | None = None) -> dict:
     records = read_split(data, split, limit)
     asr = [r for r in records if r.task == "asr"]
     qa = [r for r in records if r.task == "qa"]
     gold = [r for r in qa if r.gold]
-    me = Answerer(model, max_new_tokens, allow_untrained=allow_untrained)
+    me = Answerer(model, max_new_tokens, allow_untrained=allow_untrained, dtype=dtype)
     bar = _bar(progress)
     report: dict = {"model": str(model), "data": str(data), "split": split, "limit": limit,
+                    "dtype": dtype or "as stored",
                     "counts": {"asr": len(asr), "qa": len(qa), "gold": len(gold)}, "targets": TARGETS}
 
     # ASR: ours, and Whisper tiny.en on the same clips
@@ -245,7 +247,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", limit: in
     if qa:
         spoken = {r.id: _step(bar, me.answer(spoken_messages(r), _audios(r))[0]) for r in qa}
         if base is not None:
-            other = Answerer(base, max_new_tokens, allow_untrained=True)
+            other = Answerer(base, max_new_tokens, allow_untrained=True, dtype=dtype)
             base_typed = {r.id: _step(bar, other.answer(typed_messages(r))[0]) for r in qa}
         else:
             base_typed = {r.id: r.typed_answer for r in qa}
@@ -262,7 +264,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", limit: in
         report["retention"] = {"accuracy_typed": acc_typed, "accuracy_base_typed": acc_base,
                                "ratio": ratio(acc_typed, acc_base)}
         if baseline is not None:
-            other = Answerer(baseline, max_new_tokens, allow_untrained=True)
+            other = Answerer(baseline, max_new_tokens, allow_untrained=True, dtype=dtype)
             acc = accuracy([_step(bar, other.answer(typed_messages(r))[0]) for r in gold], expected)
             report["retention"]["baseline"] = {"model": str(baseline), "accuracy_typed": acc,
                                                "ratio": ratio(acc, acc_base)}
@@ -289,7 +291,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", limit: in
     if latency_n and questions:
         report["latency"] = {"eager": _latency(me, questions, latency_n, bar)}
         if compiled:
-            fast = Answerer(model, max_new_tokens, compile=True, allow_untrained=allow_untrained)
+            fast = Answerer(model, max_new_tokens, compile=True, allow_untrained=allow_untrained, dtype=dtype)
             _latency(fast, questions, 2, None)  # compile the graphs first
             report["latency"]["compiled"] = _latency(fast, questions, latency_n, None)
     if bar is not None:
@@ -377,8 +379,8 @@ def fmt_beside(value, label: str) -> str:
 
 def markdown(report: dict) -> str:
     c = report["counts"]
-    title = (f"# fun-audio-chat-mini: {report['model']} on {report['data']} ({report['split']}: {c['asr']} ASR, "
-             f"{c['qa']} QA, {c['gold']} gold)")
+    title = (f"# fun-audio-chat-mini: {report['model']} ({report.get('dtype', 'as stored')}) on {report['data']} "
+             f"({report['split']}: {c['asr']} ASR, {c['qa']} QA, {c['gold']} gold)")
     return summary_table(title, report["summary"])
 
 

@@ -15,9 +15,12 @@ needs).
 The reader sees Whisper's padded windows of `window_s` seconds: Whisper was trained on 30 s, but tiny.en reads a
 question as well from 10 s (those clips: WER 0.068 against 0.073) at a quarter of the encoder's time.
 
-The reader is frozen (Whisper's weights, nothing trained). Released checkpoints have no reader. Each step scores
-the whole vocabulary; by default (`set_logits_dtype`) in bf16 where the device computes it natively: half the
-bytes, and it reads as well (the mini's 150 test ASR clips: WER 0.064 against 0.068 in fp32, bench/word_reader.py).
+The reader is frozen (Whisper's weights, nothing trained). Released checkpoints have no reader. Each step reads
+all its weights (8 M in the layers) and scores the whole vocabulary (20 M in the tied projection): the step is
+bound by memory, not arithmetic. By default (`set_compute_dtype`) its products read bf16 copies of the weights
+where the device computes bf16 natively: half the bytes. Only the products' inputs are rounded to bf16; sums, layer
+norms, attention and the residual stream stay fp32. It reads as well (the mini's 150 test ASR clips:
+bench/word_reader.py, figures in BENCHMARKS.md).
 
 Shape legend: A windows, B beams, T encoder frames of a window (50 Hz), C Whisper width, V Whisper vocabulary,
 S LLM sub-tokens per Whisper token, m tokens read, G 5 Hz slots, D LLM width.
@@ -34,7 +37,7 @@ from funaudiochat.errors import ConfigError
 from funaudiochat.model.precision import native_bf16
 
 
-LOGITS_DTYPES = ("auto", "fp32", "bf16")
+COMPUTE_DTYPES = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -87,6 +90,33 @@ def cut_loop(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:keep]
 
 
+class _Bf16Copy:
+    """A bf16 copy of a weight, made once and remade when the weight is replaced or changed in place."""
+
+    def __init__(self):
+        self.key, self.copy = None, None
+
+    def of(self, w: torch.Tensor) -> torch.Tensor:
+        key = (w.data_ptr(), w._version)
+        if self.key != key:
+            self.key, self.copy = key, w.detach().to(torch.bfloat16)
+        return self.copy
+
+
+class _Linear(nn.Linear):
+    """nn.Linear whose product reads a bf16 copy of the weight when `bf16` is set (WordReader.read sets it): the
+    input is rounded to bf16, the product accumulates and returns fp32, the bias is added in fp32."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bf16, self._copy = False, _Bf16Copy()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.bf16 or self.weight.dtype != torch.float32:
+            return super().forward(x)
+        return F.linear(x.to(torch.bfloat16), self._copy.of(self.weight)).float() + self.bias
+
+
 class _Attention(nn.Module):
     """Whisper attention: `qkv` fused for self-attention, `q` + `kv` for cross-attention."""
 
@@ -94,10 +124,10 @@ class _Attention(nn.Module):
         super().__init__()
         self.heads = heads
         if cross:
-            self.q, self.kv = nn.Linear(width, width), nn.Linear(width, 2 * width)
+            self.q, self.kv = _Linear(width, width), _Linear(width, 2 * width)
         else:
-            self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
+            self.qkv = _Linear(width, 3 * width)
+        self.out = _Linear(width, width)
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
         """[A, L, C] -> [A, H, L, C/H]"""
@@ -123,7 +153,7 @@ class _DecoderLayer(nn.Module):
         self.self_norm, self.cross_norm, self.ffn_norm = (nn.LayerNorm(cfg.width) for _ in range(3))
         self.self_attn = _Attention(cfg.width, cfg.heads, cross=False)
         self.cross_attn = _Attention(cfg.width, cfg.heads, cross=True)
-        self.fc1, self.fc2 = nn.Linear(cfg.width, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, cfg.width)
+        self.fc1, self.fc2 = _Linear(cfg.width, cfg.ffn_dim), _Linear(cfg.ffn_dim, cfg.width)
 
     def forward(self, x, cache: list, cross_kv: tuple) -> torch.Tensor:
         """x [A*B, 1, C], one new position of each beam; cache [k, v] of the positions before it (grown in place);
@@ -147,25 +177,28 @@ class WordReader(nn.Module):
         self.norm = nn.LayerNorm(cfg.width)
         # Whisper token -> its LLM sub-tokens (-1 past the last one); set when the reader is attached
         self.register_buffer("llm_ids", torch.full((cfg.vocab_size, cfg.sub_tokens), -1, dtype=torch.long))
-        self.logits_dtype = "auto"
-        self._bf16_copy: tuple[tuple, torch.Tensor] | None = None  # ((ptr, version), the projection in bf16)
+        self.compute_dtype = "auto"
+        self._projection_bf16 = _Bf16Copy()
 
-    def set_logits_dtype(self, name: str) -> None:
-        """What the vocabulary is scored in: fp32, bf16, or auto (bf16 where the device computes it natively)."""
-        if name not in LOGITS_DTYPES:
-            raise ConfigError(f"word reader logits dtype must be one of {LOGITS_DTYPES}, got {name!r}")
-        self.logits_dtype = name
+    def set_compute_dtype(self, name: str) -> None:
+        """What the products read: fp32 weights, bf16 copies, or auto (bf16 where the device computes it natively)."""
+        if name not in COMPUTE_DTYPES:
+            raise ConfigError(f"word reader compute dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
+        self.compute_dtype = name
 
-    def _logits(self, z: torch.Tensor) -> torch.Tensor:
+    def _use_bf16(self, device: torch.device) -> bool:
+        """Whether this read multiplies in bf16 (sets every layer's products to match)."""
+        bf16 = self.embed_tokens.weight.dtype == torch.float32 and (
+            self.compute_dtype == "bf16" or (self.compute_dtype == "auto" and native_bf16(device)))
+        for module in self.modules():
+            if isinstance(module, _Linear):
+                module.bf16 = bf16
+        return bf16
+
+    def _logits(self, z: torch.Tensor, bf16: bool) -> torch.Tensor:
         """final states [N, C] -> fp32 logits [N, V]. The tied projection [V, C] is read whole at every step, most
         of a read's time on a CPU whose cache does not hold it (80 MB in fp32); in bf16 it is half the bytes."""
-        w = self.embed_tokens.weight
-        bf16 = self.logits_dtype == "bf16" or (self.logits_dtype == "auto" and native_bf16(w.device))
-        if bf16 and w.dtype == torch.float32:
-            key = (w.data_ptr(), w._version)  # a new or reloaded weight makes a new copy
-            if self._bf16_copy is None or self._bf16_copy[0] != key:
-                self._bf16_copy = (key, w.detach().to(torch.bfloat16))
-            w = self._bf16_copy[1]
+        w = self._projection_bf16.of(self.embed_tokens.weight) if bf16 else self.embed_tokens.weight
         return (z.to(w.dtype) @ w.T).float()
 
     def _step(self, token: torch.Tensor, pos: int, caches: list, cross: list) -> torch.Tensor:
@@ -181,6 +214,7 @@ class WordReader(nn.Module):
         [A, m] (padded with the end token) and how many each window read [A] (the end token excluded)."""
         cfg, a, b = self.cfg, memory.shape[0], self.cfg.beam_size
         max_tokens = min(max_tokens, cfg.max_positions - len(cfg.start_ids))
+        bf16 = self._use_bf16(memory.device)
         cross = [tuple(layer.cross_attn.split(t) for t in layer.cross_attn.kv(memory).chunk(2, dim=-1))
                  for layer in self.layers]  # per window [A, H, T, C/H], shared by its beams
         caches = [[None, None] for _ in self.layers]
@@ -195,12 +229,16 @@ class WordReader(nn.Module):
         top_ended, done = [False] * a, [False] * a
         rows = torch.arange(a, device=memory.device)[:, None]
         for step in range(max_tokens):
-            logits = self._logits(self._step(token, len(cfg.start_ids) - 1 + step, caches, cross))
+            logits = self._logits(self._step(token, len(cfg.start_ids) - 1 + step, caches, cross), bf16)
             logits[:, cfg.end_id + 1:] = float("-inf")  # Whisper's specials and timestamps are never words
             if step == 0:
                 logits[:, cfg.end_id] = float("-inf")   # nor is an empty transcript
-            total = (scores[..., None] + logits.log_softmax(dim=-1).view(a, b, -1)).flatten(1)  # [A, B*V]
-            top, index = total.topk(2 * b, dim=-1)  # enough for B live beams besides the ones that end here
+            # the best 2B of a window's B*V candidates: enough for B live beams besides the ones that end here.
+            # They are among its beams' own best 2B each, so the top-k over [A, B*V] is taken in two small ones.
+            beam_top, beam_index = logits.log_softmax(dim=-1).topk(2 * b, dim=-1)  # [A*B, 2B]
+            total = (scores[..., None] + beam_top.view(a, b, -1)).flatten(1)  # [A, B*2B]
+            top, pick = total.topk(2 * b, dim=-1)
+            index = pick // (2 * b) * logits.shape[-1] + beam_index.view(a, -1).gather(1, pick)  # into [A, B*V]
             parents = torch.zeros(a, b, dtype=torch.long, device=memory.device)
             tokens = torch.full((a, b), cfg.end_id, dtype=torch.long, device=memory.device)
             scores = torch.full_like(scores, float("-inf"))

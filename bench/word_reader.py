@@ -14,7 +14,6 @@ Prints the machine line, then one row per setting: WER, clips, encode and read m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -64,7 +63,7 @@ def main() -> None:
     if reader is None:
         raise SystemExit(f"{args.model}: no word reader (audio_config.word_reader)")
     overrides = {k: v for k, v in (("window_s", args.window), ("beam_size", args.beam)) if v is not None}
-    reader.cfg = dataclasses.replace(reader.cfg, **overrides)
+    reader.cfg = word_reader.WordReaderConfig.from_dict({**reader.cfg.to_dict(), **overrides}, "--window / --beam")
     if args.no_cut:
         word_reader.cut_loop = lambda tokens: tokens
     tok = tokenizers.Tokenizer.from_file(str(whisper_model_dir() / "tokenizer.json"))

@@ -154,8 +154,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 # ---------------------------------------------------------------------------------------------------- models
 class Answerer:
-    """Greedy text answers of one checkpoint (s2t preset), and the time from a finished question to the first
-    text token."""
+    """Greedy text answers of one checkpoint (s2t preset), and the time from a finished spoken question to the
+    first text token of a new conversation."""
 
     def __init__(self, model_dir: str | Path, max_new_tokens: int = 128, compile: bool = False,
                  allow_untrained: bool = False, max_seq_len: int = 2048, dtype: str | None = None):
@@ -168,23 +168,20 @@ class Answerer:
         self.allow_untrained = allow_untrained
         self.name = str(model_dir)
 
-    def answer(self, messages: list[dict], audios: list[np.ndarray] = ()) -> tuple[str, float]:
-        """(answer text, seconds from the call to the first text token)."""
+    def answer(self, messages: list[dict], audios: list[np.ndarray] = ()) -> str:
+        """The greedy answer text to a whole conversation."""
         from funaudiochat.engine.events import TurnEnd, stream_turn
         from funaudiochat.engine.inputs import check_trained
         from funaudiochat.engine.prompt import build_prompt
 
         if audios:
             check_trained(self.engine.cfg, True, False, self.allow_untrained)
-        t0 = time.perf_counter()
         prompt = build_prompt(self.tokenizer, self.engine.cfg, messages, list(audios))
-        features_s = time.perf_counter() - t0
         end = None
         for event in stream_turn(self.engine, prompt, self.gen, self.tokenizer):
             if isinstance(event, TurnEnd):
                 end = event
-        first = end.usage.first_text_s if end.usage.first_text_s is not None else end.usage.total_s
-        return end.text.strip(), features_s + first
+        return end.text.strip()
 
     def first_text_latency(self, system: str | None, audio: np.ndarray) -> float:
         """Seconds from a new conversation's spoken question to its first text, run as `chat` and `serve` run a
@@ -232,7 +229,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", limit: in
 
     # ASR: ours, and Whisper tiny.en on the same clips
     if asr:
-        hyps = [_step(bar, me.answer(spoken_messages(r), _audios(r))[0]) for r in asr]
+        hyps = [_step(bar, me.answer(spoken_messages(r), _audios(r))) for r in asr]
         refs = [r.answer for r in asr]
         report["asr"] = {"wer": _wer(refs, hyps), "items": [{"id": r.id, "reference": r.answer, "hypothesis": h}
                                                             for r, h in zip(asr, hyps)]}
@@ -245,13 +242,13 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", limit: in
 
     # spoken QA, agreement with the base's typed answers, typed accuracy (retention)
     if qa:
-        spoken = {r.id: _step(bar, me.answer(spoken_messages(r), _audios(r))[0]) for r in qa}
+        spoken = {r.id: _step(bar, me.answer(spoken_messages(r), _audios(r))) for r in qa}
         if base is not None:
             other = Answerer(base, max_new_tokens, allow_untrained=True, dtype=dtype)
-            base_typed = {r.id: _step(bar, other.answer(typed_messages(r))[0]) for r in qa}
+            base_typed = {r.id: _step(bar, other.answer(typed_messages(r))) for r in qa}
         else:
             base_typed = {r.id: r.typed_answer for r in qa}
-        my_typed = {r.id: _step(bar, me.answer(typed_messages(r))[0]) for r in gold}
+        my_typed = {r.id: _step(bar, me.answer(typed_messages(r))) for r in gold}
         expected = [r.expected for r in gold]
         acc_spoken = accuracy([spoken[r.id] for r in gold], expected)
         acc_base = accuracy([base_typed[r.id] for r in gold], expected)
@@ -265,7 +262,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", limit: in
                                "ratio": ratio(acc_typed, acc_base)}
         if baseline is not None:
             other = Answerer(baseline, max_new_tokens, allow_untrained=True, dtype=dtype)
-            acc = accuracy([_step(bar, other.answer(typed_messages(r))[0]) for r in gold], expected)
+            acc = accuracy([_step(bar, other.answer(typed_messages(r))) for r in gold], expected)
             report["retention"]["baseline"] = {"model": str(baseline), "accuracy_typed": acc,
                                                "ratio": ratio(acc, acc_base)}
         report["qa_items"] = [{"id": r.id, "spoken": spoken[r.id], "base_typed": base_typed[r.id],
@@ -279,7 +276,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", limit: in
                 continue
             copies = {r.id: r for r in read_split(data, split + suffix) if r.gold and r.id in spoken}
             items = [r for r in gold if r.id in copies]
-            answers = [_step(bar, me.answer(spoken_messages(copies[r.id]), _audios(copies[r.id]))[0])
+            answers = [_step(bar, me.answer(spoken_messages(copies[r.id]), _audios(copies[r.id])))
                        for r in items]
             acc = accuracy(answers, [r.expected for r in items])
             clean = accuracy([spoken[r.id] for r in items], [r.expected for r in items])

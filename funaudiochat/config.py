@@ -224,6 +224,10 @@ class AudioConfig(_JsonMixin):
     # Pending-units view (fun-audio-chat-mini): the SRH's input also gets the embeddings of the
     # next this-many Piper units not yet started (speech/pending_units.py). Released: 0 (off, not written).
     srh_pending_units: int = 0
+    # Whether the LLM's input at an assistant speech position fuses the speech said so far with the text token,
+    # (E_text(t) + Enc(g)) / 2, as released (True, not written). False (fun-audio-chat-mini): the LLM reads its own
+    # text alone at full scale, so a frozen LLM's text stream is its text answer and only the SRH learns to speak.
+    speech_feedback: bool = True
     # fun-audio-chat-mini: Whisper's decoder reads the user's words into the 5 Hz slots (model/word_reader.py;
     # WordReaderConfig's fields). The encoder then sees Whisper's own 30 s windows. Released: None (not written).
     word_reader: dict | None = None
@@ -260,6 +264,8 @@ class AudioConfig(_JsonMixin):
             del out["srh_token_scale"]
         if self.srh_pending_units == 0:
             del out["srh_pending_units"]
+        if self.speech_feedback:
+            del out["speech_feedback"]
         if self.word_reader is None:
             del out["word_reader"]
         return dict(sorted(out.items()))
@@ -286,6 +292,8 @@ class AudioConfig(_JsonMixin):
         width = self.srh_pending_units
         _check(isinstance(width, int) and not isinstance(width, bool) and 0 <= width <= 16, where,
                "srh_pending_units", f"must be an integer in [0, 16], got {width!r}")
+        _check(isinstance(self.speech_feedback, bool), where, "speech_feedback",
+               f"must be true or false, got {self.speech_feedback!r}")
         if self.word_reader is not None:
             from funaudiochat.model.word_reader import WordReaderConfig  # the reader's own checks
             _check(isinstance(self.word_reader, dict), where, "word_reader", "must be an object or null")

@@ -59,6 +59,7 @@ def test_missing_fields_take_the_released_class_defaults():
     (("audio_config", "continuous_features_mode"), "concat", "audio_config.continuous_features_mode"),
     (("audio_config", "eos_token_id"), 999, "audio_config.eos_token_id"),
     (("audio_config", "output_dim"), 48, "audio_config.output_dim"),
+    (("audio_config", "speech_feedback"), "no", "audio_config.speech_feedback"),
     (("text_config", "sil_index"), 4096, "text_config.sil_index"),
     (("audio_config", "crq_transformer_config", "hidden_act"), "gelu", "crq_transformer_config.hidden_act"),
 ])

@@ -241,6 +241,44 @@ def test_speech_embedding_grad_head_keeps_the_llm_loss_off_the_speech_embedding(
         recipe_from_dict(tiny_recipe(tmp_path, data, train={"speech_embedding_grad": "llm"}))
 
 
+def test_speech_feedback_off_the_llm_reads_its_text_alone(tmp_path):
+    """`audio_config.speech_feedback` false: at the assistant's speech positions the LLM reads the text id alone, at
+    full scale, so other speech codes leave its text logits unchanged (on, as released, they move them); user audio
+    still enters as before, and a decode step's input is the text embedding whether or not the row fuses."""
+    from funaudiochat.engine.compiled import step_input
+
+    data = synthetic_s2s(tmp_path / "data", n=2)
+    tok = make_tiny_tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    model = FunAudioChatModel(presets.tiny()).eval()
+    items, _ = load_records([data], SampleBuilder(tok, model.cfg, 256).sample)
+    inputs = Collator(model.cfg, 256, packing=False)(items).model_inputs("cpu")
+    answers = inputs["text_attention_mask"]  # the audio rows that carry text: the spoken answers
+    other = dict(inputs, speech_ids=torch.where(answers[:, None] & (inputs["speech_ids"] < 290),
+                                                (inputs["speech_ids"] + 101) % 290, inputs["speech_ids"]))
+    other_user = dict(inputs, input_features=inputs["input_features"].flip(-1))
+
+    def text_logits(batch, feedback: bool) -> torch.Tensor:
+        model.cfg.audio_config.speech_feedback = feedback
+        with torch.no_grad():
+            return model(**batch).text_logits
+
+    assert not torch.equal(text_logits(inputs, True), text_logits(other, True))
+    torch.testing.assert_close(text_logits(inputs, False), text_logits(other, False), rtol=0, atol=0)
+    assert not torch.equal(text_logits(inputs, False), text_logits(other_user, False))  # the user is still heard
+
+    token, group = torch.tensor([5, 6]), torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    fuse = torch.tensor([True, False])
+    text_embed = model.language_model.embed(token)[:, None]
+    x, _ = step_input(model, token, group, fuse)
+    torch.testing.assert_close(x, text_embed, rtol=0, atol=0)
+    model.cfg.audio_config.speech_feedback = True
+    x, _ = step_input(model, token, group, fuse)
+    assert not torch.equal(x[0], text_embed[0]) and torch.equal(x[1], text_embed[1])
+    with pytest.raises(ConfigError, match="model.speech_feedback"):
+        recipe_from_dict(tiny_recipe(tmp_path, data, model={"preset": "tiny", "speech_feedback": "no"}))
+
+
 def test_recipe_srh_token_scale_applies_to_the_loaded_model(tmp_path, one_thread):
     """`model.srh_token_scale` on a checkpoint trained at another scale: the model the run trains uses the recipe's
     (it once kept the checkpoint's while recording the recipe's in its config)."""

@@ -157,10 +157,12 @@ class FunAudioChatModel(nn.Module):
             # Released training fuses every audio row with its transcript embedding, zero for user audio:
             # user features enter the LLM halved in training only (SPEC §13 item 5, reproduced on purpose).
             out.features = (out.text_features + groups) / 2
+            has_text = text_attention_mask.bool() if text_attention_mask is not None \
+                else torch.ones(groups.shape[0], dtype=torch.bool, device=groups.device)
             if self.cfg.audio_config.full_scale_user_audio:  # rows without a transcript (user audio) unaveraged
-                has_text = text_attention_mask.bool() if text_attention_mask is not None \
-                    else torch.ones(groups.shape[0], dtype=torch.bool, device=groups.device)
                 out.features = torch.where(has_text[:, None, None], out.features, groups)
+            if not self.cfg.audio_config.speech_feedback:  # the assistant's speech is not fed back: its text alone
+                out.features = torch.where(has_text[:, None, None], out.text_features, out.features)
         return out
 
     def _read_words(self, features: torch.Tensor, lengths: torch.Tensor, n_tokens: int):

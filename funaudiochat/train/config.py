@@ -52,6 +52,8 @@ class ModelSection:
     #   from the starting model's
     srh_pending_units: int | None = None  # the SRH's pending-units view (config.srh_pending_units), when it differs
     #   from the starting model's; its embeddings then start random
+    speech_feedback: bool | None = None  # whether the LLM reads the speech it said (config.speech_feedback), when it
+    #   differs from the starting model's; false: the LLM reads its own text alone (a frozen LLM keeps its answers)
     speech_embeddings_at_start: str | None = None  # "piper-factorized": a new run's speech embeddings (tied to the
     #   SRH's output) start as unit + start/continue + gain vectors of the Piper vocabulary (speech/piper_tokens.py)
 
@@ -175,6 +177,8 @@ class Recipe:
         width = self.model.srh_pending_units
         need(width is None or (isinstance(width, int) and not isinstance(width, bool) and 0 <= width <= 16),
              f"model.srh_pending_units: an integer in [0, 16], got {width!r}")
+        need(self.model.speech_feedback in (None, True, False),
+             f"model.speech_feedback: true or false, got {self.model.speech_feedback!r}")
         need(self.model.continuous_grouping in (None, "mean", "concat"),
              f"model.continuous_grouping: 'mean' or 'concat', got {self.model.continuous_grouping!r}")
         need(self.model.speech_embeddings_at_start in (None, "piper-factorized"),

@@ -88,6 +88,8 @@ class Trainer:
             self.cfg.audio_config.srh_token_scale = r.model.srh_token_scale
         if r.model.srh_pending_units is not None:
             self.cfg.audio_config.srh_pending_units = r.model.srh_pending_units
+        if r.model.speech_feedback is not None:
+            self.cfg.audio_config.speech_feedback = r.model.speech_feedback
         self.tokenizer_path = _tokenizer_path(r)
         self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
         self._setup_data()

@@ -1,7 +1,7 @@
 """fun-audio-chat-mini's speaking stages (issue 14 item 3) on a tiny random model and made-up S2S records, each a
 real `funaudiochat` process: recipes/mini/speak_srh.yaml trains the SRH alone, speak.yaml the LLM with it (config
-`trained.speaking` becomes true, and `hearing` with the adapter), `assets mini-deltas` ships the SRH and `assets mini` writes the Piper detokenizer.json;
-recipes/mini/speak_k1.yaml retrains the same model at group size 1 (the LLM at 25 Hz)."""
+`trained.speaking` becomes true; the hearing adapter stays frozen), `assets mini-deltas` ships the SRH and
+`assets mini` writes the Piper detokenizer.json; recipes/mini/speak_k1.yaml retrains the same model at group size 1 (the LLM at 25 Hz)."""
 from __future__ import annotations
 
 import json
@@ -34,7 +34,8 @@ def _untrained_base(folder):
 
 def test_speak_stages_train_and_ship_the_srh(tmp_path):
     """speak_srh.yaml trains the head alone on the frozen hearing model; speak.yaml then trains the LLM's text stream
-    with it; the deltas ship the head and the setting it was trained with (srh_token_scale)."""
+    with it, the hearing adapter frozen; the deltas ship the head and the settings it was trained with
+    (srh_token_scale, the pending-units view, no speech fed back to the LLM)."""
     base = _untrained_base(tmp_path / "base")
     data = synthetic_s2s(tmp_path / "data", n=4)
     common = [f"data.train=[{data}]", *SHRINK]
@@ -52,17 +53,21 @@ def test_speak_stages_train_and_ship_the_srh(tmp_path):
            f"run_dir={tmp_path / 'speak'}"))
     final = tmp_path / "speak" / "final"
     trained_cfg = json.loads((final / "config.json").read_text())
-    assert trained_cfg["trained"] == {"hearing": True, "speaking": True}
+    assert trained_cfg["trained"] == {"hearing": False, "speaking": True}  # hearing as it started: not trained here
     assert trained_cfg["audio_config"]["srh_token_scale"] == scale  # carried from the head's checkpoint
+    assert trained_cfg["audio_config"]["speech_feedback"] is False
+    start, speak = read_state_dict(head), read_state_dict(final)
+    assert all(torch.equal(start[k], speak[k]) for k in start if k.startswith(("continuous_audio_tower.", "audio_tower.c")))
     rows = read_metrics(tmp_path / "speak")
     assert rows and all(r["speech_loss"] > 0 and r["text_loss"] > 0 for r in rows)  # both losses counted
 
     models = tmp_path / "models"
     ok(cli("assets", "mini-deltas", final, models, "--base", base))
     deltas, meta = mini_deltas.read(models)
-    assert json.loads(meta["trained"]) == {"hearing": True, "speaking": True}
+    assert json.loads(meta["trained"]) == {"hearing": False, "speaking": True}
     width = yaml.safe_load(open("recipes/mini/speak_srh.yaml"))["model"]["srh_pending_units"]
-    assert json.loads(meta["audio_config"]) == {"srh_token_scale": scale, "srh_pending_units": width}  # the
+    assert json.loads(meta["audio_config"]) == {"srh_token_scale": scale, "srh_pending_units": width,
+                                                "speech_feedback": False}  # the
     # settings the head was trained with (and the view's embeddings: they ship too)
     assert "audio_invert_tower.pending_embed.weight" in deltas
     assert any(k.startswith("audio_invert_tower.crq_transformer.") for k in deltas)

@@ -4,12 +4,13 @@
 #
 #   OMP_NUM_THREADS=2 nohup bash recipes/mini/pipeline.sh >> runs/mini-pipeline.log 2>&1 &
 #
-# The main line (the release): mini-reader -> hear_reader -> Core-Cocktail stage 1 -> merge -> stage 2, then the
-# single-stage baseline, assembly and evaluation. SPEAK=1 also runs the speaking stages (issue 14), which still start
-# from the hear2 line (pre_align -> hear -> hear2, recipes/mini/pre_align.yaml's header). THREADS (default 2) sets the
+# The main line (the release): mini-reader -> hear_reader -> Core-Cocktail stage 1 -> merge -> stage 2 -> the speech
+# head alone (speak_srh) -> speak, then the single-stage baseline, assembly and evaluation. K1=1 also trains the
+# speaking stages at group size 1 for the DRSR comparison (issue 14 must-show 5). THREADS (default 2) sets the
 # CPU threads of the data steps, WORKERS (default 2) the processes of the audio stage, and OMP_NUM_THREADS those of
 # training: use THREADS=1 and OMP_NUM_THREADS=1 while anything else runs (two torch threads on two shared cores wait
-# on each other: 5x slower, docs/mini.md). STOP_AFTER=STAGE (hear_reader, core_cocktail_merged, core_cocktail_stage2)
+# on each other: 5x slower, docs/mini.md). STOP_AFTER=STAGE (hear_reader, core_cocktail_merged, core_cocktail_stage2,
+# speak)
 # ends the run once that stage of the main line is done, e.g. to score it before going on.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,9 +18,9 @@ fac=".venv/bin/funaudiochat"
 threads="${THREADS:-2}"
 step() { echo "== $(date -u +%FT%TZ) $*"; }
 case "${STOP_AFTER:-}" in
-  ""|hear_reader|core_cocktail_merged|core_cocktail_stage2) ;;
+  ""|hear_reader|core_cocktail_merged|core_cocktail_stage2|speak) ;;
   *) echo "STOP_AFTER=$STOP_AFTER: not a stage of the main line (hear_reader, core_cocktail_merged," \
-          "core_cocktail_stage2)" >&2; exit 2 ;;
+          "core_cocktail_stage2, speak)" >&2; exit 2 ;;
 esac
 
 if ! grep -q '"trained"' checkpoints/mini-base/config.json 2>/dev/null; then
@@ -39,26 +40,15 @@ fi
 step "data: audio stage, replaying recipes/mini/data/audio.manifest.jsonl.gz (resumable; quick when done)"
 "$fac" data build-mini --out data/mini --resume --stage audio --threads "$threads" --workers "${WORKERS:-2}" --no-progress \
   --replay recipes/mini/data/audio.manifest.jsonl.gz
-speech=
-if [ "${SPEAK:-0}" = 1 ]; then
-  # the speech stage (one process; only the speaking stages need it) runs beside the hearing stages' training when
-  # that trains on one thread; before it otherwise (two torch threads wait on each other when a core is taken)
-  step "data: speech stage (kept as is when its records are unchanged)"
-  if [ "${OMP_NUM_THREADS:-2}" = 1 ]; then
-    "$fac" data build-mini --out data/mini --resume --stage speech --no-progress &
-    speech=$!
-  else
-    "$fac" data build-mini --out data/mini --resume --stage speech --no-progress
-    speech=
-  fi
-fi
+step "data: speech stage, the spoken answers (kept as is when its records are unchanged)"
+"$fac" data build-mini --out data/mini --resume --stage speech --no-progress
 
 # Each finished stage of the main line writes its deltas to models/mini/deltas.safetensors with the stage's name
 # (commit them: the next session may run on a fresh machine). A stage whose output is missing here is restored from
 # those deltas, in the working tree or in the commit that shipped them, before it would be trained again.
 out_of() { [ "$1" = core_cocktail_merged ] && echo runs/mini/core_cocktail_merged || echo "runs/mini/$1/final"; }
 base_of() {  # the starting checkpoint of a stage's line
-  case "$1" in pre_align|hear|hear2|speak*) echo checkpoints/mini-base ;; *) echo checkpoints/mini-reader ;; esac; }
+  case "$1" in pre_align|hear|hear2) echo checkpoints/mini-base ;; *) echo checkpoints/mini-reader ;; esac; }
 stage_of() { .venv/bin/python -c 'import sys; from funaudiochat.assets.mini_deltas import stage_of
 print(stage_of(sys.argv[1]) or "")' "$1"; }
 restore() {  # restore STAGE: 0 when its output is here or was rebuilt from committed deltas
@@ -101,27 +91,27 @@ stop_after core_cocktail_merged
 restore core_cocktail_stage2 || { train recipes/mini/core_cocktail_stage2.yaml core_cocktail_stage2
                                   snapshot core_cocktail_stage2; }
 stop_after core_cocktail_stage2
+# speaking: the head alone on the frozen hearing model, then the LLM learns to start a spoken answer
+if ! restore speak; then
+  train recipes/mini/speak_srh.yaml speak_srh
+  train recipes/mini/speak.yaml speak
+  snapshot speak
+fi
+stop_after speak
 restore hear_reader  # the paper's baseline for the merge starts where stage 1 did
 train recipes/mini/single_stage_baseline.yaml single_stage_baseline
 
-step "ship: assembly (models/mini holds core_cocktail_stage2's deltas), evaluation"
+step "ship: assembly (models/mini holds speak's deltas), evaluation"
 "$fac" assets mini checkpoints/mini
 "$fac" eval mini --model checkpoints/mini --data data/mini --split test --baseline runs/mini/single_stage_baseline/final \
   --latency 50 --compile --out runs/mini/eval --threads "$threads"
+"$fac" eval mini-speech --model checkpoints/mini --data data/mini --split test --limit 300 --out runs/mini/eval-speech \
+  --threads "$threads"
 
-if [ "${SPEAK:-0}" = 1 ]; then
-  # speaking (issue 14), on the hear2 line: pre-alignment on the ASR records alone, hearing, more hearing, then the
-  # head alone on the frozen hearing model, the LLM with it, and the same at k = 1 for the DRSR comparison. Their
-  # outputs stay in runs/ (models/mini holds the release).
-  grep '"task": "asr"' data/mini/train.jsonl > data/mini/train_asr.jsonl
-  train recipes/mini/pre_align.yaml pre_align
-  train recipes/mini/hear.yaml hear
-  train recipes/mini/hear2.yaml hear2
-  train recipes/mini/speak_srh.yaml speak_srh
-  train recipes/mini/speak.yaml speak
+if [ "${K1:-0}" = 1 ]; then
+  # the DRSR comparison: the same two speaking stages with the LLM at 25 Hz (k = 1), same data and step budgets
   [ -d runs/mini/speak_srh_k1/final ] || { step "train recipes/mini/speak_srh.yaml at k = 1"
     "$fac" train recipes/mini/speak_srh.yaml --resume model.group_size=1 data.max_len=2048 run_dir=runs/mini/speak_srh_k1; }
   train recipes/mini/speak_k1.yaml speak_k1
 fi
-[ -z "$speech" ] || wait "$speech"
 step "done"

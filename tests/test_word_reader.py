@@ -283,3 +283,28 @@ def test_deltas_ship_the_trained_reader_parts_and_assembly_reattaches_whisper(re
     mini_deltas.write(deltas, {**meta, "word_reader": "1"}, tmp_path / "old")
     with pytest.raises(CheckpointError, match="first word-reader release"):
         mini_deltas.assemble(tmp_path / "out_old", tmp_path / "old")
+
+
+def test_a_regrouped_start_keeps_the_readers_id_table(reader_base, spoken):
+    """A recipe that changes the SRH's view (model.srh_pending_units, as speak_srh.yaml does) loads its start through
+    the regrouping path, which casts the weights to fp32: the reader's piece table must stay integer ids, and the
+    regrouped model must read a spoken question into the same slots as the model loaded as stored."""
+    from funaudiochat.config import FunAudioChatConfig
+    from funaudiochat.model.checkpoint import load_model
+    from funaudiochat.train.config import Recipe
+    from funaudiochat.train.loop import _regrouped_model
+
+    cfg = FunAudioChatConfig.load(reader_base)
+    cfg.audio_config.srh_pending_units = 4
+    regrouped = _regrouped_model(reader_base, cfg, Recipe(), fold_adapters=True).eval()
+    stored = load_model(reader_base, dtype="fp32")
+    assert regrouped.word_reader.llm_ids.dtype == torch.long
+    assert torch.equal(regrouped.word_reader.llm_ids, stored.word_reader.llm_ids)
+    features, mask = WhisperFrontend(80)([spoken], padding="longest")
+    n_tokens = 50  # 2 s of 25 Hz tokens -> 10 slots
+
+    def slots(model):
+        with torch.no_grad():
+            return model._read_words(features, mask.sum(-1), n_tokens)[1]
+
+    torch.testing.assert_close(slots(regrouped), slots(stored), rtol=0, atol=0)

@@ -424,7 +424,7 @@ def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe, fold_adap
     a, src = cfg.audio_config, FunAudioChatConfig.load(source).audio_config
     torch.manual_seed(r.train.seed)
     model = FunAudioChatModel(cfg)
-    state = {k: v.float() for k, v in read_state_dict(source).items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in read_state_dict(source).items()}  # ids stay ids
     if fold_adapters:
         state = lora.apply(state, lora.folded_adapters(source))
     if a.group_size != src.group_size:

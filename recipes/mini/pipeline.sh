@@ -77,28 +77,37 @@ train() {  # train RECIPE STAGE: resume until its final exists
   [ -d "runs/mini/$2/final" ] || { step "train $1"; "$fac" train "$1" --resume; }
 }
 
-# hearing: LoRA on the LLM learns to take Whisper's words in the user's slots (ASR + spoken QA records)
-restore hear_reader || { train recipes/mini/hear_reader.yaml hear_reader; snapshot hear_reader; }
-stop_after hear_reader
-if ! restore core_cocktail_merged; then
-  train recipes/mini/core_cocktail_stage1.yaml core_cocktail_stage1
-  step "merge stage 1 with the hearing model at alpha 0.5"
-  "$fac" merge runs/mini/hear_reader/final runs/mini/core_cocktail_stage1/final runs/mini/core_cocktail_merged \
-    --alpha 0.5
-  snapshot core_cocktail_merged
-fi
-stop_after core_cocktail_merged
-restore core_cocktail_stage2 || { train recipes/mini/core_cocktail_stage2.yaml core_cocktail_stage2
-                                  snapshot core_cocktail_stage2; }
-stop_after core_cocktail_stage2
+hearing() {  # the hearing line up to Core-Cocktail stage 2, each stage restored or trained
+  # LoRA on the LLM learns to take Whisper's words in the user's slots (ASR + spoken QA records)
+  restore hear_reader || { train recipes/mini/hear_reader.yaml hear_reader; snapshot hear_reader; }
+  stop_after hear_reader
+  if ! restore core_cocktail_merged; then
+    train recipes/mini/core_cocktail_stage1.yaml core_cocktail_stage1
+    step "merge stage 1 with the hearing model at alpha 0.5"
+    "$fac" merge runs/mini/hear_reader/final runs/mini/core_cocktail_stage1/final runs/mini/core_cocktail_merged \
+      --alpha 0.5
+    snapshot core_cocktail_merged
+  fi
+  stop_after core_cocktail_merged
+  train recipes/mini/core_cocktail_stage2.yaml core_cocktail_stage2
+  snapshot core_cocktail_stage2
+}
+# A stage restored from committed deltas makes the stages before it unnecessary: only what is missing is trained
+# (and only then are models/mini/deltas.safetensors rewritten with an earlier stage).
+case "${STOP_AFTER:-}" in
+  hear_reader|core_cocktail_merged) hearing ;;
+  core_cocktail_stage2) restore core_cocktail_stage2 || hearing; stop_after core_cocktail_stage2 ;;
+esac
 # speaking: the head alone on the frozen hearing model, then the LLM learns to start a spoken answer
 if ! restore speak; then
+  restore core_cocktail_stage2 || hearing
   train recipes/mini/speak_srh.yaml speak_srh
   train recipes/mini/speak.yaml speak
   snapshot speak
 fi
 stop_after speak
-restore hear_reader  # the paper's baseline for the merge starts where stage 1 did
+# the paper's baseline for the merge starts where stage 1 did (trained here if missing, its deltas not shipped)
+restore hear_reader || train recipes/mini/hear_reader.yaml hear_reader
 train recipes/mini/single_stage_baseline.yaml single_stage_baseline
 
 step "ship: assembly (models/mini holds speak's deltas), evaluation"

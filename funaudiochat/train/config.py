@@ -177,8 +177,6 @@ class Recipe:
         width = self.model.srh_pending_units
         need(width is None or (isinstance(width, int) and not isinstance(width, bool) and 0 <= width <= 16),
              f"model.srh_pending_units: an integer in [0, 16], got {width!r}")
-        need(self.model.speech_feedback in (None, True, False),
-             f"model.speech_feedback: true or false, got {self.model.speech_feedback!r}")
         need(self.model.continuous_grouping in (None, "mean", "concat"),
              f"model.continuous_grouping: 'mean' or 'concat', got {self.model.continuous_grouping!r}")
         need(self.model.speech_embeddings_at_start in (None, "piper-factorized"),

@@ -142,3 +142,72 @@ def test_generation_gives_the_head_the_units_of_the_text_it_wrote(piper, tmp_pat
     other = Engine(model, pending_view=PendingUnitsView(piper, 3, lambda ids: "Tea is ready. " * len(ids), ends))
     other.restrict_speech_codes(range(pt.VOCAB_SIZE))
     assert other.generate(prompt, gen).speech_ids != out.speech_ids  # the head reads the units
+
+
+def test_speech_follows_the_text_it_wrote(piper, tmp_path):
+    """By default (GenerationConfig.speech_follows_text) a head with the view only continues its unit or starts the
+    next pending one: even a random head says exactly the units of its text, in order, as valid Piper spans; free,
+    the same head says other units."""
+    from funaudiochat.engine.generate import Engine, GenerationConfig
+    from funaudiochat.engine.prompt import Prompt
+    from funaudiochat.speech.pending_units import view_for
+    from tests.helpers import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer(tmp_path)
+    model = _speaking_model(width=3)
+    ends = view_for(model.cfg.text_config, tok, 3).text_ends
+    sentence = "Tea is ready in five minutes. "
+    engine = Engine(model, pending_view=PendingUnitsView(piper, 3, lambda ids: sentence * len(ids), ends))
+    engine.restrict_speech_codes(range(pt.VOCAB_SIZE))
+    prompt = Prompt(torch.randint(30, 400, (1, 7), generator=torch.Generator().manual_seed(1)))
+    gen = GenerationConfig(max_new_tokens=16, force_text_abos=True, eos_token_id=502, pad_token_id=500,
+                           text_greedy=True, do_sample=True, temperature=1.0, seed=3,
+                           bad_words_ids=[[i] for i in sorted(ends)])
+    expected = [u for s in piper.units(sentence * 4) for u in s]
+
+    def said(g):
+        return [c for c in engine.generate(prompt, g).speech_ids[0] if c < pt.VOCAB_SIZE]
+
+    codes = said(gen)
+    units = [s.unit for s in pt.unit_spans(codes)]  # (validates: every continuation continues its unit)
+    assert len(units) > 5 and units == expected[:len(units)]
+    assert said(gen.with_(speech_follows_text=False)) != codes
+
+
+def test_text_locked_codes():
+    """text_locked: what each situation lets the head say (Piper codes: ((gain * units) + unit) * 2 + cont), and
+    with what weight: the head's whole start / continue mass per loudness."""
+    from funaudiochat.speech.pending_units import MAX_UNIT_TOKENS, text_locked
+
+    n, bos, eos, pad = pt.NUM_UNITS, pt.VOCAB_SIZE + 1, pt.VOCAB_SIZE + 2, pt.VOCAB_SIZE + 3
+    size = pt.VOCAB_SIZE + 4
+
+    def locked(next_unit, previous, finished, held=3, logits=None):
+        logits = torch.zeros(1, size) if logits is None else logits
+        return text_locked(logits, torch.tensor([next_unit]), torch.tensor([previous]), torch.tensor([held]),
+                           torch.tensor([finished]), bos, eos)[0]
+
+    def allowed(*args, **kwargs):
+        return set(locked(*args, **kwargs).isfinite().nonzero().flatten().tolist())
+
+    starts_7 = {(g * n + 7) * 2 for g in range(3)}
+    continues_3 = {(g * n + 3) * 2 + 1 for g in range(3)}
+    assert allowed(PAD, pad, False) == {bos}  # the delay, no text yet
+    assert allowed(7, bos, False) == starts_7 | {bos}  # the first unit may start
+    assert allowed(7, 3 * 2, False) == starts_7 | continues_3  # speaking unit 3: go on or start the next
+    assert allowed(PAD, (2 * n + 3) * 2 + 1, False) == continues_3  # text not far enough ahead: hold the unit
+    assert allowed(PAD, 3 * 2, True) == continues_3 | {eos}  # all said: end when done
+    assert allowed(7, 3 * 2, True) == starts_7 | continues_3  # not before the last unit
+    assert allowed(7, 3 * 2 + 1, False, held=MAX_UNIT_TOKENS) == starts_7  # held 1 s: the next unit starts
+    assert allowed(PAD, 3 * 2 + 1, True, held=MAX_UNIT_TOKENS) == {eos}  # or the speech ends
+    assert allowed(PAD, 3 * 2 + 1, False, held=MAX_UNIT_TOKENS) == continues_3  # but it never stops mid-text
+
+    # the head wants to start unit 9 loudly, or to go on with unit 5 (not the one being spoken): the start goes to
+    # unit 7 at the same loudness, the continuation to unit 3, each with the head's mass
+    logits = torch.full((1, size), -30.0)
+    logits[0, (1 * n + 9) * 2] = 2.0
+    logits[0, (0 * n + 5) * 2 + 1] = 1.0
+    out = locked(7, 3 * 2, False, logits=logits)
+    torch.testing.assert_close(out[(1 * n + 7) * 2], torch.tensor(2.0), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out[(0 * n + 3) * 2 + 1], torch.tensor(1.0), atol=1e-3, rtol=0)
+    assert out[(0 * n + 7) * 2] < -20 and out[(1 * n + 9) * 2] == float("-inf")

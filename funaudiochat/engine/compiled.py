@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 from funaudiochat.engine.sampling import SamplingParams, choose, process
 from funaudiochat.model.backbone import Backbone, RopeTable
 from funaudiochat.model.quantize import PRODUCT_SUM_MAX_ROWS
-from funaudiochat.speech.pending_units import is_start, window
+from funaudiochat.speech.pending_units import follow_on, is_start, text_locked, window
 
 CACHE_BUCKET = 128
 
@@ -149,11 +149,12 @@ class CompiledDecoder:
         return srh.lm_head(srh.output_matching(h)[:, -1]).float()
 
     def _s2s(self, token, group, fuse, positions, k_cache, v_cache, slot, key_valid, srh_k, srh_v, srh_key_valid,
-             embed, counts, noise, params: SamplingParams, speech_bias=None, upcoming=None):
+             embed, counts, noise, params: SamplingParams, speech_bias=None, upcoming=None, follow=None):
         """One S2S step (inputs as `_llm`, then the SRH's cache and key mask, embed [B, C] of its last token, counts
         [B, Vs] speech history or None, noise [B, k, Vs] Exp(1) draws when sampling, else None, speech_bias [Vs]
         0 / -inf on codes never to draw, or None, upcoming [B, W + k] the pending-units view's units from the
-        group's start, or None) -> text logits
+        group's start, or None, follow: (the last code said [B], the tokens its unit has lasted [B], the answer's text
+        has ended [B]) when the speech follows the text, or None) -> text logits
         [B, V], the SRH's raw logits and scores [B, k, Vs], its tokens [B, k] and the embedding [B, C] of the last
         one. The speech tokens are chosen as `Engine._srh_group` chooses them eagerly."""
         srh = self.model.audio_invert_tower
@@ -172,11 +173,17 @@ class CompiledDecoder:
             call_logits = self._srh(z, fine_pos[:, j:j + 1], srh_k, srh_v, fine_slots[j:j + 1], srh_key_valid)
             if speech_bias is not None:
                 call_logits = call_logits + speech_bias
-            call_scores = process(call_logits, params, counts)
+            if follow is not None:
+                a_cfg = self.model.cfg.audio_config
+                call_logits = text_locked(call_logits, window(upcoming, started, 1)[:, 0], *follow,
+                                          a_cfg.bos_token_id, a_cfg.eos_token_id)
+            call_scores = process(call_logits, params, counts if follow is None else None)
             tok = choose(call_scores, params, noise=noise[:, j] if noise is not None else None)
             if counts is not None:  # later calls of the group see this token in the history
                 counts = counts.scatter_add(1, tok[:, None], torch.ones_like(tok[:, None], dtype=counts.dtype))
             started = started + is_start(tok).long()
+            if follow is not None:
+                follow = follow_on(tok, *follow[1:])
             embed = srh.embed(tok)
             logits.append(call_logits)
             scores.append(call_scores)

@@ -24,7 +24,7 @@ from funaudiochat.engine.sampling import SamplingParams, choose, exponential_noi
 from funaudiochat.errors import ConfigError, ContextLengthError
 from funaudiochat.model.backbone import MLP, Attention, KVCache, RopeTable, attention_mask_4d
 from funaudiochat.model.funaudiochat import FunAudioChatModel
-from funaudiochat.speech.pending_units import PAD, is_start, window
+from funaudiochat.speech.pending_units import PAD, follow_on, is_start, text_locked, window
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ class GenerationConfig:
     speech_holds_turn: bool = False    # a speaking row's text, once ended, pads with <|sil|> until its speech ends
     #   (an end-of-turn id then ends the text, not the turn): the stream format the released data teaches (SPEC
     #   §6.4), enforced for small models that say <|im_end|> mid-speech or write on after <|sil|> (not released)
+    speech_follows_text: bool = True   # a head with the pending-units view says the text's units: its mass on
+    #   starting / continuing any unit goes to the next pending unit / the unit being spoken (pending_units.text_locked),
+    #   so it times the text's phonemes instead of choosing them; no speech repetition penalty then (the same frame
+    #   token repeats by design while a unit lasts)
     seed: int | None = None
 
     def __post_init__(self):
@@ -212,6 +216,7 @@ class Engine:
         counts = state.speech_counts.clone() if state.speech_counts is not None else None
         noise = self._speech_noise(state, gen)
         upcoming = self._upcoming(state)
+        follow = self._follow_inputs(state, gen)
         started = torch.zeros(b, dtype=torch.long, device=self.device)
         tokens = []
         for j in range(k):
@@ -231,7 +236,9 @@ class Engine:
             logits = srh.lm_head(h[:, -1]).float()
             if self.speech_bias is not None:
                 logits = logits + self.speech_bias
-            scores = process(logits, gen.sampling, counts)
+            if follow is not None:
+                logits = self._text_locked(logits, upcoming, started, *follow)
+            scores = process(logits, gen.sampling, counts if follow is None else None)
             tok = choose(scores, gen.sampling, noise=noise[:, j] if noise is not None else None)
             if counts is not None:
                 counts.scatter_add_(1, tok[:, None], torch.ones_like(tok[:, None], dtype=counts.dtype))
@@ -241,6 +248,8 @@ class Engine:
                 tracer.srh_tokens.append(tok)
             tokens.append(tok)
             started = started + is_start(tok).long()
+            if follow is not None:
+                follow = follow_on(tok, *follow[1:])
             embed = srh.embed(tok)
         state.srh_embed = embed
         return torch.stack(tokens, dim=1)  # [B, k]
@@ -253,6 +262,23 @@ class Engine:
         n = self.pending_view.width + self.k
         rows = [a.upcoming(n) if a is not None else [PAD] * n for a in state.answers]
         return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _follow_inputs(self, state: DecodeState, gen: GenerationConfig) -> tuple | None:
+        """When the next speech group follows the text (gen.speech_follows_text and a pending-units view): per row
+        the last code said [B], the tokens its unit has lasted [B] and whether the answer's text has ended [B]; else
+        None."""
+        if self.pending_view is None or not gen.speech_follows_text:
+            return None
+        rows = [(a.last, a.held, a.finished) if a is not None else (-1, 0, False) for a in state.answers]
+        last, held, ended = zip(*rows)
+        return (torch.tensor(last, device=self.device), torch.tensor(held, device=self.device),
+                torch.tensor(ended, device=self.device))
+
+    def _text_locked(self, logits: torch.Tensor, upcoming: torch.Tensor, started: torch.Tensor,
+                     previous: torch.Tensor, held: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        a_cfg = self.cfg.audio_config
+        return text_locked(logits, window(upcoming, started, 1)[:, 0], previous, held, finished,
+                           a_cfg.bos_token_id, a_cfg.eos_token_id)
 
     def _speech_noise(self, state: DecodeState, gen: GenerationConfig) -> torch.Tensor | None:
         """The sampling noise [B, k, Vs] of one speech group (None when greedy), one draw per position as
@@ -308,7 +334,8 @@ class Engine:
         srh = state.srh_cache
         text_logits, logits, scores, group, state.srh_embed = self.compiled.s2s(
             *self._llm_inputs(state, True), srh.k, srh.v, state.srh_key_valid, state.srh_embed, state.speech_counts,
-            self._speech_noise(state, gen), gen.sampling, self.speech_bias, self._upcoming(state))
+            self._speech_noise(state, gen), gen.sampling, self.speech_bias, self._upcoming(state),
+            self._follow_inputs(state, gen))
         if tracer is not None:
             for j in range(self.k):
                 tracer.srh_logits.append(logits[:, j])

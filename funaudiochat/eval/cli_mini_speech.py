@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=400, help="LLM steps per answer (5 speech tokens each)")
     p.add_argument("--allow-untrained", action="store_true",
                    help="measure a model whose config marks hearing or speaking as untrained")
+    p.add_argument("--free-speech", action="store_true",
+                   help="let a head with the pending-units view choose its units freely (default: it may only "
+                        "continue its unit or start the next pending one; GenerationConfig.speech_follows_text)")
     p.add_argument("--save-audio", action="store_true", help="also write each answer as OUT/audio/ID.wav")
     p.add_argument("--out", type=Path, default=None,
                    help="report folder (default outputs/eval-mini-speech/MODEL_NAME)")
@@ -53,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     report = evaluate_speech(args.model, args.data, args.split, args.limit, judge=not args.no_judge,
                              max_new_tokens=args.max_new_tokens, compiled=args.compile,
                              allow_untrained=args.allow_untrained, progress=True, audio_dir=audio_dir,
-                             detokenizer=args.detokenizer)
+                             detokenizer=args.detokenizer, follow_text=not args.free_speech)
     out.mkdir(parents=True, exist_ok=True)
     json_path = fileio.write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     fileio.write_text(out / "report.md", markdown(report))

@@ -161,7 +161,7 @@ class Speaker:
     """Spoken answers of one checkpoint through its streaming detokenizer, timed."""
 
     def __init__(self, model_dir: str | Path, max_new_tokens: int = 400, hop: int = 15, compile: bool = False,
-                 allow_untrained: bool = False, detokenizer: str | Path | None = None):
+                 allow_untrained: bool = False, detokenizer: str | Path | None = None, follow_text: bool = True):
         from funaudiochat.engine.inputs import check_trained
         from funaudiochat.engine.loading import load_runtime
         from funaudiochat.engine.presets import generation_preset
@@ -171,7 +171,8 @@ class Speaker:
             raise InputError(f"{model_dir}: no detokenizer (a speaking mini checkpoint holds detokenizer.json; "
                              f"for a training checkpoint pass --detokenizer, e.g. a folder holding one)")
         self.engine, self.tokenizer, self.detok = rt.engine, rt.tokenizer, rt.detokenizer
-        self.gen = generation_preset("s2s", self.tokenizer, max_new_tokens=max_new_tokens)
+        self.gen = generation_preset("s2s", self.tokenizer, max_new_tokens=max_new_tokens,
+                                     speech_follows_text=follow_text)
         self.hop = hop
         if not check_trained(self.engine.cfg, True, True, allow_untrained):
             raise InputError("this checkpoint's speech head was never trained (config.json: trained.speaking); "
@@ -204,11 +205,12 @@ class Speaker:
 def evaluate_speech(model: str | Path, data: str | Path, split: str = "test", limit: int | None = None,
                     judge: bool = True, max_new_tokens: int = 400, compiled: bool = False,
                     allow_untrained: bool = False, progress: bool = False, audio_dir: str | Path | None = None,
-                    detokenizer: str | Path | None = None) -> dict:
+                    detokenizer: str | Path | None = None, follow_text: bool = True) -> dict:
     from funaudiochat.speech.piper_tokens import PiperTokenizer
 
     records = read_s2s_split(data, split, limit)
-    me = Speaker(model, max_new_tokens, compile=compiled, allow_untrained=allow_untrained, detokenizer=detokenizer)
+    me = Speaker(model, max_new_tokens, compile=compiled, allow_untrained=allow_untrained, detokenizer=detokenizer,
+                 follow_text=follow_text)
     voice = PiperTokenizer()
     asr = None
     if judge:
@@ -245,6 +247,7 @@ def evaluate_speech(model: str | Path, data: str | Path, split: str = "test", li
         items[rec_id]["transcript"] = asr.transcribe(audio, me.detok.sample_rate) if audio.size else ""
     plain = [i for i in items.values() if i["instruction"] is None]
     report: dict = {"model": str(model), "data": str(data), "split": split, "limit": limit,
+                    "speech_follows_text": follow_text,
                     "counts": {"plain": len(plain), "instructions": len(items) - len(plain)}, "targets": TARGETS}
     if asr is not None:
         pairs = [(normalize_english(i["text"]), normalize_english(i["transcript"])) for i in plain]

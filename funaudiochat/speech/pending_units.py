@@ -12,10 +12,12 @@ from __future__ import annotations
 import torch
 
 from funaudiochat.errors import InputError
-from funaudiochat.speech.piper_tokens import EOS, NUM_UNITS, UNITS, VOCAB_SIZE, PiperTokenizer
+from funaudiochat.speech.piper_tokens import EOS, GAINS, NUM_UNITS, UNITS, VOCAB_SIZE, PiperTokenizer
 from funaudiochat.train.data import SPEECH_DELAY
 
 PAD = NUM_UNITS
+MAX_UNIT_TOKENS = 25  # text-locked speech holds one unit at most 1 s (training answers: 99.9 % of units <= 10
+#                       tokens, the longest 18 but for the answer-closing "$", held to fit the text)
 SENTENCE_ENDS = (".", "!", "?")
 
 
@@ -48,6 +50,43 @@ def pending_from_labels(labels: torch.Tensor, width: int, bos: int) -> torch.Ten
 def is_start(codes):
     """Codes (ints or a tensor) -> whether each starts a unit (even Piper codes; specials never do)."""
     return (codes >= 0) & (codes < VOCAB_SIZE) & (codes % 2 == 0)
+
+
+def text_locked(logits: torch.Tensor, next_unit: torch.Tensor, previous: torch.Tensor, held: torch.Tensor,
+                finished: torch.Tensor, bos: int, eos: int) -> torch.Tensor:
+    """Text-locked speech: the head's logits [B, V] -> logits over what the text allows, [B, V] (-inf elsewhere).
+
+    next_unit [B] the first pending unit (PAD when none is known), previous [B] the code just said, held [B] the
+    tokens its unit has lasted, finished [B] the answer's text has ended. The head decides *when* a unit starts and
+    how loud it is: its whole mass on starting any unit at loudness g goes to starting `next_unit` at g, its whole
+    mass on continuing any unit at g to continuing the unit being spoken at g. *What* is said is the text's units.
+    - the unit being spoken goes on for at most MAX_UNIT_TOKENS, unless nothing else may come yet;
+    - `bos` (the speech delay) is allowed until the first unit starts, with the head's logit;
+    - `eos` once the text has ended and every one of its units has started, with the head's logit."""
+    b = logits.shape[0]
+    frames = logits[:, :VOCAB_SIZE].reshape(b, len(GAINS), NUM_UNITS, 2)  # token ((g * U) + u) * 2 + cont
+    start_mass, cont_mass = frames[..., 0].logsumexp(dim=2), frames[..., 1].logsumexp(dim=2)  # [B, G]
+    gains = torch.arange(len(GAINS), device=logits.device) * NUM_UNITS
+    prev_piper = (previous >= 0) & (previous < VOCAB_SIZE)
+    current = (previous.clamp(0, VOCAB_SIZE - 1) // 2) % NUM_UNITS
+    waiting = (next_unit == PAD) & ~finished  # the text is not far enough ahead yet: the unit goes on
+    may_hold = prev_piper & ((held < MAX_UNIT_TOKENS) | waiting)
+    may_start = next_unit != PAD
+    out = torch.full_like(logits, float("-inf"))
+    start_ids = (gains + next_unit.clamp(max=NUM_UNITS - 1)[:, None]) * 2  # [B, G]
+    cont_ids = (gains + current[:, None]) * 2 + 1
+    out = out.scatter(1, start_ids, torch.where(may_start[:, None], start_mass, float("-inf")))
+    out = out.scatter(1, cont_ids, torch.where(may_hold[:, None], cont_mass, float("-inf")))
+    special = torch.zeros_like(out, dtype=torch.bool)
+    special[:, bos] = ~prev_piper
+    special[:, eos] = finished & ~may_start
+    return torch.where(special, logits, out)
+
+
+def follow_on(code: torch.Tensor, held: torch.Tensor, finished: torch.Tensor) -> tuple:
+    """text_locked's row state after saying `code` [B]: (previous, held, finished)."""
+    piper = (code >= 0) & (code < VOCAB_SIZE)
+    return code, torch.where(is_start(code), 1, torch.where(piper, held + 1, 0)), finished
 
 
 def window(upcoming: torch.Tensor, started: torch.Tensor, width: int) -> torch.Tensor:
@@ -110,6 +149,7 @@ class AnswerUnits:
 
     def __init__(self, view: PendingUnitsView):
         self.view, self.ids, self.finished, self.said, self.started = view, [], False, 0, 0
+        self.last, self.held = -1, 0  # the last code said, and the tokens its unit has lasted
 
     def add_text(self, token: int) -> None:
         if self.finished:
@@ -121,7 +161,10 @@ class AnswerUnits:
 
     def add_speech(self, codes: list[int]) -> None:
         self.said += len(codes)
-        self.started += sum(1 for c in codes if is_start(c))
+        for c in codes:
+            self.started += bool(is_start(c))
+            self.held = 1 if is_start(c) else self.held + 1 if 0 <= c < VOCAB_SIZE else 0
+        self.last = codes[-1] if codes else self.last
 
     def upcoming(self, n: int) -> list[int]:
         if self.said < SPEECH_DELAY:

@@ -13,11 +13,15 @@ from helpers import make_tiny_checkpoint, synthetic_s2s
 from test_mini_pipeline import SHRINK, cli, ok
 
 from funaudiochat.assets import mini_deltas
+from funaudiochat.data.build_mini import MINI_SYSTEM
+from funaudiochat.engine.loading import read_config
+from funaudiochat.engine.presets import default_system
 from funaudiochat.errors import ConfigError
 from funaudiochat.model.checkpoint import read_state_dict
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
 from funaudiochat.speech import piper_tokens as pt
+from funaudiochat.text.chat import spoken_system
 from funaudiochat.train import loop
 from funaudiochat.train.metrics import read_metrics
 
@@ -74,7 +78,11 @@ def test_speak_stages_train_and_ship_the_srh(tmp_path):
     ckpt = tmp_path / "mini"
     ok(cli("assets", "mini", ckpt, "--deltas", models, "--base", base))
     assert json.loads((ckpt / "detokenizer.json").read_text()) == {"kind": "piper-joe"}
-    assert json.loads((ckpt / "config.json").read_text())["audio_config"]["srh_token_scale"] == scale
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["audio_config"]["srh_token_scale"] == scale
+    mini_cfg = read_config(ckpt)  # spoken answers get the spoken system prompt they were trained under
+    assert default_system("s2s", mini_cfg) == spoken_system(MINI_SYSTEM) != default_system("s2t", mini_cfg)
+    assert default_system("s2t", mini_cfg) == MINI_SYSTEM
     assembled, trained = read_state_dict(ckpt), read_state_dict(final)
     for k in trained:
         torch.testing.assert_close(assembled[k], trained[k], rtol=0, atol=1e-5)

@@ -714,12 +714,16 @@ def instructions_for(record_id: str, split: str) -> list[str]:
     return names if split == "test" else [names[(key // INSTRUCTION_EVERY) % len(names)]]
 
 
+SPEECH_FORMAT = 2  # of the S2S records; 2: their system prompt is the spoken form (speak_record)
+
+
 def run_speech_stage(out: Path, text_tokenizer, piper=None, progress: bool = True,
                      layout: str = "released") -> dict:
     """OUT/{split}.jsonl's QA records -> OUT/{split}_s2s.jsonl (spoken answers, instruction variants, the text laid
     out along the speech by `layout`, spoken_answers.LAYOUTS) and OUT/speech.json (counts, seconds, the records'
-    sha256, the layout). A split whose S2S file was made from records with the same sha256 and the same layout is
-    kept as is (the audio stage rewrites the records on every run, with the same bytes)."""
+    sha256, the layout, the format). A split whose S2S file was made from records with the same sha256, in the same
+    layout and SPEECH_FORMAT, is kept as is (the audio stage rewrites the records on every run, with the same
+    bytes)."""
     from tqdm import tqdm
 
     from funaudiochat.data.spoken_answers import speak_record
@@ -734,7 +738,8 @@ def run_speech_stage(out: Path, text_tokenizer, piper=None, progress: bool = Tru
             raise InputError(f"{src}: no records; run the audio stage first")
         source = _sha256(src)
         done = summary.get(split, {})
-        if dst.is_file() and done.get("source_sha256") == source and done.get("layout", "released") == layout:
+        if dst.is_file() and done.get("source_sha256") == source and done.get("layout", "released") == layout \
+                and done.get("format", 1) == SPEECH_FORMAT:
             continue
         piper = piper or PiperTokenizer()
         t0, rows, skipped = time.perf_counter(), [], Counter()
@@ -749,7 +754,7 @@ def run_speech_stage(out: Path, text_tokenizer, piper=None, progress: bool = Tru
         by = Counter(r["meta"]["speech_instruction"] or "plain" for r in rows)
         summary[split] = {"records": len(rows), "by_instruction": dict(sorted(by.items())), "skipped": dict(skipped),
                           "seconds": round(time.perf_counter() - t0, 1), "source_sha256": source,
-                          "layout": layout}
+                          "layout": layout, "format": SPEECH_FORMAT}
         fileio.write_text(path, json.dumps(summary, indent=2) + "\n")  # now: a stop in a later split keeps this one
     return summary
 

@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-untrained", action="store_true",
                    help="measure a model whose config marks hearing or speaking as untrained")
     p.add_argument("--free-speech", action="store_true",
-                   help="let a head with the pending-units view choose its units freely (default: it may only "
-                        "continue its unit or start the next pending one; GenerationConfig.speech_follows_text)")
+                   help="let a head with the pending-units view choose its units freely (default: text-locked, it "
+                        "only times the text's units; GenerationConfig.speech_follows_text)")
     p.add_argument("--save-audio", action="store_true", help="also write each answer as OUT/audio/ID.wav")
     p.add_argument("--out", type=Path, default=None,
                    help="report folder (default outputs/eval-mini-speech/MODEL_NAME)")

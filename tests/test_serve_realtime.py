@@ -94,7 +94,9 @@ def test_spoken_question_with_server_vad(server, question):
     item = done["response"]["output"][0]
     assert text.strip() and item["content"][0]["transcript"] == text.strip()
     deltas = c.of("response.output_audio.delta")
-    assert deltas and audio_ms(deltas) > 500  # real audio from the tiny detokenizer
+    # real audio from the tiny detokenizer: its sampled random head may end its speech after the first chunks
+    # (400 ms seen once in CI), so no more than that is asked
+    assert deltas and audio_ms(deltas) >= 200
     assert not c.of("response.audio.delta") and not c.of("error")
     assert done["response"]["usage"]["output_token_details"]["audio_tokens"] > 0
     assert server.wait_idle() == 0 and server.healthy()

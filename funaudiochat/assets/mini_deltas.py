@@ -25,10 +25,10 @@ from funaudiochat.config import TRAINABLE_PARTS, AudioConfig, FunAudioChatConfig
 from funaudiochat.data.build_mini import MINI_SYSTEM
 from funaudiochat.engine.loading import DETOKENIZER_FILE
 from funaudiochat.errors import CheckpointError, ConfigError
-from funaudiochat.text.chat import spoken_system
 from funaudiochat.model import lora
 from funaudiochat.model.checkpoint import load_state_dict_checked, read_state_dict, save_model
 from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.text.chat import spoken_system
 
 DELTAS_FILE = "deltas.safetensors"
 FORMAT = "fun-audio-chat-mini-deltas/1"

@@ -217,6 +217,7 @@ class Engine:
         noise = self._speech_noise(state, gen)
         upcoming = self._upcoming(state)
         follow = self._follow_inputs(state, gen)
+        a_cfg = self.cfg.audio_config
         started = torch.zeros(b, dtype=torch.long, device=self.device)
         tokens = []
         for j in range(k):
@@ -237,7 +238,8 @@ class Engine:
             if self.speech_bias is not None:
                 logits = logits + self.speech_bias
             if follow is not None:
-                logits = self._text_locked(logits, upcoming, started, *follow)
+                logits = text_locked(logits, window(upcoming, started, 1)[:, 0], *follow, a_cfg.bos_token_id,
+                                     a_cfg.eos_token_id)
             scores = process(logits, gen.sampling, counts if follow is None else None)
             tok = choose(scores, gen.sampling, noise=noise[:, j] if noise is not None else None)
             if counts is not None:
@@ -273,12 +275,6 @@ class Engine:
         last, held, ended = zip(*rows)
         return (torch.tensor(last, device=self.device), torch.tensor(held, device=self.device),
                 torch.tensor(ended, device=self.device))
-
-    def _text_locked(self, logits: torch.Tensor, upcoming: torch.Tensor, started: torch.Tensor,
-                     previous: torch.Tensor, held: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
-        a_cfg = self.cfg.audio_config
-        return text_locked(logits, window(upcoming, started, 1)[:, 0], previous, held, finished,
-                           a_cfg.bos_token_id, a_cfg.eos_token_id)
 
     def _speech_noise(self, state: DecodeState, gen: GenerationConfig) -> torch.Tensor | None:
         """The sampling noise [B, k, Vs] of one speech group (None when greedy), one draw per position as

@@ -11,6 +11,8 @@ from funaudiochat.text.tokenizer import AUDIO_TEMPLATE
 DEFAULT_SYSTEM = "You are a helpful assistant."
 S2T_PROMPT = "You are asked to generate text tokens."
 S2M_PROMPT = "You are asked to generate both text and speech tokens at the same time."
+
+
 def spoken_system(system: str) -> str:
     """The system prompt of a spoken (text + speech) answer, built from a text one as the released prompts are: the
     S2M mode sentence first. fun-audio-chat-mini's S2S records use it, so the LLM tells a spoken turn from a text

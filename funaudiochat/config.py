@@ -228,6 +228,10 @@ class AudioConfig(_JsonMixin):
     # (E_text(t) + Enc(g)) / 2, as released (True, not written). False (fun-audio-chat-mini): the LLM reads its own
     # text alone at full scale, so a frozen LLM's text stream is its text answer and only the SRH learns to speak.
     speech_feedback: bool = True
+    # fun-audio-chat-mini: the LLM's input at the assistant's `<|audio_bos|>` (the token that opens a spoken answer) is
+    # a learned vector, `audio_tower.speech_opener`, instead of that token's embedding, which the hearing LLM reads as
+    # "user audio follows". With it, a frozen LLM answers a spoken turn as it answers in text. Released: False.
+    speech_opener: bool = False
     # fun-audio-chat-mini: Whisper's decoder reads the user's words into the 5 Hz slots (model/word_reader.py;
     # WordReaderConfig's fields). The encoder then sees Whisper's own 30 s windows. Released: None (not written).
     word_reader: dict | None = None
@@ -266,6 +270,8 @@ class AudioConfig(_JsonMixin):
             del out["srh_pending_units"]
         if self.speech_feedback:
             del out["speech_feedback"]
+        if not self.speech_opener:
+            del out["speech_opener"]
         if self.word_reader is None:
             del out["word_reader"]
         return dict(sorted(out.items()))
@@ -294,6 +300,8 @@ class AudioConfig(_JsonMixin):
                "srh_pending_units", f"must be an integer in [0, 16], got {width!r}")
         _check(isinstance(self.speech_feedback, bool), where, "speech_feedback",
                f"must be true or false, got {self.speech_feedback!r}")
+        _check(isinstance(self.speech_opener, bool), where, "speech_opener",
+               f"must be true or false, got {self.speech_opener!r}")
         if self.word_reader is not None:
             from funaudiochat.model.word_reader import WordReaderConfig  # the reader's own checks
             _check(isinstance(self.word_reader, dict), where, "word_reader", "must be an object or null")

@@ -60,6 +60,7 @@ def test_missing_fields_take_the_released_class_defaults():
     (("audio_config", "eos_token_id"), 999, "audio_config.eos_token_id"),
     (("audio_config", "output_dim"), 48, "audio_config.output_dim"),
     (("audio_config", "speech_feedback"), "no", "audio_config.speech_feedback"),
+    (("audio_config", "speech_opener"), 1, "audio_config.speech_opener"),
     (("text_config", "sil_index"), 4096, "text_config.sil_index"),
     (("audio_config", "crq_transformer_config", "hidden_act"), "gelu", "crq_transformer_config.hidden_act"),
 ])

@@ -1,7 +1,8 @@
 """fun-audio-chat-mini's speaking stages (issue 14 item 3) on a tiny random model and made-up S2S records, each a
-real `funaudiochat` process: recipes/mini/speak_srh.yaml trains the SRH alone, speak.yaml the LLM with it (config
-`trained.speaking` becomes true; the hearing adapter stays frozen), `assets mini-deltas` ships the SRH and
-`assets mini` writes the Piper detokenizer.json; recipes/mini/speak_k1.yaml retrains the same model at group size 1 (the LLM at 25 Hz)."""
+real `funaudiochat` process: recipes/mini/speak_srh.yaml trains the SRH alone, speak.yaml the SRH with the speech
+opener (config `trained.speaking` becomes true; the LLM and the hearing adapter stay frozen), `assets mini-deltas`
+ships the SRH and the opener, `assets mini` writes the Piper detokenizer.json; recipes/mini/speak_k1.yaml retrains
+the same model at group size 1 (the LLM at 25 Hz)."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,6 @@ from funaudiochat.model.checkpoint import read_state_dict
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
 from funaudiochat.speech import piper_tokens as pt
-from funaudiochat.text.chat import spoken_system
 from funaudiochat.train import loop
 from funaudiochat.train.metrics import read_metrics
 
@@ -37,9 +37,9 @@ def _untrained_base(folder):
 
 
 def test_speak_stages_train_and_ship_the_srh(tmp_path):
-    """speak_srh.yaml trains the head alone on the frozen hearing model; speak.yaml then trains the LLM's text stream
-    with it, the hearing adapter frozen; the deltas ship the head and the settings it was trained with
-    (srh_token_scale, the pending-units view, no speech fed back to the LLM)."""
+    """speak_srh.yaml trains the head alone on the frozen hearing model; speak.yaml then trains it with the speech
+    opener, the LLM and the hearing adapter frozen; the deltas ship the head, the opener and the settings they were
+    trained with (srh_token_scale, the pending-units view, no speech fed back to the LLM, the opener)."""
     base = _untrained_base(tmp_path / "base")
     data = synthetic_s2s(tmp_path / "data", n=4)
     common = [f"data.train=[{data}]", *SHRINK]
@@ -53,15 +53,18 @@ def test_speak_stages_train_and_ship_the_srh(tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("audio_invert_tower.", "audio_tower.embed_tokens.")) for k in changed)
 
-    ok(cli("train", "recipes/mini/speak.yaml", f"model.checkpoint={head}", *common, "lora.rank=2",
-           f"run_dir={tmp_path / 'speak'}"))
+    ok(cli("train", "recipes/mini/speak.yaml", f"model.checkpoint={head}", *common, f"run_dir={tmp_path / 'speak'}"))
     final = tmp_path / "speak" / "final"
     trained_cfg = json.loads((final / "config.json").read_text())
     assert trained_cfg["trained"] == {"hearing": False, "speaking": True}  # hearing as it started: not trained here
     assert trained_cfg["audio_config"]["srh_token_scale"] == scale  # carried from the head's checkpoint
     assert trained_cfg["audio_config"]["speech_feedback"] is False
+    assert trained_cfg["audio_config"]["speech_opener"] is True
     start, speak = read_state_dict(head), read_state_dict(final)
-    assert all(torch.equal(start[k], speak[k]) for k in start if k.startswith(("continuous_audio_tower.", "audio_tower.c")))
+    moved = {k for k in start if not torch.equal(start[k], speak[k])}
+    assert moved and all(k.startswith(("audio_invert_tower.", "audio_tower.embed_tokens.")) for k in moved)
+    abos = trained_cfg["text_config"]["audio_bos_index"]  # the opener moved from where it started
+    assert not torch.equal(speak["audio_tower.speech_opener"], start["language_model.model.embed_tokens.weight"][abos])
     rows = read_metrics(tmp_path / "speak")
     assert rows and all(r["speech_loss"] > 0 and r["text_loss"] > 0 for r in rows)  # both losses counted
 
@@ -71,18 +74,17 @@ def test_speak_stages_train_and_ship_the_srh(tmp_path):
     assert json.loads(meta["trained"]) == {"hearing": False, "speaking": True}
     width = yaml.safe_load(open("recipes/mini/speak_srh.yaml"))["model"]["srh_pending_units"]
     assert json.loads(meta["audio_config"]) == {"srh_token_scale": scale, "srh_pending_units": width,
-                                                "speech_feedback": False}  # the
-    # settings the head was trained with (and the view's embeddings: they ship too)
-    assert "audio_invert_tower.pending_embed.weight" in deltas
+                                                "speech_feedback": False, "speech_opener": True}  # the
+    # settings the head was trained with (and the view's embeddings and the opener: they ship too)
+    assert {"audio_invert_tower.pending_embed.weight", "audio_tower.speech_opener"} <= deltas.keys()
     assert any(k.startswith("audio_invert_tower.crq_transformer.") for k in deltas)
     ckpt = tmp_path / "mini"
     ok(cli("assets", "mini", ckpt, "--deltas", models, "--base", base))
     assert json.loads((ckpt / "detokenizer.json").read_text()) == {"kind": "piper-joe"}
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["audio_config"]["srh_token_scale"] == scale
-    mini_cfg = read_config(ckpt)  # spoken answers get the spoken system prompt they were trained under
-    assert default_system("s2s", mini_cfg) == spoken_system(MINI_SYSTEM) != default_system("s2t", mini_cfg)
-    assert default_system("s2t", mini_cfg) == MINI_SYSTEM
+    mini_cfg = read_config(ckpt)  # every mode gets the system prompt the records were trained under
+    assert default_system("s2s", mini_cfg) == default_system("s2t", mini_cfg) == MINI_SYSTEM
     assembled, trained = read_state_dict(ckpt), read_state_dict(final)
     for k in trained:
         torch.testing.assert_close(assembled[k], trained[k], rtol=0, atol=1e-5)

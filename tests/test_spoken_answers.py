@@ -75,7 +75,7 @@ def test_spoken_records_align_speech_to_the_text_stream(piper, text_tok, tmp_pat
             assert codes[:len(reference)] == reference and len(codes) >= len(reference)
             rates[qid, instruction] = len(reference)
             assert rec["meta"]["family"] == "chat" and rec["meta"]["speech_instruction"] == instruction
-            assert rec["system"] == "You are asked to generate both text and speech tokens at the same time. Be brief."
+            assert rec["system"] == "Be brief."  # the text record's: the assistant's <|audio_bos|> marks speech
     for qid in ANSWERS:  # the speaking rate (units / duration) follows the instruction by >= 25 %
         assert rates[qid, "slower"] >= 1.25 * rates[qid, None]
         assert rates[qid, "faster"] * 1.25 <= rates[qid, None]

@@ -279,6 +279,88 @@ def test_speech_feedback_off_the_llm_reads_its_text_alone(tmp_path):
         recipe_from_dict(tiny_recipe(tmp_path, data, model={"preset": "tiny", "speech_feedback": "no"}))
 
 
+def test_speech_opener_is_read_at_the_assistants_audio_bos_only(tmp_path):
+    """`audio_config.speech_opener`: the LLM reads the learned vector at the `<|audio_bos|>` that opens the
+    assistant's speech, in training and in both decode paths; the user audio's `<|audio_bos|>` and every position
+    before the answer read as before."""
+    from funaudiochat.engine.compiled import step_input
+
+    data = synthetic_s2s(tmp_path / "data", n=2)
+    tok = make_tiny_tokenizer(tmp_path / "tok")
+    cfg = presets.tiny()
+    cfg.audio_config.speech_opener = True
+    torch.manual_seed(0)
+    model = FunAudioChatModel(cfg).eval()
+    items, _ = load_records([data], SampleBuilder(tok, model.cfg, 256).sample)
+    inputs = Collator(model.cfg, 256, packing=False)(items).model_inputs("cpu")
+    ids, abos = inputs["input_ids"], cfg.text_config.audio_bos_index
+    slots = ids == cfg.audio_token_index
+    with torch.no_grad():
+        model.audio_tower.speech_opener.copy_(model.language_model.embed(torch.tensor(abos)))
+        same = model(**inputs).text_logits
+        model.audio_tower.speech_opener.normal_()
+        moved = model(**inputs).text_logits
+    for row in range(ids.shape[0]):
+        bos = (ids[row] == abos).nonzero().flatten().tolist()
+        user, answer = [p for p in bos if slots[row, p + 1]][:2]  # the user's audio, then the assistant's speech
+        torch.testing.assert_close(moved[row, :answer], same[row, :answer], rtol=0, atol=0)
+        assert not torch.allclose(moved[row, answer:], same[row, answer:])
+
+    prompt = torch.tensor([[1, abos, cfg.audio_token_index, 2, abos]])
+    assert model.prompt_openers(prompt).tolist() == [[False, False, False, False, True]]
+    x, text_embed = step_input(model, torch.tensor([abos, 5]), None, torch.tensor([False, False]))
+    torch.testing.assert_close(x[0, 0], model.audio_tower.speech_opener, rtol=0, atol=0)
+    torch.testing.assert_close(x[1], model.language_model.embed(torch.tensor([5])), rtol=0, atol=0)
+    assert torch.equal(x, text_embed)  # the SRH's text input reads the opener too
+
+
+def test_a_new_speech_opener_starts_as_audio_bos_and_trains_alone(tmp_path, one_thread):
+    """`model.speech_opener: true` on a checkpoint without one: the run starts from <|audio_bos|>'s embedding (the
+    model's function unchanged), trains the opener alone when it is the only trainable part, and the export keeps
+    it; `train.text_stream_targets: text` trains a spoken answer's text stream as a text answer: its text, then the
+    end of turn where the text ends, and nothing after (the engine writes <|sil|> and <|audio_eos|> itself)."""
+    data = synthetic_s2s(tmp_path / "data", n=4)
+    start = train(tmp_path, "start", data, train={"steps": 1})
+    recipe = tiny_recipe(tmp_path, data, model={**from_checkpoint(start / "final"), "speech_opener": True},
+                         train={"steps": 3, "trainable": ["audio_tower.speech_opener"], "text_stream_targets": "text"})
+    recipe["run_dir"] = str(tmp_path / "opener")
+    trainer = loop.Trainer(recipe_from_dict(recipe))
+    try:
+        trainer.setup()
+        model, cfg = trainer.model, trainer.model.cfg
+        t, ign = cfg.text_config, -100
+        first = model.audio_tower.speech_opener.detach().clone()
+        torch.testing.assert_close(first, model.language_model.embed(torch.tensor(t.audio_bos_index)).detach(),
+                                   rtol=0, atol=0)
+        items, _ = load_records([data], SampleBuilder(trainer.tokenizer, cfg, 256).sample)
+        batch = Collator(cfg, 256, packing=False)(items).model_inputs("cpu")
+
+        def labels(targets: str) -> torch.Tensor:
+            model.text_stream_targets, trace = targets, {}
+            with torch.no_grad():
+                model(**batch, trace=trace)
+            return trace["lm_labels"]
+
+        released, text = labels("released"), labels("text")
+        for row in range(released.shape[0]):
+            sil = (released[row] == t.sil_index).nonzero().flatten()
+            end = int(sil[0]) if len(sil) else int((released[row] == t.audio_eos_index).nonzero()[0])
+            assert text[row, end] == t.eos_token_id  # the text ends where its padding starts
+            torch.testing.assert_close(text[row, :end], released[row, :end], rtol=0, atol=0)  # prompt, text as before
+            after = text[row, end + 1:]
+            answer_end = int((released[row, end:] == trainer.tokenizer.special.im_end).nonzero()[0]) + end
+            assert (after[:answer_end - end] == ign).all()  # <|sil|> x n, <|audio_eos|>, the turn's end: untrained
+        model.text_stream_targets = "text"
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    trained = read_state_dict(tmp_path / "opener" / "final")
+    before = read_state_dict(start / "final")
+    assert not torch.equal(trained["audio_tower.speech_opener"], first)
+    assert all(torch.equal(trained[k], v) for k, v in before.items())  # nothing else moved
+    assert load_model(tmp_path / "opener" / "final").cfg.audio_config.speech_opener
+
+
 def test_recipe_srh_token_scale_applies_to_the_loaded_model(tmp_path, one_thread):
     """`model.srh_token_scale` on a checkpoint trained at another scale: the model the run trains uses the recipe's
     (it once kept the checkpoint's while recording the recipe's in its config)."""

@@ -28,7 +28,6 @@ from funaudiochat.errors import CheckpointError, ConfigError
 from funaudiochat.model import lora
 from funaudiochat.model.checkpoint import load_state_dict_checked, read_state_dict, save_model
 from funaudiochat.model.funaudiochat import FunAudioChatModel
-from funaudiochat.text.chat import spoken_system
 
 DELTAS_FILE = "deltas.safetensors"
 FORMAT = "fun-audio-chat-mini-deltas/1"
@@ -230,10 +229,7 @@ def assemble(out_dir: str | Path, deltas_dir: str | Path, base_dir: str | Path |
         apply_deltas(model, deltas, source)
         model.cfg.trained = trained_parts(deltas, model.word_reader is not None)
         # the system prompt of the training data: infer, chat, serve and eval use it when none is given
-        systems = model.cfg.extra.setdefault("fun_audio_chat_mini", {})
-        systems["system"] = MINI_SYSTEM
-        if model.cfg.trained["speaking"]:  # spoken answers were trained under the spoken form (speak_record)
-            systems["system_s2s"] = spoken_system(MINI_SYSTEM)
+        model.cfg.extra.setdefault("fun_audio_chat_mini", {})["system"] = MINI_SYSTEM
         save_model(model, tmp)
         factors = {k: v for k, v in deltas.items() if lora.is_adapter(k)}
         if factors:  # the LLM's delta, recorded as training records it: a LoRA stage trained on this still ships

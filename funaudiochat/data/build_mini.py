@@ -714,7 +714,7 @@ def instructions_for(record_id: str, split: str) -> list[str]:
     return names if split == "test" else [names[(key // INSTRUCTION_EVERY) % len(names)]]
 
 
-SPEECH_FORMAT = 2  # of the S2S records; 2: their system prompt is the spoken form (speak_record)
+SPEECH_FORMAT = 3  # of the S2S records; 2 put the S2M sentence before their system prompt, 3 keeps the text one
 
 
 def run_speech_stage(out: Path, text_tokenizer, piper=None, progress: bool = True,

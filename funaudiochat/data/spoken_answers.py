@@ -37,7 +37,6 @@ import numpy as np
 
 from funaudiochat.errors import InputError
 from funaudiochat.speech.piper_tokens import EOS, NUM_UNITS, UNITS, sound_starts
-from funaudiochat.text.chat import spoken_system
 from funaudiochat.text.tokenizer import AUDIO_TEMPLATE
 from funaudiochat.train.data import SPEECH_DELAY, assistant_token_string, audio_entries
 
@@ -119,8 +118,8 @@ def speak_record(record: dict, piper, text_tokenizer, instruction: str | None = 
                  delay: int = SPEECH_DELAY, k: int = GROUP, layout: str = "released") -> dict:
     """A sharegpt record with text answers -> the S2S record: every assistant text answer spoken (`spoken_entry`);
     with `instruction` (a key of INSTRUCTIONS) its phrasing is appended to the last user turn and the last answer
-    is spoken accordingly. The id gets ".<instruction>", meta.speech says how each answer was spoken, and the system
-    prompt becomes its spoken form (`text.chat.spoken_system`)."""
+    is spoken accordingly. The id gets ".<instruction>" and meta.speech says how each answer was spoken; the system
+    prompt stays the text record's (the assistant's `<|audio_bos|>` marks the spoken answer)."""
     if instruction is not None and instruction not in INSTRUCTIONS:
         raise InputError(f"unknown speech instruction {instruction!r}; known: {', '.join(INSTRUCTIONS)}")
     messages, entries = record["messages"], iter(audio_entries(record))
@@ -148,8 +147,6 @@ def speak_record(record: dict, piper, text_tokenizer, instruction: str | None = 
     meta = {**record.get("meta", {}), "speech": spoken, "speech_instruction": instruction}
     out = {**record, "messages": out_messages, "meta": meta,
            "audio": [json.dumps(e, ensure_ascii=False, sort_keys=True) for e in out_audio]}
-    if "system" in record:
-        out["system"] = spoken_system(record["system"])
     out.pop("audios", None)  # (the entries now live under "audio")
     if instruction is not None and "id" in record:
         out["id"] = f"{record['id']}.{instruction}"

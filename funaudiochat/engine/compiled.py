@@ -46,7 +46,8 @@ def step_input(model, token: torch.Tensor, group: torch.Tensor | None, fuse: tor
     token [B] is the last text id; where `fuse` [B], it is averaged with the last speech group [B, k] fed back
     through the adapter, (E_text(t) + Enc(g)) / 2. group None, or a model without speech feedback
     (`audio_config.speech_feedback` false): no row fuses."""
-    text_embed = model.language_model.embed(token)[:, None]
+    ids = token[:, None]  # a decoded <|audio_bos|> always opens the assistant's speech
+    text_embed = model.embed_inputs(ids, ids == model.cfg.text_config.audio_bos_index)
     if group is None or not model.cfg.audio_config.speech_feedback:
         return text_embed, text_embed
     return torch.where(fuse[:, None, None], (text_embed + model.audio_tower(group)) / 2, text_embed), text_embed

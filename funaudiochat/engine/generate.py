@@ -389,7 +389,9 @@ class Engine:
             self._track_answers(state, token, group, speaking, appended)
         state.tokens.append(token)
         state.last_token = token
-        stop = torch.zeros_like(was_finished)
+        # held to the format, a turn ends with its speech: <|audio_eos|> is followed by the end of turn, so the LLM
+        # is not asked for it (a frozen text LLM reads <|audio_eos|> as the end of *user* audio and writes on)
+        stop = ended.clone() if gen.speech_holds_turn else torch.zeros_like(was_finished)
         for e in gen.eos_ids:
             stop |= token == e
         state.finished = was_finished | stop
@@ -566,7 +568,7 @@ class PrefillJob:
         dev, t_cfg = eng.device, eng.cfg.text_config
         ids = prompt.input_ids.to(dev)
         mask2d = (prompt.attention_mask if prompt.attention_mask is not None else torch.ones_like(ids)).to(dev)
-        self.text_embeds = m.language_model.embed(ids)  # [B, P, D]; the SRH input adds these to the LLM states
+        self.text_embeds = m.embed_inputs(ids, m.prompt_openers(ids))  # [B, P, D]; the SRH input adds these too
         embeds = self.text_embeds
         if prompt.speech_ids is not None and prompt.speech_ids.numel() > 0:
             audio = m.encode_audio(prompt.speech_ids.to(dev), prompt.speech_attention_mask.to(dev),

@@ -37,9 +37,7 @@ def generation_preset(mode: str, tokenizer, **overrides) -> GenerationConfig:
 
 
 def default_system(mode: str, cfg=None) -> str:
-    """The system prompt `cfg`'s checkpoint was trained with for `mode` (config.json `fun_audio_chat_mini.system`,
-    and `system_s2s` for spoken answers where they were trained apart, written by `assets mini`), else the mode's
-    released one."""
+    """The system prompt `cfg`'s checkpoint was trained with (config.json `fun_audio_chat_mini.system`, written by
+    `assets mini`, for every mode), else the mode's released one."""
     mini = (cfg.extra.get("fun_audio_chat_mini") or {}) if cfg is not None else {}
-    trained = (mini.get("system_s2s") if mode != "s2t" else None) or mini.get("system")
-    return trained or (S2T_PROMPT if mode == "s2t" else SPOKEN_S2M_PROMPT)
+    return mini.get("system") or (S2T_PROMPT if mode == "s2t" else SPOKEN_S2M_PROMPT)

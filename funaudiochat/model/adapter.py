@@ -29,6 +29,8 @@ class GroupingAdapter(nn.Module):
         # training only (`train.speech_embedding_grad: head`): the speech fed back to the LLM reads the embedding
         # without a gradient, so only the SRH's loss trains it
         self.detach_fed_back_speech = False
+        # `speech_opener` config: the LLM's input at the assistant's <|audio_bos|> ([D]; FunAudioChatModel.embed_inputs)
+        self.speech_opener = nn.Parameter(torch.zeros(d)) if cfg.speech_opener else None
         self.output_matching = nn.Linear(d, d, bias=False)
         self.continual_output_matching = nn.Linear(d * self.group_size if self.concat else d, d, bias=False)
 

@@ -47,6 +47,7 @@ class AudioGroups:
     speech_labels: torch.Tensor    # [A, N] valid ids, -100 elsewhere
     text_features: torch.Tensor | None = None  # [A, G, D] transcript embeddings (training), zero rows without text
     text_labels: torch.Tensor | None = None    # [A, G]
+    has_text: torch.Tensor | None = None       # [A] bool: rows with a transcript (assistant speech), with text_ids
 
     @property
     def kept(self) -> torch.Tensor:
@@ -77,6 +78,9 @@ class FunAudioChatModel(nn.Module):
                             if a.word_reader is not None else None)
         self.language_model = CausalLM(cfg.text_config)
         self.tie_weights()
+        # training only (`train.text_stream_targets`): "released" trains a spoken answer's text stream as laid out
+        # (its text, <|sil|> padding, <|audio_eos|>); "text" as a text answer (its text, then the end of turn)
+        self.text_stream_targets = "released"
 
     def tie_weights(self) -> None:
         """The SRH output layer shares the adapter's speech embedding table (released `tie_weights`). An int8 head
@@ -159,6 +163,7 @@ class FunAudioChatModel(nn.Module):
             out.features = (out.text_features + groups) / 2
             has_text = text_attention_mask.bool() if text_attention_mask is not None \
                 else torch.ones(groups.shape[0], dtype=torch.bool, device=groups.device)
+            out.has_text = has_text
             if self.cfg.audio_config.full_scale_user_audio:  # rows without a transcript (user audio) unaveraged
                 out.features = torch.where(has_text[:, None, None], out.features, groups)
             if not self.cfg.audio_config.speech_feedback:  # the assistant's speech is not fed back: its text alone
@@ -196,6 +201,31 @@ class FunAudioChatModel(nn.Module):
         return feats, labels
 
     # ------------------------------------------------------------------ input merge
+    def embed_inputs(self, input_ids: torch.Tensor, openers: torch.Tensor | None) -> torch.Tensor:
+        """Text ids [B, L] -> LLM input embeddings [B, L, D]; at `openers` [B, L] (assistant speech openers), the
+        learned `audio_tower.speech_opener` where the model has one (config `speech_opener`)."""
+        x = self.language_model.embed(input_ids)
+        opener = self.audio_tower.speech_opener
+        if opener is None or openers is None:
+            return x
+        return torch.where(openers[..., None], opener.to(x.dtype), x)
+
+    def prompt_openers(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Inference: the `<|audio_bos|>` ids [B, L] that open an assistant's speech, i.e. those not followed by an
+        `<|AUDIO|>` placeholder (user audio always is)."""
+        follows_audio = F.pad(input_ids[:, 1:] == self.cfg.audio_token_index, (0, 1), value=False)
+        return (input_ids == self.cfg.text_config.audio_bos_index) & ~follows_audio
+
+    def _training_openers(self, input_ids: torch.Tensor, slots: torch.Tensor, audio: AudioGroups | None):
+        """Training: the `<|audio_bos|>` ids [B, L] right before the placeholders of an audio with a transcript
+        (the assistant's speech); None without transcripts."""
+        if audio is None or audio.has_text is None:
+            return None
+        text_rows = audio.has_text[:, None].expand_as(audio.kept)  # [A, G]
+        slot_text = torch.zeros_like(slots).masked_scatter(slots, text_rows[audio.kept])
+        before_text = F.pad(slot_text[:, 1:], (0, 1), value=False)
+        return (input_ids == self.cfg.text_config.audio_bos_index) & before_text
+
     def merge_audio(self, input_ids: torch.Tensor, embeds: torch.Tensor, audio: AudioGroups) -> torch.Tensor:
         """Scatter the kept groups of every audio, in order, into the `<|AUDIO|>` positions of `embeds` [B, L, D]."""
         slots = input_ids == self.cfg.audio_token_index
@@ -223,16 +253,15 @@ class FunAudioChatModel(nn.Module):
             raise ValueError(f"text_logits must be 'all', or 'targets' with labels; got {text_logits!r}")
         cfg, k, ign = self.cfg, self.group_size, self.cfg.ignore_index
         b, l = input_ids.shape
-        text_embeds = self.language_model.embed(input_ids)  # [B, L, D]
-        embeds = text_embeds
         audio = None
         if speech_ids is not None and speech_ids.numel() > 0:
             if speech_attention_mask is None:
                 speech_attention_mask = torch.ones_like(speech_ids)
             audio = self.encode_audio(speech_ids, speech_attention_mask, input_features, feature_attention_mask,
                                       feature_exist_mask, text_ids, text_attention_mask, trace)
-            embeds = self.merge_audio(input_ids, embeds, audio)
         slots = input_ids == cfg.audio_token_index
+        text_embeds = self.embed_inputs(input_ids, self._training_openers(input_ids, slots, audio))  # [B, L, D]
+        embeds = self.merge_audio(input_ids, text_embeds, audio) if audio is not None else text_embeds
 
         speech_labels = None
         if labels is not None:
@@ -304,7 +333,21 @@ class FunAudioChatModel(nn.Module):
         if audio is not None and audio.text_labels is not None:
             labels = labels.masked_scatter(slots, audio.text_labels[audio.kept].to(labels.dtype))
             labels = labels.masked_fill(prompt, ign)
+        if self.text_stream_targets == "text":
+            labels = self._text_answer_targets(labels)
         return speech.reshape(b, l * k), labels
+
+
+    def _text_answer_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Text labels [B, L] of spoken answers rewritten as a text answer's: the first <|sil|> (or <|audio_eos|>)
+        after the text becomes the end of turn, and what follows it (<|sil|> padding, <|audio_eos|>, the turn's own
+        end), which the engine writes itself (`speech_holds_turn`), gets no loss."""
+        t, ign = self.cfg.text_config, self.cfg.ignore_index
+        audio_eos = labels == t.audio_eos_index
+        after_text = (labels == t.sil_index) | audio_eos
+        first = after_text & ~F.pad(after_text[:, :-1], (1, 0))
+        labels = labels.masked_fill(after_text | F.pad(audio_eos[:, :-1], (1, 0)), ign)
+        return labels.masked_fill(first, _first(t.eos_token_id))
 
 
 def _as_list(v) -> list[int]:

@@ -13,13 +13,6 @@ S2T_PROMPT = "You are asked to generate text tokens."
 S2M_PROMPT = "You are asked to generate both text and speech tokens at the same time."
 
 
-def spoken_system(system: str) -> str:
-    """The system prompt of a spoken (text + speech) answer, built from a text one as the released prompts are: the
-    S2M mode sentence first. fun-audio-chat-mini's S2S records use it, so the LLM tells a spoken turn from a text
-    one (a transcript request or a typed question) from its first token."""
-    return f"{S2M_PROMPT} {system}" if system else S2M_PROMPT
-
-
 SPOKEN_S2M_PROMPT = S2M_PROMPT + " " + (
     "你的名字是小云。你是一位来自杭州的温柔友善的女孩，声音甜美，举止亲切。你的回复语气自然友好，力求沟通简洁明了。"
     "你的回复简短，通常只有一到三句话，避免使用正式的称谓和重复的短语。你能用恰当的声音回复，遵循用户的指示，"

@@ -54,6 +54,8 @@ class ModelSection:
     #   from the starting model's; its embeddings then start random
     speech_feedback: bool | None = None  # whether the LLM reads the speech it said (config.speech_feedback), when it
     #   differs from the starting model's; false: the LLM reads its own text alone (a frozen LLM keeps its answers)
+    speech_opener: bool | None = None  # true: the LLM reads a learned vector at the assistant's <|audio_bos|>
+    #   (config.speech_opener), starting as that token's embedding
     speech_embeddings_at_start: str | None = None  # "piper-factorized": a new run's speech embeddings (tied to the
     #   SRH's output) start as unit + start/continue + gain vectors of the Piper vocabulary (speech/piper_tokens.py)
 
@@ -93,6 +95,8 @@ class TrainSection:
     frozen: list[str] = field(default_factory=list)             # ... that override `trainable`
     speech_embedding_grad: str = "all"  # what trains a trainable speech embedding (tied to the SRH's output): "all"
     #   its uses (released), or "head": only the SRH's loss, not the LLM's loss through the speech fed back to it
+    text_stream_targets: str = "released"  # a spoken answer's text targets: "released" as laid out (text, <|sil|>
+    #   padding, <|audio_eos|>); "text" as a text answer (text, end of turn; the engine writes the rest)
     precision: str = "fp32"            # fp32 | bf16 (autocast; parameters and optimizer state stay fp32) | auto: bf16
                                        # where the device computes it natively (CUDA; CPUs with AMX or AVX-512 BF16)
     activation_checkpointing: bool = False
@@ -170,6 +174,8 @@ class Recipe:
         number("model.init_std", self.model.init_std, 0, low_open=True)
         need(self.model.group_size is None or (isinstance(self.model.group_size, int) and self.model.group_size >= 1),
              f"model.group_size: a positive integer, got {self.model.group_size!r}")
+        need(self.train.text_stream_targets in ("released", "text"),
+             f"train.text_stream_targets: 'released' or 'text', got {self.train.text_stream_targets!r}")
         need(self.train.speech_embedding_grad in ("all", "head"),
              f"train.speech_embedding_grad: 'all' or 'head', got {self.train.speech_embedding_grad!r}")
         if self.model.srh_token_scale is not None:

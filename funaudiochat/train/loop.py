@@ -90,6 +90,8 @@ class Trainer:
             self.cfg.audio_config.srh_pending_units = r.model.srh_pending_units
         if r.model.speech_feedback is not None:
             self.cfg.audio_config.speech_feedback = r.model.speech_feedback
+        if r.model.speech_opener is not None:
+            self.cfg.audio_config.speech_opener = r.model.speech_opener
         self.tokenizer_path = _tokenizer_path(r)
         self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
         self._setup_data()
@@ -172,6 +174,7 @@ class Trainer:
             self.cfg.mark_trained(k for k, p in model.named_parameters(remove_duplicate=False) if p.requires_grad)
             self.srh_trains = any(p.requires_grad for k, p in model.named_parameters() if "audio_invert_tower" in k)
             model.audio_tower.detach_fed_back_speech = r.train.speech_embedding_grad == "head"
+            model.text_stream_targets = r.train.text_stream_targets
             if info.main:
                 log.info("training %.2fM of %.2fM parameters", n / 1e6, total / 1e6)
             if r.train.activation_checkpointing:
@@ -204,8 +207,8 @@ class Trainer:
     def _full_model(self, source: Path | None, live_adapters: bool) -> FunAudioChatModel:
         if source is not None:
             a, src = self.cfg.audio_config, FunAudioChatConfig.load(source).audio_config
-            if (src.group_size, src.continuous_grouping, src.srh_pending_units) != \
-                    (a.group_size, a.continuous_grouping, a.srh_pending_units):
+            if (src.group_size, src.continuous_grouping, src.srh_pending_units, src.speech_opener) != \
+                    (a.group_size, a.continuous_grouping, a.srh_pending_units, a.speech_opener):
                 return _regrouped_model(source, self.cfg, self.recipe, fold_adapters=not live_adapters)
             # built with the run's config: the recipe's settings (model.srh_token_scale) apply to the loaded weights
             return load_model(source, dtype=torch.float32, fold_adapters=not live_adapters, cfg=self.cfg)
@@ -420,7 +423,8 @@ def _piper_factorized_speech_embeddings(model: FunAudioChatModel, seed: int) -> 
 def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe, fold_adapters: bool) -> FunAudioChatModel:
     """`source`'s weights in a model of another group size or continuous grouping (recipe model.group_size,
     model.continuous_grouping): the adapter's continuous matching weight is converted (model.adapter), and at a new
-    group size the SRH's ungrouping layer (`pre_matching`: one LLM state -> k vectors) starts random."""
+    group size the SRH's ungrouping layer (`pre_matching`: one LLM state -> k vectors) starts random. A new pending
+    view starts random, a new speech opener as <|audio_bos|>'s embedding."""
     a, src = cfg.audio_config, FunAudioChatConfig.load(source).audio_config
     torch.manual_seed(r.train.seed)
     model = FunAudioChatModel(cfg)
@@ -439,6 +443,11 @@ def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe, fold_adap
             model.audio_invert_tower.pending_embed.weight.normal_(0.0, a.srh_pending_units ** -0.5)
     state = {k: v for k, v in state.items()
              if a.srh_pending_units == src.srh_pending_units or not k.startswith("audio_invert_tower.pending_embed.")}
+    if not a.speech_opener:
+        state.pop("audio_tower.speech_opener", None)
+    elif not src.speech_opener:  # it starts as <|audio_bos|>'s embedding: the model's function is unchanged
+        state["audio_tower.speech_opener"] = state["language_model.model.embed_tokens.weight"][
+            cfg.text_config.audio_bos_index].clone()
     key = "audio_tower.continual_output_matching.weight"
     state[key] = regroup_continuous_weight(state[key], src.group_size, src.continuous_grouping == "concat",
                                            a.group_size, a.continuous_grouping == "concat")

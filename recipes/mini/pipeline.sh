@@ -98,7 +98,7 @@ case "${STOP_AFTER:-}" in
   hear_reader|core_cocktail_merged) hearing ;;
   core_cocktail_stage2) restore core_cocktail_stage2 || hearing; stop_after core_cocktail_stage2 ;;
 esac
-# speaking: the head alone on the frozen hearing model, then the LLM learns to start a spoken answer
+# speaking: the head alone on the frozen hearing model, then the head with the speech opener (the LLM stays frozen)
 if ! restore speak; then
   restore core_cocktail_stage2 || hearing
   train recipes/mini/speak_srh.yaml speak_srh

@@ -287,7 +287,7 @@ def test_compiled_decode_reproduces_the_goldens(shared_dir):
 
 def test_a_spoken_answer_keeps_its_stream_format():
     """speech_holds_turn: an end-of-turn id said while speaking ends the text, not the turn; the ended text pads
-    with <|sil|> until the speech ends (then <|audio_eos|>, and the turn ends); without it the turn ends there."""
+    with <|sil|> until the speech ends (then <|audio_eos|>); without it the turn ends there."""
     model = _model()
     engine = Engine(model)
     t_cfg = model.cfg.text_config
@@ -303,9 +303,15 @@ def test_a_spoken_answer_keeps_its_stream_format():
     assert text[:4] == free[:4] and len(text) == 12
     assert set(text[4:]) == {t_cfg.sil_index}  # the text ended, the speech goes on
     assert len(held.speech_ids[0]) == 5 * 11
-    # the turn ends with its speech: <|audio_eos|> is the last text id (the LLM is not asked what follows it)
+    # a model with a speech opener (a text LLM) ends the turn with its speech: <|audio_eos|> is the last text id,
+    # the LLM is not asked what follows it; other models go on to their end of turn, as released
     sampled = gen.with_(max_new_tokens=80, do_sample=True, seed=1, speech_holds_turn=True)
-    ended = engine.generate(Prompt(ids), sampled)
+    on_after = engine.generate(Prompt(ids), sampled).new_text_ids[0].tolist()
+    model.cfg.audio_config.speech_opener = True
+    opener = model.language_model.embed(torch.tensor(t_cfg.audio_bos_index))  # as <|audio_bos|>: the same answer
+    model.audio_tower.speech_opener = torch.nn.Parameter(opener)
+    ended = Engine(model).generate(Prompt(ids), sampled)
     assert model.cfg.audio_config.eos_token_id in ended.speech_ids[0]  # this seed's speech ends within 80 steps
     text = ended.new_text_ids[0].tolist()
-    assert len(text) < 80 and text[-1] == t_cfg.audio_eos_index and text.count(t_cfg.audio_eos_index) == 1
+    assert text[-1] == t_cfg.audio_eos_index and text.count(t_cfg.audio_eos_index) == 1
+    assert on_after[:len(text)] == text and len(on_after) > len(text)  # the same answer, which went on

@@ -146,6 +146,10 @@ class Engine:
         self.model = model.eval()
         self.cfg = model.cfg
         self.k = model.group_size
+        # with `speech_holds_turn`, a turn ends with its speech where the LLM was never taught the spoken format's
+        # tail (a speech opener keeps a text LLM, which reads <|audio_eos|> as the end of *user* audio and writes
+        # on); other models are asked for the end of turn after <|audio_eos|>, as released
+        self.turn_ends_with_speech = self.cfg.audio_config.speech_opener
         t = self.cfg.text_config
         self.max_seq_len = min(max_seq_len, t.max_position_embeddings)
         if self.device.type == "cpu":
@@ -389,9 +393,7 @@ class Engine:
             self._track_answers(state, token, group, speaking, appended)
         state.tokens.append(token)
         state.last_token = token
-        # held to the format, a turn ends with its speech: <|audio_eos|> is followed by the end of turn, so the LLM
-        # is not asked for it (a frozen text LLM reads <|audio_eos|> as the end of *user* audio and writes on)
-        stop = ended.clone() if gen.speech_holds_turn else torch.zeros_like(was_finished)
+        stop = ended & self.turn_ends_with_speech if gen.speech_holds_turn else torch.zeros_like(was_finished)
         for e in gen.eos_ids:
             stop |= token == e
         state.finished = was_finished | stop

@@ -784,8 +784,8 @@ class Scheduler:
     def _row_done(self, row: _Row, state: DecodeState, i: int) -> bool:
         """Finish the row (row i of `state`) if its answer is complete -> True; a completed turn of a conversation
         keeps its keys and values first (so its next turn, sent on seeing this one end, finds them)."""
-        last = row.text_ids[-1]  # a spoken turn held to the format ends with its speech (Engine.choose_step)
-        ended = last in row.gen.eos_ids or (row.gen.speech_holds_turn and
+        last = row.text_ids[-1]  # a spoken turn held to the format may end with its speech (Engine.choose_step)
+        ended = last in row.gen.eos_ids or (row.gen.speech_holds_turn and self.engine.turn_ends_with_speech and
                                             last == self.engine.cfg.text_config.audio_eos_index)
         reason = "stop" if ended else "length" if row.generated >= row.max_new else None
         if reason is None:

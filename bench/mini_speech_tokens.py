@@ -95,9 +95,15 @@ def main() -> None:
     p.add_argument("--n", type=int, default=len(HELD_OUT))
     p.add_argument("--hop", type=int, default=15)
     p.add_argument("--out", type=Path, default=None, help="also write the wavs here")
+    p.add_argument("--texts-from", type=Path, default=None,
+                   help="an `eval mini-speech` report.json: its plain answers' texts instead of HELD_OUT (how much of "
+                        "the model's speech WER the voice and the judge account for)")
     args = p.parse_args()
     print(machine_line())
     texts = list(HELD_OUT[:args.n])
+    if args.texts_from is not None:
+        items = json.loads(args.texts_from.read_text(encoding="utf-8"))["items"]
+        texts = [i["text"] for i in items if not i["instruction"]][:args.n]
     parts = PiperVoiceParts(threads=1)
     tokenizer, detok = PiperTokenizer(parts), PiperDetokenizer(parts)
 

@@ -218,8 +218,8 @@ class FunAudioChatModel(nn.Module):
 
     def _training_openers(self, input_ids: torch.Tensor, slots: torch.Tensor, audio: AudioGroups | None):
         """Training: the `<|audio_bos|>` ids [B, L] right before the placeholders of an audio with a transcript
-        (the assistant's speech); None without transcripts."""
-        if audio is None or audio.has_text is None:
+        (the assistant's speech); None without transcripts or without an opener to put there."""
+        if self.audio_tower.speech_opener is None or audio is None or audio.has_text is None:
             return None
         text_rows = audio.has_text[:, None].expand_as(audio.kept)  # [A, G]
         slot_text = torch.zeros_like(slots).masked_scatter(slots, text_rows[audio.kept])
@@ -336,7 +336,6 @@ class FunAudioChatModel(nn.Module):
         if self.text_stream_targets == "text":
             labels = self._text_answer_targets(labels)
         return speech.reshape(b, l * k), labels
-
 
     def _text_answer_targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Text labels [B, L] of spoken answers rewritten as a text answer's: the first <|sil|> (or <|audio_eos|>)

@@ -232,6 +232,13 @@ class AudioConfig(_JsonMixin):
     # a learned vector, `audio_tower.speech_opener`, instead of that token's embedding, which the hearing LLM reads as
     # "user audio follows". With it, a frozen LLM answers a spoken turn as it answers in text. Released: False.
     speech_opener: bool = False
+    # fun-audio-chat-mini: the LLM state at that opener, projected (`audio_invert_tower.answer_style`, zero at the
+    # start), is added to the SRH's input at every position of the answer it opens: how to say it (slower, louder)
+    # is read where the answer starts and fades from the later states (docs/mini.md). Released: False.
+    srh_answer_style: bool = False
+    # fun-audio-chat-mini: the SRH reads the Piper tokens it said back at the normal loudness, so the loudness of every
+    # frame is read from the answer's style (`srh_answer_style`), not copied from the frame before. Released: False.
+    srh_blind_gain: bool = False
     # fun-audio-chat-mini: Whisper's decoder reads the user's words into the 5 Hz slots (model/word_reader.py;
     # WordReaderConfig's fields). The encoder then sees Whisper's own 30 s windows. Released: None (not written).
     word_reader: dict | None = None
@@ -272,6 +279,10 @@ class AudioConfig(_JsonMixin):
             del out["speech_feedback"]
         if not self.speech_opener:
             del out["speech_opener"]
+        if not self.srh_answer_style:
+            del out["srh_answer_style"]
+        if not self.srh_blind_gain:
+            del out["srh_blind_gain"]
         if self.word_reader is None:
             del out["word_reader"]
         return dict(sorted(out.items()))
@@ -302,6 +313,9 @@ class AudioConfig(_JsonMixin):
                f"must be true or false, got {self.speech_feedback!r}")
         _check(isinstance(self.speech_opener, bool), where, "speech_opener",
                f"must be true or false, got {self.speech_opener!r}")
+        for name in ("srh_answer_style", "srh_blind_gain"):
+            _check(isinstance(getattr(self, name), bool), where, name,
+                   f"must be true or false, got {getattr(self, name)!r}")
         if self.word_reader is not None:
             from funaudiochat.model.word_reader import WordReaderConfig  # the reader's own checks
             _check(isinstance(self.word_reader, dict), where, "word_reader", "must be an object or null")

@@ -35,6 +35,11 @@ def test_round_trip_keeps_every_field(shared_dir, tmp_path):
                 assert b[k] == v, f"{path}{k}: {b[k]!r} != {v!r}"
     subset(raw, again)
     assert FunAudioChatConfig.from_dict(again).to_dict() == cfg.to_dict()
+    mini = ("speech_opener", "srh_answer_style", "srh_blind_gain")
+    assert not set(mini) & set(again["audio_config"])  # settings off are not written: released configs unchanged
+    for name in mini:
+        setattr(cfg.audio_config, name, True)
+    assert all(getattr(FunAudioChatConfig.from_dict(cfg.to_dict()).audio_config, name) for name in mini)
 
 
 def test_default_config_is_the_8b_model():
@@ -61,6 +66,8 @@ def test_missing_fields_take_the_released_class_defaults():
     (("audio_config", "output_dim"), 48, "audio_config.output_dim"),
     (("audio_config", "speech_feedback"), "no", "audio_config.speech_feedback"),
     (("audio_config", "speech_opener"), 1, "audio_config.speech_opener"),
+    (("audio_config", "srh_answer_style"), "yes", "audio_config.srh_answer_style"),
+    (("audio_config", "srh_blind_gain"), 0, "audio_config.srh_blind_gain"),
     (("text_config", "sil_index"), 4096, "text_config.sil_index"),
     (("audio_config", "crq_transformer_config", "hidden_act"), "gelu", "crq_transformer_config.hidden_act"),
 ])

@@ -315,3 +315,40 @@ def test_a_spoken_answer_keeps_its_stream_format():
     text = ended.new_text_ids[0].tolist()
     assert text[-1] == t_cfg.audio_eos_index and text.count(t_cfg.audio_eos_index) == 1
     assert on_after[:len(text)] == text and len(on_after) > len(text)  # the same answer, which went on
+
+
+def test_a_looping_text_ends_after_its_third_copy(tmp_path):
+    """text_loop_stop=3: a text whose last ids are one span said three times ends there (its next id becomes the end
+    of turn), in a single run and in the server's batched rows alike; off, the same text loops to the token limit.
+    A checkpoint's shipped generation defaults (fun_audio_chat_mini.generation) apply under the caller's."""
+    from funaudiochat.engine.presets import generation_preset
+
+    model = _model()
+    with torch.no_grad():  # every layer adds nothing: the next id is a function of the last one, which must cycle
+        for layer in model.language_model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    engine = Engine(model)
+    ids = torch.randint(30, 400, (2, 9), generator=torch.Generator().manual_seed(0))
+    gen = GenerationConfig(max_new_tokens=60, disable_speech=True, **GREEDY)
+    free = engine.generate(Prompt(ids), gen).new_text_ids.tolist()
+    stopped = engine.generate(Prompt(ids), gen.with_(text_loop_stop=3)).new_text_ids.tolist()
+
+    def first_third_copy(text):  # -> the length of the shortest prefix that ends with three copies of a span
+        return min(n for n in range(len(text) + 1) for s in range(2, 41)
+                   if n >= 3 * s and text[n - 3 * s:n - 2 * s] == text[n - 2 * s:n - s] == text[n - s:n])
+
+    for row in range(2):
+        assert 502 not in free[row] and len(free[row]) == 60  # it loops to the limit
+        n = first_third_copy(free[row])
+        assert stopped[row][:n] == free[row][:n] and stopped[row][n] == 502
+        assert set(stopped[row][n + 1:]) <= {500}  # (padding after the row's end)
+
+    tok = make_tiny_tokenizer(tmp_path)
+    cfg = model.cfg
+    assert generation_preset("s2t", tok, cfg).text_loop_stop == 0  # released: off
+    cfg.extra["fun_audio_chat_mini"] = {"generation": {"text_loop_stop": 3}}
+    assert generation_preset("s2t", tok, cfg).text_loop_stop == 3
+    assert generation_preset("s2t", tok, cfg, text_loop_stop=0).text_loop_stop == 0  # the caller's word wins
+    with pytest.raises(ConfigError, match="text_loop_stop"):
+        GenerationConfig(text_loop_stop=1)

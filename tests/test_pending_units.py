@@ -89,13 +89,14 @@ class _RecordingView(PendingUnitsView):
         return super().upcoming(text, finished, started, n)
 
 
-def _speaking_model(width):
+def _speaking_model(width, answer_style=False):
     from funaudiochat.model.funaudiochat import FunAudioChatModel
     from funaudiochat.model.presets import tiny
 
     torch.manual_seed(0)
     cfg = tiny(codebook=pt.VOCAB_SIZE + 8)
     cfg.audio_config.srh_pending_units = width
+    cfg.audio_config.srh_answer_style = answer_style
     model = FunAudioChatModel(cfg)
     model.init_weights(0.3)
     return model.eval()
@@ -103,7 +104,8 @@ def _speaking_model(width):
 
 def test_generation_gives_the_head_the_units_of_the_text_it_wrote(piper, tmp_path):
     """Each speech group sees the answer text chosen before it (text leads speech) and the units its speech has
-    started; the eager step and the one-graph compiled step agree; another text is another speech."""
+    started; the eager step and the one-graph compiled step agree (with the answer's style input, random here);
+    another text is another speech, another style another speech."""
     from funaudiochat.engine.generate import Engine, GenerationConfig
     from funaudiochat.engine.prompt import Prompt
     from funaudiochat.errors import ConfigError
@@ -111,7 +113,7 @@ def test_generation_gives_the_head_the_units_of_the_text_it_wrote(piper, tmp_pat
     from tests.helpers import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer(tmp_path)
-    model = _speaking_model(width=3)
+    model = _speaking_model(width=3, answer_style=True)
     with pytest.raises(ConfigError, match="pending units"):
         Engine(model)
     ends = view_for(model.cfg.text_config, tok, 3).text_ends
@@ -142,6 +144,9 @@ def test_generation_gives_the_head_the_units_of_the_text_it_wrote(piper, tmp_pat
     other = Engine(model, pending_view=PendingUnitsView(piper, 3, lambda ids: "Tea is ready. " * len(ids), ends))
     other.restrict_speech_codes(range(pt.VOCAB_SIZE))
     assert other.generate(prompt, gen).speech_ids != out.speech_ids  # the head reads the units
+    with torch.no_grad():
+        model.audio_invert_tower.answer_style.weight.mul_(-1)
+    assert eager.generate(prompt, gen).speech_ids != out.speech_ids  # the head reads the style
 
 
 def test_speech_follows_the_text_it_wrote(piper, tmp_path):
@@ -190,24 +195,50 @@ def test_text_locked_codes():
     def allowed(*args, **kwargs):
         return set(locked(*args, **kwargs).isfinite().nonzero().flatten().tolist())
 
-    starts_7 = {(g * n + 7) * 2 for g in range(3)}
-    continues_3 = {(g * n + 3) * 2 + 1 for g in range(3)}
-    assert allowed(PAD, pad, False) == {bos}  # the delay, no text yet
-    assert allowed(7, bos, False) == starts_7 | {bos}  # the first unit may start
-    assert allowed(7, 3 * 2, False) == starts_7 | continues_3  # speaking unit 3: go on or start the next
-    assert allowed(PAD, (2 * n + 3) * 2 + 1, False) == continues_3  # text not far enough ahead: hold the unit
-    assert allowed(PAD, 3 * 2, True) == continues_3 | {eos}  # all said: end when done
-    assert allowed(7, 3 * 2, True) == starts_7 | continues_3  # not before the last unit
-    assert allowed(7, 3 * 2 + 1, False, held=MAX_UNIT_TOKENS) == starts_7  # held 1 s: the next unit starts
-    assert allowed(PAD, 3 * 2 + 1, True, held=MAX_UNIT_TOKENS) == {eos}  # or the speech ends
-    assert allowed(PAD, 3 * 2 + 1, False, held=MAX_UNIT_TOKENS) == continues_3  # but it never stops mid-text
+    def start_7(g):
+        return (g * n + 7) * 2
 
-    # the head wants to start unit 9 loudly, or to go on with unit 5 (not the one being spoken): the start goes to
-    # unit 7 at the same loudness, the continuation to unit 3, each with the head's mass
+    def continue_3(g):
+        return (g * n + 3) * 2 + 1
+
+    assert allowed(PAD, pad, False) == {bos}  # the delay, no text yet
+    assert allowed(7, bos, False) == {start_7(g) for g in range(3)} | {bos}  # the first unit starts, at any level
+    assert allowed(7, 3 * 2, False) == {start_7(0), continue_3(0)}  # speaking unit 3: go on or start the next
+    assert allowed(PAD, (2 * n + 3) * 2 + 1, False) == {continue_3(2)}  # text not far enough ahead: hold the unit
+    assert allowed(PAD, 3 * 2, True) == {continue_3(0), eos}  # all said: end when done
+    assert allowed(7, 3 * 2, True) == {start_7(0), continue_3(0)}  # not before the last unit
+    assert allowed(7, 3 * 2 + 1, False, held=MAX_UNIT_TOKENS) == {start_7(0)}  # held 1 s: the next unit starts
+    assert allowed(PAD, 3 * 2 + 1, True, held=MAX_UNIT_TOKENS) == {eos}  # or the speech ends
+    assert allowed(PAD, 3 * 2 + 1, False, held=MAX_UNIT_TOKENS) == {continue_3(0)}  # but never stops mid-text
+
+    # speaking unit 3 loudly, the head wants to start unit 9 loudly, to go on with unit 5 (not the one being
+    # spoken) loudly, or softly: the start goes to unit 7, the continuation to unit 3, each with the head's mass at
+    # the answer's loudness; the other levels' mass is dropped (an answer keeps its loudness)
     logits = torch.full((1, size), -30.0)
     logits[0, (1 * n + 9) * 2] = 2.0
-    logits[0, (0 * n + 5) * 2 + 1] = 1.0
-    out = locked(7, 3 * 2, False, logits=logits)
-    torch.testing.assert_close(out[(1 * n + 7) * 2], torch.tensor(2.0), atol=1e-3, rtol=0)
-    torch.testing.assert_close(out[(0 * n + 3) * 2 + 1], torch.tensor(1.0), atol=1e-3, rtol=0)
-    assert out[(0 * n + 7) * 2] < -20 and out[(1 * n + 9) * 2] == float("-inf")
+    logits[0, (1 * n + 5) * 2 + 1] = 1.0
+    logits[0, (2 * n + 5) * 2 + 1] = 3.0
+    out = locked(7, (1 * n + 3) * 2, False, logits=logits)
+    torch.testing.assert_close(out[start_7(1)], torch.tensor(2.0), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out[continue_3(1)], torch.tensor(1.0), atol=1e-3, rtol=0)
+    assert out[start_7(0)] == out[continue_3(2)] == out[(1 * n + 9) * 2] == float("-inf")
+
+
+def test_a_gain_blind_head_reads_its_speech_back_at_the_normal_loudness():
+    """`srh_blind_gain`: the head reads the tokens it said back at the normal loudness (specials as they are):
+    `history_ids`, which generation (`embed`) and the teacher-forced training input both read, so loudness is not
+    copied from the frame before."""
+    from funaudiochat.model.funaudiochat import FunAudioChatModel
+    from funaudiochat.model.presets import tiny
+
+    n = pt.NUM_UNITS
+    loud = torch.tensor([[(1 * n + 5) * 2, (2 * n + 5) * 2 + 1, pt.VOCAB_SIZE + 1]])
+    normal = torch.tensor([[5 * 2, 5 * 2 + 1, pt.VOCAB_SIZE + 1]])
+    for blind in (False, True):
+        torch.manual_seed(0)
+        cfg = tiny(codebook=pt.VOCAB_SIZE + 8)
+        cfg.audio_config.srh_blind_gain = blind
+        model = FunAudioChatModel(cfg).eval()
+        head = model.audio_invert_tower
+        assert torch.equal(head.embed(loud), head.embed(normal)) == blind
+        assert torch.equal(head.history_ids(loud), normal) == blind

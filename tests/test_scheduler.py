@@ -433,3 +433,41 @@ def test_max_new_tokens_beyond_the_context_is_refused_or_capped(parts):
         sched.prepare(_request(1.0, 0, asked))
     prompt, gen = sched.prepare(_request(1.0, 0, asked, max_new_tokens_is_ceiling=True))
     assert gen.max_new_tokens == engine.max_seq_len - prompt.input_ids.shape[1] < asked
+
+
+def test_a_looping_text_stops_in_the_server_as_it_stops_alone(one_thread, tmp_path):
+    """text_loop_stop (a checkpoint's shipped generation default): the text ids it looks back on are each row's own
+    as sessions join a running batch, so every answer ends where its single run ends."""
+    torch.manual_seed(0)
+    model = FunAudioChatModel(tiny())
+    model.init_weights(0.3)
+    with torch.no_grad():  # the next id is a function of the last one: every answer loops
+        for layer in model.language_model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    model.cfg.extra["fun_audio_chat_mini"] = {"generation": {"text_loop_stop": 3}}
+    engine, tok = Engine(model.eval()), make_tiny_tokenizer(tmp_path)
+    sched = Scheduler(engine, tok, max_sessions=4)
+    requests = [Request([{"role": "user", "content": user_content(1, words([40 + i]))}], [_audio(0.4 + 0.2 * i, i)],
+                        mode="s2t", generation=dict(max_new_tokens=60), audio_out=False) for i in range(3)]
+    singles = []
+    for req in requests:
+        prompt, gen = sched.prepare(req)
+        assert gen.text_loop_stop == 3
+        singles.append(engine.generate(prompt, gen).new_text_ids[0].tolist())
+        assert singles[-1][-1] == gen.eos_ids[0] and len(singles[-1]) < 60  # it stopped its loop
+
+    async def main():
+        sched.start()
+        try:
+            started = asyncio.Event()
+            first = asyncio.create_task(_collect(await sched.submit(requests[0]), started, after=2))
+            await started.wait()  # the others join its batch
+            rest = [asyncio.create_task(_collect(await sched.submit(req))) for req in requests[1:]]
+            return await asyncio.gather(first, *rest)
+        finally:
+            await sched.stop()
+
+    for (end, _), ids in zip(asyncio.run(main()), singles):
+        assert list(end.text_ids) == ids and end.finish_reason == "stop"
+    assert sum(sched.metrics.batch_rows.counts[1:]) > 0, "some decode step must have run several sessions"

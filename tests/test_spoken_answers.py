@@ -157,6 +157,9 @@ def test_speech_stage_writes_s2s_records_with_instruction_variants(piper, text_t
             assert all(sum(1 for j, v in wanted if j == i and v) == 4 for i in with_variants)
         else:
             assert all(sum(1 for j, v in wanted if j == i and v) == 1 for i in with_variants)
+        style = (tmp_path / f"{split}_s2s_style.jsonl").read_text().splitlines()  # variants and their originals
+        assert [json.loads(line)["id"] for line in style] == [r["id"] for r in rows
+                                                              if r["id"].split(".")[0] in with_variants]
     before = (tmp_path / "train_s2s.jsonl").stat().st_mtime_ns
     assert build_mini.run_speech_stage(tmp_path, text_tok, piper, progress=False)["train"] == summary["train"]
     assert (tmp_path / "train_s2s.jsonl").stat().st_mtime_ns == before  # up to date: kept as is

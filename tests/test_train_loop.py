@@ -314,6 +314,59 @@ def test_speech_opener_is_read_at_the_assistants_audio_bos_only(tmp_path):
     assert torch.equal(x, text_embed)  # the SRH's text input reads the opener too
 
 
+def test_the_answer_style_spans_each_spoken_answer_in_training_and_in_every_decode_split(tmp_path):
+    """`audio_config.srh_answer_style`: in training the head's input gains the projected LLM state at the answer's
+    opener from that opener up to its <|audio_eos|>, nothing elsewhere; the same function computed in pieces with
+    the style carried between them (prefill chunks, then one decode position at a time) gives the same styles."""
+    data = synthetic_s2s(tmp_path / "data", n=2)
+    tok = make_tiny_tokenizer(tmp_path / "tok")
+    cfg = presets.tiny()
+    cfg.audio_config.srh_answer_style = True
+    torch.manual_seed(0)
+    model = FunAudioChatModel(cfg).eval()
+    head = model.audio_invert_tower
+    assert not head.answer_style.weight.any()  # a new style starts at zero: the head is unchanged
+    items, _ = load_records([data], SampleBuilder(tok, model.cfg, 256).sample)
+    inputs = Collator(model.cfg, 256, packing=False)(items).model_inputs("cpu")
+    ids, t = inputs["input_ids"], cfg.text_config
+
+    def head_input() -> tuple[torch.Tensor, torch.Tensor]:
+        trace = {}
+        with torch.no_grad():
+            model(**inputs, trace=trace)
+        return trace["crq_inputs_embeds"], trace["lm_last_hidden"]
+
+    plain, hidden = head_input()
+    with torch.no_grad():
+        head.answer_style.weight.normal_()
+    styled, _ = head_input()
+    added = styled - plain
+    slots = ids == cfg.audio_token_index
+    for row in range(ids.shape[0]):
+        bos = (ids[row] == t.audio_bos_index).nonzero().flatten().tolist()
+        opener = [p for p in bos if slots[row, p + 1]][1]  # the user's audio, then the assistant's speech
+        close = int((ids[row] == t.audio_eos_index).nonzero().flatten()[-1])
+        assert opener < close
+        expected = head.answer_style(hidden[row, opener]).detach()
+        torch.testing.assert_close(added[row, opener:close], expected.expand(close - opener, -1))
+        assert not added[row, :opener].any() and not added[row, close:].any()
+
+    opens = model.prompt_openers(torch.tensor([[1, t.audio_bos_index, 7, 8, t.audio_eos_index, 9, t.audio_bos_index,
+                                                3]]))
+    closes = torch.zeros_like(opens)
+    closes[0, 4] = True
+    states = torch.randn(1, 8, cfg.text_config.hidden_size)
+    with torch.no_grad():
+        whole, last = head.answer_styles(states, opens, closes)
+        assert whole[0, 1:4].abs().sum() > 0 and not whole[0, [0, 4, 5]].any()
+        carried, pieces = torch.zeros(1, states.shape[-1]), []
+        for a, b in ((0, 3), (3, 4), (4, 7), (7, 8)):  # a prefill in chunks, then one position at a time
+            styles, carried = head.answer_styles(states[:, a:b], opens[:, a:b], closes[:, a:b], carried)
+            pieces.append(styles)
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-5, atol=1e-5)  # (matmul shapes differ)
+    torch.testing.assert_close(carried, last, rtol=1e-5, atol=1e-5)
+
+
 def test_a_new_speech_opener_starts_as_audio_bos_and_trains_alone(tmp_path, one_thread):
     """`model.speech_opener: true` on a checkpoint without one: the run starts from <|audio_bos|>'s embedding (the
     model's function unchanged), trains the opener alone when it is the only trainable part, and the export keeps

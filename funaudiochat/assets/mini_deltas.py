@@ -36,6 +36,9 @@ LLM_RTOL = 1e-4                 # |trained - (base + B A)| <= LLM_RTOL * max(1, 
 # the recipe stages whose deltas models/mini releases; the pipeline also commits earlier ones there as training
 # progress (so that a fresh machine resumes from them), which `assets mini` says
 RELEASE_STAGES = ("core_cocktail_stage2", "speak")
+# generation defaults the assembled mini ships (config.json fun_audio_chat_mini.generation; engine/presets.py):
+# greedy text from the 135M LLM can loop ("9 * 12 = 9 * 12 = ...") to the token limit; three copies end it
+MINI_GENERATION = {"text_loop_stop": 3}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
@@ -229,7 +232,9 @@ def assemble(out_dir: str | Path, deltas_dir: str | Path, base_dir: str | Path |
         apply_deltas(model, deltas, source)
         model.cfg.trained = trained_parts(deltas, model.word_reader is not None)
         # the system prompt of the training data: infer, chat, serve and eval use it when none is given
-        model.cfg.extra.setdefault("fun_audio_chat_mini", {})["system"] = MINI_SYSTEM
+        mini_extra = model.cfg.extra.setdefault("fun_audio_chat_mini", {})
+        mini_extra["system"] = MINI_SYSTEM
+        mini_extra["generation"] = MINI_GENERATION  # what infer, chat, serve and eval apply over a mode's preset
         save_model(model, tmp)
         factors = {k: v for k, v in deltas.items() if lora.is_adapter(k)}
         if factors:  # the LLM's delta, recorded as training records it: a LoRA stage trained on this still ships

@@ -22,7 +22,8 @@ reads, and summary.json.
 Speech stage (issue 14; no LLM, no audio): every QA record of train/dev/test is turned into its S2S record, the
 assistant answers spoken in the mini's voice as 25 Hz Piper tokens aligned to the text stream (`spoken_answers`).
 Every `INSTRUCTION_EVERY`-th record also gets a speech-instruction variant (slower / faster / louder / quieter, one
-drawn per train/dev record; all four for a test record). Outputs OUT/{train,dev,test}_s2s.jsonl and speech.json.
+drawn per train/dev record; all four for a test record). Outputs OUT/{train,dev,test}_s2s.jsonl, speech.json and
+OUT/{split}_s2s_style.jsonl (the variants with their plain records).
 
 Resumable everywhere: the distiller skips answered questions, the audio journal skips clips already made, and the
 records, manifest and summary are rewritten from those files at the end of each run.
@@ -740,6 +741,7 @@ def run_speech_stage(out: Path, text_tokenizer, piper=None, progress: bool = Tru
         done = summary.get(split, {})
         if dst.is_file() and done.get("source_sha256") == source and done.get("layout", "released") == layout \
                 and done.get("format", 1) == SPEECH_FORMAT:
+            write_style_pairs(dst)
             continue
         piper = piper or PiperTokenizer()
         t0, rows, skipped = time.perf_counter(), [], Counter()
@@ -751,12 +753,26 @@ def run_speech_stage(out: Path, text_tokenizer, piper=None, progress: bool = Tru
                 except InputError:  # an answer with nothing speakable in it
                     skipped[instruction or "plain"] += 1
         fileio.write_text(dst, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_style_pairs(dst)
         by = Counter(r["meta"]["speech_instruction"] or "plain" for r in rows)
         summary[split] = {"records": len(rows), "by_instruction": dict(sorted(by.items())), "skipped": dict(skipped),
                           "seconds": round(time.perf_counter() - t0, 1), "source_sha256": source,
                           "layout": layout, "format": SPEECH_FORMAT}
         fileio.write_text(path, json.dumps(summary, indent=2) + "\n")  # now: a stop in a later split keeps this one
     return summary
+
+
+def write_style_pairs(s2s_path: Path) -> Path:
+    """SPLIT_s2s.jsonl -> SPLIT_s2s_style.jsonl: every speech-instruction variant and the plain record it was made
+    from (the same question and answer, said otherwise), the data that teaches the head how an answer is to be said
+    (recipes/mini/speak_style.yaml). Rewritten from the S2S file each time (a few seconds)."""
+    lines = s2s_path.read_text(encoding="utf-8").splitlines()
+    records = [(json.loads(line), line) for line in lines]
+    originals = {r["id"].rsplit(".", 1)[0] for r, _ in records if r["meta"].get("speech_instruction")}
+    kept = [line for r, line in records if r["meta"].get("speech_instruction") or r["id"] in originals]
+    dst = s2s_path.with_name(s2s_path.name.replace("_s2s.jsonl", "_s2s_style.jsonl"))
+    fileio.write_text(dst, "".join(line + "\n" for line in kept))
+    return dst
 
 
 # ---------------------------------------------------------------------------------------------------- the stage

@@ -107,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
               "--detokenizer COSYVOICE_DIR for OUT/turnN.wav)", file=sys.stderr)
     rt = load_runtime(args.model, args.dtype, device, speech=mode == "s2s", detokenizer_dir=args.detokenizer,
                       speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile)
-    gen = generation_preset(mode, rt.tokenizer, **overrides)
+    gen = generation_preset(mode, rt.tokenizer, cfg, **overrides)
     session = ChatSession(rt.engine, rt.tokenizer, gen, system, args.max_turns, rt.detokenizer,
                           allow_untrained=args.allow_untrained)
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 becomes one error, not a crash

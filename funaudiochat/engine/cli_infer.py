@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise InputError(f"{args.tools}: cannot read tools JSON ({err})") from err
         system = tools_system_prompt(tools)
-    gen = generation_preset(mode, tokenizer, **overrides)
+    gen = generation_preset(mode, tokenizer, cfg, **overrides)
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user_content(len(audios), text)}]
     prompt = build_prompt(tokenizer, cfg, messages, audios)
     context = min(args.max_seq_len, cfg.text_config.max_position_embeddings)  # as the Engine bounds it

@@ -53,6 +53,20 @@ def step_input(model, token: torch.Tensor, group: torch.Tensor | None, fuse: tor
     return torch.where(fuse[:, None, None], (text_embed + model.audio_tower(group)) / 2, text_embed), text_embed
 
 
+def srh_input(model, hidden: torch.Tensor, text_embed: torch.Tensor, token: torch.Tensor,
+              style: torch.Tensor | None):
+    """The SRH's input at one decode step -> (hidden + text_embed [B, 1, C], plus the answer's style where the head
+    reads one (`audio_config.srh_answer_style`), the style in force after the step [B, C] or None). token [B] is the
+    step's input id: a decoded <|audio_bos|> opens a spoken answer, <|audio_eos|> closes it."""
+    srh = model.audio_invert_tower
+    if srh.answer_style is None:
+        return hidden + text_embed, style
+    t = model.cfg.text_config
+    styles, style = srh.answer_styles(hidden, (token == t.audio_bos_index)[:, None],
+                                      (token == t.audio_eos_index)[:, None], style)
+    return hidden + text_embed + styles, style
+
+
 def decode_position(bb: Backbone, x: torch.Tensor, positions: torch.Tensor, rope: RopeTable,
                     k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], slot: torch.Tensor,
                     key_valid: torch.Tensor) -> torch.Tensor:
@@ -150,18 +164,21 @@ class CompiledDecoder:
         return srh.lm_head(srh.output_matching(h)[:, -1]).float()
 
     def _s2s(self, token, group, fuse, positions, k_cache, v_cache, slot, key_valid, srh_k, srh_v, srh_key_valid,
-             embed, counts, noise, params: SamplingParams, speech_bias=None, upcoming=None, follow=None):
-        """One S2S step (inputs as `_llm`, then the SRH's cache and key mask, embed [B, C] of its last token, counts
+             embed, style, counts, noise, params: SamplingParams, speech_bias=None, upcoming=None, follow=None):
+        """One S2S step (inputs as `_llm`, then the SRH's cache and key mask, embed [B, C] of its last token, style
+        [B, C] the answer style in force (or None: `srh_input`), counts
         [B, Vs] speech history or None, noise [B, k, Vs] Exp(1) draws when sampling, else None, speech_bias [Vs]
         0 / -inf on codes never to draw, or None, upcoming [B, W + k] the pending-units view's units from the
         group's start, or None, follow: (the last code said [B], the tokens its unit has lasted [B], the answer's text
         has ended [B]) when the speech follows the text, or None) -> text logits
-        [B, V], the SRH's raw logits and scores [B, k, Vs], its tokens [B, k] and the embedding [B, C] of the last
-        one. The speech tokens are chosen as `Engine._srh_group` chooses them eagerly."""
+        [B, V], the SRH's raw logits and scores [B, k, Vs], its tokens [B, k], the embedding [B, C] of the last
+        one and the answer style after the step. The speech tokens are chosen as `Engine._srh_group` chooses them
+        eagerly."""
         srh = self.model.audio_invert_tower
         k = srh.group_size
         hidden, text_embed, text_logits = self._llm(token, group, fuse, positions, k_cache, v_cache, slot, key_valid)
-        fine = srh.ungroup(hidden + text_embed)  # [B, k, C]
+        u, style = srh_input(self.model, hidden, text_embed, token, style)
+        fine = srh.ungroup(u)  # [B, k, C]
         fine_pos = positions * k + torch.arange(k, device=fine.device)  # [B, k]
         fine_slots = slot * k + torch.arange(k, device=fine.device)
         srh_key_valid[:, fine_slots] = True
@@ -189,7 +206,7 @@ class CompiledDecoder:
             logits.append(call_logits)
             scores.append(call_scores)
             tokens.append(tok)
-        return text_logits, torch.stack(logits, 1), torch.stack(scores, 1), torch.stack(tokens, 1), embed
+        return text_logits, torch.stack(logits, 1), torch.stack(scores, 1), torch.stack(tokens, 1), embed, style
 
 
 def use_persistent_cache() -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from funaudiochat.engine.compiled import CACHE_BUCKET, CompiledDecoder, step_input
+from funaudiochat.engine.compiled import CACHE_BUCKET, CompiledDecoder, srh_input, step_input
 from funaudiochat.engine.prompt import Prompt
 from funaudiochat.engine.sampling import SamplingParams, choose, exponential_noise, process
 from funaudiochat.errors import ConfigError, ContextLengthError
@@ -50,11 +50,16 @@ class GenerationConfig:
     #   starting / continuing any unit goes to the next pending unit / the unit being spoken (pending_units.text_locked),
     #   so it times the text's phonemes instead of choosing them; no speech repetition penalty then (the same frame
     #   token repeats by design while a unit lasts)
+    text_loop_stop: int = 0            # n >= 2: a text that says the same span of ids (up to LOOP_SPAN) n times in a
+    #   row ends there (its next id becomes the end of turn): greedy text from a small model can loop to the token
+    #   limit (not released: 0, off)
     seed: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.text_loop_stop == 1 or self.text_loop_stop < 0:
+            raise ConfigError(f"text_loop_stop must be 0 (off) or >= 2 repeats, got {self.text_loop_stop}")
         self.sampling  # validates the sampling fields
 
     @property
@@ -67,6 +72,9 @@ class GenerationConfig:
 
     def with_(self, **changes) -> "GenerationConfig":
         return replace(self, **changes)
+
+
+LOOP_SPAN = 40  # the longest span of text ids `text_loop_stop` looks for
 
 
 @dataclass
@@ -89,10 +97,13 @@ class DecodeState:
     active: torch.Tensor | None = None        # [B] speech mode
     finished: torch.Tensor | None = None      # [B]
     srh_embed: torch.Tensor | None = None     # [B, D] embedding of the SRH's last sampled token
+    answer_style: torch.Tensor | None = None  # [B, D] the spoken answer's style input to the SRH (srh_answer_style)
     text_counts: torch.Tensor | None = None   # [B, V] history for the text repetition penalty
     speech_counts: torch.Tensor | None = None  # [B, Vs]
     answers: list | None = None               # per row: its AnswerUnits when the SRH reads pending units
     text_ended: torch.Tensor | None = None    # [B] the speaking row's text has ended (speech_holds_turn)
+    recent_text: torch.Tensor | None = None   # [B, n * LOOP_SPAN] the last text ids chosen, -1 before the first
+    #   (text_loop_stop n)
     generator: torch.Generator | None = None
     timings: dict = field(default_factory=dict)
 
@@ -304,7 +315,9 @@ class Engine:
             if speech:
                 k, slot = self.k, state.slot
                 state.srh_key_valid[:, k * slot: k * slot + k] = True
-                fine = self.model.audio_invert_tower.ungroup(hidden + text_embed)  # [B, k, D]
+                u, state.answer_style = srh_input(self.model, hidden, text_embed, state.last_token,
+                                                  state.answer_style)
+                fine = self.model.audio_invert_tower.ungroup(u)  # [B, k, D]
                 fine_pos = state.pos[:, None] * k + torch.arange(k, device=self.device)
                 group = self._srh_group(state, fine, fine_pos, state.srh_embed, slot + 1, gen, tracer)
         state.slot += 1
@@ -332,8 +345,9 @@ class Engine:
     def _fused_s2s_step(self, state: DecodeState, gen: GenerationConfig, tracer: Tracer | None):
         """The compiled one-graph S2S step -> text logits [B, V], speech group [B, k]."""
         srh = state.srh_cache
-        text_logits, logits, scores, group, state.srh_embed = self.compiled.s2s(
-            *self._llm_inputs(state, True), srh.k, srh.v, state.srh_key_valid, state.srh_embed, state.speech_counts,
+        text_logits, logits, scores, group, state.srh_embed, state.answer_style = self.compiled.s2s(
+            *self._llm_inputs(state, True), srh.k, srh.v, state.srh_key_valid, state.srh_embed, state.answer_style,
+            state.speech_counts,
             self._speech_noise(state, gen), gen.sampling, self.speech_bias, self._upcoming(state),
             self._follow_inputs(state, gen))
         if tracer is not None:
@@ -366,6 +380,8 @@ class Engine:
         else:
             state.active = state.active | (state.last_token == t_cfg.audio_bos_index)
         speaking = state.active & ~was_finished  # rows whose chosen text id belongs to their answer
+        if gen.text_loop_stop:
+            token = self._stop_loops(state, token, was_finished, gen)
         if gen.speech_holds_turn:
             token = self._hold_turn(state, token, speaking, gen)
         if state.text_counts is not None:
@@ -400,6 +416,20 @@ class Engine:
         if len(state.tokens) >= gen.max_new_tokens:
             state.finished = torch.ones_like(state.finished)
         return StepResult(token, group if bool(appended.any()) else None, appended, ended, state.finished)
+
+    @staticmethod
+    def _stop_loops(state: DecodeState, token: torch.Tensor, finished: torch.Tensor,
+                    gen: GenerationConfig) -> torch.Tensor:
+        """The chosen text ids [B], with the end of turn in place of the id that follows a loop: the row's last
+        n * s ids are one span of s ids (2 <= s <= LOOP_SPAN) said n = gen.text_loop_stop times."""
+        n, recent = gen.text_loop_stop, state.recent_text
+        looped = torch.zeros_like(finished)
+        for span in range(2, LOOP_SPAN + 1):  # every copy equals the one before it
+            tail = recent[:, -n * span:]
+            looped |= (tail[:, span:] == tail[:, :-span]).all(-1) & (tail[:, 0] >= 0)
+        token = torch.where(looped & ~finished, torch.full_like(token, gen.eos_ids[0]), token)
+        state.recent_text = torch.cat([recent[:, 1:], token[:, None]], dim=1)
+        return token
 
     def _hold_turn(self, state: DecodeState, token: torch.Tensor, speaking: torch.Tensor,
                    gen: GenerationConfig) -> torch.Tensor:
@@ -570,7 +600,8 @@ class PrefillJob:
         dev, t_cfg = eng.device, eng.cfg.text_config
         ids = prompt.input_ids.to(dev)
         mask2d = (prompt.attention_mask if prompt.attention_mask is not None else torch.ones_like(ids)).to(dev)
-        self.text_embeds = m.embed_inputs(ids, m.prompt_openers(ids))  # [B, P, D]; the SRH input adds these too
+        self.ids, self.openers = ids, m.prompt_openers(ids)
+        self.text_embeds = m.embed_inputs(ids, self.openers)  # [B, P, D]; the SRH input adds these too
         embeds = self.text_embeds
         if prompt.speech_ids is not None and prompt.speech_ids.numel() > 0:
             audio = m.encode_audio(prompt.speech_ids.to(dev), prompt.speech_attention_mask.to(dev),
@@ -602,6 +633,8 @@ class PrefillJob:
         state.finished = torch.zeros(b, dtype=torch.bool, device=dev)
         if gen.seed is not None:
             state.generator = torch.Generator(device=dev).manual_seed(gen.seed)
+        if gen.text_loop_stop:
+            state.recent_text = torch.full((b, gen.text_loop_stop * LOOP_SPAN), -1, device=dev)
         if gen.repetition_penalty != 1.0:
             state.text_counts = torch.zeros(b, t_cfg.vocab_size, dtype=torch.int32, device=dev)
             state.text_counts.scatter_add_(1, ids, mask2d.int())
@@ -613,6 +646,8 @@ class PrefillJob:
                 state.speech_counts = torch.zeros(b, eng.cfg.audio_config.codebook_size, dtype=torch.int32,
                                                   device=dev)
             srh = m.audio_invert_tower
+            if srh.answer_style is not None:  # (no answer is open before the prompt)
+                state.answer_style = torch.zeros(b, eng.cfg.text_config.hidden_size, dtype=eng.dtype, device=dev)
             self.bos = self.prompt_bos = srh.embed(torch.full((b,), eng.cfg.audio_config.bos_token_id, device=dev))
             if eng.pending_view is not None:  # (the prompt's fine positions see no units pending)
                 state.answers = [eng.pending_view.answer() for _ in range(b)]
@@ -645,7 +680,13 @@ class PrefillJob:
         group = None
         if self.speech_on:
             srh = m.audio_invert_tower
-            fine = srh.ungroup(hidden + self.text_embeds[:, a:end])  # [B, k(end-a), D]
+            u = hidden + self.text_embeds[:, a:end]
+            if srh.answer_style is not None:
+                closes = self.ids[:, a:end] == eng.cfg.text_config.audio_eos_index
+                styles, state.answer_style = srh.answer_styles(hidden, self.openers[:, a:end], closes,
+                                                               state.answer_style)
+                u = u + styles
+            fine = srh.ungroup(u)  # [B, k(end-a), D]
             fine_pos = (self.pos[:, a:end, None] * k + torch.arange(k, device=dev)).reshape(b, k * (end - a))
             if last:
                 group = eng._srh_group(state, fine, fine_pos, self.bos, p, self.gen, self.tracer)
@@ -659,7 +700,7 @@ class PrefillJob:
             self.saved_prefix = self._snapshot(self.pads[0], end)
         if last:
             self.result = (state, m.language_model.lm_head(hidden[:, -1]).float(), group)
-            self.embeds = self.text_embeds = None  # (the job may be kept a little longer than needed)
+            self.embeds = self.text_embeds = self.ids = self.openers = None  # (the job may be kept a little longer than needed)
 
     def _snapshot(self, a: int, b: int) -> PrefixKV:
         """Row 0's positions [a, b) (its ids after its left padding) as a PrefixKV."""

@@ -5,6 +5,8 @@
 - s2t: examples/infer_s2t.py — greedy text, speech head off; system prompt DEFAULT_S2T_PROMPT.
 - server: the web demo — as s2s but sampled text, 512 new tokens, <|sil|> banned right after <|audio_bos|>.
 
+A checkpoint may ship its own generation defaults (fun-audio-chat-mini: `text_loop_stop`), applied over the mode's.
+
 s2s and server also keep a spoken answer to its stream format (`speech_holds_turn`, ours): once its text ends
 (<|sil|>, or an end-of-turn id said mid-speech) it pads with <|sil|> until the speech ends, so the speech says the
 whole text and the turn ends after <|audio_eos|>. A model that follows the format is unaffected.
@@ -19,7 +21,9 @@ MODES = ("s2s", "s2t", "server")
 S2M_SAMPLING = dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=0, repetition_penalty=1.2)
 
 
-def generation_preset(mode: str, tokenizer, **overrides) -> GenerationConfig:
+def generation_preset(mode: str, tokenizer, cfg=None, **overrides) -> GenerationConfig:
+    """The mode's released settings, then the generation defaults `cfg`'s checkpoint ships (config.json
+    `fun_audio_chat_mini.generation`, written by `assets mini`), then `overrides` (None values ignored)."""
     sp = tokenizer.special
     ids = dict(eos_token_id=sp.im_end, pad_token_id=sp.endoftext if sp.endoftext is not None else sp.im_end)
     if mode == "s2s":
@@ -33,7 +37,8 @@ def generation_preset(mode: str, tokenizer, **overrides) -> GenerationConfig:
                                speech_holds_turn=True)
     else:
         raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    return gen.with_(**{k: v for k, v in overrides.items() if v is not None})
+    shipped = ((cfg.extra.get("fun_audio_chat_mini") or {}).get("generation") or {}) if cfg is not None else {}
+    return gen.with_(**{**shipped, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def default_system(mode: str, cfg=None) -> str:

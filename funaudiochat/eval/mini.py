@@ -164,7 +164,7 @@ class Answerer:
 
         rt = load_runtime(model_dir, dtype=dtype, speech=False, compile=compile, max_seq_len=max_seq_len)
         self.engine, self.tokenizer = rt.engine, rt.tokenizer
-        self.gen = generation_preset("s2t", self.tokenizer, max_new_tokens=max_new_tokens)
+        self.gen = generation_preset("s2t", self.tokenizer, self.engine.cfg, max_new_tokens=max_new_tokens)
         self.allow_untrained = allow_untrained
         self.name = str(model_dir)
 

@@ -171,7 +171,7 @@ class Speaker:
             raise InputError(f"{model_dir}: no detokenizer (a speaking mini checkpoint holds detokenizer.json; "
                              f"for a training checkpoint pass --detokenizer, e.g. a folder holding one)")
         self.engine, self.tokenizer, self.detok = rt.engine, rt.tokenizer, rt.detokenizer
-        self.gen = generation_preset("s2s", self.tokenizer, max_new_tokens=max_new_tokens,
+        self.gen = generation_preset("s2s", self.tokenizer, self.engine.cfg, max_new_tokens=max_new_tokens,
                                      speech_follows_text=follow_text)
         self.hop = hop
         if not check_trained(self.engine.cfg, True, True, allow_untrained):

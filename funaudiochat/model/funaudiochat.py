@@ -218,8 +218,8 @@ class FunAudioChatModel(nn.Module):
 
     def _training_openers(self, input_ids: torch.Tensor, slots: torch.Tensor, audio: AudioGroups | None):
         """Training: the `<|audio_bos|>` ids [B, L] right before the placeholders of an audio with a transcript
-        (the assistant's speech); None without transcripts or without an opener to put there."""
-        if self.audio_tower.speech_opener is None or audio is None or audio.has_text is None:
+        (the assistant's speech); None without transcripts."""
+        if audio is None or audio.has_text is None:
             return None
         text_rows = audio.has_text[:, None].expand_as(audio.kept)  # [A, G]
         slot_text = torch.zeros_like(slots).masked_scatter(slots, text_rows[audio.kept])
@@ -260,7 +260,11 @@ class FunAudioChatModel(nn.Module):
             audio = self.encode_audio(speech_ids, speech_attention_mask, input_features, feature_attention_mask,
                                       feature_exist_mask, text_ids, text_attention_mask, trace)
         slots = input_ids == cfg.audio_token_index
-        text_embeds = self.embed_inputs(input_ids, self._training_openers(input_ids, slots, audio))  # [B, L, D]
+        srh = self.audio_invert_tower if speech else None
+        openers = None  # (looked for only where the model reads them)
+        if self.audio_tower.speech_opener is not None or (srh is not None and srh.answer_style is not None):
+            openers = self._training_openers(input_ids, slots, audio)
+        text_embeds = self.embed_inputs(input_ids, openers)  # [B, L, D]
         embeds = self.merge_audio(input_ids, text_embeds, audio) if audio is not None else text_embeds
 
         speech_labels = None
@@ -291,24 +295,27 @@ class FunAudioChatModel(nn.Module):
             if out.text_loss is not None:
                 out.text_loss = out.text_loss + t.router_aux_loss_coef * out.aux_loss
 
-        if self.audio_invert_tower is not None and speech:
+        if srh is not None:
             if audio is not None and audio.text_features is not None:
                 text_embeds = text_embeds.masked_scatter(slots[..., None], audio.text_features[audio.kept])
             u = hidden + text_embeds.detach()
+            if srh.answer_style is not None and openers is not None:  # a record's start closes any answer
+                closes = input_ids == cfg.text_config.audio_eos_index
+                if position_ids is not None:
+                    closes = closes | (position_ids == 0)
+                u = u + srh.answer_styles(hidden, openers, closes)[0]
             label_ids = (speech_labels if speech_labels is not None
                          else torch.full((b, l * k), ign, dtype=torch.long, device=embeds.device))
-            label_embeds = self.audio_tower.token_embeddings(label_ids.masked_fill(label_ids == ign,
-                                                                                   cfg.audio_config.pad_token_id))
+            read_back = srh.history_ids(label_ids.masked_fill(label_ids == ign, cfg.audio_config.pad_token_id))
+            label_embeds = self.audio_tower.token_embeddings(read_back)
             if trace is not None:
                 trace.update(crq_inputs_embeds=u, crq_speech_labels=speech_labels,
                              crq_audio_embeds=label_embeds.reshape(b, l, -1))
             pending = None
-            if self.audio_invert_tower.pending_width:  # fine position q predicts token q + k: its pending units
-                pending = pending_from_labels(label_ids, self.audio_invert_tower.pending_width,
-                                              cfg.audio_config.bos_token_id)
+            if srh.pending_width:  # fine position q predicts token q + k: its pending units
+                pending = pending_from_labels(label_ids, srh.pending_width, cfg.audio_config.bos_token_id)
                 pending = F.pad(pending, (0, 0, 0, k), value=PAD)[:, k:]
-            out.speech_logits = self.audio_invert_tower.forward_train(u, label_embeds, attention_mask, position_ids,
-                                                                      pending)
+            out.speech_logits = srh.forward_train(u, label_embeds, attention_mask, position_ids, pending)
             if speech_labels is not None:
                 targets = F.pad(speech_labels, (0, k), value=ign)[:, k:]  # token j+5 is predicted at fine index j
                 out.speech_loss = cross_entropy(out.speech_logits, targets, ign)

@@ -18,6 +18,7 @@ from funaudiochat.config import AudioConfig
 from funaudiochat.model.backbone import Backbone, KVCache, attention_mask_4d
 from funaudiochat.model.quantize import Int8Linear
 from funaudiochat.speech.pending_units import PAD
+from funaudiochat.speech.piper_tokens import NUM_UNITS, VOCAB_SIZE
 
 
 class SpeechRefinedHead(nn.Module):
@@ -25,6 +26,7 @@ class SpeechRefinedHead(nn.Module):
         super().__init__()
         self.group_size = k = cfg.group_size
         self.token_scale = float(cfg.srh_token_scale)
+        self.blind_gain = cfg.srh_blind_gain
         d, crq = cfg.output_dim, cfg.crq_transformer_config
         self.pre_matching = nn.Linear(d, d * k, bias=True)
         self.crq_transformer = Backbone(crq, with_embeddings=False)
@@ -35,20 +37,52 @@ class SpeechRefinedHead(nn.Module):
         if self.pending_width:  # one row per (slot, unit), the last unit of each slot = none known
             self.pending_rows = PAD + 1
             self.pending_embed = nn.Embedding(self.pending_width * self.pending_rows, d)
+        # `srh_answer_style`: the LLM state at a spoken answer's opener, projected, is added to the head's input
+        # throughout that answer (how to say it); zero at the start, so a head that gains it is unchanged
+        self.answer_style = nn.Linear(d, d, bias=False) if cfg.srh_answer_style else None
+        if self.answer_style is not None:
+            nn.init.zeros_(self.answer_style.weight)
 
     def pending_view(self, pending: torch.Tensor) -> torch.Tensor:
         """Pending unit ids [B, Q, W] (speech/pending_units.py) -> [B, Q, D]: the sum of each slot's embedding."""
         slots = torch.arange(self.pending_width, device=pending.device) * self.pending_rows
         return self.pending_embed(pending + slots).sum(dim=-2)
 
+    def answer_styles(self, hidden: torch.Tensor, opens: torch.Tensor, closes: torch.Tensor,
+                      carried: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The style input [B, L, D] of LLM positions with post-norm hidden states [B, L, D]: inside a spoken answer,
+        from its opener (`opens` [B, L]: the assistant's <|audio_bos|>) up to the next `closes` [B, L] (its
+        <|audio_eos|>, a record's start), the projected state at that opener; zero elsewhere. `carried` [B, D] is
+        the style in force before the first position (a decode step, a prefill chunk). -> (styles, the style in
+        force after the last position [B, D])."""
+        b, l, _ = hidden.shape
+        index = torch.arange(l, device=hidden.device).expand(b, l)
+        last_open = torch.where(opens, index, -1).cummax(1).values  # [B, L] latest opener at or before, or -1
+        last_close = torch.where(closes, index, -1).cummax(1).values
+        at_open = hidden.gather(1, last_open.clamp(min=0)[..., None].expand_as(hidden))
+        styles = torch.where((last_open > last_close)[..., None], self.answer_style(at_open), 0.0)
+        if carried is not None:
+            before = (last_open < 0) & (last_close < 0)
+            styles = torch.where(before[..., None], carried[:, None].to(styles.dtype), styles)
+        return styles, styles[:, -1]
+
     def ungroup(self, u: torch.Tensor) -> torch.Tensor:
         """u [B, L, D] -> P [B, 5L, D]; fine position 5p+k belongs to LLM position p."""
         b, l, _ = u.shape
         return self.pre_matching(u).view(b, l * self.group_size, -1)
 
+    def history_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The speech ids the head reads back: as said, or with `srh_blind_gain` Piper frame tokens at the normal
+        loudness (token ((g * U) + u) * 2 + cont -> (u * 2) + cont), so each frame's loudness comes from the answer's
+        style, not from the frame before it."""
+        if not self.blind_gain:
+            return tokens
+        return torch.where(tokens < VOCAB_SIZE, tokens % (2 * NUM_UNITS), tokens)
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Speech token ids -> their (tied) embeddings as the head's input adds them (dequantized rows of an int8
-        head), times `token_scale`."""
+        head; `history_ids`), times `token_scale`."""
+        tokens = self.history_ids(tokens)
         if isinstance(self.lm_head, Int8Linear):
             rows = self.lm_head.rows(tokens)
         else:

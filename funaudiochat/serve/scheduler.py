@@ -152,7 +152,8 @@ def _batch_key(session: "Session") -> tuple:
     draws come from its own generator, so it runs (and is prefilled) alone."""
     gen = session.gen
     own = session.id if gen.seed is not None and gen.do_sample else None
-    return gen.disable_speech, gen.sampling, gen.text_greedy, gen.bad_words_ids, gen.eos_ids, gen.pad_token_id, own
+    return (gen.disable_speech, gen.sampling, gen.text_greedy, gen.bad_words_ids, gen.eos_ids, gen.pad_token_id,
+            gen.text_loop_stop, own)
 
 
 def _runs_alone(key: tuple) -> bool:
@@ -393,7 +394,7 @@ class Scheduler:
         if asked is not None and asked > room:
             raise ContextLengthError(f"prompt of {n_prompt} tokens + max_new_tokens {asked} exceeds the context of "
                                      f"{self.engine.max_seq_len} tokens; lower max_new_tokens to at most {room}")
-        gen = generation_preset(request.mode, self.tokenizer, **overrides)
+        gen = generation_preset(request.mode, self.tokenizer, self.engine.cfg, **overrides)
         if asked is None and gen.max_new_tokens > room:
             gen = gen.with_(max_new_tokens=room)
         if not gen.disable_speech and not self.speech:
@@ -925,8 +926,8 @@ class Scheduler:
 
 
 # per-row fields of a DecodeState besides the caches, their masks and positions
-_ROW_FIELDS = ("last_token", "last_group", "fuse", "active", "finished", "srh_embed", "text_counts", "speech_counts",
-               "text_ended")
+_ROW_FIELDS = ("last_token", "last_group", "fuse", "active", "finished", "srh_embed", "answer_style", "text_counts",
+               "speech_counts", "text_ended", "recent_text")
 
 
 class _StopFilter:

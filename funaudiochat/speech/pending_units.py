@@ -62,7 +62,8 @@ def text_locked(logits: torch.Tensor, next_unit: torch.Tensor, previous: torch.T
     mass on continuing any unit at g to continuing the unit being spoken at g. *What* is said is the text's units.
     - the unit being spoken goes on for at most MAX_UNIT_TOKENS, unless nothing else may come yet;
     - `bos` (the speech delay) is allowed until the first unit starts, with the head's logit;
-    - `eos` once the text has ended and every one of its units has started, with the head's logit."""
+    - `eos` once the text has ended and every one of its units has started, with the head's logit;
+    - an answer keeps the loudness of its first frame (the head's mass of the other levels is dropped)."""
     b = logits.shape[0]
     frames = logits[:, :VOCAB_SIZE].reshape(b, len(GAINS), NUM_UNITS, 2)  # token ((g * U) + u) * 2 + cont
     start_mass, cont_mass = frames[..., 0].logsumexp(dim=2), frames[..., 1].logsumexp(dim=2)  # [B, G]
@@ -72,11 +73,13 @@ def text_locked(logits: torch.Tensor, next_unit: torch.Tensor, previous: torch.T
     waiting = (next_unit == PAD) & ~finished  # the text is not far enough ahead yet: the unit goes on
     may_hold = prev_piper & ((held < MAX_UNIT_TOKENS) | waiting)
     may_start = next_unit != PAD
+    level = previous.clamp(0, VOCAB_SIZE - 1) // (2 * NUM_UNITS)
+    kept = ~prev_piper[:, None] | (torch.arange(len(GAINS), device=logits.device) == level[:, None])  # [B, G]
     out = torch.full_like(logits, float("-inf"))
     start_ids = (gains + next_unit.clamp(max=NUM_UNITS - 1)[:, None]) * 2  # [B, G]
     cont_ids = (gains + current[:, None]) * 2 + 1
-    out = out.scatter(1, start_ids, torch.where(may_start[:, None], start_mass, float("-inf")))
-    out = out.scatter(1, cont_ids, torch.where(may_hold[:, None], cont_mass, float("-inf")))
+    out = out.scatter(1, start_ids, torch.where(may_start[:, None] & kept, start_mass, float("-inf")))
+    out = out.scatter(1, cont_ids, torch.where(may_hold[:, None] & kept, cont_mass, float("-inf")))
     special = torch.zeros_like(out, dtype=torch.bool)
     special[:, bos] = ~prev_piper
     special[:, eos] = finished & ~may_start

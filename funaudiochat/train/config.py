@@ -56,6 +56,10 @@ class ModelSection:
     #   differs from the starting model's; false: the LLM reads its own text alone (a frozen LLM keeps its answers)
     speech_opener: bool | None = None  # true: the LLM reads a learned vector at the assistant's <|audio_bos|>
     #   (config.speech_opener), starting as that token's embedding
+    srh_answer_style: bool | None = None  # true: the SRH also reads the LLM state at the answer's opener
+    #   (config.srh_answer_style), through a projection that starts at zero
+    srh_blind_gain: bool | None = None  # true: the SRH reads the tokens it said back at the normal loudness
+    #   (config.srh_blind_gain)
     speech_embeddings_at_start: str | None = None  # "piper-factorized": a new run's speech embeddings (tied to the
     #   SRH's output) start as unit + start/continue + gain vectors of the Piper vocabulary (speech/piper_tokens.py)
 

@@ -92,6 +92,10 @@ class Trainer:
             self.cfg.audio_config.speech_feedback = r.model.speech_feedback
         if r.model.speech_opener is not None:
             self.cfg.audio_config.speech_opener = r.model.speech_opener
+        if r.model.srh_answer_style is not None:
+            self.cfg.audio_config.srh_answer_style = r.model.srh_answer_style
+        if r.model.srh_blind_gain is not None:
+            self.cfg.audio_config.srh_blind_gain = r.model.srh_blind_gain
         self.tokenizer_path = _tokenizer_path(r)
         self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
         self._setup_data()
@@ -207,8 +211,8 @@ class Trainer:
     def _full_model(self, source: Path | None, live_adapters: bool) -> FunAudioChatModel:
         if source is not None:
             a, src = self.cfg.audio_config, FunAudioChatConfig.load(source).audio_config
-            if (src.group_size, src.continuous_grouping, src.srh_pending_units, src.speech_opener) != \
-                    (a.group_size, a.continuous_grouping, a.srh_pending_units, a.speech_opener):
+            settings = ("group_size", "continuous_grouping", "srh_pending_units", "speech_opener", "srh_answer_style")
+            if any(getattr(src, name) != getattr(a, name) for name in settings):
                 return _regrouped_model(source, self.cfg, self.recipe, fold_adapters=not live_adapters)
             # built with the run's config: the recipe's settings (model.srh_token_scale) apply to the loaded weights
             return load_model(source, dtype=torch.float32, fold_adapters=not live_adapters, cfg=self.cfg)
@@ -424,7 +428,7 @@ def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe, fold_adap
     """`source`'s weights in a model of another group size or continuous grouping (recipe model.group_size,
     model.continuous_grouping): the adapter's continuous matching weight is converted (model.adapter), and at a new
     group size the SRH's ungrouping layer (`pre_matching`: one LLM state -> k vectors) starts random. A new pending
-    view starts random, a new speech opener as <|audio_bos|>'s embedding."""
+    view starts random, a new speech opener as <|audio_bos|>'s embedding, a new answer style at zero."""
     a, src = cfg.audio_config, FunAudioChatConfig.load(source).audio_config
     torch.manual_seed(r.train.seed)
     model = FunAudioChatModel(cfg)
@@ -448,6 +452,8 @@ def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe, fold_adap
     elif not src.speech_opener:  # it starts as <|audio_bos|>'s embedding: the model's function is unchanged
         state["audio_tower.speech_opener"] = state["language_model.model.embed_tokens.weight"][
             cfg.text_config.audio_bos_index].clone()
+    if not a.srh_answer_style:
+        state.pop("audio_invert_tower.answer_style.weight", None)
     key = "audio_tower.continual_output_matching.weight"
     state[key] = regroup_continuous_weight(state[key], src.group_size, src.continuous_grouping == "concat",
                                            a.group_size, a.continuous_grouping == "concat")

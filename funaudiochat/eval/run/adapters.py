@@ -70,7 +70,7 @@ class LocalModel:
         system = tools_system_prompt(tools) if tools else default_system("s2s", self.cfg)
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user_content(1, text)}]
         prompt = build_prompt(tokenizer, self.cfg, messages, [user_audio(audio)])
-        gen = generation_preset("s2s", tokenizer, max_new_tokens=self.max_new_tokens, seed=0)
+        gen = generation_preset("s2s", tokenizer, self.cfg, max_new_tokens=self.max_new_tokens, seed=0)
         end = None
         for event in stream_turn(self.rt.engine, prompt, gen, tokenizer, self.rt.detokenizer.stream()):
             if isinstance(event, TurnEnd):
@@ -94,7 +94,7 @@ class LocalModel:
             system = tools_system_prompt(tools) if tools else default_system("s2t", self.cfg)
             messages = [{"role": "system", "content": system}, {"role": "user", "content": user_content(1, text)}]
             prompts.append(build_prompt(tokenizer, self.cfg, messages, [user_audio(audio)]))
-        gen = generation_preset("s2t", tokenizer, max_new_tokens=self.max_new_tokens)
+        gen = generation_preset("s2t", tokenizer, self.cfg, max_new_tokens=self.max_new_tokens)
         batch = prompts[0] if len(prompts) == 1 else \
             stack_prompts(prompts, gen.pad_token_id, self.cfg.audio_config.pad_token_id)
         with torch.no_grad():

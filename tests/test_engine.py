@@ -352,3 +352,6 @@ def test_a_looping_text_ends_after_its_third_copy(tmp_path):
     assert generation_preset("s2t", tok, cfg, text_loop_stop=0).text_loop_stop == 0  # the caller's word wins
     with pytest.raises(ConfigError, match="text_loop_stop"):
         GenerationConfig(text_loop_stop=1)
+    cfg.extra["fun_audio_chat_mini"]["generation"]["loop_stop"] = 3
+    with pytest.raises(ConfigError, match="unknown settings"):
+        generation_preset("s2t", tok, cfg)

@@ -700,7 +700,8 @@ class PrefillJob:
             self.saved_prefix = self._snapshot(self.pads[0], end)
         if last:
             self.result = (state, m.language_model.lm_head(hidden[:, -1]).float(), group)
-            self.embeds = self.text_embeds = self.ids = self.openers = None  # (the job may be kept a little longer than needed)
+            # (the job may be kept a little longer than needed)
+            self.embeds = self.text_embeds = self.ids = self.openers = None
 
     def _snapshot(self, a: int, b: int) -> PrefixKV:
         """Row 0's positions [a, b) (its ids after its left padding) as a PrefixKV."""

@@ -13,8 +13,10 @@ whole text and the turn ends after <|audio_eos|>. A model that follows the forma
 """
 from __future__ import annotations
 
+from dataclasses import fields
+
 from funaudiochat.engine.generate import GenerationConfig
-from funaudiochat.errors import InputError
+from funaudiochat.errors import ConfigError, InputError
 from funaudiochat.text.chat import S2T_PROMPT, SPOKEN_S2M_PROMPT
 
 MODES = ("s2s", "s2t", "server")
@@ -38,6 +40,9 @@ def generation_preset(mode: str, tokenizer, cfg=None, **overrides) -> Generation
     else:
         raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     shipped = ((cfg.extra.get("fun_audio_chat_mini") or {}).get("generation") or {}) if cfg is not None else {}
+    unknown = sorted(set(shipped) - {f.name for f in fields(GenerationConfig)})
+    if unknown:
+        raise ConfigError(f"config.json fun_audio_chat_mini.generation: unknown settings {unknown}")
     return gen.with_(**{**shipped, **{k: v for k, v in overrides.items() if v is not None}})
 
 

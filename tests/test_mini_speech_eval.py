@@ -76,6 +76,10 @@ def test_reads_the_split_and_refuses_what_is_not_one(tmp_path):
     recs = ms.read_s2s_split(data, "test")
     assert [r.instruction for r in recs] == [None, "slower", "louder"]
     assert recs[1].question_id == "q1" and recs[0].answer == TEXT and recs[0].wavs == [data / "q.wav"]
+    assert [r.id for r in ms.read_s2s_split(data, "test", variants=False)] == ["q1"]  # --no-variants
+    assert [r.id for r in ms.read_s2s_split(data, "test", ids=["q1"])] == ["q1", "q1.slower", "q1.louder"]
+    with pytest.raises(InputError, match="no plain records with the ids q2"):  # --ids names only plain questions
+        ms.read_s2s_split(data, "test", ids=["q1", "q2"])
     with pytest.raises(InputError, match="no such file"):
         ms.read_s2s_split(data, "dev")
     (data / "dev_s2s.jsonl").write_text(json.dumps({"id": "x", "messages": [], "audio": []}) + "\n")

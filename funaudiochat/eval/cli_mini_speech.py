@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="SPLIT_s2s.jsonl of --data")
     p.add_argument("--limit", type=int, default=None,
                    help="the first N spoken questions (and their instruction variants)")
+    p.add_argument("--ids", default=None, help="only these spoken questions: their record ids, comma separated")
+    p.add_argument("--no-variants", action="store_true", help="the plain questions only, not their instruction "
+                                                              "variants")
     p.add_argument("--detokenizer", type=Path, default=None,
                    help="a detokenizer folder (default: the checkpoint's own detokenizer.json), e.g. to score a "
                         "training checkpoint: a folder holding detokenizer.json {\"kind\": \"piper-joe\"}")
@@ -56,7 +59,9 @@ def main(args: argparse.Namespace) -> int:
     report = evaluate_speech(args.model, args.data, args.split, args.limit, judge=not args.no_judge,
                              max_new_tokens=args.max_new_tokens, compiled=args.compile,
                              allow_untrained=args.allow_untrained, progress=True, audio_dir=audio_dir,
-                             detokenizer=args.detokenizer, follow_text=not args.free_speech)
+                             detokenizer=args.detokenizer, follow_text=not args.free_speech,
+                             ids=[i for i in args.ids.split(",") if i] if args.ids else None,
+                             variants=not args.no_variants)
     out.mkdir(parents=True, exist_ok=True)
     json_path = fileio.write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     fileio.write_text(out / "report.md", markdown(report))

@@ -60,8 +60,10 @@ class SpokenRecord:
         return self.id[: -len(self.instruction) - 1] if self.instruction else self.id
 
 
-def read_s2s_split(data_dir: str | Path, split: str, limit: int | None = None) -> list[SpokenRecord]:
-    """DATA/SPLIT_s2s.jsonl: the first `limit` plain records, and the instruction variants of those questions."""
+def read_s2s_split(data_dir: str | Path, split: str, limit: int | None = None, ids: list[str] | None = None,
+                   variants: bool = True) -> list[SpokenRecord]:
+    """DATA/SPLIT_s2s.jsonl: the first `limit` plain records (of those named in `ids`, when given), and the
+    instruction variants of those questions unless `variants` is false."""
     path = Path(data_dir) / f"{split}_s2s.jsonl"
     if not path.is_file():
         raise InputError(f"{path}: no such file (`funaudiochat data build-mini --out {data_dir} --stage speech` "
@@ -72,9 +74,14 @@ def read_s2s_split(data_dir: str | Path, split: str, limit: int | None = None) -
             records.append(_spoken_record(row, path.parent))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise InputError(f"{path}:{lineno}: not a build-mini S2S record ({err!r})") from None
-    plain = [r.id for r in records if r.instruction is None][:limit]
-    keep = set(plain)
-    picked = [r for r in records if r.question_id in keep]
+    plain = [r.id for r in records if r.instruction is None]
+    if ids is not None:
+        missing = sorted(set(ids) - set(plain))
+        if missing:
+            raise InputError(f"{path}: no plain records with the ids {', '.join(missing[:5])}")
+        plain = [i for i in plain if i in set(ids)]
+    keep = set(plain[:limit])
+    picked = [r for r in records if r.question_id in keep and (variants or r.instruction is None)]
     if not picked:
         raise InputError(f"{path}: no records")
     return picked
@@ -205,10 +212,11 @@ class Speaker:
 def evaluate_speech(model: str | Path, data: str | Path, split: str = "test", limit: int | None = None,
                     judge: bool = True, max_new_tokens: int = 400, compiled: bool = False,
                     allow_untrained: bool = False, progress: bool = False, audio_dir: str | Path | None = None,
-                    detokenizer: str | Path | None = None, follow_text: bool = True) -> dict:
+                    detokenizer: str | Path | None = None, follow_text: bool = True, ids: list[str] | None = None,
+                    variants: bool = True) -> dict:
     from funaudiochat.speech.piper_tokens import PiperTokenizer
 
-    records = read_s2s_split(data, split, limit)
+    records = read_s2s_split(data, split, limit, ids, variants)
     me = Speaker(model, max_new_tokens, compile=compiled, allow_untrained=allow_untrained, detokenizer=detokenizer,
                  follow_text=follow_text)
     voice = PiperTokenizer()

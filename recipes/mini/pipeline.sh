@@ -118,9 +118,17 @@ step "ship: assembly (models/mini holds speak's deltas), evaluation"
   --threads "$threads"
 
 if [ "${K1:-0}" = 1 ]; then
-  # the DRSR comparison: the same two speaking stages with the LLM at 25 Hz (k = 1), same data and step budgets
+  # the DRSR comparison (issue 14 must-show 5): the head-only stage with the LLM at 25 Hz (k = 1) for about the
+  # compute of speak_srh's 150 steps at k = 5 (a k = 1 step costs 2.4-3.2x: bench/drsr.py, BENCHMARKS.md), both
+  # scored on the same 10 test questions (30 s of speech each: 150 LLM steps at k = 5, 750 at k = 1)
   [ -d runs/mini/speak_srh_k1/final ] || { step "train recipes/mini/speak_srh.yaml at k = 1"
-    "$fac" train recipes/mini/speak_srh.yaml --resume model.group_size=1 data.max_len=2048 run_dir=runs/mini/speak_srh_k1; }
-  train recipes/mini/speak_k1.yaml speak_k1
+    "$fac" train recipes/mini/speak_srh.yaml --resume model.group_size=1 data.max_len=2048 train.steps=50 \
+      run_dir=runs/mini/speak_srh_k1; }
+  [ -d runs/detok ] || { mkdir -p runs/detok; echo '{"kind": "piper-joe"}' > runs/detok/detokenizer.json; }
+  for k in 1 5; do
+    run=$([ "$k" = 1 ] && echo speak_srh_k1 || echo speak_srh)
+    "$fac" eval mini-speech --model "runs/mini/$run/final" --detokenizer runs/detok --data data/mini --split test \
+      --limit 10 --max-new-tokens $((150 * 5 / k)) --threads "$threads" --out "runs/mini/eval-drsr-k$k"
+  done
 fi
 step "done"

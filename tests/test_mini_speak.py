@@ -16,12 +16,13 @@ from test_mini_pipeline import SHRINK, cli, ok
 from funaudiochat.assets import mini_deltas
 from funaudiochat.data.build_mini import MINI_SYSTEM
 from funaudiochat.engine.loading import read_config
-from funaudiochat.engine.presets import default_system
+from funaudiochat.engine.presets import default_system, generation_preset
 from funaudiochat.errors import ConfigError
 from funaudiochat.model.checkpoint import read_state_dict
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
 from funaudiochat.speech import piper_tokens as pt
+from funaudiochat.text.tokenizer import TextTokenizer
 from funaudiochat.train import loop
 from funaudiochat.train.metrics import read_metrics
 
@@ -85,6 +86,8 @@ def test_speak_stages_train_and_ship_the_srh(tmp_path):
     assert cfg["audio_config"]["srh_token_scale"] == scale
     mini_cfg = read_config(ckpt)  # every mode gets the system prompt the records were trained under
     assert default_system("s2s", mini_cfg) == default_system("s2t", mini_cfg) == MINI_SYSTEM
+    tok = TextTokenizer.from_file(ckpt / "tokenizer.json")  # and the generation defaults it ships (the loop stop)
+    assert generation_preset("s2s", tok, mini_cfg).text_loop_stop == mini_deltas.MINI_GENERATION["text_loop_stop"]
     assembled, trained = read_state_dict(ckpt), read_state_dict(final)
     for k in trained:
         torch.testing.assert_close(assembled[k], trained[k], rtol=0, atol=1e-5)

@@ -279,20 +279,27 @@ def test_speech_feedback_off_the_llm_reads_its_text_alone(tmp_path):
         recipe_from_dict(tiny_recipe(tmp_path, data, model={"preset": "tiny", "speech_feedback": "no"}))
 
 
+def tiny_s2s_batch(tmp, **audio_settings) -> tuple[FunAudioChatModel, dict]:
+    """A random tiny model with these `audio_config` settings, and a batch of two made-up S2S records."""
+    data = synthetic_s2s(tmp / "data", n=2)
+    tok = make_tiny_tokenizer(tmp / "tok")
+    cfg = presets.tiny()
+    for name, value in audio_settings.items():
+        setattr(cfg.audio_config, name, value)
+    torch.manual_seed(0)
+    model = FunAudioChatModel(cfg).eval()
+    items, _ = load_records([data], SampleBuilder(tok, model.cfg, 256).sample)
+    return model, Collator(model.cfg, 256, packing=False)(items).model_inputs("cpu")
+
+
 def test_speech_opener_is_read_at_the_assistants_audio_bos_only(tmp_path):
     """`audio_config.speech_opener`: the LLM reads the learned vector at the `<|audio_bos|>` that opens the
     assistant's speech, in training and in both decode paths; the user audio's `<|audio_bos|>` and every position
     before the answer read as before."""
     from funaudiochat.engine.compiled import step_input
 
-    data = synthetic_s2s(tmp_path / "data", n=2)
-    tok = make_tiny_tokenizer(tmp_path / "tok")
-    cfg = presets.tiny()
-    cfg.audio_config.speech_opener = True
-    torch.manual_seed(0)
-    model = FunAudioChatModel(cfg).eval()
-    items, _ = load_records([data], SampleBuilder(tok, model.cfg, 256).sample)
-    inputs = Collator(model.cfg, 256, packing=False)(items).model_inputs("cpu")
+    model, inputs = tiny_s2s_batch(tmp_path, speech_opener=True)
+    cfg = model.cfg
     ids, abos = inputs["input_ids"], cfg.text_config.audio_bos_index
     slots = ids == cfg.audio_token_index
     with torch.no_grad():
@@ -318,16 +325,9 @@ def test_the_answer_style_spans_each_spoken_answer_in_training_and_in_every_deco
     """`audio_config.srh_answer_style`: in training the head's input gains the projected LLM state at the answer's
     opener from that opener up to its <|audio_eos|>, nothing elsewhere; the same function computed in pieces with
     the style carried between them (prefill chunks, then one decode position at a time) gives the same styles."""
-    data = synthetic_s2s(tmp_path / "data", n=2)
-    tok = make_tiny_tokenizer(tmp_path / "tok")
-    cfg = presets.tiny()
-    cfg.audio_config.srh_answer_style = True
-    torch.manual_seed(0)
-    model = FunAudioChatModel(cfg).eval()
-    head = model.audio_invert_tower
+    model, inputs = tiny_s2s_batch(tmp_path, srh_answer_style=True)
+    cfg, head = model.cfg, model.audio_invert_tower
     assert not head.answer_style.weight.any()  # a new style starts at zero: the head is unchanged
-    items, _ = load_records([data], SampleBuilder(tok, model.cfg, 256).sample)
-    inputs = Collator(model.cfg, 256, packing=False)(items).model_inputs("cpu")
     ids, t = inputs["input_ids"], cfg.text_config
 
     def head_input() -> tuple[torch.Tensor, torch.Tensor]:

@@ -128,7 +128,7 @@ if [ "${K1:-0}" = 1 ]; then
   for k in 1 5; do
     run=$([ "$k" = 1 ] && echo speak_srh_k1 || echo speak_srh)
     "$fac" eval mini-speech --model "runs/mini/$run/final" --detokenizer runs/detok --data data/mini --split test \
-      --limit 10 --max-new-tokens $((150 * 5 / k)) --threads "$threads" --out "runs/mini/eval-drsr-k$k"
+      --limit 10 --no-variants --max-new-tokens $((150 * 5 / k)) --threads "$threads" --out "runs/mini/eval-drsr-k$k"
   done
 fi
 step "done"

@@ -76,10 +76,11 @@ def read_s2s_split(data_dir: str | Path, split: str, limit: int | None = None, i
             raise InputError(f"{path}:{lineno}: not a build-mini S2S record ({err!r})") from None
     plain = [r.id for r in records if r.instruction is None]
     if ids is not None:
-        missing = sorted(set(ids) - set(plain))
+        wanted = set(ids)
+        missing = sorted(wanted - set(plain))
         if missing:
             raise InputError(f"{path}: no plain records with the ids {', '.join(missing[:5])}")
-        plain = [i for i in plain if i in set(ids)]
+        plain = [i for i in plain if i in wanted]
     keep = set(plain[:limit])
     picked = [r for r in records if r.question_id in keep and (variants or r.instruction is None)]
     if not picked:

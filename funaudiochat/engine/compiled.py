@@ -58,12 +58,10 @@ def srh_input(model, hidden: torch.Tensor, text_embed: torch.Tensor, token: torc
     """The SRH's input at one decode step -> (hidden + text_embed [B, 1, C], plus the answer's style where the head
     reads one (`audio_config.srh_answer_style`), the style in force after the step [B, C] or None). token [B] is the
     step's input id: a decoded <|audio_bos|> opens a spoken answer, <|audio_eos|> closes it."""
-    srh = model.audio_invert_tower
-    if srh.answer_style is None:
+    if model.audio_invert_tower.answer_style is None:
         return hidden + text_embed, style
-    t = model.cfg.text_config
-    styles, style = srh.answer_styles(hidden, (token == t.audio_bos_index)[:, None],
-                                      (token == t.audio_eos_index)[:, None], style)
+    ids = token[:, None]
+    styles, style = model.answer_styles(hidden, ids, ids == model.cfg.text_config.audio_bos_index, style)
     return hidden + text_embed + styles, style
 
 

@@ -58,8 +58,9 @@ class GenerationConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.text_loop_stop == 1 or self.text_loop_stop < 0:
-            raise ConfigError(f"text_loop_stop must be 0 (off) or >= 2 repeats, got {self.text_loop_stop}")
+        n = self.text_loop_stop
+        if not isinstance(n, int) or isinstance(n, bool) or n == 1 or n < 0:
+            raise ConfigError(f"text_loop_stop must be 0 (off) or an integer >= 2 (repeats), got {n!r}")
         self.sampling  # validates the sampling fields
 
     @property
@@ -682,9 +683,8 @@ class PrefillJob:
             srh = m.audio_invert_tower
             u = hidden + self.text_embeds[:, a:end]
             if srh.answer_style is not None:
-                closes = self.ids[:, a:end] == eng.cfg.text_config.audio_eos_index
-                styles, state.answer_style = srh.answer_styles(hidden, self.openers[:, a:end], closes,
-                                                               state.answer_style)
+                styles, state.answer_style = m.answer_styles(hidden, self.ids[:, a:end], self.openers[:, a:end],
+                                                             state.answer_style)
                 u = u + styles
             fine = srh.ungroup(u)  # [B, k(end-a), D]
             fine_pos = (self.pos[:, a:end, None] * k + torch.arange(k, device=dev)).reshape(b, k * (end - a))

@@ -226,6 +226,16 @@ class FunAudioChatModel(nn.Module):
         before_text = F.pad(slot_text[:, 1:], (0, 1), value=False)
         return (input_ids == self.cfg.text_config.audio_bos_index) & before_text
 
+    def answer_styles(self, hidden: torch.Tensor, input_ids: torch.Tensor, openers: torch.Tensor,
+                      carried: torch.Tensor | None = None, record_starts: torch.Tensor | None = None):
+        """The SRH's answer-style input (`SpeechRefinedHead.answer_styles`) of LLM positions with hidden states
+        [B, L, D] and input ids [B, L]: a spoken answer opens at `openers` [B, L] and closes at its <|audio_eos|>
+        (and at `record_starts` [B, L], packed records' first positions) -> (styles [B, L, D], style after [B, D])."""
+        closes = input_ids == self.cfg.text_config.audio_eos_index
+        if record_starts is not None:
+            closes = closes | record_starts
+        return self.audio_invert_tower.answer_styles(hidden, openers, closes, carried)
+
     def merge_audio(self, input_ids: torch.Tensor, embeds: torch.Tensor, audio: AudioGroups) -> torch.Tensor:
         """Scatter the kept groups of every audio, in order, into the `<|AUDIO|>` positions of `embeds` [B, L, D]."""
         slots = input_ids == self.cfg.audio_token_index
@@ -300,10 +310,8 @@ class FunAudioChatModel(nn.Module):
                 text_embeds = text_embeds.masked_scatter(slots[..., None], audio.text_features[audio.kept])
             u = hidden + text_embeds.detach()
             if srh.answer_style is not None and openers is not None:  # a record's start closes any answer
-                closes = input_ids == cfg.text_config.audio_eos_index
-                if position_ids is not None:
-                    closes = closes | (position_ids == 0)
-                u = u + srh.answer_styles(hidden, openers, closes)[0]
+                starts = position_ids == 0 if position_ids is not None else None
+                u = u + self.answer_styles(hidden, input_ids, openers, record_starts=starts)[0]
             label_ids = (speech_labels if speech_labels is not None
                          else torch.full((b, l * k), ign, dtype=torch.long, device=embeds.device))
             read_back = srh.history_ids(label_ids.masked_fill(label_ids == ign, cfg.audio_config.pad_token_id))

@@ -86,16 +86,9 @@ class Trainer:
             self.cfg.audio_config.continuous_grouping = r.model.continuous_grouping
         if r.model.srh_token_scale:
             self.cfg.audio_config.srh_token_scale = r.model.srh_token_scale
-        if r.model.srh_pending_units is not None:
-            self.cfg.audio_config.srh_pending_units = r.model.srh_pending_units
-        if r.model.speech_feedback is not None:
-            self.cfg.audio_config.speech_feedback = r.model.speech_feedback
-        if r.model.speech_opener is not None:
-            self.cfg.audio_config.speech_opener = r.model.speech_opener
-        if r.model.srh_answer_style is not None:
-            self.cfg.audio_config.srh_answer_style = r.model.srh_answer_style
-        if r.model.srh_blind_gain is not None:
-            self.cfg.audio_config.srh_blind_gain = r.model.srh_blind_gain
+        for name in ("srh_pending_units", "speech_feedback", "speech_opener", "srh_answer_style", "srh_blind_gain"):
+            if getattr(r.model, name) is not None:  # the recipe's setting over the starting model's
+                setattr(self.cfg.audio_config, name, getattr(r.model, name))
         self.tokenizer_path = _tokenizer_path(r)
         self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
         self._setup_data()

@@ -242,3 +242,41 @@ def test_a_gain_blind_head_reads_its_speech_back_at_the_normal_loudness():
         head = model.audio_invert_tower
         assert torch.equal(head.embed(loud), head.embed(normal)) == blind
         assert torch.equal(head.history_ids(loud), normal) == blind
+
+
+def test_a_spoken_answer_cut_by_the_token_limit_says_its_whole_text(piper, tmp_path):
+    """speech_holds_turn with the view: near max_new_tokens the text ends where its speech can still say it (the
+    answer's units left at its own pace), so the speech says every unit of the text written and ends within the
+    limit (a random head may still hold the closing silence to the limit). A larger limit lets the same text run
+    on past that point."""
+    from funaudiochat.engine.generate import Engine, GenerationConfig
+    from funaudiochat.engine.prompt import Prompt
+    from funaudiochat.speech.pending_units import view_for
+    from tests.helpers import make_tiny_tokenizer
+
+    model = _speaking_model(width=3)
+    ends = view_for(model.cfg.text_config, make_tiny_tokenizer(tmp_path), 3).text_ends
+    vocabulary = "tea is ready in five minutes".split()
+
+    def decode(ids):  # one word per text id
+        return " ".join(vocabulary[i % len(vocabulary)] for i in range(len(ids)))
+
+    engine = Engine(model, pending_view=PendingUnitsView(piper, 3, decode, ends))
+    engine.restrict_speech_codes(range(pt.VOCAB_SIZE))
+    prompt = Prompt(torch.randint(30, 400, (1, 7), generator=torch.Generator().manual_seed(1)))
+    gen = GenerationConfig(max_new_tokens=40, force_text_abos=True, eos_token_id=502, pad_token_id=500,
+                           text_greedy=True, do_sample=True, temperature=1.0, seed=3, speech_holds_turn=True)
+    sil = model.cfg.text_config.sil_index
+
+    def answer(g):
+        out = engine.generate(prompt, g)
+        text, speech = out.new_text_ids[0].tolist(), out.speech_ids[0]
+        assert text[0] == model.cfg.text_config.audio_bos_index
+        return text, speech, text.index(sil) if sil in text else len(text)
+
+    text, speech, cut = answer(gen)
+    assert 5 < cut < 30, "the text ends early enough for the speech to say it"
+    said = [s.unit for s in pt.unit_spans([c for c in speech if c < pt.VOCAB_SIZE])]
+    assert said == [u for s in piper.units(decode(text[1:cut])) for u in s]  # every unit of the text, in order
+    assert answer(gen.with_(max_new_tokens=80))[2] > cut  # the text itself went on
+

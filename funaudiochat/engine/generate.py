@@ -360,7 +360,11 @@ class Engine:
 
     # ------------------------------------------------------------------ token choice + speech bookkeeping
     def choose_step(self, state: DecodeState, text_logits: torch.Tensor, group: torch.Tensor | None,
-                    gen: GenerationConfig, tracer: Tracer | None = None) -> StepResult:
+                    gen: GenerationConfig, tracer: Tracer | None = None,
+                    steps_left: list[int] | None = None) -> StepResult:
+        """Choose this step's text ids, append the speech group and update the rows' bookkeeping. steps_left: per
+        row, the steps it may still take after this one (default: gen.max_new_tokens less the steps taken; the
+        server passes each row's own)."""
         t_cfg, a_cfg = self.cfg.text_config, self.cfg.audio_config
         if gen.text_greedy:
             scores = text_logits
@@ -384,7 +388,9 @@ class Engine:
         if gen.text_loop_stop:
             token = self._stop_loops(state, token, was_finished, gen)
         if gen.speech_holds_turn:
-            token = self._hold_turn(state, token, speaking, gen)
+            if steps_left is None:
+                steps_left = [gen.max_new_tokens - len(state.tokens) - 1] * state.batch
+            token = self._hold_turn(state, token, speaking, gen, steps_left)
         if state.text_counts is not None:
             state.text_counts.scatter_add_(1, token[:, None], torch.ones_like(token[:, None], dtype=torch.int32))
 
@@ -433,16 +439,21 @@ class Engine:
         return token
 
     def _hold_turn(self, state: DecodeState, token: torch.Tensor, speaking: torch.Tensor,
-                   gen: GenerationConfig) -> torch.Tensor:
+                   gen: GenerationConfig, steps_left: list[int]) -> torch.Tensor:
         """The chosen text ids [B] with speaking rows kept to the format: <|sil|> or an end-of-turn id ends the
         row's text, and an ended text stays <|sil|> (until the speech ends: the caller then writes
-        <|audio_eos|>)."""
+        <|audio_eos|>). A row whose remaining steps would not let its speech say its text so far (a head with the
+        pending-units view knows how many units are left) ends its text there, so the token limit cuts a spoken
+        answer where its speech can still finish it, and the audio says what the text says."""
         sil = self.cfg.text_config.sil_index
         if state.text_ended is None:
             state.text_ended = torch.zeros_like(speaking)
         ends = token == sil
         for e in gen.eos_ids:
             ends |= token == e
+        if state.answers is not None:
+            short = [a is not None and left <= a.steps_to_say(self.k) for a, left in zip(state.answers, steps_left)]
+            ends |= torch.tensor(short, device=token.device)
         state.text_ended = (state.text_ended | (speaking & ends)) & speaking
         return torch.where(state.text_ended, torch.full_like(token, sil), token)
 

@@ -703,7 +703,8 @@ class Scheduler:
         """Prefilled sessions: choose each one's first token as a single run does, then let it join a batch."""
         job = pending.job
         state, logits, group = job.result
-        result = self.engine.choose_step(state, logits, group, pending.gen)
+        steps_left = [session.gen.max_new_tokens - 1 for session in pending.sessions]
+        result = self.engine.choose_step(state, logits, group, pending.gen, steps_left=steps_left)
         self.metrics.prefill_seconds.observe(job.seconds)
         self._joining = len(pending.sessions)
         try:
@@ -760,7 +761,8 @@ class Scheduler:
                                             device=self.engine.device)
         t0 = time.perf_counter()
         logits, group = self.engine.forward_step(state, batch.gen)
-        result = self.engine.choose_step(state, logits, group, batch.gen)
+        steps_left = [row.max_new - row.generated - 1 if row is not None else _UNBOUNDED for row in batch.rows]
+        result = self.engine.choose_step(state, logits, group, batch.gen, steps_left=steps_left)
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
         self.metrics.batch_rows.observe(len(live))
         for i, row in live:

@@ -9,6 +9,8 @@ generated so far and counts the units already started. Both give the same units 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from funaudiochat.errors import InputError
@@ -19,6 +21,9 @@ PAD = NUM_UNITS
 MAX_UNIT_TOKENS = 25  # text-locked speech holds one unit at most 1 s (training answers: 99.9 % of units <= 10
 #                       tokens, the longest 18 but for the answer-closing "$", held to fit the text)
 SENTENCE_ENDS = (".", "!", "?")
+FRAMES_PER_UNIT = 2.5  # the voice's pace before an answer has enough units to measure its own (about 2.2 at 25 Hz)
+PACE_MARGIN = 1.25     # an answer's remaining units take at most this much longer than its pace so far
+UNFINISHED_UNITS = 6   # units the unfinished last word and the closing "$" may still add
 
 
 def pending_from_labels(labels: torch.Tensor, width: int, bos: int) -> torch.Tensor:
@@ -153,6 +158,7 @@ class AnswerUnits:
     def __init__(self, view: PendingUnitsView):
         self.view, self.ids, self.finished, self.said, self.started = view, [], False, 0, 0
         self.last, self.held = -1, 0  # the last code said, and the tokens its unit has lasted
+        self.unit_frames = 0  # speech tokens said since the first unit started
 
     def add_text(self, token: int) -> None:
         if self.finished:
@@ -166,6 +172,7 @@ class AnswerUnits:
         self.said += len(codes)
         for c in codes:
             self.started += bool(is_start(c))
+            self.unit_frames += self.started > 0 and 0 <= c < VOCAB_SIZE
             self.held = 1 if is_start(c) else self.held + 1 if 0 <= c < VOCAB_SIZE else 0
         self.last = codes[-1] if codes else self.last
 
@@ -173,6 +180,17 @@ class AnswerUnits:
         if self.said < SPEECH_DELAY:
             return [PAD] * n
         return self.view.upcoming(self.view.decode(self.ids), self.finished, self.started, n)
+
+    def steps_to_say(self, group_size: int) -> int:
+        """An upper estimate of the LLM steps (group_size speech tokens each) the speech needs to say the text so
+        far, were the text to end now: its units not yet started at the answer's own pace (FRAMES_PER_UNIT until 8
+        units have started) with a margin, plus what remains of the speech delay and the closing eos."""
+        if self.finished:
+            return 0
+        text_units = len(self.view.units_of(self.view.decode(self.ids), False)) + UNFINISHED_UNITS
+        pace = self.unit_frames / self.started if self.started >= 8 else FRAMES_PER_UNIT
+        frames = max(SPEECH_DELAY - self.said, 0) + max(text_units - self.started, 0) * pace * PACE_MARGIN + 1
+        return math.ceil(frames / group_size) + 1
 
 
 def view_for(text_config, tokenizer, width: int) -> PendingUnitsView:

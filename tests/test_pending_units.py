@@ -55,6 +55,11 @@ def test_generation_waits_for_complete_words(piper):
     assert runtime.pending("", False, []) == [PAD] * 4
     sure = runtime.units_of("Sure!", True)  # its words all said: the unfinished "Tea" is read ahead of the speech
     assert runtime.upcoming("Sure! Tea", False, len(sure), 2) == full[len(sure):len(sure) + 2]
+    # a number is not read before its word ends: "3" of "30" would be "three"
+    wait = runtime.units_of("Sure! I have", True)[:-1]  # (no closing "$": the sentence goes on)
+    assert runtime.upcoming("Sure! I have 3", False, len(wait), 2) == [PAD, PAD]
+    thirty = runtime.units_of("Sure! I have 30 cats.", True)
+    assert runtime.upcoming("Sure! I have 30 ", False, len(wait), 2) == thirty[len(wait):len(wait) + 2]
     with pytest.raises(InputError, match="at least 1"):
         PendingUnitsView(piper, 0)
 

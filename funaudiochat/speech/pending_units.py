@@ -107,8 +107,8 @@ class PendingUnitsView:
     """Generation side, one per model: the text of an answer so far and the units its speech has started -> the
     next units. Only complete words are phonemized while the text goes on (espeak's units for a word-boundary prefix
     equal the whole text's except the last 1-2 units in 97.5 % of the mini's dev answers); when that is not enough
-    units ahead of the speech (the answer's start), the unfinished last word is phonemized too. An unfinished
-    sentence gets no closing "$" yet.
+    units ahead of the speech (the answer's start), the unfinished last word is phonemized too, unless it holds a
+    digit (a number's first digits read as another number). An unfinished sentence gets no closing "$" yet.
 
     decode: text ids -> text; text_ends: ids that end an answer's text (<|sil|>, <|audio_eos|>, end of turn)."""
 
@@ -138,7 +138,7 @@ class PendingUnitsView:
     def upcoming(self, text: str, finished: bool, started: int, n: int) -> list[int]:
         """The n units after the first `started` ones, PAD where none is known."""
         units = self.units_of(text, finished)
-        if not finished and len(units) < started + n:
+        if not finished and len(units) < started + n and not _unfinished_number(text):
             units = self.units_of(text, finished, whole_words=False)
         return (units[started:started + n] + [PAD] * n)[:n]
 
@@ -191,6 +191,13 @@ class AnswerUnits:
         pace = self.unit_frames / self.started if self.started >= 8 else FRAMES_PER_UNIT
         frames = max(SPEECH_DELAY - self.said, 0) + max(text_units - self.started, 0) * pace * PACE_MARGIN + 1
         return math.ceil(frames / group_size) + 1
+
+
+def _unfinished_number(text: str) -> bool:
+    """Whether the text's last (unfinished) word holds a digit: a number written across text ids reads as another
+    number until it ends ("3" of "30" is "three"), so its units wait for the word's end."""
+    words = text.split()
+    return bool(words) and not text[-1].isspace() and any(c.isdigit() for c in words[-1])
 
 
 def view_for(text_config, tokenizer, width: int) -> PendingUnitsView:

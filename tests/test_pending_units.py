@@ -94,7 +94,7 @@ class _RecordingView(PendingUnitsView):
         return super().upcoming(text, finished, started, n)
 
 
-def _speaking_model(width, answer_style=False):
+def _speaking_model(width, answer_style=False, answer_cue=False):
     from funaudiochat.model.funaudiochat import FunAudioChatModel
     from funaudiochat.model.presets import tiny
 
@@ -102,6 +102,7 @@ def _speaking_model(width, answer_style=False):
     cfg = tiny(codebook=pt.VOCAB_SIZE + 8)
     cfg.audio_config.srh_pending_units = width
     cfg.audio_config.srh_answer_style = answer_style
+    cfg.audio_config.srh_answer_cue = answer_cue
     model = FunAudioChatModel(cfg)
     model.init_weights(0.3)
     return model.eval()
@@ -109,8 +110,8 @@ def _speaking_model(width, answer_style=False):
 
 def test_generation_gives_the_head_the_units_of_the_text_it_wrote(piper, tmp_path):
     """Each speech group sees the answer text chosen before it (text leads speech) and the units its speech has
-    started; the eager step and the one-graph compiled step agree (with the answer's style input, random here);
-    another text is another speech, another style another speech."""
+    started; the eager step and the one-graph compiled step agree (with the answer's style input and its cue,
+    random here); another text is another speech, another style or cue another speech."""
     from funaudiochat.engine.generate import Engine, GenerationConfig
     from funaudiochat.engine.prompt import Prompt
     from funaudiochat.errors import ConfigError
@@ -118,7 +119,7 @@ def test_generation_gives_the_head_the_units_of_the_text_it_wrote(piper, tmp_pat
     from tests.helpers import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer(tmp_path)
-    model = _speaking_model(width=3, answer_style=True)
+    model = _speaking_model(width=3, answer_style=True, answer_cue=True)
     with pytest.raises(ConfigError, match="pending units"):
         Engine(model)
     ends = view_for(model.cfg.text_config, tok, 3).text_ends
@@ -150,8 +151,46 @@ def test_generation_gives_the_head_the_units_of_the_text_it_wrote(piper, tmp_pat
     other.restrict_speech_codes(range(pt.VOCAB_SIZE))
     assert other.generate(prompt, gen).speech_ids != out.speech_ids  # the head reads the units
     with torch.no_grad():
+        model.audio_invert_tower.answer_cue.weight.mul_(-1)
+    assert eager.generate(prompt, gen).speech_ids != out.speech_ids  # the head reads the cue
+    with torch.no_grad():
         model.audio_invert_tower.answer_style.weight.mul_(-1)
     assert eager.generate(prompt, gen).speech_ids != out.speech_ids  # the head reads the style
+
+
+def test_the_answer_cue_of_a_prefill_from_cached_keys_equals_a_whole_prefills(piper, tmp_path):
+    """The cue counts positions whose keys a prefill copies from a cache (from their ids): a prompt whose cue span
+    starts inside a shared prefix (an <|audio_eos|> there, a typed turn after it) gets the whole prefill's carried
+    state, first speech group and answer."""
+    from funaudiochat.engine.generate import Engine, GenerationConfig
+    from funaudiochat.engine.prompt import Prompt
+    from funaudiochat.speech.pending_units import view_for
+    from tests.helpers import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer(tmp_path)
+    model = _speaking_model(width=3, answer_style=True, answer_cue=True)
+    engine = Engine(model, pending_view=view_for(model.cfg.text_config, tok, 3))
+    engine.restrict_speech_codes(range(pt.VOCAB_SIZE))
+    ids = torch.randint(30, 400, (1, 14), generator=torch.Generator().manual_seed(2))
+    ids[0, 3] = model.cfg.text_config.audio_eos_index  # the cue's span starts here, inside the prefix
+    prompt = Prompt(ids)
+    gen = GenerationConfig(max_new_tokens=6, force_text_abos=True, eos_token_id=502, pad_token_id=500,
+                           text_greedy=True)
+    maker = engine.start_prefill(Prompt(ids.clone()), gen, chunk=4, save_prefix=7)
+    while not maker.advance():
+        pass
+    prefix = maker.saved_prefix
+    assert len(prefix) == 7
+
+    whole_state, _, whole_group = engine.prefill(prompt, gen)
+    job = engine.start_prefill(prompt, gen, chunk=3, prefix=prefix)
+    while not job.advance():
+        pass
+    state, _, group = job.result
+    d = model.cfg.text_config.hidden_size
+    assert whole_state.answer_style[0, -1] == 11  # the cue counted positions 3..13
+    torch.testing.assert_close(state.answer_style, whole_state.answer_style, rtol=1e-5, atol=1e-5)
+    assert state.answer_style[0, d:].abs().sum() > 0 and torch.equal(group, whole_group)
 
 
 def test_speech_follows_the_text_it_wrote(piper, tmp_path):

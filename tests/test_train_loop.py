@@ -430,3 +430,49 @@ def test_recipe_srh_token_scale_applies_to_the_loaded_model(tmp_path, one_thread
     finally:
         trainer.cleanup()
     assert load_model(tmp_path / "scaled" / "final").audio_invert_tower.token_scale == 7
+
+
+def test_the_answer_cue_is_the_mean_of_the_users_last_words_and_carries_through_pieces(tmp_path):
+    """`audio_config.srh_answer_cue`: an answer's style also gains the projected mean input embedding of the text
+    from the user audio's <|audio_eos|> up to the answer's opener (its audio slots and padding not counted); the
+    running cue computed in pieces with its sum carried equals the whole."""
+    model, inputs = tiny_s2s_batch(tmp_path, srh_answer_style=True, srh_answer_cue=True)
+    cfg, head = model.cfg, model.audio_invert_tower
+    assert not head.answer_cue.weight.any()  # a new cue starts at zero: the head is unchanged
+    ids, t = inputs["input_ids"], cfg.text_config
+
+    def head_input() -> tuple[torch.Tensor, torch.Tensor]:
+        trace = {}
+        with torch.no_grad():
+            model(**inputs, trace=trace)
+        return trace["crq_inputs_embeds"], trace["lm_last_hidden"]
+
+    with torch.no_grad():
+        head.answer_style.weight.normal_()
+    plain, hidden = head_input()
+    with torch.no_grad():
+        head.answer_cue.weight.normal_()
+    added = head_input()[0] - plain
+    words = model.language_model.embed(ids)
+    slots = ids == cfg.audio_token_index
+    for row in range(ids.shape[0]):
+        bos = (ids[row] == t.audio_bos_index).nonzero().flatten().tolist()
+        opener = [p for p in bos if slots[row, p + 1]][1]
+        close = int((ids[row] == t.audio_eos_index).nonzero().flatten()[-1])
+        user_eos = max(p for p in (ids[row] == t.audio_eos_index).nonzero().flatten().tolist() if p < opener)
+        span = [p for p in range(user_eos, opener + 1) if not slots[row, p]]
+        expected = head.answer_cue(words[row, span].mean(0)).detach()
+        torch.testing.assert_close(added[row, opener:close], expected.expand(close - opener, -1),
+                                   rtol=1e-4, atol=1e-4)
+        assert not added[row, :opener].any() and not added[row, close:].any()
+
+    resets = ids == t.audio_eos_index
+    with torch.no_grad():
+        whole, last = model._running_cue(ids, resets, None, None)
+        carried, pieces = None, []
+        for a, b in ((0, 5), (5, 6), (6, ids.shape[1] - 3), (ids.shape[1] - 3, ids.shape[1])):
+            cues, carried = model._running_cue(ids[:, a:b], resets[:, a:b], None, carried)
+            pieces.append(cues)
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(carried, last, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.answer_cue_after(ids), last)

@@ -98,7 +98,8 @@ class DecodeState:
     active: torch.Tensor | None = None        # [B] speech mode
     finished: torch.Tensor | None = None      # [B]
     srh_embed: torch.Tensor | None = None     # [B, D] embedding of the SRH's last sampled token
-    answer_style: torch.Tensor | None = None  # [B, D] the spoken answer's style input to the SRH (srh_answer_style)
+    answer_style: torch.Tensor | None = None  # [B, S] the spoken answer's style input to the SRH (srh_answer_style)
+    #   and, with srh_answer_cue, the running cue's sum and count (FunAudioChatModel.answer_state_size)
     text_counts: torch.Tensor | None = None   # [B, V] history for the text repetition penalty
     speech_counts: torch.Tensor | None = None  # [B, Vs]
     answers: list | None = None               # per row: its AnswerUnits when the SRH reads pending units
@@ -612,7 +613,7 @@ class PrefillJob:
         dev, t_cfg = eng.device, eng.cfg.text_config
         ids = prompt.input_ids.to(dev)
         mask2d = (prompt.attention_mask if prompt.attention_mask is not None else torch.ones_like(ids)).to(dev)
-        self.ids, self.openers = ids, m.prompt_openers(ids)
+        self.ids, self.openers, self.mask = ids, m.prompt_openers(ids), mask2d
         self.text_embeds = m.embed_inputs(ids, self.openers)  # [B, P, D]; the SRH input adds these too
         embeds = self.text_embeds
         if prompt.speech_ids is not None and prompt.speech_ids.numel() > 0:
@@ -659,7 +660,12 @@ class PrefillJob:
                                                   device=dev)
             srh = m.audio_invert_tower
             if srh.answer_style is not None:  # (no answer is open before the prompt)
-                state.answer_style = torch.zeros(b, eng.cfg.text_config.hidden_size, dtype=eng.dtype, device=dev)
+                cue = srh.answer_cue is not None  # (its running sum is kept in float32)
+                state.answer_style = torch.zeros(b, m.answer_state_size(), dtype=torch.float32 if cue else eng.dtype,
+                                                 device=dev)
+                if cue and self.next:  # the cue counts the positions copied from prefixes too (from their ids)
+                    d = eng.cfg.text_config.hidden_size
+                    state.answer_style[:, d:] = m.answer_cue_after(ids[:, :self.next], mask2d[:, :self.next])
             self.bos = self.prompt_bos = srh.embed(torch.full((b,), eng.cfg.audio_config.bos_token_id, device=dev))
             if eng.pending_view is not None:  # (the prompt's fine positions see no units pending)
                 state.answers = [eng.pending_view.answer() for _ in range(b)]
@@ -695,7 +701,7 @@ class PrefillJob:
             u = hidden + self.text_embeds[:, a:end]
             if srh.answer_style is not None:
                 styles, state.answer_style = m.answer_styles(hidden, self.ids[:, a:end], self.openers[:, a:end],
-                                                             state.answer_style)
+                                                             state.answer_style, mask=self.mask[:, a:end])
                 u = u + styles
             fine = srh.ungroup(u)  # [B, k(end-a), D]
             fine_pos = (self.pos[:, a:end, None] * k + torch.arange(k, device=dev)).reshape(b, k * (end - a))
@@ -712,7 +718,7 @@ class PrefillJob:
         if last:
             self.result = (state, m.language_model.lm_head(hidden[:, -1]).float(), group)
             # (the job may be kept a little longer than needed)
-            self.embeds = self.text_embeds = self.ids = self.openers = None
+            self.embeds = self.text_embeds = self.ids = self.openers = self.mask = None
 
     def _snapshot(self, a: int, b: int) -> PrefixKV:
         """Row 0's positions [a, b) (its ids after its left padding) as a PrefixKV."""

@@ -227,14 +227,45 @@ class FunAudioChatModel(nn.Module):
         return (input_ids == self.cfg.text_config.audio_bos_index) & before_text
 
     def answer_styles(self, hidden: torch.Tensor, input_ids: torch.Tensor, openers: torch.Tensor,
-                      carried: torch.Tensor | None = None, record_starts: torch.Tensor | None = None):
+                      carried: torch.Tensor | None = None, record_starts: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None):
         """The SRH's answer-style input (`SpeechRefinedHead.answer_styles`) of LLM positions with hidden states
         [B, L, D] and input ids [B, L]: a spoken answer opens at `openers` [B, L] and closes at its <|audio_eos|>
-        (and at `record_starts` [B, L], packed records' first positions) -> (styles [B, L, D], style after [B, D])."""
+        (and at `record_starts` [B, L], packed records' first positions); `mask` [B, L] marks real positions (not
+        padding) for the cue. -> (styles [B, L, D], the carried state after the last position [B, S]:
+        `answer_state_size`)."""
         closes = input_ids == self.cfg.text_config.audio_eos_index
         if record_starts is not None:
             closes = closes | record_starts
-        return self.audio_invert_tower.answer_styles(hidden, openers, closes, carried)
+        srh = self.audio_invert_tower
+        if srh.answer_cue is None:
+            return srh.answer_styles(hidden, openers, closes, carried)
+        # with the cue, the carried state is [B, 2D + 1]: the style in force, then the cue's running sum and count
+        d = hidden.shape[-1]
+        cues, cue_after = self._running_cue(input_ids, closes, mask, carried[:, d:] if carried is not None else None)
+        styles, style_after = srh.answer_styles(hidden, openers, closes,
+                                                carried[:, :d] if carried is not None else None, cues)
+        return styles, torch.cat([style_after.float(), cue_after], dim=-1)
+
+    def _running_cue(self, input_ids: torch.Tensor, resets: torch.Tensor, mask: torch.Tensor | None,
+                     carried: torch.Tensor | None):
+        """`SpeechRefinedHead.running_cue` over the input embeddings of these ids: the user audio's slots and padding
+        (`mask` false) not counted."""
+        counted = input_ids != self.cfg.audio_token_index
+        if mask is not None:
+            counted = counted & mask.bool()
+        return self.audio_invert_tower.running_cue(self.language_model.embed(input_ids), counted, resets, carried)
+
+    def answer_cue_after(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The cue's running sum and count [B, D + 1] after a prompt's first positions (ids [B, L]), from its start:
+        what a prefill that copies those positions' keys from a cache carries into its first chunk."""
+        return self._running_cue(input_ids, input_ids == self.cfg.text_config.audio_eos_index, mask, None)[1]
+
+    def answer_state_size(self) -> int:
+        """Width of the answer style's carried state (`DecodeState.answer_style`): the style in force [D], and with
+        the cue its running sum and count [D + 1]."""
+        d = self.cfg.text_config.hidden_size
+        return 2 * d + 1 if self.audio_invert_tower.answer_cue is not None else d
 
     def merge_audio(self, input_ids: torch.Tensor, embeds: torch.Tensor, audio: AudioGroups) -> torch.Tensor:
         """Scatter the kept groups of every audio, in order, into the `<|AUDIO|>` positions of `embeds` [B, L, D]."""
@@ -311,7 +342,7 @@ class FunAudioChatModel(nn.Module):
             u = hidden + text_embeds.detach()
             if srh.answer_style is not None and openers is not None:  # a record's start closes any answer
                 starts = position_ids == 0 if position_ids is not None else None
-                u = u + self.answer_styles(hidden, input_ids, openers, record_starts=starts)[0]
+                u = u + self.answer_styles(hidden, input_ids, openers, record_starts=starts, mask=attention_mask)[0]
             label_ids = (speech_labels if speech_labels is not None
                          else torch.full((b, l * k), ign, dtype=torch.long, device=embeds.device))
             read_back = srh.history_ids(label_ids.masked_fill(label_ids == ign, cfg.audio_config.pad_token_id))

@@ -42,25 +42,53 @@ class SpeechRefinedHead(nn.Module):
         self.answer_style = nn.Linear(d, d, bias=False) if cfg.srh_answer_style else None
         if self.answer_style is not None:
             nn.init.zeros_(self.answer_style.weight)
+        # `srh_answer_cue`: the style also reads the mean input embedding of the user's last words (`running_cue`)
+        self.answer_cue = nn.Linear(d, d, bias=False) if cfg.srh_answer_cue else None
+        if self.answer_cue is not None:
+            nn.init.zeros_(self.answer_cue.weight)
 
     def pending_view(self, pending: torch.Tensor) -> torch.Tensor:
         """Pending unit ids [B, Q, W] (speech/pending_units.py) -> [B, Q, D]: the sum of each slot's embedding."""
         slots = torch.arange(self.pending_width, device=pending.device) * self.pending_rows
         return self.pending_embed(pending + slots).sum(dim=-2)
 
+    @staticmethod
+    def running_cue(words: torch.Tensor, counted: torch.Tensor, resets: torch.Tensor,
+                    carried: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cue at each of L positions: the mean of `words` [B, L, D] (input embeddings) over the `counted`
+        [B, L] positions from the last `resets` [B, L] one (itself included) up to it. `carried` [B, D + 1] (float32:
+        the running sum and count before the first position; zeros at a sequence's start). Computed from ids alone,
+        so a prefill that copies cached keys counts their positions too. -> (cues [B, L, D] float32, the running
+        sum and count after the last position [B, D + 1])."""
+        b, l, d = words.shape
+        w = counted[..., None].float()
+        running = torch.cat([words.float() * w, w], dim=-1).cumsum(1)  # [B, L, D + 1]
+        index = torch.arange(l, device=words.device).expand(b, l)
+        last_reset = torch.where(resets, index, -1).cummax(1).values
+        before = running.gather(1, (last_reset - 1).clamp(min=0)[..., None].expand_as(running))
+        before = torch.where((last_reset > 0)[..., None], before, 0.0)  # the sum up to the reset, excluded
+        start = torch.zeros(b, d + 1, device=words.device) if carried is None else carried.float()
+        cue = torch.where((last_reset >= 0)[..., None], running - before, start[:, None] + running)
+        return cue[..., :d] / cue[..., d:].clamp(min=1.0), cue[:, -1]
+
     def answer_styles(self, hidden: torch.Tensor, opens: torch.Tensor, closes: torch.Tensor,
-                      carried: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      carried: torch.Tensor | None = None,
+                      cues: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The style input [B, L, D] of LLM positions with post-norm hidden states [B, L, D]: inside a spoken answer,
         from its opener (`opens` [B, L]: the assistant's <|audio_bos|>) up to the next `closes` [B, L] (its
-        <|audio_eos|>, a record's start), the projected state at that opener; zero elsewhere. `carried` [B, D] is
-        the style in force before the first position (a decode step, a prefill chunk). -> (styles, the style in
-        force after the last position [B, D])."""
+        <|audio_eos|>, a record's start), the projected state at that opener (plus, with `answer_cue`, the projected
+        `cues` [B, L, D] at it: `running_cue`); zero elsewhere. `carried` [B, D] is the style in force before the
+        first position (a decode step, a prefill chunk). -> (styles, the style in force after the last position
+        [B, D])."""
         b, l, _ = hidden.shape
         index = torch.arange(l, device=hidden.device).expand(b, l)
         last_open = torch.where(opens, index, -1).cummax(1).values  # [B, L] latest opener at or before, or -1
         last_close = torch.where(closes, index, -1).cummax(1).values
-        at_open = hidden.gather(1, last_open.clamp(min=0)[..., None].expand_as(hidden))
-        styles = torch.where((last_open > last_close)[..., None], self.answer_style(at_open), 0.0)
+        at_open = last_open.clamp(min=0)[..., None].expand_as(hidden)
+        style = self.answer_style(hidden.gather(1, at_open))
+        if self.answer_cue is not None:
+            style = style + self.answer_cue(cues.to(hidden.dtype).gather(1, at_open))
+        styles = torch.where((last_open > last_close)[..., None], style, 0.0)
         if carried is not None:
             before = (last_open < 0) & (last_close < 0)
             styles = torch.where(before[..., None], carried[:, None].to(styles.dtype), styles)

@@ -58,6 +58,8 @@ class ModelSection:
     #   (config.speech_opener), starting as that token's embedding
     srh_answer_style: bool | None = None  # true: the SRH also reads the LLM state at the answer's opener
     #   (config.srh_answer_style), through a projection that starts at zero
+    srh_answer_cue: bool | None = None  # true: the answer's style also reads the user's last words
+    #   (config.srh_answer_cue), through a projection that starts at zero
     srh_blind_gain: bool | None = None  # true: the SRH reads the tokens it said back at the normal loudness
     #   (config.srh_blind_gain)
     speech_embeddings_at_start: str | None = None  # "piper-factorized": a new run's speech embeddings (tied to the

@@ -86,7 +86,8 @@ class Trainer:
             self.cfg.audio_config.continuous_grouping = r.model.continuous_grouping
         if r.model.srh_token_scale:
             self.cfg.audio_config.srh_token_scale = r.model.srh_token_scale
-        for name in ("srh_pending_units", "speech_feedback", "speech_opener", "srh_answer_style", "srh_blind_gain"):
+        for name in ("srh_pending_units", "speech_feedback", "speech_opener", "srh_answer_style", "srh_answer_cue",
+                     "srh_blind_gain"):
             if getattr(r.model, name) is not None:  # the recipe's setting over the starting model's
                 setattr(self.cfg.audio_config, name, getattr(r.model, name))
         self.tokenizer_path = _tokenizer_path(r)
@@ -204,7 +205,8 @@ class Trainer:
     def _full_model(self, source: Path | None, live_adapters: bool) -> FunAudioChatModel:
         if source is not None:
             a, src = self.cfg.audio_config, FunAudioChatConfig.load(source).audio_config
-            settings = ("group_size", "continuous_grouping", "srh_pending_units", "speech_opener", "srh_answer_style")
+            settings = ("group_size", "continuous_grouping", "srh_pending_units", "speech_opener", "srh_answer_style",
+                        "srh_answer_cue")
             if any(getattr(src, name) != getattr(a, name) for name in settings):
                 return _regrouped_model(source, self.cfg, self.recipe, fold_adapters=not live_adapters)
             # built with the run's config: the recipe's settings (model.srh_token_scale) apply to the loaded weights
@@ -421,7 +423,7 @@ def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe, fold_adap
     """`source`'s weights in a model of another group size or continuous grouping (recipe model.group_size,
     model.continuous_grouping): the adapter's continuous matching weight is converted (model.adapter), and at a new
     group size the SRH's ungrouping layer (`pre_matching`: one LLM state -> k vectors) starts random. A new pending
-    view starts random, a new speech opener as <|audio_bos|>'s embedding, a new answer style at zero."""
+    view starts random, a new speech opener as <|audio_bos|>'s embedding, a new answer style or cue at zero."""
     a, src = cfg.audio_config, FunAudioChatConfig.load(source).audio_config
     torch.manual_seed(r.train.seed)
     model = FunAudioChatModel(cfg)
@@ -447,6 +449,8 @@ def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe, fold_adap
             cfg.text_config.audio_bos_index].clone()
     if not a.srh_answer_style:
         state.pop("audio_invert_tower.answer_style.weight", None)
+    if not a.srh_answer_cue:
+        state.pop("audio_invert_tower.answer_cue.weight", None)
     key = "audio_tower.continual_output_matching.weight"
     state[key] = regroup_continuous_weight(state[key], src.group_size, src.continuous_grouping == "concat",
                                            a.group_size, a.continuous_grouping == "concat")

@@ -321,6 +321,22 @@ def test_speech_opener_is_read_at_the_assistants_audio_bos_only(tmp_path):
     assert torch.equal(x, text_embed)  # the SRH's text input reads the opener too
 
 
+def _head_input(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SRH's input and the LLM's last hidden states of a training forward."""
+    trace = {}
+    with torch.no_grad():
+        model(**inputs, trace=trace)
+    return trace["crq_inputs_embeds"], trace["lm_last_hidden"]
+
+
+def _spoken_answer(ids: torch.Tensor, cfg) -> tuple[int, int]:
+    """(opener, <|audio_eos|>) positions of the assistant's spoken answer in a record's ids [L] (the user's audio
+    opens first)."""
+    slots, t = ids == cfg.audio_token_index, cfg.text_config
+    opener = [p for p in (ids == t.audio_bos_index).nonzero().flatten().tolist() if slots[p + 1]][1]
+    return opener, int((ids == t.audio_eos_index).nonzero().flatten()[-1])
+
+
 def test_the_answer_style_spans_each_spoken_answer_in_training_and_in_every_decode_split(tmp_path):
     """`audio_config.srh_answer_style`: in training the head's input gains the projected LLM state at the answer's
     opener from that opener up to its <|audio_eos|>, nothing elsewhere; the same function computed in pieces with
@@ -330,22 +346,13 @@ def test_the_answer_style_spans_each_spoken_answer_in_training_and_in_every_deco
     assert not head.answer_style.weight.any()  # a new style starts at zero: the head is unchanged
     ids, t = inputs["input_ids"], cfg.text_config
 
-    def head_input() -> tuple[torch.Tensor, torch.Tensor]:
-        trace = {}
-        with torch.no_grad():
-            model(**inputs, trace=trace)
-        return trace["crq_inputs_embeds"], trace["lm_last_hidden"]
-
-    plain, hidden = head_input()
+    plain, hidden = _head_input(model, inputs)
     with torch.no_grad():
         head.answer_style.weight.normal_()
-    styled, _ = head_input()
+    styled, _ = _head_input(model, inputs)
     added = styled - plain
-    slots = ids == cfg.audio_token_index
     for row in range(ids.shape[0]):
-        bos = (ids[row] == t.audio_bos_index).nonzero().flatten().tolist()
-        opener = [p for p in bos if slots[row, p + 1]][1]  # the user's audio, then the assistant's speech
-        close = int((ids[row] == t.audio_eos_index).nonzero().flatten()[-1])
+        opener, close = _spoken_answer(ids[row], cfg)
         assert opener < close
         expected = head.answer_style(hidden[row, opener]).detach()
         torch.testing.assert_close(added[row, opener:close], expected.expand(close - opener, -1))
@@ -441,24 +448,16 @@ def test_the_answer_cue_is_the_mean_of_the_users_last_words_and_carries_through_
     assert not head.answer_cue.weight.any()  # a new cue starts at zero: the head is unchanged
     ids, t = inputs["input_ids"], cfg.text_config
 
-    def head_input() -> tuple[torch.Tensor, torch.Tensor]:
-        trace = {}
-        with torch.no_grad():
-            model(**inputs, trace=trace)
-        return trace["crq_inputs_embeds"], trace["lm_last_hidden"]
-
     with torch.no_grad():
         head.answer_style.weight.normal_()
-    plain, hidden = head_input()
+    plain, hidden = _head_input(model, inputs)
     with torch.no_grad():
         head.answer_cue.weight.normal_()
-    added = head_input()[0] - plain
+    added = _head_input(model, inputs)[0] - plain
     words = model.language_model.embed(ids)
     slots = ids == cfg.audio_token_index
     for row in range(ids.shape[0]):
-        bos = (ids[row] == t.audio_bos_index).nonzero().flatten().tolist()
-        opener = [p for p in bos if slots[row, p + 1]][1]
-        close = int((ids[row] == t.audio_eos_index).nonzero().flatten()[-1])
+        opener, close = _spoken_answer(ids[row], cfg)
         user_eos = max(p for p in (ids[row] == t.audio_eos_index).nonzero().flatten().tolist() if p < opener)
         span = [p for p in range(user_eos, opener + 1) if not slots[row, p]]
         expected = head.answer_cue(words[row, span].mean(0)).detach()

@@ -234,7 +234,7 @@ class FunAudioChatModel(nn.Module):
         (and at `record_starts` [B, L], packed records' first positions); `mask` [B, L] marks real positions (not
         padding) for the cue. -> (styles [B, L, D], the carried state after the last position [B, S]:
         `answer_state_size`)."""
-        closes = input_ids == self.cfg.text_config.audio_eos_index
+        closes = self._answer_closes(input_ids)
         if record_starts is not None:
             closes = closes | record_starts
         srh = self.audio_invert_tower
@@ -246,6 +246,10 @@ class FunAudioChatModel(nn.Module):
         styles, style_after = srh.answer_styles(hidden, openers, closes,
                                                 carried[:, :d] if carried is not None else None, cues)
         return styles, torch.cat([style_after.float(), cue_after], dim=-1)
+
+    def _answer_closes(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where a spoken answer closes and the cue starts again: <|audio_eos|>."""
+        return input_ids == self.cfg.text_config.audio_eos_index
 
     def _running_cue(self, input_ids: torch.Tensor, resets: torch.Tensor, mask: torch.Tensor | None,
                      carried: torch.Tensor | None):
@@ -259,7 +263,7 @@ class FunAudioChatModel(nn.Module):
     def answer_cue_after(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The cue's running sum and count [B, D + 1] after a prompt's first positions (ids [B, L]), from its start:
         what a prefill that copies those positions' keys from a cache carries into its first chunk."""
-        return self._running_cue(input_ids, input_ids == self.cfg.text_config.audio_eos_index, mask, None)[1]
+        return self._running_cue(input_ids, self._answer_closes(input_ids), mask, None)[1]
 
     def answer_state_size(self) -> int:
         """Width of the answer style's carried state (`DecodeState.answer_style`): the style in force [D], and with

@@ -87,7 +87,7 @@ class SpeechRefinedHead(nn.Module):
         at_open = last_open.clamp(min=0)[..., None].expand_as(hidden)
         style = self.answer_style(hidden.gather(1, at_open))
         if self.answer_cue is not None:
-            style = style + self.answer_cue(cues.to(hidden.dtype).gather(1, at_open))
+            style = style + self.answer_cue(cues.gather(1, at_open).to(hidden.dtype))
         styles = torch.where((last_open > last_close)[..., None], style, 0.0)
         if carried is not None:
             before = (last_open < 0) & (last_close < 0)

@@ -159,6 +159,7 @@ class AnswerUnits:
         self.view, self.ids, self.finished, self.said, self.started = view, [], False, 0, 0
         self.last, self.held = -1, 0  # the last code said, and the tokens its unit has lasted
         self.unit_frames = 0  # speech tokens said since the first unit started
+        self._text, self._decoded = "", 0  # the text of the first `_decoded` ids
 
     def add_text(self, token: int) -> None:
         if self.finished:
@@ -179,7 +180,13 @@ class AnswerUnits:
     def upcoming(self, n: int) -> list[int]:
         if self.said < SPEECH_DELAY:
             return [PAD] * n
-        return self.view.upcoming(self.view.decode(self.ids), self.finished, self.started, n)
+        return self.view.upcoming(self.text(), self.finished, self.started, n)
+
+    def text(self) -> str:
+        """The answer's text so far (decoded once per new id: the view and the step's end both read it)."""
+        if self._decoded != len(self.ids):
+            self._text, self._decoded = self.view.decode(self.ids), len(self.ids)
+        return self._text
 
     def steps_to_say(self, group_size: int) -> int:
         """An upper estimate of the LLM steps (group_size speech tokens each) the speech needs to say the text so
@@ -187,7 +194,7 @@ class AnswerUnits:
         units have started) with a margin, plus what remains of the speech delay and the closing eos."""
         if self.finished:
             return 0
-        text_units = len(self.view.units_of(self.view.decode(self.ids), False)) + UNFINISHED_UNITS
+        text_units = len(self.view.units_of(self.text(), False)) + UNFINISHED_UNITS
         pace = self.unit_frames / self.started if self.started >= 8 else FRAMES_PER_UNIT
         frames = max(SPEECH_DELAY - self.said, 0) + max(text_units - self.started, 0) * pace * PACE_MARGIN + 1
         return math.ceil(frames / group_size) + 1

@@ -1,7 +1,7 @@
 """Time prefill and per-step decode (S2T and S2S) on a random model built from a config.json.
 
     .venv/bin/python bench/generate.py ../shared/bench/bench_config.json|8b [--threads 2] [--steps 64]
-        [--compile] [--dtype fp32|bf16|int8] [--sampled] [--released-python REF_VENV/bin/python --released-code DIR [--rounds 3]]
+        [--compile [--no-cuda-graphs]] [--device cuda] [--dtype fp32|bf16|int8] [--sampled] [--released-python REF_VENV/bin/python --released-code DIR [--rounds 3]]
 
 S2S step = one LLM step (text token) + the SRH's 5 speech tokens; S2T step = one LLM step with the SRH off.
 Medians over repeated runs after warm-up; fp32 on CPU by default (int8: weight-only int8 linears in the LLM and the
@@ -13,6 +13,7 @@ of the per-round ratios, each round comparing runs made seconds apart.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -72,7 +73,10 @@ def step_weights(model: FunAudioChatModel) -> tuple[list[torch.Tensor], list[tor
 
 def weight_read_floor(weights: list[torch.Tensor], repeats: int = 50) -> float:
     """Median seconds to stream a step's weights once (W.sum() over each, eager): the memory traffic alone, a
-    floor for any engine that keeps them in this dtype (bench/matvec.py compares the ways to multiply by them)."""
+    floor for any engine that keeps them in this dtype (bench/matvec.py compares the ways to multiply by them).
+    On a GPU, where one launch per matrix would be timed instead, the bytes over the rate of one large read."""
+    if weights[0].device.type == "cuda":
+        return sum(w.numel() * w.element_size() for w in weights) / gpu_read_rate()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -80,6 +84,20 @@ def weight_read_floor(weights: list[torch.Tensor], repeats: int = 50) -> float:
             w.sum()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_read_rate(gib: int = 4, repeats: int = 20) -> float:
+    """Bytes per second one reduction kernel reads from GPU memory (a `gib` GiB bf16 tensor, median)."""
+    x = torch.ones(gib * 2**29, dtype=torch.bfloat16, device="cuda")
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x.sum()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 2 / statistics.median(times)
 
 
 def main() -> None:
@@ -93,6 +111,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true", help="Engine(compile=True): compiled decode step")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, compiled steps launched from Python "
+                    "instead of replayed as CUDA graphs")
     ap.add_argument("--sampled", action="store_true", help="the default S2S preset's sampling (temperature 0.8, "
                     "top-p 0.9, repetition penalty 1.2, greedy text) on both sides, instead of greedy decoding")
     ap.add_argument("--modes", nargs="+", default=["s2s", "s2t"], choices=["s2s", "s2t"],
@@ -124,7 +144,11 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     if args.dtype == "int8":
         quantize_model(model)
-    engine = Engine(model, compile=args.compile)
+    if args.device.startswith("cuda"):  # the peak from here on: the engine's, not the fp32 initialisation's
+        gpu_read_rate()  # (measured now, so that its 4 GiB tensor is not in that peak)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    engine = Engine(model, compile=args.compile, cuda_graphs=not args.no_cuda_graphs)
     prompt = make_prompt(cfg, args.prompt_len)
     t = cfg.text_config
     # eos/pad ids outside the vocabulary keep random weights from stopping early
@@ -143,8 +167,10 @@ def main() -> None:
             raise SystemExit("the released-code timer failed to start (see its error above)")
     modes = {"s2s": s2s, "s2t": s2t}
     modes = {name: modes[name] for name in args.modes}
+    t0 = time.perf_counter()
     for gen in modes.values():
         time_run(engine, prompt, gen, 1)  # warm-up (and compilation)
+    warm_up_s = time.perf_counter() - t0
     ours, theirs, floors = [], [], []
     s2t_weights, s2s_weights = step_weights(model)
     for _ in range(args.rounds):  # alternate so that both see the same machine state (shared VMs drift)
@@ -152,7 +178,7 @@ def main() -> None:
         for name, gen in modes.items():
             times[f"prefill_s_{name}"], times[f"step_s_{name}"], n_steps = time_run(engine, prompt, gen, args.repeats)
         ours.append(times)
-        if args.device == "cpu" and s2s_weights:
+        if s2s_weights:
             floors.append(dict(step_s_s2t=weight_read_floor(s2t_weights), step_s_s2s=weight_read_floor(s2s_weights)))
         if released is not None:
             released.stdin.write("round\n")
@@ -176,6 +202,14 @@ def main() -> None:
             line += (f" {statistics.median(r[key] for r in theirs) * 1e3:7.2f}ms {statistics.median(ratios):6.2f}  "
                      + " ".join(f"{r:.2f}" for r in ratios))
         print(line)
+    print(f"warm-up (one run of each mode, compilation included): {warm_up_s:.1f} s")
+    if args.device.startswith("cuda"):
+        graphs = [getattr(engine.compiled, name, None) for name in ("llm", "s2s")] if engine.compiled else []
+        recorded = ", ".join(f"{g.fn.__name__} {g.recorded}" for g in graphs if hasattr(g, "recorded"))
+        print(f"GPU memory: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated after the model was "
+              f"built (prefill and decode, caches, graphs), weights "
+              f"{sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30:.2f} GiB"
+              + (f"; CUDA graphs recorded: {recorded}" if recorded else ""))
     for label, key in [(label, key) for label, key in rows if key.startswith("step")] if floors else []:
         floor = statistics.median(f[key] for f in floors)
         mb = sum(w.numel() * w.element_size() for w in (s2s_weights if key == "step_s_s2s" else s2t_weights)) / 1e6

@@ -17,6 +17,8 @@ call per step instead of six removes the Python, guard checks and small eager op
 on a small CPU, as much as a layer's matmuls). Int8 linears (model/quantize.py) trace themselves the same way when
 compiled on CPU: a product-and-sum reduction over their int8 weights, the conversion fused into it.
 
+On a GPU the layer is what is compiled, and each step is replayed as a CUDA graph (`CompiledDecoder`).
+
 Compiled artefacts persist: inductor's FX graph and AOT autograd caches live under the user's cache folder
 (`~/.cache/funaudiochat/torchinductor`, or $TORCHINDUCTOR_CACHE_DIR), so a later process compiling the same graphs
 skips code generation and the C++ compiler.
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from funaudiochat.engine.cuda_graphs import GraphedStep
 from funaudiochat.engine.sampling import SamplingParams, choose, process
 from funaudiochat.model.backbone import Backbone, RopeTable
 from funaudiochat.model.quantize import PRODUCT_SUM_MAX_ROWS
@@ -65,26 +68,33 @@ def srh_input(model, hidden: torch.Tensor, text_embed: torch.Tensor, token: torc
     return hidden + text_embed + styles, style
 
 
+def layer_position(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One decoder layer at one position: x [B, 1, C] -> [B, 1, C]; writes its key / value at `slot`."""
+    attn = layer.self_attn
+    q, k, v = attn._qkv(layer.input_layernorm(x), cos, sin)
+    k_cache[:, :, slot] = k  # index_put_: inductor writes it in place (index_copy_ falls back to a full copy)
+    v_cache[:, :, slot] = v
+    out = _one_query_attention(q, k_cache, v_cache, mask)
+    x = x + attn.o_proj(out.transpose(1, 2).reshape(x.shape[0], 1, -1))
+    h = layer.mlp(layer.post_attention_layernorm(x))
+    return x + (h[0] if isinstance(h, tuple) else h)
+
+
 def decode_position(bb: Backbone, x: torch.Tensor, positions: torch.Tensor, rope: RopeTable,
                     k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], slot: torch.Tensor,
-                    key_valid: torch.Tensor) -> torch.Tensor:
+                    key_valid: torch.Tensor, layer_fn=layer_position) -> torch.Tensor:
     """x [B, 1, C] at LLM/SRH slot `slot` ([1] long) -> post-norm hidden [B, 1, C].
 
     k_cache / v_cache (one [B, Hkv, S, D] per layer) get the new entries; key_valid [B, S] marks attendable slots
-    (the new one included); slots after `slot` are ignored.
+    (the new one included); slots after `slot` are ignored. `layer_fn` runs each layer (`layer_position`, or its
+    compiled form: one graph serves every layer of a stack).
     """
     s = k_cache[0].shape[2]
     mask = (key_valid & (torch.arange(s, device=x.device) <= slot))[:, None, None, :]  # [B, 1, 1, S]
     cos, sin = rope(positions)
     for i, layer in enumerate(bb.layers):
-        attn = layer.self_attn
-        q, k, v = attn._qkv(layer.input_layernorm(x), cos, sin)
-        k_cache[i][:, :, slot] = k  # index_put_: inductor writes it in place (index_copy_ falls back to a full copy)
-        v_cache[i][:, :, slot] = v
-        out = _one_query_attention(q, k_cache[i], v_cache[i], mask)
-        x = x + attn.o_proj(out.transpose(1, 2).reshape(x.shape[0], 1, -1))
-        h = layer.mlp(layer.post_attention_layernorm(x))
-        x = x + (h[0] if isinstance(h, tuple) else h)
+        x = layer_fn(layer, x, cos, sin, k_cache[i], v_cache[i], slot, mask)
     return bb.norm(x)
 
 
@@ -131,18 +141,29 @@ def _products_and_sums(fn):
 
 
 class CompiledDecoder:
-    """The compiled step functions. Every one returns fp32 logits; caches and key masks are updated in place."""
+    """The compiled step functions. Every one returns fp32 logits; caches and key masks are updated in place.
 
-    def __init__(self, model, rope: RopeTable, srh_rope: RopeTable | None):
+    On CPU each step is one whole compiled graph. On a GPU the layer is compiled (regional compilation: one graph per
+    stack serves all its layers, so the 8B's S2S step compiles two layer graphs, not 36 + 5 x 28 unrolled layers) and
+    each step, with `cuda_graphs`, is replayed as a CUDA graph (engine/cuda_graphs.py), which removes the launches
+    that otherwise bound it."""
+
+    LLM_IN_PLACE = ("k_cache", "v_cache", "key_valid")  # what the steps update in place (CUDA graphs: by address)
+    S2S_IN_PLACE = LLM_IN_PLACE + ("srh_k", "srh_v", "srh_key_valid")
+
+    def __init__(self, model, rope: RopeTable, srh_rope: RopeTable | None, cuda_graphs: bool = True):
         self.model, self.rope, self.srh_rope = model, rope, srh_rope
         use_persistent_cache()
-        on_cpu = model.language_model.model.norm.weight.device.type == "cpu"
-        options = {"freezing": True, "cpp_wrapper": True} if on_cpu else None
-        # (product-and-sum linears on CPU only: GPU BLAS already streams weights near memory bandwidth)
-        compile = lambda fn: torch.compile(_products_and_sums(fn) if on_cpu else fn,  # noqa: E731
-                                           dynamic=False, options=options)
-        self.llm = compile(self._llm)
-        self.s2s = compile(self._s2s)
+        if model.language_model.model.norm.weight.device.type == "cpu":
+            self.layer_fn = layer_position
+            options = {"freezing": True, "cpp_wrapper": True}
+            # (product-and-sum linears on CPU only: GPU BLAS already streams weights near memory bandwidth)
+            self.llm = torch.compile(_products_and_sums(self._llm), dynamic=False, options=options)
+            self.s2s = torch.compile(_products_and_sums(self._s2s), dynamic=False, options=options)
+            return
+        self.layer_fn = torch.compile(layer_position, dynamic=False)
+        self.llm = GraphedStep(self._llm, self.LLM_IN_PLACE) if cuda_graphs else self._llm
+        self.s2s = GraphedStep(self._s2s, self.S2S_IN_PLACE) if cuda_graphs else self._s2s
 
     def _llm(self, token, group, fuse, positions, k_cache, v_cache, slot, key_valid):
         """token [B] (the last text id), group [B, k] (the last speech group, or None without speech), fuse [B]
@@ -150,15 +171,15 @@ class CompiledDecoder:
         logits [B, V]); the input goes to LLM slot `slot`."""
         lm = self.model.language_model
         x, text_embed = step_input(self.model, token, group, fuse)
-        key_valid[:, slot] = True
-        hidden = decode_position(lm.model, x, positions, self.rope, k_cache, v_cache, slot, key_valid)
+        key_valid.index_fill_(1, slot, True)  # (a scalar fill: no host-to-device copy inside a CUDA graph)
+        hidden = decode_position(lm.model, x, positions, self.rope, k_cache, v_cache, slot, key_valid, self.layer_fn)
         return hidden, text_embed, lm.lm_head(hidden[:, -1]).float()
 
     def _srh(self, z, positions, k_cache, v_cache, slot, key_valid):
         """One SRH position: z [B, 1, C] (ungrouped LLM state + previous token embedding) -> logits [B, Vs]."""
         srh = self.model.audio_invert_tower
         h = decode_position(srh.crq_transformer, srh.input_matching(z), positions, self.srh_rope, k_cache, v_cache,
-                            slot, key_valid)
+                            slot, key_valid, self.layer_fn)
         return srh.lm_head(srh.output_matching(h)[:, -1]).float()
 
     def _s2s(self, token, group, fuse, positions, k_cache, v_cache, slot, key_valid, srh_k, srh_v, srh_key_valid,
@@ -179,7 +200,7 @@ class CompiledDecoder:
         fine = srh.ungroup(u)  # [B, k, C]
         fine_pos = positions * k + torch.arange(k, device=fine.device)  # [B, k]
         fine_slots = slot * k + torch.arange(k, device=fine.device)
-        srh_key_valid[:, fine_slots] = True
+        srh_key_valid.index_fill_(1, fine_slots, True)
         logits, scores, tokens = [], [], []
         started = torch.zeros(fine.shape[0], dtype=torch.long, device=fine.device)  # units begun in the group
         for j in range(k):

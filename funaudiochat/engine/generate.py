@@ -145,11 +145,12 @@ class Engine:
     Construction prepares the model for fast inference (fused q|k|v and gate|up projections, rotary tables, on CPU
     the weight layout that its decoding reads fastest), so create the engine after the model is on its final device
     and dtype, and do not train that model afterwards. Engines sharing a model stay correct, but the last one created
-    sets the layout for all.
+    sets the layout for all. `compile` compiles the decode steps (engine/compiled.py); on a GPU they are then replayed
+    as CUDA graphs unless `cuda_graphs` is false.
     """
 
     def __init__(self, model: FunAudioChatModel, max_seq_len: int = 4096, compile: bool = False,
-                 pending_view=None):
+                 pending_view=None, cuda_graphs: bool = True):
         width = model.audio_invert_tower.pending_width if model.audio_invert_tower is not None else 0
         if width and (pending_view is None or pending_view.width != width):
             raise ConfigError(f"this checkpoint's speech head reads the next {width} pending units "
@@ -175,7 +176,7 @@ class Engine:
         if model.audio_invert_tower is not None:
             srh = model.audio_invert_tower.crq_transformer
             self.srh_rope = RopeTable(srh.inv_freq, self.k * self.max_seq_len, self.dtype)
-        self.compiled = CompiledDecoder(model, self.rope, self.srh_rope) if compile else None
+        self.compiled = CompiledDecoder(model, self.rope, self.srh_rope, cuda_graphs) if compile else None
         self.speech_bias: torch.Tensor | None = None  # [Vs] 0 / -inf: speech codes the detokenizer can render
         from funaudiochat.engine.prefix_cache import PrefixStore  # (it imports this module)
         self.prefixes = PrefixStore()  # system turns' keys and values, shared by the ChatSessions on this engine

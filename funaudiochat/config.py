@@ -241,6 +241,11 @@ class AudioConfig(_JsonMixin):
     # (`audio_invert_tower.answer_cue`, zero at the start; needs srh_answer_style). The instruction fades from the
     # LLM's state by the opener (docs/mini.md). Released: False.
     srh_answer_cue: bool = False
+    # fun-audio-chat-mini: the answer's style in force also sets a bias on the head's logits
+    # (`audio_invert_tower.answer_prosody`, zero at the start; needs srh_answer_style): one added to every Piper token
+    # that starts a unit (the speaking rate) and one per loudness level (GAINS), so an instruction moves when units
+    # start and how loud the answer is, not only what the head reads. Released: False.
+    srh_answer_prosody: bool = False
     # fun-audio-chat-mini: the SRH reads the Piper tokens it said back at the normal loudness, so the loudness of every
     # frame is read from the answer's style (`srh_answer_style`), not copied from the frame before. Released: False.
     srh_blind_gain: bool = False
@@ -288,6 +293,8 @@ class AudioConfig(_JsonMixin):
             del out["srh_answer_style"]
         if not self.srh_answer_cue:
             del out["srh_answer_cue"]
+        if not self.srh_answer_prosody:
+            del out["srh_answer_prosody"]
         if not self.srh_blind_gain:
             del out["srh_blind_gain"]
         if self.word_reader is None:
@@ -320,11 +327,13 @@ class AudioConfig(_JsonMixin):
                f"must be true or false, got {self.speech_feedback!r}")
         _check(isinstance(self.speech_opener, bool), where, "speech_opener",
                f"must be true or false, got {self.speech_opener!r}")
-        for name in ("srh_answer_style", "srh_answer_cue", "srh_blind_gain"):
+        for name in ("srh_answer_style", "srh_answer_cue", "srh_answer_prosody", "srh_blind_gain"):
             _check(isinstance(getattr(self, name), bool), where, name,
                    f"must be true or false, got {getattr(self, name)!r}")
         _check(self.srh_answer_style or not self.srh_answer_cue, where, "srh_answer_cue",
                "is part of the answer's style: it needs srh_answer_style true")
+        _check(self.srh_answer_style or not self.srh_answer_prosody, where, "srh_answer_prosody",
+               "is read from the answer's style: it needs srh_answer_style true")
         if self.word_reader is not None:
             from funaudiochat.model.word_reader import WordReaderConfig  # the reader's own checks
             _check(isinstance(self.word_reader, dict), where, "word_reader", "must be an object or null")

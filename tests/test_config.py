@@ -35,7 +35,7 @@ def test_round_trip_keeps_every_field(shared_dir, tmp_path):
                 assert b[k] == v, f"{path}{k}: {b[k]!r} != {v!r}"
     subset(raw, again)
     assert FunAudioChatConfig.from_dict(again).to_dict() == cfg.to_dict()
-    mini = ("speech_opener", "srh_answer_style", "srh_answer_cue", "srh_blind_gain")
+    mini = ("speech_opener", "srh_answer_style", "srh_answer_cue", "srh_answer_prosody", "srh_blind_gain")
     assert not set(mini) & set(again["audio_config"])  # settings off are not written: released configs unchanged
     for name in mini:
         setattr(cfg.audio_config, name, True)
@@ -69,6 +69,8 @@ def test_missing_fields_take_the_released_class_defaults():
     (("audio_config", "srh_answer_style"), "yes", "audio_config.srh_answer_style"),
     (("audio_config", "srh_blind_gain"), 0, "audio_config.srh_blind_gain"),
     (("audio_config", "srh_answer_cue"), True, "audio_config.srh_answer_cue"),  # without srh_answer_style
+    (("audio_config", "srh_answer_prosody"), True, "audio_config.srh_answer_prosody"),  # likewise
+    (("audio_config", "srh_answer_prosody"), "on", "audio_config.srh_answer_prosody"),
     (("text_config", "sil_index"), 4096, "text_config.sil_index"),
     (("audio_config", "crq_transformer_config", "hidden_act"), "gelu", "crq_transformer_config.hidden_act"),
 ])

@@ -174,3 +174,37 @@ def test_speak_srh_with_the_pending_units_view(tmp_path):
     bad = cli("train", "recipes/mini/speak_srh.yaml", f"model.checkpoint={base}", *common,
               "model.srh_pending_units=99", f"run_dir={tmp_path / 'x'}")
     assert bad.returncode == 1 and "model.srh_pending_units" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_speak_prosody_trains_only_its_projections_and_ships_them(tmp_path):
+    """speak_prosody.yaml gives a speaking head the answer's cue and its prosody (both from zero) and trains those
+    two projections only (the opener's own style projection stays at zero); the deltas ship them with the settings,
+    and `assets mini` reassembles the trained checkpoint."""
+    base = _untrained_base(tmp_path / "base")
+    data = synthetic_s2s(tmp_path / "data", n=4)
+    common = [f"data.train=[{data}]", *SHRINK]
+    ok(cli("train", "recipes/mini/speak_srh.yaml", f"model.checkpoint={base}", *common, f"run_dir={tmp_path / 'srh'}"))
+    head = tmp_path / "srh" / "final"
+    ok(cli("train", "recipes/mini/speak_prosody.yaml", f"model.checkpoint={head}", *common,
+           f"run_dir={tmp_path / 'prosody'}"))
+    final = tmp_path / "prosody" / "final"
+    settings = ("srh_answer_style", "srh_answer_cue", "srh_answer_prosody")
+    assert all(json.loads((final / "config.json").read_text())["audio_config"][name] is True for name in settings)
+    start, after = read_state_dict(head), read_state_dict(final)
+    added = after.keys() - start.keys()
+    assert added == {f"audio_invert_tower.{name}.weight" for name in ("answer_style", "answer_cue", "answer_prosody")}
+    moved = {k for k in start if not torch.equal(start[k], after[k])}
+    assert not moved  # the head, the LLM and hearing are the start's
+    assert not after["audio_invert_tower.answer_style.weight"].any()  # not trained: the style is the cue's alone
+    assert after["audio_invert_tower.answer_cue.weight"].any() and after["audio_invert_tower.answer_prosody.weight"].any()
+
+    models = tmp_path / "models"
+    ok(cli("assets", "mini-deltas", final, models, "--base", base, "--stage", "speak_prosody"))
+    deltas, meta = mini_deltas.read(models)
+    assert all(json.loads(meta["audio_config"])[name] is True for name in settings)
+    assert added <= deltas.keys()
+    ckpt = tmp_path / "mini"
+    ok(cli("assets", "mini", ckpt, "--deltas", models, "--base", base))
+    assembled = read_state_dict(ckpt)
+    for k in after:
+        torch.testing.assert_close(assembled[k], after[k], rtol=0, atol=1e-5)

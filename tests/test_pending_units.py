@@ -94,7 +94,7 @@ class _RecordingView(PendingUnitsView):
         return super().upcoming(text, finished, started, n)
 
 
-def _speaking_model(width, answer_style=False, answer_cue=False):
+def _speaking_model(width, answer_style=False, answer_cue=False, answer_prosody=False):
     from funaudiochat.model.funaudiochat import FunAudioChatModel
     from funaudiochat.model.presets import tiny
 
@@ -103,6 +103,7 @@ def _speaking_model(width, answer_style=False, answer_cue=False):
     cfg.audio_config.srh_pending_units = width
     cfg.audio_config.srh_answer_style = answer_style
     cfg.audio_config.srh_answer_cue = answer_cue
+    cfg.audio_config.srh_answer_prosody = answer_prosody
     model = FunAudioChatModel(cfg)
     model.init_weights(0.3)
     return model.eval()
@@ -110,8 +111,8 @@ def _speaking_model(width, answer_style=False, answer_cue=False):
 
 def test_generation_gives_the_head_the_units_of_the_text_it_wrote(piper, tmp_path):
     """Each speech group sees the answer text chosen before it (text leads speech) and the units its speech has
-    started; the eager step and the one-graph compiled step agree (with the answer's style input and its cue,
-    random here); another text is another speech, another style or cue another speech."""
+    started; the eager step and the one-graph compiled step agree (with the answer's style input, its cue and its
+    prosody biases, random here); another text is another speech, another style, cue or prosody another speech."""
     from funaudiochat.engine.generate import Engine, GenerationConfig
     from funaudiochat.engine.prompt import Prompt
     from funaudiochat.errors import ConfigError
@@ -119,7 +120,7 @@ def test_generation_gives_the_head_the_units_of_the_text_it_wrote(piper, tmp_pat
     from tests.helpers import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer(tmp_path)
-    model = _speaking_model(width=3, answer_style=True, answer_cue=True)
+    model = _speaking_model(width=3, answer_style=True, answer_cue=True, answer_prosody=True)
     with pytest.raises(ConfigError, match="pending units"):
         Engine(model)
     ends = view_for(model.cfg.text_config, tok, 3).text_ends
@@ -152,7 +153,11 @@ def test_generation_gives_the_head_the_units_of_the_text_it_wrote(piper, tmp_pat
     assert other.generate(prompt, gen).speech_ids != out.speech_ids  # the head reads the units
     with torch.no_grad():
         model.audio_invert_tower.answer_cue.weight.mul_(-1)
-    assert eager.generate(prompt, gen).speech_ids != out.speech_ids  # the head reads the cue
+    cued = eager.generate(prompt, gen).speech_ids
+    assert cued != out.speech_ids  # the head reads the cue
+    with torch.no_grad():
+        model.audio_invert_tower.answer_prosody.weight.mul_(-1)
+    assert eager.generate(prompt, gen).speech_ids != cued  # the prosody biases its choices
     with torch.no_grad():
         model.audio_invert_tower.answer_style.weight.mul_(-1)
     assert eager.generate(prompt, gen).speech_ids != out.speech_ids  # the head reads the style

@@ -279,11 +279,11 @@ def test_speech_feedback_off_the_llm_reads_its_text_alone(tmp_path):
         recipe_from_dict(tiny_recipe(tmp_path, data, model={"preset": "tiny", "speech_feedback": "no"}))
 
 
-def tiny_s2s_batch(tmp, **audio_settings) -> tuple[FunAudioChatModel, dict]:
+def tiny_s2s_batch(tmp, codebook: int = 300, **audio_settings) -> tuple[FunAudioChatModel, dict]:
     """A random tiny model with these `audio_config` settings, and a batch of two made-up S2S records."""
     data = synthetic_s2s(tmp / "data", n=2)
     tok = make_tiny_tokenizer(tmp / "tok")
-    cfg = presets.tiny()
+    cfg = presets.tiny(codebook=codebook)
     for name, value in audio_settings.items():
         setattr(cfg.audio_config, name, value)
     torch.manual_seed(0)
@@ -475,3 +475,32 @@ def test_the_answer_cue_is_the_mean_of_the_users_last_words_and_carries_through_
     torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(carried, last, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model.answer_cue_after(ids), last)
+
+
+def test_the_answer_prosody_biases_unit_starts_and_loudness_levels_by_the_style_in_force(tmp_path):
+    """`audio_config.srh_answer_prosody`: inside a spoken answer, the head's logits at the 5 fine positions of each
+    LLM position gain the projected style in force: its rate bias on every Piper token that starts a unit, its
+    level's bias on every Piper token of that loudness; nothing on the specials, nothing outside the answer."""
+    from funaudiochat.speech.piper_tokens import GAINS, NUM_UNITS, VOCAB_SIZE
+
+    model, inputs = tiny_s2s_batch(tmp_path, codebook=VOCAB_SIZE + 8, srh_answer_style=True, srh_answer_prosody=True)
+    cfg, head, k = model.cfg, model.audio_invert_tower, model.group_size
+    assert not head.answer_prosody.weight.any()  # a new prosody starts at zero: the head is unchanged
+    with torch.no_grad():
+        head.answer_style.weight.normal_()
+        plain = model(**inputs).speech_logits
+        head.answer_prosody.weight.normal_()
+        added = model(**inputs).speech_logits - plain
+    hidden = _head_input(model, inputs)[1]
+    ids = inputs["input_ids"]
+    codes = torch.arange(VOCAB_SIZE + 8)
+    level = (codes // (2 * NUM_UNITS)).clamp(max=len(GAINS) - 1)
+    for row in range(ids.shape[0]):
+        opener, close = _spoken_answer(ids[row], cfg)
+        rate, *levels = head.answer_prosody(head.answer_style(hidden[row, opener])).tolist()
+        expected = torch.tensor(levels)[level] + rate * (codes % 2 == 0)
+        expected[VOCAB_SIZE:] = 0.0
+        torch.testing.assert_close(added[row, k * opener:k * close], expected.expand(k * (close - opener), -1),
+                                   rtol=1e-4, atol=1e-4)
+        assert abs(rate) > 1e-3 and len({round(x, 4) for x in levels}) == len(GAINS)  # a real test of each part
+        assert not added[row, :k * opener].any() and not added[row, k * close:].any()

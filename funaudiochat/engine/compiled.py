@@ -68,6 +68,15 @@ def srh_input(model, hidden: torch.Tensor, text_embed: torch.Tensor, token: torc
     return hidden + text_embed + styles, style
 
 
+def answer_prosody(model, style: torch.Tensor | None) -> torch.Tensor | None:
+    """The head's rate and loudness biases [B, Vs] from the answer style's carried state [B, S] (its first D entries
+    are the style in force), where the head has them (`audio_config.srh_answer_prosody`), else None."""
+    srh = model.audio_invert_tower
+    if srh.answer_prosody is None:
+        return None
+    return srh.prosody_bias(style[:, :model.cfg.text_config.hidden_size])
+
+
 def layer_position(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One decoder layer at one position: x [B, 1, C] -> [B, 1, C]; writes its key / value at `slot`."""
@@ -197,6 +206,7 @@ class CompiledDecoder:
         k = srh.group_size
         hidden, text_embed, text_logits = self._llm(token, group, fuse, positions, k_cache, v_cache, slot, key_valid)
         u, style = srh_input(self.model, hidden, text_embed, token, style)
+        prosody = answer_prosody(self.model, style)
         fine = srh.ungroup(u)  # [B, k, C]
         fine_pos = positions * k + torch.arange(k, device=fine.device)  # [B, k]
         fine_slots = slot * k + torch.arange(k, device=fine.device)
@@ -210,6 +220,8 @@ class CompiledDecoder:
             call_logits = self._srh(z, fine_pos[:, j:j + 1], srh_k, srh_v, fine_slots[j:j + 1], srh_key_valid)
             if speech_bias is not None:
                 call_logits = call_logits + speech_bias
+            if prosody is not None:
+                call_logits = call_logits + prosody
             if follow is not None:
                 a_cfg = self.model.cfg.audio_config
                 call_logits = text_locked(call_logits, window(upcoming, started, 1)[:, 0], *follow,

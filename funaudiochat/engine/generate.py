@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from funaudiochat.engine.compiled import CACHE_BUCKET, CompiledDecoder, srh_input, step_input
+from funaudiochat.engine.compiled import CACHE_BUCKET, CompiledDecoder, answer_prosody, srh_input, step_input
 from funaudiochat.engine.prompt import Prompt
 from funaudiochat.engine.sampling import SamplingParams, choose, exponential_noise, process
 from funaudiochat.errors import ConfigError, ContextLengthError
@@ -235,6 +235,7 @@ class Engine:
         noise = self._speech_noise(state, gen)
         upcoming = self._upcoming(state)
         follow = self._follow_inputs(state, gen)
+        prosody = answer_prosody(self.model, state.answer_style)
         a_cfg = self.cfg.audio_config
         started = torch.zeros(b, dtype=torch.long, device=self.device)
         tokens = []
@@ -255,6 +256,8 @@ class Engine:
             logits = srh.lm_head(h[:, -1]).float()
             if self.speech_bias is not None:
                 logits = logits + self.speech_bias
+            if prosody is not None:
+                logits = logits + prosody
             if follow is not None:
                 logits = text_locked(logits, window(upcoming, started, 1)[:, 0], *follow, a_cfg.bos_token_id,
                                      a_cfg.eos_token_id)

@@ -344,9 +344,11 @@ class FunAudioChatModel(nn.Module):
             if audio is not None and audio.text_features is not None:
                 text_embeds = text_embeds.masked_scatter(slots[..., None], audio.text_features[audio.kept])
             u = hidden + text_embeds.detach()
+            styles = None
             if srh.answer_style is not None and openers is not None:  # a record's start closes any answer
                 starts = position_ids == 0 if position_ids is not None else None
-                u = u + self.answer_styles(hidden, input_ids, openers, record_starts=starts, mask=attention_mask)[0]
+                styles = self.answer_styles(hidden, input_ids, openers, record_starts=starts, mask=attention_mask)[0]
+                u = u + styles
             label_ids = (speech_labels if speech_labels is not None
                          else torch.full((b, l * k), ign, dtype=torch.long, device=embeds.device))
             read_back = srh.history_ids(label_ids.masked_fill(label_ids == ign, cfg.audio_config.pad_token_id))
@@ -359,6 +361,9 @@ class FunAudioChatModel(nn.Module):
                 pending = pending_from_labels(label_ids, srh.pending_width, cfg.audio_config.bos_token_id)
                 pending = F.pad(pending, (0, 0, 0, k), value=PAD)[:, k:]
             out.speech_logits = srh.forward_train(u, label_embeds, attention_mask, position_ids, pending)
+            if srh.answer_prosody is not None and styles is not None:  # fine position 5p + j: position p's style
+                bias = srh.prosody_bias(styles).repeat_interleave(k, dim=1)
+                out.speech_logits = out.speech_logits + bias.to(out.speech_logits.dtype)
             if speech_labels is not None:
                 targets = F.pad(speech_labels, (0, k), value=ign)[:, k:]  # token j+5 is predicted at fine index j
                 out.speech_loss = cross_entropy(out.speech_logits, targets, ign)

@@ -18,7 +18,7 @@ from funaudiochat.config import AudioConfig
 from funaudiochat.model.backbone import Backbone, KVCache, attention_mask_4d
 from funaudiochat.model.quantize import Int8Linear
 from funaudiochat.speech.pending_units import PAD
-from funaudiochat.speech.piper_tokens import NUM_UNITS, VOCAB_SIZE
+from funaudiochat.speech.piper_tokens import GAINS, NUM_UNITS, VOCAB_SIZE
 
 
 class SpeechRefinedHead(nn.Module):
@@ -46,6 +46,11 @@ class SpeechRefinedHead(nn.Module):
         self.answer_cue = nn.Linear(d, d, bias=False) if cfg.srh_answer_cue else None
         if self.answer_cue is not None:
             nn.init.zeros_(self.answer_cue.weight)
+        # `srh_answer_prosody`: the style in force, projected to a rate bias and one bias per loudness level
+        self.answer_prosody = nn.Linear(d, 1 + len(GAINS), bias=False) if cfg.srh_answer_prosody else None
+        if self.answer_prosody is not None:
+            nn.init.zeros_(self.answer_prosody.weight)
+        self.codebook_size = cfg.codebook_size
 
     def pending_view(self, pending: torch.Tensor) -> torch.Tensor:
         """Pending unit ids [B, Q, W] (speech/pending_units.py) -> [B, Q, D]: the sum of each slot's embedding."""
@@ -93,6 +98,17 @@ class SpeechRefinedHead(nn.Module):
             before = (last_open < 0) & (last_close < 0)
             styles = torch.where(before[..., None], carried[:, None].to(styles.dtype), styles)
         return styles, styles[:, -1]
+
+    def prosody_bias(self, styles: torch.Tensor) -> torch.Tensor:
+        """The answer styles in force [..., D] -> biases [..., V] (float32) on the head's logits: the rate bias on
+        every Piper token that starts a unit, plus the bias of its loudness level on every Piper token of that level;
+        none on the specials. Piper token ((g * U) + u) * 2 + cont (speech/piper_tokens.py)."""
+        rate_and_levels = self.answer_prosody(styles.to(self.answer_prosody.weight.dtype)).float()  # [..., 1 + G]
+        codes = torch.arange(self.codebook_size, device=styles.device)
+        piper = codes < VOCAB_SIZE
+        level = (codes // (2 * NUM_UNITS)).clamp(max=len(GAINS) - 1)
+        bias = rate_and_levels[..., 1:].index_select(-1, level) + rate_and_levels[..., :1] * (codes % 2 == 0)
+        return bias * piper
 
     def ungroup(self, u: torch.Tensor) -> torch.Tensor:
         """u [B, L, D] -> P [B, 5L, D]; fine position 5p+k belongs to LLM position p."""

@@ -60,6 +60,8 @@ class ModelSection:
     #   (config.srh_answer_style), through a projection that starts at zero
     srh_answer_cue: bool | None = None  # true: the answer's style also reads the user's last words
     #   (config.srh_answer_cue), through a projection that starts at zero
+    srh_answer_prosody: bool | None = None  # true: the answer's style sets a rate and loudness bias on the head's
+    #   logits (config.srh_answer_prosody), through a projection that starts at zero
     srh_blind_gain: bool | None = None  # true: the SRH reads the tokens it said back at the normal loudness
     #   (config.srh_blind_gain)
     speech_embeddings_at_start: str | None = None  # "piper-factorized": a new run's speech embeddings (tied to the

@@ -87,7 +87,7 @@ class Trainer:
         if r.model.srh_token_scale:
             self.cfg.audio_config.srh_token_scale = r.model.srh_token_scale
         for name in ("srh_pending_units", "speech_feedback", "speech_opener", "srh_answer_style", "srh_answer_cue",
-                     "srh_blind_gain"):
+                     "srh_answer_prosody", "srh_blind_gain"):
             if getattr(r.model, name) is not None:  # the recipe's setting over the starting model's
                 setattr(self.cfg.audio_config, name, getattr(r.model, name))
         self.tokenizer_path = _tokenizer_path(r)
@@ -206,7 +206,7 @@ class Trainer:
         if source is not None:
             a, src = self.cfg.audio_config, FunAudioChatConfig.load(source).audio_config
             settings = ("group_size", "continuous_grouping", "srh_pending_units", "speech_opener", "srh_answer_style",
-                        "srh_answer_cue")
+                        "srh_answer_cue", "srh_answer_prosody")
             if any(getattr(src, name) != getattr(a, name) for name in settings):
                 return _regrouped_model(source, self.cfg, self.recipe, fold_adapters=not live_adapters)
             # built with the run's config: the recipe's settings (model.srh_token_scale) apply to the loaded weights
@@ -451,6 +451,8 @@ def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe, fold_adap
         state.pop("audio_invert_tower.answer_style.weight", None)
     if not a.srh_answer_cue:
         state.pop("audio_invert_tower.answer_cue.weight", None)
+    if not a.srh_answer_prosody:
+        state.pop("audio_invert_tower.answer_prosody.weight", None)
     key = "audio_tower.continual_output_matching.weight"
     state[key] = regroup_continuous_weight(state[key], src.group_size, src.continuous_grouping == "concat",
                                            a.group_size, a.continuous_grouping == "concat")

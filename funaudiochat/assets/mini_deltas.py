@@ -35,7 +35,7 @@ MAX_BYTES = 60_000_000          # issue 14's budget for everything under models/
 LLM_RTOL = 1e-4                 # |trained - (base + B A)| <= LLM_RTOL * max(1, max |W|) on every LLM weight
 # the recipe stages whose deltas models/mini releases; the pipeline also commits earlier ones there as training
 # progress (so that a fresh machine resumes from them), which `assets mini` says
-RELEASE_STAGES = ("core_cocktail_stage2", "speak")
+RELEASE_STAGES = ("core_cocktail_stage2", "speak", "speak_prosody")
 # generation defaults the assembled mini ships (config.json fun_audio_chat_mini.generation; engine/presets.py):
 # greedy text from the 135M LLM can loop ("9 * 12 = 9 * 12 = ...") to the token limit; three copies end it
 MINI_GENERATION = {"text_loop_stop": 3}

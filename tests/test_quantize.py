@@ -67,6 +67,26 @@ def test_quantized_model_stays_close_and_keeps_fp32_elsewhere():
     assert (logits - ref_logits).abs().max() <= 0.03 * ref_logits.abs().max()
 
 
+def test_the_per_answer_projections_stay_fp32_and_the_prosody_unchanged():
+    """The SRH's answer style, cue and prosody projections are not quantized (small, read once per answer step):
+    the prosody's biases on the head's logits are the fp32 model's exactly."""
+    from funaudiochat.speech.piper_tokens import VOCAB_SIZE
+
+    cfg = tiny(codebook=VOCAB_SIZE + 8)
+    for name in ("srh_answer_style", "srh_answer_cue", "srh_answer_prosody"):
+        setattr(cfg.audio_config, name, True)
+    torch.manual_seed(0)
+    model = FunAudioChatModel(cfg)
+    model.init_weights(0.3)
+    head = model.audio_invert_tower
+    styles = torch.randn(2, cfg.text_config.hidden_size)
+    before = head.prosody_bias(styles)
+    quantize_model(model)
+    assert isinstance(head.lm_head, Int8Linear)
+    assert not any(isinstance(m, Int8Linear) for m in (head.answer_style, head.answer_cue, head.answer_prosody))
+    assert torch.equal(head.prosody_bias(styles), before)
+
+
 def test_quantized_checkpoint_round_trip(tmp_path, one_thread):
     """`assets quantize` writes int8 weights with their scales beside them; the folder loads as is, equal to
     quantizing at load time, and generates the same tokens."""

@@ -30,7 +30,9 @@ PRODUCT_SUM_MAX_ROWS = 8  # compiled CPU decoding: from about 16 rows on, BLAS (
 SCRATCH_ELEMENTS = 1 << 22  # fp32 weights dequantized at once by the eager product
 _scratch = threading.local()
 QUANTIZED_PARTS = ("language_model", "audio_invert_tower")
-NOT_QUANTIZED = ("mlp.gate",)  # MoE routers: small, and their top-k choice is sensitive
+# MoE routers: small, and their top-k choice is sensitive; the SRH's per-answer projections (style, cue, prosody):
+# small, read once per answer step, and the prosody's few outputs are logits added as they are
+NOT_QUANTIZED = ("mlp.gate", "answer_style", "answer_cue", "answer_prosody")
 
 
 class Int8Weight:

@@ -79,13 +79,11 @@ class GraphedStep:
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         leaves, spec = tree_flatten(tuple(bound.arguments.values()))
-        in_place = set()
-        start = 0
-        for name, value in bound.arguments.items():
-            n = len(tree_flatten(value)[0])
+        in_place, start = set(), 0
+        for name, arg_spec in zip(bound.arguments, spec.children()):  # each argument's leaves, in order
             if name in self.in_place:
-                in_place.update(range(start, start + n))
-            start += n
+                in_place.update(range(start, start + arg_spec.num_leaves))
+            start += arg_spec.num_leaves
         key = (spec, tuple(_signature_of(leaf, i in in_place) for i, leaf in enumerate(leaves)))
         recording = self.recordings.get(key)
         if recording is None:

@@ -28,6 +28,7 @@ from funaudiochat.errors import CheckpointError, ConfigError
 from funaudiochat.model import lora
 from funaudiochat.model.checkpoint import load_state_dict_checked, read_state_dict, save_model
 from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.model.word_reader import WordReaderConfig
 
 DELTAS_FILE = "deltas.safetensors"
 FORMAT = "fun-audio-chat-mini-deltas/1"
@@ -35,7 +36,8 @@ MAX_BYTES = 60_000_000          # issue 14's budget for everything under models/
 LLM_RTOL = 1e-4                 # |trained - (base + B A)| <= LLM_RTOL * max(1, max |W|) on every LLM weight
 # the recipe stages whose deltas models/mini releases; the pipeline also commits earlier ones there as training
 # progress (so that a fresh machine resumes from them), which `assets mini` says
-RELEASE_STAGES = ("core_cocktail_stage2", "speak", "speak_prosody")
+READER_SETTINGS = frozenset({"window_s", "beam_size", "slot_rate"})  # how the word reader reads, not its weights
+RELEASE_STAGES = ("core_cocktail_stage2", "speak", "speak_prosody", "hear_copy")
 # generation defaults the assembled mini ships (config.json fun_audio_chat_mini.generation; engine/presets.py):
 # greedy text from the 135M LLM can loop ("9 * 12 = 9 * 12 = ...") to the token limit; three copies end it
 MINI_GENERATION = {"text_loop_stop": 3}
@@ -50,9 +52,13 @@ def extract(final_dir: str | Path, base_dir: str | Path,
     for d in (final_dir, base_dir):
         lora.require_export(d)
     final, base = read_state_dict(final_dir), read_state_dict(base_dir)
-    cfg = FunAudioChatConfig.load(base_dir)
-    changed = audio_settings(FunAudioChatConfig.load(final_dir), cfg)
-    if "word_reader" in changed:  # its Whisper weights are pip-shipped: they must come from the base, not the deltas
+    cfg, final_cfg = FunAudioChatConfig.load(base_dir), FunAudioChatConfig.load(final_dir)
+    changed = audio_settings(final_cfg, cfg)
+    # the reader's Whisper weights are pip-shipped: they come from the base, never the deltas; how it reads (its
+    # window, beam, slots a second) may change in training and ships in the metadata
+    reader = changed.pop("word_reader", None)
+    if reader is not None and (cfg.audio_config.word_reader is None or _reader_weights_differ(
+            reader, cfg.audio_config.word_reader)):
         raise CheckpointError(f"{final_dir} and {base_dir} differ in their word reader: extract against the starting "
                               f"checkpoint it was trained from (`assets smollm2 --word-reader`)")
     added = final.keys() - base.keys()  # tensors of a setting training switched on (the SRH's pending view)
@@ -83,13 +89,19 @@ def extract(final_dir: str | Path, base_dir: str | Path,
     srh = cfg.audio_config.crq_transformer_config
     meta = {"format": FORMAT, "seed": str(seed), "srh_hidden": str(srh.hidden_size),
             "srh_layers": str(srh.num_hidden_layers), "trained": json.dumps(trained_parts(deltas, cfg.audio_config.word_reader is not None))}
-    if cfg.audio_config.word_reader is not None:  # the starting model had Whisper's decoder (pip-shipped) attached
-        meta["word_reader"] = json.dumps(cfg.audio_config.word_reader, sort_keys=True)  # and its settings
+    if final_cfg.audio_config.word_reader is not None:  # Whisper's decoder (pip-shipped) attached
+        meta["word_reader"] = json.dumps(final_cfg.audio_config.word_reader, sort_keys=True)  # and its settings
     if changed:
         meta["audio_config"] = json.dumps(changed, sort_keys=True)
     if stage:
         meta["stage"] = stage
     return deltas, meta
+
+
+def _reader_weights_differ(a: dict, b: dict) -> bool:
+    """Whether two word-reader configs differ in more than how they read (READER_SETTINGS)."""
+    a, b = WordReaderConfig.from_dict(a).to_dict(), WordReaderConfig.from_dict(b).to_dict()
+    return any(a[k] != b[k] for k in a.keys() - READER_SETTINGS)
 
 
 def audio_settings(trained: FunAudioChatConfig, base: FunAudioChatConfig) -> dict:
@@ -215,6 +227,9 @@ def assemble(out_dir: str | Path, deltas_dir: str | Path, base_dir: str | Path |
             if not (Path(base_dir) / "config.json").is_file():
                 raise CheckpointError(f"--base {base_dir}: no checkpoint folder with a config.json")
             model = load_model(base_dir, dtype=torch.float32)
+            if model.word_reader is not None and meta.get("word_reader"):  # read as it was trained to read
+                model.cfg.audio_config.word_reader = reader_settings(meta, source)
+                model.word_reader.cfg = WordReaderConfig.from_dict(model.cfg.audio_config.word_reader)
             for name in TOKENIZER_FILES:
                 if (Path(base_dir) / name).is_file():
                     shutil.copyfile(Path(base_dir) / name, tmp / name)

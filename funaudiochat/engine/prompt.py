@@ -38,6 +38,17 @@ def speech_token_count(n_samples: int) -> int:
     return int(n_samples / SAMPLE_RATE * TOKEN_RATE)
 
 
+def user_audio_tokens(n: int, cfg) -> int:
+    """The placeholder speech tokens a model gives a user audio of n (speech_token_count): n as released, more where
+    its word reader gives the audio more slots a second (word_reader.slot_rate)."""
+    reader = cfg.audio_config.word_reader
+    if reader is None:
+        return n
+    from funaudiochat.model.word_reader import WordReaderConfig
+
+    return WordReaderConfig.from_dict(reader).placeholders(n)
+
+
 def prompt_ids(tokenizer, cfg, messages: list[dict], audios: list,
                add_generation_prompt: bool = True) -> tuple[list[int], list[int]]:
     """Chat messages + their audios -> (the prompt's ids, each `<|AUDIO|>` expanded to ceil(n/5) copies for an audio
@@ -58,7 +69,7 @@ def prompt_ids(tokenizer, cfg, messages: list[dict], audios: list,
         if n < 1:
             raise InputError(f"audio {i + 1} is {len(wav) / SAMPLE_RATE * 1000:.0f} ms long; at least "
                              f"{1000 / TOKEN_RATE:.0f} ms of speech is needed")
-        counts.append(n)
+        counts.append(user_audio_tokens(n, cfg))
     expanded, audio_i = [], 0
     for i in ids:
         if i == sp.audio:

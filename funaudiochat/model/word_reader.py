@@ -27,6 +27,8 @@ S LLM sub-tokens per Whisper token, m tokens read, G 5 Hz slots, D LLM width.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 
 import torch
@@ -53,6 +55,9 @@ class WordReaderConfig:
     sub_tokens: int = 5                          # S: LLM sub-tokens kept per Whisper token
     beam_size: int = 5                           # Whisper's beam search (1: greedy)
     window_s: int = 10                           # seconds of audio per padded window the reader sees
+    # the user audio's slots a second (5: one per 5 placeholder tokens at 25 Hz, as released). Fast speech reads to
+    # more LLM pieces than 5 a second (digits are one piece each): what does not fit is never seen.
+    slot_rate: float = 5.0
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "audio_config.word_reader") -> "WordReaderConfig":
@@ -65,7 +70,14 @@ class WordReaderConfig:
         if not isinstance(cfg.window_s, int) or not 1 <= cfg.window_s <= 30:
             raise ConfigError(f"{where}.window_s must be whole seconds within [1, 30] (Whisper's window), "
                               f"got {cfg.window_s!r}")
+        if not isinstance(cfg.slot_rate, (int, float)) or not 5 <= cfg.slot_rate <= 25:
+            raise ConfigError(f"{where}.slot_rate must be within [5, 25] slots a second, got {cfg.slot_rate!r}")
         return cfg
+
+    def placeholders(self, n: int) -> int:
+        """A user audio's n placeholder tokens (25 Hz, as the released processor counts them) -> as many as give
+        it `slot_rate` slots a second."""
+        return n if self.slot_rate == 5 else math.ceil(n * self.slot_rate / 5)
 
     @property
     def window_frames(self) -> int:
@@ -214,6 +226,8 @@ class WordReader(nn.Module):
         [A, m] (padded with the end token) and how many each window read [A] (the end token excluded)."""
         cfg, a, b = self.cfg, memory.shape[0], self.cfg.beam_size
         max_tokens = min(max_tokens, cfg.max_positions - len(cfg.start_ids))
+        if max_tokens < 1:  # no slot to fill (an audio shorter than one 5 Hz group)
+            return memory.new_zeros(a, 0, dtype=torch.long), memory.new_zeros(a, dtype=torch.long)
         bf16 = self._use_bf16(memory.device)
         cross = [tuple(layer.cross_attn.split(t) for t in layer.cross_attn.kv(memory).chunk(2, dim=-1))
                  for layer in self.layers]  # per window [A, H, T, C/H], shared by its beams
@@ -273,15 +287,21 @@ class WordReader(nn.Module):
             out[i, : len(t)] = t
         return out, count
 
-    def forward(self, windows: list[torch.Tensor], n_groups: int, llm_embeddings: torch.Tensor) -> torch.Tensor:
-        """windows: per audio, its encoder windows [W_a, T, C] -> [A, G, D], the LLM pieces read in slot order."""
-        out = llm_embeddings.new_zeros(len(windows), n_groups, llm_embeddings.shape[-1])
-        tokens, count = self.read(torch.cat(windows), n_groups)
-        first = 0
-        for a, w in enumerate(windows):
+    def pieces(self, windows: list[torch.Tensor], n_groups: list[int]) -> list[torch.Tensor]:
+        """windows: per audio, its encoder windows [W_a, T, C]; n_groups: per audio, its 5 Hz slots -> per audio the
+        LLM piece ids [<= n_groups[a]] read, in slot order (what fills the slots; the rest get nothing)."""
+        tokens, count = self.read(torch.cat(windows), max(n_groups, default=0))
+        out, first = [], 0
+        for w, slots in zip(windows, n_groups):
             read = torch.cat([tokens[i, : int(count[i])] for i in range(first, first + w.shape[0])])
             first += w.shape[0]
             pieces = self.llm_ids[read].flatten()
-            pieces = pieces[pieces >= 0][:n_groups]
+            out.append(pieces[pieces >= 0][:slots])
+        return out
+
+    def forward(self, windows: list[torch.Tensor], n_groups: int, llm_embeddings: torch.Tensor) -> torch.Tensor:
+        """windows: per audio, its encoder windows [W_a, T, C] -> [A, G, D], the LLM pieces read in slot order."""
+        out = llm_embeddings.new_zeros(len(windows), n_groups, llm_embeddings.shape[-1])
+        for a, pieces in enumerate(self.pieces(windows, [n_groups] * len(windows))):
             out[a, : pieces.shape[0]] = llm_embeddings[pieces]
         return out

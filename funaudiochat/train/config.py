@@ -64,6 +64,8 @@ class ModelSection:
     #   logits (config.srh_answer_prosody), through a projection that starts at zero
     srh_blind_gain: bool | None = None  # true: the SRH reads the tokens it said back at the normal loudness
     #   (config.srh_blind_gain)
+    reader_slot_rate: float | None = None  # the word reader's slots a second (word_reader.slot_rate), when it
+    #   differs from the starting model's: the user audio's placeholders follow it in training and in the engine
     speech_embeddings_at_start: str | None = None  # "piper-factorized": a new run's speech embeddings (tied to the
     #   SRH's output) start as unit + start/continue + gain vectors of the Piper vocabulary (speech/piper_tokens.py)
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from funaudiochat import fileio
 from funaudiochat.config import FunAudioChatConfig
+from funaudiochat.engine.prompt import user_audio_tokens
 from funaudiochat.errors import InputError
 from funaudiochat.text.chat import DEFAULT_SYSTEM
 from funaudiochat.text.tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, AUDIO_PAD, AUDIO_TEMPLATE, TextTokenizer
@@ -225,6 +226,9 @@ class SampleBuilder:
             speech = parse_speech_tokens(token, self.cfg)
         except RecordError as err:
             raise RecordError(err.kind, f"audio {i}: {err}") from None
+        pad = self.cfg.audio_config.pad_token_id
+        if speech and all(s == pad for s in speech):  # user audio: the placeholders this model gives it, as the
+            speech = [pad] * user_audio_tokens(len(speech), self.cfg)  # engine does (engine/prompt.py)
         text = entry.get("text") or ""
         if not isinstance(text, str):
             raise RecordError("bad format", f"audio {i}: text must be a string")

@@ -32,6 +32,7 @@ from funaudiochat.model.checkpoint import (load_model, load_state_dict_checked, 
 from funaudiochat.model import lora
 from funaudiochat.model.adapter import regroup_continuous_weight
 from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.model.word_reader import WordReaderConfig
 from funaudiochat.text.tokenizer import TextTokenizer
 from funaudiochat.train import checkpoint as ckpt
 from funaudiochat.train import parallel
@@ -90,6 +91,13 @@ class Trainer:
                      "srh_answer_prosody", "srh_blind_gain"):
             if getattr(r.model, name) is not None:  # the recipe's setting over the starting model's
                 setattr(self.cfg.audio_config, name, getattr(r.model, name))
+        if r.model.reader_slot_rate is not None:
+            reader = self.cfg.audio_config.word_reader
+            if reader is None:
+                raise ConfigError(f"model.reader_slot_rate: {source or 'the preset'} has no word reader")
+            reader = {**reader, "slot_rate": r.model.reader_slot_rate}
+            WordReaderConfig.from_dict(reader, "word_reader (model.reader_slot_rate)")  # validated before any data is read
+            self.cfg.audio_config.word_reader = reader
         self.tokenizer_path = _tokenizer_path(r)
         self.tokenizer = TextTokenizer.from_file(self.tokenizer_path)
         self._setup_data()

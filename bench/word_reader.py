@@ -43,6 +43,8 @@ def main() -> None:
                     help="cast the checkpoint's weights as `infer --dtype` does (default: as stored); in bf16 the "
                          "reader's products, sums and residual stream are all bf16")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write each clip's id, reference and reading (of the last --compute) to this JSON file")
     args = ap.parse_args()
 
     import tokenizers
@@ -89,6 +91,9 @@ def main() -> None:
         wer = error_rates(refs, [normalize_english(h) for h in hyps])[0]
         print(f"compute {dtype}: WER {wer:.3f} on {len(records)} clips; encode {statistics.median(encode_s):.3f} s, "
               f"read {statistics.median(read_s):.3f} s (medians per clip)")
+    if args.out is not None:
+        items = [{"id": r.id, "reference": r.answer, "reading": h} for r, h in zip(records, hyps)]
+        args.out.write_text(json.dumps(items, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -208,3 +208,35 @@ def test_speak_prosody_trains_only_its_projections_and_ships_them(tmp_path):
     assembled = read_state_dict(ckpt)
     for k in after:
         torch.testing.assert_close(assembled[k], after[k], rtol=0, atol=1e-5)
+
+
+def test_hear_copy_trains_only_the_llm_adapters_on_the_readings_and_ships_them(tmp_path):
+    """hear_copy.yaml polishes the release's LLM through a fresh LoRA on train_read.jsonl (ASR targets as the reader
+    read them): the head, its projections and hearing stay as they were; the deltas ship the LLM's factors with the
+    head's tensors, and `assets mini --stage`-checked assembly gives the trained checkpoint back."""
+    from test_mini_pipeline import make_data
+
+    from funaudiochat.model import lora
+
+    base = _untrained_base(tmp_path / "base")
+    data = make_data(tmp_path / "data") / "train.jsonl"
+    common = [f"model.checkpoint={base}", f"data.train=[{data}]", *SHRINK, f"run_dir={tmp_path / 'copy'}"]
+    bad = cli("train", "recipes/mini/hear_copy.yaml", *common)  # the recipe's slot rate needs a word reader
+    assert bad.returncode == 1 and "has no word reader" in bad.stderr and "Traceback" not in bad.stderr
+    ok(cli("train", "recipes/mini/hear_copy.yaml", *common, "model.reader_slot_rate=null"))  # this tiny model has none
+    final = tmp_path / "copy" / "final"
+    start, after = read_state_dict(base), read_state_dict(final)
+    moved = {k for k in start if not torch.equal(start[k], after[k])}
+    assert moved and all(k.startswith(lora.LLM_PREFIX) for k in moved)  # the LLM alone, through its adapters
+    rows = read_metrics(tmp_path / "copy")
+    assert rows and all(r["text_loss"] > 0 for r in rows)
+
+    models = tmp_path / "models"
+    ok(cli("assets", "mini-deltas", final, models, "--base", base, "--stage", "hear_copy", "--bf16"))
+    deltas, meta = mini_deltas.read(models)
+    assert meta["stage"] == "hear_copy" and any(lora.is_adapter(k) for k in deltas)
+    ckpt = tmp_path / "mini"
+    ok(cli("assets", "mini", ckpt, "--deltas", models, "--base", base))
+    assembled = read_state_dict(ckpt)
+    for k in after:  # bf16 factors: the LLM within their rounding
+        torch.testing.assert_close(assembled[k].float(), after[k].float(), rtol=0.02, atol=2e-3)

@@ -269,16 +269,27 @@ def test_deltas_ship_the_trained_reader_parts_and_assembly_reattaches_whisper(re
     assert model.word_reader is not None and not model.audio_tower.continual_output_matching.weight.any()
     with torch.no_grad():
         model.audio_tower.continual_output_matching.weight.normal_(0, 0.01)
+    model.cfg.audio_config.word_reader = {**model.cfg.audio_config.word_reader, "slot_rate": 7.5}  # trained with
+    model.word_reader.cfg = WordReaderConfig.from_dict(model.cfg.audio_config.word_reader)  # more slots than base
     save_model(model, tmp_path / "trained")
     shutil.copy(base / "tokenizer.json", tmp_path / "trained")
     deltas, meta = mini_deltas.extract(tmp_path / "trained", base)
-    assert json.loads(meta["word_reader"])["window_s"] == 12 and json.loads(meta["trained"])["hearing"]
+    reader = json.loads(meta["word_reader"])
+    assert reader["window_s"] == 12 and reader["slot_rate"] == 7.5 and json.loads(meta["trained"])["hearing"]
     assert sorted(deltas) == ["audio_tower.continual_output_matching.weight"]
     mini_deltas.write(deltas, meta, tmp_path / "deltas")
     rebuilt = load_model(mini_deltas.assemble(tmp_path / "out", tmp_path / "deltas"), dtype="fp32")
-    assert rebuilt.word_reader.cfg.window_s == 12
+    assert rebuilt.word_reader.cfg.window_s == 12 and rebuilt.word_reader.cfg.slot_rate == 7.5
+    on_base = load_model(mini_deltas.assemble(tmp_path / "out_base", tmp_path / "deltas", base_dir=base), dtype="fp32")
+    assert on_base.cfg.audio_config.word_reader["slot_rate"] == on_base.word_reader.cfg.slot_rate == 7.5
     for key, value in model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
+    # a reader of another shape is not a setting: refused
+    config = json.loads((tmp_path / "trained" / "config.json").read_text())
+    config["audio_config"]["word_reader"]["layers"] = 2
+    (tmp_path / "trained" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="differ in their word reader"):
+        mini_deltas.extract(tmp_path / "trained", base)
     # release 1's deltas recorded no reader settings: refused with a reason, not assembled into another model
     mini_deltas.write(deltas, {**meta, "word_reader": "1"}, tmp_path / "old")
     with pytest.raises(CheckpointError, match="first word-reader release"):
@@ -308,3 +319,106 @@ def test_a_regrouped_start_keeps_the_readers_id_table(reader_base, spoken):
             return model._read_words(features, mask.sum(-1), n_tokens)[1]
 
     torch.testing.assert_close(slots(regrouped), slots(stored), rtol=0, atol=0)
+
+
+def test_readings_stage_makes_each_asr_target_what_the_reader_reads(reader_base, spoken, tmp_path, capsys):
+    """`data build-mini --stage readings`: each train ASR record's target becomes its clip as the checkpoint's reader
+    reads it (the script kept in meta), QA records pass unchanged, a clip with no slots is dropped; an interrupted
+    run reads only what is missing; the committed readings are reused without a model; mismatches are refused."""
+    import gzip
+
+    import soundfile as sf
+
+    from funaudiochat.cli import main as cli_main
+    from funaudiochat.eval.normalize import normalize_english
+    from funaudiochat.text.tokenizer import AUDIO_PAD, AUDIO_TEMPLATE
+
+    data = tmp_path / "data"
+    (data / "audio").mkdir(parents=True)
+    sf.write(data / "audio" / "france.wav", spoken, 16000)
+    sf.write(data / "audio" / "spain.wav", speak("Tell me the capital of Spain."), 16000)
+
+    def record(rid, task, wav, answer, tokens):
+        user = AUDIO_TEMPLATE + ("\nPlease help me transcribe the audio." if task == "asr" else "")
+        audio = json.dumps({"path": f"audio/{wav}", "token": AUDIO_PAD * tokens, "text": ""})
+        return {"id": rid, "task": task, "system": "Be brief.", "audio": [audio],
+                "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+    rows = [record("france", "asr", "france.wav", SPOKEN, 60),
+            record("spain", "asr", "spain.wav", "Tell me the capital of Portugal.", 50),  # a script it does not say
+            record("qa", "qa", "france.wav", "Paris.", 60),
+            record("silent", "asr", "spain.wav", "Nothing.", 0)]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    committed = data / "readings.jsonl.gz"
+    build = ["data", "build-mini", "--out", str(data), "--stage", "readings", "--readings", str(committed),
+             "--no-progress", "--batch-size", "2"]
+
+    assert cli_main(build + ["--model", str(reader_base)]) == 0
+    read = {r["id"]: r for r in map(json.loads, (data / "train_read.jsonl").read_text().splitlines())}
+    assert sorted(read) == ["france", "qa", "spain"]
+    assert read["qa"] == rows[2]
+    heard = normalize_english(read["france"]["messages"][-1]["content"])
+    assert "capital" in heard and "france" in heard and read["france"]["meta"]["transcript"] == SPOKEN
+    assert "spain" in read["spain"]["messages"][-1]["content"].lower()
+    assert read["spain"]["meta"]["transcript"] == "Tell me the capital of Portugal."
+    with gzip.open(committed, "rt") as f:
+        table = {r["id"]: r["reading"] for r in map(json.loads, f)}
+    assert table["silent"] == "" and table["france"] == read["france"]["messages"][-1]["content"]
+
+    # interrupted after one clip: the rerun keeps what was read and reads the rest
+    committed.unlink()
+    (data / "readings.partial.jsonl").write_text(  # and one read at another slot rate, which does not count
+        json.dumps({"id": "france", "reading": "Kept from before.", "slot_rate": 5.0}) + "\n" +
+        json.dumps({"id": "spain", "reading": "Read for more slots.", "slot_rate": 7.5}) + "\n")
+    assert cli_main(build + ["--model", str(reader_base)]) == 0
+    with gzip.open(committed, "rt") as f:
+        table = {r["id"]: r["reading"] for r in map(json.loads, f)}
+    assert table["france"] == "Kept from before." and "spain" in table["spain"].lower()
+
+    # no model: the committed readings are applied as they are
+    (data / "train_read.jsonl").unlink()
+    assert cli_main(build) == 0
+    assert "reusing" in capsys.readouterr().out
+    assert json.loads((data / "train_read.jsonl").read_text().splitlines()[0])["messages"][-1]["content"] == \
+        "Kept from before."
+
+    # readings of another build, or none at all: refused with the command that makes them
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [record("new", "asr", "spain.wav",
+                                                                                        "New.", 50)]))
+    assert cli_main(build) != 0
+    assert "has no reading" in capsys.readouterr().err
+    committed.unlink()
+    assert cli_main(build) != 0
+    assert "--stage readings --model" in capsys.readouterr().err
+
+
+def test_slot_rate_gives_user_audio_the_same_slots_in_the_engine_and_in_training(tmp_path):
+    """word_reader.slot_rate: a reader model gives a user audio `slot_rate` slots a second, in the engine's prompt
+    and in a training sample of the same record alike (the record's 25 Hz placeholders are rescaled); 5 is the
+    released count; a rate outside [5, 25] is refused."""
+    from helpers import make_word_tokenizer, write_wav
+
+    from funaudiochat.engine.prompt import prompt_ids, speech_token_count
+    from funaudiochat.model.presets import tiny
+    from funaudiochat.text.tokenizer import AUDIO_PAD, AUDIO_TEMPLATE
+    from funaudiochat.train.data import SampleBuilder
+
+    tok = make_word_tokenizer(tmp_path / "tokenizer.json", "hello there")
+    wav = load_audio(write_wav(tmp_path / "q.wav", 1.6, freq=200.0))
+    n = speech_token_count(len(wav))
+    record = {"messages": [{"role": "user", "content": AUDIO_TEMPLATE}, {"role": "assistant", "content": "hello"}],
+              "audio": [json.dumps({"path": "q.wav", "token": AUDIO_PAD * n, "text": ""})]}
+    slots = {}
+    for rate in (5, 7.5):
+        cfg = tiny()
+        cfg.audio_config.word_reader = {"slot_rate": rate}
+        ids, counts = prompt_ids(tok, cfg, [{"role": "user", "content": AUDIO_TEMPLATE}], [wav])
+        sample = SampleBuilder(tok, cfg, max_len=512).sample(record, tmp_path, "test")
+        assert len(sample.audios[0].speech_ids) == counts[0]  # training reads the audio as the engine does
+        slots[rate] = ids.count(tok.special.audio)
+        assert list(sample.input_ids).count(tok.special.audio) == slots[rate]
+        assert slots[rate] == -(-counts[0] // cfg.audio_config.group_size)
+    assert counts[0] == -(-n * 3 // 2) and slots[5] == -(-n // 5) < slots[7.5]
+    for bad in (4, 30):
+        with pytest.raises(ConfigError, match="slot_rate"):
+            WordReaderConfig.from_dict({"slot_rate": bad})

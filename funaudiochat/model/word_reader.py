@@ -77,7 +77,7 @@ class WordReaderConfig:
     def placeholders(self, n: int) -> int:
         """A user audio's n placeholder tokens (25 Hz, as the released processor counts them) -> as many as give
         it `slot_rate` slots a second."""
-        return n if self.slot_rate == 5 else math.ceil(n * self.slot_rate / 5)
+        return math.ceil(n * self.slot_rate / 5)
 
     @property
     def window_frames(self) -> int:
@@ -86,6 +86,12 @@ class WordReaderConfig:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "start_ids": list(self.start_ids)}
+
+
+def set_reader_settings(model, settings: dict, where: str = "audio_config.word_reader") -> None:
+    """Make a built model's word reader read with `settings` (its config.json entry and the reader alike)."""
+    model.word_reader.cfg = WordReaderConfig.from_dict(settings, where)
+    model.cfg.audio_config.word_reader = settings
 
 
 def cut_loop(tokens: torch.Tensor) -> torch.Tensor:

@@ -369,11 +369,14 @@ def test_readings_stage_makes_each_asr_target_what_the_reader_reads(reader_base,
     committed.unlink()
     (data / "readings.partial.jsonl").write_text(  # and one read at another slot rate, which does not count
         json.dumps({"id": "france", "reading": "Kept from before.", "slot_rate": 5.0}) + "\n" +
-        json.dumps({"id": "spain", "reading": "Read for more slots.", "slot_rate": 7.5}) + "\n")
+        json.dumps({"id": "spain", "reading": "Read for more slots.", "slot_rate": 7.5}) + "\n" +
+        '{"id": "silent", "readi')  # a line cut by the interruption: read again
     assert cli_main(build + ["--model", str(reader_base)]) == 0
     with gzip.open(committed, "rt") as f:
         table = {r["id"]: r["reading"] for r in map(json.loads, f)}
-    assert table["france"] == "Kept from before." and "spain" in table["spain"].lower()
+    assert table["france"] == "Kept from before." and "spain" in table["spain"].lower() and table["silent"] == ""
+    # the new reading starts a line of its own after the cut one
+    assert json.loads((data / "readings.partial.jsonl").read_text().splitlines()[-1])["id"] == "silent"
 
     # no model: the committed readings are applied as they are
     (data / "train_read.jsonl").unlink()
@@ -381,6 +384,13 @@ def test_readings_stage_makes_each_asr_target_what_the_reader_reads(reader_base,
     assert "reusing" in capsys.readouterr().out
     assert json.loads((data / "train_read.jsonl").read_text().splitlines()[0])["messages"][-1]["content"] == \
         "Kept from before."
+
+    # a record file with a broken line: refused with its line number
+    good = (data / "train.jsonl").read_text()
+    (data / "train.jsonl").write_text(good + "{not json\n")
+    assert cli_main(build) != 0
+    assert "train.jsonl:5" in capsys.readouterr().err
+    (data / "train.jsonl").write_text(good)
 
     # readings of another build, or none at all: refused with the command that makes them
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [record("new", "asr", "spain.wav",

@@ -32,7 +32,15 @@ def asr_records(data_dir: Path, split: str = "train") -> list[dict]:
     path = data_dir / f"{split}.jsonl"
     if not path.is_file():
         raise InputError(f"{path}: no such split file (`funaudiochat data build-mini --out {data_dir}` writes it)")
-    return [row for _, row in fileio.read_jsonl(path) if isinstance(row, dict) and row.get("task") == "asr"]
+    return [row for row in _records(path) if row.get("task") == "asr"]
+
+
+def _records(path: Path):
+    """The records of a build-mini JSONL file; a line that is not a JSON object stops with its line number."""
+    for lineno, row in fileio.read_jsonl(path):
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{lineno}: {row}")
+        yield row
 
 
 def _clip(row: dict, data_dir: Path) -> tuple[Path, int]:
@@ -86,10 +94,14 @@ def read_train_clips(data_dir: Path, model_dir: Path, partial: Path, batch: int 
     rows = asr_records(data_dir)
     reader = Reader(model_dir, slot_rate)
     rate = reader.model.word_reader.cfg.slot_rate  # a partial run read at another rate does not count
+    # a line cut by an interrupted write is not a reading: it is read again
     done = {r["id"]: r["reading"] for _, r in fileio.read_jsonl(partial)
-            if r.get("slot_rate") == rate} if partial.is_file() else {}
+            if isinstance(r, dict) and r.get("slot_rate") == rate} if partial.is_file() else {}
     todo = [r for r in rows if r["id"] not in done]
     if todo:
+        if partial.is_file() and partial.stat().st_size and not partial.read_bytes().endswith(b"\n"):
+            with partial.open("a") as out:  # the cut line ends here, so the next reading starts its own
+                out.write("\n")
         with partial.open("a") as out, tqdm(total=len(rows), initial=len(rows) - len(todo), desc="readings",
                                             unit="clip", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, len(todo), batch):
@@ -128,10 +140,10 @@ def apply_readings(data_dir: Path, readings: dict[str, str]) -> dict:
     counts = {"qa": 0, "asr": 0, "asr_dropped_empty": 0, "asr_differs_from_script": 0}
     tmp = dst.with_name(dst.name + ".tmp")
     with tmp.open("w") as out:
-        for lineno, row in fileio.read_jsonl(src):
+        for row in _records(src):
             if row.get("task") == "asr":
                 if row["id"] not in readings:
-                    raise InputError(f"{src}:{lineno}: ASR record {row['id']!r} has no reading (readings of "
+                    raise InputError(f"{src}: ASR record {row['id']!r} has no reading (readings of "
                                      f"another data build? rerun `--stage readings`)")
                 reading, script = readings[row["id"]], row["messages"][-1]["content"]
                 if not reading:

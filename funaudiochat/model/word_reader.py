@@ -15,11 +15,13 @@ needs).
 The reader sees Whisper's padded windows of `window_s` seconds: Whisper was trained on 30 s, but tiny.en reads a
 question as well from 10 s (those clips: WER 0.068 against 0.073) at a quarter of the encoder's time.
 
-The reader is frozen (Whisper's weights, nothing trained). Released checkpoints have no reader. Each step reads
-all its weights (8 M in the layers) and scores the whole vocabulary (20 M in the tied projection): the step is
-bound by memory, not arithmetic. By default (`set_compute_dtype`) its products read bf16 copies of the weights
-where the device computes bf16 natively: half the bytes. Only the products' inputs are rounded to bf16; sums, layer
-norms, attention and the residual stream stay fp32. It reads as well (the mini's 150 test ASR clips:
+The reader starts as Whisper's weights; the recipe stage `reader` (recipes/mini/reader_noisy.yaml) trains it, with
+the encoder, on the training clips' scripts through noise and the telephone band (`teacher_forced`: every position
+of a known transcript in one pass). Released checkpoints have no reader. Each step reads all its weights (8 M in the
+layers) and scores the whole vocabulary (20 M in the tied projection): the step is bound by memory, not arithmetic.
+By default (`set_compute_dtype`) its products read bf16 copies of the weights where the device computes bf16
+natively: half the bytes. Only the products' inputs are rounded to bf16; sums, layer norms, attention and the
+residual stream stay fp32. It reads as well (the mini's 150 test ASR clips:
 bench/word_reader.py, figures in BENCHMARKS.md).
 
 Shape legend: A windows, B beams, T encoder frames of a window (50 Hz), C Whisper width, V Whisper vocabulary,
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funaudiochat.errors import ConfigError
+from funaudiochat.errors import ConfigError, InputError
 from funaudiochat.model.precision import native_bf16
 
 
@@ -184,6 +186,15 @@ class _DecoderLayer(nn.Module):
         x = x + self.cross_attn.attend_window(self.cross_attn.q(self.cross_norm(x)), *cross_kv)
         return x + self.fc2(F.gelu(self.fc1(self.ffn_norm(x))))
 
+    def teacher_forced(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """x [N, L, C], every position of a known token sequence at once (causal); memory [N, T, C] -> [N, L, C]."""
+        attn, cross = self.self_attn, self.cross_attn
+        q, k, v = (attn.split(t) for t in attn.qkv(self.self_norm(x)).chunk(3, dim=-1))
+        x = x + attn.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2))
+        k, v = (cross.split(t) for t in cross.kv(memory).chunk(2, dim=-1))
+        x = x + cross.attend(cross.q(self.cross_norm(x)), k, v)
+        return x + self.fc2(F.gelu(self.fc1(self.ffn_norm(x))))
+
 
 class WordReader(nn.Module):
     def __init__(self, cfg: WordReaderConfig):
@@ -225,6 +236,21 @@ class WordReader(nn.Module):
         for layer, cache, kv in zip(self.layers, caches, cross):
             x = layer(x, cache, kv)
         return self.norm(x[:, 0])
+
+    def teacher_forced(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Training: encoder windows memory [N, T, C] (post-LN) and token sequences [N, L] (the prompt `start_ids`,
+        then the transcript) -> fp32 logits [N, L, V] of each next token, all positions in one causal pass (what
+        `read` computes one step at a time). Products read the fp32 weights, so gradients reach them."""
+        if tokens.shape[1] > self.cfg.max_positions:
+            raise InputError(f"a transcript of {tokens.shape[1]} tokens is past the reader's "
+                             f"{self.cfg.max_positions} positions")
+        for module in self.modules():  # a read may have left the products on bf16 copies (no gradient there)
+            if isinstance(module, _Linear):
+                module.bf16 = False
+        x = self.embed_tokens(tokens) + self.embed_positions[: tokens.shape[1]]
+        for layer in self.layers:
+            x = layer.teacher_forced(x, memory)
+        return (self.norm(x) @ self.embed_tokens.weight.T).float()
 
     @torch.no_grad()
     def read(self, memory: torch.Tensor, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ A recipe file is plain data (no tags, no class paths). Every section below is a 
 wrongly typed values are collected and reported together in one `ConfigError`. Relative paths are relative to the
 directory the command runs in.
 
-    stage: sft | dpo
+    stage: sft | dpo | reader
     run_dir: runs/NAME
     model:      where the weights come from (a released-format checkpoint, or a named preset with random init)
     data:       JSONL files, context length, packing, length bucketing, what to do with malformed records
@@ -15,6 +15,8 @@ directory the command runs in.
     log:        metrics cadence, progress bar, TensorBoard
     dpo:        beta, reference model
     lora:       low-rank adapters on the LLM (rank 0: none), their scale and target layers
+    reader:     stage `reader` (the mini's word reader: Whisper's encoder and decoder trained on the records' clips
+                and their scripts): how often a clip is roughened, and how
 """
 from __future__ import annotations
 
@@ -147,8 +149,17 @@ class LoraSection:
 
 
 @dataclass(kw_only=True)
+class ReaderSection:
+    """Stage `reader`: each clip, drawn afresh at every step, gets noise at an SNR, or the telephone band, or neither
+    (the clips come with their own augmentation from the data build; this adds harder conditions)."""
+    noise: float = 0.45                # share of clips with added noise (white or pink)
+    snr_db: list[float] = field(default_factory=lambda: [3.0, 15.0])  # its SNR, uniform in [low, high] dB
+    telephone: float = 0.25            # share of clips through the telephone band (8 kHz, mu-law, 300-3400 Hz)
+
+
+@dataclass(kw_only=True)
 class Recipe:
-    stage: str = "sft"                 # sft (pre-align, Core-Cocktail stages) | dpo
+    stage: str = "sft"                 # sft (pre-align, Core-Cocktail stages) | dpo | reader
     run_dir: str = "runs/default"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -159,6 +170,7 @@ class Recipe:
     log: LogSection = field(default_factory=LogSection)
     dpo: DPOSection = field(default_factory=DPOSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    reader: ReaderSection = field(default_factory=ReaderSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -236,7 +248,18 @@ class Recipe:
              f"{self.train.global_batch}")
         need(self.model.preset is None or callable(getattr(presets, str(self.model.preset), None)),
              f"model.preset: unknown preset {self.model.preset!r} (known: {', '.join(_preset_names())})")
-        need(self.stage in ("sft", "dpo"), f"stage: must be sft or dpo, got {self.stage!r}")
+        need(self.stage in ("sft", "dpo", "reader"), f"stage: must be sft, dpo or reader, got {self.stage!r}")
+        number("reader.noise", self.reader.noise, 0, 1, high_open=False)
+        number("reader.telephone", self.reader.telephone, 0, 1, high_open=False)
+        shares = (self.reader.noise, self.reader.telephone)
+        need(not (all(isinstance(v, (int, float)) for v in shares) and sum(shares) > 1),
+             f"reader.noise + reader.telephone: shares of the clips, at most 1 together, got "
+             f"{self.reader.noise!r} + {self.reader.telephone!r}")
+        snr = self.reader.snr_db
+        need(len(snr) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in snr) and snr[0] <= snr[1],
+             f"reader.snr_db: [low, high] in dB with low <= high, got {snr!r}")
+        need(not (self.stage == "reader" and self.lora.rank),
+             "lora.rank: the reader stage trains Whisper's own weights (train.trainable), not LLM adapters; set 0")
         need((self.model.checkpoint is None) != (self.model.preset is None),
              "model: give exactly one of model.checkpoint (a released-format folder) or model.preset")
         need(self.model.checkpoint is not None or self.model.tokenizer is not None,

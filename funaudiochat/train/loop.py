@@ -1,7 +1,7 @@
-"""The training loop of every stage (pre-alignment, Core-Cocktail stages, multi-task DPO), on one process or on
-many under torchrun (FSDP2 or DDP). A `Trainer` follows torchtune's setup / train / save_checkpoint shape and
-nanoGPT's plain loop: fetch this process's micro-batches of the step, forward + backward each (gradients sync on the
-last), clip, step, log, checkpoint.
+"""The training loop of every stage (pre-alignment, Core-Cocktail stages, multi-task DPO, the mini's word reader),
+on one process or on many under torchrun (FSDP2 or DDP). A `Trainer` follows torchtune's setup / train /
+save_checkpoint shape and nanoGPT's plain loop: fetch this process's micro-batches of the step, forward + backward
+each (gradients sync on the last), clip, step, log, checkpoint.
 
 Exactness: the global batch of a step is fixed by (seed, step), losses are normalised by the target counts of the
 whole global batch, and checkpoints hold full fp32 weights, the optimizer state and every process's RNG state; so
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset
@@ -42,6 +43,7 @@ from funaudiochat.train.data import DataReport, SampleBuilder, load_records
 from funaudiochat.train.losses import GlobalCounts, dpo_loss, sequence_logps, sft_loss
 from funaudiochat.train.metrics import MetricsLog
 from funaudiochat.train.optim import build_optimizer, lr_at, select_trainable, set_lr
+from funaudiochat.train.reader_data import IGNORE, ReaderCollator, load_reader_clips
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +51,16 @@ log = logging.getLogger(__name__)
 class StepData(Dataset):
     """Item `step` = this process's micro-batches of that optimizer step (collated; audio loaded, log-mel done)."""
 
-    def __init__(self, items: list, plan: EpochPlan, collate: Collator, info: parallel.DistInfo, accum: int,
-                 pairs: bool):
-        self.items, self.plan, self.collate, self.info, self.accum, self.pairs = items, plan, collate, info, accum, pairs
+    def __init__(self, items: list, plan: EpochPlan, collate, info: parallel.DistInfo, accum: int, stage: str):
+        self.items, self.plan, self.collate, self.info = items, plan, collate, info
+        self.accum, self.stage = accum, stage
 
     def __getitem__(self, step: int) -> list:
         micro = split_global_batch(self.plan.step(step), self.plan.lengths, self.info.rank, self.info.world,
                                    self.accum)
-        if not self.pairs:
+        if self.stage == "reader":  # its collate roughens the clips as (seed, step, micro-batch) draws
+            return [self.collate([self.items[i] for i in m], (step, j)) for j, m in enumerate(micro)]
+        if self.stage != "dpo":
             return [self.collate([self.items[i] for i in m]) for m in micro]
         out = []
         for m in micro:
@@ -133,9 +137,12 @@ class Trainer:
 
     def _setup_data(self) -> None:
         r, info = self.recipe, self.info
-        builder = SampleBuilder(self.tokenizer, self.cfg, r.data.max_len)
-        build = builder.pair if r.stage == "dpo" else builder.sample
-        self.items, report = load_records(r.data.train, build, r.data.on_error)
+        if r.stage == "reader":
+            self.items, report = self._reader_clips()
+        else:
+            builder = SampleBuilder(self.tokenizer, self.cfg, r.data.max_len)
+            build = builder.pair if r.stage == "dpo" else builder.sample
+            self.items, report = load_records(r.data.train, build, r.data.on_error)
         if info.main:
             _log_report(report, self.run_dir)
         self.plan = EpochPlan([len(x) for x in self.items], r.train.global_batch, r.train.seed,
@@ -146,11 +153,29 @@ class Trainer:
                               f"({r.train.micro_batch}) x processes ({info.world})")
         self.accum = r.train.global_batch // per_step
         self.total_steps = r.train.steps or r.train.epochs * self.plan.batches_per_epoch
-        self.collate = Collator(self.cfg, r.data.max_len, r.data.packing)
+        self.collate = Collator(self.cfg, r.data.max_len, r.data.packing) if r.stage != "reader" else \
+            ReaderCollator(self.cfg.audio_config.num_mel_bins, self.reader_cfg, r.reader, r.train.seed)
         self.tasks = sorted({p.task for p in self.items}) if r.stage == "dpo" else []
         other = sorted(set(self.tasks) - set(DPO_TASKS))
         if other and info.main:
             log.info("DPO task tags besides the paper's %s: %s (metrics are logged per tag)", DPO_TASKS, other)
+
+    def _reader_clips(self) -> tuple[list, DataReport]:
+        """Stage `reader`: the records' user clips and their scripts in Whisper's tokens (train/reader_data.py)."""
+        import tokenizers
+
+        from funaudiochat.assets.whisper_encoder import whisper_model_dir
+
+        settings = self.cfg.audio_config.word_reader
+        if settings is None:
+            raise ConfigError(f"stage reader: {self.recipe.model.checkpoint or 'the preset'} has no word reader "
+                              f"(start from `assets smollm2 --word-reader` or a model built from it)")
+        if self.info.world > 1:
+            raise ConfigError("stage reader runs on one process (Whisper tiny trains in minutes on one CPU): launch "
+                              "it without torchrun")
+        self.reader_cfg = WordReaderConfig.from_dict(settings)
+        tokenizer = tokenizers.Tokenizer.from_file(str(whisper_model_dir() / "tokenizer.json"))
+        return load_reader_clips(self.recipe.data.train, self.reader_cfg, tokenizer, self.recipe.data.on_error)
 
     def _build_model(self, source: Path | None, trainable: bool, fresh: bool = False) -> torch.nn.Module:
         """Plain / DDP: every process holds the whole model. FSDP2: rank 0 reads the full weights, the others
@@ -242,7 +267,8 @@ class Trainer:
     # ------------------------------------------------------------------ train
     def train(self) -> None:
         r, info = self.recipe, self.info
-        data = StepData(self.items, self.plan, self.collate, info, self.accum, pairs=r.stage == "dpo")
+        data = StepData(self.items, self.plan, self.collate, info, self.accum, r.stage)
+        step_of = {"sft": self._sft_step, "dpo": self._dpo_step, "reader": self._reader_step}[r.stage]
         loader = DataLoader(data, batch_size=None, sampler=range(self.start_step, self.total_steps),
                             num_workers=r.data.num_workers)
         bar = _progress(r, info, self.start_step, self.total_steps)
@@ -251,7 +277,7 @@ class Trainer:
             t0 = time.perf_counter()
             lr = lr_at(step, self.total_steps, r.optim)
             set_lr(self.optimizer, lr)
-            stats = self._dpo_step(micro) if r.stage == "dpo" else self._sft_step(micro)
+            stats = step_of(micro)
             for p in params:  # no gradient in this step (e.g. no user audio): step on zeros, as FSDP2 and ZeRO do
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -309,6 +335,19 @@ class Trainer:
             stats["loss"] += aux_coef * stats["aux_loss"]
         stats["tokens"] = int(counts[3])
         return stats
+
+    def _reader_step(self, micro: list) -> dict:
+        """Stage `reader`: Whisper's cross-entropy on each clip's script, averaged over the step's target tokens."""
+        device, n = self.info.device, sum(b.n_targets for b in micro)
+        total = 0.0
+        for b in micro:
+            with self._autocast():
+                logits = self.model.reader_logits(b.features.to(device), b.lengths.to(device), b.inputs.to(device))
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), b.targets.flatten().to(device),
+                                   ignore_index=IGNORE, reduction="sum")
+            (loss / max(n, 1)).backward()
+            total += float(loss.detach())
+        return {"loss": total / max(n, 1), "tokens": n}
 
     def _dpo_step(self, micro: list) -> dict:
         info, world, beta = self.info, self.info.world, self.recipe.dpo.beta

@@ -246,6 +246,11 @@ class AudioConfig(_JsonMixin):
     # that starts a unit (the speaking rate) and one per loudness level (GAINS), so an instruction moves when units
     # start and how loud the answer is, not only what the head reads. Released: False.
     srh_answer_prosody: bool = False
+    # fun-audio-chat-mini: the loudness levels' biases of `srh_answer_prosody` times this (the rate bias as learned).
+    # Release 5 ships 2: its level biases learn from one target per answer (the first frame's level, which the whole
+    # answer keeps) and left 3 of 11 "quieter" answers at the normal level; doubled, all 11 (docs/mini.md). Released:
+    # 1.0 (not written to config.json).
+    srh_level_scale: float = 1.0
     # fun-audio-chat-mini: the SRH reads the Piper tokens it said back at the normal loudness, so the loudness of every
     # frame is read from the answer's style (`srh_answer_style`), not copied from the frame before. Released: False.
     srh_blind_gain: bool = False
@@ -297,6 +302,8 @@ class AudioConfig(_JsonMixin):
             del out["srh_answer_prosody"]
         if not self.srh_blind_gain:
             del out["srh_blind_gain"]
+        if self.srh_level_scale == 1.0:
+            del out["srh_level_scale"]
         if self.word_reader is None:
             del out["word_reader"]
         return dict(sorted(out.items()))
@@ -317,9 +324,10 @@ class AudioConfig(_JsonMixin):
         rms = self.continuous_output_rms
         _check(rms is None or (isinstance(rms, (int, float)) and not isinstance(rms, bool) and 0 < rms < math.inf),
                where, "continuous_output_rms", f"must be a positive number or null, got {rms!r}")
-        scale = self.srh_token_scale
-        _check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf,
-               where, "srh_token_scale", f"must be a positive number, got {scale!r}")
+        for name in ("srh_token_scale", "srh_level_scale"):
+            scale = getattr(self, name)
+            _check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf,
+                   where, name, f"must be a positive number, got {scale!r}")
         width = self.srh_pending_units
         _check(isinstance(width, int) and not isinstance(width, bool) and 0 <= width <= 16, where,
                "srh_pending_units", f"must be an integer in [0, 16], got {width!r}")

@@ -480,7 +480,8 @@ def test_the_answer_cue_is_the_mean_of_the_users_last_words_and_carries_through_
 def test_the_answer_prosody_biases_unit_starts_and_loudness_levels_by_the_style_in_force(tmp_path):
     """`audio_config.srh_answer_prosody`: inside a spoken answer, the head's logits at the 5 fine positions of each
     LLM position gain the projected style in force: its rate bias on every Piper token that starts a unit, its
-    level's bias on every Piper token of that loudness; nothing on the specials, nothing outside the answer."""
+    level's bias (times `srh_level_scale`) on every Piper token of that loudness; nothing on the specials, nothing
+    outside the answer."""
     from funaudiochat.speech.piper_tokens import GAINS, NUM_UNITS, VOCAB_SIZE
 
     model, inputs = tiny_s2s_batch(tmp_path, codebook=VOCAB_SIZE + 8, srh_answer_style=True, srh_answer_prosody=True)
@@ -491,6 +492,8 @@ def test_the_answer_prosody_biases_unit_starts_and_loudness_levels_by_the_style_
         plain = model(**inputs).speech_logits
         head.answer_prosody.weight.normal_()
         added = model(**inputs).speech_logits - plain
+        head.level_scale = 2.0  # config srh_level_scale: the levels' biases doubled, the rate's as learned
+        doubled = model(**inputs).speech_logits - plain
     hidden = _head_input(model, inputs)[1]
     ids = inputs["input_ids"]
     codes = torch.arange(VOCAB_SIZE + 8)
@@ -498,9 +501,10 @@ def test_the_answer_prosody_biases_unit_starts_and_loudness_levels_by_the_style_
     for row in range(ids.shape[0]):
         opener, close = _spoken_answer(ids[row], cfg)
         rate, *levels = head.answer_prosody(head.answer_style(hidden[row, opener])).tolist()
-        expected = torch.tensor(levels)[level] + rate * (codes % 2 == 0)
-        expected[VOCAB_SIZE:] = 0.0
-        torch.testing.assert_close(added[row, k * opener:k * close], expected.expand(k * (close - opener), -1),
-                                   rtol=1e-4, atol=1e-4)
+        for scale, got in ((1.0, added), (2.0, doubled)):
+            expected = scale * torch.tensor(levels)[level] + rate * (codes % 2 == 0)
+            expected[VOCAB_SIZE:] = 0.0
+            torch.testing.assert_close(got[row, k * opener:k * close], expected.expand(k * (close - opener), -1),
+                                       rtol=1e-4, atol=1e-4)
         assert abs(rate) > 1e-3 and len({round(x, 4) for x in levels}) == len(GAINS)  # a real test of each part
         assert not added[row, :k * opener].any() and not added[row, k * close:].any()

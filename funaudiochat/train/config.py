@@ -66,6 +66,8 @@ class ModelSection:
     #   logits (config.srh_answer_prosody), through a projection that starts at zero
     srh_blind_gain: bool | None = None  # true: the SRH reads the tokens it said back at the normal loudness
     #   (config.srh_blind_gain)
+    srh_level_scale: float | None = None  # the loudness levels' prosody biases times this (config.srh_level_scale),
+    #   when it differs from the starting model's
     reader_slot_rate: float | None = None  # the word reader's slots a second (word_reader.slot_rate), when it
     #   differs from the starting model's: the user audio's placeholders follow it in training and in the engine
     speech_embeddings_at_start: str | None = None  # "piper-factorized": a new run's speech embeddings (tied to the
@@ -200,8 +202,9 @@ class Recipe:
              f"train.text_stream_targets: 'released' or 'text', got {self.train.text_stream_targets!r}")
         need(self.train.speech_embedding_grad in ("all", "head"),
              f"train.speech_embedding_grad: 'all' or 'head', got {self.train.speech_embedding_grad!r}")
-        if self.model.srh_token_scale is not None:
-            number("model.srh_token_scale", self.model.srh_token_scale, 0, low_open=True)
+        for name in ("srh_token_scale", "srh_level_scale"):
+            if getattr(self.model, name) is not None:
+                number(f"model.{name}", getattr(self.model, name), 0, low_open=True)
         width = self.model.srh_pending_units
         need(width is None or (isinstance(width, int) and not isinstance(width, bool) and 0 <= width <= 16),
              f"model.srh_pending_units: an integer in [0, 16], got {width!r}")

@@ -92,7 +92,7 @@ class Trainer:
         if r.model.srh_token_scale:
             self.cfg.audio_config.srh_token_scale = r.model.srh_token_scale
         for name in ("srh_pending_units", "speech_feedback", "speech_opener", "srh_answer_style", "srh_answer_cue",
-                     "srh_answer_prosody", "srh_blind_gain"):
+                     "srh_answer_prosody", "srh_blind_gain", "srh_level_scale"):
             if getattr(r.model, name) is not None:  # the recipe's setting over the starting model's
                 setattr(self.cfg.audio_config, name, getattr(r.model, name))
         if r.model.reader_slot_rate is not None:

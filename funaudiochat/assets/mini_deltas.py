@@ -1,9 +1,10 @@
 """What fun-audio-chat-mini ships: only the tensors trained here, as one small safetensors file (models/mini/), and
 the assembly of the full checkpoint from the pip-shipped parts plus that file, offline.
 
-    deltas.safetensors   every non-LLM tensor that training changed (the audio adapter, the encoder's trained
-                         layers, ...), in full; and the LLM's change as folded LoRA factors (`NAME.lora_A`,
-                         `NAME.lora_B`: the weight `NAME.weight` becomes W + B A, see funaudiochat/model/lora.py).
+    deltas.safetensors   every non-LLM tensor that training changed (the audio adapter, the encoder's and the
+                         word reader's trained layers, ...), in full; and the LLM's change as folded LoRA factors
+                         (`NAME.lora_A`, `NAME.lora_B`: the weight `NAME.weight` becomes W + B A, see
+                         funaudiochat/model/lora.py).
                          Metadata: format, the seed of the starting checkpoint's random parts, the parts trained,
                          and the `audio_config` settings training changed (e.g. `srh_token_scale`).
 
@@ -37,7 +38,7 @@ LLM_RTOL = 1e-4                 # |trained - (base + B A)| <= LLM_RTOL * max(1, 
 # the recipe stages whose deltas models/mini releases; the pipeline also commits earlier ones there as training
 # progress (so that a fresh machine resumes from them), which `assets mini` says
 READER_SETTINGS = frozenset({"window_s", "beam_size", "slot_rate"})  # how the word reader reads, not its weights
-RELEASE_STAGES = ("core_cocktail_stage2", "speak", "speak_prosody", "hear_copy", "speak_adapt")
+RELEASE_STAGES = ("core_cocktail_stage2", "speak", "speak_prosody", "reader_noisy", "hear_copy", "speak_adapt")
 # generation defaults the assembled mini ships (config.json fun_audio_chat_mini.generation; engine/presets.py):
 # greedy text from the 135M LLM can loop ("9 * 12 = 9 * 12 = ...") to the token limit; three copies end it
 MINI_GENERATION = {"text_loop_stop": 3}
@@ -54,8 +55,8 @@ def extract(final_dir: str | Path, base_dir: str | Path,
     final, base = read_state_dict(final_dir), read_state_dict(base_dir)
     cfg, final_cfg = FunAudioChatConfig.load(base_dir), FunAudioChatConfig.load(final_dir)
     changed = audio_settings(final_cfg, cfg)
-    # the reader's Whisper weights are pip-shipped: they come from the base, never the deltas; how it reads (its
-    # window, beam, slots a second) may change in training and ships in the metadata
+    # the reader's Whisper weights are pip-shipped: the base's, but for the layers a stage trained (reader_noisy),
+    # which ship like any trained tensor; how it reads (its window, beam, slots a second) ships in the metadata
     reader = changed.pop("word_reader", None)
     if reader is not None and (cfg.audio_config.word_reader is None or _reader_weights_differ(
             reader, cfg.audio_config.word_reader)):

@@ -5,22 +5,23 @@
 #   OMP_NUM_THREADS=2 nohup bash recipes/mini/pipeline.sh >> runs/mini-pipeline.log 2>&1 &
 #
 # The main line (the release): mini-reader -> hear_reader -> Core-Cocktail stage 1 -> merge -> stage 2 -> the speech
-# head alone (speak_srh) -> speak -> the answer's cue and prosody (speak_prosody), then the single-stage baseline,
-# assembly and evaluation. K1=1 also trains the
+# head alone (speak_srh) -> speak -> the answer's cue and prosody (speak_prosody) -> the word reader in noise
+# (reader_noisy), then the single-stage baseline, assembly and evaluation. K1=1 also trains the
 # speaking stages at group size 1 for the DRSR comparison (issue 14 must-show 5). THREADS (default 2) sets the
 # CPU threads of the data steps, WORKERS (default 2) the processes of the audio stage, and OMP_NUM_THREADS those of
 # training: use THREADS=1 and OMP_NUM_THREADS=1 while anything else runs (two torch threads on two shared cores wait
 # on each other: 5x slower, docs/mini.md). STOP_AFTER=STAGE (hear_reader, core_cocktail_merged, core_cocktail_stage2,
-# speak, speak_prosody) ends the run once that stage of the main line is done, e.g. to score it before going on.
+# speak, speak_prosody, reader_noisy) ends the run once that stage of the main line is done, e.g. to score it before
+# going on.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 fac=".venv/bin/funaudiochat"
 threads="${THREADS:-2}"
 step() { echo "== $(date -u +%FT%TZ) $*"; }
 case "${STOP_AFTER:-}" in
-  ""|hear_reader|core_cocktail_merged|core_cocktail_stage2|speak|speak_prosody) ;;
+  ""|hear_reader|core_cocktail_merged|core_cocktail_stage2|speak|speak_prosody|reader_noisy) ;;
   *) echo "STOP_AFTER=$STOP_AFTER: not a stage of the main line (hear_reader, core_cocktail_merged," \
-          "core_cocktail_stage2, speak, speak_prosody)" >&2; exit 2 ;;
+          "core_cocktail_stage2, speak, speak_prosody, reader_noisy)" >&2; exit 2 ;;
 esac
 
 if ! grep -q '"trained"' checkpoints/mini-base/config.json 2>/dev/null; then
@@ -100,24 +101,32 @@ case "${STOP_AFTER:-}" in
   core_cocktail_stage2) restore core_cocktail_stage2 || hearing; stop_after core_cocktail_stage2 ;;
 esac
 # speaking: the head alone on the frozen hearing model, then the head with the speech opener (the LLM stays frozen),
-# then the answer's cue and prosody on that head (only those two projections train; release 4 ships them in bf16)
-if [ "${STOP_AFTER:-}" = speak ] || ! restore speak_prosody; then
-  if ! restore speak; then
-    restore core_cocktail_stage2 || hearing
-    train recipes/mini/speak_srh.yaml speak_srh
-    train recipes/mini/speak.yaml speak
-    snapshot speak
+# then the answer's cue and prosody on that head (only those two projections train; release 4 ships them in bf16);
+# last, Whisper's encoder and its decoder's attention to it read the train clips through noise and the phone band
+# (release 5, in bf16)
+case "${STOP_AFTER:-}" in speak|speak_prosody) speaking=1 ;; *) speaking=0 ;; esac
+if [ "$speaking" = 1 ] || ! restore reader_noisy; then
+  if [ "${STOP_AFTER:-}" = speak ] || ! restore speak_prosody; then
+    if ! restore speak; then
+      restore core_cocktail_stage2 || hearing
+      train recipes/mini/speak_srh.yaml speak_srh
+      train recipes/mini/speak.yaml speak
+      snapshot speak
+    fi
+    stop_after speak
+    train recipes/mini/speak_prosody.yaml speak_prosody
+    snapshot speak_prosody --bf16
   fi
-  stop_after speak
-  train recipes/mini/speak_prosody.yaml speak_prosody
-  snapshot speak_prosody --bf16
+  stop_after speak_prosody
+  train recipes/mini/reader_noisy.yaml reader_noisy
+  snapshot reader_noisy --bf16
 fi
-stop_after speak_prosody
+stop_after reader_noisy
 # the paper's baseline for the merge starts where stage 1 did (trained here if missing, its deltas not shipped)
 restore hear_reader || train recipes/mini/hear_reader.yaml hear_reader
 train recipes/mini/single_stage_baseline.yaml single_stage_baseline
 
-step "ship: assembly (models/mini holds speak_prosody's deltas), evaluation"
+step "ship: assembly (models/mini holds reader_noisy's deltas), evaluation"
 "$fac" assets mini checkpoints/mini
 "$fac" eval mini --model checkpoints/mini --data data/mini --split test --baseline runs/mini/single_stage_baseline/final \
   --latency 50 --compile --out runs/mini/eval --threads "$threads"

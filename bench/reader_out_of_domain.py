@@ -46,7 +46,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(machine_line())
     model = load_model(args.model).eval()
-    tower, reader = model.continuous_audio_tower, model.word_reader
+    reader = model.word_reader
     if reader is None:
         raise SystemExit(f"{args.model}: no word reader (audio_config.word_reader)")
     tok = tokenizers.Tokenizer.from_file(str(whisper_model_dir() / "tokenizer.json"))
@@ -71,8 +71,7 @@ def main() -> None:
                 heard = wav if condition == "clean" else augment.add_noise(wav, 10.0, rng, augment.NOISE_COLORS[i % 2])
                 features, mask = frontend([heard], padding="longest")
                 with torch.no_grad():
-                    windows = tower.ln_post(tower.window_frames(features, mask.sum(-1), reader.cfg.window_frames)[0])
-                    tokens, count = reader.read(windows, 448)
+                    tokens, count = reader.read(model.reader_memory(features, mask.sum(-1))[0], 448)
                 hyp.append(" ".join(tok.decode(tokens[j, : int(count[j])].tolist()) for j in range(len(count))))
     refs = [normalize_english(t) for t in texts]
     for condition, hyp in hyps.items():

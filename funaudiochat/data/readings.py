@@ -7,8 +7,8 @@ parameters it learns to guess instead ("80 plus 81" read right, written "80 plus
 the target, the ASR task is a copy.
 
 The readings are the LLM pieces the reader puts in the clip's slots (cut to the slots, as training and the engine
-see them: word_reader.slot_rate sets how many), decoded with the LLM's tokenizer, by the checkpoint's reader in fp32 (one result on every CPU). They are
-written to a gzipped JSONL (`{"id", "reading"}` per ASR record; committed as recipes/mini/data/readings.jsonl.gz, so
+see them: word_reader.slot_rate sets how many), decoded with the LLM's tokenizer, by the checkpoint's reader in fp32
+(one result on every CPU). They are written to a gzipped JSONL (`{"id", "reading"}` per ASR record; committed as recipes/mini/data/readings.jsonl.gz, so
 no machine has to read the clips again) and applied to DATA/train.jsonl as DATA/train_read.jsonl.
 """
 from __future__ import annotations
@@ -78,11 +78,9 @@ class Reader:
 
         cfg = self.model.cfg
         n_groups = [math.ceil(user_audio_tokens(n, cfg) / cfg.audio_config.group_size) for n in placeholders]
-        tower, reader = self.model.continuous_audio_tower, self.model.word_reader
         features, mask = self.frontend([load_audio(w) for w in wavs], padding="longest")
-        dtype = next(tower.parameters()).dtype
-        windows = tower.window_frames(features.to(dtype), mask.sum(-1), reader.cfg.window_frames)
-        pieces = reader.pieces([tower.ln_post(w) for w in windows], n_groups)
+        dtype = next(self.model.continuous_audio_tower.parameters()).dtype
+        pieces = self.model.word_reader.pieces(self.model.reader_memory(features.to(dtype), mask.sum(-1)), n_groups)
         return [self.tokenizer.decode(p.tolist()).strip() for p in pieces]
 
 

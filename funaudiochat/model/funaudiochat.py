@@ -181,17 +181,21 @@ class FunAudioChatModel(nn.Module):
                                 self.language_model.model.embed_tokens.weight)
         return continuous, read
 
-    def reader_logits(self, features: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Training the word reader (recipe `stage: reader`): log-mel features [N, M, T] of clips of one reader window
-        each, their valid mel frames [N], and token sequences [N, L] -> logits [N, L, V] of each next token, through
-        the encoder on the reader's padded windows as `_read_words` runs it."""
+    def reader_memory(self, features: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Log-mel features [F, M, T] and their valid mel frames [F] -> per audio the encoder's output on the
+        reader's padded windows [W, T', C], post-LN: what the word reader reads (as `_read_words` runs it)."""
         if self.word_reader is None:
             raise InputError("this model has no word reader (audio_config.word_reader)")
         tower = self.continuous_audio_tower
-        windows = tower.window_frames(features, lengths, self.word_reader.cfg.window_frames)  # per clip [W, T, C]
-        if any(w.shape[0] != 1 for w in windows):
+        return [tower.ln_post(w) for w in tower.window_frames(features, lengths, self.word_reader.cfg.window_frames)]
+
+    def reader_logits(self, features: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Training the word reader (recipe `stage: reader`): log-mel features [N, M, T] of clips of one reader window
+        each, their valid mel frames [N], and token sequences [N, L] -> logits [N, L, V] of each next token."""
+        memory = self.reader_memory(features, lengths)  # per clip [W, T', C]
+        if any(m.shape[0] != 1 for m in memory):
             raise InputError(f"reader training takes clips of one {self.word_reader.cfg.window_s} s window each")
-        return self.word_reader.teacher_forced(tower.ln_post(torch.cat(windows)), tokens)
+        return self.word_reader.teacher_forced(torch.cat(memory), tokens)
 
     def _transcripts(self, text_ids, text_attention_mask, speech_attention_mask, n_groups: int):
         """Transcript ids [A, T] -> embeddings [A, G, D] and per-group text labels [A, G] (SPEC §6.1 step 6)."""

@@ -219,10 +219,13 @@ class WordReader(nn.Module):
         """Whether this read multiplies in bf16 (sets every layer's products to match)."""
         bf16 = self.embed_tokens.weight.dtype == torch.float32 and (
             self.compute_dtype == "bf16" or (self.compute_dtype == "auto" and native_bf16(device)))
+        self._set_products_bf16(bf16)
+        return bf16
+
+    def _set_products_bf16(self, bf16: bool) -> None:
         for module in self.modules():
             if isinstance(module, _Linear):
                 module.bf16 = bf16
-        return bf16
 
     def _logits(self, z: torch.Tensor, bf16: bool) -> torch.Tensor:
         """final states [N, C] -> fp32 logits [N, V]. The tied projection [V, C] is read whole at every step, most
@@ -244,9 +247,7 @@ class WordReader(nn.Module):
         if tokens.shape[1] > self.cfg.max_positions:
             raise InputError(f"a transcript of {tokens.shape[1]} tokens is past the reader's "
                              f"{self.cfg.max_positions} positions")
-        for module in self.modules():  # a read may have left the products on bf16 copies (no gradient there)
-            if isinstance(module, _Linear):
-                module.bf16 = False
+        self._set_products_bf16(False)  # a read may have left them on bf16 copies (no gradient there)
         x = self.embed_tokens(tokens) + self.embed_positions[: tokens.shape[1]]
         for layer in self.layers:
             x = layer.teacher_forced(x, memory)

@@ -52,6 +52,7 @@ class _ClipBuilder:
 
     def __init__(self, cfg: WordReaderConfig, tokenizer):
         self.cfg, self.tok = cfg, tokenizer
+        self.seconds: dict[str, float] = {}  # per wav: a clip asked again in a follow-up is measured once
 
     def __call__(self, record: dict, base_dir: Path, source: str) -> list[ReaderClip]:
         clips = []
@@ -62,7 +63,9 @@ class _ClipBuilder:
             wav = str(path if Path(path).is_absolute() else base_dir / path)
             if not Path(wav).is_file():
                 raise RecordError("missing file", f"audio {i}: {wav}: no such file")
-            seconds = _seconds(wav)
+            if wav not in self.seconds:
+                self.seconds[wav] = _seconds(wav)
+            seconds = self.seconds[wav]
             if seconds > self.cfg.window_s:
                 raise RecordError("too long", f"audio {i}: {seconds:.1f} s, past the reader's {self.cfg.window_s} s "
                                               f"window")

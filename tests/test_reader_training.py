@@ -81,6 +81,9 @@ def test_clips_targets_and_seeded_roughening(whisper, tmp_path):
     clips, report = load_reader_clips([data], cfg, tok)
     assert [c.wav for c in clips] == [str(tmp_path / "c0.wav"), str(tmp_path / "c1.wav")]
     assert report.counts() == {"no script": 1, "too long": 1}
+    (tmp_path / "bad.wav").write_bytes(b"not audio at all")  # a corrupt clip is reported, not a crash
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "bad", "audio": [{"path": "bad.wav", "ref_text": "x"}]}))
+    assert load_reader_clips([tmp_path / "bad.jsonl"], cfg, tok)[1].counts() == {"bad audio": 1}
     words = tok.encode(" " + SENTENCES[1], add_special_tokens=False).ids
     assert clips[1].ids == (*cfg.start_ids, *words, cfg.end_id)
 

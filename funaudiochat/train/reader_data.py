@@ -22,6 +22,7 @@ import torch
 from funaudiochat.audio.io import load_audio
 from funaudiochat.audio.mel import WhisperFrontend
 from funaudiochat.data import augment
+from funaudiochat.errors import InputError
 from funaudiochat.model.word_reader import WordReaderConfig
 from funaudiochat.train.data import DataReport, RecordError, audio_entries, load_records
 
@@ -84,7 +85,11 @@ def _seconds(wav: str) -> float:
     try:
         return sf.info(wav).duration
     except (RuntimeError, sf.LibsndfileError):
+        pass
+    try:
         return len(load_audio(wav)) / SAMPLE_RATE
+    except InputError as err:  # not audio, or cut short: the record is reported, the run goes on
+        raise RecordError("bad audio", str(err)) from None
 
 
 def load_reader_clips(paths: list, cfg: WordReaderConfig, tokenizer,

@@ -140,3 +140,15 @@ def test_infer_dtype_int8_cli(tmp_path):
     assert run.returncode == 1 and "holds int8 weights" in run.stderr and "Traceback" not in run.stderr
     run = subprocess.run(base + ["--model", str(ckpt), "--dtype", "int4"], capture_output=True, text=True)
     assert run.returncode == 2 and "--dtype" in run.stderr and "int8" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_compiled_int8_warns_where_its_reductions_lack_avx512(monkeypatch, caplog):
+    """inductor's AVX2 code loads int8 weights byte by byte (BENCHMARKS.md): a compiled int8 engine says so on such
+    a CPU, and an fp32 one, or one on an AVX-512 CPU, says nothing."""
+    fp32, int8 = _model(), quantize_model(_model())
+    for capability, model, warned in (("AVX2", int8, True), ("AVX512", int8, False), ("AVX2", fp32, False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="funaudiochat.engine.compiled"):
+            Engine(model, compile=True)  # (builds the compiled callables; nothing is traced before a first step)
+        assert any("no AVX-512" in r.getMessage() for r in caplog.records) == warned, (capability, warned)

@@ -27,6 +27,7 @@ Shape legend: B batch, S cache slots, L layers, Hkv key/value heads, D head dim,
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -37,8 +38,10 @@ from torch.overrides import TorchFunctionMode
 from funaudiochat.engine.cuda_graphs import GraphedStep
 from funaudiochat.engine.sampling import SamplingParams, choose, process
 from funaudiochat.model.backbone import Backbone, RopeTable
-from funaudiochat.model.quantize import PRODUCT_SUM_MAX_ROWS
+from funaudiochat.model.quantize import PRODUCT_SUM_MAX_ROWS, Int8Linear
 from funaudiochat.speech.pending_units import follow_on, is_start, text_locked, window
+
+log = logging.getLogger(__name__)
 
 CACHE_BUCKET = 128
 
@@ -149,6 +152,15 @@ def _products_and_sums(fn):
     return wrapped
 
 
+def _warn_slow_int8(model) -> None:
+    """Compiled int8 decoding is fast where inductor vectorises the int8 reductions with AVX-512; with AVX2 code each
+    load of 8 int8 weights goes through memory byte by byte, and the step runs slower than fp32 (BENCHMARKS.md)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not capability.startswith("AVX512") and any(isinstance(m, Int8Linear) for m in model.modules()):
+        log.warning("int8 decoding compiled for %s (no AVX-512) runs slower than fp32 on this CPU: use --dtype fp32 "
+                    "or bf16 here (BENCHMARKS.md, 'Against llama.cpp')", capability)
+
+
 class CompiledDecoder:
     """The compiled step functions. Every one returns fp32 logits; caches and key masks are updated in place.
 
@@ -164,6 +176,7 @@ class CompiledDecoder:
         self.model, self.rope, self.srh_rope = model, rope, srh_rope
         use_persistent_cache()
         if model.language_model.model.norm.weight.device.type == "cpu":
+            _warn_slow_int8(model)
             self.layer_fn = layer_position
             options = {"freezing": True, "cpp_wrapper": True}
             # (product-and-sum linears on CPU only: GPU BLAS already streams weights near memory bandwidth)

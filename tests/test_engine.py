@@ -64,10 +64,15 @@ def test_seeded_sampling_is_reproducible():
 
 
 def test_top_p_from_sorted_values_keeps_hf_set():
-    """The CPU top-p (numpy-sorted values, a threshold) keeps exactly the tokens of HF's sort-and-scatter form."""
+    """The CPU top-p (numpy-sorted values, a threshold) and the compiled graphs' one (bisection, no sort) keep exactly
+    the tokens of HF's sort-and-scatter form."""
     from funaudiochat.engine import sampling
 
     g = torch.Generator().manual_seed(0)
+    compiled = torch.compile(sampling.top_p_filter, dynamic=False)
+    scores = torch.randn(2, 6565, generator=g) * 4
+    scores[:, :10] = float("-inf")
+    assert torch.equal(compiled(scores, 0.9), sampling.top_p_filter(scores, 0.9))
     for trial in range(300):
         scores = torch.randn(3, (300, 6564)[trial % 2], generator=g) * (0.5 + trial % 7)
         if trial % 3 == 0:
@@ -78,6 +83,7 @@ def test_top_p_from_sorted_values_keeps_hf_set():
         remove[..., -1:] = False
         hf = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
         assert torch.equal(sampling.top_p_filter(scores, p), hf), (trial, p)
+        assert torch.equal(sampling._top_p_by_bisection(scores, p), hf), (trial, p)
 
 
 def test_max_new_tokens_and_finish_reason(tmp_path):

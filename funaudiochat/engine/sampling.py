@@ -49,7 +49,9 @@ def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of top tokens whose probability mass exceeds p (HF semantics, min 1 token)."""
-    if scores.device.type == "cpu" and scores.dtype == torch.float32 and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return _top_p_by_bisection(scores, p)
+    if scores.device.type == "cpu" and scores.dtype == torch.float32:
         return _top_p_by_threshold(scores, p)
     sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
     cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
@@ -71,6 +73,26 @@ def _top_p_by_threshold(scores: torch.Tensor, p: float) -> torch.Tensor:
     removed = (cum <= (1 - p)).sum(dim=-1, keepdim=True).clamp(max=rows.shape[-1] - 1)  # cum rises: a prefix goes
     lowest_kept = sorted_scores.gather(-1, removed).reshape(*scores.shape[:-1], 1)
     return scores.masked_fill(scores < lowest_kept, float("-inf"))
+
+
+def _top_p_by_bisection(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """`_top_p_by_threshold` without a sort, for compiled graphs (inductor runs torch.sort as a library call: 0.38 ms
+    for one row of 6565 speech scores, five times an S2S step). A token goes when the mass of the tokens scored at
+    or below it, F(score), is at most 1 - p (HF's ascending cumulative mass); F rises with the score, so the highest
+    score that goes is found by bisection over the scores' order-preserving integer keys: 33 halvings of the int32
+    range, each one masked sum per row (0.09 ms a row in all). The kept set is `_top_p_by_threshold`'s (ties with
+    the lowest kept value kept), except where F lies within float rounding of 1 - p (its sums run in another
+    order)."""
+    probs = scores.float().softmax(dim=-1)
+    bits = scores.float().view(torch.int32)
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # ascending with the float value, -inf lowest
+    lo = key.amin(dim=-1, keepdim=True) - 1  # invariant: F(lo) <= 1 - p < F(hi)
+    hi = key.amax(dim=-1, keepdim=True)
+    for _ in range(33):  # hi - lo < 2^33 halves to 1
+        mid = (lo + hi) // 2
+        goes = torch.where(key <= mid, probs, 0.0).sum(dim=-1, keepdim=True) <= 1 - p
+        lo, hi = torch.where(goes, mid, lo), torch.where(goes, hi, mid)
+    return scores.masked_fill(key <= lo, float("-inf"))
 
 
 def process(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None = None,

@@ -180,11 +180,13 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, hkv, d = self.n_heads, self.n_kv, self.head_dim
         if self.fused is not None:
-            qk, v = linear(x, *self.fused).split([(h + hkv) * d, hkv * d], dim=-1)
+            # (split_with_sizes, not Tensor.split: that Python wrapper in a traced graph keeps AOT autograd from
+            # caching the compiled decode step across processes)
+            qk, v = linear(x, *self.fused).split_with_sizes([(h + hkv) * d, hkv * d], dim=-1)
             qk = qk.view(b, t, h + hkv, d)
             if self.qk_norm_weight is not None:
                 qk = self.qk_norm_weight * rms_normalize(qk, self.eps)
-            q, k = apply_rope(qk.transpose(1, 2), cos, sin).split([h, hkv], dim=1)
+            q, k = apply_rope(qk.transpose(1, 2), cos, sin).split_with_sizes([h, hkv], dim=1)
         else:
             q = self.q_proj(x).view(b, t, h, d)
             k = self.k_proj(x).view(b, t, hkv, d)

@@ -1,7 +1,7 @@
 """End of a spoken question -> first text token, with its audio encoded after the end or while it is spoken.
 
     .venv/bin/python bench/incremental_audio.py checkpoints/mini-base|checkpoints/mini [--seconds 10] [--rounds 7]
-        [--threads 2]
+        [--threads 2] [--dtype bf16]
 
 One process, the variants taking turns round by round; each run is a new ChatSession's first turn (S2T, greedy,
 the s2t system prompt, whose keys and values the warm-up round stored on the engine, as a running server has them),
@@ -110,10 +110,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=4)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="cast the weights (default: as stored)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine_line())
-    rt = load_runtime(args.model, speech=False)
+    rt = load_runtime(args.model, dtype=args.dtype, speech=False)
     gen = generation_preset("s2t", rt.tokenizer, max_new_tokens=args.max_new_tokens)
     system = default_system("s2t")
     wav = spoken_question(args.seconds)

@@ -5,8 +5,8 @@ decode position of each stack is a single function of static shapes: the whole p
 under a mask (valid slots up to the current one), the new key/value are written in place (`index_put_`, one cache
 tensor per layer) at a slot held in a tensor, and the rotary rows are looked up inside. torch.compile turns it into
 one graph; on CPU with the C++ wrapper (and weight freezing for int8 weights), and its linears traced as
-product-and-sum reductions (`_LinearAsProductSum`: a decode step is bound by reading the weights). Shapes change only with the cache size, which
-the engine rounds up to `CACHE_BUCKET` slots so few graphs are compiled.
+product-and-sum reductions (`_LinearAsProductSum`: a decode step is bound by reading the weights). Shapes change only
+with the cache size, which the engine rounds up to `CACHE_BUCKET` slots so few graphs are compiled.
 
 Each graph also builds its own input (token embedding, fused with the last speech group's features) and marks the
 new cache slots valid, and a whole speech-to-speech step is one graph: the LLM position, the ungrouping and the SRH's

@@ -4,9 +4,9 @@ Eager decoding of a small model is dominated by per-op overhead (about a thousan
 decode position of each stack is a single function of static shapes: the whole pre-allocated KV cache is attended
 under a mask (valid slots up to the current one), the new key/value are written in place (`index_put_`, one cache
 tensor per layer) at a slot held in a tensor, and the rotary rows are looked up inside. torch.compile turns it into
-one graph; on CPU with the C++ wrapper (and weight freezing for int8 weights), and its linears traced as
-product-and-sum reductions (`_LinearAsProductSum`: a decode step is bound by reading the weights). Shapes change only
-with the cache size, which the engine rounds up to `CACHE_BUCKET` slots so few graphs are compiled.
+one graph; on CPU with the C++ wrapper, and its linears traced as product-and-sum reductions (`_LinearAsProductSum`:
+a decode step is bound by reading the weights). Shapes change only with the cache size, which the engine rounds up
+to `CACHE_BUCKET` slots so few graphs are compiled.
 
 Each graph also builds its own input (token embedding, fused with the last speech group's features) and marks the
 new cache slots valid, and a whole speech-to-speech step is one graph: the LLM position, the ungrouping and the SRH's
@@ -21,7 +21,7 @@ On a GPU the layer is what is compiled, and each step is replayed as a CUDA grap
 
 Compiled artefacts persist: inductor's FX graph and AOT autograd caches live under the user's cache folder
 (`~/.cache/funaudiochat/torchinductor`, or $TORCHINDUCTOR_CACHE_DIR), so a later process compiling the same graphs
-skips code generation and the C++ compiler, and (unfrozen graphs) AOT autograd: only dynamo's tracing is left.
+skips code generation, the C++ compiler and AOT autograd: only dynamo's tracing is left.
 
 Shape legend: B batch, S cache slots, L layers, Hkv key/value heads, D head dim, C model width.
 """
@@ -176,15 +176,12 @@ class CompiledDecoder:
         self.model, self.rope, self.srh_rope = model, rope, srh_rope
         use_persistent_cache()
         if model.language_model.model.norm.weight.device.type == "cpu":
-            int8 = any(isinstance(m, Int8Linear) for m in model.modules())
-            if int8:
+            if any(isinstance(m, Int8Linear) for m in model.modules()):
                 _warn_slow_int8()
             self.layer_fn = layer_position
-            # Weight freezing (the weights folded into the graph as constants) makes the int8 S2S step 15 % faster
-            # (mini shape, 5.9 against 6.8 ms), not the fp32 or bf16 ones; and AOT autograd's cache refuses frozen
-            # graphs, so a process that freezes traces and compiles its steps again (+7 s at a start, mini shape):
-            # only int8 steps are frozen (BENCHMARKS.md, "Second start of infer --compile")
-            options = {"freezing": int8, "cpp_wrapper": True}
+            # No weight freezing: it made no step faster (fp32, bf16, int8; BENCHMARKS.md, "Second start of infer
+            # --compile"), and AOT autograd's cache refuses frozen graphs, so every start would compile again
+            options = {"cpp_wrapper": True}
             # (product-and-sum linears on CPU only: GPU BLAS already streams weights near memory bandwidth)
             self.llm = torch.compile(_products_and_sums(self._llm), dynamic=False, options=options)
             self.s2s = torch.compile(_products_and_sums(self._s2s), dynamic=False, options=options)

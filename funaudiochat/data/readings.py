@@ -8,8 +8,9 @@ the target, the ASR task is a copy.
 
 The readings are the LLM pieces the reader puts in the clip's slots (cut to the slots, as training and the engine
 see them: word_reader.slot_rate sets how many), decoded with the LLM's tokenizer, by the checkpoint's reader in fp32
-(one result on every CPU). They are written to a gzipped JSONL (`{"id", "reading"}` per ASR record; committed as recipes/mini/data/readings.jsonl.gz, so
-no machine has to read the clips again) and applied to DATA/train.jsonl as DATA/train_read.jsonl.
+(one result on every CPU). They are written to a gzipped JSONL (`{"id", "reading"}` per ASR record; committed as
+recipes/mini/data/readings.jsonl.gz, so no machine has to read the clips again) and applied to DATA/train.jsonl as
+DATA/train_read.jsonl.
 """
 from __future__ import annotations
 

@@ -65,9 +65,11 @@ def test_seeded_sampling_is_reproducible():
 
 def test_top_p_from_sorted_values_keeps_hf_set():
     """The CPU top-p (numpy-sorted values, a threshold) and the compiled graphs' one (bisection, no sort) keep exactly
-    the tokens of HF's sort-and-scatter form."""
+    the tokens of HF's sort-and-scatter form. Rows where a token's cumulative mass lies within TOL of 1 - p are left
+    out: there fp32 sums in another order (another CPU's vector width) may decide that token either way."""
     from funaudiochat.engine import sampling
 
+    tol, compared = 1e-6, 0
     g = torch.Generator().manual_seed(0)
     compiled = torch.compile(sampling.top_p_filter, dynamic=False)
     scores = torch.randn(2, 6565, generator=g) * 4
@@ -82,8 +84,11 @@ def test_top_p_from_sorted_values_keeps_hf_set():
         remove = ascending.softmax(-1).cumsum(-1) <= 1 - p
         remove[..., -1:] = False
         hf = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-        assert torch.equal(sampling.top_p_filter(scores, p), hf), (trial, p)
-        assert torch.equal(sampling._top_p_by_bisection(scores, p), hf), (trial, p)
+        clear = ((ascending.double().softmax(-1).cumsum(-1) - (1 - p)).abs() > tol).all(-1)  # [3] rows
+        for ours in (sampling.top_p_filter(scores, p), sampling._top_p_by_bisection(scores, p)):
+            assert torch.equal(ours[clear], hf[clear]), (trial, p)
+        compared += int(clear.sum())
+    assert compared >= 870  # of 900 rows (884 with these draws)
 
 
 def test_max_new_tokens_and_finish_reason(tmp_path):

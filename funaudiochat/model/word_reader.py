@@ -110,6 +110,16 @@ def cut_loop(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:keep]
 
 
+def _room_for(pos: int, cache: torch.Tensor) -> torch.Tensor:
+    """cache [L, N, H, P, C/H] with room for position `pos`: P doubled (from 32) when full, positions kept."""
+    size = cache.shape[3]
+    if pos < size:
+        return cache
+    grown = cache.new_empty(*cache.shape[:3], max(32, 2 * size), cache.shape[4])
+    grown[..., :size, :] = cache
+    return grown
+
+
 class _Bf16Copy:
     """A bf16 copy of a weight, made once and remade when the weight is replaced or changed in place."""
 
@@ -175,14 +185,13 @@ class _DecoderLayer(nn.Module):
         self.cross_attn = _Attention(cfg.width, cfg.heads, cross=True)
         self.fc1, self.fc2 = _Linear(cfg.width, cfg.ffn_dim), _Linear(cfg.ffn_dim, cfg.width)
 
-    def forward(self, x, cache: list, cross_kv: tuple) -> torch.Tensor:
-        """x [A*B, 1, C], one new position of each beam; cache [k, v] of the positions before it (grown in place);
-        cross_kv: each window's keys and values [A, H, T, C/H]."""
+    def forward(self, x, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, cross_kv: tuple) -> torch.Tensor:
+        """x [A*B, 1, C], one new position of each beam; k_cache / v_cache [A*B, H, P, C/H] hold positions < pos
+        (this one is written at pos); cross_kv: each window's keys and values [A, H, T, C/H]."""
         q, k, v = self.self_attn.qkv(self.self_norm(x)).chunk(3, dim=-1)
-        k, v = self.self_attn.split(k), self.self_attn.split(v)
-        cache[0] = k if cache[0] is None else torch.cat([cache[0], k], dim=2)
-        cache[1] = v if cache[1] is None else torch.cat([cache[1], v], dim=2)
-        x = x + self.self_attn.attend(q, cache[0], cache[1])
+        k_cache[:, :, pos] = self.self_attn.split(k)[:, :, 0]
+        v_cache[:, :, pos] = self.self_attn.split(v)[:, :, 0]
+        x = x + self.self_attn.attend(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])
         x = x + self.cross_attn.attend_window(self.cross_attn.q(self.cross_norm(x)), *cross_kv)
         return x + self.fc2(F.gelu(self.fc1(self.ffn_norm(x))))
 
@@ -227,17 +236,21 @@ class WordReader(nn.Module):
             if isinstance(module, _Linear):
                 module.bf16 = bf16
 
-    def _logits(self, z: torch.Tensor, bf16: bool) -> torch.Tensor:
-        """final states [N, C] -> fp32 logits [N, V]. The tied projection [V, C] is read whole at every step, most
-        of a read's time on a CPU whose cache does not hold it (80 MB in fp32); in bf16 it is half the bytes."""
+    def _word_logits(self, z: torch.Tensor, bf16: bool) -> torch.Tensor:
+        """final states [N, C] -> fp32 logits [N, end_id + 1] of the words and the end token: Whisper's specials
+        and timestamps past them are never read, so their rows of the tied projection are not either. The
+        projection [V, C] is read at every step, most of a read's time on a CPU whose cache does not hold it (80 MB
+        in fp32); in bf16 it is half the bytes."""
         w = self._projection_bf16.of(self.embed_tokens.weight) if bf16 else self.embed_tokens.weight
-        return (z.to(w.dtype) @ w.T).float()
+        return (z.to(w.dtype) @ w[: self.cfg.end_id + 1].T).float()
 
-    def _step(self, token: torch.Tensor, pos: int, caches: list, cross: list) -> torch.Tensor:
-        """tokens [N] at position `pos` -> final states [N, C] (caches grown in place)."""
+    def _step(self, token: torch.Tensor, pos: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              cross: list) -> torch.Tensor:
+        """tokens [N] at position `pos` -> final states [N, C]; each layer's keys and values of this position are
+        written into its slice of k_cache / v_cache [L, N, H, P, C/H]."""
         x = (self.embed_tokens(token) + self.embed_positions[pos])[:, None]
-        for layer, cache, kv in zip(self.layers, caches, cross):
-            x = layer(x, cache, kv)
+        for layer, k, v, kv in zip(self.layers, k_cache, v_cache, cross):
+            x = layer(x, k, v, pos, kv)
         return self.norm(x[:, 0])
 
     def teacher_forced(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -264,9 +277,12 @@ class WordReader(nn.Module):
         bf16 = self._use_bf16(memory.device)
         cross = [tuple(layer.cross_attn.split(t) for t in layer.cross_attn.kv(memory).chunk(2, dim=-1))
                  for layer in self.layers]  # per window [A, H, T, C/H], shared by its beams
-        caches = [[None, None] for _ in self.layers]
+        # every layer's keys and values in one tensor each, so a step reorders the beams' caches in one gather
+        k_cache = v_cache = memory.new_empty(len(self.layers), a * b, cfg.heads, 0, cfg.width // cfg.heads,
+                                             dtype=self.embed_tokens.weight.dtype)  # (what the layers compute in)
         for pos, start in enumerate(cfg.start_ids[:-1]):  # the prompt, the same in every beam
-            self._step(torch.full((a * b,), start, device=memory.device), pos, caches, cross)
+            k_cache, v_cache = _room_for(pos, k_cache), _room_for(pos, v_cache)
+            self._step(torch.full((a * b,), start, device=memory.device), pos, k_cache, v_cache, cross)
         token = torch.full((a * b,), cfg.start_ids[-1], device=memory.device)
         scores = torch.full((a, b), float("-inf"), device=memory.device)  # fp32 whatever the model's dtype
         scores[:, 0] = 0.0  # the beams start identical: only the first one expands
@@ -276,8 +292,9 @@ class WordReader(nn.Module):
         top_ended, done = [False] * a, [False] * a
         rows = torch.arange(a, device=memory.device)[:, None]
         for step in range(max_tokens):
-            logits = self._logits(self._step(token, len(cfg.start_ids) - 1 + step, caches, cross), bf16)
-            logits[:, cfg.end_id + 1:] = float("-inf")  # Whisper's specials and timestamps are never words
+            pos = len(cfg.start_ids) - 1 + step
+            k_cache, v_cache = _room_for(pos, k_cache), _room_for(pos, v_cache)
+            logits = self._word_logits(self._step(token, pos, k_cache, v_cache, cross), bf16)
             if step == 0:
                 logits[:, cfg.end_id] = float("-inf")   # nor is an empty transcript
             # the best 2B of a window's B*V candidates: enough for B live beams besides the ones that end here.
@@ -304,8 +321,8 @@ class WordReader(nn.Module):
                 done[i] = top_ended[i] and len(finished[i]) >= b
             paths = torch.cat([paths[rows, parents], tokens[..., None]], dim=2)
             order = (rows * b + parents).flatten()
-            for cache in caches:
-                cache[0], cache[1] = cache[0][order], cache[1][order]
+            for cache in (k_cache, v_cache):  # the beams' histories follow their parents (positions so far only)
+                cache[..., : pos + 1, :] = cache[..., : pos + 1, :].index_select(1, order)
             token = tokens.flatten()
             if all(done):
                 break

@@ -302,8 +302,8 @@ class Engine:
         `choose` draws it: the eager group and the compiled S2S step use the same draws, so they agree."""
         if not gen.do_sample:
             return None
-        shape = (state.batch, self.cfg.audio_config.codebook_size)
-        return torch.stack([exponential_noise(shape, state.generator, self.device) for _ in range(self.k)], 1)
+        shape = (self.k, state.batch, self.cfg.audio_config.codebook_size)  # (position by position, as drawn)
+        return exponential_noise(shape, state.generator, self.device).transpose(0, 1)
 
     # ------------------------------------------------------------------ one decode forward
     @torch.no_grad()

@@ -8,12 +8,17 @@ Shape legend: B batch, V vocabulary.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from funaudiochat.engine.mt_draws import exponential_draws
 from funaudiochat.errors import ConfigError
+
+MT_DRAWS_MIN = 16384  # fewer draws than this: torch's own loop (numpy's path costs ~60 us a call to set up)
 
 
 @dataclass(frozen=True)
@@ -129,5 +134,9 @@ def choose(scores: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 def exponential_noise(shape, generator: torch.Generator | None, device=None) -> torch.Tensor:
-    """Exp(1) draws [..., V] for `choose`, consumed from `generator` as torch.multinomial consumes it."""
+    """Exp(1) draws [..., V] for `choose`, consumed from `generator` as torch.multinomial consumes it (on CPU, many
+    at once through numpy's vectorised Mersenne Twister: the same values, engine/mt_draws.py)."""
+    on_cpu = torch.device(device or "cpu").type == "cpu"
+    if on_cpu and math.prod(shape) >= MT_DRAWS_MIN:
+        return exponential_draws(shape, generator if generator is not None else torch.default_generator)
     return torch.empty(shape, device=device).exponential_(1, generator=generator)

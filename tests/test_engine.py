@@ -64,7 +64,7 @@ def test_seeded_sampling_is_reproducible():
 
 
 def test_top_p_from_sorted_values_keeps_hf_set():
-    """The CPU top-p (numpy-sorted values, a threshold) and the compiled graphs' one (bisection, no sort) keep exactly
+    """The CPU top-p (numpy-sorted values, a threshold) and the compiled graphs' one (radix select, no sort) keep exactly
     the tokens of HF's sort-and-scatter form. Rows where a token's cumulative mass lies within TOL of 1 - p are left
     out: there fp32 sums in another order (another CPU's vector width) may decide that token either way."""
     from funaudiochat.engine import sampling
@@ -85,7 +85,7 @@ def test_top_p_from_sorted_values_keeps_hf_set():
         remove[..., -1:] = False
         hf = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
         clear = ((ascending.double().softmax(-1).cumsum(-1) - (1 - p)).abs() > tol).all(-1)  # [3] rows
-        for ours in (sampling.top_p_filter(scores, p), sampling._top_p_by_bisection(scores, p)):
+        for ours in (sampling.top_p_filter(scores, p), sampling._top_p_by_radix_select(scores, p)):
             assert torch.equal(ours[clear], hf[clear]), (trial, p)
         compared += int(clear.sum())
     assert compared >= 870  # of 900 rows (884 with these draws)

@@ -55,7 +55,7 @@ def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
 def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of top tokens whose probability mass exceeds p (HF semantics, min 1 token)."""
     if torch.compiler.is_compiling():
-        return _top_p_by_bisection(scores, p)
+        return _top_p_by_radix_select(scores, p)
     if scores.device.type == "cpu" and scores.dtype == torch.float32:
         return _top_p_by_threshold(scores, p)
     sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
@@ -80,25 +80,33 @@ def _top_p_by_threshold(scores: torch.Tensor, p: float) -> torch.Tensor:
     return scores.masked_fill(scores < lowest_kept, float("-inf"))
 
 
-def _top_p_by_bisection(scores: torch.Tensor, p: float) -> torch.Tensor:
+def _top_p_by_radix_select(scores: torch.Tensor, p: float) -> torch.Tensor:
     """`_top_p_by_threshold` without a sort, for compiled graphs (inductor runs torch.sort as a library call: 0.38 ms
     for one row of 6565 speech scores, five times an S2S step). A token goes when the mass of the tokens scored at
-    or below it, F(score), is at most 1 - p (HF's ascending cumulative mass); F rises with the score, so the highest
-    score that goes is found by bisection over the scores' order-preserving integer keys: 33 halvings of the int32
-    range, each one masked sum per row (0.09 ms a row in all). The kept set is `_top_p_by_threshold`'s (ties with
-    the lowest kept value kept), except where F lies within float rounding of 1 - p (its sums run in another
-    order)."""
+    or below it, F(score), is at most 1 - p (HF's ascending cumulative mass); F rises with the score, so the lowest
+    kept score is the smallest one with F > 1 - p. It is found digit by digit over the scores' order-preserving
+    32-bit keys (a radix select: 11, 11 and 10 bits): each pass sums the mass of the tokens in the bucket found so
+    far by their next digit (one histogram), and the first digit whose running mass passes 1 - p is the next
+    bucket. Three passes, 0.05 ms a row (33 halvings of the key range: 0.09 ms). The kept set is
+    `_top_p_by_threshold`'s (ties with the lowest kept value kept), except where F lies within float rounding of
+    1 - p (its sums run in another order)."""
     scores32 = scores.float()
     probs = scores32.softmax(dim=-1)
     bits = scores32.view(torch.int32)
-    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # ascending with the float value, -inf lowest
-    lo = key.amin(dim=-1, keepdim=True) - 1  # invariant: F(lo) <= 1 - p < F(hi)
-    hi = key.amax(dim=-1, keepdim=True)
-    for _ in range(33):  # hi - lo < 2^33 halves to 1
-        mid = (lo + hi) // 2
-        goes = torch.where(key <= mid, probs, 0.0).sum(dim=-1, keepdim=True) <= 1 - p
-        lo, hi = torch.where(goes, mid, lo), torch.where(goes, hi, mid)
-    return scores.masked_fill(key <= lo, float("-inf"))
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long() + 2 ** 31  # ascending with the value, [0, 2^32)
+    prefix = key.new_zeros(*key.shape[:-1], 1)  # the digits found so far of the lowest kept key
+    below = probs.new_zeros(*key.shape[:-1], 1)  # the mass of the tokens under the current bucket
+    shift = 32
+    for width in (11, 11, 10):
+        shift -= width
+        in_bucket = (key >> (shift + width)) == prefix
+        digit = (key >> shift) & ((1 << width) - 1)
+        mass = probs.new_zeros(*key.shape[:-1], 1 << width).scatter_add_(-1, digit, torch.where(in_bucket, probs, 0.0))
+        running = below + mass.cumsum(dim=-1)  # F at the top of each next-digit bucket
+        passed = (running <= 1 - p).sum(dim=-1, keepdim=True).clamp(max=(1 << width) - 1)  # first digit past 1 - p
+        below = torch.where(passed > 0, running.gather(-1, (passed - 1).clamp(min=0)), below)
+        prefix = (prefix << width) | passed
+    return scores.masked_fill(key < prefix, float("-inf"))
 
 
 def process(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None = None,

@@ -5,7 +5,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from funaudiochat.engine.compiled import _products_and_sums
+from funaudiochat.engine.compiled import _LinearAsProductSum
 from funaudiochat.engine.generate import Engine, GenerationConfig
 from funaudiochat.engine.prompt import Prompt
 from funaudiochat.model.checkpoint import load_model, save_model
@@ -42,7 +42,11 @@ def test_int8_product_matches_fp32_within_the_rounding_bound(one_thread):
     # weight buffer): the same values to fp32 rounding
     from torch._inductor.utils import run_and_get_code
 
-    compiled = torch.compile(_products_and_sums(lambda x: int8_linear(x, q, scale, bias)), dynamic=False)
+    def step(x):
+        with _LinearAsProductSum():  # as the compiled decode steps run their linears
+            return int8_linear(x, q, scale, bias)
+
+    compiled = torch.compile(step, dynamic=False)
     row = x[:1, None]  # [1, 1, K]: one decode row
     out, code = run_and_get_code(compiled, row)
     assert (out[:, 0] - y[:1]).abs().max() <= 1e-5 * y.abs().max()

@@ -5,8 +5,9 @@ decode position of each stack is a single function of static shapes: the whole p
 under a mask (valid slots up to the current one), the new key/value are written in place (`index_put_`, one cache
 tensor per layer) at a slot held in a tensor, and the rotary rows are looked up inside. torch.compile turns it into
 one graph; on CPU with the C++ wrapper, and its linears traced as product-and-sum reductions (`_LinearAsProductSum`:
-a decode step is bound by reading the weights). Shapes change only with the cache size, which the engine rounds up
-to `CACHE_BUCKET` slots so few graphs are compiled.
+a decode step is bound by reading the weights). Shapes change with the batch and the cache size (rounded up to
+`CACHE_BUCKET` slots): the first graph is specialised on its shapes, the next one takes them as symbols and serves all
+of them.
 
 Each graph also builds its own input (token embedding, fused with the last speech group's features) and marks the
 new cache slots valid, and a whole speech-to-speech step is one graph: the LLM position, the ungrouping and the SRH's
@@ -144,14 +145,6 @@ class _LinearAsProductSum(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _products_and_sums(fn):
-    """Run `fn` (a step function about to be compiled) with its linears as product-and-sum reductions."""
-    def wrapped(*args, **kwargs):
-        with _LinearAsProductSum():
-            return fn(*args, **kwargs)
-    return wrapped
-
-
 def _warn_slow_int8() -> None:
     """Compiled int8 decoding is fast where inductor vectorises the int8 reductions with AVX-512; with AVX2 code each
     load of 8 int8 weights goes through memory byte by byte, and the step runs slower than fp32 (BENCHMARKS.md)."""
@@ -182,13 +175,30 @@ class CompiledDecoder:
             # No weight freezing: it made no step faster (fp32, bf16, int8; BENCHMARKS.md, "Second start of infer
             # --compile"), and AOT autograd's cache refuses frozen graphs, so every start would compile again
             options = {"cpp_wrapper": True}
+            # dynamic=None: the first graph is specialised on its shapes; the first call with another batch size or
+            # cache length compiles one graph with those sizes symbolic, which then serves them all (a server's
+            # batches and growing caches: 3 graphs, not one per batch size and cache bucket, each ~1 min on the
+            # mini; the symbolic graph's steps ran within 10 % of the specialised ones). Batches of one row keep
+            # their own graphs (dynamo specialises size 1).
             # (product-and-sum linears on CPU only: GPU BLAS already streams weights near memory bandwidth)
-            self.llm = torch.compile(_products_and_sums(self._llm), dynamic=False, options=options)
-            self.s2s = torch.compile(_products_and_sums(self._s2s), dynamic=False, options=options)
+            self.llm = torch.compile(self._llm_as_sums, dynamic=None, options=options)
+            self.s2s = torch.compile(self._s2s_as_sums, dynamic=None, options=options)
             return
         self.layer_fn = torch.compile(layer_position, dynamic=False)
         self.llm = GraphedStep(self._llm, self.LLM_IN_PLACE) if cuda_graphs else self._llm
         self.s2s = GraphedStep(self._s2s, self.S2S_IN_PLACE) if cuda_graphs else self._s2s
+
+    # Each compiled step has a code object of its own: dynamo keeps its graphs, and counts recompilations against its
+    # limit (8), per code object, so one shared wrapper would make the LLM and S2S steps share 8 graphs.
+    def _llm_as_sums(self, *args):
+        """`_llm` with its linears as product-and-sum reductions."""
+        with _LinearAsProductSum():
+            return self._llm(*args)
+
+    def _s2s_as_sums(self, *args, **kwargs):
+        """`_s2s` with its linears as product-and-sum reductions."""
+        with _LinearAsProductSum():
+            return self._s2s(*args, **kwargs)
 
     def _llm(self, token, group, fuse, positions, k_cache, v_cache, slot, key_valid):
         """token [B] (the last text id), group [B, k] (the last speech group, or None without speech), fuse [B]

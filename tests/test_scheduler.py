@@ -471,3 +471,33 @@ def test_a_looping_text_stops_in_the_server_as_it_stops_alone(one_thread, tmp_pa
     for (end, _), ids in zip(asyncio.run(main()), singles):
         assert list(end.text_ids) == ids and end.finish_reason == "stop"
     assert sum(sched.metrics.batch_rows.counts[1:]) > 0, "some decode step must have run several sessions"
+
+
+
+
+def test_the_engine_thread_runs_with_the_thread_count_the_scheduler_was_made_with(parts):
+    """`serve --threads N` sets the torch threads before it makes the scheduler; the engine thread keeps that count
+    wherever `start()` is called from (compiled graphs are guarded on it, and compile again when it differs)."""
+    engine, tok = parts
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    torch.set_num_threads(wanted)
+    try:
+        sched = Scheduler(engine, tok)
+    finally:
+        torch.set_num_threads(before)
+    seen, step = set(), engine.forward_step
+    engine.forward_step = lambda *args, **kwargs: (seen.add(torch.get_num_threads()), step(*args, **kwargs))[1]
+
+    async def main():
+        sched.start()
+        try:
+            return await asyncio.wait_for(_collect(await sched.submit(_request(0.6, 7, 3))), 60)
+        finally:
+            await sched.stop()
+
+    try:
+        end, _ = asyncio.run(main())
+    finally:
+        del engine.forward_step  # (the instance attribute; the method again)
+    assert end.finish_reason in ("stop", "length") and seen == {wanted}

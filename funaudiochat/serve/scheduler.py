@@ -299,6 +299,7 @@ class Scheduler:
                  lambda: self.conversations.nbytes)]
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._threads = torch.get_num_threads()  # the engine thread runs with the creating thread's torch threads
         self._free_rows = max_sessions                 # batch rows nobody holds (event loop only)
         self._waiters: deque[asyncio.Future] = deque()  # requests waiting for a row, first come first served
         self._active = 0
@@ -579,6 +580,7 @@ class Scheduler:
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        torch.set_num_threads(self._threads)  # (wherever start() is called from; compiled graphs are guarded on it)
         while True:
             with self._cond:
                 while (not self._stop and not self._inbox and not self._batches and not self._queued

@@ -258,6 +258,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="the server's torch threads")
     ap.add_argument("--dtype", default="fp32", help="the server's --dtype (fp32 | bf16 | int8)")
     ap.add_argument("--compile", action="store_true", help="the server's --compile")
+    ap.add_argument("--server-log", type=Path, default=None, help="keep the server's output in this file")
     ap.add_argument("--turn-timeout", type=float, default=600.0, help="seconds to wait for any one event")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop before the next N once this many seconds have passed (a bounded run)")
@@ -272,7 +273,7 @@ def main() -> None:
         folder = Path(tmp)
         model = prepare_model(args.model, folder, args.random_weights)
         detok = prepare_detokenizer(args.detokenizer, folder)
-        proc, ws_url = start_server(model, detok, args, folder / "server.log")
+        proc, ws_url = start_server(model, detok, args, args.server_log or folder / "server.log")
         try:
             print(f"model {args.model}, detokenizer {args.detokenizer}, {args.turns} turns, question "
                   f"{len(question) / RATE:.1f} s, {args.turn_detection}, max {args.max_output_tokens} text tokens "

@@ -1,7 +1,8 @@
 """Compiled decode steps persist across processes (issue 15 must-show 2): a second process that compiles the same
 step loads it from inductor's FX graph cache and AOT autograd's cache, so only dynamo's tracing is left at its start.
 Anything in the traced step that AOT autograd cannot cache (weight freezing, a Python-level tensor method such as
-`Tensor.split`) makes every start compile again; this test names it."""
+`Tensor.split`) makes every start compile again; this test names it. And within a process, batch and cache sizes
+after the first other one share a symbolic graph."""
 import json
 import os
 import subprocess

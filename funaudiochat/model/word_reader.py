@@ -296,7 +296,7 @@ class WordReader(nn.Module):
             k_cache, v_cache = _room_for(pos, k_cache), _room_for(pos, v_cache)
             logits = self._word_logits(self._step(token, pos, k_cache, v_cache, cross), bf16)
             if step == 0:
-                logits[:, cfg.end_id] = float("-inf")   # nor is an empty transcript
+                logits[:, cfg.end_id] = float("-inf")  # an empty transcript is never read
             # the best 2B of a window's B*V candidates: enough for B live beams besides the ones that end here.
             # They are among its beams' own best 2B each, so the top-k over [A, B*V] is taken in two small ones.
             beam_top, beam_index = logits.log_softmax(dim=-1).topk(2 * b, dim=-1)  # [A*B, 2B]

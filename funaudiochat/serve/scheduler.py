@@ -73,6 +73,7 @@ from funaudiochat.engine.presets import default_system, generation_preset
 from funaudiochat.engine.prompt import Prompt, build_prompt, prompt_ids, stack_prompts
 from funaudiochat.errors import ContextLengthError, FunAudioChatError, InputError
 from funaudiochat.model.backbone import KVCache
+from funaudiochat.serve.cpu_turns import CpuTurns
 from funaudiochat.serve.detok_worker import DetokenizerWorker
 from funaudiochat.serve.metrics import Metrics
 from funaudiochat.text.tools import tools_system_prompt
@@ -300,11 +301,13 @@ class Scheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._threads = torch.get_num_threads()  # the engine thread runs with the creating thread's torch threads
+        # on CPU the engine's steps, the detokenizer's chunks and the prompts' features take turns on the cores
+        self.turns = CpuTurns(enabled=engine.device.type == "cpu")
         self._free_rows = max_sessions                 # batch rows nobody holds (event loop only)
         self._waiters: deque[asyncio.Future] = deque()  # requests waiting for a row, first come first served
         self._active = 0
         # each worker batches the chunks of its sessions; sessions are dealt to the workers in turn
-        self._detok_workers = [DetokenizerWorker(self.metrics, f"detokenizer-{i}")
+        self._detok_workers = [DetokenizerWorker(self.metrics, f"detokenizer-{i}", self.turns)
                                for i in range(max(1, detokenizer_threads))] if detokenizer is not None else []
         self._prep_pool = ThreadPoolExecutor(2, thread_name_prefix="prompt")
         self._deal = itertools.count()
@@ -410,7 +413,8 @@ class Scheduler:
                 prefix = None
         # the audios the conversation's keys and values cover are not encoded again: they get no audio inputs
         cached_audios = audios_in(keys[:len(prefix)]) if prefix is not None else 0
-        prompt = build_prompt(self.tokenizer, cfg, messages, audios, self.frontend, cached_audios=cached_audios)
+        with self.turns.turn():  # (the audios' log-mel features)
+            prompt = build_prompt(self.tokenizer, cfg, messages, audios, self.frontend, cached_audios=cached_audios)
         if forced:
             prompt.input_ids = torch.cat([prompt.input_ids, torch.tensor([forced], dtype=prompt.input_ids.dtype)], 1)
             prompt.attention_mask = torch.ones_like(prompt.input_ids)
@@ -593,10 +597,12 @@ class Scheduler:
             if self._prefill is None and self._queued:
                 self._start_prefill()
             if self._prefill is not None:
-                self._prefill_chunk()
+                with self.turns.turn():
+                    self._prefill_chunk()
             for batch in list(self._batches.values()):
                 try:
-                    self._step(batch)
+                    with self.turns.turn():
+                        self._step(batch)
                 except Exception as err:  # a failed step ends the sessions of its batch; the others go on
                     log.exception("a decode step failed; ending its %d session(s)", len(batch.live))
                     self._batches.pop(batch.key, None)

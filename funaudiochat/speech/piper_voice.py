@@ -71,6 +71,8 @@ class PiperVoiceParts:
         opts = onnxruntime.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # idle pool threads sleep instead of spinning: the server's engine runs on the same cores between chunks
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {}
         for part, (inputs, outputs) in (("encoder", ENCODER_IO), ("durations", DURATIONS_IO),
                                         ("flow_decoder", FLOW_DECODER_IO)):

@@ -104,7 +104,8 @@ def start_server(model: Path, detok: Path, args, log: Path) -> tuple[subprocess.
            "--dtype", args.dtype] + (["--compile"] if args.compile else [])
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    wait_s = 1200 if args.compile else 300  # (with --compile, /ready waits for the server's warm-up compiles)
+    deadline = time.monotonic() + wait_s
     while True:
         if proc.poll() is not None:
             raise SystemExit(f"bench/serve.py: error: the server exited ({proc.returncode}):\n{log.read_text()}")
@@ -116,7 +117,7 @@ def start_server(model: Path, detok: Path, args, log: Path) -> tuple[subprocess.
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            raise SystemExit(f"bench/serve.py: error: the server did not come up in 300 s:\n{log.read_text()}")
+            raise SystemExit(f"bench/serve.py: error: the server did not come up in {wait_s} s:\n{log.read_text()}")
         time.sleep(0.3)
 
 

@@ -85,6 +85,7 @@ def test_serve_eval_run_and_bench_check_the_device_before_loading(ckpt, tmp_path
     ("--conversation-cache-mb", "inf", "--conversation-cache-mb must be a finite number >= 0"),
     ("--conversation-cache-mb", "-1", "--conversation-cache-mb must be a finite number >= 0"),
     ("--max-conversations", "-1", "--max-conversations >= 0"),
+    ("--warm-up", "s2s,tts", "--warm-up: unknown kind"),
 ])
 def test_serve_checks_the_runtime_flags_as_infer_does(tmp_path, option, value, message):
     parser = argparse.ArgumentParser()

@@ -54,6 +54,8 @@ class ServerContext:
     limits: Limits = field(default_factory=Limits)
     max_body_bytes: int = 25 * 1024 * 1024
     created: int = 0
+    warm_up: tuple = ()              # kinds of requests whose compiled graphs are built at start (serve/warm_up.py)
+    warming: bool = False            # (set while they are)
 
     def __post_init__(self):
         if self.voices is None:
@@ -108,6 +110,21 @@ async def watch_disconnect(request: Request, session) -> None:
             return
 
 
+async def _warm_up(ctx: ServerContext) -> None:
+    """Compile the decode graphs of the kinds of requests served before /ready says so (the server answers
+    meanwhile; a failure is logged and leaves the graphs to be compiled by the first requests that need them)."""
+    from funaudiochat.serve.warm_up import warm_up
+
+    ctx.warming = True
+    try:
+        seconds = await warm_up(ctx.scheduler, ctx.warm_up)
+        log.info("warm-up done in %.1f s: ready", seconds)
+    except Exception:
+        log.exception("warm-up failed; the first requests of each kind will compile their graphs")
+    finally:
+        ctx.warming = False
+
+
 # ------------------------------------------------------------------------------------------------ small routes
 async def health(request: Request):
     return JSONResponse({"status": "ok"})
@@ -117,6 +134,9 @@ async def ready(request: Request):
     ctx: ServerContext = request.app.state.ctx
     if not ctx.scheduler.alive:
         return JSONResponse({"status": "not ready", "reason": "the engine is not running"}, status_code=503)
+    if ctx.warming:  # (requests are served meanwhile, but wait behind the compiles)
+        return JSONResponse({"status": "not ready", "reason": "warming up: compiling the decode graphs"},
+                            status_code=503)
     return JSONResponse({"status": "ready", "models": ctx.served_models, "sessions": ctx.scheduler.active_sessions,
                          "max_sessions": ctx.scheduler.max_sessions})
 
@@ -203,9 +223,12 @@ def create_app(ctx: ServerContext) -> Starlette:
     @asynccontextmanager
     async def lifespan(app):
         ctx.scheduler.start()
+        warming = asyncio.create_task(_warm_up(ctx)) if ctx.warm_up else None
         try:
             yield
         finally:
+            if warming is not None:
+                warming.cancel()
             await asyncio.get_running_loop().run_in_executor(None, ctx.scheduler.close)
 
     app = Starlette(routes=routes, lifespan=lifespan,

@@ -58,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory for the kept conversations' keys and values, MiB (least recently used dropped)")
     g.add_argument("--max-conversations", type=int, default=64,
                    help="conversations whose last turn's keys and values are kept at most")
+    g.add_argument("--warm-up", default="s2s,s2t",
+                   help="with --compile: kinds of requests (s2s spoken answers, s2t text answers; comma-separated, "
+                        "or none) whose decode graphs are compiled by synthetic requests at start, before /ready "
+                        "(otherwise the first requests of each shape compile them, and every session waits)")
 
 
 def build_context(args: argparse.Namespace):
@@ -66,6 +70,7 @@ def build_context(args: argparse.Namespace):
     from funaudiochat.serve.chat_request import Limits
     from funaudiochat.serve.scheduler import Scheduler
     from funaudiochat.serve.voices import Voices
+    from funaudiochat.serve.warm_up import parse_kinds
 
     check_runtime_arguments(args)  # --device, --threads, --max-seq-len, --detokenizer: as infer and chat check them
     for name in ("max_sessions", "port", "max_messages", "hop", "detokenizer_threads"):
@@ -80,6 +85,7 @@ def build_context(args: argparse.Namespace):
         raise InputError("--prefill-chunk must be >= 0 (0: whole prompts)")
     if not (0 <= args.conversation_cache_mb < float("inf")) or args.max_conversations < 0:  # (NaN fails the first)
         raise InputError("--conversation-cache-mb must be a finite number >= 0 and --max-conversations >= 0")
+    warm_kinds = parse_kinds(args.warm_up)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rt = load_runtime(args.model, args.dtype, args.device, speech=True, detokenizer_dir=args.detokenizer,
@@ -96,7 +102,8 @@ def build_context(args: argparse.Namespace):
     return ServerContext(scheduler, names, api_key=args.api_key or None,
                          voices=Voices(rt.detokenizer, args.voices),
                          limits=Limits(max_messages=args.max_messages, max_audio_seconds=args.max_audio_seconds),
-                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), created=int(time.time()))
+                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), created=int(time.time()),
+                         warm_up=warm_kinds if args.compile else ())  # (only --compile compiles graphs)
 
 
 def bind(host: str, port: int) -> socket.socket:

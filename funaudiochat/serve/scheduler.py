@@ -436,19 +436,34 @@ class Scheduler:
 
     async def submit(self, request: Request) -> Session:
         """Build the prompt, wait (bounded) for a batch row, queue the session for the engine; see module doc."""
+        return (await self.submit_together([request]))[0]
+
+    async def submit_together(self, requests: list[Request]) -> list[Session]:
+        """`submit` for several requests that reach the engine at the same moment, so that those with equal
+        settings are prefilled as one batch and decode in one batch of at least that many rows."""
         if self._stop or not self.alive:
             raise ServerBusyError("the engine is not running", 503, 5)
         self.check_capacity()  # before building the prompt: a flood costs no feature extraction
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self._prep_pool, self._prepare, request)
-        await self._acquire_row()
-        self._active += 1
-        session = Session(self, request, prepared)
-        session._pump = asyncio.create_task(self._pump(session))
+        prepared = await asyncio.gather(*(loop.run_in_executor(self._prep_pool, self._prepare, request)
+                                          for request in requests))
+        sessions = []
+        try:
+            for request, ready in zip(requests, prepared):
+                await self._acquire_row()
+                self._active += 1
+                sessions.append(Session(self, request, ready))
+        except BaseException:  # (no row within the wait: the rows already taken go back)
+            for _ in sessions:
+                self._active -= 1
+                self._release_row()
+            raise
+        for session in sessions:
+            session._pump = asyncio.create_task(self._pump(session))
         with self._cond:
-            self._inbox.append(session)
+            self._inbox.extend(sessions)
             self._cond.notify_all()
-        return session
+        return sessions
 
     def check_capacity(self) -> None:
         """Raise ServerBusyError (429) now if a new request could not even wait (event loop only)."""

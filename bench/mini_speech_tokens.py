@@ -1,11 +1,11 @@
 """fun-audio-chat-mini's speech tokens, must-show 1 of issue 14: held-out assistant-voice sentences through the
 phonetic tokenizer and the Piper detokenizer, judged by the ASR judge, with the Piper original beside them.
 
-    .venv/bin/python bench/mini_speech_tokens.py [--n 30] [--hop 15] [--out DIR]
+    .venv/bin/python bench/mini_speech_tokens.py [--n 30] [--hop 15] [--max-hop 60] [--out DIR]
 
 For each of the HELD_OUT sentences (written for this check, used for nothing else): the packaged Piper voice as
 piper itself speaks it (the original: its own random noise, 22.05 kHz), and tokens = PiperTokenizer.tokenize(text)
-decoded one-shot (`token2wav`) and streamed (`stream(hop)`, 5 tokens per push as the SRH delivers them), both at
+decoded one-shot (`token2wav`) and streamed (`stream(hop, max_hop)`, 5 tokens per push as the SRH delivers them), both at
 24 kHz. Prints the corpus WER / CER of Whisper tiny.en (`funaudiochat.eval.asr.AsrJudge`) of each, the
 detokenizer's real-time factor one-shot and streamed (wall seconds / audio seconds, one thread; and CPU seconds /
 audio seconds, which a shared machine inflates less), the stream-vs-one-shot SNR, the largest sample step at chunk
@@ -23,7 +23,7 @@ import numpy as np
 from funaudiochat.audio.io import save_wav
 from funaudiochat.eval.asr import AsrJudge, error_rates
 from funaudiochat.eval.normalize import normalize_english
-from funaudiochat.speech.piper_detokenizer import PiperDetokenizer
+from funaudiochat.speech.piper_detokenizer import MAX_HOP, PiperDetokenizer
 from funaudiochat.speech.piper_tokens import PiperTokenizer
 from funaudiochat.speech.piper_voice import PiperVoiceParts, voice_files
 
@@ -72,9 +72,10 @@ def piper_original(texts: list[str]) -> list[np.ndarray]:
     return [np.concatenate([c.audio_float_array for c in voice.synthesize(t)]) for t in texts]
 
 
-def streamed(detok: PiperDetokenizer, tokens: list[int], hop: int) -> tuple[np.ndarray, list[int], int | None]:
+def streamed(detok: PiperDetokenizer, tokens: list[int], hop: int,
+             max_hop: int) -> tuple[np.ndarray, list[int], int | None]:
     """(audio, chunk lengths, tokens pushed before the first chunk) with 5 tokens per push."""
-    session, chunks, first = detok.stream(hop=hop), [], None
+    session, chunks, first = detok.stream(hop=hop, max_hop=max_hop), [], None
     for start in range(0, len(tokens), 5):
         new = session.push(tokens[start:start + 5])
         if new and first is None:
@@ -94,6 +95,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=len(HELD_OUT))
     p.add_argument("--hop", type=int, default=15)
+    p.add_argument("--max-hop", type=int, default=MAX_HOP, help="later chunks grow up to this (--hop: fixed chunks)")
     p.add_argument("--out", type=Path, default=None, help="also write the wavs here")
     p.add_argument("--texts-from", type=Path, default=None,
                    help="an `eval mini-speech` report.json: its plain answers' texts instead of HELD_OUT (how much of "
@@ -119,7 +121,7 @@ def main() -> None:
     stream, stream_s, stream_cpu, snrs, steps, firsts = [], 0.0, 0.0, [], [], []
     for t, ref in zip(tokens, oneshot):
         start, cpu = time.perf_counter(), time.process_time()
-        audio, lengths, first = streamed(detok, t, args.hop)
+        audio, lengths, first = streamed(detok, t, args.hop, args.max_hop)
         stream_s += time.perf_counter() - start
         stream_cpu += time.process_time() - cpu
         stream.append(audio)

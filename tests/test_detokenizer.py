@@ -133,6 +133,9 @@ def test_bad_inputs(detok, caplog):
     with caplog.at_level(logging.WARNING):
         wav = detok.token2wav([5, 6561, 7, 9000, 8])
     assert wav.shape == (3 * 960,) and "dropping 2 speech token" in caplog.text
+    with pytest.raises(InputError, match="fixed hop"):  # growing chunks are the Piper detokenizer's
+        detok.stream(hop=15, max_hop=60)
+    detok.stream(hop=15, max_hop=15)
     session = detok.stream()
     session.finalize()
     with pytest.raises(SessionClosedError):

@@ -171,6 +171,26 @@ def test_first_chunk_comes_after_first_hop_tokens(detok, tokenizer):
         detok.stream(first_hop=0)
 
 
+def test_later_chunks_grow_to_max_hop(detok, tokenizer):
+    """Chunks need first_hop tokens, then hop, then twice the one before up to max_hop; max_hop None keeps hop."""
+    tokens = tokenizer.tokenize(TEXT + " The second step is to check what you found, and then we can go on.")
+
+    def chunk_tokens(**kw):
+        session, sizes = detok.stream(hop=15, **kw), []
+        for start in range(0, len(tokens), 5):
+            done = session.done
+            if session.push(tokens[start:start + 5]):
+                sizes.append(session.done - done)
+        return sizes
+
+    grown, fixed = chunk_tokens(max_hop=60), chunk_tokens(max_hop=None)
+    need = [5, 15, 30] + [60] * len(grown)
+    assert all(n <= size < n + 30 for size, n in zip(grown, need)), grown  # (a chunk ends where a unit does)
+    assert max(grown) >= 60 and max(fixed) < 30 and len(grown) < len(fixed), (grown, fixed)
+    with pytest.raises(InputError, match="max_hop at least hop"):
+        detok.stream(hop=15, max_hop=10)
+
+
 def test_gain_levels_change_the_level(detok, tokenizer, oneshot):
     def rms_db(x):
         return 10 * np.log10(np.mean(x ** 2))

@@ -41,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-audio-seconds", type=float, default=600.0, help="longest audio input per request")
     g.add_argument("--max-messages", type=int, default=256, help="most messages in one chat request")
     g.add_argument("--hop", type=int, default=15, help="speech tokens per streamed audio chunk (15 = 0.6 s)")
+    g.add_argument("--max-hop", type=int, default=None,
+                   help="later chunks grow up to this many tokens, each twice the one before (fewer context frames "
+                        "rendered per second of audio; default: the detokenizer's own, 60 for the mini's Piper "
+                        "voice; the CosyVoice3 detokenizer keeps --hop)")
     g.add_argument("--detokenizer-threads", type=int, default=1,
                    help="worker threads turning speech tokens into audio, beside the engine's thread; each "
                         "batches the chunks of the sessions dealt to it")
@@ -91,8 +95,11 @@ def build_context(args: argparse.Namespace):
     rt = load_runtime(args.model, args.dtype, args.device, speech=True, detokenizer_dir=args.detokenizer,
                       speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile,
                       detokenizer_threads=torch.get_num_threads())  # (it takes turns with the engine: see cpu_turns)
+    if rt.detokenizer is not None:  # (its own checks of --hop and --max-hop, before any request)
+        rt.detokenizer.stream(hop=args.hop, **({} if args.max_hop is None else {"max_hop": args.max_hop}))
     scheduler = Scheduler(rt.engine, rt.tokenizer, rt.detokenizer, max_sessions=args.max_sessions,
                           max_waiting=args.max_waiting, wait_timeout_s=args.wait_timeout, detokenizer_hop=args.hop,
+                          detokenizer_max_hop=args.max_hop,
                           detokenizer_threads=args.detokenizer_threads, prefill_chunk=args.prefill_chunk or None,
                           allow_untrained=args.allow_untrained, conversation_cache=args.conversation_cache,
                           max_conversations=args.max_conversations,

@@ -265,7 +265,8 @@ class _Finish:
 # ---------------------------------------------------------------------------------------------- the scheduler
 class Scheduler:
     def __init__(self, engine: Engine, tokenizer, detokenizer=None, *, max_sessions: int = 8, max_waiting: int = 32,
-                 wait_timeout_s: float = 10.0, detokenizer_hop: int = 15, detokenizer_threads: int = 1,
+                 wait_timeout_s: float = 10.0, detokenizer_hop: int = 15, detokenizer_max_hop: int | None = None,
+                 detokenizer_threads: int = 1,
                  metrics: Metrics | None = None, frontend=None, prefill_chunk: int | None = 64,
                  share_prefix: bool = True, max_prefixes: int = 8, allow_untrained: bool = False,
                  conversation_cache: bool = True, max_conversations: int = 64, max_conversation_bytes: int = 512 << 20,
@@ -279,6 +280,8 @@ class Scheduler:
         self.engine, self.tokenizer, self.detokenizer = engine, tokenizer, detokenizer
         self.max_sessions, self.max_waiting, self.wait_timeout_s = max_sessions, max_waiting, wait_timeout_s
         self.detokenizer_hop, self.frontend = detokenizer_hop, frontend
+        # later chunks up to this many tokens (None: the detokenizer's default)
+        self.detokenizer_hops = {} if detokenizer_max_hop is None else {"max_hop": detokenizer_max_hop}
         self.flow_cache = flow_cache  # each stream keeps its flow's keys and values (speech/flow_cache.py)
         self.metrics = metrics or Metrics()
         self.speech = engine.model.audio_invert_tower is not None
@@ -548,7 +551,7 @@ class Scheduler:
                 # (made beside the worker, not behind its current round: a new session's first chunk waits less)
                 detok = await loop.run_in_executor(self._prep_pool, lambda: self.detokenizer.stream(
                     req.voice, self.detokenizer_hop, flow_window=FLOW_WINDOW, hift_reset=HIFT_RESET,
-                    flow_cache=self.flow_cache))
+                    flow_cache=self.flow_cache, **self.detokenizer_hops))
             while True:
                 item = await session._raw.get()
                 if isinstance(item, BaseException):

@@ -218,9 +218,14 @@ class Detokenizer:
         return torch.cat(pieces, dim=1)[0].float().cpu().numpy()
 
     def stream(self, speaker=None, hop: int = 15, chunk_attention: bool = True, flow_window: int | None = None,
-               hift_reset: int | None = None, vocoder: str = "incremental",
-               flow_cache: bool = True) -> "StreamingDetokenizer":
-        """A streaming session; see `StreamingDetokenizer`."""
+               hift_reset: int | None = None, vocoder: str = "incremental", flow_cache: bool = True,
+               max_hop: int | None = None) -> "StreamingDetokenizer":
+        """A streaming session; see `StreamingDetokenizer`. Its chunks keep `hop` tokens: `max_hop` (growing chunks,
+        the mini's Piper detokenizer) may only be None or `hop` here, the chunk mask and the flow cache being laid
+        out per hop."""
+        if max_hop is not None and max_hop != hop:
+            raise InputError(f"the CosyVoice3 detokenizer streams chunks of a fixed hop ({hop} tokens); growing "
+                             f"chunks (max_hop {max_hop}) are for the mini's Piper detokenizer")
         return StreamingDetokenizer(self, self.speaker_embedding(speaker), hop, chunk_attention, flow_window,
                                     hift_reset, vocoder, flow_cache)
 

@@ -1,15 +1,22 @@
 """`serve --compile` warms up (serve/warm_up.py): after its synthetic requests, real traffic of the warmed kind (one
 row on a cache size never seen, several rows on the first and on a longer cache, one row on a short cache) compiles
 no graph, so no session waits for a compile mid-traffic. Run in a fresh process: dynamo's graphs and counters are per process."""
+import asyncio
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
+from funaudiochat.engine.generate import Engine
 from funaudiochat.errors import InputError
-from funaudiochat.serve.warm_up import parse_kinds
+from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.model.presets import tiny
+from funaudiochat.serve.scheduler import Request, Scheduler
+from funaudiochat.serve.warm_up import parse_kinds, warm_up
+from tests.helpers import make_tiny_tokenizer
 
 SCRIPT = """
 import asyncio, json, sys, torch
@@ -93,3 +100,23 @@ def test_warm_up_kinds_are_checked():
     assert parse_kinds("s2s, s2t") == ("s2s", "s2t") and parse_kinds("none") == ()
     with pytest.raises(InputError, match="unknown kind"):
         parse_kinds("s2s,tts")
+
+
+def test_a_one_session_server_warms_up_one_row_at_a_time(tmp_path, one_thread):
+    """With --max-sessions 1 the warm-up's pair runs as one row (two held rows would wait for each other), and
+    asking for more requests together than there are sessions is refused, not a wait that never ends."""
+    torch.manual_seed(0)
+    model = FunAudioChatModel(tiny())
+    model.init_weights(0.3)
+    sched = Scheduler(Engine(model.eval()), make_tiny_tokenizer(tmp_path), max_sessions=1, wait_timeout_s=30)
+
+    async def main():
+        sched.start()
+        try:
+            await asyncio.wait_for(warm_up(sched), 120)
+            with pytest.raises(InputError, match="2 requests cannot run together on 1 sessions"):
+                await sched.submit_together([Request([{"role": "user", "content": "hi"}]) for _ in range(2)])
+        finally:
+            sched.close()
+    asyncio.run(main())
+    assert sum(sched.metrics.step_seconds.counts) >= 6  # both kinds decoded (3 questions each, 3 steps past the first)

@@ -443,7 +443,10 @@ class Scheduler:
 
     async def submit_together(self, requests: list[Request]) -> list[Session]:
         """`submit` for several requests that reach the engine at the same moment, so that those with equal
-        settings are prefilled as one batch and decode in one batch of at least that many rows."""
+        settings are prefilled as one batch and decode in one batch of at least that many rows. At most
+        `max_sessions` requests: they hold their rows until all of them have one."""
+        if len(requests) > self.max_sessions:
+            raise InputError(f"{len(requests)} requests cannot run together on {self.max_sessions} sessions")
         if self._stop or not self.alive:
             raise ServerBusyError("the engine is not running", 503, 5)
         self.check_capacity()  # before building the prompt: a flood costs no feature extraction

@@ -81,7 +81,8 @@ async def warm_up(scheduler: Scheduler, kinds: tuple[str, ...] = KINDS) -> float
         await _answer(scheduler, [_request(scheduler, mode, QUESTION)])  # one row
         # two rows on a longer cache: one graph takes both sizes as symbols (two rows on the first cache size would
         # keep that size fixed, and the first batch on a longer cache would compile again)
-        await _answer(scheduler, [_request(scheduler, mode, long or QUESTION) for _ in range(2)])
+        rows = min(2, scheduler.max_sessions)
+        await _answer(scheduler, [_request(scheduler, mode, long or QUESTION) for _ in range(rows)])
         if long is not None:
             await _answer(scheduler, [_request(scheduler, mode, long)])  # one row, a longer cache
         log.info("warm-up: %s answers' decode graphs ready in %.1f s (%d decode steps)", mode,

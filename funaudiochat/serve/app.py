@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from starlette.routing import Route
 from funaudiochat.serve.api_errors import APIError, bad_request, to_api_error
 from funaudiochat.serve.audio_store import AudioStore
 from funaudiochat.serve.chat_request import Limits
+from funaudiochat.serve.openmp import one_thread_here
 from funaudiochat.serve.scheduler import Scheduler
 from funaudiochat.serve.voices import Voices
 
@@ -222,6 +224,8 @@ def create_app(ctx: ServerContext) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app):
+        # the executor's threads (audio decoding, voice registration) keep off the engine's cores' OpenMP team
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(initializer=one_thread_here))
         ctx.scheduler.start()
         warming = asyncio.create_task(_warm_up(ctx)) if ctx.warm_up else None
         try:

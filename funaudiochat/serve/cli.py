@@ -131,9 +131,12 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from funaudiochat.serve.app import create_app
+    from funaudiochat.serve.openmp import one_thread_here, release_pool_here
 
     sock = bind(args.host, args.port)
     ctx = build_context(args)
+    one_thread_here()  # the main thread's loading work is done: only the engine thread keeps an OpenMP team
+    release_pool_here()  # (serve/openmp.py: a second team made every compiled step wait on the kernel)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not ctx.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model",
                     args.host)

@@ -26,6 +26,7 @@ import time
 from concurrent.futures import Future
 
 from funaudiochat.serve.cpu_turns import CpuTurns
+from funaudiochat.serve.openmp import one_thread_here
 from funaudiochat.speech.detokenizer import drain
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class DetokenizerWorker:
         import torch
 
         torch.set_grad_enabled(False)
+        one_thread_here()  # (the engine thread's OpenMP team is the only one: serve/openmp.py)
         while True:
             with self._cond:
                 while not self._items and not self._backlog and not self._closed:

@@ -76,6 +76,7 @@ from funaudiochat.model.backbone import KVCache
 from funaudiochat.serve.cpu_turns import CpuTurns
 from funaudiochat.serve.detok_worker import DetokenizerWorker
 from funaudiochat.serve.metrics import Metrics
+from funaudiochat.serve.openmp import one_thread_here, threads_here
 from funaudiochat.text.tools import tools_system_prompt
 
 log = logging.getLogger(__name__)
@@ -312,7 +313,7 @@ class Scheduler:
         # each worker batches the chunks of its sessions; sessions are dealt to the workers in turn
         self._detok_workers = [DetokenizerWorker(self.metrics, f"detokenizer-{i}", self.turns)
                                for i in range(max(1, detokenizer_threads))] if detokenizer is not None else []
-        self._prep_pool = ThreadPoolExecutor(2, thread_name_prefix="prompt")
+        self._prep_pool = ThreadPoolExecutor(2, thread_name_prefix="prompt", initializer=one_thread_here)
         self._deal = itertools.count()
 
     # ------------------------------------------------------------------ lifecycle
@@ -605,7 +606,7 @@ class Scheduler:
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        torch.set_num_threads(self._threads)  # (wherever start() is called from; compiled graphs are guarded on it)
+        threads_here(self._threads)  # (wherever start() is called from; compiled graphs are guarded on it)
         while True:
             with self._cond:
                 while (not self._stop and not self._inbox and not self._batches and not self._queued

@@ -1,0 +1,97 @@
+"""The server keeps one OpenMP team, the engine thread's (serve/openmp.py): helper threads run torch work on one
+thread, a thread can stop its pool's workers, and a helper's count never leaks into the engine thread."""
+import asyncio
+import os
+import threading
+
+import torch
+
+from funaudiochat.engine.generate import Engine
+from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.model.presets import tiny
+from funaudiochat.serve.openmp import one_thread_here, release_pool_here, threads_here
+from funaudiochat.serve.scheduler import Request, Scheduler
+from funaudiochat.text.chat import user_content
+from tests.helpers import make_tiny_tokenizer, noise_audio
+
+
+def _threads_of_process() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _in_thread(fn):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def test_a_helper_thread_gets_no_workers_and_a_released_pool_is_gone():
+    x = torch.randn(512, 512)
+
+    def helper():
+        one_thread_here()
+        before = _threads_of_process()
+        (x @ x).sum()  # a BLAS product and a reduction: both would start workers with two threads
+        return _threads_of_process() - before
+
+    def two_threads():
+        threads_here(2)
+        before = _threads_of_process()
+        (x @ x).sum()
+        started = _threads_of_process() - before
+        release_pool_here()
+        return started, _threads_of_process() - before
+
+    assert _in_thread(helper) == 0
+    started, left = _in_thread(two_threads)
+    assert started >= 1 and left == 0, (started, left)  # (the check above can fail: two threads do start one)
+
+
+def test_a_helper_setting_one_thread_does_not_reach_a_thread_that_set_its_own():
+    """torch gives a thread the process-wide default on its first use, even after it set its own count."""
+    def engine_like(set_threads):
+        mine, helper_done = threading.Event(), threading.Event()
+
+        def helper():
+            mine.wait()
+            one_thread_here()  # sets the default to 1
+            helper_done.set()
+        other = threading.Thread(target=helper)
+        other.start()
+        set_threads(2)
+        mine.set()
+        helper_done.wait()
+        other.join()
+        return torch.get_num_threads()
+
+    assert _in_thread(lambda: engine_like(threads_here)) == 2
+    assert _in_thread(lambda: engine_like(torch.set_num_threads)) == 1  # what threads_here guards against
+
+
+def test_the_engine_thread_keeps_its_threads_while_prompt_builders_use_one(tmp_path):
+    torch.manual_seed(0)
+    model = FunAudioChatModel(tiny())
+    model.init_weights(0.3)
+    seen = []
+    model.language_model.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sched = Scheduler(Engine(model.eval()), make_tiny_tokenizer(tmp_path), max_sessions=2)
+    finally:
+        torch.set_num_threads(previous)
+
+    async def main():
+        sched.start()
+        try:  # an audio question: its log-mel features are computed on a prompt-builder thread (one thread)
+            session = await sched.submit(Request([{"role": "user", "content": user_content(1)}],
+                                                 [noise_audio(0.5, 1)], generation={"max_new_tokens": 3},
+                                                 audio_out=False))
+            async for _ in session:
+                pass
+        finally:
+            sched.close()
+    asyncio.run(main())
+    assert seen and set(seen) == {2}, seen

@@ -102,13 +102,16 @@ def test_warm_up_kinds_are_checked():
         parse_kinds("s2s,tts")
 
 
-def test_a_one_session_server_warms_up_one_row_at_a_time(tmp_path, one_thread):
+@pytest.mark.parametrize("context", [4096, 100], ids=["long_context", "one_bucket_context"])
+def test_a_one_session_server_warms_up_one_row_at_a_time(tmp_path, one_thread, context):
     """With --max-sessions 1 the warm-up's pair runs as one row (two held rows would wait for each other), and
-    asking for more requests together than there are sessions is refused, not a wait that never ends."""
+    asking for more requests together than there are sessions is refused, not a wait that never ends. A context
+    shorter than a cache bucket has no longer cache to warm up."""
     torch.manual_seed(0)
     model = FunAudioChatModel(tiny())
     model.init_weights(0.3)
-    sched = Scheduler(Engine(model.eval()), make_tiny_tokenizer(tmp_path), max_sessions=1, wait_timeout_s=30)
+    sched = Scheduler(Engine(model.eval(), max_seq_len=context), make_tiny_tokenizer(tmp_path), max_sessions=1,
+                      wait_timeout_s=30)
 
     async def main():
         sched.start()

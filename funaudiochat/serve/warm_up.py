@@ -1,4 +1,4 @@
-"""Compile a server's decode graphs before its traffic (`serve --compile`; docs/serve.md, "Compiled decoding").
+"""Compile a server's decode graphs before its traffic (`serve --compile`; docs/serve.md).
 
 A compiled decode step is specialised on the shapes of its first call; the first call with another batch size or
 cache length compiles one graph that takes them as symbols, and batches of one row keep graphs of their own
@@ -10,9 +10,8 @@ outgrew its first size stalled the whole server 7.4 s mid-traffic (BENCHMARKS.md
 `warm_up` sends small synthetic requests of each kind through the scheduler in that order, so that real traffic finds
 every graph compiled: one request alone (one row, the first cache size), two together whose prompts are longer than
 a cache bucket (two rows, a longer cache: both sizes become symbols at once), and one of those alone (one row, a
-longer cache). The speech kind synthesises its few
-codes too, which loads the detokenizer's sessions. The requests go through the whole serving path and count in
-/metrics like any other.
+longer cache). The speech kind synthesises its few codes too, which loads the detokenizer's sessions. The requests
+go through the whole serving path and count in /metrics like any other.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import time
 
 from funaudiochat.engine.compiled import CACHE_BUCKET
 from funaudiochat.engine.events import TurnEnd
-from funaudiochat.errors import InputError
+from funaudiochat.errors import ContextLengthError, InputError
 from funaudiochat.serve.scheduler import Request, Scheduler
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,10 @@ def _long_question(scheduler: Scheduler, mode: str) -> str | None:
     """A question whose prompt fills more than one cache bucket (None if the context cannot hold it)."""
     text = QUESTION
     while True:
-        prompt, _ = scheduler.prepare(_request(scheduler, mode, text))
+        try:
+            prompt, _ = scheduler.prepare(_request(scheduler, mode, text))
+        except ContextLengthError:  # (a context of about one bucket: every cache has the same size)
+            return None
         n = int(prompt.input_ids.shape[1])
         if n > CACHE_BUCKET:
             return text if n + STEPS <= scheduler.engine.max_seq_len else None

@@ -5,8 +5,8 @@ phonetic tokenizer and the Piper detokenizer, judged by the ASR judge, with the 
 
 For each of the HELD_OUT sentences (written for this check, used for nothing else): the packaged Piper voice as
 piper itself speaks it (the original: its own random noise, 22.05 kHz), and tokens = PiperTokenizer.tokenize(text)
-decoded one-shot (`token2wav`) and streamed (`stream(hop, max_hop)`, 5 tokens per push as the SRH delivers them), both at
-24 kHz. Prints the corpus WER / CER of Whisper tiny.en (`funaudiochat.eval.asr.AsrJudge`) of each, the
+decoded one-shot (`token2wav`) and streamed (`stream(hop, max_hop)`, 5 tokens per push as the SRH delivers them),
+both at 24 kHz. Prints the corpus WER / CER of Whisper tiny.en (`funaudiochat.eval.asr.AsrJudge`) of each, the
 detokenizer's real-time factor one-shot and streamed (wall seconds / audio seconds, one thread; and CPU seconds /
 audio seconds, which a shared machine inflates less), the stream-vs-one-shot SNR, the largest sample step at chunk
 boundaries against the largest step inside the audio, tokens per second and the first chunk's token count. Acceptance (issue 14): token resynthesis WER <= 3 %.

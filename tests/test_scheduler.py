@@ -283,6 +283,18 @@ def test_a_full_server_refuses_with_retry_after(parts, one_thread):
     assert end.finish_reason in ("stop", "length")
 
 
+def test_hops_the_detokenizer_cannot_stream_are_refused_at_start(parts, tmp_path):
+    from funaudiochat.errors import InputError
+    from funaudiochat.speech.detokenizer import Detokenizer
+
+    engine, tok = parts
+    detok = Detokenizer.from_dir(write_tiny_detokenizer(tmp_path / "cosyvoice"))
+    with pytest.raises(InputError, match="fixed hop"):
+        Scheduler(engine, tok, detok, detokenizer_hop=15, detokenizer_max_hop=60)
+    with pytest.raises(InputError, match="hop must be at least 1"):
+        Scheduler(engine, tok, detok, detokenizer_hop=0)
+
+
 @pytest.mark.parametrize("flow_cache", [True, False])
 def test_audio_chunks_stream_per_session(parts, tmp_path, one_thread, flow_cache):
     from funaudiochat.speech.detokenizer import Detokenizer

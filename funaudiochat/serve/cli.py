@@ -95,8 +95,6 @@ def build_context(args: argparse.Namespace):
     rt = load_runtime(args.model, args.dtype, args.device, speech=True, detokenizer_dir=args.detokenizer,
                       speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile,
                       detokenizer_threads=torch.get_num_threads())  # (it takes turns with the engine: see cpu_turns)
-    if rt.detokenizer is not None:  # (its own checks of --hop and --max-hop, before any request)
-        rt.detokenizer.stream(hop=args.hop, **({} if args.max_hop is None else {"max_hop": args.max_hop}))
     scheduler = Scheduler(rt.engine, rt.tokenizer, rt.detokenizer, max_sessions=args.max_sessions,
                           max_waiting=args.max_waiting, wait_timeout_s=args.wait_timeout, detokenizer_hop=args.hop,
                           detokenizer_max_hop=args.max_hop,

@@ -283,6 +283,8 @@ class Scheduler:
         self.detokenizer_hop, self.frontend = detokenizer_hop, frontend
         # later chunks up to this many tokens (None: the detokenizer's default)
         self.detokenizer_hops = {} if detokenizer_max_hop is None else {"max_hop": detokenizer_max_hop}
+        if detokenizer is not None:  # (its own checks of the hops, before any request)
+            detokenizer.stream(hop=detokenizer_hop, **self.detokenizer_hops)
         self.flow_cache = flow_cache  # each stream keeps its flow's keys and values (speech/flow_cache.py)
         self.metrics = metrics or Metrics()
         self.speech = engine.model.audio_invert_tower is not None

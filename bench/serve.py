@@ -217,7 +217,7 @@ async def run(ws_url: str, n: int, together: bool, question, silence, args) -> d
 
 
 PROFILE = {"decode": "funaudiochat_decode_step_seconds", "prefill": "funaudiochat_prefill_seconds",
-           "detokenizer": "funaudiochat_detokenizer_round_seconds", "rounds": "funaudiochat_detokenizer_round_sessions"}
+           "encode": "funaudiochat_audio_encode_seconds", "detokenizer": "funaudiochat_detokenizer_round_seconds", "rounds": "funaudiochat_detokenizer_round_sessions"}
 
 
 def scrape(http_url: str) -> dict:
@@ -234,7 +234,8 @@ def profile(before: dict, after: dict) -> str:
     d = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in PROFILE}
     sessions, rounds = d["rounds"]
     return (f"server time: decode steps {d['decode'][0]:.1f} s ({d['decode'][1]:.0f} steps), prefill "
-            f"{d['prefill'][0]:.1f} s, detokenizer {d['detokenizer'][0]:.1f} s ({rounds:.0f} rounds, "
+            f"{d['prefill'][0]:.1f} s (+ audio encoded together {d['encode'][0]:.1f} s, {d['encode'][1]:.0f} "
+            f"times), detokenizer {d['detokenizer'][0]:.1f} s ({rounds:.0f} rounds, "
             f"{sessions / max(1, rounds):.2f} sessions per round)")
 
 

@@ -52,6 +52,35 @@ def test_batched_rows_equal_single_runs(tmp_path, backbone):
         assert len(single.speech_ids[0]) > 0
 
 
+def test_audio_encoded_ahead_for_several_prompts_prefills_as_each_prompt_encoding_its_own(tmp_path):
+    """`Engine.encode_ahead` encodes the audios of several prompts in one call (a prompt with two audios of different
+    lengths among them); each prompt then carries vectors instead of features, and its prefill computes what it
+    computes when it encodes its own audio."""
+    import copy
+
+    tok = make_tiny_tokenizer(tmp_path)
+    model = _model()
+    engine = Engine(model)
+    two = [np.random.default_rng(s).standard_normal(int(sec * 16000)).astype(np.float32) * 0.1
+           for s, sec in ((3, 0.6), (4, 1.3))]
+    msgs = [{"role": "system", "content": words([40, 41])}, {"role": "user", "content": user_content(2, None)}]
+    prompts = [build_prompt(tok, model.cfg, msgs, two), _audio_prompt(tok, model.cfg, 0.9, words([77]), seed=5)]
+    gen = GenerationConfig(max_new_tokens=4, force_text_abos=True, **GREEDY)
+    refs = [engine.prefill(copy.deepcopy(p), gen) for p in prompts]
+    engine.encode_ahead(prompts)
+    assert all(p.input_features is None and not p.feature_exist_mask.any() for p in prompts)
+    assert [g.shape[0] for g in prompts[0].audio_groups] == [int(n) for n in
+                                                             (prompts[0].speech_attention_mask.sum(-1) + 4) // 5]
+    for p, (ref_state, ref_logits, ref_group) in zip(prompts, refs):
+        state, logits, group = engine.prefill(p, gen)
+        assert (logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
+        assert torch.equal(group, ref_group)
+        for a, b in zip(state.llm_cache.k, ref_state.llm_cache.k):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    engine.encode_ahead(prompts)  # nothing left to encode: unchanged
+    assert all(p.input_features is None for p in prompts)
+
+
 def test_seeded_sampling_is_reproducible():
     engine = Engine(_model())
     ids = torch.randint(30, 400, (1, 9), generator=torch.Generator().manual_seed(0))

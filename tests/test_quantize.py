@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -156,3 +157,55 @@ def test_compiled_int8_warns_where_its_reductions_lack_avx512(monkeypatch, caplo
         with caplog.at_level("WARNING", logger="funaudiochat.engine.compiled"):
             Engine(model, compile=True)  # (builds the compiled callables; nothing is traced before a first step)
         assert any("no AVX-512" in r.getMessage() for r in caplog.records) == warned, (capability, warned)
+
+
+def test_prompt_passes_multiply_the_exact_int8_weights_in_bf16_and_decoding_stays_fp32():
+    """Inside `prompt_products` (a prefill's layers) the int8 blocks are converted to bf16 exactly and multiplied in
+    bf16 (inputs and outputs rounded to bf16, sums in fp32); outside it, and with the setting "fp32", the product is
+    the fp32 one. "auto" follows the CPU (bf16 only where it is native), so it is not asserted here."""
+    from funaudiochat.model.quantize import prompt_products, set_prompt_products
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(300, 96, generator=g), torch.randn(7, 96, generator=g)
+    q, scale = quantize_weight(w)
+    fp32 = x @ q.float().t() * scale
+    bf16_ref = (x.bfloat16().float() @ q.float().t()).bfloat16().float() * scale  # inputs and outputs rounded
+    cpu = torch.device("cpu")
+    try:
+        set_prompt_products("bf16")
+        with prompt_products(cpu):
+            inside = int8_linear(x, q, scale)
+        outside = int8_linear(x, q, scale)
+        set_prompt_products("fp32")
+        with prompt_products(cpu):
+            kept = int8_linear(x, q, scale)
+    finally:
+        set_prompt_products("auto")
+    assert inside.dtype == torch.float32 and not torch.equal(inside, fp32)
+    # the same values as the reference up to the order of the fp32 sums (one bf16 step of the output at most)
+    assert ((inside - bf16_ref).abs() <= 2 ** -7 * bf16_ref.abs() + 1e-6).all()
+    assert (inside - fp32).abs().max() <= 2 ** -6 * fp32.abs().max()
+    assert (outside - fp32).abs().max() <= 1e-5 * fp32.abs().max()
+    assert (kept - fp32).abs().max() <= 1e-5 * fp32.abs().max()
+    with pytest.raises(ValueError, match="auto, bf16, fp32"):
+        set_prompt_products("fp16")
+
+
+def test_a_quantized_prefill_in_bf16_products_stays_close_to_the_fp32_products():
+    """The engine's prefill runs its layers as prompt passes: with bf16 products its logits move (the setting is
+    used) but stay within bf16 rounding of the fp32-product prefill, and the first greedy token is the same."""
+    from funaudiochat.model.quantize import set_prompt_products
+
+    model = quantize_model(_model())
+    ids = torch.randint(30, 400, (1, 24), generator=torch.Generator().manual_seed(2))
+    engine = Engine(model)
+    try:
+        set_prompt_products("fp32")
+        ref = engine.prefill(Prompt(ids), GREEDY)[1]
+        set_prompt_products("bf16")
+        out = engine.prefill(Prompt(ids), GREEDY)[1]
+    finally:
+        set_prompt_products("auto")
+    assert not torch.equal(out, ref)
+    assert (out - ref).abs().max() <= 0.03 * ref.abs().max()
+    assert int(out.argmax()) == int(ref.argmax())

@@ -435,6 +435,38 @@ def test_sessions_waiting_together_are_prefilled_as_one_batch(parts, one_thread)
     assert sched.metrics.prefix_hits.value == 4
 
 
+def test_questions_that_wait_together_have_their_audio_encoded_in_one_call(parts, one_thread):
+    """Three sessions wait at once but cannot share a prefill (a spoken answer, a text answer, a seeded sampled
+    answer): their audio is encoded in one batched call before the first prefill, the three prefills then skip it,
+    and each session still computes its single run."""
+    engine, tok = parts
+    sched = Scheduler(engine, tok, max_sessions=4, prefill_chunk=None)
+    requests = [_request(0.6, 61, 6), _request(1.1, 62, 5, words([90])),
+                _request(0.8, 63, 5)]
+    requests[1].mode, requests[1].generation = "s2t", dict(max_new_tokens=5, do_sample=False)
+    requests[2].generation = dict(max_new_tokens=5, do_sample=True, seed=7)
+    singles = []
+    for req in requests:
+        prompt, gen = sched.prepare(req)
+        out = engine.generate(prompt, gen)
+        singles.append((out.new_text_ids[0].tolist(), out.speech_ids[0]))
+
+    async def main():
+        sched.start()
+        try:
+            with sched._cond:  # the engine thread cannot look at its inbox until all three wait there
+                sessions = [await sched.submit(req) for req in requests]
+            return await asyncio.gather(*(_collect(s) for s in sessions))
+        finally:
+            await sched.stop()
+
+    results = asyncio.run(main())
+    for (end, speech), (ids, single_speech) in zip(results, singles):
+        assert list(end.text_ids) == ids and speech == single_speech
+    assert sched.metrics.audio_encode_seconds.count == 1
+    assert sched.metrics.prefill_seconds.count == 3
+
+
 def test_max_new_tokens_beyond_the_context_is_refused_or_capped(parts):
     """An API request asking more new tokens than the context has room for is refused with the room it has; the web
     chat marks its limit a ceiling (its history grows), and gets the room instead."""

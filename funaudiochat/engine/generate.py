@@ -14,9 +14,11 @@ Shape legend: B batch, P prompt length, S cache slots, k group size, D LLM width
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 
 from funaudiochat.engine.compiled import CACHE_BUCKET, CompiledDecoder, answer_prosody, srh_input, step_input
 from funaudiochat.engine.prompt import Prompt
@@ -24,6 +26,7 @@ from funaudiochat.engine.sampling import SamplingParams, choose, exponential_noi
 from funaudiochat.errors import ConfigError, ContextLengthError
 from funaudiochat.model.backbone import MLP, Attention, KVCache, RopeTable, attention_mask_4d
 from funaudiochat.model.funaudiochat import FunAudioChatModel
+from funaudiochat.model.quantize import prompt_products
 from funaudiochat.speech.pending_units import PAD, follow_on, is_start, text_locked, window
 
 
@@ -214,6 +217,41 @@ class Engine:
             pass
         return job.result
 
+    @torch.no_grad()
+    def encode_ahead(self, prompts: list[Prompt]) -> None:
+        """Encode the audios of several prompts in one call, in place: each audio with log-mel features becomes its
+        5 Hz vectors (`Prompt.audio_groups`, as `IncrementalAudio` gives them), so the prompts' prefills do not
+        encode it again. One call batches the encoder's windows and the word reader's beam searches of all of them:
+        the reader's steps are bound by reading its weights, so N questions cost far less together than one by one
+        (the server's prompts that wait at the same moment). Each audio's vectors are those its own prefill would
+        compute (the encoder and reader treat the audios independently)."""
+        rows = [(p, i) for p in prompts if p.input_features is not None
+                for i in range(p.speech_ids.shape[0]) if p.feature_exist_mask[i]]
+        if not rows:
+            return
+        width = max(p.speech_ids.shape[1] for p, _ in rows)
+        frames = max(p.input_features.shape[-1] for p, _ in rows)
+        pad_id = self.cfg.audio_config.pad_token_id
+        speech_ids = torch.stack([F.pad(p.speech_ids[i], (0, width - p.speech_ids.shape[1]), value=pad_id)
+                                  for p, i in rows])
+        speech_mask = torch.stack([F.pad(p.speech_attention_mask[i], (0, width - p.speech_ids.shape[1]))
+                                   for p, i in rows])
+        with_features = [p for p in prompts if p.input_features is not None]  # (their feature rows, in order)
+        features = torch.cat([F.pad(p.input_features, (0, frames - p.input_features.shape[-1]))
+                              for p in with_features])
+        feature_mask = torch.cat([F.pad(p.feature_attention_mask, (0, frames - p.input_features.shape[-1]))
+                                  for p in with_features])
+        dev = self.device
+        audio = self.model.encode_audio(speech_ids.to(dev), speech_mask.to(dev), _opt(features, dev, self.dtype),
+                                        feature_mask.to(dev))
+        for r, (p, i) in enumerate(rows):
+            if p.audio_groups is None:
+                p.audio_groups = [None] * p.speech_ids.shape[0]
+            p.audio_groups[i] = audio.features[r, : int(audio.n_groups[r])]
+        for p in with_features:
+            p.feature_exist_mask = torch.zeros_like(p.feature_exist_mask)
+            p.input_features = p.feature_attention_mask = None
+
     def start_prefill(self, prompt: Prompt, gen: GenerationConfig, chunk: int | None = None,
                       prefix: "PrefixKV | None" = None, save_prefix: int = 0,
                       cache_len: int | None = None) -> "PrefillJob":
@@ -251,8 +289,9 @@ class Engine:
                 mask = state.srh_key_valid[:, None, None, :s1] if state.padded else None
             else:
                 mask = attention_mask_4d(state.srh_key_valid[:, :s1], q1 - q0, s1, s0, b, self.device)
-            h = srh.decode_hidden(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1, self.srh_rope,
-                                  last_only=True)  # only the last position's logits are used
+            with prompt_products(self.device) if q1 - q0 > 1 else nullcontext():  # (a prompt's positions)
+                h = srh.decode_hidden(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1, self.srh_rope,
+                                      last_only=True)  # only the last position's logits are used
             logits = srh.lm_head(h[:, -1]).float()
             if self.speech_bias is not None:
                 logits = logits + self.speech_bias
@@ -697,8 +736,9 @@ class PrefillJob:
         last = end == p
         mask = attention_mask_4d(state.key_valid[:, :end], end - a, end, a, b, dev)
         # the SRH reads every prompt position's hidden state; without it only the last one is used
-        hidden = m.language_model.model(self.embeds[:, a:end], self.pos[:, a:end], mask, state.llm_cache, a, end,
-                                         rope=eng.rope, last_only=not self.speech_on)
+        with prompt_products(dev):
+            hidden = m.language_model.model(self.embeds[:, a:end], self.pos[:, a:end], mask, state.llm_cache, a,
+                                             end, rope=eng.rope, last_only=not self.speech_on)
         group = None
         if self.speech_on:
             srh = m.audio_invert_tower
@@ -707,15 +747,17 @@ class PrefillJob:
                 styles, state.answer_style = m.answer_styles(hidden, self.ids[:, a:end], self.openers[:, a:end],
                                                              state.answer_style, mask=self.mask[:, a:end])
                 u = u + styles
-            fine = srh.ungroup(u)  # [B, k(end-a), D]
+            with prompt_products(dev):
+                fine = srh.ungroup(u)  # [B, k(end-a), D]
             fine_pos = (self.pos[:, a:end, None] * k + torch.arange(k, device=dev)).reshape(b, k * (end - a))
             if last:
                 group = eng._srh_group(state, fine, fine_pos, self.bos, p, self.gen, self.tracer)
             else:  # these fine positions all start a group: the SRH's start token, as in the last chunk's first pass
                 s0, s1 = k * a, k * end
                 srh_mask = attention_mask_4d(state.srh_key_valid[:, :s1], s1 - s0, s1, s0, b, dev)
-                srh.decode_hidden(fine + self.prompt_bos[:, None], fine_pos, srh_mask, state.srh_cache, s0, s1,
-                                  eng.srh_rope, last_only=True)
+                with prompt_products(dev):
+                    srh.decode_hidden(fine + self.prompt_bos[:, None], fine_pos, srh_mask, state.srh_cache, s0, s1,
+                                      eng.srh_rope, last_only=True)
         self.next = end
         if end == self.save_at:
             self.saved_prefix = self._snapshot(self.pads[0], end)

@@ -9,6 +9,13 @@ fp32 constant). Eagerly (prefill, eager decoding) blocks of rows are converted i
 slower than fp32 for one row and 20x for 25 rows on an AVX2 CPU, and a fresh fp32 tensor per call costs page faults.
 Activations, norms, embeddings, biases and KV caches stay fp32.
 
+Prompt passes (`prompt_products()`: the prefill's LLM layers and the speech head's layers over a prompt's positions)
+multiply many rows by each weight, so their time is arithmetic, not the weight's bytes. Where the CPU computes bf16
+natively (AVX-512 BF16 or AMX) they convert the int8 blocks to bf16 instead (exactly: |q| <= 127 fits bf16's 8-bit
+significand) and multiply in bf16 with fp32 sums: 2.8x faster for a 43-position prefill of the mini (bench/
+int8_prefill.py). Rounded to bf16 are the product's inputs (the activations) and its outputs; the heads' logits are
+not computed inside a prompt pass and stay as before. `set_prompt_products("fp32")` keeps every product in fp32.
+
 Quantized: every linear of the LLM, its text head, the Speech Refined Head and its speech head (the SRH's
 speech-token embedding then reads rows of the int8 head). Not quantized: the audio encoder, the adapter, embedding
 tables and MoE routers. A tied head gets its own int8 copy; the embedding keeps the fp32 table.
@@ -19,6 +26,7 @@ A quantized checkpoint stores each quantized linear's int8 weight under its usua
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +37,8 @@ PRODUCT_SUM_MAX_ROWS = 8  # compiled CPU decoding: from about 16 rows on, BLAS (
                           # is as fast or faster than product-and-sum reductions (bench/matvec.py)
 SCRATCH_ELEMENTS = 1 << 22  # fp32 weights dequantized at once by the eager product
 _scratch = threading.local()
+PROMPT_PRODUCTS = ("auto", "bf16", "fp32")
+_prompt_products = {"mode": "auto"}  # process-wide setting (set_prompt_products)
 QUANTIZED_PARTS = ("language_model", "audio_invert_tower")
 # MoE routers: small, and their top-k choice is sensitive; the SRH's per-answer projections (style, cue, prosody):
 # small, read once per answer step, and the prosody's few outputs are logits added as they are
@@ -99,23 +109,50 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     return y if bias is None else y + bias
 
 
+def set_prompt_products(mode: str) -> None:
+    """How prompt passes multiply int8 weights: "auto" (bf16 where the CPU computes it natively, else fp32),
+    "bf16" or "fp32" (as decoding does)."""
+    if mode not in PROMPT_PRODUCTS:
+        raise ValueError(f"prompt products must be one of {', '.join(PROMPT_PRODUCTS)}, got {mode!r}")
+    _prompt_products["mode"] = mode
+
+
+@contextmanager
+def prompt_products(device: torch.device):
+    """Within: this thread's eager int8 products are a prompt pass's (bf16 products per `set_prompt_products`)."""
+    mode = _prompt_products["mode"]
+    if mode == "auto":
+        from funaudiochat.model.precision import native_bf16
+
+        mode = "bf16" if device.type == "cpu" and native_bf16(device) else "fp32"
+    before = getattr(_scratch, "product_dtype", None)
+    _scratch.product_dtype = torch.bfloat16 if mode == "bf16" else None
+    try:
+        yield
+    finally:
+        _scratch.product_dtype = before
+
+
 def _blockwise_dequantized_product(flat: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """flat [M, K] @ q^T [K, N] through blocks of q's rows converted into this thread's fp32 scratch buffer."""
+    """flat [M, K] @ q^T [K, N] through blocks of q's rows converted into this thread's scratch buffer (fp32, or
+    bf16 inside a prompt pass: see `prompt_products`); the result is in flat's dtype."""
     n, k = q.shape
     rows = max(1, min(n, SCRATCH_ELEMENTS // k))
-    key = (flat.device, flat.dtype)
+    dtype = getattr(_scratch, "product_dtype", None) or flat.dtype
+    key = (flat.device, dtype)
     buf = getattr(_scratch, "buffers", {}).get(key)
     if buf is None or buf.numel() < rows * k:
-        buf = torch.empty(rows * k, dtype=flat.dtype, device=flat.device)
+        buf = torch.empty(rows * k, dtype=dtype, device=flat.device)
         _scratch.buffers = {**getattr(_scratch, "buffers", {}), key: buf}
+    x = flat.to(dtype)
     if rows == n:
         w = buf[: n * k].view(n, k).copy_(q)
-        return flat @ w.t()
+        return (x @ w.t()).to(flat.dtype)
     out = flat.new_empty(flat.shape[0], n)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         w = buf[: (r1 - r0) * k].view(r1 - r0, k).copy_(q[r0:r1])
-        out[:, r0:r1] = flat @ w.t()
+        out[:, r0:r1] = x @ w.t()
     return out
 
 

@@ -58,6 +58,7 @@ class Metrics:
         self.rejected = Counter()         # 429 / 503: no free session
         self.first_audio = Histogram(LATENCY_BUCKETS)   # submit -> first audio chunk, seconds
         self.prefill_seconds = Histogram(LATENCY_BUCKETS)
+        self.audio_encode_seconds = Histogram(LATENCY_BUCKETS)  # waiting sessions' audio encoded together
         self.step_seconds = Histogram(STEP_BUCKETS)     # one batched decode step
         self.batch_rows = Histogram(BATCH_BUCKETS)      # rows of each decode step
         self.detok_round_seconds = Histogram(STEP_BUCKETS)  # one detokenizer round (all sessions' new codes)
@@ -113,6 +114,8 @@ class Metrics:
                 ("funaudiochat_time_to_first_audio_seconds", "request accepted -> first audio chunk", self.first_audio),
                 ("funaudiochat_prefill_seconds", "compute time of one prefill (its sessions, all chunks)",
                  self.prefill_seconds),
+                ("funaudiochat_audio_encode_seconds", "one batched encoding of the audio of sessions waiting for "
+                 "their prefill (then not counted in their prefill)", self.audio_encode_seconds),
                 ("funaudiochat_decode_step_seconds", "one batched decode step", self.step_seconds),
                 ("funaudiochat_decode_step_rows", "sessions in one batched decode step", self.batch_rows),
                 ("funaudiochat_detokenizer_round_seconds", "one detokenizer round (every session's new speech codes)",

@@ -663,6 +663,7 @@ class Scheduler:
                     and session.conversation_prefix is None)
             (group if fits else others).append(session)
         self._queued.extendleft(reversed(others))
+        self._encode_waiting_audio(group)
         prefixes, save = [], 0
         for i, session in enumerate(group):
             prefix = session.conversation_prefix
@@ -695,6 +696,23 @@ class Scheduler:
         self._prefill = _Prefill(group, job, gen.with_(max_new_tokens=_UNBOUNDED))
         for session in group:  # (the job holds what it copies; an evicted entry's memory goes with the job)
             session.conversation_prefix = None
+
+    def _encode_waiting_audio(self, group: list[Session]) -> None:
+        """When more than one waiting session still has audio to encode (questions that ended together), encode all
+        of them now in one batched call (`Engine.encode_ahead`): the prefills that follow, this group's and the later
+        ones', then skip their encoding. A failure here is left to each prefill, which encodes its own audio."""
+        fresh = [s for s in [*group, *self._queued] if s.prompt.input_features is not None and not s.cancelled]
+        if len(fresh) < 2:
+            return
+        t0 = time.perf_counter()
+        try:
+            with self.turns.turn():
+                self.engine.encode_ahead([s.prompt for s in fresh])
+        except Exception:
+            log.exception("encoding %d waiting sessions' audio together failed; each prefill encodes its own",
+                          len(fresh))
+            return
+        self.metrics.audio_encode_seconds.observe(time.perf_counter() - t0)
 
     @staticmethod
     def _prefill_key(session: Session) -> tuple:

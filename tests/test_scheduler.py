@@ -188,10 +188,10 @@ def test_a_session_joins_a_freed_row_in_place_and_computes_its_single_run(parts,
 
 
 def test_a_long_prefill_runs_in_chunks_between_decode_steps(parts, one_thread):
-    """While B's long prompt is prefilled in chunks of 4, A keeps receiving tokens (it does not stall for the
-    whole prefill), and B's answer is its single run's."""
+    """While B's long prompt is prefilled in chunks of 4 (no burst of prompts first), A keeps receiving tokens (it
+    does not stall for the whole prefill), and B's answer is its single run's."""
     engine, tok = parts
-    sched = Scheduler(engine, tok, max_sessions=2, prefill_chunk=4, share_prefix=False)
+    sched = Scheduler(engine, tok, max_sessions=2, prefill_chunk=4, share_prefix=False, prompt_burst_s=0)
     a_req = _request(0.6, 40, 80)
     b_req = _request(1.0, 41, 6, words(range(100, 160)))  # about 80 prompt positions: 20 chunks
     prompt, gen = sched.prepare(b_req)
@@ -223,6 +223,61 @@ def test_a_long_prefill_runs_in_chunks_between_decode_steps(parts, one_thread):
     assert list(b_end.text_ids) == b_single
     during = log[log.index("b submitted"):log.index("b")]
     assert during.count("a") >= 8, f"A stalled during B's prefill: {during}"
+
+
+@pytest.mark.parametrize("a_plays_audio", [False, True], ids=["text_answer", "playing_with_little_audio_in_hand"])
+def test_waiting_prompts_go_first_unless_a_playing_answer_runs_low(parts, tmp_path, one_thread, monkeypatch,
+                                                                 a_plays_audio):
+    """B's long prompt (20 chunks) arrives while A answers. A text answer waits: B's chunks run back to back within
+    the burst, with no decode step between them. An answer being played with less audio in hand than the margin
+    (here any: the margin is huge) does not wait: a decode step runs between B's chunks. B computes its single run
+    either way."""
+    from funaudiochat.serve import scheduler as scheduler_module
+    from funaudiochat.speech.detokenizer import Detokenizer
+
+    engine, tok = parts
+    detok = Detokenizer.from_dir(write_tiny_detokenizer(tmp_path / "cosyvoice")) if a_plays_audio else None
+    monkeypatch.setattr(scheduler_module, "PLAYBACK_MARGIN_S", 1e9)
+    sched = Scheduler(engine, tok, detok, max_sessions=2, prefill_chunk=4, share_prefix=False,
+                      detokenizer_hop=10, prompt_burst_s=60.0)
+    a_req = _request(0.6, 40, 120)
+    a_req.audio_out = a_plays_audio
+    b_req = _request(1.0, 41, 6, words(range(100, 160)))  # about 80 prompt positions: 20 chunks
+    prompt, gen = sched.prepare(b_req)
+    b_single = engine.generate(prompt, gen).new_text_ids[0].tolist()
+    marks = []  # (engine thread) decode steps so far when a prefill starts and when its session is admitted
+    for name in ("_start_prefill", "_admit"):
+        def watch(*args, _method=getattr(sched, name)):
+            marks.append(sched.metrics.step_seconds.count)
+            return _method(*args)
+        monkeypatch.setattr(sched, name, watch)
+
+    async def main():
+        sched.start()
+        try:
+            a_session = await sched.submit(a_req)
+            a_events = aiter(a_session)
+            while True:  # until A is under way (playing its first audio chunk, or writing text)
+                ev = await anext(a_events)
+                if isinstance(ev, AudioChunk if a_plays_audio else TextDelta):
+                    break
+            a_rest = asyncio.create_task(_drain(a_events))
+            b_end = [ev async for ev in await sched.submit(b_req)][-1]
+            await a_rest
+            return b_end
+        finally:
+            await sched.stop()
+
+    b_end = asyncio.run(main())
+    assert list(b_end.text_ids) == b_single
+    assert len(marks) == 4  # A's prefill and admission, then B's
+    steps_during = marks[3] - marks[2]
+    assert steps_during >= 15 if a_plays_audio else steps_during == 0, steps_during  # (interleaved: one a chunk)
+
+
+async def _drain(events):
+    async for _ in events:
+        pass
 
 
 def test_cancel_frees_the_row_and_others_continue(parts, one_thread):

@@ -26,9 +26,12 @@ Public interface (what the HTTP API, the realtime WebSocket and `/api/chat` buil
   An engine failure ends the iteration with `EngineFailure`. Cancelling (explicit, task cancellation, closing the
   iterator, a matched stop string) frees the batch row and its cache at the next engine step.
 
-How it runs: a dedicated engine thread loops: one chunk (`prefill_chunk` prompt positions) of the prefill under way,
-then one decode step for each batch of running sessions, so a long prompt never stalls running sessions for more
-than a chunk. Sessions waiting at the same moment with equal settings are prefilled together as one left-padded
+How it runs: a dedicated engine thread loops: chunks (`prefill_chunk` prompt positions) of the prefills under way,
+then one decode step for each batch of running sessions. Waiting prompts go first for up to `prompt_burst_s` after a
+step (questions that end together all reach their first audio sooner), but never while a session playing its answer
+has less than PLAYBACK_MARGIN_S of audio in hand: then one chunk alternates with one step, so a long prompt never
+stalls a speaking session for more than a chunk. Audio of sessions waiting together is encoded in one batched call
+(`Engine.encode_ahead`). Sessions waiting at the same moment with equal settings are prefilled together as one left-padded
 batch. The keys and values of each distinct system turn are computed once and copied into later prompts that start
 with it (copy-on-start prefix sharing, `max_prefixes` kept), so only the rest of a prompt is prefilled. A request
 that names its conversation (`Request.conversation`) starts from that conversation's last completed turn instead:
@@ -88,6 +91,10 @@ _UNBOUNDED = 1 << 40  # a batch's own max_new_tokens: each row's limit is enforc
 CACHE_HEADROOM = 256  # decode steps a batch cache holds beyond its current slot before it is rebuilt
 # streaming detokenizer bounds of the released web demo: each chunk's cost stops growing with the answer's length
 FLOW_WINDOW, HIFT_RESET = 200, 500
+# Prompts before decode steps: after a decode step, waiting prompts are prefilled back to back for up to
+# PROMPT_BURST_S (questions that end together all reach their first audio sooner than one prefill per step), unless
+# a session already playing its answer has less than PLAYBACK_MARGIN_S of audio in hand
+PROMPT_BURST_S, PLAYBACK_MARGIN_S = 0.8, 1.0
 
 
 class ServerBusyError(FunAudioChatError):
@@ -211,6 +218,8 @@ class Session:
         self._abandoned = False  # the consumer left before TurnEnd: nothing more is synthesised for it
         self._ended = False      # (engine thread) its last engine item was sent and its row freed
         self.submitted = time.perf_counter()
+        self.audio_started: float | None = None  # (event loop) when its first audio chunk was handed out
+        self.audio_seconds = 0.0                 # (event loop) seconds of audio handed out so far
         self._pump = None
 
     # -- consumer side
@@ -271,12 +280,16 @@ class Scheduler:
                  metrics: Metrics | None = None, frontend=None, prefill_chunk: int | None = 64,
                  share_prefix: bool = True, max_prefixes: int = 8, allow_untrained: bool = False,
                  conversation_cache: bool = True, max_conversations: int = 64, max_conversation_bytes: int = 512 << 20,
-                 flow_cache: bool = True):
+                 flow_cache: bool = True, prompt_burst_s: float = PROMPT_BURST_S):
         if max_sessions < 1 or max_waiting < 0:
             raise InputError("max_sessions must be >= 1 and max_waiting >= 0")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InputError("prefill_chunk must be >= 1 (or None: whole prompts)")
+        if not prompt_burst_s >= 0:
+            raise InputError("prompt_burst_s must be >= 0 (0: one prefill chunk between decode steps)")
         self.prefill_chunk, self.share_prefix, self.max_prefixes = prefill_chunk, share_prefix, max_prefixes
+        self.prompt_burst_s = prompt_burst_s
+        self._burst_start: float | None = None  # (engine thread) when the prefills since the last decode step began
         self.allow_untrained = allow_untrained  # audio input on a checkpoint whose hearing was never trained
         self.engine, self.tokenizer, self.detokenizer = engine, tokenizer, detokenizer
         self.max_sessions, self.max_waiting, self.wait_timeout_s = max_sessions, max_waiting, wait_timeout_s
@@ -544,8 +557,10 @@ class Scheduler:
             for chunk in result:
                 if chunk.size and not session._abandoned:
                     if first_audio is None:
-                        first_audio = time.perf_counter() - session.submitted
+                        session.audio_started = time.perf_counter()
+                        first_audio = session.audio_started - session.submitted
                         self.metrics.first_audio.observe(first_audio)
+                    session.audio_seconds += chunk.size / self.detokenizer.sample_rate
                     chunks.append(chunk)
                     session._out.put_nowait(AudioChunk(chunk, self.detokenizer.sample_rate))
 
@@ -621,8 +636,13 @@ class Scheduler:
             if self._prefill is None and self._queued:
                 self._start_prefill()
             if self._prefill is not None:
+                if self._burst_start is None:
+                    self._burst_start = time.perf_counter()
                 with self.turns.turn():
                     self._prefill_chunk()
+                if self._prompts_first():
+                    continue
+            self._burst_start = None
             for batch in list(self._batches.values()):
                 try:
                     with self.turns.turn():
@@ -639,6 +659,23 @@ class Scheduler:
             self._end(session, EngineFailure("the server is shutting down"))
         while self._inbox:
             self._end(self._inbox.popleft(), EngineFailure("the server is shutting down"))
+
+    def _prompts_first(self) -> bool:
+        """Whether the next prompt piece goes before the next decode step (see PROMPT_BURST_S): a prompt is waiting,
+        the prefills since the last step have run for less than `prompt_burst_s`, and every session that is
+        playing its answer has at least PLAYBACK_MARGIN_S of audio handed out beyond the time since its first chunk
+        (the sessions not playing yet, and text answers, wait at most `prompt_burst_s`)."""
+        if self._prefill is None and not self._queued and not self._inbox:
+            return False
+        now = time.perf_counter()
+        if now - self._burst_start >= self.prompt_burst_s:
+            return False
+        for batch in self._batches.values():
+            for _, row in batch.live:
+                started = row.session.audio_started
+                if started is not None and row.session.audio_seconds - (now - started) < PLAYBACK_MARGIN_S:
+                    return False
+        return True
 
     def _end(self, session: Session, item) -> None:
         """The session's last engine item (a _Finish or an EngineFailure); frees its row. Idempotent."""

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/quant_agreement.py [--golden ../shared/golden/tiny-dense] [--mini checkpoints/mini-base]
         [--questions 50] [--max-new-tokens 32] [--threads 2] [--dtypes int8 bf16] [--no-golden]
+        [--prompt-products auto|bf16|fp32]
 
 For each prompt, fp32 and the other dtype decode greedily (eager engine, text and, where the model speaks, speech
 tokens). Reported per dtype: prompts whose tokens are all equal, and the share of tokens before the first
@@ -25,7 +26,7 @@ from funaudiochat.engine.generate import Engine
 from funaudiochat.engine.presets import default_system, generation_preset
 from funaudiochat.engine.prompt import Prompt, build_prompt, stack_prompts
 from funaudiochat.model.checkpoint import load_model
-from funaudiochat.model.quantize import quantize_model
+from funaudiochat.model.quantize import PROMPT_PRODUCTS, quantize_model, set_prompt_products
 from funaudiochat.text.tokenizer import TextTokenizer
 
 from machine import machine_line  # bench/machine.py
@@ -122,8 +123,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES)
     ap.add_argument("--no-golden", action="store_true")
+    ap.add_argument("--prompt-products", default="auto", choices=PROMPT_PRODUCTS,
+                    help="how int8 prefills multiply (model/quantize.py: auto = bf16 where the CPU computes it natively)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    set_prompt_products(args.prompt_products)
     DTYPES[:] = args.dtypes
     print(machine_line())
     if args.golden.is_dir() and not args.no_golden:

@@ -209,3 +209,32 @@ def test_a_quantized_prefill_in_bf16_products_stays_close_to_the_fp32_products()
     assert not torch.equal(out, ref)
     assert (out - ref).abs().max() <= 0.03 * ref.abs().max()
     assert int(out.argmax()) == int(ref.argmax())
+
+
+def test_a_quantized_engines_prompt_pass_runs_the_audio_encoder_in_bf16_and_an_fp32_engines_does_not():
+    """The audio encoder follows the prompt pass of a quantized engine (bf16 autocast over its fp32 weights): its
+    frames move within bf16 rounding. An fp32 engine's prompt pass changes nothing (its goldens stay exact)."""
+    from funaudiochat.model.quantize import set_prompt_products
+
+    features = torch.randn(1, 128, 300, generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([300])
+    fp32_engine, int8_engine = Engine(_model()), Engine(quantize_model(_model()))
+    tower = int8_engine.model.continuous_audio_tower
+    grad = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)  # (inference only: a training step's encoder is never switched)
+    try:
+        ref = tower.encode_frames(features, lengths)[0]
+        set_prompt_products("bf16")
+        with int8_engine.prompt_pass():
+            moved = tower.encode_frames(features, lengths)[0]
+            with torch.enable_grad():
+                trained = tower.encode_frames(features, lengths)[0]
+        with fp32_engine.prompt_pass():
+            same = fp32_engine.model.continuous_audio_tower.encode_frames(features, lengths)[0]
+    finally:
+        set_prompt_products("auto")
+        torch.set_grad_enabled(grad)
+    assert torch.equal(trained.detach(), ref)
+    assert moved.dtype == torch.float32 and not torch.equal(moved, ref)
+    assert (moved - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert torch.equal(same, ref)  # (the two models have the same encoder weights: quantizing leaves it fp32)

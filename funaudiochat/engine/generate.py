@@ -26,7 +26,7 @@ from funaudiochat.engine.sampling import SamplingParams, choose, exponential_noi
 from funaudiochat.errors import ConfigError, ContextLengthError
 from funaudiochat.model.backbone import MLP, Attention, KVCache, RopeTable, attention_mask_4d
 from funaudiochat.model.funaudiochat import FunAudioChatModel
-from funaudiochat.model.quantize import prompt_products
+from funaudiochat.model.quantize import is_quantized, prompt_products
 from funaudiochat.speech.pending_units import PAD, follow_on, is_start, text_locked, window
 
 
@@ -180,9 +180,16 @@ class Engine:
             srh = model.audio_invert_tower.crq_transformer
             self.srh_rope = RopeTable(srh.inv_freq, self.k * self.max_seq_len, self.dtype)
         self.compiled = CompiledDecoder(model, self.rope, self.srh_rope, cuda_graphs) if compile else None
+        self.quantized = is_quantized(model)
         self.speech_bias: torch.Tensor | None = None  # [Vs] 0 / -inf: speech codes the detokenizer can render
         from funaudiochat.engine.prefix_cache import PrefixStore  # (it imports this module)
         self.prefixes = PrefixStore()  # system turns' keys and values, shared by the ChatSessions on this engine
+
+    def prompt_pass(self):
+        """The context of a pass over a prompt's positions (prefill layers, the audio encoder): a quantized engine
+        multiplies in bf16 there where the CPU computes it natively (model/quantize.py `prompt_products`); an fp32
+        or bf16 engine computes as it always does."""
+        return prompt_products(self.device) if self.quantized else nullcontext()
 
     def restrict_speech_codes(self, valid_codes) -> None:
         """Sample only `valid_codes` (and the specials bos/eos/pad) as speech: codes a detokenizer would refuse are
@@ -242,8 +249,9 @@ class Engine:
         feature_mask = torch.cat([F.pad(p.feature_attention_mask, (0, frames - p.input_features.shape[-1]))
                                   for p in with_features])
         dev = self.device
-        audio = self.model.encode_audio(speech_ids.to(dev), speech_mask.to(dev), _opt(features, dev, self.dtype),
-                                        feature_mask.to(dev))
+        with self.prompt_pass():
+            audio = self.model.encode_audio(speech_ids.to(dev), speech_mask.to(dev), _opt(features, dev, self.dtype),
+                                            feature_mask.to(dev))
         for r, (p, i) in enumerate(rows):
             if p.audio_groups is None:
                 p.audio_groups = [None] * p.speech_ids.shape[0]
@@ -289,7 +297,7 @@ class Engine:
                 mask = state.srh_key_valid[:, None, None, :s1] if state.padded else None
             else:
                 mask = attention_mask_4d(state.srh_key_valid[:, :s1], q1 - q0, s1, s0, b, self.device)
-            with prompt_products(self.device) if q1 - q0 > 1 else nullcontext():  # (a prompt's positions)
+            with self.prompt_pass() if q1 - q0 > 1 else nullcontext():  # (a prompt's positions)
                 h = srh.decode_hidden(z, fine_pos[:, q0:q1], mask, state.srh_cache, s0, s1, self.srh_rope,
                                       last_only=True)  # only the last position's logits are used
             logits = srh.lm_head(h[:, -1]).float()
@@ -660,9 +668,10 @@ class PrefillJob:
         self.text_embeds = m.embed_inputs(ids, self.openers)  # [B, P, D]; the SRH input adds these too
         embeds = self.text_embeds
         if prompt.speech_ids is not None and prompt.speech_ids.numel() > 0:
-            audio = m.encode_audio(prompt.speech_ids.to(dev), prompt.speech_attention_mask.to(dev),
-                                   _opt(prompt.input_features, dev, eng.dtype),
-                                   _opt(prompt.feature_attention_mask, dev), _opt(prompt.feature_exist_mask, dev))
+            with eng.prompt_pass():
+                audio = m.encode_audio(prompt.speech_ids.to(dev), prompt.speech_attention_mask.to(dev),
+                                       _opt(prompt.input_features, dev, eng.dtype),
+                                       _opt(prompt.feature_attention_mask, dev), _opt(prompt.feature_exist_mask, dev))
             if prompt.audio_groups is not None:  # audios encoded ahead (IncrementalAudio): their vectors as given
                 audio.features = audio.features.clone()
                 for row, groups in enumerate(prompt.audio_groups):
@@ -736,7 +745,7 @@ class PrefillJob:
         last = end == p
         mask = attention_mask_4d(state.key_valid[:, :end], end - a, end, a, b, dev)
         # the SRH reads every prompt position's hidden state; without it only the last one is used
-        with prompt_products(dev):
+        with eng.prompt_pass():
             hidden = m.language_model.model(self.embeds[:, a:end], self.pos[:, a:end], mask, state.llm_cache, a,
                                              end, rope=eng.rope, last_only=not self.speech_on)
         group = None
@@ -747,7 +756,7 @@ class PrefillJob:
                 styles, state.answer_style = m.answer_styles(hidden, self.ids[:, a:end], self.openers[:, a:end],
                                                              state.answer_style, mask=self.mask[:, a:end])
                 u = u + styles
-            with prompt_products(dev):
+            with eng.prompt_pass():
                 fine = srh.ungroup(u)  # [B, k(end-a), D]
             fine_pos = (self.pos[:, a:end, None] * k + torch.arange(k, device=dev)).reshape(b, k * (end - a))
             if last:
@@ -755,7 +764,7 @@ class PrefillJob:
             else:  # these fine positions all start a group: the SRH's start token, as in the last chunk's first pass
                 s0, s1 = k * a, k * end
                 srh_mask = attention_mask_4d(state.srh_key_valid[:, :s1], s1 - s0, s1, s0, b, dev)
-                with prompt_products(dev):
+                with eng.prompt_pass():
                     srh.decode_hidden(fine + self.prompt_bos[:, None], fine_pos, srh_mask, state.srh_cache, s0, s1,
                                       eng.srh_rope, last_only=True)
         self.next = end

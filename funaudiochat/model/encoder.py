@@ -19,6 +19,7 @@ from torch import nn
 
 from funaudiochat.config import AudioConfig
 from funaudiochat.errors import ConfigError
+from funaudiochat.model.quantize import prompt_product_dtype
 
 _ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
@@ -115,15 +116,19 @@ class AudioEncoder(nn.Module):
         if not valid:
             return out
         x, chunk_lens, owner = self._chunks(features[valid], [lens[i] for i in valid])
-        frame_mask = (torch.arange(x.shape[-1], device=x.device)[None] < chunk_lens[:, None])  # [K, W]
-        x = F.gelu(self.conv1(x)) * frame_mask[:, None].to(x.dtype)
-        x = F.gelu(self.conv2(x)).transpose(1, 2)  # [K, W', C]
-        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
-        cnn_lens = (chunk_lens - 1) // 2 + 1
-        key_valid = torch.arange(x.shape[1], device=x.device)[None] < cnn_lens[:, None]  # [K, W']
-        key_mask = key_valid[:, None, None, :]  # [K, 1, 1, W'] broadcast over heads and queries
-        for layer in self.layers:
-            x = layer(x, key_mask)
+        dtype = x.dtype
+        # a quantized engine's prompt pass (model/quantize.py) computes the encoder's products in bf16
+        bf16 = prompt_product_dtype() == torch.bfloat16 and dtype == torch.float32 and not torch.is_grad_enabled()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            frame_mask = (torch.arange(x.shape[-1], device=x.device)[None] < chunk_lens[:, None])  # [K, W]
+            x = F.gelu(self.conv1(x)) * frame_mask[:, None].to(x.dtype)
+            x = F.gelu(self.conv2(x)).transpose(1, 2)  # [K, W', C]
+            x = x.to(dtype) + self.positional_embedding[: x.shape[1]].to(dtype)  # (the residual stream: fp32)
+            cnn_lens = (chunk_lens - 1) // 2 + 1
+            key_valid = torch.arange(x.shape[1], device=x.device)[None] < cnn_lens[:, None]  # [K, W']
+            key_mask = key_valid[:, None, None, :]  # [K, 1, 1, W'] broadcast over heads and queries
+            for layer in self.layers:
+                x = layer(x, key_mask).to(dtype)
         per_audio: dict[int, list[torch.Tensor]] = {}
         for j, n in enumerate(cnn_lens.tolist()):
             per_audio.setdefault(owner[j], []).append(x[j, :n])

@@ -102,6 +102,89 @@ def test_spoken_question_with_server_vad(server, question):
     assert server.wait_idle() == 0 and server.healthy()
 
 
+def _metric(server, name: str) -> float:
+    status, text = server.get("/metrics")
+    assert status == 200
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def _text_of(c: Client) -> str:
+    return "".join(e["delta"] for e in c.of("response.output_text.delta"))
+
+
+def test_an_early_answer_is_the_answer_its_audio_gets_when_committed(server, question):
+    """Server VAD: the answer starts 200 ms into the silence that ends the turn, while the VAD waits out the rest;
+    the turn's audio ends there. The text answer equals the one that the same samples get through push-to-talk."""
+    vad = {"type": "server_vad", "silence_duration_ms": 600, "prefix_padding_ms": 300}
+
+    async def hands_free():
+        async with connect(server) as ws:
+            c = Client(ws)
+            await c.next("session.created")
+            await c.send(type="session.update", session={"turn_detection": vad, "modalities": ["text"],
+                                                         "max_response_output_tokens": 10})
+            await c.next("session.updated")
+            await c.speak(question)
+            started = await c.next("input_audio_buffer.speech_started")
+            stopped = await c.next("input_audio_buffer.speech_stopped")
+            await c.next("response.done")
+            return c, started, stopped
+
+    async def push_to_talk(samples):
+        async with connect(server) as ws:
+            c = Client(ws)
+            await c.next("session.created")
+            await c.send(type="session.update", session={"turn_detection": None, "modalities": ["text"],
+                                                         "max_response_output_tokens": 10})
+            await c.next("session.updated")
+            await c.speak(samples)
+            await c.send(type="input_audio_buffer.commit")
+            await c.next("input_audio_buffer.committed")
+            await c.send(type="response.create")
+            await c.next("response.done")
+            return c
+
+    used, dropped = (_metric(server, f"funaudiochat_realtime_early_answers{k}_total") for k in ("", "_dropped"))
+    early, started, stopped = asyncio.run(hands_free())
+    assert _metric(server, "funaudiochat_realtime_early_answers_total") == used + 1
+    assert _metric(server, "funaudiochat_realtime_early_answers_dropped_total") == dropped
+    first = (started["audio_start_ms"] - vad["prefix_padding_ms"]) * RATE // 1000
+    cut = (stopped["audio_end_ms"] + 200) * RATE // 1000
+    committed = asyncio.run(push_to_talk(question[first:cut]))
+    assert _text_of(early).strip() and _text_of(early) == _text_of(committed)
+    assert server.wait_idle() == 0 and server.healthy()
+
+
+def test_an_early_answer_is_dropped_when_the_user_speaks_on(server, question):
+    """A pause longer than 200 ms but shorter than the VAD's silence starts an answer; the user speaks on, so it is
+    dropped, and the one turn (both parts) gets one answer."""
+    speech = question[int(0.5 * RATE):-int(1.2 * RATE)]
+    pause = np.zeros(int(0.4 * RATE), np.float32)
+    stream = np.concatenate([np.zeros(int(0.5 * RATE), np.float32), speech, pause, speech,
+                             np.zeros(int(1.2 * RATE), np.float32)])
+    dropped = _metric(server, "funaudiochat_realtime_early_answers_dropped_total")
+
+    async def talk():
+        async with connect(server) as ws:
+            c = Client(ws)
+            await c.next("session.created")
+            await c.send(type="session.update", session={
+                "turn_detection": {"type": "server_vad", "silence_duration_ms": 700}, "modalities": ["text"],
+                "max_response_output_tokens": 6})
+            await c.next("session.updated")
+            await c.speak(stream)
+            await c.next("response.done")
+            await asyncio.sleep(0.5)  # (anything more would come now)
+            return c
+
+    c = asyncio.run(talk())
+    assert len(c.of("input_audio_buffer.committed")) == 1 and len(c.of("response.created")) == 1
+    stopped = c.of("input_audio_buffer.speech_stopped")[0]
+    assert stopped["audio_end_ms"] > 500 + len(speech) * 1000 / RATE + 400  # one turn over both parts
+    assert _metric(server, "funaudiochat_realtime_early_answers_dropped_total") >= dropped + 1
+    assert server.wait_idle() == 0 and server.healthy()
+
+
 @pytest.mark.parametrize("key", [None, "sk-wrong"])
 def test_missing_or_wrong_api_key_is_refused(server, key):
     async def talk():

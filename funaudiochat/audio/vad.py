@@ -174,6 +174,18 @@ class StreamingVad:
     def in_speech(self) -> bool:
         return self.tracker.in_speech
 
+    @property
+    def pause_end_s(self) -> float | None:
+        """While a silence may be ending the speech (in speech, a silence under way): the time the speech_end event
+        would give if it lasts (stream seconds); else None."""
+        t = self.tracker
+        return t.last_speech * FRAME_S if t.in_speech and t.silence is not None else None
+
+    @property
+    def heard_s(self) -> float:
+        """Stream seconds the model has judged so far."""
+        return self.windows * FRAME_S
+
     def push(self, frame: np.ndarray) -> list[VadEvent]:
         """Feed the next samples (any count, mono float32 at `sample_rate`); returns the events they complete."""
         samples = np.asarray(frame, dtype=np.float32).reshape(-1)

@@ -68,6 +68,8 @@ class Metrics:
         self.conversation_tokens_saved = Counter()  # prompt positions copied from a conversation's cache
         self.prefill_tokens = Counter()   # prompt positions computed (not copied from a cache)
         self.gauges: list[tuple[str, str, object]] = []  # (name, help, fn() -> value), read when rendered
+        self.early_answers = Counter()    # realtime VAD turns answered from a start during their silence
+        self.early_answers_dropped = Counter()  # ... started, then dropped (the user spoke on, the prompt changed)
         self.joins_in_place = Counter()   # sessions copied into a free row of a running batch
         self.batch_rebuilds = Counter()   # batch caches rebuilt (created, a join without a free row, compaction)
         self._rate_mark = (time.perf_counter(), 0)
@@ -100,6 +102,10 @@ class Metrics:
               self.conversation_tokens_saved.value),
              ("funaudiochat_prefill_tokens_total", "counter", "prompt tokens prefilled (computed, not copied)",
               self.prefill_tokens.value),
+             ("funaudiochat_realtime_early_answers_total", "counter",
+              "realtime turns answered from a start during the silence that ended them", self.early_answers.value),
+             ("funaudiochat_realtime_early_answers_dropped_total", "counter",
+              "answers started during a silence, then dropped (the user spoke on)", self.early_answers_dropped.value),
              ("funaudiochat_batch_joins_in_place_total", "counter", "sessions that joined a free batch row in place",
               self.joins_in_place.value),
              ("funaudiochat_batch_rebuilds_total", "counter", "batch caches rebuilt (copied whole)",

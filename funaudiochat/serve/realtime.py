@@ -30,6 +30,13 @@ engine step whose speech was the last heard (each speech token is 40 ms of audio
 together, one text token per step), so the history holds what the user could have heard, to the model's own
 text-speech alignment.
 
+Early answers (server VAD with create_response): a turn ends EARLY_ANSWER_MS into the silence that ends it (the
+committed audio stops there, wherever the VAD decides; the rest of the silence carries nothing). As soon as that much
+silence is heard, the answer is started on the audio so far while the VAD waits out `silence_duration_ms`; its
+events are held until the turn ends, and it is dropped if the user speaks on or anything else changes the prompt. So
+the prefill (encoding, the word reader, the LLM) runs during the silence, and the answer starts streaming when the
+VAD commits, exactly as the same audio committed without it would (`/metrics`: early answers used and dropped).
+
 Each answer's request names the conversation (the session id), so the scheduler reuses the keys and values of its
 last completed turn and prefills only the new part (docs/serve.md, "Conversation cache"); closing the socket drops
 them. When the conversation no longer fits the model's context, the oldest user turns are left out of the prompt at
@@ -47,7 +54,7 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -69,6 +76,7 @@ MAX_EVENT_BYTES = 16 * 1024 * 1024  # one client event (OpenAI's limit is 15 MiB
 MAX_ITEMS = 200  # conversation items kept; past it, the oldest are dropped at once down to half
 OUTBOX_SIZE = 1024  # server events waiting for a slow client before it is disconnected
 AUDIO_DELTA_SAMPLES = RATE // 5  # audio deltas of at most 200 ms
+EARLY_ANSWER_MS = 200  # trailing silence a VAD turn keeps; an answer starts once it is heard (see above)
 
 BETA_NAMES = {
     "response.output_audio.delta": "response.audio.delta",
@@ -103,6 +111,48 @@ class Response:
         return int(min(self.audio_samples_sent * 1000 / RATE, elapsed))
 
 
+@dataclass
+class EarlyAnswer:
+    """An answer started during the silence that may end the user's turn (see the module docstring)."""
+    item: Item            # the user turn it answers, not in the conversation yet
+    cut: int              # stream sample where that turn's audio ends
+    request: Request
+    task: asyncio.Task    # -> the scheduler's session
+
+    def drop(self, tasks: set) -> None:
+        """Stop it (the scheduler frees its row at the next step) and let its events go unread."""
+        if not self.task.done():
+            self.task.cancel()
+        elif not self.task.cancelled() and self.task.exception() is None:
+            session = self.task.result()
+            session.cancel()
+            drain = asyncio.create_task(_drain(session))
+            tasks.add(drain)
+            drain.add_done_callback(tasks.discard)
+
+
+async def _drain(session) -> None:
+    async for _ in session:
+        pass
+
+
+def _same_request(a: Request, b: Request) -> bool:
+    """Whether two answers' requests ask the same (audios compared by content, a voice's x-vector by identity)."""
+    for f in fields(Request):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if x is y:
+            continue
+        if f.name == "audios":
+            if len(x) != len(y) or not all(u is v or np.array_equal(u, v) for u, v in zip(x, y)):
+                return False
+        elif f.name == "voice":
+            if not (isinstance(x, str) and x == y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------- the session
 class RealtimeSession:
     def __init__(self, scheduler: Scheduler, voices, beta: bool = False, can_speak: bool = True):
@@ -127,6 +177,7 @@ class RealtimeSession:
         self.vad = None
         self.speech_item_id: str | None = None
         self.speech_start_sample = 0
+        self.early: EarlyAnswer | None = None  # an answer started before the end of the user's turn
         self._reset_vad()
 
     # ------------------------------------------------------------------ output
@@ -169,6 +220,8 @@ class RealtimeSession:
             handler = self.HANDLERS.get(kind) if isinstance(kind, str) else None
             if handler is None:
                 raise RealtimeError(f"unknown event type {kind!r}", "unknown_event_type", "type")
+            if kind != "input_audio_buffer.append":  # (it may change what the early answer was asked)
+                self._drop_early()
             await handler(self, event)
         except RealtimeError as err:
             self.emit_error(str(err), err.code, err.param, event_id)
@@ -181,6 +234,7 @@ class RealtimeSession:
 
     async def close(self) -> None:
         self.closed.set()
+        self._drop_early()
         tasks = list(self.tasks) + ([self.response.task] if self.response and self.response.task else [])
         for task in tasks:  # the scheduler frees their batch rows at its next step
             task.cancel()
@@ -258,6 +312,7 @@ class RealtimeSession:
                                                         min_silence_ms=td.silence_duration_ms)
         self.vad_origin = self.stream_samples  # stream sample where the VAD's clock starts
         self.speech_item_id = None
+        self._drop_early()
 
     def _clear_buffer(self) -> None:
         self.buffer, self.buffer_len, self.buffer_start = [], 0, self.stream_samples
@@ -282,6 +337,7 @@ class RealtimeSession:
                 self._on_speech_start(at)
             else:
                 await self._on_speech_end(at)
+        self._answer_early()
         if not self.vad.in_speech:  # keep only the prefix padding while nobody speaks
             keep = int(self.config.turn_detection.prefix_padding_ms * RATE / 1000) + RATE // 2
             if self.buffer_len > 4 * keep:
@@ -308,16 +364,66 @@ class RealtimeSession:
         self.speech_item_id = None
         self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": at * 1000 // RATE,
                    "item_id": item_id})
-        pad = int(self.config.turn_detection.prefix_padding_ms * RATE / 1000)
-        audio = self._buffer_audio(self.speech_start_sample - pad)
+        cut = self._turn_cut(at)
+        early = self.early
+        if early is not None and (early.cut != cut or early.item.id != item_id):
+            self._drop_early()
+        early, self.early = self.early, None
+        # (an early answer's item holds the same samples, cut at the same sample)
+        item = early.item if early is not None else Item(item_id, "user", audio=self._turn_audio(cut))
         self._clear_buffer()
-        self._commit(audio, item_id)
+        try:
+            self._commit_item(item)
+        except RealtimeError:
+            self.early = early
+            self._drop_early()
+            raise
         if self.config.turn_detection.create_response:
             old = self.response
             if old is not None:  # an answer to earlier speech is still running: the new turn replaces it
                 self._cancel_response()
                 await asyncio.gather(old.task, return_exceptions=True)
-            self._start_response({})
+            self._start_response({}, early)
+
+    def _turn_cut(self, speech_end: int) -> int:
+        """The stream sample where a VAD turn whose speech ended at `speech_end` ends: EARLY_ANSWER_MS later."""
+        return min(speech_end + EARLY_ANSWER_MS * RATE // 1000, self.stream_samples)
+
+    def _turn_audio(self, cut: int) -> np.ndarray:
+        """The VAD turn's audio at the model's rate: from its speech start less the prefix padding to `cut`."""
+        pad = int(self.config.turn_detection.prefix_padding_ms * RATE / 1000)
+        audio = self._buffer_audio(self.speech_start_sample - pad)[:max(0, cut - max(self.buffer_start,
+                                                                                      self.speech_start_sample - pad))]
+        return resample(audio, RATE, MODEL_RATE)
+
+    def _answer_early(self) -> None:
+        """Start the answer to the turn that the current silence may end, once EARLY_ANSWER_MS of it is heard;
+        drop a started one whose silence was broken."""
+        td, vad = self.config.turn_detection, self.vad
+        end_s = vad.pause_end_s
+        end = None if end_s is None else self.vad_origin + int(round(end_s * RATE))
+        if self.early is not None and (end is None or self._turn_cut(end) != self.early.cut):
+            self._drop_early()  # the user spoke on
+        if (self.early is not None or end is None or not td.create_response or self.response is not None
+                or td.silence_duration_ms <= EARLY_ANSWER_MS or vad.heard_s < end_s + EARLY_ANSWER_MS / 1000
+                or self.speech_item_id is None or self.closed.is_set()):
+            return
+        cut = self._turn_cut(end)
+        item = Item(self.speech_item_id, "user", audio=self._turn_audio(cut))
+        try:
+            self.scheduler.check_hearing()
+            request, _ = self._answer_request({}, self._prompt_items() + [item])
+        except (InputError, RealtimeError):
+            return  # (the turn's end says so, the usual way)
+        task = asyncio.create_task(self.scheduler.submit(request))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (a refusal is seen at the turn's end)
+        self.early = EarlyAnswer(item, cut, request, task)
+
+    def _drop_early(self) -> None:
+        if self.early is not None:
+            self.early.drop(self.tasks)
+            self.early = None
+            self.scheduler.metrics.early_answers_dropped.inc()
 
     def _check_hearing(self) -> None:
         """Audio input on a checkpoint that cannot hear yet is refused before it enters the conversation (so the
@@ -328,8 +434,10 @@ class RealtimeSession:
             raise RealtimeError(str(err), "audio_input_untrained") from None
 
     def _commit(self, audio: np.ndarray, item_id: str) -> Item:
+        return self._commit_item(Item(item_id, "user", audio=resample(audio, RATE, MODEL_RATE)))
+
+    def _commit_item(self, item: Item) -> Item:
         self._check_hearing()
-        item = Item(item_id, "user", audio=resample(audio, RATE, MODEL_RATE))
         previous = self.items[-1].id if self.items else None
         self._add_item(item)
         self.emit({"type": "input_audio_buffer.committed", "previous_item_id": previous, "item_id": item.id})
@@ -498,7 +606,22 @@ class RealtimeSession:
         response.item.audio_ms = max(response.item.audio_ms, response.audio_samples_sent * 1000 // RATE)
         response.truncate_ms = response.played_ms() if "audio" in response.modalities else None
 
-    def _start_response(self, spec: dict) -> None:
+    def _start_response(self, spec: dict, early: EarlyAnswer | None = None) -> None:
+        request, modalities = self._answer_request(spec, self._prompt_items())
+        engine = None
+        if early is not None and _same_request(early.request, request):
+            engine = early.task  # the answer started during the silence: its events were held until now
+            self.scheduler.metrics.early_answers.inc()
+        elif early is not None:
+            early.drop(self.tasks)
+            self.scheduler.metrics.early_answers_dropped.inc()
+        item = Item(new_id("item"), "assistant", status="in_progress")
+        response = Response(new_id("resp"), item, modalities if request.mode == "s2s" else ("text",))
+        self.response = response
+        response.task = asyncio.create_task(self._run_response(response, request, engine))
+
+    def _answer_request(self, spec: dict, items: list[Item]) -> tuple[Request, tuple[str, ...]]:
+        """The scheduler request answering `items` with the session's settings and `spec`'s overrides."""
         cfg = self.config
         modalities = cfg.modalities
         for key in ("modalities", "output_modalities"):
@@ -522,19 +645,16 @@ class RealtimeSession:
         temperature = number(spec["temperature"], "temperature", 0.0, 2.0) if "temperature" in spec \
             else cfg.temperature
         use_tools = tools if tools and tool_choice != "none" else None
-        msgs, audios = conversation_messages(self._prompt_items(), None)
+        msgs, audios = conversation_messages(items, None)
         generation = {"max_new_tokens": max_tokens, "temperature": temperature}
         request = Request(msgs, audios, "s2s" if "audio" in modalities and not use_tools else "s2t",
                           system=instructions, tools=use_tools,
                           voice=self.voices.resolve(voice) if voice is not None else None,
                           generation={k: v for k, v in generation.items() if v is not None},
                           conversation=self.id)  # its last completed turn's keys and values are reused
-        item = Item(new_id("item"), "assistant", status="in_progress")
-        response = Response(new_id("resp"), item, modalities if request.mode == "s2s" else ("text",))
-        self.response = response
-        response.task = asyncio.create_task(self._run_response(response, request))
+        return request, modalities
 
-    async def _run_response(self, response: Response, request: Request) -> None:
+    async def _run_response(self, response: Response, request: Request, early: asyncio.Task | None = None) -> None:
         item, audio_out = response.item, "audio" in response.modalities
         base = {"response_id": response.id, "item_id": item.id, "output_index": 0, "content_index": 0}
         self.emit({"type": "response.created", "response": self._response_dict(response)})
@@ -551,7 +671,12 @@ class RealtimeSession:
         pending = np.zeros(0, np.float32)
         codes = 0  # speech tokens produced so far
         try:
-            response.engine = await self._submit(request)
+            try:
+                response.engine = await early if early is not None else None
+            except (ServerBusyError, ContextLengthError):  # the early start was refused: ask the usual way
+                response.engine = None
+            if response.engine is None:
+                response.engine = await self._submit(request)
             if response.status == "cancelled":  # cancelled while waiting for a row
                 response.engine.cancel()
             async for event in response.engine:

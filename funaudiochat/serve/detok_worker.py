@@ -15,8 +15,9 @@ answer as early, so the rounds' batching is not eaten by answers growing.
 A stream without `feed` (Piper: its HiFi-GAN decoder is not causal, so a right-padded window would change the
 row's last frames; its chunk windows are bounded already) pushes alone. If a batched round fails, its streams are
 retried alone, so only the stream at fault fails. Final calls, and other calls, run after the round's pushes, in
-arrival order. Each synthesis (a stream's push, a batched drain, a final chunk) is one of `turns`' turns: on CPU it
-takes its turn on the cores with the engine's steps (`cpu_turns`).
+arrival order. On CPU each of a round's three parts (the pushes, the batched drain, the final chunks and calls)
+takes one turn on the cores between the engine's steps (`cpu_turns`): N sessions' chunks come out back to back, not
+one per engine step.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import nullcontext
 
 from funaudiochat.serve.cpu_turns import CpuTurns
 from funaudiochat.serve.openmp import one_thread_here
@@ -120,12 +122,16 @@ class DetokenizerWorker:
             if alive is None or alive():
                 entry = pushes.setdefault(stream, [[], deliver, alive])
                 entry[0] += codes
+        alone = [(stream, codes, deliver) for stream, (codes, deliver, _) in pushes.items()
+                 if not hasattr(stream, "feed")]
+        if alone:  # one turn for the round: N sessions' chunks come out back to back, not one per engine step
+            with self.turns.turn():
+                for stream, codes, deliver in alone:
+                    _deliver(deliver, _outcome(stream.push, codes))
         for stream, (codes, deliver, alive) in pushes.items():
             if not hasattr(stream, "feed"):
-                with self.turns.turn():
-                    result = _outcome(stream.push, codes)
-                _deliver(deliver, result)
-            elif (err := _outcome(stream.feed, codes)) is not None:  # bad codes: this stream alone fails
+                continue
+            if (err := _outcome(stream.feed, codes)) is not None:  # bad codes: this stream alone fails
                 _deliver(deliver, err)
             else:
                 self._backlog[stream] = (deliver, alive)
@@ -140,23 +146,21 @@ class DetokenizerWorker:
                     del self._backlog[stream]
                 if isinstance(result, Exception) or result:
                     _deliver(deliver, result)
-        for item in others:
-            if item[0] == "final":
-                _, stream, future = item
-                if future.set_running_or_notify_cancel():
-                    held = self._backlog.pop(stream, None)
-                    if held is not None:  # its remaining chunks come first
-                        with self.turns.turn():
+        with self.turns.turn() if others else nullcontext():  # (the round's last chunks and calls: one turn)
+            for item in others:
+                if item[0] == "final":
+                    _, stream, future = item
+                    if future.set_running_or_notify_cancel():
+                        held = self._backlog.pop(stream, None)
+                        if held is not None:  # its remaining chunks come first
                             rest = drain([stream], isolate=True)[0]
-                        if isinstance(rest, Exception):
-                            future.set_exception(rest)
-                            continue
-                        _deliver(held[0], rest)
-                    with self.turns.turn():
+                            if isinstance(rest, Exception):
+                                future.set_exception(rest)
+                                continue
+                            _deliver(held[0], rest)
                         _settle(future, stream.finalize)
-            elif item[-1].set_running_or_notify_cancel():
-                _, fn, args, kwargs, future = item
-                with self.turns.turn():
+                elif item[-1].set_running_or_notify_cancel():
+                    _, fn, args, kwargs, future = item
                     _settle(future, fn, *args, **kwargs)
         synthesised = {s for s in pushes if not hasattr(s, "feed")} | set(streams)  # pushed alone (Piper), batched
         if self.metrics is not None and synthesised:

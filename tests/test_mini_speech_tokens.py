@@ -225,3 +225,53 @@ def test_bad_tokens_are_refused_with_a_clear_error(detok, tokens):
     session.finalize()
     with pytest.raises(SessionClosedError):
         session.push(tokens[:5])
+
+
+def test_the_server_worker_renders_a_rounds_piper_chunks_in_one_cpu_turn(detok, tokens):
+    """Piper streams push one by one (they do not batch), but a round of them takes one CPU turn: three sessions'
+    chunks come out back to back, not one per engine step in between; each equals its stream alone."""
+    import threading
+    from contextlib import contextmanager
+
+    from funaudiochat.serve.cpu_turns import CpuTurns
+    from funaudiochat.serve.detok_worker import DetokenizerWorker
+
+    class CountingTurns(CpuTurns):
+        def __init__(self):
+            super().__init__()
+            self.taken = 0
+
+        @contextmanager
+        def turn(self):
+            with super().turn():
+                if self._depth == 1:
+                    self.taken += 1
+                yield
+
+    turns = CountingTurns()
+    worker = DetokenizerWorker(turns=turns)
+    streams = [detok.stream(None, 15) for _ in range(3)]
+    got = [[] for _ in streams]
+    try:
+        started, hold = threading.Event(), threading.Event()
+
+        def held():  # keeps the worker busy while every push and final arrives: the next round takes them all
+            started.set()
+            hold.wait(60)
+
+        worker.call(held)
+        assert started.wait(30)
+        for i, stream in enumerate(streams):
+            worker.push(stream, list(tokens[:40]), got[i].append)
+        finals = [worker.finalize(s) for s in streams]
+        hold.set()
+        finals = [f.result(timeout=60) for f in finals]
+    finally:
+        worker.close()
+    # the held call's turn, then one round: its pushes in one turn, its final chunks in another
+    assert turns.taken == 3, turns.taken
+    alone = detok.stream(None, 15)
+    ref = alone.push(list(tokens[:40])) + [alone.finalize()]
+    for chunks, final in zip(got, finals):
+        out = [c for result in chunks for c in result] + [final]
+        assert len(out) == len(ref) and all(np.array_equal(a, b) for a, b in zip(out, ref))

@@ -112,6 +112,16 @@ def _text_of(c: Client) -> str:
     return "".join(e["delta"] for e in c.of("response.output_text.delta"))
 
 
+async def _text_session(ws, turn_detection, max_tokens: int) -> Client:
+    """A session answering in text, with these turn-detection settings."""
+    c = Client(ws)
+    await c.next("session.created")
+    await c.send(type="session.update", session={"turn_detection": turn_detection, "modalities": ["text"],
+                                                 "max_response_output_tokens": max_tokens})
+    await c.next("session.updated")
+    return c
+
+
 def test_an_early_answer_is_the_answer_its_audio_gets_when_committed(server, question):
     """Server VAD: the answer starts 200 ms into the silence that ends the turn, while the VAD waits out the rest;
     the turn's audio ends there. The text answer equals the one that the same samples get through push-to-talk."""
@@ -119,11 +129,7 @@ def test_an_early_answer_is_the_answer_its_audio_gets_when_committed(server, que
 
     async def hands_free():
         async with connect(server) as ws:
-            c = Client(ws)
-            await c.next("session.created")
-            await c.send(type="session.update", session={"turn_detection": vad, "modalities": ["text"],
-                                                         "max_response_output_tokens": 10})
-            await c.next("session.updated")
+            c = await _text_session(ws, vad, 10)
             await c.speak(question)
             started = await c.next("input_audio_buffer.speech_started")
             stopped = await c.next("input_audio_buffer.speech_stopped")
@@ -132,11 +138,7 @@ def test_an_early_answer_is_the_answer_its_audio_gets_when_committed(server, que
 
     async def push_to_talk(samples):
         async with connect(server) as ws:
-            c = Client(ws)
-            await c.next("session.created")
-            await c.send(type="session.update", session={"turn_detection": None, "modalities": ["text"],
-                                                         "max_response_output_tokens": 10})
-            await c.next("session.updated")
+            c = await _text_session(ws, None, 10)
             await c.speak(samples)
             await c.send(type="input_audio_buffer.commit")
             await c.next("input_audio_buffer.committed")
@@ -166,12 +168,7 @@ def test_an_early_answer_is_dropped_when_the_user_speaks_on(server, question):
 
     async def talk():
         async with connect(server) as ws:
-            c = Client(ws)
-            await c.next("session.created")
-            await c.send(type="session.update", session={
-                "turn_detection": {"type": "server_vad", "silence_duration_ms": 700}, "modalities": ["text"],
-                "max_response_output_tokens": 6})
-            await c.next("session.updated")
+            c = await _text_session(ws, {"type": "server_vad", "silence_duration_ms": 700}, 6)
             await c.speak(stream)
             await c.next("response.done")
             await asyncio.sleep(0.5)  # (anything more would come now)

@@ -111,7 +111,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--dtype", choices=("fp32", "bf16", "int8"), default=None,
-                        help="cast the weights (default: as stored); int8: quantized linears, bf16 prompt passes where native")
+                        help="cast the weights (default: as stored); int8: quantized linears, bf16 prompt passes "
+                             "where native")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine_line())

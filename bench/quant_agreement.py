@@ -124,7 +124,8 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES)
     ap.add_argument("--no-golden", action="store_true")
     ap.add_argument("--prompt-products", default="auto", choices=PROMPT_PRODUCTS,
-                    help="how int8 prefills multiply (model/quantize.py: auto = bf16 where the CPU computes it natively)")
+                    help="how int8 prefills multiply (model/quantize.py: auto = bf16 where the CPU computes it "
+                         "natively)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     set_prompt_products(args.prompt_products)

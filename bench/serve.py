@@ -217,7 +217,8 @@ async def run(ws_url: str, n: int, together: bool, question, silence, args) -> d
 
 
 PROFILE = {"decode": "funaudiochat_decode_step_seconds", "prefill": "funaudiochat_prefill_seconds",
-           "encode": "funaudiochat_audio_encode_seconds", "detokenizer": "funaudiochat_detokenizer_round_seconds", "rounds": "funaudiochat_detokenizer_round_sessions"}
+           "encode": "funaudiochat_audio_encode_seconds", "detokenizer": "funaudiochat_detokenizer_round_seconds",
+           "rounds": "funaudiochat_detokenizer_round_sessions"}
 
 
 def scrape(http_url: str) -> dict:

@@ -13,11 +13,11 @@ Prompt passes (`prompt_products()`: the prefill's LLM layers and the speech head
 multiply many rows by each weight, so their time is arithmetic, not the weight's bytes. Where the CPU computes bf16
 natively (AVX-512 BF16 or AMX) they convert the int8 blocks to bf16 instead (exactly: |q| <= 127 fits bf16's 8-bit
 significand) and multiply in bf16 with fp32 sums: the mini's layer products for 43 / 160 new positions 2.3x / 3.4x
-faster (bench/int8_prefill.py). Rounded to bf16 are the product's inputs (the activations) and its outputs; the heads' logits are
-not computed inside a prompt pass and stay as before. The audio encoder of a quantized engine runs its convolutions
-and layers under bf16 autocast in the same passes (its weights stay fp32): the mini's encoder and word reader on
-a 2 s question, 110 -> 85 ms; its readings of 447 of 450 test clips (clean, 10 dB, telephone) are unchanged.
-`set_prompt_products("fp32")` keeps every product in fp32. An fp32 engine never enters a prompt pass.
+faster (bench/int8_prefill.py). Rounded to bf16 are the product's inputs (the activations) and its outputs; the
+heads' logits are not computed inside a prompt pass and stay as before. The audio encoder of a quantized engine runs
+its convolutions and layers under bf16 autocast in the same passes (its weights stay fp32): the mini's encoder and
+word reader on a 2 s question, 110 -> 85 ms; its readings of 447 of 450 test clips (clean, 10 dB, telephone) are
+unchanged. `set_prompt_products("fp32")` keeps every product in fp32. An fp32 engine never enters a prompt pass.
 
 Quantized: every linear of the LLM, its text head, the Speech Refined Head and its speech head (the SRH's
 speech-token embedding then reads rows of the int8 head). Not quantized: the audio encoder, the adapter, embedding

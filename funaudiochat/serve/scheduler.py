@@ -31,21 +31,21 @@ then one decode step for each batch of running sessions. Waiting prompts go firs
 step (questions that end together all reach their first audio sooner), but never while a session playing its answer
 has less than PLAYBACK_MARGIN_S of audio in hand: then one chunk alternates with one step, so a long prompt never
 stalls a speaking session for more than a chunk. Audio of sessions waiting together is encoded in one batched call
-(`Engine.encode_ahead`). Sessions waiting at the same moment with equal settings are prefilled together as one left-padded
-batch. The keys and values of each distinct system turn are computed once and copied into later prompts that start
-with it (copy-on-start prefix sharing, `max_prefixes` kept), so only the rest of a prompt is prefilled. A request
-that names its conversation (`Request.conversation`) starts from that conversation's last completed turn instead:
-when a turn completes, its row's keys and values are kept (`ConversationStore`, LRU bounded in entries and bytes;
-`forget_conversation` drops one), and the next turn's prompt, compared position by position by content, prefills
-only what follows their longest common prefix (docs/serve.md, "Conversation cache"). When its
-prompt is in, a session chooses its first token exactly as a single run does and joins a batch. Sessions whose
-settings can share a step (same mode and sampling parameters; a seeded session always runs alone so its draws are
-its own) share a batch. A batch is one `DecodeState` whose live rows are right-aligned in a shared cache: a joining
-row's keys and values are copied to the slots just before the shared slot (its rope positions stay its own; slots
-before its first real position are masked, like left padding), so each row computes what it computes alone
-(tests/test_scheduler.py). The cache has free rows and spare slots: a session joins by being copied into a free row
-in place, and a finished or cancelled one leaves its row masked; the whole cache is copied (rebuilt: dead rows and
-slots dropped) only when no free row or slot is left or most rows are free.
+(`Engine.encode_ahead`). Sessions waiting at the same moment with equal settings are prefilled together as one
+left-padded batch. The keys and values of each distinct system turn are computed once and copied into later prompts
+that start with it (copy-on-start prefix sharing, `max_prefixes` kept), so only the rest of a prompt is prefilled. A
+request that names its conversation (`Request.conversation`) starts from that conversation's last completed turn
+instead: when a turn completes, its row's keys and values are kept (`ConversationStore`, LRU bounded in entries and
+bytes; `forget_conversation` drops one), and the next turn's prompt, compared position by position by content,
+prefills only what follows their longest common prefix (docs/serve.md, "Conversation cache"). When its prompt is in,
+a session chooses its first token exactly as a single run does and joins a batch. Sessions whose settings can share a
+step (same mode and sampling parameters; a seeded session always runs alone so its draws are its own) share a batch.
+A batch is one `DecodeState` whose live rows are right-aligned in a shared cache: a joining row's keys and values are
+copied to the slots just before the shared slot (its rope positions stay its own; slots before its first real
+position are masked, like left padding), so each row computes what it computes alone (tests/test_scheduler.py). The
+cache has free rows and spare slots: a session joins by being copied into a free row in place, and a finished or
+cancelled one leaves its row masked; the whole cache is copied (rebuilt: dead rows and slots dropped) only when no
+free row or slot is left or most rows are free.
 
 Per session, text is decoded incrementally and speech codes go to a streaming detokenizer on a worker thread
 (`DetokenizerWorker`), which synthesises the chunks of all sessions in batched calls, so the engine thread only

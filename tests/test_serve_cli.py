@@ -71,6 +71,8 @@ def test_taken_port_and_bad_options_are_clear_errors(tmp_path):
     assert f"funaudiochat serve: error: cannot listen on 127.0.0.1:{port}" in run.stderr
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    for option, message in (("--max-sessions", "--max-sessions must be >= 1"), ("--wait-timeout", "must be > 0")):
+    for option, value, message in (("--max-sessions", "0", "--max-sessions must be >= 1"),
+                                   ("--wait-timeout", "0", "must be > 0"),
+                                   ("--early-answer-ms", "-1", r"--early-answer-ms must be within \[0, 5000\]")):
         with pytest.raises(InputError, match=message):
-            cli.build_context(parser.parse_args(["--model", str(tmp_path / "none"), option, "0"]))
+            cli.build_context(parser.parse_args(["--model", str(tmp_path / "none"), option, value]))

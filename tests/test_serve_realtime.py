@@ -182,6 +182,22 @@ def test_an_early_answer_is_dropped_when_the_user_speaks_on(server, question):
     assert server.wait_idle() == 0 and server.healthy()
 
 
+def test_early_answers_off_answer_at_the_turns_end(tmp_path, question):
+    """`serve --early-answer-ms 0`: no answer starts during the silence; the turn is answered when the VAD ends it."""
+    with running_server(tmp_path, "--early-answer-ms", "0") as srv:
+        async def talk():
+            async with websockets.connect(srv.ws + "/v1/realtime", max_size=2 ** 24) as ws:
+                c = await _text_session(ws, {"type": "server_vad", "silence_duration_ms": 600}, 6)
+                await c.speak(question)
+                await c.next("response.done")
+                return c
+
+        c = asyncio.run(talk())
+        assert len(c.of("input_audio_buffer.committed")) == 1 and _text_of(c).strip()
+        assert _metric(srv, "funaudiochat_realtime_early_answers_total") == 0
+        assert _metric(srv, "funaudiochat_realtime_early_answers_dropped_total") == 0
+
+
 @pytest.mark.parametrize("key", [None, "sk-wrong"])
 def test_missing_or_wrong_api_key_is_refused(server, key):
     async def talk():

@@ -58,6 +58,7 @@ class ServerContext:
     created: int = 0
     warm_up: tuple = ()              # kinds of requests whose compiled graphs are built at start (serve/warm_up.py)
     warming: bool = False            # (set while they are)
+    early_answer_ms: int = 200       # realtime server VAD: trailing silence a turn keeps, early answers (0: none)
 
     def __post_init__(self):
         if self.voices is None:

@@ -62,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory for the kept conversations' keys and values, MiB (least recently used dropped)")
     g.add_argument("--max-conversations", type=int, default=64,
                    help="conversations whose last turn's keys and values are kept at most")
+    g.add_argument("--early-answer-ms", type=int, default=200,
+                   help="realtime server VAD: a turn's audio ends this far into its closing silence, and its answer "
+                        "starts once that much silence is heard, while the VAD waits out the rest (0: answers start "
+                        "when the VAD ends the turn, which then keeps its whole silence)")
     g.add_argument("--warm-up", default="s2s,s2t",
                    help="with --compile: kinds of requests (s2s spoken answers, s2t text answers; comma-separated, "
                         "or none) whose decode graphs are compiled by synthetic requests at start, before /ready "
@@ -85,6 +89,8 @@ def build_context(args: argparse.Namespace):
             raise InputError(f"--{name.replace('_', '-')} must be > 0")
     if args.max_waiting < 0:
         raise InputError("--max-waiting must be >= 0")
+    if not 0 <= args.early_answer_ms <= 5000:
+        raise InputError("--early-answer-ms must be within [0, 5000] (0: no early answers)")
     if args.prefill_chunk < 0:
         raise InputError("--prefill-chunk must be >= 0 (0: whole prompts)")
     if not (0 <= args.conversation_cache_mb < float("inf")) or args.max_conversations < 0:  # (NaN fails the first)
@@ -108,7 +114,8 @@ def build_context(args: argparse.Namespace):
                          voices=Voices(rt.detokenizer, args.voices),
                          limits=Limits(max_messages=args.max_messages, max_audio_seconds=args.max_audio_seconds),
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024), created=int(time.time()),
-                         warm_up=warm_kinds if args.compile else ())  # (only --compile compiles graphs)
+                         warm_up=warm_kinds if args.compile else (),  # (only --compile compiles graphs)
+                         early_answer_ms=args.early_answer_ms)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -30,12 +30,13 @@ engine step whose speech was the last heard (each speech token is 40 ms of audio
 together, one text token per step), so the history holds what the user could have heard, to the model's own
 text-speech alignment.
 
-Early answers (server VAD with create_response): a turn ends EARLY_ANSWER_MS into the silence that ends it (the
-committed audio stops there, wherever the VAD decides; the rest of the silence carries nothing). As soon as that much
-silence is heard, the answer is started on the audio so far while the VAD waits out `silence_duration_ms`; its
-events are held until the turn ends, and it is dropped if the user speaks on or anything else changes the prompt. So
-the prefill (encoding, the word reader, the LLM) runs during the silence, and the answer starts streaming when the
-VAD commits, exactly as the same audio committed without it would (`/metrics`: early answers used and dropped).
+Early answers (server VAD with create_response; `serve --early-answer-ms`, default EARLY_ANSWER_MS, 0 turns them
+off): a turn ends that far into the silence that ends it (the committed audio stops there, wherever the VAD decides;
+the rest of the silence carries nothing). As soon as that much silence is heard, the answer is started on the audio
+so far while the VAD waits out `silence_duration_ms`; its events are held until the turn ends, and it is dropped if
+the user speaks on or anything else changes the prompt. So the prefill (encoding, the word reader, the LLM) runs
+during the silence, and the answer starts streaming when the VAD commits, exactly as the same audio committed without
+it would (`/metrics`: early answers used and dropped).
 
 Each answer's request names the conversation (the session id), so the scheduler reuses the keys and values of its
 last completed turn and prefills only the new part (docs/serve.md, "Conversation cache"); closing the socket drops
@@ -155,8 +156,10 @@ def _same_request(a: Request, b: Request) -> bool:
 
 # ---------------------------------------------------------------------------------------------- the session
 class RealtimeSession:
-    def __init__(self, scheduler: Scheduler, voices, beta: bool = False, can_speak: bool = True):
+    def __init__(self, scheduler: Scheduler, voices, beta: bool = False, can_speak: bool = True,
+                 early_answer_ms: int = EARLY_ANSWER_MS):
         self.scheduler, self.beta = scheduler, beta
+        self.early_answer_ms = early_answer_ms  # 0: VAD turns keep their whole silence and answers start at their end
         self.voices = voices  # funaudiochat.serve.voices.Voices: names() a client may pick, resolve(name)
         self.id = new_id("sess")
         # voice None: the server's default speaker (--speaker, else the detokenizer's default)
@@ -386,8 +389,11 @@ class RealtimeSession:
             self._start_response({}, early)
 
     def _turn_cut(self, speech_end: int) -> int:
-        """The stream sample where a VAD turn whose speech ended at `speech_end` ends: EARLY_ANSWER_MS later."""
-        return min(speech_end + EARLY_ANSWER_MS * RATE // 1000, self.stream_samples)
+        """The stream sample where a VAD turn whose speech ended at `speech_end` ends: `early_answer_ms` later (all
+        the audio so far without early answers)."""
+        if not self.early_answer_ms:
+            return self.stream_samples
+        return min(speech_end + self.early_answer_ms * RATE // 1000, self.stream_samples)
 
     def _turn_audio(self, cut: int) -> np.ndarray:
         """The VAD turn's audio at the model's rate: from its speech start less the prefix padding to `cut`."""
@@ -405,7 +411,8 @@ class RealtimeSession:
         if self.early is not None and (end is None or self._turn_cut(end) != self.early.cut):
             self._drop_early()  # the user spoke on
         if (self.early is not None or end is None or not td.create_response or self.response is not None
-                or td.silence_duration_ms <= EARLY_ANSWER_MS or vad.heard_s < end_s + EARLY_ANSWER_MS / 1000
+                or not 0 < self.early_answer_ms < td.silence_duration_ms
+                or vad.heard_s < end_s + self.early_answer_ms / 1000
                 or self.speech_item_id is None or self.closed.is_set()):
             return
         cut = self._turn_cut(end)
@@ -848,7 +855,8 @@ def wants_beta(headers, subprotocols) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- the WebSocket
-async def serve_realtime(websocket, scheduler: Scheduler, voices, can_speak: bool, api_key: str | None = None) -> None:
+async def serve_realtime(websocket, scheduler: Scheduler, voices, can_speak: bool, api_key: str | None = None,
+                         early_answer_ms: int = EARLY_ANSWER_MS) -> None:
     """One realtime connection, from handshake to close (Starlette WebSocket)."""
     offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
     key = next((p[len("openai-insecure-api-key."):] for p in offered if p.startswith("openai-insecure-api-key.")),
@@ -863,7 +871,7 @@ async def serve_realtime(websocket, scheduler: Scheduler, voices, can_speak: boo
             "type": "invalid_request_error", "code": "invalid_api_key", "message": message, "param": None}}))
         await websocket.close(code=1008, reason="invalid API key")
         return
-    session = RealtimeSession(scheduler, voices, wants_beta(websocket.headers, offered), can_speak)
+    session = RealtimeSession(scheduler, voices, wants_beta(websocket.headers, offered), can_speak, early_answer_ms)
     session.start()
     await pump(websocket, session, lambda event: websocket.send_text(json.dumps(event, ensure_ascii=False)))
 
@@ -873,6 +881,6 @@ def routes(ctx) -> list:
     from starlette.routing import WebSocketRoute
 
     async def realtime(websocket):
-        await serve_realtime(websocket, ctx.scheduler, ctx.voices, ctx.can_speak, ctx.api_key)
+        await serve_realtime(websocket, ctx.scheduler, ctx.voices, ctx.can_speak, ctx.api_key, ctx.early_answer_ms)
 
     return [WebSocketRoute("/v1/realtime", realtime)]

@@ -18,10 +18,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 
 from funaudiochat.engine.compiled import CACHE_BUCKET, CompiledDecoder, answer_prosody, srh_input, step_input
-from funaudiochat.engine.prompt import Prompt
+from funaudiochat.engine.prompt import Prompt, stack_prompts
 from funaudiochat.engine.sampling import SamplingParams, choose, exponential_noise, process
 from funaudiochat.errors import ConfigError, ContextLengthError
 from funaudiochat.model.backbone import MLP, Attention, KVCache, RopeTable, attention_mask_4d
@@ -232,31 +231,25 @@ class Engine:
         the reader's steps are bound by reading its weights, so N questions cost far less together than one by one
         (the server's prompts that wait at the same moment). Each audio's vectors are those its own prefill would
         compute (the encoder and reader treat the audios independently)."""
-        rows = [(p, i) for p in prompts if p.input_features is not None
-                for i in range(p.speech_ids.shape[0]) if p.feature_exist_mask[i]]
-        if not rows:
+        with_features = [p for p in prompts if p.input_features is not None]
+        if not with_features:
             return
-        width = max(p.speech_ids.shape[1] for p, _ in rows)
-        frames = max(p.input_features.shape[-1] for p, _ in rows)
-        pad_id = self.cfg.audio_config.pad_token_id
-        speech_ids = torch.stack([F.pad(p.speech_ids[i], (0, width - p.speech_ids.shape[1]), value=pad_id)
-                                  for p, i in rows])
-        speech_mask = torch.stack([F.pad(p.speech_attention_mask[i], (0, width - p.speech_ids.shape[1]))
-                                   for p, i in rows])
-        with_features = [p for p in prompts if p.input_features is not None]  # (their feature rows, in order)
-        features = torch.cat([F.pad(p.input_features, (0, frames - p.input_features.shape[-1]))
-                              for p in with_features])
-        feature_mask = torch.cat([F.pad(p.feature_attention_mask, (0, frames - p.input_features.shape[-1]))
-                                  for p in with_features])
+        a_cfg = self.cfg.audio_config
+        stacked = stack_prompts(with_features, a_cfg.pad_token_id, a_cfg.pad_token_id)  # (only its audio inputs)
+        encode = stacked.feature_exist_mask  # [A] the audios with features, in the order of their feature rows
         dev = self.device
         with self.prompt_pass():
-            audio = self.model.encode_audio(speech_ids.to(dev), speech_mask.to(dev), _opt(features, dev, self.dtype),
-                                            feature_mask.to(dev))
-        for r, (p, i) in enumerate(rows):
+            audio = self.model.encode_audio(stacked.speech_ids[encode].to(dev),
+                                            stacked.speech_attention_mask[encode].to(dev),
+                                            _opt(stacked.input_features, dev, self.dtype),
+                                            stacked.feature_attention_mask.to(dev))
+        rows = iter(range(audio.features.shape[0]))
+        for p in with_features:
             if p.audio_groups is None:
                 p.audio_groups = [None] * p.speech_ids.shape[0]
-            p.audio_groups[i] = audio.features[r, : int(audio.n_groups[r])]
-        for p in with_features:
+            for i in p.feature_exist_mask.nonzero()[:, 0].tolist():
+                r = next(rows)
+                p.audio_groups[i] = audio.features[r, : int(audio.n_groups[r])]
             p.feature_exist_mask = torch.zeros_like(p.feature_exist_mask)
             p.input_features = p.feature_attention_mask = None
 

@@ -368,18 +368,18 @@ class RealtimeSession:
         self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": at * 1000 // RATE,
                    "item_id": item_id})
         cut = self._turn_cut(at)
-        early = self.early
-        if early is not None and (early.cut != cut or early.item.id != item_id):
-            self._drop_early()
         early, self.early = self.early, None
+        if early is not None and (early.cut != cut or early.item.id != item_id):
+            self._discard(early)
+            early = None
         # (an early answer's item holds the same samples, cut at the same sample)
         item = early.item if early is not None else Item(item_id, "user", audio=self._turn_audio(cut))
         self._clear_buffer()
         try:
             self._commit_item(item)
         except RealtimeError:
-            self.early = early
-            self._drop_early()
+            if early is not None:
+                self._discard(early)
             raise
         if self.config.turn_detection.create_response:
             old = self.response
@@ -397,10 +397,9 @@ class RealtimeSession:
 
     def _turn_audio(self, cut: int) -> np.ndarray:
         """The VAD turn's audio at the model's rate: from its speech start less the prefix padding to `cut`."""
-        pad = int(self.config.turn_detection.prefix_padding_ms * RATE / 1000)
-        audio = self._buffer_audio(self.speech_start_sample - pad)[:max(0, cut - max(self.buffer_start,
-                                                                                      self.speech_start_sample - pad))]
-        return resample(audio, RATE, MODEL_RATE)
+        start = self.speech_start_sample - int(self.config.turn_detection.prefix_padding_ms * RATE / 1000)
+        audio = self._buffer_audio(start)  # (from the later of `start` and the buffer's first sample)
+        return resample(audio[:max(0, cut - max(start, self.buffer_start))], RATE, MODEL_RATE)
 
     def _answer_early(self) -> None:
         """Start the answer to the turn that the current silence may end, once EARLY_ANSWER_MS of it is heard;
@@ -428,9 +427,12 @@ class RealtimeSession:
 
     def _drop_early(self) -> None:
         if self.early is not None:
-            self.early.drop(self.tasks)
+            self._discard(self.early)
             self.early = None
-            self.scheduler.metrics.early_answers_dropped.inc()
+
+    def _discard(self, early: EarlyAnswer) -> None:
+        early.drop(self.tasks)
+        self.scheduler.metrics.early_answers_dropped.inc()
 
     def _check_hearing(self) -> None:
         """Audio input on a checkpoint that cannot hear yet is refused before it enters the conversation (so the
@@ -620,8 +622,7 @@ class RealtimeSession:
             engine = early.task  # the answer started during the silence: its events were held until now
             self.scheduler.metrics.early_answers.inc()
         elif early is not None:
-            early.drop(self.tasks)
-            self.scheduler.metrics.early_answers_dropped.inc()
+            self._discard(early)
         item = Item(new_id("item"), "assistant", status="in_progress")
         response = Response(new_id("resp"), item, modalities if request.mode == "s2s" else ("text",))
         self.response = response
@@ -678,10 +679,11 @@ class RealtimeSession:
         pending = np.zeros(0, np.float32)
         codes = 0  # speech tokens produced so far
         try:
-            try:
-                response.engine = await early if early is not None else None
-            except (ServerBusyError, ContextLengthError):  # the early start was refused: ask the usual way
-                response.engine = None
+            if early is not None:
+                try:
+                    response.engine = await early
+                except (ServerBusyError, ContextLengthError):  # the early start was refused: ask the usual way
+                    pass
             if response.engine is None:
                 response.engine = await self._submit(request)
             if response.status == "cancelled":  # cancelled while waiting for a row

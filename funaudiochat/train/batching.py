@@ -105,6 +105,9 @@ class Batch:
     n_text_targets: int = 0
     n_speech_targets: int = 0
     n_tokens: int = 0                               # non-padding tokens
+    owners: torch.Tensor | None = None              # [B, L] each position's sample (its index in the collated
+    #   list), -1 on padding
+    teacher: Batch | None = None                    # distillation: the typed twins, owned by their samples' indices
 
     MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels", "speech_ids", "speech_attention_mask",
                     "text_ids", "text_attention_mask", "feature_exist_mask", "input_features",
@@ -133,6 +136,8 @@ class Collator:
         labels = torch.full((b, width), self.ignore, dtype=torch.long)
         mask = torch.zeros(b, width, dtype=torch.long)
         positions = torch.zeros(b, width, dtype=torch.long)
+        owners = torch.full((b, width), -1, dtype=torch.long)
+        index = {id(s): i for i, s in enumerate(samples)}
         audios = []
         for r, row in enumerate(rows):
             at = 0
@@ -142,12 +147,13 @@ class Collator:
                 labels[r, at:at + n] = torch.from_numpy(s.labels)
                 mask[r, at:at + n] = seg if self.packing else 1
                 positions[r, at:at + n] = torch.arange(n)
+                owners[r, at:at + n] = index[id(s)]
                 audios += s.audios
                 at += n
         batch = Batch(ids, mask, positions, labels,
                       n_text_targets=sum(s.n_text_targets for s in samples),
                       n_speech_targets=sum(s.n_speech_targets for s in samples),
-                      n_tokens=sum(len(s) for s in samples))
+                      n_tokens=sum(len(s) for s in samples), owners=owners)
         if audios:
             self._audio_inputs(batch, audios, samples)
         return batch
@@ -174,6 +180,23 @@ class Collator:
                     where = next(s.source for s in samples if any(a.wav == path for a in s.audios))
                     raise InputError(f"{where}: {err} (`funaudiochat data prepare` checks every audio file)") from None
             batch.input_features, batch.feature_attention_mask = self.frontend(loaded, padding="longest")
+
+
+class DistillCollator:
+    """`DistillItem`s -> the samples' `Batch`, with `teacher` = the Batch of the typed twins there are, each twin
+    owned by its sample's index, so a target of the one is matched to the same target of the other."""
+
+    def __init__(self, collate: Collator):
+        self.collate = collate
+
+    def __call__(self, items: list) -> Batch:
+        batch = self.collate([it.sample for it in items])
+        twins = [(i, it.typed) for i, it in enumerate(items) if it.typed is not None]
+        if twins:
+            batch.teacher = self.collate([t for _, t in twins])
+            owner_of = torch.tensor([i for i, _ in twins] + [-1])  # index -1 (padding) stays -1
+            batch.teacher.owners = owner_of[batch.teacher.owners]
+        return batch
 
 
 def _first(v):

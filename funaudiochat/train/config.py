@@ -14,6 +14,9 @@ directory the command runs in.
     checkpoint: how often, how many to keep, export of an inference checkpoint at the end
     log:        metrics cadence, progress bar, TensorBoard
     dpo:        beta, reference model
+    distill:    stage sft: a teacher checkpoint that reads each spoken record's typed twin; the student's text
+                targets also learn the teacher's whole next-token distribution there (KL), and, if asked, the
+                student reads the twins too
     lora:       low-rank adapters on the LLM (rank 0: none), their scale and target layers
     reader:     stage `reader` (the mini's word reader: Whisper's encoder and decoder trained on the records' clips
                 and their scripts): how often a clip is roughened, and how
@@ -144,6 +147,14 @@ class DPOSection:
 
 
 @dataclass(kw_only=True)
+class DistillSection:
+    teacher: str | None = None         # checkpoint reading the typed twins (train/data.py `typed_record`); None: off
+    weight: float = 1.0                # loss = CE + weight * KL(teacher || student), both per text target
+    typed_students: bool = False       # true: each typed twin is also a record of its own, the student reading it
+    #   typed (its own twin): the student's typed answers are held to the teacher's too, not only its spoken ones
+
+
+@dataclass(kw_only=True)
 class LoraSection:
     rank: int = 0                      # 0: no adapters; r > 0: low-rank adapters on the LLM, whose base is frozen
     alpha: float = 16.0                # the update is (alpha / rank) * B A
@@ -171,6 +182,7 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     dpo: DPOSection = field(default_factory=DPOSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     lora: LoraSection = field(default_factory=LoraSection)
     reader: ReaderSection = field(default_factory=ReaderSection)
 
@@ -242,6 +254,9 @@ class Recipe:
         number("checkpoint.keep_last", self.checkpoint.keep_last, 1)
         number("log.every", self.log.every, 1)
         number("dpo.beta", self.dpo.beta, 0, low_open=True)
+        number("distill.weight", self.distill.weight, 0, low_open=True)
+        need(self.distill.teacher is None or self.stage == "sft",
+             f"distill.teacher: distillation is a stage sft option, not for stage {self.stage!r}")
         number("lora.rank", self.lora.rank, 0)
         number("lora.alpha", self.lora.alpha, 0, low_open=True)
         need(bool(self.lora.targets) and set(self.lora.targets) <= set(LORA_TARGETS),
@@ -293,6 +308,8 @@ class Recipe:
             problems.append(f"model.tokenizer: {tok}: no tokenizer.json there")
         if self.dpo.reference and self.stage == "dpo" and not (Path(self.dpo.reference) / "config.json").is_file():
             problems.append(f"dpo.reference: {self.dpo.reference}: no checkpoint folder with a config.json")
+        if self.distill.teacher and not (Path(self.distill.teacher) / "config.json").is_file():
+            problems.append(f"distill.teacher: {self.distill.teacher}: no checkpoint folder with a config.json")
         for i, path in enumerate(self.data.train):
             if not Path(path).is_file():
                 problems.append(f"data.train[{i}]: {path}: no such file")

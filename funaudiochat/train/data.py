@@ -20,6 +20,10 @@ The chat template is the released `funaudiochat` one; labels cover every assista
 DPO pairs use the same record for the prompt (messages end with a user turn) plus `chosen` / `rejected` responses
 {"text": ..., "token": ...} and a `task` tag.
 
+Distillation (recipe `distill`): a record whose user turns are all speech with their scripts (`ref_text`) and whose
+answers are text also gets its typed twin, the same conversation with each spoken question written out, for the
+teacher to read (`SampleBuilder.distill_item`).
+
 Native manifests (`turns: [...]`, audio to tokenize) are converted by `funaudiochat data prepare` (prepare.py).
 """
 from __future__ import annotations
@@ -80,6 +84,16 @@ class PreferencePair:
 
     def __len__(self) -> int:
         return max(len(self.chosen), len(self.rejected))
+
+
+@dataclass
+class DistillItem:
+    """A sample and, where the record has one, its typed twin for the teacher (same answers, so the same targets)."""
+    sample: Sample
+    typed: Sample | None
+
+    def __len__(self) -> int:
+        return len(self.sample)
 
 
 @dataclass
@@ -182,6 +196,17 @@ class SampleBuilder:
         if np.array_equal(built[0].input_ids, built[1].input_ids) and _same_audio(built[0], built[1]):
             raise RecordError("bad format", "chosen and rejected responses are identical")
         return PreferencePair(built[0], built[1], task, source)
+
+    def distill_item(self, record: dict, base_dir: Path, source: str) -> DistillItem:
+        sample = self.sample(record, base_dir, source)
+        typed = typed_record(record)
+        if typed is None:
+            return DistillItem(sample, None)
+        twin = self.sample(typed, base_dir, source)
+        ign = self.ignore
+        if not np.array_equal(sample.labels[sample.labels != ign], twin.labels[twin.labels != ign]):
+            raise RecordError("bad format", "the typed twin's answers tokenize differently from the record's")
+        return DistillItem(sample, twin)
 
     def _response(self, resp, side: str) -> tuple[str, dict | None]:
         if isinstance(resp, str):
@@ -328,6 +353,30 @@ def audio_entries(record: dict) -> list[dict]:
             raise RecordError("bad format", f"audio {i}: expected an object with \"path\", \"text\", \"token\"")
         entries.append(e)
     return entries
+
+
+def typed_record(record: dict) -> dict | None:
+    """The record with each spoken user turn written out as its script (`ref_text`), or None where that does not
+    make the same conversation typed: an ASR record (its answer is the script itself), an answer spoken as speech
+    tokens, a user turn mixing speech and text, or a script missing."""
+    if record.get("task") == "asr":
+        return None
+    entries = iter(audio_entries(record))
+    messages = []
+    for m in record.get("messages") or []:
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, str) or AUDIO_TEMPLATE not in content:
+            messages.append(m)
+            continue
+        if m.get("role") != "user" or content.strip() != AUDIO_TEMPLATE:
+            return None
+        script = (next(entries, None) or {}).get("ref_text")
+        if not isinstance(script, str) or not script.strip():
+            return None
+        messages.append({**m, "content": script.strip()})
+    if messages == record.get("messages"):
+        return None  # nothing was spoken
+    return {**{k: v for k, v in record.items() if k not in ("audio", "audios")}, "messages": messages}
 
 
 def _same_audio(a: Sample, b: Sample) -> bool:

@@ -37,10 +37,10 @@ from funaudiochat.model.word_reader import WordReaderConfig
 from funaudiochat.text.tokenizer import TextTokenizer
 from funaudiochat.train import checkpoint as ckpt
 from funaudiochat.train import parallel
-from funaudiochat.train.batching import Collator, EpochPlan, split_global_batch
+from funaudiochat.train.batching import Collator, DistillCollator, EpochPlan, split_global_batch
 from funaudiochat.train.config import DPO_TASKS, Recipe, resolve_precision
-from funaudiochat.train.data import DataReport, SampleBuilder, load_records
-from funaudiochat.train.losses import GlobalCounts, dpo_loss, sequence_logps, sft_loss
+from funaudiochat.train.data import DataReport, DistillItem, SampleBuilder, load_records
+from funaudiochat.train.losses import GlobalCounts, distill_kl, dpo_loss, sequence_logps, sft_loss
 from funaudiochat.train.metrics import MetricsLog
 from funaudiochat.train.optim import build_optimizer, lr_at, select_trainable, set_lr
 from funaudiochat.train.reader_data import IGNORE, ReaderCollator, load_reader_clips
@@ -111,6 +111,8 @@ class Trainer:
         if r.stage == "dpo":
             ref = Path(r.dpo.reference) if r.dpo.reference else start_source
             self.ref_model = self._build_model(ref, trainable=False)
+        if r.distill.teacher:
+            self.ref_model = self._teacher(Path(r.distill.teacher))
         if resume_dir:
             self._load_training_state(resume_dir)
         self.metrics = MetricsLog(self.run_dir, info.main, self.start_step, r.log.tensorboard)
@@ -121,6 +123,15 @@ class Trainer:
         self.processes = int(parallel.all_reduce_sum(torch.ones(1), info).item())
         if info.main:
             fileio.write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(r.to_dict(), sort_keys=False))
+
+    def _teacher(self, path: Path) -> FunAudioChatModel:
+        """The distillation teacher, as saved (its own config: it only reads text), frozen, on every process."""
+        teacher = load_model(path, dtype=torch.float32)
+        mine, theirs = self.cfg.text_config.vocab_size, teacher.cfg.text_config.vocab_size
+        if mine != theirs:
+            raise ConfigError(f"distill.teacher: {path} has a text vocabulary of {theirs}, the student {mine}: "
+                              f"the KL needs the same vocabulary")
+        return teacher.requires_grad_(False).eval().to(self.info.device)
 
     def _resume_dir(self) -> Path | None:
         if self.info.main:
@@ -141,8 +152,10 @@ class Trainer:
             self.items, report = self._reader_clips()
         else:
             builder = SampleBuilder(self.tokenizer, self.cfg, r.data.max_len)
-            build = builder.pair if r.stage == "dpo" else builder.sample
+            build = builder.pair if r.stage == "dpo" else builder.distill_item if r.distill.teacher else builder.sample
             self.items, report = load_records(r.data.train, build, r.data.on_error)
+            if r.distill.teacher:
+                self._add_typed_twins()
         if info.main:
             _log_report(report, self.run_dir)
         self.plan = EpochPlan([len(x) for x in self.items], r.train.global_batch, r.train.seed,
@@ -155,10 +168,26 @@ class Trainer:
         self.total_steps = r.train.steps or r.train.epochs * self.plan.batches_per_epoch
         self.collate = Collator(self.cfg, r.data.max_len, r.data.packing) if r.stage != "reader" else \
             ReaderCollator(self.cfg.audio_config.num_mel_bins, self.reader_cfg, r.reader, r.train.seed)
+        if r.distill.teacher:
+            self.collate = DistillCollator(self.collate)
         self.tasks = sorted({p.task for p in self.items}) if r.stage == "dpo" else []
         other = sorted(set(self.tasks) - set(DPO_TASKS))
         if other and info.main:
             log.info("DPO task tags besides the paper's %s: %s (metrics are logged per tag)", DPO_TASKS, other)
+
+    def _add_typed_twins(self) -> None:
+        """Distillation: check there is something to distill; with `distill.typed_students`, each typed twin joins
+        the items as a record of its own (its own twin)."""
+        r = self.recipe
+        twins = [it.typed for it in self.items if it.typed is not None]
+        if not twins:
+            raise ConfigError(f"distill.teacher: none of the {len(self.items)} records has a typed twin (spoken user "
+                              f"turns with their scripts, text answers): nothing to distill")
+        if self.info.main:
+            log.info("distillation: %d of %d records have a typed twin for %s%s", len(twins), len(self.items),
+                     r.distill.teacher, ", each also read typed by the student" if r.distill.typed_students else "")
+        if r.distill.typed_students:
+            self.items += [DistillItem(t, t) for t in twins]
 
     def _reader_clips(self) -> tuple[list, DataReport]:
         """Stage `reader`: the records' user clips and their scripts in Whisper's tokens (train/reader_data.py)."""
@@ -318,23 +347,45 @@ class Trainer:
                                                       dtype=torch.float64), info).tolist()
         total = GlobalCounts(int(counts[0]), int(counts[1]), int(counts[2]))
         aux_coef = self.cfg.text_config.router_aux_loss_coef
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(5, dtype=torch.float64)  # text, speech, aux, KL sums; distilled targets
         for j, b in enumerate(micro):
+            teacher = self._teacher_targets(b)
             with parallel.gradient_sync(self.model, j == len(micro) - 1):
                 with self._autocast():
-                    out = self.model(**b.model_inputs(info.device), text_logits="targets", speech=self.runs_srh(b))
+                    trace: dict | None = {} if teacher is not None else None  # the rewritten labels, for the KL
+                    out = self.model(**b.model_inputs(info.device), text_logits="targets", speech=self.runs_srh(b),
+                                     trace=trace)
                     loss, parts = sft_loss(out, b.n_text_targets, b.n_speech_targets, total, aux_coef)
+                kl, n_kl = torch.zeros(()), 0
+                if teacher is not None:
+                    owners = _target_owners(b.owners, trace["lm_labels"], self.cfg.ignore_index)
+                    kl, n_kl = distill_kl(out.text_logits, owners, *teacher)
+                    loss = loss + self.recipe.distill.weight * kl / max(total.text, 1)
                 (loss * world).backward()  # the gradient reduction averages over processes
             sums += torch.stack([parts["text_sum"].double().cpu(), parts["speech_sum"].double().cpu(),
-                                 parts["aux_sum"].double().cpu()])
-        text, speech, aux = parallel.all_reduce_sum(sums, info).tolist()
+                                 parts["aux_sum"].double().cpu(), kl.detach().double().cpu(),
+                                 torch.tensor(float(n_kl), dtype=torch.float64)])
+        text, speech, aux, kl, n_kl = parallel.all_reduce_sum(sums, info).tolist()
         stats = {"text_loss": text / max(total.text, 1), "speech_loss": speech / max(total.speech, 1)}
         stats["loss"] = stats["text_loss"] + stats["speech_loss"]
+        if self.recipe.distill.teacher:
+            stats["distill_kl"] = kl / max(n_kl, 1)  # per distilled target
+            stats["loss"] += self.recipe.distill.weight * kl / max(total.text, 1)
         if self.cfg.text_config.output_router_logits:
             stats["aux_loss"] = aux / total.micro_batches
             stats["loss"] += aux_coef * stats["aux_loss"]
         stats["tokens"] = int(counts[3])
         return stats
+
+    def _teacher_targets(self, b) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Distillation: the teacher's logits at its text targets of the batch's typed twins, and their owners."""
+        if b.teacher is None:
+            return None
+        with torch.no_grad(), self._autocast():
+            trace: dict = {}
+            out = self.ref_model(**b.teacher.model_inputs(self.info.device), text_logits="targets", speech=False,
+                                 trace=trace)
+        return out.text_logits, _target_owners(b.teacher.owners, trace["lm_labels"], self.cfg.ignore_index)
 
     def _reader_step(self, micro: list) -> dict:
         """Stage `reader`: Whisper's cross-entropy on each clip's script, averaged over the step's target tokens."""
@@ -510,6 +561,12 @@ def _regrouped_model(source: Path, cfg: FunAudioChatConfig, r: Recipe, fold_adap
              f", the SRH's view of {a.srh_pending_units} pending units starts random"
              if a.srh_pending_units != src.srh_pending_units else "")
     return model
+
+
+def _target_owners(owners: torch.Tensor, labels: torch.Tensor, ignore: int) -> torch.Tensor:
+    """The owner of each text target, in the order of the model's `text_logits="targets"` (position i predicts the
+    rewritten label i + 1)."""
+    return owners.to(labels.device)[:, :-1][labels[:, 1:] != ignore]
 
 
 def _seed_everything(seed: int, deterministic: bool) -> None:

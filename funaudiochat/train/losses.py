@@ -7,6 +7,9 @@ step's loss and gradient are those of the whole global batch at once, whatever t
 DPO: log pi(response) is the joint text + speech log-probability of the assistant part (the targets of the
 model's rewritten labels, SPEC §6.2); loss = -log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))).
 
+Distillation (SFT with a teacher): at the text targets of records with a typed twin, KL(teacher || student) of the
+next-token distributions, the teacher reading the twin; summed, and normalised like the text loss.
+
 Shape legend: B rows, L tokens, V text vocab, k group size, Vs speech codebook, P pairs.
 """
 from __future__ import annotations
@@ -77,3 +80,22 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     return DPOOutput(-F.logsigmoid(beta * logits), beta * (policy_chosen - ref_chosen).detach(),
                      beta * (policy_rejected - ref_rejected).detach())
+
+
+def distill_kl(student_logits: torch.Tensor, student_owners: torch.Tensor, teacher_logits: torch.Tensor,
+               teacher_owners: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum over matched targets of KL(teacher || student), in fp32, and how many were matched.
+
+    `*_logits` [N, V] at each side's text targets, `*_owners` [N] the sample each target belongs to. A sample's
+    targets are in order within its row, so sorting stably by owner lines up the student's targets of every sample
+    the teacher saw with the teacher's; the student's other targets (no typed twin) are left out.
+    """
+    s_order = torch.argsort(student_owners, stable=True)
+    s_order = s_order[torch.isin(student_owners[s_order], teacher_owners)]
+    t_order = torch.argsort(teacher_owners, stable=True)
+    if not torch.equal(student_owners[s_order], teacher_owners[t_order]):
+        raise ValueError(f"distillation: the teacher's {len(t_order)} targets do not line up with the student's "
+                         f"{len(s_order)} of the same samples")
+    student = F.log_softmax(student_logits[s_order].float(), dim=-1)
+    teacher = F.log_softmax(teacher_logits[t_order].float(), dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(), int(s_order.numel())

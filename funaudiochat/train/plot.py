@@ -1,5 +1,5 @@
-"""Plot a run's metrics.jsonl: loss curves (total, text, speech; DPO loss) and, for DPO, reward margin and
-accuracy per task."""
+"""Plot a run's metrics.jsonl: loss curves (total, text, speech; a distilled run's KL; DPO loss) and, for DPO,
+reward margin and accuracy per task."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ from funaudiochat import fileio
 from funaudiochat.errors import InputError
 from funaudiochat.train.metrics import METRICS_FILE, read_metrics
 
-LOSS_KEYS = ("loss", "text_loss", "speech_loss", "aux_loss")
+LOSS_KEYS = ("loss", "text_loss", "speech_loss", "aux_loss", "distill_kl")
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:

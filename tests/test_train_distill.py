@@ -18,7 +18,7 @@ from funaudiochat.text.tokenizer import AUDIO_TEMPLATE
 from funaudiochat.train import loop
 from funaudiochat.train.batching import Collator, DistillCollator
 from funaudiochat.train.config import recipe_from_dict
-from funaudiochat.train.data import SampleBuilder, load_records, typed_record
+from funaudiochat.train.data import DistillItem, SampleBuilder, load_records, typed_record
 from funaudiochat.train.losses import distill_kl
 from funaudiochat.train.metrics import read_metrics
 
@@ -84,6 +84,9 @@ def test_packed_kl_equals_each_record_scored_alone(tmp_path):
     items, _ = load_records([write_jsonl(tmp_path / "d.jsonl", spoken_records(tmp_path))],
                             SampleBuilder(tok, cfg, 256).distill_item)
     assert sum(it.typed is not None for it in items) == 6 and len(items) == 12
+    # typed students: each twin also a record of its own, in the same batch as its spoken record (so the teacher's
+    # batch holds the same twin object twice)
+    items += [DistillItem(it.typed, it.typed) for it in items[:6] if it.typed is not None]
     collate = Collator(cfg, 256, packing=True)
 
     def targets(model, batch, owners):

@@ -137,7 +137,9 @@ class Collator:
         mask = torch.zeros(b, width, dtype=torch.long)
         positions = torch.zeros(b, width, dtype=torch.long)
         owners = torch.full((b, width), -1, dtype=torch.long)
-        index = {id(s): i for i, s in enumerate(samples)}
+        index: dict[int, list[int]] = {}  # a sample object may come twice (a record and its typed copy's twin)
+        for i, s in enumerate(samples):
+            index.setdefault(id(s), []).append(i)
         audios = []
         for r, row in enumerate(rows):
             at = 0
@@ -147,7 +149,7 @@ class Collator:
                 labels[r, at:at + n] = torch.from_numpy(s.labels)
                 mask[r, at:at + n] = seg if self.packing else 1
                 positions[r, at:at + n] = torch.arange(n)
-                owners[r, at:at + n] = index[id(s)]
+                owners[r, at:at + n] = index[id(s)].pop(0)
                 audios += s.audios
                 at += n
         batch = Batch(ids, mask, positions, labels,

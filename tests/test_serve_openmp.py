@@ -1,8 +1,10 @@
 """The server keeps one OpenMP team, the engine thread's (serve/openmp.py): helper threads run torch work on one
 thread, a thread can stop its pool's workers, and a helper's count never leaks into the engine thread."""
 import asyncio
-import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import torch
 
@@ -15,10 +17,6 @@ from funaudiochat.text.chat import user_content
 from tests.helpers import make_tiny_tokenizer, noise_audio
 
 
-def _threads_of_process() -> int:
-    return len(os.listdir("/proc/self/task"))
-
-
 def _in_thread(fn):
     out = []
     thread = threading.Thread(target=lambda: out.append(fn()))
@@ -27,25 +25,47 @@ def _in_thread(fn):
     return out[0]
 
 
+_POOL_CHECK = """
+import os, threading, torch
+from funaudiochat.serve.openmp import one_thread_here, release_pool_here, threads_here
+
+def count():
+    return len(os.listdir("/proc/self/task"))
+
+def in_thread(fn):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0]
+
+x = torch.randn(512, 512)
+
+def helper():
+    one_thread_here()
+    before = count()
+    (x @ x).sum()  # a BLAS product and a reduction: both would start workers with two threads
+    return count() - before
+
+def two_threads():
+    threads_here(2)
+    before = count()
+    (x @ x).sum()
+    started = count() - before
+    release_pool_here()
+    return started, count() - before
+
+print(in_thread(helper), *in_thread(two_threads))
+"""
+
+
 def test_a_helper_thread_gets_no_workers_and_a_released_pool_is_gone():
-    x = torch.randn(512, 512)
-
-    def helper():
-        one_thread_here()
-        before = _threads_of_process()
-        (x @ x).sum()  # a BLAS product and a reduction: both would start workers with two threads
-        return _threads_of_process() - before
-
-    def two_threads():
-        threads_here(2)
-        before = _threads_of_process()
-        (x @ x).sum()
-        started = _threads_of_process() - before
-        release_pool_here()
-        return started, _threads_of_process() - before
-
-    assert _in_thread(helper) == 0
-    started, left = _in_thread(two_threads)
+    """In a fresh process: the thread count is the process's, so no other test's threads may come or go meanwhile."""
+    run = subprocess.run([sys.executable, "-c", _POOL_CHECK], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    helper_started, started, left = map(int, run.stdout.split())
+    assert helper_started == 0
     assert started >= 1 and left == 0, (started, left)  # (the check above can fail: two threads do start one)
 
 

@@ -26,7 +26,7 @@ def _in_thread(fn):
 
 
 _POOL_CHECK = """
-import os, threading, torch
+import os, threading, time, torch
 from funaudiochat.serve.openmp import one_thread_here, release_pool_here, threads_here
 
 def count():
@@ -53,6 +53,9 @@ def two_threads():
     (x @ x).sum()
     started = count() - before
     release_pool_here()
+    deadline = time.monotonic() + 2.0  # a joined worker's task can linger in /proc for a moment
+    while count() - before and time.monotonic() < deadline:
+        time.sleep(0.01)
     return started, count() - before
 
 print(in_thread(helper), *in_thread(two_threads))

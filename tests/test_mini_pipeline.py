@@ -81,6 +81,21 @@ def test_scoring_rules():
     assert eval_mini.percentile([1.0, 2.0, 3.0], 50) == 2.0
 
 
+def test_agreement_is_scored_on_the_gold_subset():
+    def rec(i, expected):
+        return eval_mini.Record(id=f"q{i}", task="qa", system="", messages=[], wavs=[], answer="", questions=[],
+                                expected=expected, typed_answer="")
+
+    qa = [rec(0, ["4"]), rec(1, ["Mars"]), rec(2, []), rec(3, [])]
+    spoken = {"q0": "It is 4.", "q1": "Venus.", "q2": "Sure, walk more.", "q3": "Sleep early."}
+    typed = {"q0": "Four: 4.", "q1": "Mars.", "q2": "Sure, walk more!", "q3": "Drink water."}
+    # gold: q0 agrees (both right), q1 does not; every item: q2 agrees by its first sentence, q3 does not
+    assert eval_mini.agreement_shares(qa, spoken, typed) == (0.5, 0.5)
+    spoken["q3"] = "Drink water."
+    assert eval_mini.agreement_shares(qa, spoken, typed) == (0.5, 0.75)  # non-gold items never move the bar
+    assert eval_mini.agreement_shares(qa[2:], spoken, typed) == (None, 1.0)  # no gold items: no agreement figure
+
+
 def test_mini_pipeline(tmp_path):
     base = make_tiny_checkpoint(tmp_path / "base", VOCAB)
     data = make_data(tmp_path / "data")

@@ -6,7 +6,7 @@
 #
 # The main line (the release): mini-reader -> hear_reader -> Core-Cocktail stage 1 -> merge -> stage 2 -> the speech
 # head alone (speak_srh) -> speak -> the answer's cue and prosody (speak_prosody) -> the word reader in noise
-# (reader_noisy), then the single-stage baseline, assembly and evaluation. K1=1 also trains the
+# (reader_noisy) -> the base's answers distilled (hear_distill_s2s), then the single-stage baseline, assembly and evaluation. K1=1 also trains the
 # speaking stages at group size 1 for the DRSR comparison (issue 14 must-show 5). THREADS (default 2) sets the
 # CPU threads of the data steps, WORKERS (default 2) the processes of the audio stage, and OMP_NUM_THREADS those of
 # training: use THREADS=1 and OMP_NUM_THREADS=1 while anything else runs (two torch threads on two shared cores wait
@@ -122,11 +122,16 @@ if [ "$speaking" = 1 ] || ! restore reader_noisy; then
   snapshot reader_noisy --bf16
 fi
 stop_after reader_noisy
+# agreement: the base's answers distilled into the LLM's LoRA, the spoken answers in the mix (release 6's deltas)
+if ! restore hear_distill_s2s; then
+  train recipes/mini/hear_distill_s2s.yaml hear_distill_s2s
+  snapshot hear_distill_s2s --bf16
+fi
 # the paper's baseline for the merge starts where stage 1 did (trained here if missing, its deltas not shipped)
 restore hear_reader || train recipes/mini/hear_reader.yaml hear_reader
 train recipes/mini/single_stage_baseline.yaml single_stage_baseline
 
-step "ship: assembly (models/mini holds reader_noisy's deltas), evaluation"
+step "ship: assembly (models/mini holds hear_distill_s2s's deltas), evaluation"
 "$fac" assets mini checkpoints/mini
 "$fac" eval mini --model checkpoints/mini --data data/mini --split test --baseline runs/mini/single_stage_baseline/final \
   --latency 50 --compile --out runs/mini/eval --threads "$threads"

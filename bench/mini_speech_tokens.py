@@ -23,6 +23,7 @@ import numpy as np
 from funaudiochat.audio.io import save_wav
 from funaudiochat.eval.asr import AsrJudge, error_rates
 from funaudiochat.eval.normalize import normalize_english
+from funaudiochat.speech import piper_detokenizer
 from funaudiochat.speech.piper_detokenizer import MAX_HOP, PiperDetokenizer
 from funaudiochat.speech.piper_tokens import PiperTokenizer
 from funaudiochat.speech.piper_voice import PiperVoiceParts, voice_files
@@ -97,10 +98,14 @@ def main() -> None:
     p.add_argument("--hop", type=int, default=15)
     p.add_argument("--max-hop", type=int, default=MAX_HOP, help="later chunks grow up to this (--hop: fixed chunks)")
     p.add_argument("--out", type=Path, default=None, help="also write the wavs here")
+    p.add_argument("--decoder-margin", type=int, default=piper_detokenizer.DECODER_MARGIN,
+                   help="frames of decoder context around a streamed chunk (24, the flow's margin: the render before "
+                        "the flow and the decoder were cut apart)")
     p.add_argument("--texts-from", type=Path, default=None,
                    help="an `eval mini-speech` report.json: its plain answers' texts instead of HELD_OUT (how much of "
                         "the model's speech WER the voice and the judge account for)")
     args = p.parse_args()
+    piper_detokenizer.DECODER_MARGIN = args.decoder_margin
     print(machine_line())
     texts = list(HELD_OUT[:args.n])
     if args.texts_from is not None:
@@ -137,7 +142,7 @@ def main() -> None:
     seconds = sum(len(w) for w in oneshot) / detok.sample_rate
 
     judge = AsrJudge(threads=1)
-    results = {"sentences": len(texts), "audio_s": round(seconds, 1),
+    results = {"sentences": len(texts), "audio_s": round(seconds, 1), "decoder_margin": args.decoder_margin,
                "tokens_per_s": round(sum(map(len, tokens)) / seconds, 2)}
     for name, wavs, rate in (("piper_original", original, parts.sample_rate),
                              ("tokens_oneshot", oneshot, detok.sample_rate),

@@ -116,6 +116,23 @@ def test_cut_parts_reproduce_the_whole_voice(parts):
     np.testing.assert_allclose(ours, ref.reshape(-1), atol=1e-4)
 
 
+def test_the_decoder_needs_only_its_own_margin(parts, detok, tokens):
+    """A streamed chunk decodes z with DECODER_MARGIN frames around it, not the flow's wider margins: the decoder's
+    audio of a window then equals its audio of the whole z (and a margin of 2 frames would not do)."""
+    from funaudiochat.speech.piper_detokenizer import DECODER_MARGIN, MARGIN_LEFT
+
+    spans = pt.unit_spans(tokens)
+    z_p = detok.prior_sample(spans, 0, int(pt.frame_of_token(spans[-1].end)))
+    z = parts.flow(z_p)
+    whole = parts.decode(z)
+    assert DECODER_MARGIN < MARGIN_LEFT
+    a, b = 60, 100  # a chunk of 40 frames inside the sentence
+    for margin, tolerance in ((DECODER_MARGIN, 1e-4), (2, None)):
+        window = parts.decode(z[:, a - margin:b + margin])[margin * pt.VOICE_HOP:(margin + b - a) * pt.VOICE_HOP]
+        err = np.abs(window - whole[a * pt.VOICE_HOP:b * pt.VOICE_HOP]).max()
+        assert err < tolerance if tolerance else err > 1e-3, (margin, err)
+
+
 def test_detokenized_speech_is_intelligible(oneshot, tokens):
     from funaudiochat.eval.asr import AsrJudge, error_rates
     from funaudiochat.eval.normalize import normalize_english

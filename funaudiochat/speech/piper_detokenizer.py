@@ -19,11 +19,12 @@ noise fixed per absolute frame (seeded blocks), as VITS samples it -> reverse fl
 Streaming: a chunk is made once `hop` tokens past the last chunk (`first_hop` for the first) are there, followed
 by `lookahead` more and by the end of its unit, and the text-encoder blocks of all those units are complete
 (`encodable`: the encoder sees RIGHT units past each block, RIGHT_FIRST past the first two, so it need not wait for
-the sentence's end). The chunk is rendered with MARGIN_LEFT / MARGIN_RIGHT voice frames of context before / after
-it (the flow + decoder's reach: with 24 / 24 the streamed audio is within 1e-4 of the one-shot audio; with 16
-frames on either side, errors reach 1e-2); CROSSFADE samples past its end are kept and cross-faded into the next
-chunk. The encoder blocks are the same in both modes, so the stream equals the one-shot audio up to those margins,
-and the cross-fade leaves no click at the boundary.
+the sentence's end). The chunk's flow runs with MARGIN_LEFT / MARGIN_RIGHT voice frames of context before / after
+it (the flow's reach: with 24 / 24 the streamed audio is within 1e-4 of the one-shot audio; with 16 frames on either
+side, errors reach 1e-2), and its decoder, most of the cost, with DECODER_MARGIN frames of that z on either side;
+CROSSFADE samples past its end are kept and cross-faded into the next chunk. The encoder blocks are the same in both
+modes, so the stream equals the one-shot audio up to those margins, and the cross-fade leaves no click at the
+boundary.
 """
 from __future__ import annotations
 
@@ -39,8 +40,10 @@ VOICE_NAME = "joe"
 LOOKAHEAD = 8  # tokens after a chunk (320 ms, >= 27 frames: the cross-fade + MARGIN_RIGHT)
 FIRST_HOP = 5  # tokens of the first chunk: the first audio comes early, later chunks are `hop` long
 MAX_HOP = 60  # ... and each chunk after the second may be twice as long as the one before, up to this: every chunk
-              # renders MARGIN_LEFT + MARGIN_RIGHT frames of context, so longer chunks cost less per second of audio
-MARGIN_LEFT, MARGIN_RIGHT = 24, 24  # voice frames of flow + decoder context before and after a chunk
+              # renders frames of context (the margins below), so longer chunks cost less per second of audio
+MARGIN_LEFT, MARGIN_RIGHT = 24, 24  # voice frames of flow context before and after a chunk
+DECODER_MARGIN = 12  # ... and of decoder context: HiFi-GAN on z reaches less far than the flow (12 frames reproduce
+                     # the decoder's output on the whole z within 1e-6, 8 within 1e-3; tests/test_mini_speech_tokens.py)
 CROSSFADE = 512  # samples at 22.05 kHz (23 ms)
 BLOCK, LEFT, RIGHT = 4, 16, 8  # the text encoder runs per BLOCK units, seeing LEFT units before and RIGHT after
 RIGHT_FIRST = 4  # ... but the stream's first two blocks see RIGHT_FIRST after, so the first audio waits less
@@ -90,9 +93,19 @@ class PiperDetokenizer:
         start = g0 - blocks[0] * NOISE_BLOCK
         return noise[:, start:start + g1 - g0]
 
-    def render(self, spans: list[UnitSpan], g0: int, g1: int, cache: dict | None = None) -> np.ndarray:
-        """Voice audio (22.05 kHz) of frames [g0, g1) of the token stream `spans`, gain applied. `cache`: text
-        encoder blocks already computed (a streaming session passes its own)."""
+    def render(self, spans: list[UnitSpan], g0: int, g1: int, cache: dict | None = None,
+               decode: tuple[int, int] | None = None) -> np.ndarray:
+        """Voice audio (22.05 kHz) of frames [g0, g1) of the token stream `spans`, gain applied; with `decode` =
+        (d0, d1) inside [g0, g1), the flow runs over [g0, g1) and the decoder over [d0, d1) only, whose audio is
+        returned. `cache`: text encoder blocks already computed (a streaming session passes its own)."""
+        z_p = self.prior_sample(spans, g0, g1, cache)
+        d0, d1 = (g0, g1) if decode is None else decode
+        audio = self.parts.decode(self.parts.flow(z_p)[:, d0 - g0:d1 - g0])
+        bounds = frame_of_token([s.start for s in spans] + [spans[-1].end])
+        return np.clip(audio * self._gain(spans, bounds, d0, d1), -0.99, 0.99).astype(np.float32)
+
+    def prior_sample(self, spans: list[UnitSpan], g0: int, g1: int, cache: dict | None = None) -> np.ndarray:
+        """z_p [192, g1 - g0] of frames [g0, g1): the text encoder's prior per frame plus the seeded noise."""
         cache = {} if cache is None else cache
         bounds = frame_of_token([s.start for s in spans] + [spans[-1].end])
         first = int(np.searchsorted(bounds[1:], g0, side="right"))  # spans ending after g0
@@ -108,9 +121,7 @@ class PiperDetokenizer:
             a, b = max(int(bounds[n]), g0), min(int(bounds[n + 1]), g1)
             sel = np.repeat(np.arange(len(frames)), frames)[a - int(bounds[n]):b - int(bounds[n])]  # id per frame
             mean[:, a - g0:b - g0], logstd[:, a - g0:b - g0] = m_p[:, sel], logs_p[:, sel]
-        z_p = mean + self._noise(g0, g1) * np.exp(logstd) * self.noise_scale
-        audio = self.parts.flow_decode(z_p)
-        return np.clip(audio * self._gain(spans, bounds, g0, g1), -0.99, 0.99).astype(np.float32)
+        return mean + self._noise(g0, g1) * np.exp(logstd) * self.noise_scale
 
     def _encode_blocks(self, spans: list[UnitSpan], sentences: list[tuple[int, int]], needed: range,
                        cache: dict) -> None:
@@ -211,8 +222,9 @@ class PiperStream:
     """push(tokens) -> audio chunks once `_hop()` new tokens can be rendered (`_ready`: `lookahead` more tokens,
     the end of their unit, complete encoder blocks); finalize() -> the rest. The chunks need `first_hop` tokens,
     then `hop`, then twice the one before up to `max_hop` (None: `hop` throughout): the first audio comes early, and
-    a long answer's later chunks render less context per second (each renders MARGIN_LEFT + MARGIN_RIGHT frames
-    besides its own; 5, 15, 30, 60 tokens: about 1.3x the audio instead of 2x at hop 15). Same methods as
+    a long answer's later chunks render less context per second (each runs the flow over MARGIN_LEFT + MARGIN_RIGHT
+    frames and the decoder over 2 DECODER_MARGIN frames besides its own; chunks of 5, 15, 30, 60 tokens: a long
+    answer's decoder makes about 1.15x its audio, 1.5x at hop 15 throughout). Same methods as
     `detokenizer.StreamingDetokenizer`. A `lookahead` under LOOKAHEAD leaves the chunks less right context (they
     then differ more from the one-shot audio near their ends)."""
 
@@ -282,9 +294,10 @@ class PiperStream:
         spans = unit_spans(self.tokens)
         usable_end = spans[self.usable - 1].end if self.usable else 0  # render nothing past the usable spans: their
         f0, f1, known = (int(f) for f in frame_of_token([self.done, end, usable_end]))  # encoder blocks get cached
-        g0 = max(0, f0 - MARGIN_LEFT)
-        g1 = f1 if final else min(known, f1 + -(-CROSSFADE // VOICE_HOP) + MARGIN_RIGHT)
-        audio = self.detok.render(spans, g0, g1, self.cache)[(f0 - g0) * VOICE_HOP:]
+        tail = -(-CROSSFADE // VOICE_HOP)  # frames of the cross-fade past the chunk
+        g0, d0 = max(0, f0 - MARGIN_LEFT), max(0, f0 - DECODER_MARGIN)  # the flow's window, the decoder's
+        g1, d1 = (f1, f1) if final else (min(known, f1 + tail + MARGIN_RIGHT), min(known, f1 + tail + DECODER_MARGIN))
+        audio = self.detok.render(spans, g0, g1, self.cache, decode=(d0, d1))[(f0 - d0) * VOICE_HOP:]
         n = (f1 - f0) * VOICE_HOP
         out = audio[:n].copy()
         if self.tail is not None:

@@ -7,10 +7,13 @@ disk, never downloaded:
     durations      phoneme ids + scales + the duration predictor's noise [1, 2, N] -> frames per id [1, 1, N]
                    (the stochastic duration predictor `dp`, before the ceil; its random input becomes an input
                    here, so durations are deterministic)
-    flow_decoder   z_p [1, 192, T] + mask [1, 1, T] -> audio [1, 1, 1, 256 T]   (reverse flow + HiFi-GAN)
+    flow           z_p [1, 192, T] + mask [1, 1, T] -> z [1, 192, T]           (the reverse flow, at frame rate)
+    decoder        z [1, 192, T] -> audio [1, 1, 1, 256 T]                     (HiFi-GAN, most of the cost)
 
 The full voice runs these in this order: m_p, logs_p, durations -> ceil -> expand each id to its frames ->
-z_p = m_p + noise * exp(logs_p) * noise_scale -> flow_decoder. One frame is 256 samples at 22.05 kHz (86.13 Hz).
+z_p = m_p + noise * exp(logs_p) * noise_scale -> flow -> decoder. One frame is 256 samples at 22.05 kHz (86.13 Hz).
+The flow and the decoder are cut apart because they reach differently far: a streamed chunk runs the flow with more
+context frames around it than the decoder needs (piper_detokenizer).
 
     parts = PiperVoiceParts()
     sentences = parts.phonemize("Hello there. How are you?")   # [["h", "ə", "l", "ˈ", ...], [...]]
@@ -32,7 +35,8 @@ HOP = 256  # samples per frame at 22.05 kHz
 
 ENCODER_IO = (["input", "input_lengths"], ["/enc_p/Split_output_0", "/enc_p/Split_output_1"])
 DURATIONS_IO = (["input", "input_lengths", "scales", "/dp/RandomNormalLike_output_0"], ["/Mul_1_output_0"])
-FLOW_DECODER_IO = (["/Add_output_0", "/Cast_2_output_0"], ["output"])
+FLOW_IO = (["/Add_output_0", "/Cast_2_output_0"], ["/Mul_7_output_0"])
+DECODER_IO = (["/Mul_7_output_0"], ["output"])
 
 
 def voice_files() -> tuple[Path, Path]:
@@ -49,7 +53,7 @@ def voice_files() -> tuple[Path, Path]:
 
 
 class PiperVoiceParts:
-    """The voice's config, phonemizer and three onnxruntime sessions (encoder, durations, flow_decoder)."""
+    """The voice's config, phonemizer and four onnxruntime sessions (encoder, durations, flow, decoder)."""
 
     def __init__(self, threads: int = 1):
         import onnx
@@ -74,8 +78,8 @@ class PiperVoiceParts:
         # idle pool threads sleep instead of spinning: the server's engine runs on the same cores between chunks
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {}
-        for part, (inputs, outputs) in (("encoder", ENCODER_IO), ("durations", DURATIONS_IO),
-                                        ("flow_decoder", FLOW_DECODER_IO)):
+        for part, (inputs, outputs) in (("encoder", ENCODER_IO), ("durations", DURATIONS_IO), ("flow", FLOW_IO),
+                                        ("decoder", DECODER_IO)):
             missing = [n for n in inputs + outputs if n not in names]
             if missing:
                 raise CheckpointError(f"{model_path}: tensor(s) {', '.join(missing)} not in the graph; the mini's "
@@ -145,9 +149,18 @@ class PiperVoiceParts:
                                                      np.asarray(noise, dtype=np.float32).reshape(1, 2, -1)})
         return w[0, 0]
 
-    def flow_decode(self, z_p: np.ndarray) -> np.ndarray:
-        """z_p [192, T] -> float32 audio [256 T] at 22.05 kHz."""
+    def flow(self, z_p: np.ndarray) -> np.ndarray:
+        """z_p [192, T] -> z [192, T] (the reverse flow)."""
         z_p = np.ascontiguousarray(z_p, dtype=np.float32)[None]
         mask = np.ones((1, 1, z_p.shape[2]), dtype=np.float32)
-        (audio,) = self.sessions["flow_decoder"].run(None, {FLOW_DECODER_IO[0][0]: z_p, FLOW_DECODER_IO[0][1]: mask})
+        (z,) = self.sessions["flow"].run(None, {FLOW_IO[0][0]: z_p, FLOW_IO[0][1]: mask})
+        return z[0]
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """z [192, T] -> float32 audio [256 T] at 22.05 kHz (HiFi-GAN)."""
+        (audio,) = self.sessions["decoder"].run(None, {DECODER_IO[0][0]: np.ascontiguousarray(z, np.float32)[None]})
         return audio.reshape(-1)
+
+    def flow_decode(self, z_p: np.ndarray) -> np.ndarray:
+        """z_p [192, T] -> float32 audio [256 T] at 22.05 kHz: the flow, then the decoder."""
+        return self.decode(self.flow(z_p))

@@ -6,8 +6,9 @@
 #
 # The main line (the release): mini-reader -> hear_reader -> Core-Cocktail stage 1 -> merge -> stage 2 -> the speech
 # head alone (speak_srh) -> speak -> the answer's cue and prosody (speak_prosody) -> the word reader in noise
-# (reader_noisy) -> the base's answers distilled (hear_distill_s2s), then the single-stage baseline, assembly and evaluation. K1=1 also trains the
-# speaking stages at group size 1 for the DRSR comparison (issue 14 must-show 5). THREADS (default 2) sets the
+# (reader_noisy) -> the base's answers distilled (hear_distill_s2s), then the single-stage baseline, assembly and
+# evaluation. K1=1 also trains the speaking stages at group size 1 for the DRSR comparison (issue 14 must-show 5).
+# THREADS (default 2) sets the
 # CPU threads of the data steps, WORKERS (default 2) the processes of the audio stage, and OMP_NUM_THREADS those of
 # training: use THREADS=1 and OMP_NUM_THREADS=1 while anything else runs (two torch threads on two shared cores wait
 # on each other: 5x slower, docs/mini.md). STOP_AFTER=STAGE (hear_reader, core_cocktail_merged, core_cocktail_stage2,

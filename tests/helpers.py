@@ -97,6 +97,15 @@ def make_tiny_checkpoint(folder, vocabulary_text: str = "", seed: int = 0, init_
     return folder
 
 
+def run_in_thread(fn):
+    """fn() on a new thread (torch keeps thread counts per thread), its result returned."""
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
 def words(ids) -> str:
     """Ordinary tiny-vocabulary ids (30..499) -> the text that encodes to them."""
     return " ".join(f"w{int(i)}" for i in ids)

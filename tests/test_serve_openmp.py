@@ -14,30 +14,16 @@ from funaudiochat.model.presets import tiny
 from funaudiochat.serve.openmp import one_thread_here, release_pool_here, threads_here
 from funaudiochat.serve.scheduler import Request, Scheduler
 from funaudiochat.text.chat import user_content
-from tests.helpers import make_tiny_tokenizer, noise_audio
-
-
-def _in_thread(fn):
-    out = []
-    thread = threading.Thread(target=lambda: out.append(fn()))
-    thread.start()
-    thread.join()
-    return out[0]
+from tests.helpers import make_tiny_tokenizer, noise_audio, run_in_thread
 
 
 _POOL_CHECK = """
-import os, threading, time, torch
+import os, time, torch
 from funaudiochat.serve.openmp import one_thread_here, release_pool_here, threads_here
+from tests.helpers import run_in_thread
 
 def count():
     return len(os.listdir("/proc/self/task"))
-
-def in_thread(fn):
-    out = []
-    thread = threading.Thread(target=lambda: out.append(fn()))
-    thread.start()
-    thread.join()
-    return out[0]
 
 x = torch.randn(512, 512)
 
@@ -58,7 +44,7 @@ def two_threads():
         time.sleep(0.01)
     return started, count() - before
 
-print(in_thread(helper), *in_thread(two_threads))
+print(run_in_thread(helper), *run_in_thread(two_threads))
 """
 
 
@@ -89,8 +75,8 @@ def test_a_helper_setting_one_thread_does_not_reach_a_thread_that_set_its_own():
         other.join()
         return torch.get_num_threads()
 
-    assert _in_thread(lambda: engine_like(threads_here)) == 2
-    assert _in_thread(lambda: engine_like(torch.set_num_threads)) == 1  # what threads_here guards against
+    assert run_in_thread(lambda: engine_like(threads_here)) == 2
+    assert run_in_thread(lambda: engine_like(torch.set_num_threads)) == 1  # what threads_here guards against
 
 
 def test_the_engine_thread_keeps_its_threads_while_prompt_builders_use_one(tmp_path):

@@ -105,6 +105,8 @@ def main() -> None:
                    help="an `eval mini-speech` report.json: its plain answers' texts instead of HELD_OUT (how much of "
                         "the model's speech WER the voice and the judge account for)")
     args = p.parse_args()
+    if not 0 <= args.decoder_margin <= piper_detokenizer.MARGIN_LEFT:
+        p.error(f"--decoder-margin must be 0 to {piper_detokenizer.MARGIN_LEFT} frames (the flow's margin)")
     piper_detokenizer.DECODER_MARGIN = args.decoder_margin
     print(machine_line())
     texts = list(HELD_OUT[:args.n])

@@ -237,7 +237,8 @@ def evaluate_speech(model: str | Path, data: str | Path, split: str = "test", li
         item = {"id": rec.id, "question_id": rec.question_id, "instruction": rec.instruction,
                 "reference": rec.answer, "text": out["text"],
                 "finish_reason": out["finish_reason"], "audio_s": out["audio_s"],
-                "first_audio_s": out["first_audio_s"], "rtf": out["rtf"], "codes": len(out["codes"]),
+                "first_audio_s": out["first_audio_s"], "rtf": out["rtf"],
+                "codes": [int(c) for c in out["codes"]],  # kept so a report can be re-scored and read
                 "rate": speaking_rate(out["codes"]), "speech_s": speech_seconds(out["codes"]),
                 "level_db": voiced_level_db(out["audio"], me.detok.sample_rate)}
         try:

@@ -39,7 +39,7 @@ LLM_RTOL = 1e-4                 # |trained - (base + B A)| <= LLM_RTOL * max(1, 
 # progress (so that a fresh machine resumes from them), which `assets mini` says
 READER_SETTINGS = frozenset({"window_s", "beam_size", "slot_rate"})  # how the word reader reads, not its weights
 RELEASE_STAGES = ("core_cocktail_stage2", "speak", "speak_prosody", "reader_noisy", "hear_copy", "speak_adapt",
-                  "hear_distill_s2s")
+                  "hear_distill_s2s", "speak_prosody_r7")
 # generation defaults the assembled mini ships (config.json fun_audio_chat_mini.generation; engine/presets.py):
 # greedy text from the 135M LLM can loop ("9 * 12 = 9 * 12 = ...") to the token limit; three copies end it
 MINI_GENERATION = {"text_loop_stop": 3}

@@ -6,11 +6,11 @@
 #
 # The main line (the release): mini-reader -> hear_reader -> Core-Cocktail stage 1 -> merge -> stage 2 -> the speech
 # head alone (speak_srh) -> speak -> the answer's cue and prosody (speak_prosody) -> the word reader in noise
-# (reader_noisy) -> the base's answers distilled (hear_distill_s2s), then the single-stage baseline, assembly and
-# evaluation. K1=1 also trains the speaking stages at group size 1 for the DRSR comparison (issue 14 must-show 5).
-# THREADS (default 2) sets the
-# CPU threads of the data steps, WORKERS (default 2) the processes of the audio stage, and OMP_NUM_THREADS those of
-# training: use THREADS=1 and OMP_NUM_THREADS=1 while anything else runs (two torch threads on two shared cores wait
+# (reader_noisy) -> the base's answers distilled (hear_distill_s2s) -> the cue and prosody re-fitted on that LLM
+# (speak_prosody_r7), then the single-stage baseline, assembly and evaluation. K1=1 also trains the speaking stages
+# at group size 1 for the DRSR comparison (issue 14 must-show 5). THREADS (default 2) sets the CPU threads of the
+# data steps, WORKERS (default 2) the processes of the audio stage, and OMP_NUM_THREADS those of training: use
+# THREADS=1 and OMP_NUM_THREADS=1 while anything else runs (two torch threads on two shared cores wait
 # on each other: 5x slower, docs/mini.md). STOP_AFTER=STAGE (hear_reader, core_cocktail_merged, core_cocktail_stage2,
 # speak, speak_prosody, reader_noisy) ends the run once that stage of the main line is done, e.g. to score it before
 # going on.
@@ -128,11 +128,16 @@ if ! restore hear_distill_s2s; then
   train recipes/mini/hear_distill_s2s.yaml hear_distill_s2s
   snapshot hear_distill_s2s --bf16
 fi
+# the answer's cue and prosody re-fitted on the distilled LLM (release 7's deltas; hearing unchanged)
+if ! restore speak_prosody_r7; then
+  train recipes/mini/speak_prosody_r7.yaml speak_prosody_r7
+  snapshot speak_prosody_r7 --bf16
+fi
 # the paper's baseline for the merge starts where stage 1 did (trained here if missing, its deltas not shipped)
 restore hear_reader || train recipes/mini/hear_reader.yaml hear_reader
 train recipes/mini/single_stage_baseline.yaml single_stage_baseline
 
-step "ship: assembly (models/mini holds hear_distill_s2s's deltas), evaluation"
+step "ship: assembly (models/mini holds speak_prosody_r7's deltas), evaluation"
 "$fac" assets mini checkpoints/mini
 "$fac" eval mini --model checkpoints/mini --data data/mini --split test --baseline runs/mini/single_stage_baseline/final \
   --latency 50 --compile --out runs/mini/eval --threads "$threads"

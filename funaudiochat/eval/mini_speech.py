@@ -32,8 +32,7 @@ from funaudiochat.errors import InputError
 from funaudiochat.eval.asr import error_rates
 from funaudiochat.eval.mini import fmt_beside, percentile, spoken_messages, summary_row, summary_table
 from funaudiochat.eval.normalize import normalize_english
-from funaudiochat.speech.piper_tokens import BOS, EOS, PUNCTUATION, SPACE, TOKEN_RATE, UNITS, repair_tokens, \
-    unit_spans
+from funaudiochat.speech.piper_tokens import SILENT_UNITS, TOKEN_RATE, repair_tokens, unit_spans
 from funaudiochat.text.tokenizer import AUDIO_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -113,21 +112,17 @@ def _spoken_record(row: dict, folder: Path) -> SpokenRecord:
 
 
 # ---------------------------------------------------------------------------------------------------- measures
-# units the voice says nothing in: the sentence marks, the word space alone, punctuation (pauses)
-_SILENT = {i for i, u in enumerate(UNITS) if u.rstrip(SPACE) in (BOS, EOS) or set(u.rstrip(SPACE)) <= PUNCTUATION}
-
-
 def speech_seconds(codes) -> float:
     """Seconds of tokens up to the end of the last phonetic unit (trailing pauses and sentence marks not counted)."""
     spans = unit_spans(repair_tokens(codes))
-    ends = [s.end for s in spans if s.unit not in _SILENT]
+    ends = [s.end for s in spans if s.unit not in SILENT_UNITS]
     return (ends[-1] if ends else 0) / TOKEN_RATE
 
 
 def speaking_rate(codes) -> float | None:
     """Phonetic units per second of their own tokens (pauses and sentence marks left out): the rate the voice
     speaks at, whatever the answer says. None without any phonetic unit."""
-    spans = [s for s in unit_spans(repair_tokens(codes)) if s.unit not in _SILENT]
+    spans = [s for s in unit_spans(repair_tokens(codes)) if s.unit not in SILENT_UNITS]
     tokens = sum(s.end - s.start for s in spans)
     return len(spans) * TOKEN_RATE / tokens if tokens else None
 

@@ -81,6 +81,9 @@ PUNCTUATION = set("!'(),-.:;?\"")
 MARKS = set("ːˑʲ˞ʰˤ\u0327\u0303\u032a\u032f\u0329")
 _UNSAID = PUNCTUATION | set(STRESS[1:]) | {BOS, EOS, SPACE}
 VOWELS = set("aeiouyæøœɐɑɒɔɘəɚɛɜɞɤɨɪɯɵɶʉʊʌʏᵻ")
+# units the voice says nothing in: the sentence marks, the word space alone, punctuation (pauses)
+SILENT_UNITS = frozenset(i for i, u in enumerate(UNITS)
+                         if u.rstrip(SPACE) in (BOS, EOS) or set(u.rstrip(SPACE)) <= PUNCTUATION)
 
 
 def frame_of_token(k):

@@ -273,30 +273,30 @@ def test_text_locked_codes():
     assert out[start_7(0)] == out[continue_3(2)] == out[(1 * n + 9) * 2] == float("-inf")
 
 
-def test_a_voiced_unit_held_long_goes_on_less_and_less():
-    """The hold prior: past HOLD_PRIOR_FROM tokens a voiced unit's continue logit falls by HOLD_PRIOR_SLOPE a token,
-    its start logit stays; a pause, and a unit waiting for its text, keep the head's logits."""
+def test_a_unit_held_long_goes_on_less_and_less():
+    """The hold prior: past HOLD_PRIOR_FROM tokens a unit's continue logit (a vowel's, a pause's) falls by
+    HOLD_PRIOR_SLOPE a token, its start logit stays; a unit waiting for its text keeps the head's logits."""
     from funaudiochat.speech.pending_units import HOLD_PRIOR_FROM, HOLD_PRIOR_SLOPE, text_locked
 
     size, bos, eos = pt.VOCAB_SIZE + 4, pt.VOCAB_SIZE + 1, pt.VOCAB_SIZE + 2
-    vowel, pause, start_next = pt.UNIT_INDEX["a"], pt.UNIT_INDEX[","], 7 * 2
+    start_next = 7 * 2
     logits = torch.randn(1, size, generator=torch.Generator().manual_seed(0))
 
     def locked(unit, held, next_unit=7):
         return text_locked(logits, torch.tensor([next_unit]), torch.tensor([unit * 2 + 1]), torch.tensor([held]),
                            torch.tensor([False]), bos, eos)[0]
 
-    for unit in (vowel, pause):
+    for unit in (pt.UNIT_INDEX["a"], pt.UNIT_INDEX[","]):
         fresh = locked(unit, 1)
         assert fresh[unit * 2 + 1].isfinite() and torch.equal(locked(unit, HOLD_PRIOR_FROM), fresh)
         for extra in (1, 2, 7):
             late = locked(unit, HOLD_PRIOR_FROM + extra)
-            expected = fresh[unit * 2 + 1] - (HOLD_PRIOR_SLOPE * extra if unit == vowel else 0.0)
-            torch.testing.assert_close(late[unit * 2 + 1], expected, atol=1e-5, rtol=0)
-            assert (late[unit * 2 + 1] < fresh[unit * 2 + 1]) == (unit == vowel)
+            assert late[unit * 2 + 1] < fresh[unit * 2 + 1]
+            torch.testing.assert_close(late[unit * 2 + 1], fresh[unit * 2 + 1] - HOLD_PRIOR_SLOPE * extra,
+                                       atol=1e-5, rtol=0)
             assert late[start_next] == fresh[start_next]
-    waiting = locked(vowel, 1, next_unit=PAD)
-    assert torch.equal(locked(vowel, HOLD_PRIOR_FROM + 7, next_unit=PAD), waiting)
+        waiting = locked(unit, 1, next_unit=PAD)
+        assert torch.equal(locked(unit, HOLD_PRIOR_FROM + 7, next_unit=PAD), waiting)
 
 
 def test_a_gain_blind_head_reads_its_speech_back_at_the_normal_loudness():

@@ -14,18 +14,18 @@ import math
 import torch
 
 from funaudiochat.errors import InputError
-from funaudiochat.speech.piper_tokens import EOS, GAINS, NUM_UNITS, SILENT_UNITS, UNITS, VOCAB_SIZE, PiperTokenizer
+from funaudiochat.speech.piper_tokens import EOS, GAINS, NUM_UNITS, UNITS, VOCAB_SIZE, PiperTokenizer
 from funaudiochat.train.data import SPEECH_DELAY
 
 PAD = NUM_UNITS
 MAX_UNIT_TOKENS = 25  # text-locked speech holds one unit at most 1 s (training answers: 99.9 % of units <= 10
 #                       tokens, the longest 18 but for the answer-closing "$", held to fit the text)
-# A voiced unit held longer than the voice holds one (training answers: consonants <= 10 tokens, vowels <= 13) loses
-# HOLD_PRIOR_SLOPE nats of its continue logit per token past HOLD_PRIOR_FROM, unless the text makes it wait: sampled
-# at 0.8, the head sometimes holds a vowel for the whole second MAX_UNIT_TOKENS allows (docs/mini.md "Release 7").
+# A unit held longer than the voice holds one (its test answers: a comma's pause at most 13 tokens, a sentence's
+# opening 12; the training answers, slow style ones included: consonants 10, vowels 13) loses HOLD_PRIOR_SLOPE nats
+# of its continue logit per token past HOLD_PRIOR_FROM, unless the text makes it wait: sampled at temperature 0.8 and
+# top-p 0.9, a head sure enough to go on goes on for certain (docs/mini.md "A prior on long holds").
 HOLD_PRIOR_FROM = 12
 HOLD_PRIOR_SLOPE = 1.0
-_VOICED = torch.tensor([u not in SILENT_UNITS for u in range(NUM_UNITS)])
 SENTENCE_ENDS = (".", "!", "?")
 FRAMES_PER_UNIT = 2.5  # the voice's pace before an answer has enough units to measure its own (about 2.2 at 25 Hz)
 PACE_MARGIN = 1.25     # an answer's remaining units take at most this much longer than its pace so far
@@ -71,8 +71,8 @@ def text_locked(logits: torch.Tensor, next_unit: torch.Tensor, previous: torch.T
     tokens its unit has lasted, finished [B] the answer's text has ended. The head decides *when* a unit starts and
     how loud it is: its whole mass on starting any unit at loudness g goes to starting `next_unit` at g, its whole
     mass on continuing any unit at g to continuing the unit being spoken at g. *What* is said is the text's units.
-    - the unit being spoken goes on for at most MAX_UNIT_TOKENS, unless nothing else may come yet; a voiced one
-      held past HOLD_PRIOR_FROM tokens is less likely to go on with every further token (unless it waits);
+    - the unit being spoken goes on for at most MAX_UNIT_TOKENS, unless nothing else may come yet; one held
+      past HOLD_PRIOR_FROM tokens is less likely to go on with every further token (unless it waits);
     - `bos` (the speech delay) is allowed until the first unit starts, with the head's logit;
     - `eos` once the text has ended and every one of its units has started, with the head's logit;
     - an answer keeps the loudness of its first frame (the head's mass of the other levels is dropped)."""
@@ -85,7 +85,7 @@ def text_locked(logits: torch.Tensor, next_unit: torch.Tensor, previous: torch.T
     waiting = (next_unit == PAD) & ~finished  # the text is not far enough ahead yet: the unit goes on
     may_hold = prev_piper & ((held < MAX_UNIT_TOKENS) | waiting)
     may_start = next_unit != PAD
-    overdue = torch.where(_VOICED.to(logits.device)[current] & ~waiting, held - HOLD_PRIOR_FROM, 0).clamp(min=0)
+    overdue = torch.where(~waiting, held - HOLD_PRIOR_FROM, 0).clamp(min=0)
     cont_mass = cont_mass - HOLD_PRIOR_SLOPE * overdue[:, None]
     level = previous.clamp(0, VOCAB_SIZE - 1) // (2 * NUM_UNITS)
     kept = ~prev_piper[:, None] | (torch.arange(len(GAINS), device=logits.device) == level[:, None])  # [B, G]

@@ -355,7 +355,7 @@ def test_cli_refuses_to_overwrite_and_checks_seeds(tmp_path):
     run = _cli("--out", tmp_path / "other", "--stage", "text", "--limit", "2")
     assert run.returncode == 1 and "give --text a path other than" in run.stderr and not (tmp_path / "other").exists()
     run = _cli("--out", tmp_path / "other", "--stage", "all", "--splits", "test")
-    assert run.returncode == 1 and "give --stage audio" in run.stderr and not (tmp_path / "other").exists()
+    assert run.returncode == 1 and "give --stage audio or speech" in run.stderr and not (tmp_path / "other").exists()
 
 
 def test_cli_seed_of_a_build_and_verify_without_manifest(tmp_path, capsys):

@@ -179,3 +179,8 @@ def test_speech_stage_writes_s2s_records_with_instruction_variants(piper, text_t
     (tmp_path / "dev_s2s.jsonl").unlink()
     with pytest.raises(InputError, match="dev.jsonl: no records; run the audio stage first"):
         build_mini.run_speech_stage(tmp_path, text_tok, piper, progress=False)
+    (tmp_path / "test_s2s.jsonl").unlink()  # the test split alone (an audio stage run with --splits test)
+    alone = build_mini.run_speech_stage(tmp_path, text_tok, piper, progress=False, splits=("test",))
+    assert alone["test"]["records"] == summary["test"]["records"] and not (tmp_path / "dev_s2s.jsonl").exists()
+    with pytest.raises(InputError, match="the speech stage's splits are"):
+        build_mini.run_speech_stage(tmp_path, text_tok, piper, progress=False, splits=("test_phone",))

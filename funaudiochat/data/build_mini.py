@@ -719,21 +719,25 @@ SPEECH_FORMAT = 3  # of the S2S records; 2 put the S2M sentence before their sys
 
 
 def run_speech_stage(out: Path, text_tokenizer, piper=None, progress: bool = True,
-                     layout: str = "released") -> dict:
+                     layout: str = "released", splits: tuple[str, ...] | None = None) -> dict:
     """OUT/{split}.jsonl's QA records -> OUT/{split}_s2s.jsonl (spoken answers, instruction variants, the text laid
     out along the speech by `layout`, spoken_answers.LAYOUTS) and OUT/speech.json (counts, seconds, the records'
     sha256, the layout, the format). A split whose S2S file was made from records with the same sha256, in the same
     layout and SPEECH_FORMAT, is kept as is (the audio stage rewrites the records on every run, with the same
-    bytes)."""
+    bytes). With `splits`, only those of SPEECH_SPLITS (e.g. ("test",) after an audio stage of the test split
+    alone)."""
     from tqdm import tqdm
 
     from funaudiochat.data.spoken_answers import speak_record
+
+    if splits is not None and not set(splits) <= set(SPEECH_SPLITS):
+        raise InputError(f"the speech stage's splits are {list(SPEECH_SPLITS)}, got {sorted(set(splits))}")
     from funaudiochat.speech.piper_tokens import PiperTokenizer
 
     out = Path(out)
     path = out / "speech.json"
     summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    for split in SPEECH_SPLITS:
+    for split in (s for s in SPEECH_SPLITS if splits is None or s in splits):
         src, dst = out / f"{split}.jsonl", out / f"{split}_s2s.jsonl"
         if not src.is_file():
             raise InputError(f"{src}: no records; run the audio stage first")

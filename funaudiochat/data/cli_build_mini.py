@@ -56,8 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "recipes/mini/data/audio.manifest.jsonl.gz) with its verdicts, without the ASR judge "
                         "(about a quarter of the time); the summary says how many clips have the same bytes")
     p.add_argument("--splits", nargs="+", default=None, metavar="SPLIT",
-                   help="audio stage: only these splits (e.g. --splits test: the evaluation clips alone, the same "
-                        "clips as in a full build; with --replay, only those splits' manifest rows)")
+                   help="audio or speech stage: only these splits (e.g. --splits test: the evaluation clips alone, the "
+                        "same clips and spoken answers as in a full build; with --replay, only those splits' "
+                        "manifest rows)")
     p.add_argument("--speech-layout", choices=("released", "word"), default="released",
                    help="speech stage: where the answer's text rides along its speech (default released: one token "
                         "per group from the first, SPEC §6.4; word: each word just before its speech)")
@@ -78,8 +79,9 @@ def main(args: argparse.Namespace) -> int:
     if args.limit is not None and args.stage != "audio" and args.text == build_mini.DEFAULT_TEXT:
         raise InputError(f"--limit makes a partial text stage: give --text a path other than {args.text} (the "
                          f"committed full one)")
-    if args.splits is not None and args.stage != "audio":
-        raise InputError(f"--splits selects the audio stage's clips; give --stage audio (not {args.stage})")
+    if args.splits is not None and args.stage not in ("audio", "speech"):
+        raise InputError(f"--splits selects the audio or speech stage's splits; give --stage audio or speech "
+                         f"(not {args.stage})")
     if args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.workers < 1:
@@ -121,7 +123,8 @@ def main(args: argparse.Namespace) -> int:
               f"{args.out}/train_answers_asr.jsonl")
     if args.stage in ("speech", "all"):
         speech = build_mini.run_speech_stage(args.out, _text_tokenizer(args.model), progress=progress,
-                                              layout=args.speech_layout)
+                                              layout=args.speech_layout,
+                                              splits=None if args.splits is None else tuple(args.splits))
         print(f"speech stage: {json.dumps({k: v['records'] for k, v in speech.items()})} -> {args.out}/*_s2s.jsonl")
     return 0
 

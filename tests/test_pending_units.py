@@ -239,7 +239,7 @@ def test_text_locked_codes():
     def locked(next_unit, previous, finished, held=3, logits=None):
         logits = torch.zeros(1, size) if logits is None else logits
         return text_locked(logits, torch.tensor([next_unit]), torch.tensor([previous]), torch.tensor([held]),
-                           torch.tensor([finished]), bos, eos)[0]
+                           torch.tensor([finished]), torch.zeros(1), bos, eos)[0]
 
     def allowed(*args, **kwargs):
         return set(locked(*args, **kwargs).isfinite().nonzero().flatten().tolist())
@@ -284,7 +284,7 @@ def test_a_unit_held_long_goes_on_less_and_less():
 
     def locked(unit, held, next_unit=7):
         return text_locked(logits, torch.tensor([next_unit]), torch.tensor([unit * 2 + 1]), torch.tensor([held]),
-                           torch.tensor([False]), bos, eos)[0]
+                           torch.tensor([False]), torch.zeros(1), bos, eos)[0]
 
     for unit in (pt.UNIT_INDEX["a"], pt.UNIT_INDEX[","]):
         fresh = locked(unit, 1)
@@ -355,3 +355,47 @@ def test_a_spoken_answer_cut_by_the_token_limit_says_its_whole_text(piper, tmp_p
     assert said == [u for s in piper.units(decode(text[1:cut])) for u in s]  # every unit of the text, in order
     assert answer(gen.with_(max_new_tokens=80))[2] > cut  # the text itself went on
 
+
+
+def _said(piper, text, stretch):
+    """The voice's own tokens for `text`, each unit's length times stretch(voice clock in tokens)."""
+    spans = pt.unit_spans(piper.tokenize(text))
+    units, ends, end = [], [], 0
+    for s in spans:
+        end += max(1, round((s.end - s.start) * stretch(s.start)))
+        units.append(s.unit)
+        ends.append(end)
+    return pt.encode(units, ends)
+
+
+def test_the_pace_term_holds_a_long_answer_to_its_own_early_pace(piper):
+    """AnswerUnits.pace: 0 for an answer said at the voice's timing, or slower throughout (its own pace); positive
+    once the units past the first 10 s run slower than those before; text_locked adds it to starting the next unit
+    only."""
+    from funaudiochat.speech.pending_units import PACE_EARLY_TOKENS, text_locked
+
+    text = "Tea is ready in five minutes, and the cups are on the table by the window. " * 5
+    assert pt.unit_spans(piper.tokenize(text))[-1].end > 2 * PACE_EARLY_TOKENS  # long enough: about 20 s
+
+    def pace_of(codes):
+        answer = PendingUnitsView(piper, 3, lambda ids: text, {1}).answer()
+        answer.add_text(0)
+        answer.add_text(1)  # the text has ended
+        paces = []
+        for i in range(0, len(codes), 5):
+            answer.add_speech(codes[i:i + 5])
+            paces.append(answer.pace)
+        return paces
+
+    assert set(pace_of(_said(piper, text, lambda t: 1.0))) == {0.0}
+    assert set(pace_of(_said(piper, text, lambda t: 2.0))) == {0.0}  # slow throughout: its own pace
+    drifting = pace_of(_said(piper, text, lambda t: 1.0 if t < PACE_EARLY_TOKENS else 1.4))
+    assert drifting[0] == 0.0 and drifting[-1] > 0.5
+
+    size, bos, eos = pt.VOCAB_SIZE + 4, pt.VOCAB_SIZE + 1, pt.VOCAB_SIZE + 2
+    logits = torch.randn(1, size, generator=torch.Generator().manual_seed(1))
+    unit = pt.UNIT_INDEX["a"]
+    locked = [text_locked(logits, torch.tensor([7]), torch.tensor([unit * 2]), torch.tensor([3]),
+                          torch.tensor([False]), torch.tensor([pace]), bos, eos)[0] for pace in (0.0, 0.7)]
+    torch.testing.assert_close(locked[1][7 * 2], locked[0][7 * 2] + 0.7, atol=1e-5, rtol=0)
+    assert locked[1][unit * 2 + 1] == locked[0][unit * 2 + 1]

@@ -224,7 +224,7 @@ class CompiledDecoder:
         [B, Vs] speech history or None, noise [B, k, Vs] Exp(1) draws when sampling, else None, speech_bias [Vs]
         0 / -inf on codes never to draw, or None, upcoming [B, W + k] the pending-units view's units from the
         group's start, or None, follow: (the last code said [B], the tokens its unit has lasted [B], the answer's text
-        has ended [B]) when the speech follows the text, or None) -> text logits
+        has ended [B], the pace term [B]) when the speech follows the text, or None) -> text logits
         [B, V], the SRH's raw logits and scores [B, k, Vs], its tokens [B, k], the embedding [B, C] of the last
         one and the answer style after the step. The speech tokens are chosen as `Engine._srh_group` chooses them
         eagerly."""

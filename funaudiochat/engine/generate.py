@@ -328,14 +328,14 @@ class Engine:
 
     def _follow_inputs(self, state: DecodeState, gen: GenerationConfig) -> tuple | None:
         """When the next speech group follows the text (gen.speech_follows_text and a pending-units view): per row
-        the last code said [B], the tokens its unit has lasted [B] and whether the answer's text has ended [B]; else
-        None."""
+        the last code said [B], the tokens its unit has lasted [B], whether the answer's text has ended [B] and the
+        pace term [B] (`AnswerUnits.pace`); else None."""
         if self.pending_view is None or not gen.speech_follows_text:
             return None
-        rows = [(a.last, a.held, a.finished) if a is not None else (-1, 0, False) for a in state.answers]
-        last, held, ended = zip(*rows)
+        rows = [(a.last, a.held, a.finished, a.pace) if a is not None else (-1, 0, False, 0.0) for a in state.answers]
+        last, held, ended, pace = zip(*rows)
         return (torch.tensor(last, device=self.device), torch.tensor(held, device=self.device),
-                torch.tensor(ended, device=self.device))
+                torch.tensor(ended, device=self.device), torch.tensor(pace, dtype=torch.float32, device=self.device))
 
     def _speech_noise(self, state: DecodeState, gen: GenerationConfig) -> torch.Tensor | None:
         """The sampling noise [B, k, Vs] of one speech group (None when greedy), one draw per position as

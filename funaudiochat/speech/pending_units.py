@@ -14,7 +14,8 @@ import math
 import torch
 
 from funaudiochat.errors import InputError
-from funaudiochat.speech.piper_tokens import EOS, GAINS, NUM_UNITS, UNITS, VOCAB_SIZE, PiperTokenizer
+from funaudiochat.speech.piper_tokens import (BOS, EOS, GAINS, NUM_UNITS, SILENT_UNITS, UNITS, VOCAB_SIZE,
+                                              PiperTokenizer, token_ends_of)
 from funaudiochat.train.data import SPEECH_DELAY
 
 PAD = NUM_UNITS
@@ -26,6 +27,16 @@ MAX_UNIT_TOKENS = 25  # text-locked speech holds one unit at most 1 s (training 
 # top-p 0.9, a head sure enough to go on goes on for certain (docs/mini.md "A prior on long holds").
 HOLD_PRIOR_FROM = 12
 HOLD_PRIOR_SLOPE = 1.0
+# The pace term: past PACE_EARLY_TOKENS of the voice's clock (10 s: the training answers are mostly shorter, and the
+# head drifts slower past them, docs/mini.md "Late endings"), an answer whose voiced units of the last
+# PACE_RECENT_TOKENS run slower against the voice's own timing than its first 10 s did (its own pace: slow when asked)
+# gets PACE_GAIN nats a unit of log excess (past PACE_DEADBAND) on starting the next unit. Measured every PACE_EVERY
+# units started.
+PACE_EARLY_TOKENS = 250
+PACE_RECENT_TOKENS = 125
+PACE_DEADBAND = 0.02
+PACE_GAIN = 3.0
+PACE_EVERY = 20
 SENTENCE_ENDS = (".", "!", "?")
 FRAMES_PER_UNIT = 2.5  # the voice's pace before an answer has enough units to measure its own (about 2.2 at 25 Hz)
 PACE_MARGIN = 1.25     # an answer's remaining units take at most this much longer than its pace so far
@@ -64,13 +75,15 @@ def is_start(codes):
 
 
 def text_locked(logits: torch.Tensor, next_unit: torch.Tensor, previous: torch.Tensor, held: torch.Tensor,
-                finished: torch.Tensor, bos: int, eos: int) -> torch.Tensor:
+                finished: torch.Tensor, pace: torch.Tensor, bos: int, eos: int) -> torch.Tensor:
     """Text-locked speech: the head's logits [B, V] -> logits over what the text allows, [B, V] (-inf elsewhere).
 
     next_unit [B] the first pending unit (PAD when none is known), previous [B] the code just said, held [B] the
-    tokens its unit has lasted, finished [B] the answer's text has ended. The head decides *when* a unit starts and
-    how loud it is: its whole mass on starting any unit at loudness g goes to starting `next_unit` at g, its whole
-    mass on continuing any unit at g to continuing the unit being spoken at g. *What* is said is the text's units.
+    tokens its unit has lasted, finished [B] the answer's text has ended, pace [B] nats added to starting the next
+    unit (`AnswerUnits.pace`: an answer drifting slower than its own early pace). The head decides *when* a unit
+    starts and how loud it is: its whole mass on starting any unit at loudness g goes to starting `next_unit` at g,
+    its whole mass on continuing any unit at g to continuing the unit being spoken at g. *What* is said is the
+    text's units.
     - the unit being spoken goes on for at most MAX_UNIT_TOKENS, unless nothing else may come yet; one held
       past HOLD_PRIOR_FROM tokens is less likely to go on with every further token (unless it waits);
     - `bos` (the speech delay) is allowed until the first unit starts, with the head's logit;
@@ -87,6 +100,7 @@ def text_locked(logits: torch.Tensor, next_unit: torch.Tensor, previous: torch.T
     may_start = next_unit != PAD
     overdue = torch.where(~waiting, held - HOLD_PRIOR_FROM, 0).clamp(min=0)
     cont_mass = cont_mass - HOLD_PRIOR_SLOPE * overdue[:, None]
+    start_mass = start_mass + pace[:, None].to(start_mass.dtype)
     level = previous.clamp(0, VOCAB_SIZE - 1) // (2 * NUM_UNITS)
     kept = ~prev_piper[:, None] | (torch.arange(len(GAINS), device=logits.device) == level[:, None])  # [B, G]
     out = torch.full_like(logits, float("-inf"))
@@ -100,10 +114,10 @@ def text_locked(logits: torch.Tensor, next_unit: torch.Tensor, previous: torch.T
     return torch.where(special, logits, out)
 
 
-def follow_on(code: torch.Tensor, held: torch.Tensor, finished: torch.Tensor) -> tuple:
-    """text_locked's row state after saying `code` [B]: (previous, held, finished)."""
+def follow_on(code: torch.Tensor, held: torch.Tensor, finished: torch.Tensor, pace: torch.Tensor) -> tuple:
+    """text_locked's row state after saying `code` [B]: (previous, held, finished, pace)."""
     piper = (code >= 0) & (code < VOCAB_SIZE)
-    return code, torch.where(is_start(code), 1, torch.where(piper, held + 1, 0)), finished
+    return code, torch.where(is_start(code), 1, torch.where(piper, held + 1, 0)), finished, pace
 
 
 def window(upcoming: torch.Tensor, started: torch.Tensor, width: int) -> torch.Tensor:
@@ -126,6 +140,7 @@ class PendingUnitsView:
             raise InputError(f"the pending-units width must be at least 1, got {width}")
         self.piper, self.width, self.decode, self.text_ends = piper, width, decode, frozenset(text_ends)
         self._cache: dict[tuple, list[int]] = {}
+        self._voice: dict[tuple, list[int]] = {}
 
     def units_of(self, text: str, finished: bool, whole_words: bool = True) -> list[int]:
         if not finished and whole_words:
@@ -143,6 +158,19 @@ class PendingUnitsView:
                 self._cache.clear()
             self._cache[key] = units
         return self._cache[key]
+
+    def voice_lengths(self, text: str, finished: bool) -> list[tuple[int, int]]:
+        """(unit, its tokens as the voice says it) for the view's units of `text` (complete words), sentence by
+        sentence through the voice's duration predictor, each sentence once."""
+        out = []
+        for sentence in _sentences(self.units_of(text, finished)):
+            key = tuple(sentence)
+            if key not in self._voice:
+                if len(self._voice) > 4096:  # (the sentences of answers being generated: a bounded memo)
+                    self._voice.clear()
+                self._voice[key] = unit_lengths(self.piper.sentence_frames(sentence))
+            out += zip(sentence, self._voice[key])
+        return out
 
     def upcoming(self, text: str, finished: bool, started: int, n: int) -> list[int]:
         """The n units after the first `started` ones, PAD where none is known."""
@@ -168,6 +196,8 @@ class AnswerUnits:
         self.view, self.ids, self.finished, self.said, self.started = view, [], False, 0, 0
         self.last, self.held = -1, 0  # the last code said, and the tokens its unit has lasted
         self.unit_frames = 0  # speech tokens said since the first unit started
+        self.lengths: list[int] = []  # tokens of each unit started so far (the last one still going)
+        self.pace = 0.0  # nats on starting the next unit (`update_pace`)
         self._text, self._decoded = "", 0  # the text of the first `_decoded` ids
 
     def add_text(self, token: int) -> None:
@@ -180,11 +210,36 @@ class AnswerUnits:
 
     def add_speech(self, codes: list[int]) -> None:
         self.said += len(codes)
+        before = self.started
         for c in codes:
             self.started += bool(is_start(c))
             self.unit_frames += self.started > 0 and 0 <= c < VOCAB_SIZE
             self.held = 1 if is_start(c) else self.held + 1 if 0 <= c < VOCAB_SIZE else 0
+            if is_start(c):
+                self.lengths.append(1)
+            elif 0 <= c < VOCAB_SIZE and self.lengths:
+                self.lengths[-1] += 1
         self.last = codes[-1] if codes else self.last
+        if self.started // PACE_EVERY > before // PACE_EVERY:
+            self.update_pace()
+
+    def update_pace(self) -> None:
+        """`pace` from the units said so far against the voice's own timing of the text (its duration predictor):
+        PACE_GAIN x the log of how much slower the voiced units of the last PACE_RECENT_TOKENS voice tokens ran than
+        those of the first PACE_EARLY_TOKENS, past PACE_DEADBAND; 0 until the answer is that long."""
+        pairs, clock = [], 0  # unit by unit in order, as the view counts the units started
+        for (unit, length), mine in zip(self.view.voice_lengths(self.text(), self.finished), self.lengths[:-1]):
+            if unit not in SILENT_UNITS:  # (the unit still going is left out)
+                pairs.append((clock, mine, length))
+            clock += length
+        self.pace = 0.0
+        if clock < PACE_EARLY_TOKENS + PACE_RECENT_TOKENS // 2:
+            return
+        early = [(m, v) for t, m, v in pairs if t < PACE_EARLY_TOKENS]
+        recent = [(m, v) for t, m, v in pairs if t >= max(PACE_EARLY_TOKENS, clock - PACE_RECENT_TOKENS)]
+        if early and recent:
+            ratio = lambda p: sum(m for m, _ in p) / sum(v for _, v in p)  # noqa: E731
+            self.pace = PACE_GAIN * max(math.log(ratio(recent) / ratio(early)) - PACE_DEADBAND, 0.0)
 
     def upcoming(self, n: int) -> list[int]:
         if self.said < SPEECH_DELAY:
@@ -207,6 +262,22 @@ class AnswerUnits:
         pace = self.unit_frames / self.started if self.started >= 8 else FRAMES_PER_UNIT
         frames = max(SPEECH_DELAY - self.said, 0) + max(text_units - self.started, 0) * pace * PACE_MARGIN + 1
         return math.ceil(frames / group_size) + 1
+
+
+def _sentences(units: list[int]) -> list[list[int]]:
+    """Units -> the sentences they make, each from its "^" (the last one maybe unfinished)."""
+    out = []
+    for u in units:
+        if not out or (UNITS[u] == BOS and out[-1]):
+            out.append([])
+        out[-1].append(u)
+    return out
+
+
+def unit_lengths(frames: list[int]) -> list[int]:
+    """Each unit's voice frames -> its tokens (25 Hz), as the tokenizer rounds them (`token_ends_of`)."""
+    ends = token_ends_of(frames)
+    return [b - a for a, b in zip([0] + ends[:-1], ends)]
 
 
 def _unfinished_number(text: str) -> bool:

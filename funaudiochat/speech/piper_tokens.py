@@ -318,18 +318,22 @@ class PiperTokenizer:
             raise InputError(f"speed must be in [0.25, 4], got {speed}")
         units, frames = [], []
         for sentence in self.units(text):
-            ids, owner = [], []
-            for i, unit in enumerate(sentence):
-                unit_id_list = unit_ids(unit, self.parts.symbol_ids)
-                ids += unit_id_list
-                owner += [i] * len(unit_id_list)
-            key = zlib.crc32("".join(UNITS[u] for u in sentence).encode())
-            noise = np.random.default_rng([self.seed, key]).standard_normal((2, len(ids)))
-            w = self.parts.durations(ids, self.parts.length_scale / speed, self.parts.noise_w, noise)
-            per_unit = np.bincount(owner, weights=np.ceil(w), minlength=len(sentence))  # the voice ceils too
             units += sentence
-            frames += per_unit.astype(np.int64).tolist()
+            frames += self.sentence_frames(sentence, speed)
         return units, frames
+
+    def sentence_frames(self, sentence: list[int], speed: float = 1.0) -> list[int]:
+        """One sentence's units ("^" ... "$", or a beginning of them) -> the voice frames of each."""
+        ids, owner = [], []
+        for i, unit in enumerate(sentence):
+            unit_id_list = unit_ids(unit, self.parts.symbol_ids)
+            ids += unit_id_list
+            owner += [i] * len(unit_id_list)
+        key = zlib.crc32("".join(UNITS[u] for u in sentence).encode())
+        noise = np.random.default_rng([self.seed, key]).standard_normal((2, len(ids)))
+        w = self.parts.durations(ids, self.parts.length_scale / speed, self.parts.noise_w, noise)
+        per_unit = np.bincount(owner, weights=np.ceil(w), minlength=len(sentence))  # the voice ceils too
+        return per_unit.astype(np.int64).tolist()
 
     def word_sounds(self, words: list[str]) -> list[str]:
         """What the voice says (`sounds`) for each written word alone: "1945" -> nineteen forty-five's phonemes, a

@@ -356,7 +356,6 @@ def test_a_spoken_answer_cut_by_the_token_limit_says_its_whole_text(piper, tmp_p
     assert answer(gen.with_(max_new_tokens=80))[2] > cut  # the text itself went on
 
 
-
 def _said(piper, text, stretch):
     """The voice's own tokens for `text`, each unit's length times stretch(voice clock in tokens)."""
     spans = pt.unit_spans(piper.tokenize(text))

@@ -195,7 +195,6 @@ class AnswerUnits:
     def __init__(self, view: PendingUnitsView):
         self.view, self.ids, self.finished, self.said, self.started = view, [], False, 0, 0
         self.last, self.held = -1, 0  # the last code said, and the tokens its unit has lasted
-        self.unit_frames = 0  # speech tokens said since the first unit started
         self.lengths: list[int] = []  # tokens of each unit started so far (the last one still going)
         self.pace = 0.0  # nats on starting the next unit (`update_pace`)
         self._text, self._decoded = "", 0  # the text of the first `_decoded` ids
@@ -213,7 +212,6 @@ class AnswerUnits:
         before = self.started
         for c in codes:
             self.started += bool(is_start(c))
-            self.unit_frames += self.started > 0 and 0 <= c < VOCAB_SIZE
             self.held = 1 if is_start(c) else self.held + 1 if 0 <= c < VOCAB_SIZE else 0
             if is_start(c):
                 self.lengths.append(1)
@@ -227,9 +225,9 @@ class AnswerUnits:
         """`pace` from the units said so far against the voice's own timing of the text (its duration predictor):
         PACE_GAIN x the log of how much slower the voiced units of the last PACE_RECENT_TOKENS voice tokens ran than
         those of the first PACE_EARLY_TOKENS, past PACE_DEADBAND; 0 until the answer is that long."""
-        pairs, clock = [], 0  # unit by unit in order, as the view counts the units started
+        pairs, clock = [], 0  # unit by unit in order, as the view counts the units started; not the one still going
         for (unit, length), mine in zip(self.view.voice_lengths(self.text(), self.finished), self.lengths[:-1]):
-            if unit not in SILENT_UNITS:  # (the unit still going is left out)
+            if unit not in SILENT_UNITS:
                 pairs.append((clock, mine, length))
             clock += length
         self.pace = 0.0
@@ -259,7 +257,7 @@ class AnswerUnits:
         if self.finished:
             return 0
         text_units = len(self.view.units_of(self.text(), False)) + UNFINISHED_UNITS
-        pace = self.unit_frames / self.started if self.started >= 8 else FRAMES_PER_UNIT
+        pace = sum(self.lengths) / self.started if self.started >= 8 else FRAMES_PER_UNIT
         frames = max(SPEECH_DELAY - self.said, 0) + max(text_units - self.started, 0) * pace * PACE_MARGIN + 1
         return math.ceil(frames / group_size) + 1
 

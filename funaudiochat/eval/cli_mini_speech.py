@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="report folder (default outputs/eval-mini-speech/MODEL_NAME)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "int8"],
+                   help="cast the weights (default: as stored, fp32); int8 is weight-only with a scale per output "
+                        "channel, bf16 is faster only where the CPU computes it natively (AVX-512 BF16 or AMX)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -61,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
                              allow_untrained=args.allow_untrained, progress=True, audio_dir=audio_dir,
                              detokenizer=args.detokenizer, follow_text=not args.free_speech,
                              ids=[i for i in args.ids.split(",") if i] if args.ids else None,
-                             variants=not args.no_variants)
+                             variants=not args.no_variants, dtype=args.dtype)
     out.mkdir(parents=True, exist_ok=True)
     json_path = fileio.write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     fileio.write_text(out / "report.md", markdown(report))

@@ -367,14 +367,15 @@ def _said(piper, text, stretch):
     return pt.encode(units, ends)
 
 
-def test_the_pace_term_holds_a_long_answer_to_its_own_early_pace(piper):
-    """AnswerUnits.pace: 0 for an answer said at the voice's timing, or slower throughout (its own pace); positive
-    once the units past the first 10 s run slower than those before; text_locked adds it to starting the next unit
+def test_the_voice_clock_holds_a_long_answer_to_the_voices_pace_or_its_own_asked_one(piper):
+    """AnswerUnits.pace (the voice clock): 0 for an answer said at the voice's timing, faster, or much slower (an
+    asked-for slow answer keeps whatever pace it takes); positive once an answer at about the voice's pace runs later
+    than the voice past CLOCK_FROM, and more so the later it runs; text_locked adds it to starting the next unit
     only."""
-    from funaudiochat.speech.pending_units import PACE_EARLY_TOKENS, text_locked
+    from funaudiochat.speech.pending_units import CLOCK_FROM, text_locked
 
     text = "Tea is ready in five minutes, and the cups are on the table by the window. " * 5
-    assert pt.unit_spans(piper.tokenize(text))[-1].end > 2 * PACE_EARLY_TOKENS  # long enough: about 20 s
+    assert pt.unit_spans(piper.tokenize(text))[-1].end > 2 * CLOCK_FROM  # long enough: about 20 s
 
     def pace_of(codes):
         answer = PendingUnitsView(piper, 3, lambda ids: text, {1}).answer()
@@ -386,10 +387,14 @@ def test_the_pace_term_holds_a_long_answer_to_its_own_early_pace(piper):
             paces.append(answer.pace)
         return paces
 
-    assert set(pace_of(_said(piper, text, lambda t: 1.0))) == {0.0}
-    assert set(pace_of(_said(piper, text, lambda t: 2.0))) == {0.0}  # slow throughout: its own pace
-    drifting = pace_of(_said(piper, text, lambda t: 1.0 if t < PACE_EARLY_TOKENS else 1.4))
-    assert drifting[0] == 0.0 and drifting[-1] > 0.5
+    for in_time in (1.0, 0.8, 1.6):  # the voice's pace, faster, and an asked-for slow one
+        assert set(pace_of(_said(piper, text, lambda t: in_time))) == {0.0}, in_time
+    slow = pace_of(_said(piper, text, lambda t: 1.1))  # a plain answer 10 % slower than the voice
+    drifting = pace_of(_said(piper, text, lambda t: 1.0 if t < CLOCK_FROM else 1.4))
+    assert slow[0] == drifting[0] == 0.0 and slow[-1] > 0.5 and drifting[-1] > slow[-1]
+    ahead_then_slow = pace_of(_said(piper, text, lambda t: 0.8 if t < CLOCK_FROM else 1.1))
+    assert set(ahead_then_slow) == {0.0}  # the clock is the voice's: a head start counts
+    assert set(pace_of(_said(piper, text, lambda t: 1.6 if t < CLOCK_FROM else 2.4))) == {0.0}  # slow, then slower
 
     size, bos, eos = pt.VOCAB_SIZE + 4, pt.VOCAB_SIZE + 1, pt.VOCAB_SIZE + 2
     logits = torch.randn(1, size, generator=torch.Generator().manual_seed(1))

@@ -27,15 +27,17 @@ MAX_UNIT_TOKENS = 25  # text-locked speech holds one unit at most 1 s (training 
 # top-p 0.9, a head sure enough to go on goes on for certain (docs/mini.md "A prior on long holds").
 HOLD_PRIOR_FROM = 12
 HOLD_PRIOR_SLOPE = 1.0
-# The pace term: past PACE_EARLY_TOKENS of the voice's clock (10 s: the training answers are mostly shorter, and the
-# head drifts slower past them, docs/mini.md "Late endings"), an answer whose voiced units of the last
-# PACE_RECENT_TOKENS run slower against the voice's own timing than its first 10 s did (its own pace: slow when asked)
-# gets PACE_GAIN nats a unit of log excess (past PACE_DEADBAND) on starting the next unit. Measured every PACE_EVERY
-# units started.
-PACE_EARLY_TOKENS = 250
-PACE_RECENT_TOKENS = 125
-PACE_DEADBAND = 0.02
-PACE_GAIN = 3.0
+# The voice clock (docs/mini.md "The voice clock"): past CLOCK_FROM tokens of the voice's clock, an answer whose units
+# so far, pauses included, took longer than the voice's own timing of them (its duration predictor) gains CLOCK_GAIN
+# nats a token of that excess past CLOCK_SLACK, at most CLOCK_MAX, on starting the next unit. An answer whose voiced
+# units ran slower than CLOCK_SLOW_STYLE x the voice's over its first CLOCK_FROM tokens was asked to be slow and gets
+# none (over their first 5 s, plain test answers of release 7 run 0.90-1.22 x the voice, "slower" ones 1.31 and more).
+# Measured every PACE_EVERY units started.
+CLOCK_FROM = 125
+CLOCK_SLOW_STYLE = 1.25
+CLOCK_GAIN = 0.15
+CLOCK_SLACK = 6
+CLOCK_MAX = 3.0
 PACE_EVERY = 20
 SENTENCE_ENDS = (".", "!", "?")
 FRAMES_PER_UNIT = 2.5  # the voice's pace before an answer has enough units to measure its own (about 2.2 at 25 Hz)
@@ -80,7 +82,7 @@ def text_locked(logits: torch.Tensor, next_unit: torch.Tensor, previous: torch.T
 
     next_unit [B] the first pending unit (PAD when none is known), previous [B] the code just said, held [B] the
     tokens its unit has lasted, finished [B] the answer's text has ended, pace [B] nats added to starting the next
-    unit (`AnswerUnits.pace`: an answer drifting slower than its own early pace). The head decides *when* a unit
+    unit (`AnswerUnits.pace`: the voice clock, an answer running later than the voice). The head decides *when* a unit
     starts and how loud it is: its whole mass on starting any unit at loudness g goes to starting `next_unit` at g,
     its whole mass on continuing any unit at g to continuing the unit being spoken at g. *What* is said is the
     text's units.
@@ -222,22 +224,17 @@ class AnswerUnits:
             self.update_pace()
 
     def update_pace(self) -> None:
-        """`pace` from the units said so far against the voice's own timing of the text (its duration predictor):
-        PACE_GAIN x the log of how much slower the voiced units of the last PACE_RECENT_TOKENS voice tokens ran than
-        those of the first PACE_EARLY_TOKENS, past PACE_DEADBAND; 0 until the answer is that long."""
-        pairs, clock = [], 0  # unit by unit in order, as the view counts the units started; not the one still going
+        """`pace` (the voice clock): the tokens the units started so far (not the one still going) took, against
+        the voice's own timing of them; 0 until CLOCK_FROM tokens of the voice, and for an answer asked to be slow."""
+        said = voice = voiced_said = voiced_voice = 0  # voiced_*: up to CLOCK_FROM, the answer's own voiced pace
         for (unit, length), mine in zip(self.view.voice_lengths(self.text(), self.finished), self.lengths[:-1]):
-            if unit not in SILENT_UNITS:
-                pairs.append((clock, mine, length))
-            clock += length
+            if voice < CLOCK_FROM and unit not in SILENT_UNITS:
+                voiced_said, voiced_voice = voiced_said + mine, voiced_voice + length
+            said, voice = said + mine, voice + length
         self.pace = 0.0
-        if clock < PACE_EARLY_TOKENS + PACE_RECENT_TOKENS // 2:
+        if voice < CLOCK_FROM or voiced_said > CLOCK_SLOW_STYLE * voiced_voice:  # too early, or asked to be slow
             return
-        early = [(m, v) for t, m, v in pairs if t < PACE_EARLY_TOKENS]
-        recent = [(m, v) for t, m, v in pairs if t >= max(PACE_EARLY_TOKENS, clock - PACE_RECENT_TOKENS)]
-        if early and recent:
-            ratio = lambda p: sum(m for m, _ in p) / sum(v for _, v in p)  # noqa: E731
-            self.pace = PACE_GAIN * max(math.log(ratio(recent) / ratio(early)) - PACE_DEADBAND, 0.0)
+        self.pace = min(CLOCK_GAIN * max(said - voice - CLOCK_SLACK, 0.0), CLOCK_MAX)
 
     def upcoming(self, n: int) -> list[int]:
         if self.said < SPEECH_DELAY:

@@ -31,7 +31,7 @@ HOLD_PRIOR_SLOPE = 1.0
 # so far, pauses included, took longer than the voice's own timing of them (its duration predictor) gains CLOCK_GAIN
 # nats a token of that excess past CLOCK_SLACK, at most CLOCK_MAX, on starting the next unit. An answer whose voiced
 # units ran slower than CLOCK_SLOW_STYLE x the voice's over its first CLOCK_FROM tokens was asked to be slow and gets
-# none (over their first 5 s, plain test answers of release 7 run 0.90-1.22 x the voice, "slower" ones 1.31 and more).
+# none (over their first 5 s, plain test answers of release 7 run 0.91-1.22 x the voice, "slower" ones 1.31 and more).
 # Measured every PACE_EVERY units started.
 CLOCK_FROM = 125
 CLOCK_SLOW_STYLE = 1.25

@@ -32,13 +32,13 @@ HOLD_PRIOR_SLOPE = 1.0
 # nats a token of that excess past CLOCK_SLACK, at most CLOCK_MAX, on starting the next unit. An answer whose voiced
 # units ran slower than CLOCK_SLOW_STYLE x the voice's over its first CLOCK_FROM tokens was asked to be slow and gets
 # none (over their first 5 s, plain test answers of release 7 run 0.91-1.22 x the voice, "slower" ones 1.31 and more).
-# Measured every PACE_EVERY units started.
+# Measured every CLOCK_EVERY units started.
 CLOCK_FROM = 125
 CLOCK_SLOW_STYLE = 1.25
 CLOCK_GAIN = 0.15
 CLOCK_SLACK = 6
 CLOCK_MAX = 3.0
-PACE_EVERY = 20
+CLOCK_EVERY = 20
 SENTENCE_ENDS = (".", "!", "?")
 FRAMES_PER_UNIT = 2.5  # the voice's pace before an answer has enough units to measure its own (about 2.2 at 25 Hz)
 PACE_MARGIN = 1.25     # an answer's remaining units take at most this much longer than its pace so far
@@ -195,11 +195,16 @@ class AnswerUnits:
     training."""
 
     def __init__(self, view: PendingUnitsView):
-        self.view, self.ids, self.finished, self.said, self.started = view, [], False, 0, 0
+        self.view, self.ids, self.finished, self.said = view, [], False, 0
         self.last, self.held = -1, 0  # the last code said, and the tokens its unit has lasted
         self.lengths: list[int] = []  # tokens of each unit started so far (the last one still going)
         self.pace = 0.0  # nats on starting the next unit (`update_pace`)
         self._text, self._decoded = "", 0  # the text of the first `_decoded` ids
+
+    @property
+    def started(self) -> int:
+        """Units started so far."""
+        return len(self.lengths)
 
     def add_text(self, token: int) -> None:
         if self.finished:
@@ -213,14 +218,13 @@ class AnswerUnits:
         self.said += len(codes)
         before = self.started
         for c in codes:
-            self.started += bool(is_start(c))
             self.held = 1 if is_start(c) else self.held + 1 if 0 <= c < VOCAB_SIZE else 0
             if is_start(c):
                 self.lengths.append(1)
             elif 0 <= c < VOCAB_SIZE and self.lengths:
                 self.lengths[-1] += 1
         self.last = codes[-1] if codes else self.last
-        if self.started // PACE_EVERY > before // PACE_EVERY:
+        if self.started // CLOCK_EVERY > before // CLOCK_EVERY:
             self.update_pace()
 
     def update_pace(self) -> None:

@@ -102,8 +102,10 @@ def test_lenient_detokenizer_renders_sloppy_streams_and_strict_refuses(piper_dir
 
     voices = Voices(detok)
     assert voices.names() == ["joe"] and voices.resolve("joe") == "joe"
-    with pytest.raises(Exception, match="unknown voice 'bob'; known voices: joe"):
+    with pytest.raises(Exception, match="unknown voice 'bob'; known voices: joe$"):  # no cloning to point at
         voices.resolve("bob")
+    with pytest.raises(Exception, match="cannot take a new voice .* its voices are joe"):
+        voices.register("bob", np.zeros(32000, dtype=np.float32))
 
 
 def test_detokenizer_thread_gives_the_sessions_audio_and_its_errors(piper_dir):

@@ -50,8 +50,14 @@ class Voices:
         if self.detok is not None and name in self.detok.speakers:
             return name
         known = ", ".join(self.names()) or "none"
-        raise bad_request(f"unknown voice {name!r}; known voices: {known} (register one with POST /v1/voices)",
-                          "audio.voice", "invalid_value")
+        hint = " (register one with POST /v1/voices)" if self.can_register else ""
+        raise bad_request(f"unknown voice {name!r}; known voices: {known}{hint}", "audio.voice", "invalid_value")
+
+    @property
+    def can_register(self) -> bool:
+        """Whether reference recordings can become voices: the detokenizer has a speaker model (CosyVoice3's
+        campplus.onnx); the mini's Piper voice is fixed."""
+        return self.detok is not None and self.detok.speaker_encoder is not None
 
     def register(self, name: str, wav_16k) -> dict:
         """Register a voice from 16 kHz reference audio -> its description."""
@@ -60,8 +66,9 @@ class Voices:
                               "name", "invalid_value")
         if self.detok is None:
             raise bad_request("this server has no detokenizer: voices cannot be registered", "file")
-        if self.detok.speaker_encoder is None:
-            raise bad_request("registering a voice needs the speaker model campplus.onnx in the detokenizer folder",
+        if not self.can_register:
+            raise bad_request(f"this detokenizer cannot take a new voice (it has no speaker model; a CosyVoice3 "
+                              f"folder with campplus.onnx does): its voices are {', '.join(self.names())}",
                               "file", "unsupported")
         if name in self.detok.speakers:
             raise bad_request(f"{name!r} is a built-in voice; choose another name", "name", "invalid_value")

@@ -86,8 +86,10 @@ def test_speak_stages_train_and_ship_the_srh(tmp_path):
     assert cfg["audio_config"]["srh_token_scale"] == scale
     mini_cfg = read_config(ckpt)  # every mode gets the system prompt the records were trained under
     assert default_system("s2s", mini_cfg) == default_system("s2t", mini_cfg) == MINI_SYSTEM
-    tok = TextTokenizer.from_file(ckpt / "tokenizer.json")  # and the generation defaults it ships (the loop stop)
-    assert generation_preset("s2s", tok, mini_cfg).text_loop_stop == mini_deltas.MINI_GENERATION["text_loop_stop"]
+    tok = TextTokenizer.from_file(ckpt / "tokenizer.json")  # and the generation defaults it ships (the loop stop,
+    gen = generation_preset("s2s", tok, mini_cfg)          # the text lead)
+    shipped = mini_deltas.MINI_GENERATION
+    assert (gen.text_loop_stop, gen.text_lead) == (shipped["text_loop_stop"], shipped["text_lead"]) != (0, 0)
     assembled, trained = read_state_dict(ckpt), read_state_dict(final)
     for k in trained:
         torch.testing.assert_close(assembled[k], trained[k], rtol=0, atol=1e-5)

@@ -163,6 +163,49 @@ def test_generation_gives_the_head_the_units_of_the_text_it_wrote(piper, tmp_pat
     assert eager.generate(prompt, gen).speech_ids != out.speech_ids  # the head reads the style
 
 
+def test_a_text_lead_shows_the_head_text_further_ahead_and_says_the_llm_steps_in_order(piper, tmp_path):
+    """text_lead L (a model whose LLM does not read its speech): the text ids are the same; each speech group is
+    that of the LLM step L steps back, and its view sees the text chosen up to L steps after that step. Without a
+    view nothing else differs, so the speech is the same codes, L groups later; the compiled step agrees with the
+    eager one, sampled; a model whose LLM reads its speech refuses a lead."""
+    from funaudiochat.engine.generate import Engine, GenerationConfig
+    from funaudiochat.engine.prompt import Prompt
+    from funaudiochat.engine.presets import S2M_SAMPLING
+    from funaudiochat.errors import ConfigError
+    from funaudiochat.speech.pending_units import view_for
+    from tests.helpers import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer(tmp_path)
+    model = _speaking_model(width=3, answer_style=True, answer_cue=True, answer_prosody=True)
+    ends = view_for(model.cfg.text_config, tok, 3).text_ends
+    prompt = Prompt(torch.randint(30, 400, (1, 7), generator=torch.Generator().manual_seed(1)))
+    gen = GenerationConfig(max_new_tokens=16, force_text_abos=True, eos_token_id=502, pad_token_id=500,
+                           text_greedy=True, bad_words_ids=[[i] for i in sorted(ends)], **S2M_SAMPLING, seed=4)
+    with pytest.raises(ConfigError, match="does not read its own speech"):
+        Engine(model, pending_view=view_for(model.cfg.text_config, tok, 3)).generate(prompt, gen.with_(text_lead=2))
+    model.cfg.audio_config.speech_feedback = False
+
+    def run(engine, lead):
+        engine.restrict_speech_codes(range(pt.VOCAB_SIZE))
+        out = engine.generate(prompt, gen.with_(text_lead=lead))
+        return out.new_text_ids[0].tolist(), out.speech_ids[0]
+
+    views = {lead: _RecordingView(piper, 3, tok.decode, ends) for lead in (0, 2)}
+    (text, speech), (led_text, led_speech) = (run(Engine(model, pending_view=views[n]), n) for n in (0, 2))
+    assert led_text == text and len(led_speech) == len(speech) - 5 * 2
+    asked = views[2].asked  # from the third group of the answer on (the first two say the delay)
+    assert len(asked) == len(text) - 3 - 2
+    for step, (seen, finished, _) in enumerate(asked, start=3):
+        assert seen == tok.decode(text[1:step + 2]) and not finished  # two more text ids than without a lead
+    compiled = Engine(model, compile=True, pending_view=_RecordingView(piper, 3, tok.decode, ends))
+    assert run(compiled, 2) == (led_text, led_speech)
+
+    model = _speaking_model(width=0)  # no view: the head's inputs are those of the step it says
+    model.cfg.audio_config.speech_feedback = False
+    plain, plain_led = run(Engine(model), 0), run(Engine(model), 2)
+    assert plain_led[0] == plain[0] and plain_led[1] == plain[1][:len(plain[1]) - 5 * 2]
+
+
 def test_the_answer_cue_of_a_prefill_from_cached_keys_equals_a_whole_prefills(piper, tmp_path):
     """The cue counts positions whose keys a prefill copies from a cache (from their ids): a prompt whose cue span
     starts inside a shared prefix (an <|audio_eos|> there, a typed turn after it) gets the whole prefill's carried

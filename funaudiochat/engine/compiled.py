@@ -218,24 +218,28 @@ class CompiledDecoder:
         return srh.lm_head(srh.output_matching(h)[:, -1]).float()
 
     def _s2s(self, token, group, fuse, positions, k_cache, v_cache, slot, key_valid, srh_k, srh_v, srh_key_valid,
-             embed, style, counts, noise, params: SamplingParams, speech_bias=None, upcoming=None, follow=None):
+             embed, style, counts, noise, params: SamplingParams, speech_bias=None, upcoming=None, follow=None,
+             lagged=None):
         """One S2S step (inputs as `_llm`, then the SRH's cache and key mask, embed [B, C] of its last token, style
         [B, C] the answer style in force (or None: `srh_input`), counts
         [B, Vs] speech history or None, noise [B, k, Vs] Exp(1) draws when sampling, else None, speech_bias [Vs]
         0 / -inf on codes never to draw, or None, upcoming [B, W + k] the pending-units view's units from the
         group's start, or None, follow: (the last code said [B], the tokens its unit has lasted [B], the answer's text
-        has ended [B], the pace term [B]) when the speech follows the text, or None) -> text logits
-        [B, V], the SRH's raw logits and scores [B, k, Vs], its tokens [B, k], the embedding [B, C] of the last
-        one and the answer style after the step. The speech tokens are chosen as `Engine._srh_group` chooses them
-        eagerly."""
+        has ended [B], the pace term [B]) when the speech follows the text, or None, lagged: (hidden [B, 1, C],
+        text embedding [B, 1, C], input id [B], positions [B, 1], slot [1]) of the earlier LLM step whose group this
+        is (a text lead, `GenerationConfig.text_lead`), or None: this step's) -> text logits [B, V], the SRH's raw
+        logits and scores [B, k, Vs], its tokens [B, k], the embedding [B, C] of the last one, the answer style
+        after the step, and this step's LLM hidden state and text embedding [B, 1, C]. The speech tokens are chosen
+        as `Engine._srh_group` chooses them eagerly."""
         srh = self.model.audio_invert_tower
         k = srh.group_size
         hidden, text_embed, text_logits = self._llm(token, group, fuse, positions, k_cache, v_cache, slot, key_valid)
-        u, style = srh_input(self.model, hidden, text_embed, token, style)
+        said = (hidden, text_embed, token, positions, slot) if lagged is None else lagged  # the group's LLM step
+        u, style = srh_input(self.model, *said[:3], style)
         prosody = answer_prosody(self.model, style)
         fine = srh.ungroup(u)  # [B, k, C]
-        fine_pos = positions * k + torch.arange(k, device=fine.device)  # [B, k]
-        fine_slots = slot * k + torch.arange(k, device=fine.device)
+        fine_pos = said[3] * k + torch.arange(k, device=fine.device)  # [B, k]
+        fine_slots = said[4] * k + torch.arange(k, device=fine.device)
         srh_key_valid.index_fill_(1, fine_slots, True)
         logits, scores, tokens = [], [], []
         started = torch.zeros(fine.shape[0], dtype=torch.long, device=fine.device)  # units begun in the group
@@ -263,7 +267,8 @@ class CompiledDecoder:
             logits.append(call_logits)
             scores.append(call_scores)
             tokens.append(tok)
-        return text_logits, torch.stack(logits, 1), torch.stack(scores, 1), torch.stack(tokens, 1), embed, style
+        return (text_logits, torch.stack(logits, 1), torch.stack(scores, 1), torch.stack(tokens, 1), embed, style,
+                hidden, text_embed)
 
 
 def use_persistent_cache() -> None:

@@ -55,6 +55,10 @@ class GenerationConfig:
     text_loop_stop: int = 0            # n >= 2: a text that says the same span of ids (up to LOOP_SPAN) n times in a
     #   row ends there (its next id becomes the end of turn): greedy text from a small model can loop to the token
     #   limit (not released: 0, off)
+    text_lead: int = 0                 # L >= 1: the text runs L LLM steps ahead of the speech: the SRH's group at
+    #   step t reads the LLM's state of step t - L, so a head with the pending-units view sees L more text ids (a
+    #   number, a short answer) before it must say them. Only for a model whose LLM does not read its own speech
+    #   (audio_config.speech_feedback false: its text is the same whatever is said). Not released: 0
     seed: int | None = None
 
     def __post_init__(self):
@@ -63,6 +67,8 @@ class GenerationConfig:
         n = self.text_loop_stop
         if not isinstance(n, int) or isinstance(n, bool) or n == 1 or n < 0:
             raise ConfigError(f"text_loop_stop must be 0 (off) or an integer >= 2 (repeats), got {n!r}")
+        if not isinstance(self.text_lead, int) or isinstance(self.text_lead, bool) or not 0 <= self.text_lead <= 16:
+            raise ConfigError(f"text_lead must be an integer within [0, 16] LLM steps, got {self.text_lead!r}")
         self.sampling  # validates the sampling fields
 
     @property
@@ -97,7 +103,12 @@ class DecodeState:
     last_token: torch.Tensor | None = None    # [B] input of the next step
     last_group: torch.Tensor | None = None    # [B, k] last appended speech group
     fuse: torch.Tensor | None = None          # [B] next input fuses text and speech
-    active: torch.Tensor | None = None        # [B] speech mode
+    active: torch.Tensor | None = None        # [B] speech mode, as the text sees it (the LLM's input opened an answer)
+    voicing: torch.Tensor | None = None       # [B] speech mode as the SRH sees it: its group's step input opened an
+    #   answer (with text_lead L, L steps after `active`; the same otherwise)
+    lead: list = field(default_factory=list)  # text_lead: the LLM steps whose speech group is still to come, oldest
+    #   first, each (hidden [B, 1, D], text embedding [B, 1, D], input id [B], position [B], slot)
+    group_token: torch.Tensor | None = None   # [B] the input id of the step whose speech group came last
     finished: torch.Tensor | None = None      # [B]
     srh_embed: torch.Tensor | None = None     # [B, D] embedding of the SRH's last sampled token
     answer_style: torch.Tensor | None = None  # [B, S] the spoken answer's style input to the SRH (srh_answer_style)
@@ -351,24 +362,35 @@ class Engine:
         """Feed `state.last_token` (fused with the last speech group where `state.fuse`) -> text logits, SRH group.
 
         Compiled, one graph runs the LLM position and the SRH's whole group, sampling included; eager, the LLM
-        position, then the SRH positions one by one around the sampling."""
-        speech = state.srh_cache is not None
-        if self.compiled is not None and speech:
-            text_logits, group = self._fused_s2s_step(state, gen, tracer)
+        position, then the SRH positions one by one around the sampling. With `gen.text_lead` L the group is that
+        of the LLM step L steps back (`state.lead`), and None for the first L steps after the prefill."""
+        speech, lead = state.srh_cache is not None, gen.text_lead
+        lagged = state.lead.pop(0) if speech and lead and len(state.lead) >= lead else None
+        group = None
+        if self.compiled is not None and speech and (lagged is not None or not lead):
+            text_logits, group, now = self._fused_s2s_step(state, gen, tracer, lagged)
         else:
             hidden, text_embed, text_logits = self._llm_position(state, speech)
-            group = None
-            if speech:
-                k, slot = self.k, state.slot
-                state.srh_key_valid[:, k * slot: k * slot + k] = True
-                u, state.answer_style = srh_input(self.model, hidden, text_embed, state.last_token,
-                                                  state.answer_style)
-                fine = self.model.audio_invert_tower.ungroup(u)  # [B, k, D]
-                fine_pos = state.pos[:, None] * k + torch.arange(k, device=self.device)
-                group = self._srh_group(state, fine, fine_pos, state.srh_embed, slot + 1, gen, tracer)
+            now = (hidden, text_embed, state.last_token, state.pos, state.slot)
+            if speech and (lagged is not None or not lead):
+                group = self._group_of(state, gen, tracer, *(lagged or now))
+        if speech and lead:
+            state.lead.append(now)
         state.slot += 1
         state.pos = state.pos + 1
         return text_logits, group
+
+    def _group_of(self, state: DecodeState, gen: GenerationConfig, tracer: Tracer | None, hidden: torch.Tensor,
+                  text_embed: torch.Tensor, token: torch.Tensor, pos: torch.Tensor, slot: int) -> torch.Tensor:
+        """The speech group [B, k] of the LLM step at `slot`: its hidden state and text embedding [B, 1, D], input
+        id [B] and position [B]."""
+        k = self.k
+        state.srh_key_valid[:, k * slot: k * slot + k] = True
+        state.group_token = token
+        u, state.answer_style = srh_input(self.model, hidden, text_embed, token, state.answer_style)
+        fine = self.model.audio_invert_tower.ungroup(u)  # [B, k, D]
+        fine_pos = pos[:, None] * k + torch.arange(k, device=self.device)
+        return self._srh_group(state, fine, fine_pos, state.srh_embed, slot + 1, gen, tracer)
 
     def _llm_inputs(self, state: DecodeState, speech: bool) -> tuple:
         """The arguments of the compiled LLM position (CompiledDecoder._llm): it builds its input itself."""
@@ -388,20 +410,25 @@ class Engine:
         hidden = m.language_model.model(x, state.pos[:, None], mask, state.llm_cache, slot, slot + 1, rope=self.rope)
         return hidden, text_embed, m.language_model.lm_head(hidden[:, -1]).float()
 
-    def _fused_s2s_step(self, state: DecodeState, gen: GenerationConfig, tracer: Tracer | None):
-        """The compiled one-graph S2S step -> text logits [B, V], speech group [B, k]."""
-        srh = state.srh_cache
-        text_logits, logits, scores, group, state.srh_embed, state.answer_style = self.compiled.s2s(
-            *self._llm_inputs(state, True), srh.k, srh.v, state.srh_key_valid, state.srh_embed, state.answer_style,
-            state.speech_counts,
-            self._speech_noise(state, gen), gen.sampling, self.speech_bias, self._upcoming(state),
-            self._follow_inputs(state, gen))
+    def _fused_s2s_step(self, state: DecodeState, gen: GenerationConfig, tracer: Tracer | None,
+                        lagged: tuple | None = None):
+        """The compiled one-graph S2S step -> text logits [B, V], speech group [B, k], and this step's entry for
+        `state.lead`. lagged: the `state.lead` entry whose group this step says (text_lead), else None (its own)."""
+        srh, lag = state.srh_cache, None
+        if lagged is not None:
+            hidden, text_embed, token, pos, slot = lagged
+            lag = (hidden, text_embed, token, pos[:, None], torch.tensor([slot], device=self.device))
+        state.group_token = state.last_token if lagged is None else lagged[2]
+        text_logits, logits, scores, group, state.srh_embed, state.answer_style, hidden, text_embed = \
+            self.compiled.s2s(*self._llm_inputs(state, True), srh.k, srh.v, state.srh_key_valid, state.srh_embed,
+                              state.answer_style, state.speech_counts, self._speech_noise(state, gen), gen.sampling,
+                              self.speech_bias, self._upcoming(state), self._follow_inputs(state, gen), lag)
         if tracer is not None:
             for j in range(self.k):
                 tracer.srh_logits.append(logits[:, j])
                 tracer.srh_scores.append(scores[:, j])
                 tracer.srh_tokens.append(group[:, j])
-        return text_logits, group
+        return text_logits, group, (hidden, text_embed, state.last_token, state.pos, state.slot)
 
     # ------------------------------------------------------------------ token choice + speech bookkeeping
     def choose_step(self, state: DecodeState, text_logits: torch.Tensor, group: torch.Tensor | None,
@@ -439,7 +466,9 @@ class Engine:
         if state.text_counts is not None:
             state.text_counts.scatter_add_(1, token[:, None], torch.ones_like(token[:, None], dtype=torch.int32))
 
-        appended = state.active & ~was_finished if group is not None else torch.zeros_like(state.active)
+        if group is not None:  # the SRH's speech mode: its group's step input opened an answer
+            state.voicing = state.voicing | (state.group_token == t_cfg.audio_bos_index)
+        appended = state.voicing & ~was_finished if group is not None else torch.zeros_like(state.active)
         ended = torch.zeros_like(appended)
         if group is not None and bool(appended.any()):
             ended = appended & (group == a_cfg.eos_token_id).any(-1)
@@ -455,7 +484,7 @@ class Engine:
                 state.text_counts.scatter_add_(1, token[:, None], -ended[:, None].int())
                 state.text_counts.scatter_add_(1, eos_tok[:, None], ended[:, None].int())
             token = torch.where(ended, eos_tok, token)
-            state.active = state.active & ~ended
+            state.active, state.voicing = state.active & ~ended, state.voicing & ~ended
         state.fuse = appended & state.active
         if state.answers is not None:
             self._track_answers(state, token, group, speaking, appended)
@@ -497,7 +526,8 @@ class Engine:
         for e in gen.eos_ids:
             ends |= token == e
         if state.answers is not None:
-            short = [a is not None and left <= a.steps_to_say(self.k) for a, left in zip(state.answers, steps_left)]
+            short = [a is not None and left - gen.text_lead <= a.steps_to_say(self.k)  # (the speech trails the text)
+                     for a, left in zip(state.answers, steps_left)]
             ends |= torch.tensor(short, device=token.device)
         state.text_ended = (state.text_ended | (speaking & ends)) & speaking
         return torch.where(state.text_ended, torch.full_like(token, sil), token)
@@ -536,6 +566,9 @@ class Engine:
         """`gen` as this model can run it: text only when it has no speech head."""
         if not gen.disable_speech and self.model.audio_invert_tower is None:
             return gen.with_(disable_speech=True, force_text_abos=False)
+        if gen.text_lead and not gen.disable_speech and self.cfg.audio_config.speech_feedback:
+            raise ConfigError("text_lead needs a model whose LLM does not read its own speech (audio_config."
+                              "speech_feedback false): this one's next text depends on the speech not said yet")
         return gen
 
     def steps(self, prompt: Prompt, gen: GenerationConfig, tracer: Tracer | None = None,
@@ -688,6 +721,7 @@ class PrefillJob:
         state.last_group = torch.full((b, k), eng.cfg.audio_config.pad_token_id, device=dev)
         state.fuse = torch.zeros(b, dtype=torch.bool, device=dev)
         state.active = torch.zeros(b, dtype=torch.bool, device=dev)
+        state.voicing = torch.zeros(b, dtype=torch.bool, device=dev)
         state.finished = torch.zeros(b, dtype=torch.bool, device=dev)
         if gen.seed is not None:
             state.generator = torch.Generator(device=dev).manual_seed(gen.seed)
@@ -752,7 +786,8 @@ class PrefillJob:
             with eng.prompt_pass():
                 fine = srh.ungroup(u)  # [B, k(end-a), D]
             fine_pos = (self.pos[:, a:end, None] * k + torch.arange(k, device=dev)).reshape(b, k * (end - a))
-            if last:
+            if last:  # (with a text lead too: what its view would add to this group, before any answer, is nothing)
+                state.group_token = self.ids[:, -1]
                 group = eng._srh_group(state, fine, fine_pos, self.bos, p, self.gen, self.tracer)
             else:  # these fine positions all start a group: the SRH's start token, as in the last chunk's first pass
                 s0, s1 = k * a, k * end

@@ -27,8 +27,8 @@ scheduler stops it at its next engine step) and truncates the assistant item to 
 the audio sent, capped by the wall time since its first chunk went out (played in real time). A client that knows
 better sends conversation.item.truncate with audio_end_ms. The kept text is the text the model had produced by the
 engine step whose speech was the last heard (each speech token is 40 ms of audio; text and speech are produced
-together, one text token per step), so the history holds what the user could have heard, to the model's own
-text-speech alignment.
+together, one text token per step, the speech `text_lead` steps after its text where the model has a text lead), so
+the history holds what the user could have heard, to the model's own text-speech alignment.
 
 Early answers (server VAD with create_response; `serve --early-answer-ms`, default EARLY_ANSWER_MS, 0 turns them
 off): a turn ends that far into the silence that ends it (the committed audio stops there, wherever the VAD decides;
@@ -688,6 +688,8 @@ class RealtimeSession:
                 response.engine = await self._submit(request)
             if response.status == "cancelled":  # cancelled while waiting for a row
                 response.engine.cancel()
+            # with a text lead the text of a step is said `text_lead` groups later: its mark counts those codes
+            ahead = response.engine.gen.text_lead * self.scheduler.engine.k
             async for event in response.engine:
                 if response.status == "cancelled" and not isinstance(event, TurnEnd):
                     continue  # the client stopped listening: wait for the engine's TurnEnd only
@@ -695,7 +697,7 @@ class RealtimeSession:
                     codes += len(event.codes)
                 elif isinstance(event, TextDelta):
                     text += event.text
-                    item.marks.append((codes, len(text)))
+                    item.marks.append((codes + ahead, len(text)))
                     if request.tools and "<tool_call>" in text:
                         hidden = True
                     if not hidden:

@@ -162,7 +162,7 @@ def _batch_key(session: "Session") -> tuple:
     gen = session.gen
     own = session.id if gen.seed is not None and gen.do_sample else None
     return (gen.disable_speech, gen.sampling, gen.text_greedy, gen.bad_words_ids, gen.eos_ids, gen.pad_token_id,
-            gen.text_loop_stop, own)
+            gen.text_loop_stop, gen.text_lead, own)
 
 
 def _runs_alone(key: tuple) -> bool:
@@ -724,7 +724,7 @@ class Scheduler:
                                    self.engine.cfg.audio_config.pad_token_id)
         try:  # (each prompt's length was checked against the context in prepare)
             job = self.engine.start_prefill(prompt, gen.with_(max_new_tokens=1), self.prefill_chunk, prefixes, save,
-                                            cache_len=int(prompt.input_ids.shape[1]))
+                                            cache_len=int(prompt.input_ids.shape[1]) + gen.text_lead)
         except Exception as err:
             log.exception("prefill of %d session(s) failed to start", len(group))
             for session in group:
@@ -791,26 +791,35 @@ class Scheduler:
         job = pending.job
         state, logits, group = job.result
         steps_left = [session.gen.max_new_tokens - 1 for session in pending.sessions]
-        result = self.engine.choose_step(state, logits, group, pending.gen, steps_left=steps_left)
+        results = [self.engine.choose_step(state, logits, group, pending.gen, steps_left=steps_left)]
+        if self._speech_on(pending.gen):  # a text lead of L: the first L steps (text only) before joining, so every
+            # row of a batch has its L steps in `state.lead`
+            for _ in range(pending.gen.text_lead):
+                if state.done:
+                    break
+                logits, group = self.engine.forward_step(state, pending.gen)
+                steps_left = [left - 1 for left in steps_left]
+                results.append(self.engine.choose_step(state, logits, group, pending.gen, steps_left=steps_left))
         self.metrics.prefill_seconds.observe(job.seconds)
         self._joining = len(pending.sessions)
         try:
             for r, session in enumerate(pending.sessions):
                 self._joining -= 1
                 if not session._ended:  # (one cancelled during the prefill has ended already)
-                    self._start_row(session, state, result, r, job.seconds)
+                    self._start_row(session, state, results, r, job.seconds)
                 pending.admitted += 1
         finally:
             self._joining = 0
 
-    def _start_row(self, session: Session, state: DecodeState, result, r: int, prefill_s: float) -> None:
-        """Row r of a finished prefill: emit its first token; unless that ends it, it joins its batch."""
+    def _start_row(self, session: Session, state: DecodeState, results: list, r: int, prefill_s: float) -> None:
+        """Row r of a finished prefill: emit its first steps' tokens; unless they end it, it joins its batch."""
         gen = session.gen
         ids = session.prompt.input_ids[0].tolist()
         row = _Row(session, gen, gen.max_new_tokens, tail=ids[-self._tail_len(gen):], prefill_s=prefill_s)
-        self._emit(row, result, r)
-        if self._row_done(row, state, r):
-            return
+        for result in results:
+            self._emit(row, result, r)
+            if self._row_done(row, state, r):
+                return
         key = _batch_key(session)
         batch = self._batches.get(key)
         if batch is None:
@@ -935,7 +944,7 @@ class Scheduler:
         st.key_valid[i] = False
         if st.srh_cache is not None:
             st.srh_key_valid[i] = False
-        st.finished[i], st.active[i], st.fuse[i] = True, False, False
+        st.finished[i], st.active[i], st.voicing[i], st.fuse[i] = True, False, False, False
         if st.answers is not None:
             st.answers[i] = None
 
@@ -983,6 +992,9 @@ class Scheduler:
             value = getattr(like, name)
             if value is not None:
                 setattr(state, name, value.new_zeros((rows,) + tuple(value.shape[1:])))
+        lead = len(like.lead)  # (a text lead: the LLM steps whose speech groups are to come, at the last slots)
+        state.lead = [tuple(x.new_zeros((rows,) + tuple(x.shape[1:])) for x in entry[:4]) + (slot - lead + j,)
+                      for j, entry in enumerate(like.lead)]
         state.finished.fill_(True)
         state.generator = like.generator  # only a seeded session's own batch (one row) has one
         return state
@@ -1004,6 +1016,11 @@ class Scheduler:
             dst.srh_key_valid[i] = False
             dst.srh_key_valid[i, kd] = True
         dst.pos[i] = src.pos[r]
+        if len(dst.lead) != len(src.lead):
+            raise RuntimeError(f"a row with {len(src.lead)} steps of text lead joins a batch with {len(dst.lead)}")
+        for new, old in zip(dst.lead, src.lead):
+            for x_new, x_old in zip(new[:4], old[:4]):
+                x_new[i] = x_old[r]
         for name in _ROW_FIELDS:
             value = getattr(dst, name)
             if value is not None:
@@ -1015,8 +1032,8 @@ class Scheduler:
 
 
 # per-row fields of a DecodeState besides the caches, their masks and positions
-_ROW_FIELDS = ("last_token", "last_group", "fuse", "active", "finished", "srh_embed", "answer_style", "text_counts",
-               "speech_counts", "text_ended", "recent_text")
+_ROW_FIELDS = ("last_token", "last_group", "fuse", "active", "voicing", "finished", "srh_embed", "answer_style",
+               "text_counts", "speech_counts", "text_ended", "recent_text")
 
 
 class _StopFilter:

@@ -21,6 +21,7 @@ import time
 
 from funaudiochat.engine.compiled import CACHE_BUCKET
 from funaudiochat.engine.events import TurnEnd
+from funaudiochat.engine.presets import generation_preset
 from funaudiochat.errors import ContextLengthError, InputError
 from funaudiochat.serve.scheduler import Request, Scheduler
 
@@ -43,7 +44,9 @@ def parse_kinds(value: str) -> tuple[str, ...]:
 
 
 def _request(scheduler: Scheduler, mode: str, text: str) -> Request:
-    return Request([{"role": "user", "content": text}], mode=mode, generation={"max_new_tokens": STEPS},
+    # a text lead's first steps are taken before a session joins its batch: the answer outlasts them
+    lead = generation_preset(mode, scheduler.tokenizer, scheduler.engine.cfg).text_lead if mode == "s2s" else 0
+    return Request([{"role": "user", "content": text}], mode=mode, generation={"max_new_tokens": STEPS + lead},
                    audio_out=mode == "s2s" and scheduler.detokenizer is not None)
 
 
@@ -51,13 +54,14 @@ def _long_question(scheduler: Scheduler, mode: str) -> str | None:
     """A question whose prompt fills more than one cache bucket (None if the context cannot hold it)."""
     text = QUESTION
     while True:
+        request = _request(scheduler, mode, text)
         try:
-            prompt, _ = scheduler.prepare(_request(scheduler, mode, text))
+            prompt, _ = scheduler.prepare(request)
         except ContextLengthError:  # (a context of about one bucket: every cache has the same size)
             return None
         n = int(prompt.input_ids.shape[1])
         if n > CACHE_BUCKET:
-            return text if n + STEPS <= scheduler.engine.max_seq_len else None
+            return text if n + request.generation["max_new_tokens"] <= scheduler.engine.max_seq_len else None
         text = FILLER + text
 
 

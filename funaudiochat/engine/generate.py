@@ -4,6 +4,8 @@ Each step feeds one input per row to the LLM (the last text token, fused with th
 active: (E_text(t) + Enc(g)) / 2), runs the Speech Refined Head 5 times (one fine position each, the first seeded
 with the embedding of the SRH's previous token), then picks the next text token. The SRH runs on every step, also
 outside speech mode, as released: its cache covers every LLM position x 5 and the discarded group seeds the next.
+With a text lead (`GenerationConfig.text_lead` L, a model whose LLM does not read its speech) the SRH's group of a
+step is that of the LLM position L steps back, so the text the head reads runs L ids further ahead.
 
 Unlike the released code (SPEC §13 item 4) a batch is exact: left padding is masked in the LLM and the SRH, rope
 positions start at each row's first real token, speech gating, forcing and stopping are per row. All state lives

@@ -497,6 +497,9 @@ class ScriptedScheduler:
     def forget_conversation(self, conversation):
         pass
 
+    def speech_trails_text(self, request):
+        return 0
+
     async def submit(self, request):
         from funaudiochat.engine.events import TextDelta, TurnEnd, Usage
 

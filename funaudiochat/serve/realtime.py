@@ -689,7 +689,7 @@ class RealtimeSession:
             if response.status == "cancelled":  # cancelled while waiting for a row
                 response.engine.cancel()
             # with a text lead the text of a step is said `text_lead` groups later: its mark counts those codes
-            ahead = response.engine.gen.text_lead * self.scheduler.engine.k
+            ahead = self.scheduler.speech_trails_text(request)
             async for event in response.engine:
                 if response.status == "cancelled" and not isinstance(event, TurnEnd):
                     continue  # the client stopped listening: wait for the engine's TurnEnd only

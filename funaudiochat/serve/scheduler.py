@@ -439,12 +439,17 @@ class Scheduler:
             prompt.attention_mask = torch.ones_like(prompt.input_ids)
         return _Prepared(prompt, gen, n_system, keys, prefix)
 
+    def text_lead(self, mode: str) -> int:
+        """The LLM steps by which a spoken answer's text runs ahead of its speech in `mode` (the checkpoint's
+        `GenerationConfig.text_lead`); 0 for text answers."""
+        if mode != "s2s" or not self.speech:
+            return 0
+        return generation_preset(mode, self.tokenizer, self.engine.cfg).text_lead
+
     def speech_trails_text(self, request: Request) -> int:
         """Speech tokens by which the speech of a step of this request's answer comes after its text: a text lead
-        (`GenerationConfig.text_lead`) of L steps is L groups; 0 without one."""
-        if request.mode != "s2s" or not self.speech:
-            return 0
-        return generation_preset(request.mode, self.tokenizer, self.engine.cfg).text_lead * self.engine.k
+        of L steps is L groups."""
+        return self.text_lead(request.mode) * self.engine.k
 
     def _speech_on(self, gen: GenerationConfig) -> bool:
         return not gen.disable_speech and self.speech

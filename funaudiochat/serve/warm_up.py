@@ -21,7 +21,6 @@ import time
 
 from funaudiochat.engine.compiled import CACHE_BUCKET
 from funaudiochat.engine.events import TurnEnd
-from funaudiochat.engine.presets import generation_preset
 from funaudiochat.errors import ContextLengthError, InputError
 from funaudiochat.serve.scheduler import Request, Scheduler
 
@@ -45,8 +44,8 @@ def parse_kinds(value: str) -> tuple[str, ...]:
 
 def _request(scheduler: Scheduler, mode: str, text: str) -> Request:
     # a text lead's first steps are taken before a session joins its batch: the answer outlasts them
-    lead = generation_preset(mode, scheduler.tokenizer, scheduler.engine.cfg).text_lead if mode == "s2s" else 0
-    return Request([{"role": "user", "content": text}], mode=mode, generation={"max_new_tokens": STEPS + lead},
+    return Request([{"role": "user", "content": text}], mode=mode,
+                   generation={"max_new_tokens": STEPS + scheduler.text_lead(mode)},
                    audio_out=mode == "s2s" and scheduler.detokenizer is not None)
 
 

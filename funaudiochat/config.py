@@ -251,6 +251,11 @@ class AudioConfig(_JsonMixin):
     # answer keeps) and left 3 of 11 "quieter" answers at the normal level; doubled, all 11 (docs/mini.md). Released:
     # 1.0 (not written to config.json).
     srh_level_scale: float = 1.0
+    # fun-audio-chat-mini: the rate bias of `srh_answer_prosody` times this where it is positive (an answer asked to be
+    # quicker), as learned where it is not (plain and slower answers stay token for token the same). The mini's
+    # head says its "faster" answers at 0.94 of the pace its data teaches (the voice at speed 1.5); 1.25 brings it
+    # to 1.04 (docs/mini.md). Released: 1.0 (not written to config.json).
+    srh_speedup_scale: float = 1.0
     # fun-audio-chat-mini: the SRH reads the Piper tokens it said back at the normal loudness, so the loudness of every
     # frame is read from the answer's style (`srh_answer_style`), not copied from the frame before. Released: False.
     srh_blind_gain: bool = False
@@ -304,6 +309,8 @@ class AudioConfig(_JsonMixin):
             del out["srh_blind_gain"]
         if self.srh_level_scale == 1.0:
             del out["srh_level_scale"]
+        if self.srh_speedup_scale == 1.0:
+            del out["srh_speedup_scale"]
         if self.word_reader is None:
             del out["word_reader"]
         return dict(sorted(out.items()))
@@ -324,7 +331,7 @@ class AudioConfig(_JsonMixin):
         rms = self.continuous_output_rms
         _check(rms is None or (isinstance(rms, (int, float)) and not isinstance(rms, bool) and 0 < rms < math.inf),
                where, "continuous_output_rms", f"must be a positive number or null, got {rms!r}")
-        for name in ("srh_token_scale", "srh_level_scale"):
+        for name in ("srh_token_scale", "srh_level_scale", "srh_speedup_scale"):
             scale = getattr(self, name)
             _check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf,
                    where, name, f"must be a positive number, got {scale!r}")

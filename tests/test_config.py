@@ -43,6 +43,9 @@ def test_round_trip_keeps_every_field(shared_dir, tmp_path):
     assert "srh_level_scale" not in again["audio_config"]  # 1.0, the released head's levels: not written
     cfg.audio_config.srh_level_scale = 2.0
     assert FunAudioChatConfig.from_dict(cfg.to_dict()).audio_config.srh_level_scale == 2.0
+    assert "srh_speedup_scale" not in again["audio_config"]
+    cfg.audio_config.srh_speedup_scale = 1.25
+    assert FunAudioChatConfig.from_dict(cfg.to_dict()).audio_config.srh_speedup_scale == 1.25
 
 
 def test_default_config_is_the_8b_model():
@@ -75,6 +78,7 @@ def test_missing_fields_take_the_released_class_defaults():
     (("audio_config", "srh_answer_prosody"), True, "audio_config.srh_answer_prosody"),  # likewise
     (("audio_config", "srh_answer_prosody"), "on", "audio_config.srh_answer_prosody"),
     (("audio_config", "srh_level_scale"), 0, "audio_config.srh_level_scale"),
+    (("audio_config", "srh_speedup_scale"), -1.0, "audio_config.srh_speedup_scale"),
     (("text_config", "sil_index"), 4096, "text_config.sil_index"),
     (("audio_config", "crq_transformer_config", "hidden_act"), "gelu", "crq_transformer_config.hidden_act"),
 ])

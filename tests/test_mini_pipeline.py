@@ -225,6 +225,37 @@ def test_deltas_must_fit(tmp_path, monkeypatch):
         mini_deltas.extract(tuned, base)
 
 
+def test_a_head_trained_with_the_answers_prosody_is_assembled_with_its_speedup_calibration(tmp_path):
+    """`MINI_PROSODY`: a checkpoint whose deltas trained the answer's prosody gets `srh_speedup_scale` (a setting
+    the deltas record themselves wins); one without the prosody gets none."""
+    from funaudiochat.model.checkpoint import load_model, save_model
+    from funaudiochat.model.funaudiochat import FunAudioChatModel
+
+    base = make_tiny_checkpoint(tmp_path / "base")
+    model = load_model(base)
+    cfg = model.cfg
+    cfg.audio_config.srh_answer_style = cfg.audio_config.srh_answer_prosody = True
+    trained = FunAudioChatModel(cfg)
+    state = trained.state_dict()
+    state.update(model.state_dict())
+    trained.load_state_dict(state)
+    with torch.no_grad():
+        trained.audio_invert_tower.answer_prosody.weight.normal_()
+    save_model(trained, tmp_path / "trained")
+    deltas, meta = mini_deltas.extract(tmp_path / "trained", base)
+    scale = mini_deltas.MINI_PROSODY["srh_speedup_scale"]
+    for name, recorded, expected in (("calibrated", {}, scale), ("own", {"srh_speedup_scale": 3.0}, 3.0)):
+        settings = {**json.loads(meta["audio_config"]), **recorded}
+        mini_deltas.write(deltas, {**meta, "audio_config": json.dumps(settings)}, tmp_path / name)
+        rebuilt = load_model(mini_deltas.assemble(tmp_path / f"out_{name}", tmp_path / name, base_dir=base))
+        assert rebuilt.cfg.audio_config.srh_speedup_scale == rebuilt.audio_invert_tower.speedup_scale == expected
+    assert scale > 1.0
+    mini_deltas.write({k: v for k, v in deltas.items() if "answer_" not in k},
+                      {**meta, "audio_config": "{}"}, tmp_path / "none")
+    without = load_model(mini_deltas.assemble(tmp_path / "out_none", tmp_path / "none", base_dir=base))
+    assert not without.cfg.audio_config.srh_answer_prosody and without.cfg.audio_config.srh_speedup_scale == 1.0
+
+
 def test_deltas_carry_the_tensors_a_trained_setting_adds(tmp_path):
     """A head trained with the pending-units view (audio_config.srh_pending_units) ships its view's embeddings in
     full, and assembly rebuilds the model with the setting before it applies them."""

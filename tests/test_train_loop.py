@@ -481,7 +481,7 @@ def test_the_answer_prosody_biases_unit_starts_and_loudness_levels_by_the_style_
     """`audio_config.srh_answer_prosody`: inside a spoken answer, the head's logits at the 5 fine positions of each
     LLM position gain the projected style in force: its rate bias on every Piper token that starts a unit, its
     level's bias (times `srh_level_scale`) on every Piper token of that loudness; nothing on the specials, nothing
-    outside the answer."""
+    outside the answer. `srh_speedup_scale` multiplies the rate bias where it is positive only."""
     from funaudiochat.speech.piper_tokens import GAINS, NUM_UNITS, VOCAB_SIZE
 
     model, inputs = tiny_s2s_batch(tmp_path, codebook=VOCAB_SIZE + 8, srh_answer_style=True, srh_answer_prosody=True)
@@ -494,6 +494,11 @@ def test_the_answer_prosody_biases_unit_starts_and_loudness_levels_by_the_style_
         added = model(**inputs).speech_logits - plain
         head.level_scale = 2.0  # config srh_level_scale: the levels' biases doubled, the rate's as learned
         doubled = model(**inputs).speech_logits - plain
+        head.speedup_scale = 1.5  # config srh_speedup_scale: a positive rate bias x1.5, a negative one as learned
+        sped = model(**inputs).speech_logits - plain
+        head.answer_prosody.weight[0].neg_()  # the rate bias of the other sign
+        sped_other = model(**inputs).speech_logits - plain
+        head.answer_prosody.weight[0].neg_()  # (back: the rate read below is the first one)
     hidden = _head_input(model, inputs)[1]
     ids = inputs["input_ids"]
     codes = torch.arange(VOCAB_SIZE + 8)
@@ -501,8 +506,10 @@ def test_the_answer_prosody_biases_unit_starts_and_loudness_levels_by_the_style_
     for row in range(ids.shape[0]):
         opener, close = _spoken_answer(ids[row], cfg)
         rate, *levels = head.answer_prosody(head.answer_style(hidden[row, opener])).tolist()
-        for scale, got in ((1.0, added), (2.0, doubled)):
-            expected = scale * torch.tensor(levels)[level] + rate * (codes % 2 == 0)
+        speedup = [(rate * 1.5 if rate > 0 else rate), (-rate * 1.5 if rate < 0 else -rate)]
+        for scale, rate_bias, got in ((1.0, rate, added), (2.0, rate, doubled), (2.0, speedup[0], sped),
+                                      (2.0, speedup[1], sped_other)):
+            expected = scale * torch.tensor(levels)[level] + rate_bias * (codes % 2 == 0)
             expected[VOCAB_SIZE:] = 0.0
             torch.testing.assert_close(got[row, k * opener:k * close], expected.expand(k * (close - opener), -1),
                                        rtol=1e-4, atol=1e-4)

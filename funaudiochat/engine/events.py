@@ -110,13 +110,15 @@ class DetokenizerThread:
 
     def _run(self) -> None:
         try:
-            while (codes := self.todo.get()) not in (self._FINISH, self._CLOSE):
-                for chunk in self.session.push(codes):
+            while (item := self.todo.get()) not in (self._FINISH, self._CLOSE):
+                codes, ahead = item
+                made = self.session.push(codes) if ahead is None else self.session.push(codes, ahead=ahead)
+                for chunk in made:
                     self.made.put(chunk)
                 with self.progress:
                     self.taken += 1
                     self.progress.notify_all()
-            if codes is self._FINISH and self.pushed:
+            if item is self._FINISH and self.pushed:
                 self.made.put(self.session.finalize())
         except BaseException as err:  # handed to the caller's thread
             with self.progress:
@@ -131,11 +133,12 @@ class DetokenizerThread:
             out.append(self.made.get())
         return out
 
-    def push(self, codes, wait: bool = False) -> None:
+    def push(self, codes, wait: bool = False, ahead: list[int] | None = None) -> None:
+        """ahead: the units known to follow (`Engine.units_ahead`), for a session that takes them."""
         if self.error is not None:
             raise self.error
         self.pushed += 1
-        self.todo.put(list(codes))
+        self.todo.put((list(codes), ahead))
         if wait:
             with self.progress:
                 self.progress.wait_for(lambda: self.taken >= self.pushed or self.error is not None)
@@ -192,11 +195,12 @@ def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer
                 if audio is not None and new_codes:
                     # until the first chunk, wait for the detokenizer to take each group: the chunk they complete
                     # goes out now, not after the next engine step (the first audio's latency)
+                    ahead = engine.units_ahead(state, gen)
                     if first_audio is None:
-                        audio.push(new_codes, wait=True)
+                        audio.push(new_codes, wait=True, ahead=ahead)
                         yield from hand_out(audio.ready())
                     else:
-                        audio.push(new_codes)
+                        audio.push(new_codes, ahead=ahead)
                 if bool(step.speech_ended[0]):
                     yield SpeechEnd()
             if cancel is not None and cancel.is_set():

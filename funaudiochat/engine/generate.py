@@ -350,6 +350,15 @@ class Engine:
         return (torch.tensor(last, device=self.device), torch.tensor(held, device=self.device),
                 torch.tensor(ended, device=self.device), torch.tensor(pace, dtype=torch.float32, device=self.device))
 
+    def units_ahead(self, state: DecodeState, gen: GenerationConfig, row: int = 0) -> list[int] | None:
+        """The units row's speech will say after the one it is saying, where they are known: a head that says its
+        text's units (the pending-units view, gen.speech_follows_text) knows them from the text
+        (`AnswerUnits.ahead`); None otherwise. A streaming Piper detokenizer renders sooner with them."""
+        if self.pending_view is None or not gen.speech_follows_text or state.answers is None:
+            return None
+        answer = state.answers[row]
+        return answer.ahead() if answer is not None else None
+
     def _speech_noise(self, state: DecodeState, gen: GenerationConfig) -> torch.Tensor | None:
         """The sampling noise [B, k, Vs] of one speech group (None when greedy), one draw per position as
         `choose` draws it: the eager group and the compiled S2S step use the same draws, so they agree."""

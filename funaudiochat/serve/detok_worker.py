@@ -46,10 +46,11 @@ class DetokenizerWorker:
         self._thread.start()
 
     # ------------------------------------------------------------------ any thread
-    def push(self, stream, codes: list[int], deliver, alive=None) -> None:
+    def push(self, stream, codes: list[int], deliver, alive=None, ahead: list[int] | None = None) -> None:
         """Add codes to `stream`; `deliver(list of chunks | exception)` is called on the worker thread. `alive()`
-        False (the listener left): the codes are dropped unsynthesised, and so is what the stream still held."""
-        self._put(("push", stream, list(codes), deliver, alive))
+        False (the listener left): the codes are dropped unsynthesised, and so is what the stream still held.
+        `ahead`: the units known to follow them (`PiperStream.push`), for a stream that takes them."""
+        self._put(("push", stream, list(codes), deliver, alive, ahead))
 
     def finalize(self, stream) -> Future:
         """The stream's last chunk (`stream.finalize()`), once every chunk of the pushes before it is delivered."""
@@ -118,17 +119,19 @@ class DetokenizerWorker:
             if item[0] != "push":
                 others.append(item)
                 continue
-            _, stream, codes, deliver, alive = item
+            _, stream, codes, deliver, alive, ahead = item
             if alive is None or alive():
-                entry = pushes.setdefault(stream, [[], deliver, alive])
+                entry = pushes.setdefault(stream, [[], deliver, alive, None])
                 entry[0] += codes
-        alone = [(stream, codes, deliver) for stream, (codes, deliver, _) in pushes.items()
+                entry[3] = ahead  # (what follows the round's last codes)
+        alone = [(stream, codes, deliver, ahead) for stream, (codes, deliver, _, ahead) in pushes.items()
                  if not hasattr(stream, "feed")]
         if alone:  # one turn for the round: N sessions' chunks come out back to back, not one per engine step
             with self.turns.turn():
-                for stream, codes, deliver in alone:
-                    _deliver(deliver, _outcome(stream.push, codes))
-        for stream, (codes, deliver, alive) in pushes.items():
+                for stream, codes, deliver, ahead in alone:
+                    made = _outcome(stream.push, codes) if ahead is None else _outcome(stream.push, codes, ahead)
+                    _deliver(deliver, made)
+        for stream, (codes, deliver, alive, _) in pushes.items():
             if not hasattr(stream, "feed"):
                 continue
             if (err := _outcome(stream.feed, codes)) is not None:  # bad codes: this stream alone fails

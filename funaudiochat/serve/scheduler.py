@@ -262,6 +262,7 @@ class _Step:
     token: int
     group: tuple | None
     speech_ended: bool
+    ahead: list | None = None  # the units the speech says next, where its text tells them (Engine.units_ahead)
 
 
 @dataclass
@@ -606,7 +607,8 @@ class Scheduler:
                         codes.extend(new_codes)
                         session._out.put_nowait(SpeechGroup(item.group, new_codes))
                         if detok is not None and new_codes and failure is None:
-                            worker.push(detok, new_codes, deliver, alive=lambda: not session._abandoned)
+                            worker.push(detok, new_codes, deliver, alive=lambda: not session._abandoned,
+                                        ahead=item.ahead)
                         if item.speech_ended:
                             session._out.put_nowait(SpeechEnd())
                     continue
@@ -828,8 +830,8 @@ class Scheduler:
         gen = session.gen
         ids = session.prompt.input_ids[0].tolist()
         row = _Row(session, gen, gen.max_new_tokens, tail=ids[-self._tail_len(gen):], prefill_s=prefill_s)
-        for result in results:
-            self._emit(row, result, r)
+        for n, result in enumerate(results):  # (the state is that of the last result: only it tells units ahead)
+            self._emit(row, result, r, state if n == len(results) - 1 else None)
             if self._row_done(row, state, r):
                 return
         key = _batch_key(session)
@@ -874,23 +876,26 @@ class Scheduler:
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
         self.metrics.batch_rows.observe(len(live))
         for i, row in live:
-            self._emit(row, result, i)
+            self._emit(row, result, i, state)
             if self._row_done(row, state, i):
                 self._vacate(batch, i)
         if not batch.live:
             del self._batches[batch.key]
 
-    def _emit(self, row: _Row, result, i: int) -> None:
+    def _emit(self, row: _Row, result, i: int, state: DecodeState | None = None) -> None:
+        """Hand row i's step to its session (with the units its speech says next, read from `state`: the state
+        right after this step, or None)."""
         token = int(result.text[i])
-        group = None
+        group = ahead = None
         if result.speech is not None and bool(result.speech_mask[i]):
             group = tuple(int(t) for t in result.speech[i])
             row.speech_tokens += len(group)
+            ahead = self.engine.units_ahead(state, row.gen, i) if state is not None else None
         row.generated += 1
         row.text_ids.append(token)
         row.tail = (row.tail + [token])[-len(row.tail or [0]):]
         self.metrics.tokens.inc(1 + (len(group) if group else 0))
-        row.session._push(_Step(token, group, bool(result.speech_ended[i])))
+        row.session._push(_Step(token, group, bool(result.speech_ended[i]), ahead))
 
     def _row_done(self, row: _Row, state: DecodeState, i: int) -> bool:
         """Finish the row (row i of `state`) if its answer is complete -> True; a completed turn of a conversation

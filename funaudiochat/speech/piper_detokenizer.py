@@ -110,10 +110,11 @@ class PiperDetokenizer:
         bounds = frame_of_token([s.start for s in spans] + [spans[-1].end])
         first = int(np.searchsorted(bounds[1:], g0, side="right"))  # spans ending after g0
         last = int(np.searchsorted(bounds[:-1], g1, side="left"))  # spans starting before g1
-        sentences = sentence_bounds(spans)
+        units = [s.unit for s in spans]
+        sentences = sentence_bounds(units)
         mean = np.zeros((192, g1 - g0), np.float32)
         logstd = np.zeros((192, g1 - g0), np.float32)
-        self._encode_blocks(spans, sentences, range(first, last), cache)
+        self._encode_blocks(units, sentences, range(first, last), cache)
         for n in range(first, last):
             b0 = block_start(sentences, n)
             m_p, logs_p = cache[b0][n - b0]
@@ -123,12 +124,13 @@ class PiperDetokenizer:
             mean[:, a - g0:b - g0], logstd[:, a - g0:b - g0] = m_p[:, sel], logs_p[:, sel]
         return mean + self._noise(g0, g1) * np.exp(logstd) * self.noise_scale
 
-    def _encode_blocks(self, spans: list[UnitSpan], sentences: list[tuple[int, int]], needed: range,
-                       cache: dict) -> None:
-        """Fill `cache[b0]` = [(m_p, logs_p) [192, ids] per span] for the text-encoder blocks of spans `needed`.
+    def _encode_blocks(self, units: list[int], sentences: list[tuple[int, int]], needed: range,
+                       cache: dict) -> dict[int, tuple[int, int, int]]:
+        """Fill `cache[b0]` = [(m_p, logs_p) [192, ids] per unit] for the text-encoder blocks of units `needed`.
         The encoder runs per block of BLOCK units of a sentence, seeing LEFT units before it and RIGHT after it
         (within the sentence): a streamed session and the one-shot path see the same text for every unit,
-        whatever the chunking. Missing blocks run as one batch."""
+        whatever the chunking. Missing blocks run as one batch; returns them, {b0: (b1, window start, window
+        end)}."""
         blocks = {}
         for n in needed:
             lo, hi = sentences[n]
@@ -137,12 +139,13 @@ class PiperDetokenizer:
                 b1 = min(b0 + BLOCK, hi)
                 blocks[b0] = (b1, max(lo, b0 - LEFT), min(hi, b1 + right_of(b0)))
         if not blocks:
-            return
-        windows = [[i for s in spans[e0:e1] for i in self._ids[s.unit]] for _, e0, e1 in blocks.values()]
+            return blocks
+        windows = [[i for u in units[e0:e1] for i in self._ids[u]] for _, e0, e1 in blocks.values()]
         for (b0, (b1, e0, _)), (m_p, logs_p) in zip(blocks.items(), self.parts.encode_batch(windows)):
-            edges = np.cumsum([0] + [len(self._ids[s.unit]) for s in spans[e0:b1]])
+            edges = np.cumsum([0] + [len(self._ids[u]) for u in units[e0:b1]])
             cache[b0] = [(m_p[:, edges[u - e0]:edges[u - e0 + 1]], logs_p[:, edges[u - e0]:edges[u - e0 + 1]])
                          for u in range(b0, b1)]
+        return blocks
 
     @staticmethod
     def _gain(spans: list[UnitSpan], bounds: np.ndarray, g0: int, g1: int) -> np.ndarray:
@@ -177,11 +180,11 @@ class PiperDetokenizer:
         return PiperStream(self, hop, lookahead, first_hop, max_hop)
 
 
-def sentence_bounds(spans: list[UnitSpan]) -> list[tuple[int, int]]:
-    """(first span, one past the last span) of the sentence of each span; a sentence ends with "$" or the stream."""
-    ends = [n + 1 for n, s in enumerate(spans) if UNITS[s.unit] == EOS]
-    if not ends or ends[-1] != len(spans):
-        ends.append(len(spans))
+def sentence_bounds(units: list[int]) -> list[tuple[int, int]]:
+    """(first unit, one past the last unit) of the sentence of each unit; a sentence ends with "$" or the stream."""
+    ends = [n + 1 for n, u in enumerate(units) if UNITS[u] == EOS]
+    if not ends or ends[-1] != len(units):
+        ends.append(len(units))
     out, lo = [], 0
     for hi in ends:
         out += [(lo, hi)] * (hi - lo)
@@ -189,13 +192,13 @@ def sentence_bounds(spans: list[UnitSpan]) -> list[tuple[int, int]]:
     return out
 
 
-def encodable(spans: list[UnitSpan], sentences: list[tuple[int, int]], n: int) -> bool:
-    """Whether span n's text-encoder block sees all it will ever see: its sentence has ended ("$" is there) or
+def encodable(units: list[int], sentences: list[tuple[int, int]], n: int) -> bool:
+    """Whether unit n's text-encoder block sees all it will ever see: its sentence has ended ("$" is there) or
     RIGHT units past its block are there."""
-    if UNITS[spans[sentences[n][1] - 1].unit] == EOS:
+    if UNITS[units[sentences[n][1] - 1]] == EOS:
         return True
     b0 = block_start(sentences, n)
-    return len(spans) >= b0 + BLOCK + right_of(b0)
+    return len(units) >= b0 + BLOCK + right_of(b0)
 
 
 def block_start(sentences: list[tuple[int, int]], n: int) -> int:
@@ -226,7 +229,13 @@ class PiperStream:
     frames and the decoder over 2 DECODER_MARGIN frames besides its own; chunks of 5, 15, 30, 60 tokens: a long
     answer's decoder makes about 1.15x its audio, 1.5x at hop 15 throughout). Same methods as
     `detokenizer.StreamingDetokenizer`. A `lookahead` under LOOKAHEAD leaves the chunks less right context (they
-    then differ more from the one-shot audio near their ends)."""
+    then differ more from the one-shot audio near their ends).
+
+    `push(tokens, ahead=units)`: the units known to follow the one being said (a head that says its text's units
+    knows them from the text, `Engine.units_ahead`). A text-encoder block then needs only its own units to have
+    been said, not the RIGHT units after it, so the first chunk comes about two speech groups sooner. A block
+    encoded from units that the tokens then do not say is dropped from the cache and encoded again from what was
+    said (`hint_misses` counts them; audio already handed out stays as it was)."""
 
     def __init__(self, detok: PiperDetokenizer, hop: int = 15, lookahead: int = LOOKAHEAD,
                  first_hop: int = FIRST_HOP, max_hop: int | None = None):
@@ -240,6 +249,10 @@ class PiperStream:
         self.tokens: list[int] = []
         self.usable = 0  # spans [0, usable) have ended and have their complete text-encoder block
         self.cache: dict = {}  # text-encoder blocks already computed
+        self.ahead: list[int] = []  # units known to follow the last unit said (push's `ahead`)
+        self.hinted: dict[int, tuple[int, tuple]] = {}  # blocks encoded with units not said yet: b0 -> (window
+        #   start, the window's units)
+        self.hint_misses = 0
         self.done = 0  # tokens whose audio has been returned
         self.tail: np.ndarray | None = None  # the last chunk's audio just past its end, for the cross-fade
         self.resampler = _resampler()
@@ -249,15 +262,21 @@ class PiperStream:
     def sample_rate(self) -> int:
         return OUTPUT_RATE
 
-    def push(self, tokens) -> list[np.ndarray]:
-        """Add tokens (validated against the stream so far); return the audio chunks that became ready."""
+    def push(self, tokens, ahead=None) -> list[np.ndarray]:
+        """Add tokens (validated against the stream so far) and, optionally, the units known to follow the last
+        unit said (unit ids, see the class doc); return the audio chunks that became ready."""
         if self.closed:
             raise SessionClosedError("this streaming session was finalised; start a new one with stream()")
         previous = self.tokens[-1] if self.tokens else None
         if self.detok.lenient:
             tokens = repair_tokens(tokens, previous)
         new = check_tokens(tokens, previous, len(self.tokens))
+        ahead = [] if ahead is None else [int(u) for u in ahead]
+        if any(not 0 <= u < NUM_UNITS for u in ahead):
+            raise InputError(f"units ahead must be unit ids in [0, {NUM_UNITS}), got {ahead}")
         self.tokens.extend(new.tolist())
+        self.ahead = ahead
+        self._check_hints(final=False)
         ready = self._ready()
         if ready - self.done >= self._hop():
             return [self._chunk(ready, final=False)]
@@ -271,14 +290,28 @@ class PiperStream:
 
     def _ready(self) -> int:
         """The token up to which audio can be made now: `lookahead` tokens before the end of the last unit that
-        has ended and whose text-encoder block is complete (see `encodable`)."""
+        has ended and whose text-encoder block is complete (see `encodable`; the units ahead count)."""
         spans = unit_spans(self.tokens)
-        sentences = sentence_bounds(spans)
+        units = [s.unit for s in spans] + self.ahead
+        sentences = sentence_bounds(units)
         usable = self.usable
-        while usable < len(spans) - 1 and encodable(spans, sentences, usable):
+        while usable < len(spans) - 1 and encodable(units, sentences, usable):
             usable += 1  # the last span is still open: its end is not known
         self.usable = usable
         return spans[usable - 1].end - self.lookahead if usable else 0
+
+    def _check_hints(self, final: bool) -> None:
+        """Drop the cached blocks encoded with units ahead that the tokens said otherwise (or, at the end, never
+        said), and keep the others once all their units are said."""
+        said = [s.unit for s in unit_spans(self.tokens)]
+        for b0, (e0, window) in list(self.hinted.items()):
+            known = tuple(said[e0:e0 + len(window)])
+            if known != window[:len(known)] or (final and len(known) < len(window)):
+                del self.cache[b0], self.hinted[b0]
+                self.hint_misses += 1
+                self.usable = min(self.usable, b0)  # its units' blocks are checked again
+            elif len(known) == len(window):
+                del self.hinted[b0]
 
     def finalize(self) -> np.ndarray:
         """Synthesise what is left and close the session."""
@@ -287,6 +320,7 @@ class PiperStream:
         self.closed = True
         if not self.tokens:
             return np.zeros(0, dtype=np.float32)
+        self._check_hints(final=True)
         return self._chunk(len(self.tokens), final=True)
 
     def _chunk(self, end: int, final: bool) -> np.ndarray:
@@ -297,6 +331,12 @@ class PiperStream:
         tail = -(-CROSSFADE // VOICE_HOP)  # frames of the cross-fade past the chunk
         g0, d0 = max(0, f0 - MARGIN_LEFT), max(0, f0 - DECODER_MARGIN)  # the flow's window, the decoder's
         g1, d1 = (f1, f1) if final else (min(known, f1 + tail + MARGIN_RIGHT), min(known, f1 + tail + DECODER_MARGIN))
+        if self.ahead and not final:  # blocks complete only with the units ahead: encode them with those units
+            said = [s.unit for s in spans]
+            units = said + self.ahead
+            blocks = self.detok._encode_blocks(units, sentence_bounds(units), range(self.usable), self.cache)
+            self.hinted.update({b0: (e0, tuple(units[e0:e1])) for b0, (_, e0, e1) in blocks.items()
+                                if e1 > len(said)})
         audio = self.detok.render(spans, g0, g1, self.cache, decode=(d0, d1))[(f0 - d0) * VOICE_HOP:]
         n = (f1 - f0) * VOICE_HOP
         out = audio[:n].copy()

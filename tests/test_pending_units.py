@@ -241,25 +241,31 @@ def test_the_answer_cue_of_a_prefill_from_cached_keys_equals_a_whole_prefills(pi
     assert state.answer_style[0, d:].abs().sum() > 0 and torch.equal(group, whole_group)
 
 
-def test_speech_follows_the_text_it_wrote(piper, tmp_path):
-    """By default (GenerationConfig.speech_follows_text) a head with the view only continues its unit or starts the
-    next pending one: even a random head says exactly the units of its text, in order, as valid Piper spans; free,
-    the same head says other units."""
+def _text_locked(piper, tmp_path, sentence: str, max_new_tokens: int):
+    """A random speaking head with the view over a text that grows by `sentence` per text id, text-locked: (engine,
+    prompt, sampled generation settings that never end the text)."""
     from funaudiochat.engine.generate import Engine, GenerationConfig
     from funaudiochat.engine.prompt import Prompt
     from funaudiochat.speech.pending_units import view_for
     from tests.helpers import make_tiny_tokenizer
 
-    tok = make_tiny_tokenizer(tmp_path)
     model = _speaking_model(width=3)
-    ends = view_for(model.cfg.text_config, tok, 3).text_ends
-    sentence = "Tea is ready in five minutes. "
+    ends = view_for(model.cfg.text_config, make_tiny_tokenizer(tmp_path), 3).text_ends
     engine = Engine(model, pending_view=PendingUnitsView(piper, 3, lambda ids: sentence * len(ids), ends))
     engine.restrict_speech_codes(range(pt.VOCAB_SIZE))
     prompt = Prompt(torch.randint(30, 400, (1, 7), generator=torch.Generator().manual_seed(1)))
-    gen = GenerationConfig(max_new_tokens=16, force_text_abos=True, eos_token_id=502, pad_token_id=500,
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, force_text_abos=True, eos_token_id=502, pad_token_id=500,
                            text_greedy=True, do_sample=True, temperature=1.0, seed=3,
                            bad_words_ids=[[i] for i in sorted(ends)])
+    return engine, prompt, gen
+
+
+def test_speech_follows_the_text_it_wrote(piper, tmp_path):
+    """By default (GenerationConfig.speech_follows_text) a head with the view only continues its unit or starts the
+    next pending one: even a random head says exactly the units of its text, in order, as valid Piper spans; free,
+    the same head says other units."""
+    sentence = "Tea is ready in five minutes. "
+    engine, prompt, gen = _text_locked(piper, tmp_path, sentence, 16)
     expected = [u for s in piper.units(sentence * 4) for u in s]
 
     def said(g):
@@ -437,22 +443,10 @@ def test_the_engine_tells_the_units_ahead_and_the_first_audio_comes_sooner(piper
     `stream_turn` hands them to the Piper detokenizer, whose first chunk then comes after fewer speech groups.
     A head that does not follow its text tells none."""
     from funaudiochat.engine.events import AudioChunk, SpeechGroup, stream_turn
-    from funaudiochat.engine.generate import Engine, GenerationConfig
-    from funaudiochat.engine.prompt import Prompt
-    from funaudiochat.speech.pending_units import view_for
     from funaudiochat.speech.piper_detokenizer import PiperDetokenizer
-    from tests.helpers import make_tiny_tokenizer
 
-    tok = make_tiny_tokenizer(tmp_path)
-    model = _speaking_model(width=3)
-    ends = view_for(model.cfg.text_config, tok, 3).text_ends
     sentence = "Tea is ready in five minutes, and the cups are on the table. "
-    engine = Engine(model, pending_view=PendingUnitsView(piper, 3, lambda ids: sentence * len(ids), ends))
-    engine.restrict_speech_codes(range(pt.VOCAB_SIZE))
-    prompt = Prompt(torch.randint(30, 400, (1, 7), generator=torch.Generator().manual_seed(1)))
-    gen = GenerationConfig(max_new_tokens=14, force_text_abos=True, eos_token_id=502, pad_token_id=500,
-                           text_greedy=True, do_sample=True, temperature=1.0, seed=3,
-                           bad_words_ids=[[i] for i in sorted(ends)])
+    engine, prompt, gen = _text_locked(piper, tmp_path, sentence, 14)
     expected = [u for s in piper.units(sentence * gen.max_new_tokens) for u in s]  # (a sentence per text id)
     told = 0
     for state, _ in engine.steps(prompt, gen):

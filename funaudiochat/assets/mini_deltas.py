@@ -46,7 +46,7 @@ RELEASE_STAGES = ("core_cocktail_stage2", "speak", "speak_prosody", "reader_nois
 # short answer before it must say it (docs/mini.md, "The text lead")
 MINI_GENERATION = {"text_loop_stop": 3, "text_lead": 3}
 # and the calibration of a head trained with the answer's prosody: its "faster" answers said at the pace the data
-# teaches (the positive rate bias x1.25; docs/mini.md, "Faster: the rate bias calibrated"); a setting the deltas
+# teaches (the positive rate bias x1.25; docs/mini.md, '"Faster": the rate bias calibrated'); a setting the deltas
 # record themselves wins
 MINI_PROSODY = {"srh_speedup_scale": 1.25}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -252,7 +252,7 @@ def assemble(out_dir: str | Path, deltas_dir: str | Path, base_dir: str | Path |
         settings = json.loads(meta["audio_config"]) if meta.get("audio_config") else {}
         if settings.get("srh_answer_prosody"):
             settings = {**MINI_PROSODY, **settings}
-        if settings:  # settings the trained parts were trained with: rebuild the model with them
+        if settings:  # settings the trained parts were trained with (and the prosody's calibration): rebuild with them
             model = with_audio_settings(model, settings, source, deltas)
         apply_deltas(model, deltas, source)
         model.cfg.trained = trained_parts(deltas, model.word_reader is not None)

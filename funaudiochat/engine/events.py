@@ -112,8 +112,7 @@ class DetokenizerThread:
         try:
             while (item := self.todo.get()) not in (self._FINISH, self._CLOSE):
                 codes, ahead = item
-                made = self.session.push(codes) if ahead is None else self.session.push(codes, ahead=ahead)
-                for chunk in made:
+                for chunk in self.session.push(codes, ahead):
                     self.made.put(chunk)
                 with self.progress:
                     self.taken += 1

@@ -129,8 +129,7 @@ class DetokenizerWorker:
         if alone:  # one turn for the round: N sessions' chunks come out back to back, not one per engine step
             with self.turns.turn():
                 for stream, codes, deliver, ahead in alone:
-                    made = _outcome(stream.push, codes) if ahead is None else _outcome(stream.push, codes, ahead)
-                    _deliver(deliver, made)
+                    _deliver(deliver, _outcome(stream.push, codes, ahead))
         for stream, (codes, deliver, alive, _) in pushes.items():
             if not hasattr(stream, "feed"):
                 continue

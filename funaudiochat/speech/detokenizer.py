@@ -306,8 +306,9 @@ class StreamingDetokenizer:
             raise SessionClosedError("this streaming session was finalised; start a new one with stream()")
         self.state.tokens.extend(check_tokens(tokens, self.detok.flow.cfg.vocab_size)[0].tolist())
 
-    def push(self, tokens) -> list[np.ndarray]:
-        """Add tokens; return the audio chunks (float32 numpy) that became ready, possibly none."""
+    def push(self, tokens, ahead=None) -> list[np.ndarray]:
+        """Add tokens; return the audio chunks (float32 numpy) that became ready, possibly none. `ahead` (the units
+        a Piper stream is told to expect, `PiperStream.push`) is accepted and unused: S3 tokens have no units."""
         self.feed(tokens)
         return drain([self])[0]
 

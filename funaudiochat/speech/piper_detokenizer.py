@@ -303,6 +303,8 @@ class PiperStream:
     def _check_hints(self, final: bool) -> None:
         """Drop the cached blocks encoded with units ahead that the tokens said otherwise (or, at the end, never
         said), and keep the others once all their units are said."""
+        if not self.hinted:  # (nothing to check: no unit spans to count)
+            return
         said = [s.unit for s in unit_spans(self.tokens)]
         for b0, (e0, window) in list(self.hinted.items()):
             known = tuple(said[e0:e0 + len(window)])

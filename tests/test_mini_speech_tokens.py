@@ -226,8 +226,9 @@ def test_a_wrong_unit_ahead_is_dropped_and_its_block_encoded_again(detok, tokens
         for (m, logs), (m_ref, logs_ref) in zip(block, whole[b0]):
             np.testing.assert_allclose(m, m_ref, rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(logs, logs_ref, rtol=1e-4, atol=1e-4)
-    with pytest.raises(InputError, match="units ahead must be unit ids"):
-        detok.stream().push(tokens[:5], ahead=[pt.NUM_UNITS])
+    for bad in ([pt.NUM_UNITS], [-1], [2.5], ["a"], [True]):
+        with pytest.raises(InputError, match="units ahead must be a list of unit ids"):
+            detok.stream().push(tokens[:5], ahead=bad)
 
 
 def test_first_chunk_comes_after_first_hop_tokens(detok, tokenizer):

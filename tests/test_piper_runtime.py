@@ -190,6 +190,19 @@ def test_detokenizer_json_is_checked(tmp_path):
         load_detokenizer(tmp_path)
 
 
+def test_the_piper_voice_runs_on_as_many_threads_as_torch_unless_told(tmp_path):
+    """The first chunk is made while the engine waits for it: by default the voice's sessions use torch's cores."""
+    (tmp_path / "detokenizer.json").write_text(json.dumps({"kind": "piper-joe"}))
+    torch_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for threads, expected in ((None, 2), (1, 1)):
+            sessions = load_detokenizer(tmp_path, threads=threads).parts.sessions.values()
+            assert {s.get_session_options().intra_op_num_threads for s in sessions} == {expected}
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
 def test_infer_speaks_through_the_checkpoints_own_piper_detokenizer(tmp_path):
     """A random checkpoint whose folder says "piper-joe": `infer` (no --detokenizer) writes a wav of its speech,
     every code in the voice's vocabulary, sampled; an unknown --speaker is one error line naming the voice."""

@@ -195,6 +195,18 @@ def _stream_told_ahead(detok, tokens, **kw):
     return session, chunks, first, boundaries
 
 
+def _assert_kept_blocks_are_the_whole_streams(detok, session, tokens):
+    """Every text-encoder block a session keeps is the one the whole stream's units give."""
+    units = [s.unit for s in pt.unit_spans(tokens)]
+    whole: dict = {}
+    detok._encode_blocks(units, sentence_bounds(units), range(len(units)), whole)
+    assert session.cache.keys() <= whole.keys()
+    for b0, block in session.cache.items():
+        for (m, logs), (m_ref, logs_ref) in zip(block, whole[b0]):
+            np.testing.assert_allclose(m, m_ref, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(logs, logs_ref, rtol=1e-4, atol=1e-4)
+
+
 SENTENCES = (TEXT, "The museum opens at nine tomorrow morning.", "It is a small town by the sea.")
 
 
@@ -244,13 +256,7 @@ def test_the_first_chunk_guesses_its_right_context_from_the_units_ahead(detok, t
     for e in list(np.cumsum([len(c) for c in chunks])[:-1]) + boundaries:
         if 0 < e < len(audio):
             assert abs(audio[e] - audio[e - 1]) <= inner
-    units = [s.unit for s in pt.unit_spans(tokens)]
-    whole: dict = {}
-    detok._encode_blocks(units, sentence_bounds(units), range(len(units)), whole)
-    assert session.cache.keys() <= whole.keys()
-    for b0, block in session.cache.items():
-        for (m, logs), (m_ref, logs_ref) in zip(block, whole[b0]):
-            np.testing.assert_allclose(m, m_ref, rtol=1e-4, atol=1e-4)
+    _assert_kept_blocks_are_the_whole_streams(detok, session, tokens)
     for bad in (-1, LOOKAHEAD + 1):
         with pytest.raises(InputError, match="lookahead at least first_lookahead"):
             detok.stream(first_lookahead=bad)
@@ -259,8 +265,6 @@ def test_the_first_chunk_guesses_its_right_context_from_the_units_ahead(detok, t
 def test_a_wrong_unit_ahead_is_dropped_and_its_block_encoded_again(detok, tokens):
     """Units ahead that the tokens then do not say: the blocks encoded with them leave the cache, and every block
     the session keeps is the one the whole stream's units give."""
-    spans = pt.unit_spans(tokens)
-    units = [s.unit for s in spans]
     session = detok.stream(hop=15)
     for start in range(0, len(tokens), 5):
         ahead = _units_after(tokens, start + 5)
@@ -269,13 +273,7 @@ def test_a_wrong_unit_ahead_is_dropped_and_its_block_encoded_again(detok, tokens
         session.push(tokens[start:start + 5], ahead=ahead)
     audio = session.finalize()
     assert audio.size and session.hint_misses >= 1
-    whole: dict = {}
-    detok._encode_blocks(units, sentence_bounds(units), range(len(units)), whole)
-    assert session.cache.keys() <= whole.keys()
-    for b0, block in session.cache.items():
-        for (m, logs), (m_ref, logs_ref) in zip(block, whole[b0]):
-            np.testing.assert_allclose(m, m_ref, rtol=1e-4, atol=1e-4)
-            np.testing.assert_allclose(logs, logs_ref, rtol=1e-4, atol=1e-4)
+    _assert_kept_blocks_are_the_whole_streams(detok, session, tokens)
     for bad in ([pt.NUM_UNITS], [-1], [2.5], ["a"], [True]):
         with pytest.raises(InputError, match="units ahead must be a list of unit ids"):
             detok.stream().push(tokens[:5], ahead=bad)

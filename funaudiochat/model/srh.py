@@ -116,6 +116,11 @@ class SpeechRefinedHead(nn.Module):
         bias = levels.index_select(-1, level) + rate * (codes % 2 == 0)
         return bias * piper
 
+    def rate_bias(self, styles: torch.Tensor) -> torch.Tensor:
+        """The answer styles in force [..., D] -> the prosody's rate bias [...] as learned (positive: asked to be
+        fast; `speedup_scale` not applied)."""
+        return self.answer_prosody(styles.to(self.answer_prosody.weight.dtype))[..., 0].float()
+
     def ungroup(self, u: torch.Tensor) -> torch.Tensor:
         """u [B, L, D] -> P [B, 5L, D]; fine position 5p+k belongs to LLM position p."""
         b, l, _ = u.shape

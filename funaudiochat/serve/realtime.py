@@ -688,8 +688,6 @@ class RealtimeSession:
                 response.engine = await self._submit(request)
             if response.status == "cancelled":  # cancelled while waiting for a row
                 response.engine.cancel()
-            # with a text lead the text of a step is said `text_lead` groups later: its mark counts those codes
-            ahead = self.scheduler.speech_trails_text(request)
             async for event in response.engine:
                 if response.status == "cancelled" and not isinstance(event, TurnEnd):
                     continue  # the client stopped listening: wait for the engine's TurnEnd only
@@ -697,6 +695,8 @@ class RealtimeSession:
                     codes += len(event.codes)
                 elif isinstance(event, TextDelta):
                     text += event.text
+                    # with a text lead the text of a step is said `text_lead` groups later: its mark counts those
+                    ahead = self.scheduler.speech_trails_text(response.engine)
                     item.marks.append((codes + ahead, len(text)))
                     if request.tools and "<tool_call>" in text:
                         hidden = True

@@ -162,7 +162,7 @@ def _batch_key(session: "Session") -> tuple:
     gen = session.gen
     own = session.id if gen.seed is not None and gen.do_sample else None
     return (gen.disable_speech, gen.sampling, gen.text_greedy, gen.bad_words_ids, gen.eos_ids, gen.pad_token_id,
-            gen.text_loop_stop, gen.text_lead, own)
+            gen.text_loop_stop, gen.text_lead, gen.fast_text_lead, own)
 
 
 def _runs_alone(key: tuple) -> bool:
@@ -191,7 +191,8 @@ class _Prefill:
     sessions: list["Session"]
     job: PrefillJob
     gen: GenerationConfig  # the first token's choice (shared: the sessions have equal batch keys)
-    admitted: int = 0      # sessions already handed to a batch (or finished) once the prompts are in
+    admitted: set = field(default_factory=set)  # rows already handed to a batch (or finished) once the prompts
+    #   are in
 
 
 # ---------------------------------------------------------------------------------------------- the session
@@ -440,17 +441,17 @@ class Scheduler:
             prompt.attention_mask = torch.ones_like(prompt.input_ids)
         return _Prepared(prompt, gen, n_system, keys, prefix)
 
-    def text_lead(self, mode: str) -> int:
-        """The LLM steps by which a spoken answer's text runs ahead of its speech in `mode` (the checkpoint's
-        `GenerationConfig.text_lead`); 0 for text answers."""
+    def longest_lead(self, mode: str) -> int:
+        """The most LLM steps by which a spoken answer's text may run ahead of its speech in `mode` (the
+        checkpoint's `GenerationConfig.text_lead` / `fast_text_lead`); 0 for text answers."""
         if mode != "s2s" or not self.speech:
             return 0
-        return generation_preset(mode, self.tokenizer, self.engine.cfg).text_lead
+        return generation_preset(mode, self.tokenizer, self.engine.cfg).longest_lead
 
-    def speech_trails_text(self, request: Request) -> int:
-        """Speech tokens by which the speech of a step of this request's answer comes after its text: a text lead
-        of L steps is L groups."""
-        return self.text_lead(request.mode) * self.engine.k
+    def speech_trails_text(self, session: Session) -> int:
+        """Speech tokens by which the speech of a step of this session's answer comes after its text: its text
+        lead of L steps (its own once it has joined a batch: `Engine.lead_of`) is L groups."""
+        return session.gen.text_lead * self.engine.k if self._speech_on(session.gen) else 0
 
     def _speech_on(self, gen: GenerationConfig) -> bool:
         return not gen.disable_speech and self.speech
@@ -738,7 +739,7 @@ class Scheduler:
                                    self.engine.cfg.audio_config.pad_token_id)
         try:  # (each prompt's length was checked against the context in prepare)
             job = self.engine.start_prefill(prompt, gen.with_(max_new_tokens=1), self.prefill_chunk, prefixes, save,
-                                            cache_len=int(prompt.input_ids.shape[1]) + gen.text_lead)
+                                            cache_len=int(prompt.input_ids.shape[1]) + gen.longest_lead)
         except Exception as err:
             log.exception("prefill of %d session(s) failed to start", len(group))
             for session in group:
@@ -789,7 +790,9 @@ class Scheduler:
         except Exception as err:  # the engine failed on these prompts: they alone end
             self._prefill = None
             log.exception("prefill of session(s) %s failed", ", ".join(s.id for s in pending.sessions))
-            for session in pending.sessions[pending.admitted:]:  # (the admitted ones run in their batch)
+            for r, session in enumerate(pending.sessions):
+                if r in pending.admitted:  # (it runs in its batch)
+                    continue
                 self._end(session, EngineFailure(f"the engine failed on this request: {err}"))
 
     def _prefix_key(self, session: Session) -> tuple:
@@ -806,24 +809,42 @@ class Scheduler:
         state, logits, group = job.result
         steps_left = [session.gen.max_new_tokens - 1 for session in pending.sessions]
         results = [self.engine.choose_step(state, logits, group, pending.gen, steps_left=steps_left)]
-        if self._speech_on(pending.gen):  # a text lead of L: the first L steps (text only) before joining, so every
-            # row of a batch has its L steps in `state.lead`
-            for _ in range(pending.gen.text_lead):
-                if state.done:
-                    break
-                logits, group = self.engine.forward_step(state, pending.gen)
-                steps_left = [left - 1 for left in steps_left]
-                results.append(self.engine.choose_step(state, logits, group, pending.gen, steps_left=steps_left))
         self.metrics.prefill_seconds.observe(job.seconds)
         self._joining = len(pending.sessions)
         try:
-            for r, session in enumerate(pending.sessions):
-                self._joining -= 1
-                if not session._ended:  # (one cancelled during the prefill has ended already)
-                    self._start_row(session, state, results, r, job.seconds)
-                pending.admitted += 1
+            if not self._speech_on(pending.gen) or not pending.gen.text_lead:
+                self._start_rows(pending, state, results, range(len(pending.sessions)), leave=False)
+                return
+            # a text lead of L: the first L steps (text only) before joining, so every row of a batch has its L
+            # steps in `state.lead`; the rows asked to be fast (`Engine.lead_of`) take their longer lead's steps
+            # after the others have joined their batches
+            gen, fast = pending.gen, []
+            while not state.done and len(state.lead) < (state.text_lead or gen.text_lead):
+                logits, group = self.engine.forward_step(state, gen)
+                steps_left = [left - 1 for left in steps_left]
+                results.append(self.engine.choose_step(state, logits, group, gen, steps_left=steps_left))
+                if state.fast_rows is not None and len(state.lead) == gen.text_lead and \
+                        state.text_lead == gen.text_lead and bool(state.fast_rows.any()):  # a mixed group
+                    fast = state.fast_rows.nonzero().flatten().tolist()
+                    self._start_rows(pending, state, results, [r for r in range(state.batch) if r not in fast])
+                    state.text_lead = gen.fast_text_lead
+            self._start_rows(pending, state, results, fast or range(len(pending.sessions)))
         finally:
             self._joining = 0
+
+    def _start_rows(self, pending: _Prefill, state: DecodeState, results: list, rows, leave: bool = True) -> None:
+        """Rows of a prefill state whose text lead's steps are taken join their batches, with that lead; with
+        `leave` the state goes on without them (finished there)."""
+        for r in rows:
+            session = pending.sessions[r]
+            self._joining -= 1
+            if not session._ended:  # (one cancelled during the prefill has ended already)
+                if state.text_lead is not None:
+                    session.gen = session.gen.with_(text_lead=state.text_lead, fast_text_lead=0)
+                self._start_row(session, state, list(results), r, pending.job.seconds)
+            pending.admitted.add(r)
+            if leave:
+                state.finished[r] = True
 
     def _start_row(self, session: Session, state: DecodeState, results: list, r: int, prefill_s: float) -> None:
         """Row r of a finished prefill: emit its first steps' tokens; unless they end it, it joins its batch."""
@@ -1013,6 +1034,7 @@ class Scheduler:
         state.lead = [tuple(x.new_zeros((rows,) + tuple(x.shape[1:])) for x in entry[:4]) + (slot - lead + j,)
                       for j, entry in enumerate(like.lead)]
         state.finished.fill_(True)
+        state.text_lead = like.text_lead
         state.generator = like.generator  # only a seeded session's own batch (one row) has one
         return state
 

@@ -45,7 +45,7 @@ def parse_kinds(value: str) -> tuple[str, ...]:
 def _request(scheduler: Scheduler, mode: str, text: str) -> Request:
     # a text lead's first steps are taken before a session joins its batch: the answer outlasts them
     return Request([{"role": "user", "content": text}], mode=mode,
-                   generation={"max_new_tokens": STEPS + scheduler.text_lead(mode)},
+                   generation={"max_new_tokens": STEPS + scheduler.longest_lead(mode)},
                    audio_out=mode == "s2s" and scheduler.detokenizer is not None)
 
 

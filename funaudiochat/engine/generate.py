@@ -5,7 +5,9 @@ active: (E_text(t) + Enc(g)) / 2), runs the Speech Refined Head 5 times (one fin
 with the embedding of the SRH's previous token), then picks the next text token. The SRH runs on every step, also
 outside speech mode, as released: its cache covers every LLM position x 5 and the discarded group seeds the next.
 With a text lead (`GenerationConfig.text_lead` L, a model whose LLM does not read its speech) the SRH's group of a
-step is that of the LLM position L steps back, so the text the head reads runs L ids further ahead.
+step is that of the LLM position L steps back, so the text the head reads runs L ids further ahead; an answer asked
+to be fast takes `fast_text_lead` instead (`Engine.lead_of`; rows of one batch share a lead, so the server batches
+fast answers apart).
 
 Unlike the released code (SPEC §13 item 4) a batch is exact: left padding is masked in the LLM and the SRH, rope
 positions start at each row's first real token, speech gating, forcing and stopping are per row. All state lives
@@ -388,8 +390,9 @@ class Engine:
         """Feed `state.last_token` (fused with the last speech group where `state.fuse`) -> text logits, SRH group.
 
         Compiled, one graph runs the LLM position and the SRH's whole group, sampling included; eager, the LLM
-        position, then the SRH positions one by one around the sampling. With `gen.text_lead` L the group is that
-        of the LLM step L steps back (`state.lead`), and None for the first L steps after the prefill."""
+        position, then the SRH positions one by one around the sampling. With a text lead L (`state.text_lead`, set
+        by `lead_of` at the first step) the group is that of the LLM step L steps back (`state.lead`), and None for
+        the first L steps after the prefill."""
         speech = state.srh_cache is not None
         lead = state.text_lead if state.text_lead is not None else gen.text_lead
         lagged = state.lead.pop(0) if speech and lead and len(state.lead) >= lead else None

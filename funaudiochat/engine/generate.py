@@ -145,6 +145,10 @@ class DecodeState:
     def batch(self) -> int:
         return self.prompt_ids.shape[0]
 
+    def lead_in_force(self, gen: GenerationConfig) -> int:
+        """The text lead of this state's answers: its own once the first decode step set it, else `gen`'s."""
+        return self.text_lead if self.text_lead is not None else gen.text_lead
+
     @property
     def done(self) -> bool:
         return bool(self.finished.all())
@@ -394,7 +398,7 @@ class Engine:
         by `lead_of` at the first step) the group is that of the LLM step L steps back (`state.lead`), and None for
         the first L steps after the prefill."""
         speech = state.srh_cache is not None
-        lead = state.text_lead if state.text_lead is not None else gen.text_lead
+        lead = state.lead_in_force(gen)
         lagged = state.lead.pop(0) if speech and lead and len(state.lead) >= lead else None
         group = None
         if self.compiled is not None and speech and (lagged is not None or not lead):
@@ -572,7 +576,7 @@ class Engine:
         for e in gen.eos_ids:
             ends |= token == e
         if state.answers is not None:
-            lead = state.text_lead if state.text_lead is not None else gen.text_lead  # (the speech trails the text)
+            lead = state.lead_in_force(gen)  # (the speech trails the text by it)
             short = [a is not None and left - lead <= a.steps_to_say(self.k)
                      for a, left in zip(state.answers, steps_left)]
             ends |= torch.tensor(short, device=token.device)

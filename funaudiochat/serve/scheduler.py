@@ -819,7 +819,7 @@ class Scheduler:
             # steps in `state.lead`; the rows asked to be fast (`Engine.lead_of`) take their longer lead's steps
             # after the others have joined their batches
             gen, fast = pending.gen, []
-            while not state.done and len(state.lead) < (state.text_lead or gen.text_lead):
+            while not state.done and len(state.lead) < state.lead_in_force(gen):
                 logits, group = self.engine.forward_step(state, gen)
                 steps_left = [left - 1 for left in steps_left]
                 results.append(self.engine.choose_step(state, logits, group, gen, steps_left=steps_left))

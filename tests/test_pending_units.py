@@ -225,12 +225,16 @@ def test_an_answer_asked_to_be_fast_gets_the_longer_text_lead(piper, tmp_path):
                            text_greedy=True, bad_words_ids=[[i] for i in sorted(ends)], **S2M_SAMPLING, seed=4,
                            text_lead=2, fast_text_lead=4)
 
-    def run(prompt, gen, compile=False):
+    def final_state(prompt, gen, compile=False):
         engine = Engine(model, compile=compile, pending_view=view_for(model.cfg.text_config, tok, 3))
         engine.restrict_speech_codes(range(pt.VOCAB_SIZE))
         state = None
         for state, _ in engine.steps(prompt, gen):
             pass
+        return state
+
+    def run(prompt, gen, compile=False):
+        state = final_state(prompt, gen, compile)
         return [t.tolist() for t in state.tokens], state.speech, state.text_lead
 
     prompts = [Prompt(torch.randint(30, 400, (1, 7), generator=torch.Generator().manual_seed(s))) for s in range(8)]
@@ -243,6 +247,10 @@ def test_an_answer_asked_to_be_fast_gets_the_longer_text_lead(piper, tmp_path):
     assert len(speech[0]) == len(run(fast, gen.with_(text_lead=2, fast_text_lead=0))[1][0]) - 5 * 2
     assert run(fast, gen, compile=True) == (text, speech, 4)
     assert run(plain, gen)[:2] == run(plain, gen.with_(fast_text_lead=0))[:2]
+    for lead in (4, 0):  # the answer knows it was asked to be fast (the voice clock's), with or without its own lead
+        asked = [final_state(p, gen.with_(max_new_tokens=2, fast_text_lead=lead)).answers[0].asked_fast
+                 for p in (fast, plain)]
+        assert asked == [True, False], lead
     rate = model.audio_invert_tower.answer_prosody.weight
     with torch.no_grad():
         rate[0].neg_()  # the rate bias's sign flipped: the fast prompt is a plain one, the plain one fast
@@ -521,17 +529,18 @@ def test_the_engine_tells_the_units_ahead_and_the_first_audio_comes_sooner(piper
 
 
 def test_the_voice_clock_holds_a_long_answer_to_the_voices_pace_or_its_own_asked_one(piper):
-    """AnswerUnits.pace (the voice clock): 0 for an answer said at the voice's timing, faster, or much slower (an
-    asked-for slow answer keeps whatever pace it takes); positive once an answer at about the voice's pace runs later
-    than the voice past CLOCK_FROM, and more so the later it runs; text_locked adds it to starting the next unit
-    only."""
-    from funaudiochat.speech.pending_units import CLOCK_FROM, text_locked
+    """AnswerUnits.pace (the voice clock): 0 for an answer said at the voice's timing, and for one asked to be slow
+    (it keeps whatever pace it takes) or fast (it runs ahead); positive once an answer at about the voice's pace runs
+    later than the voice past CLOCK_FROM, and more so the later it runs; negative, as much, once a plain answer runs
+    that much earlier; text_locked adds it to starting the next unit only."""
+    from funaudiochat.speech.pending_units import CLOCK_FROM, CLOCK_MAX, text_locked
 
     text = "Tea is ready in five minutes, and the cups are on the table by the window. " * 5
     assert pt.unit_spans(piper.tokenize(text))[-1].end > 2 * CLOCK_FROM  # the clock runs for most of it (20 s)
 
-    def pace_of(codes):
+    def pace_of(codes, asked_fast=False):
         answer = PendingUnitsView(piper, 3, lambda ids: text, {1}).answer()
+        answer.asked_fast = asked_fast
         answer.add_text(0)
         answer.add_text(1)  # the text has ended
         paces = []
@@ -540,13 +549,19 @@ def test_the_voice_clock_holds_a_long_answer_to_the_voices_pace_or_its_own_asked
             paces.append(answer.pace)
         return paces
 
-    for in_time in (1.0, 0.8, 1.6):  # the voice's pace, faster, and an asked-for slow one
+    for in_time in (1.0, 1.6):  # the voice's pace, and an asked-for slow one
         assert set(pace_of(_said(piper, text, lambda t: in_time))) == {0.0}, in_time
+    assert set(pace_of(_said(piper, text, lambda t: 0.8), asked_fast=True)) == {0.0}
     slow = pace_of(_said(piper, text, lambda t: 1.1))  # a plain answer 10 % slower than the voice
     drifting = pace_of(_said(piper, text, lambda t: 1.0 if t < CLOCK_FROM else 1.4))
     assert slow[0] == drifting[0] == 0.0 and slow[-1] > 0.5 and drifting[-1] > slow[-1]
+    early = pace_of(_said(piper, text, lambda t: 0.9))  # a plain answer 10 % faster than the voice
+    rushing = pace_of(_said(piper, text, lambda t: 1.0 if t < CLOCK_FROM else 0.7))
+    assert early[0] == rushing[0] == 0.0 and early[-1] < -0.5 and rushing[-1] < early[-1]
+    assert min(rushing) >= -CLOCK_MAX and max(early + rushing) == 0.0
     ahead_then_slow = pace_of(_said(piper, text, lambda t: 0.8 if t < CLOCK_FROM else 1.1))
-    assert set(ahead_then_slow) == {0.0}  # the clock is the voice's: a head start counts
+    assert max(ahead_then_slow) == 0.0 > min(ahead_then_slow)  # the clock is the voice's: a head start counts,
+    assert ahead_then_slow[-1] > min(ahead_then_slow)           # and slowing down catches the voice up
     assert set(pace_of(_said(piper, text, lambda t: 1.6 if t < CLOCK_FROM else 2.4))) == {0.0}  # slow, then slower
 
     size, bos, eos = pt.VOCAB_SIZE + 4, pt.VOCAB_SIZE + 1, pt.VOCAB_SIZE + 2

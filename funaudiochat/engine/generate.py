@@ -419,14 +419,21 @@ class Engine:
     def lead_of(self, state: DecodeState, gen: GenerationConfig, first: tuple) -> None:
         """Set the lead of an answer from its first decode step `first` (a `state.lead` entry; its input is the
         answer's opener, so the answer's style is known): rows whose prosody's rate bias is positive were asked to
-        be fast and get `gen.fast_text_lead` (`state.fast_rows`). Rows of one batch share one lead: a batch whose
-        rows differ keeps `gen.text_lead` for all (the server gives such rows batches of their own)."""
+        be fast (their `AnswerUnits.asked_fast`) and get `gen.fast_text_lead` (`state.fast_rows`). Rows of one batch
+        share one lead: a batch whose rows differ keeps `gen.text_lead` for all (the server gives such rows batches of
+        their own)."""
         state.text_lead = gen.text_lead
-        if not gen.fast_text_lead or self.model.audio_invert_tower.answer_prosody is None:
+        if self.model.audio_invert_tower.answer_prosody is None:
             return
         _, style = srh_input(self.model, *first[:3], state.answer_style)
-        fast = self.model.audio_invert_tower.rate_bias(style[:, :self.cfg.text_config.hidden_size]) > 0
-        state.fast_rows = fast & ~state.finished
+        fast = (self.model.audio_invert_tower.rate_bias(style[:, :self.cfg.text_config.hidden_size]) > 0) \
+            & ~state.finished
+        for row in fast.nonzero().flatten().tolist():  # (the voice clock lets these run ahead of the voice)
+            if state.answers is not None and state.answers[row] is not None:
+                state.answers[row].asked_fast = True
+        if not gen.fast_text_lead:
+            return
+        state.fast_rows = fast
         if bool(state.fast_rows[~state.finished].all()):
             state.text_lead = gen.fast_text_lead
 

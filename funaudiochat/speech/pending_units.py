@@ -29,10 +29,11 @@ HOLD_PRIOR_FROM = 12
 HOLD_PRIOR_SLOPE = 1.0
 # The voice clock (docs/mini.md "The voice clock"): past CLOCK_FROM tokens of the voice's clock, an answer whose units
 # so far, pauses included, took longer than the voice's own timing of them (its duration predictor) gains CLOCK_GAIN
-# nats a token of that excess past CLOCK_SLACK, at most CLOCK_MAX, on starting the next unit. An answer whose voiced
-# units ran slower than CLOCK_SLOW_STYLE x the voice's over its first CLOCK_FROM tokens was asked to be slow and gets
-# none (over their first 5 s, plain test answers of release 7 run 0.91-1.22 x the voice, "slower" ones 1.31 and more).
-# Measured every CLOCK_EVERY units started.
+# nats a token of that excess past CLOCK_SLACK, at most CLOCK_MAX, on starting the next unit; one that took that much
+# less loses as much (both ways). An answer whose voiced units ran slower than CLOCK_SLOW_STYLE x the voice's over its
+# first CLOCK_FROM tokens was asked to be slow and gets none (over their first 5 s, plain test answers of release 7 run
+# 0.91-1.22 x the voice, "slower" ones 1.31 and more); one asked to be fast (`AnswerUnits.asked_fast`) is not held
+# back. Measured every CLOCK_EVERY units started.
 CLOCK_FROM = 125
 CLOCK_SLOW_STYLE = 1.25
 CLOCK_GAIN = 0.15
@@ -201,6 +202,7 @@ class AnswerUnits:
         self.last, self.held = -1, 0  # the last code said, and the tokens its unit has lasted
         self.lengths: list[int] = []  # tokens of each unit started so far (the last one still going)
         self.pace = 0.0  # nats on starting the next unit (`update_pace`)
+        self.asked_fast = False  # set by the engine once the answer's style is known (`Engine.lead_of`)
         self._text, self._decoded = "", 0  # the text of the first `_decoded` ids
 
     @property
@@ -231,7 +233,8 @@ class AnswerUnits:
 
     def update_pace(self) -> None:
         """`pace` (the voice clock): the tokens the units started so far (not the one still going) took, against
-        the voice's own timing of them; 0 until CLOCK_FROM tokens of the voice, and for an answer asked to be slow."""
+        the voice's own timing of them: positive for an answer running late, negative for one running early unless
+        it was asked to be fast; 0 until CLOCK_FROM tokens of the voice, and for an answer asked to be slow."""
         said = voice = voiced_said = voiced_voice = 0  # voiced_*: up to CLOCK_FROM, the answer's own voiced pace
         for (unit, length), mine in zip(self.view.voice_lengths(self.text(), self.finished), self.lengths[:-1]):
             if voice < CLOCK_FROM and unit not in SILENT_UNITS:
@@ -240,7 +243,11 @@ class AnswerUnits:
         self.pace = 0.0
         if voice < CLOCK_FROM or voiced_said > CLOCK_SLOW_STYLE * voiced_voice:  # too early, or asked to be slow
             return
-        self.pace = min(CLOCK_GAIN * max(said - voice - CLOCK_SLACK, 0.0), CLOCK_MAX)
+        late = said - voice
+        if late > CLOCK_SLACK:
+            self.pace = min(CLOCK_GAIN * (late - CLOCK_SLACK), CLOCK_MAX)
+        elif late < -CLOCK_SLACK and not self.asked_fast:
+            self.pace = max(CLOCK_GAIN * (late + CLOCK_SLACK), -CLOCK_MAX)
 
     def upcoming(self, n: int) -> list[int]:
         if self.said < SPEECH_DELAY:

@@ -345,7 +345,8 @@ def test_text_locked_codes():
     def locked(next_unit, previous, finished, held=3, logits=None):
         logits = torch.zeros(1, size) if logits is None else logits
         return text_locked(logits, torch.tensor([next_unit]), torch.tensor([previous]), torch.tensor([held]),
-                           torch.tensor([finished]), torch.zeros(1), bos, eos)[0]
+                           torch.tensor([finished]), torch.zeros(1), torch.full((1, 6), MAX_UNIT_TOKENS), bos,
+                           eos)[0]
 
     def allowed(*args, **kwargs):
         return set(locked(*args, **kwargs).isfinite().nonzero().flatten().tolist())
@@ -380,29 +381,66 @@ def test_text_locked_codes():
 
 
 def test_a_unit_held_long_goes_on_less_and_less():
-    """The hold prior: past HOLD_PRIOR_FROM tokens a unit's continue logit (a vowel's, a pause's) falls by
-    HOLD_PRIOR_SLOPE a token, its start logit stays; a unit waiting for its text keeps the head's logits."""
-    from funaudiochat.speech.pending_units import HOLD_PRIOR_FROM, HOLD_PRIOR_SLOPE, text_locked
+    """The hold prior: past its start (column 0 of hold_from: the unit being said) a unit's continue logit (a
+    vowel's, a pause's) falls by HOLD_PRIOR_SLOPE a token, its start logit stays; a unit waiting for its text keeps
+    the head's logits. follow_on moves hold_from on by a unit when a unit starts."""
+    from funaudiochat.speech.pending_units import HOLD_PRIOR_SLOPE, follow_on, text_locked
 
     size, bos, eos = pt.VOCAB_SIZE + 4, pt.VOCAB_SIZE + 1, pt.VOCAB_SIZE + 2
     start_next = 7 * 2
     logits = torch.randn(1, size, generator=torch.Generator().manual_seed(0))
 
-    def locked(unit, held, next_unit=7):
+    def locked(unit, held, start, next_unit=7):
+        hold_from = torch.tensor([[start, 99, 99]])  # (the next units' starts must not count)
         return text_locked(logits, torch.tensor([next_unit]), torch.tensor([unit * 2 + 1]), torch.tensor([held]),
-                           torch.tensor([False]), torch.zeros(1), bos, eos)[0]
+                           torch.tensor([False]), torch.zeros(1), hold_from, bos, eos)[0]
 
     for unit in (pt.UNIT_INDEX["a"], pt.UNIT_INDEX[","]):
-        fresh = locked(unit, 1)
-        assert fresh[unit * 2 + 1].isfinite() and torch.equal(locked(unit, HOLD_PRIOR_FROM), fresh)
-        for extra in (1, 2, 7):
-            late = locked(unit, HOLD_PRIOR_FROM + extra)
-            assert late[unit * 2 + 1] < fresh[unit * 2 + 1]
-            torch.testing.assert_close(late[unit * 2 + 1], fresh[unit * 2 + 1] - HOLD_PRIOR_SLOPE * extra,
-                                       atol=1e-5, rtol=0)
-            assert late[start_next] == fresh[start_next]
-        waiting = locked(unit, 1, next_unit=PAD)
-        assert torch.equal(locked(unit, HOLD_PRIOR_FROM + 7, next_unit=PAD), waiting)
+        for start in (12, 5):
+            fresh = locked(unit, 1, start)
+            assert fresh[unit * 2 + 1].isfinite() and torch.equal(locked(unit, start, start), fresh)
+            for extra in (1, 2, 7):
+                late = locked(unit, start + extra, start)
+                assert late[unit * 2 + 1] < fresh[unit * 2 + 1]
+                torch.testing.assert_close(late[unit * 2 + 1], fresh[unit * 2 + 1] - HOLD_PRIOR_SLOPE * extra,
+                                           atol=1e-5, rtol=0)
+                assert late[start_next] == fresh[start_next]
+            waiting = locked(unit, 1, start, next_unit=PAD)
+            assert torch.equal(locked(unit, start + 7, start, next_unit=PAD), waiting)
+
+    hold_from = torch.tensor([[12, 6, 8], [12, 6, 8]])
+    said = torch.tensor([7 * 2, 7 * 2 + 1])  # row 0 starts a unit, row 1 goes on with one
+    *_, moved = follow_on(said, torch.tensor([3, 3]), torch.tensor([False, False]), torch.zeros(2), hold_from)
+    assert moved.tolist() == [[6, 8, 8], [12, 6, 8]]
+
+
+def test_the_hold_prior_starts_sooner_for_a_unit_the_voice_says_short(piper):
+    """AnswerUnits.hold_from: for the unit being said and the next n, VOICE_HOLD_SCALE x the voice's own tokens
+    for it + VOICE_HOLD_SLACK, at most HOLD_PRIOR_FROM, once a unit held VOICE_HOLD_TIME_AT tokens had the text
+    timed; HOLD_PRIOR_FROM before that, past the units timed, and for an answer asked to be slow (its rate bias
+    below ASKED_SLOW_RATE_BIAS)."""
+    from funaudiochat.speech.pending_units import (ASKED_SLOW_RATE_BIAS, HOLD_PRIOR_FROM, VOICE_HOLD_SCALE,
+                                                   VOICE_HOLD_SLACK, VOICE_HOLD_TIME_AT)
+
+    text = "Tea is ready in five minutes."
+    voice = PendingUnitsView(piper, 3).voice_lengths(text, True)
+    expected = [min(VOICE_HOLD_SCALE * n + VOICE_HOLD_SLACK, HOLD_PRIOR_FROM) for _, n in voice]
+    codes = _said(piper, text, lambda t: 1.0)
+    spans = pt.unit_spans(codes)
+    short = next(i for i, (_, n) in enumerate(voice) if i > 3 and n <= 2)  # a unit the voice says short
+    assert expected[short] < HOLD_PRIOR_FROM
+    answer = PendingUnitsView(piper, 3, lambda ids: text, {1}).answer()
+    answer.add_text(0)
+    answer.add_text(1)
+    assert answer.hold_from(5) == [HOLD_PRIOR_FROM] * 6  # nothing said yet
+    answer.add_speech(codes[:spans[short].start + 1])  # the short unit starts ...
+    assert answer.started == short + 1 and answer.hold_from(5) == [HOLD_PRIOR_FROM] * 6  # (not timed yet)
+    answer.add_speech([codes[spans[short].start] + 1] * (VOICE_HOLD_TIME_AT - 1))  # ... and is held on
+    assert answer.hold_from(5) == expected[short:short + 6]
+    answer.add_speech(codes[spans[short].end:])
+    assert answer.hold_from(5) == expected[-1:] + [HOLD_PRIOR_FROM] * 5  # past the text's last unit
+    answer.rate_bias = ASKED_SLOW_RATE_BIAS - 0.1
+    assert answer.asked_slow and answer.hold_from(5) == [HOLD_PRIOR_FROM] * 6
 
 
 def test_a_gain_blind_head_reads_its_speech_back_at_the_normal_loudness():
@@ -540,7 +578,7 @@ def test_the_voice_clock_holds_a_long_answer_to_the_voices_pace_or_its_own_asked
 
     def pace_of(codes, asked_fast=False):
         answer = PendingUnitsView(piper, 3, lambda ids: text, {1}).answer()
-        answer.asked_fast = asked_fast
+        answer.rate_bias = 1.0 if asked_fast else 0.0
         answer.add_text(0)
         answer.add_text(1)  # the text has ended
         paces = []
@@ -568,6 +606,7 @@ def test_the_voice_clock_holds_a_long_answer_to_the_voices_pace_or_its_own_asked
     logits = torch.randn(1, size, generator=torch.Generator().manual_seed(1))
     unit = pt.UNIT_INDEX["a"]
     locked = [text_locked(logits, torch.tensor([7]), torch.tensor([unit * 2]), torch.tensor([3]),
-                          torch.tensor([False]), torch.tensor([pace]), bos, eos)[0] for pace in (0.0, 0.7)]
+                          torch.tensor([False]), torch.tensor([pace]), torch.full((1, 6), 12), bos, eos)[0]
+              for pace in (0.0, 0.7)]
     torch.testing.assert_close(locked[1][7 * 2], locked[0][7 * 2] + 0.7, atol=1e-5, rtol=0)
     assert locked[1][unit * 2 + 1] == locked[0][unit * 2 + 1]

@@ -225,7 +225,8 @@ class CompiledDecoder:
         [B, Vs] speech history or None, noise [B, k, Vs] Exp(1) draws when sampling, else None, speech_bias [Vs]
         0 / -inf on codes never to draw, or None, upcoming [B, W + k] the pending-units view's units from the
         group's start, or None, follow: (the last code said [B], the tokens its unit has lasted [B], the answer's text
-        has ended [B], the pace term [B]) when the speech follows the text, or None, lagged: (hidden [B, 1, C],
+        has ended [B], the pace term [B], the hold prior's starts [B, k + 1]) when the speech follows the text, or
+        None, lagged: (hidden [B, 1, C],
         text embedding [B, 1, C], input id [B], positions [B, 1], slot [1]) of the earlier LLM step whose group this
         is (a text lead, `GenerationConfig.text_lead`), or None: this step's) -> text logits [B, V], the SRH's raw
         logits and scores [B, k, Vs], its tokens [B, k], the embedding [B, C] of the last one, the answer style

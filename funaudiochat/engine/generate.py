@@ -30,7 +30,7 @@ from funaudiochat.errors import ConfigError, ContextLengthError
 from funaudiochat.model.backbone import MLP, Attention, KVCache, RopeTable, attention_mask_4d
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.quantize import is_quantized, prompt_products
-from funaudiochat.speech.pending_units import PAD, follow_on, is_start, text_locked, window
+from funaudiochat.speech.pending_units import HOLD_PRIOR_FROM, PAD, follow_on, is_start, text_locked, window
 
 
 @dataclass(frozen=True)
@@ -362,14 +362,17 @@ class Engine:
 
     def _follow_inputs(self, state: DecodeState, gen: GenerationConfig) -> tuple | None:
         """When the next speech group follows the text (gen.speech_follows_text and a pending-units view): per row
-        the last code said [B], the tokens its unit has lasted [B], whether the answer's text has ended [B] and the
-        pace term [B] (`AnswerUnits.pace`); else None."""
+        the last code said [B], the tokens its unit has lasted [B], whether the answer's text has ended [B], the
+        pace term [B] (`AnswerUnits.pace`) and where the hold prior starts for the unit being said and the next k
+        [B, k + 1] (`AnswerUnits.hold_from`); else None."""
         if self.pending_view is None or not gen.speech_follows_text:
             return None
-        rows = [(a.last, a.held, a.finished, a.pace) if a is not None else (-1, 0, False, 0.0) for a in state.answers]
-        last, held, ended, pace = zip(*rows)
+        rows = [(a.last, a.held, a.finished, a.pace, a.hold_from(self.k)) if a is not None else
+                (-1, 0, False, 0.0, [HOLD_PRIOR_FROM] * (self.k + 1)) for a in state.answers]
+        last, held, ended, pace, hold_from = zip(*rows)
         return (torch.tensor(last, device=self.device), torch.tensor(held, device=self.device),
-                torch.tensor(ended, device=self.device), torch.tensor(pace, dtype=torch.float32, device=self.device))
+                torch.tensor(ended, device=self.device), torch.tensor(pace, dtype=torch.float32, device=self.device),
+                torch.tensor(hold_from, device=self.device))
 
     def units_ahead(self, state: DecodeState, gen: GenerationConfig, row: int = 0) -> list[int] | None:
         """The units row's speech will say after the one it is saying, where they are known: a head that says its
@@ -419,18 +422,18 @@ class Engine:
     def lead_of(self, state: DecodeState, gen: GenerationConfig, first: tuple) -> None:
         """Set the lead of an answer from its first decode step `first` (a `state.lead` entry; its input is the
         answer's opener, so the answer's style is known): rows whose prosody's rate bias is positive were asked to
-        be fast (their `AnswerUnits.asked_fast`) and get `gen.fast_text_lead` (`state.fast_rows`). Rows of one batch
+        be fast (`AnswerUnits.rate_bias`) and get `gen.fast_text_lead` (`state.fast_rows`). Rows of one batch
         share one lead: a batch whose rows differ keeps `gen.text_lead` for all (the server gives such rows batches of
         their own)."""
         state.text_lead = gen.text_lead
         if self.model.audio_invert_tower.answer_prosody is None:
             return
         _, style = srh_input(self.model, *first[:3], state.answer_style)
-        fast = (self.model.audio_invert_tower.rate_bias(style[:, :self.cfg.text_config.hidden_size]) > 0) \
-            & ~state.finished
-        for row in fast.nonzero().flatten().tolist():  # (the voice clock lets these run ahead of the voice)
-            if state.answers is not None and state.answers[row] is not None:
-                state.answers[row].asked_fast = True
+        rate = self.model.audio_invert_tower.rate_bias(style[:, :self.cfg.text_config.hidden_size])  # [B]
+        for answer, bias in zip(state.answers or [], rate.tolist()):  # (how the voice clock and hold prior treat it)
+            if answer is not None:
+                answer.rate_bias = bias
+        fast = (rate > 0) & ~state.finished
         if not gen.fast_text_lead:
             return
         state.fast_rows = fast

@@ -27,6 +27,19 @@ MAX_UNIT_TOKENS = 25  # text-locked speech holds one unit at most 1 s (training 
 # top-p 0.9, a head sure enough to go on goes on for certain (docs/mini.md "A prior on long holds").
 HOLD_PRIOR_FROM = 12
 HOLD_PRIOR_SLOPE = 1.0
+# ... and sooner for a unit the voice says short: past VOICE_HOLD_SCALE x the voice's own tokens for it (its duration
+# predictor) + VOICE_HOLD_SLACK, unless the answer was asked to be slow (docs/mini.md "A hold prior from the voice").
+# Plain dev answers hold a unit the voice says in 1-2 tokens at most 4 tokens in 99 % of cases; the head holds units
+# it barely knows (a quoted Cyrillic word's "ˈæ": 15 tokens, the voice's 1) far longer.
+# Timing a sentence runs the voice's duration predictor (~15 ms), so a unit is timed only once it has been held
+# VOICE_HOLD_TIME_AT tokens (below any start of the prior), with the rest of the text as written by then.
+VOICE_HOLD_SCALE = 2
+VOICE_HOLD_SLACK = 4
+VOICE_HOLD_TIME_AT = 4
+# An answer's prosody rate bias at its opener (`SpeechRefinedHead.rate_bias`) tells how it was asked to speak: > 0
+# fast, < ASKED_SLOW_RATE_BIAS slow (dev records: plain -0.14, louder / quieter -0.10 to -0.04, "faster" 1.88,
+# "slower" -1.79 to -1.78).
+ASKED_SLOW_RATE_BIAS = -0.9
 # The voice clock (docs/mini.md "The voice clock"): past CLOCK_FROM tokens of the voice's clock, an answer whose units
 # so far, pauses included, took longer than the voice's own timing of them (its duration predictor) gains CLOCK_GAIN
 # nats a token of that excess past CLOCK_SLACK, at most CLOCK_MAX, on starting the next unit; one that took that much
@@ -80,17 +93,19 @@ def is_start(codes):
 
 
 def text_locked(logits: torch.Tensor, next_unit: torch.Tensor, previous: torch.Tensor, held: torch.Tensor,
-                finished: torch.Tensor, pace: torch.Tensor, bos: int, eos: int) -> torch.Tensor:
+                finished: torch.Tensor, pace: torch.Tensor, hold_from: torch.Tensor, bos: int,
+                eos: int) -> torch.Tensor:
     """Text-locked speech: the head's logits [B, V] -> logits over what the text allows, [B, V] (-inf elsewhere).
 
     next_unit [B] the first pending unit (PAD when none is known), previous [B] the code just said, held [B] the
     tokens its unit has lasted, finished [B] the answer's text has ended, pace [B] nats added to starting the next
-    unit (`AnswerUnits.pace`: the voice clock, an answer running later than the voice). The head decides *when* a unit
+    unit (`AnswerUnits.pace`: the voice clock), hold_from [B, n] where the hold prior starts for the unit being
+    spoken (column 0) and the next n - 1 (`AnswerUnits.hold_from`). The head decides *when* a unit
     starts and how loud it is: its whole mass on starting any unit at loudness g goes to starting `next_unit` at g,
     its whole mass on continuing any unit at g to continuing the unit being spoken at g. *What* is said is the
     text's units.
     - the unit being spoken goes on for at most MAX_UNIT_TOKENS, unless nothing else may come yet; one held
-      past HOLD_PRIOR_FROM tokens is less likely to go on with every further token (unless it waits);
+      past hold_from tokens is less likely to go on with every further token (unless it waits);
     - `bos` (the speech delay) is allowed until the first unit starts, with the head's logit;
     - `eos` once the text has ended and every one of its units has started, with the head's logit;
     - an answer keeps the loudness of its first frame (the head's mass of the other levels is dropped)."""
@@ -103,7 +118,7 @@ def text_locked(logits: torch.Tensor, next_unit: torch.Tensor, previous: torch.T
     waiting = (next_unit == PAD) & ~finished  # the text is not far enough ahead yet: the unit goes on
     may_hold = prev_piper & ((held < MAX_UNIT_TOKENS) | waiting)
     may_start = next_unit != PAD
-    overdue = torch.where(~waiting, held - HOLD_PRIOR_FROM, 0).clamp(min=0)
+    overdue = torch.where(~waiting, held - hold_from[:, 0], 0).clamp(min=0)
     cont_mass = cont_mass - HOLD_PRIOR_SLOPE * overdue[:, None]
     start_mass = start_mass + pace[:, None].to(start_mass.dtype)
     level = previous.clamp(0, VOCAB_SIZE - 1) // (2 * NUM_UNITS)
@@ -119,10 +134,15 @@ def text_locked(logits: torch.Tensor, next_unit: torch.Tensor, previous: torch.T
     return torch.where(special, logits, out)
 
 
-def follow_on(code: torch.Tensor, held: torch.Tensor, finished: torch.Tensor, pace: torch.Tensor) -> tuple:
-    """text_locked's row state after saying `code` [B]: (previous, held, finished, pace)."""
+def follow_on(code: torch.Tensor, held: torch.Tensor, finished: torch.Tensor, pace: torch.Tensor,
+              hold_from: torch.Tensor) -> tuple:
+    """text_locked's row state after saying `code` [B]: (previous, held, finished, pace, hold_from), hold_from's
+    columns moved on by one unit where `code` starts one."""
     piper = (code >= 0) & (code < VOCAB_SIZE)
-    return code, torch.where(is_start(code), 1, torch.where(piper, held + 1, 0)), finished, pace
+    start = is_start(code)
+    next_from = torch.cat([hold_from[:, 1:], hold_from[:, -1:]], dim=1)
+    return (code, torch.where(start, 1, torch.where(piper, held + 1, 0)), finished, pace,
+            torch.where(start[:, None], next_from, hold_from))
 
 
 def window(upcoming: torch.Tensor, started: torch.Tensor, width: int) -> torch.Tensor:
@@ -202,13 +222,22 @@ class AnswerUnits:
         self.last, self.held = -1, 0  # the last code said, and the tokens its unit has lasted
         self.lengths: list[int] = []  # tokens of each unit started so far (the last one still going)
         self.pace = 0.0  # nats on starting the next unit (`update_pace`)
-        self.asked_fast = False  # set by the engine once the answer's style is known (`Engine.lead_of`)
+        self.rate_bias = 0.0  # its prosody's rate bias, set by the engine once its style is known (`Engine.lead_of`)
+        self._timed: list[int] = []  # the voice's own tokens for each unit of the text, as last timed (`_time`)
         self._text, self._decoded = "", 0  # the text of the first `_decoded` ids
 
     @property
     def started(self) -> int:
         """Units started so far."""
         return len(self.lengths)
+
+    @property
+    def asked_fast(self) -> bool:
+        return self.rate_bias > 0
+
+    @property
+    def asked_slow(self) -> bool:
+        return self.rate_bias < ASKED_SLOW_RATE_BIAS
 
     def add_text(self, token: int) -> None:
         if self.finished:
@@ -236,7 +265,7 @@ class AnswerUnits:
         the voice's own timing of them: positive for an answer running late, negative for one running early unless
         it was asked to be fast; 0 until CLOCK_FROM tokens of the voice, and for an answer asked to be slow."""
         said = voice = voiced_said = voiced_voice = 0  # voiced_*: up to CLOCK_FROM, the answer's own voiced pace
-        for (unit, length), mine in zip(self.view.voice_lengths(self.text(), self.finished), self.lengths[:-1]):
+        for (unit, length), mine in zip(self._time(), self.lengths[:-1]):
             if voice < CLOCK_FROM and unit not in SILENT_UNITS:
                 voiced_said, voiced_voice = voiced_said + mine, voiced_voice + length
             said, voice = said + mine, voice + length
@@ -248,6 +277,27 @@ class AnswerUnits:
             self.pace = min(CLOCK_GAIN * (late - CLOCK_SLACK), CLOCK_MAX)
         elif late < -CLOCK_SLACK and not self.asked_fast:
             self.pace = max(CLOCK_GAIN * (late + CLOCK_SLACK), -CLOCK_MAX)
+
+    def hold_from(self, n: int) -> list[int]:
+        """Where the hold prior starts (tokens) for the unit being said and the next n: VOICE_HOLD_SCALE x the
+        voice's own tokens for it + VOICE_HOLD_SLACK, at most HOLD_PRIOR_FROM (that for a unit not timed yet, and
+        for every unit of an answer asked to be slow)."""
+        out = [HOLD_PRIOR_FROM] * (n + 1)
+        if self.asked_slow or not self.started:
+            return out
+        now = self.started - 1  # the unit being said
+        if now >= len(self._timed) and self.held >= VOICE_HOLD_TIME_AT:
+            self._time()
+        for i, length in enumerate(self._timed[now:now + n + 1]):
+            out[i] = min(VOICE_HOLD_SCALE * length + VOICE_HOLD_SLACK, HOLD_PRIOR_FROM)
+        return out
+
+    def _time(self) -> list[tuple[int, int]]:
+        """(unit, the voice's own tokens for it) for the units of the text so far (`PendingUnitsView.voice_lengths`),
+        kept for `hold_from`."""
+        voice = self.view.voice_lengths(self.text(), self.finished)
+        self._timed = [length for _, length in voice]
+        return voice
 
     def upcoming(self, n: int) -> list[int]:
         if self.said < SPEECH_DELAY:

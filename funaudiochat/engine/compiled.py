@@ -221,17 +221,16 @@ class CompiledDecoder:
              embed, style, counts, noise, params: SamplingParams, speech_bias=None, upcoming=None, follow=None,
              lagged=None):
         """One S2S step (inputs as `_llm`, then the SRH's cache and key mask, embed [B, C] of its last token, style
-        [B, C] the answer style in force (or None: `srh_input`), counts
-        [B, Vs] speech history or None, noise [B, k, Vs] Exp(1) draws when sampling, else None, speech_bias [Vs]
-        0 / -inf on codes never to draw, or None, upcoming [B, W + k] the pending-units view's units from the
-        group's start, or None, follow: (the last code said [B], the tokens its unit has lasted [B], the answer's text
-        has ended [B], the pace term [B], the hold prior's starts [B, k + 1]) when the speech follows the text, or
-        None, lagged: (hidden [B, 1, C],
-        text embedding [B, 1, C], input id [B], positions [B, 1], slot [1]) of the earlier LLM step whose group this
-        is (a text lead, `GenerationConfig.text_lead`), or None: this step's) -> text logits [B, V], the SRH's raw
-        logits and scores [B, k, Vs], its tokens [B, k], the embedding [B, C] of the last one, the answer style
-        after the step, and this step's LLM hidden state and text embedding [B, 1, C]. The speech tokens are chosen
-        as `Engine._srh_group` chooses them eagerly."""
+        [B, C] the answer style in force (or None: `srh_input`), counts [B, Vs] speech history or None, noise [B, k, Vs]
+        Exp(1) draws when sampling, else None, speech_bias [Vs] 0 / -inf on codes never to draw, or None, upcoming
+        [B, W + k] the pending-units view's units from the group's start, or None, follow: (the last code said [B], the
+        tokens its unit has lasted [B], the answer's text has ended [B], the pace term [B], the hold prior's starts
+        [B, k + 1]) when the speech follows the text, or None, lagged: (hidden [B, 1, C], text embedding [B, 1, C],
+        input id [B], positions [B, 1], slot [1]) of the earlier LLM step whose group this is (a text lead,
+        `GenerationConfig.text_lead`), or None: this step's) -> text logits [B, V], the SRH's raw logits and scores
+        [B, k, Vs], its tokens [B, k], the embedding [B, C] of the last one, the answer style after the step, and this
+        step's LLM hidden state and text embedding [B, 1, C]. The speech tokens are chosen as `Engine._srh_group`
+        chooses them eagerly."""
         srh = self.model.audio_invert_tower
         k = srh.group_size
         hidden, text_embed, text_logits = self._llm(token, group, fuse, positions, k_cache, v_cache, slot, key_valid)

@@ -433,10 +433,9 @@ class Engine:
         for answer, bias in zip(state.answers or [], rate.tolist()):  # (how the voice clock and hold prior treat it)
             if answer is not None:
                 answer.rate_bias = bias
-        fast = (rate > 0) & ~state.finished
         if not gen.fast_text_lead:
             return
-        state.fast_rows = fast
+        state.fast_rows = (rate > 0) & ~state.finished
         if bool(state.fast_rows[~state.finished].all()):
             state.text_lead = gen.fast_text_lead
 

@@ -32,7 +32,7 @@ HOLD_PRIOR_SLOPE = 1.0
 # Plain dev answers hold a unit the voice says in 1-2 tokens at most 4 tokens in 99 % of cases; the head holds units
 # it barely knows (a quoted Cyrillic word's "ˈæ": 15 tokens, the voice's 1) far longer.
 # Timing a sentence runs the voice's duration predictor (~15 ms), so a unit is timed only once it has been held
-# VOICE_HOLD_TIME_AT tokens (below any start of the prior), with the rest of the text as written by then.
+# VOICE_HOLD_TIME_AT tokens (no later than any start of the prior), with the rest of the text as written by then.
 VOICE_HOLD_SCALE = 2
 VOICE_HOLD_SLACK = 4
 VOICE_HOLD_TIME_AT = 4
@@ -233,10 +233,12 @@ class AnswerUnits:
 
     @property
     def asked_fast(self) -> bool:
+        """Asked to speak fast: the voice clock lets it run ahead of the voice."""
         return self.rate_bias > 0
 
     @property
     def asked_slow(self) -> bool:
+        """Asked to speak slowly: its units keep the hold prior's start of HOLD_PRIOR_FROM."""
         return self.rate_bias < ASKED_SLOW_RATE_BIAS
 
     def add_text(self, token: int) -> None:

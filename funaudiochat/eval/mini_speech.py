@@ -182,6 +182,17 @@ class Speaker:
             raise InputError("this checkpoint's speech head was never trained (config.json: trained.speaking); "
                              "--allow-untrained measures it anyway")
 
+    def _prefill(self, prompt, messages: list[dict], gen):
+        """The prompt's prefill as `chat` and `serve` start it: the system turn's keys and values are computed once
+        per engine (the first question saves them) and copied into every later prompt (`engine.prefixes`)."""
+        from funaudiochat.engine.prefix_cache import system_prefix_len
+
+        ids = prompt.input_ids[0].tolist()
+        n = system_prefix_len(self.tokenizer, self.engine.cfg, messages[0], ids) if messages else 0
+        prefix = self.engine.prefixes.get(tuple(ids[:n]), True) if n else None
+        save = n if n and prefix is None else 0
+        return self.engine.start_prefill(prompt, self.engine.usable(gen), prefix=prefix, save_prefix=save)
+
     def speak(self, rec: SpokenRecord) -> dict:
         from funaudiochat.engine.events import TurnEnd, stream_turn
         from funaudiochat.engine.prompt import build_prompt
@@ -191,11 +202,15 @@ class Speaker:
         gen = self.gen.with_(seed=zlib.crc32(rec.id.encode()))
         t0 = time.perf_counter()
         prompt = build_prompt(self.tokenizer, self.engine.cfg, messages, audios)
+        job = self._prefill(prompt, messages, gen)
         features_s = time.perf_counter() - t0
         end = None
-        for event in stream_turn(self.engine, prompt, gen, self.tokenizer, self.detok.stream(hop=self.hop)):
+        for event in stream_turn(self.engine, prompt, gen, self.tokenizer, self.detok.stream(hop=self.hop),
+                                 prefill=job):
             if isinstance(event, TurnEnd):
                 end = event
+        if job.saved_prefix is not None:
+            self.engine.prefixes.put(job.saved_prefix)
         audio = end.audio if end.audio is not None else np.zeros(0, dtype=np.float32)
         seconds = len(audio) / self.detok.sample_rate
         first = end.usage.first_audio_s

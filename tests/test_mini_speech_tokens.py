@@ -296,20 +296,27 @@ def test_first_chunk_comes_after_first_hop_tokens(detok, tokenizer):
 
 
 def test_later_chunks_grow_to_max_hop(detok, tokenizer):
-    """Chunks need first_hop tokens, then hop, then twice the one before up to max_hop; max_hop None keeps hop."""
+    """Chunks need first_hop tokens, then hop, then twice the one before up to max_hop, and never more than twice
+    the tokens of the chunk before (the next chunk comes while the last one plays); max_hop None keeps hop."""
     tokens = tokenizer.tokenize(TEXT + " The second step is to check what you found, and then we can go on.")
 
-    def chunk_tokens(**kw):
-        session, sizes = detok.stream(hop=15, **kw), []
+    units = [s.unit for s in pt.unit_spans(tokens)]
+
+    def chunk_tokens(told=False, **kw):  # told: with the units ahead, as a text-locked head tells them
+        session, sizes = detok.stream(**{"hop": 15, **kw}), []
         for start in range(0, len(tokens), 5):
             done = session.done
-            if session.push(tokens[start:start + 5]):
+            ahead = units[len(pt.unit_spans(tokens[:start + 5])):] if told else None
+            if session.push(tokens[start:start + 5], ahead=ahead):
                 sizes.append(session.done - done)
         return sizes
 
-    grown, fixed = chunk_tokens(max_hop=60), chunk_tokens(max_hop=None)
-    need = [5, 15, 30] + [60] * len(grown)
-    assert all(n <= size < n + 30 for size, n in zip(grown, need)), grown  # (a chunk ends where a unit does)
+    grown, fixed, early = chunk_tokens(max_hop=60), chunk_tokens(max_hop=None), chunk_tokens(True, max_hop=60)
+    for sizes in (grown, early):
+        need = [5] + [min(15 << (i - 1), 60, 2 * sizes[i - 1]) for i in range(1, len(sizes))]
+        assert all(n <= size < n + 30 for size, n in zip(sizes, need)), sizes  # (a chunk ends where a unit does)
+    slow = chunk_tokens(True, hop=60, max_hop=60)  # hop 60: the second chunk still needs only twice the first
+    assert slow[0] < 10 and slow[1] < 30, slow
     assert max(grown) >= 60 and max(fixed) < 30 and len(grown) < len(fixed), (grown, fixed)
     with pytest.raises(InputError, match="max_hop at least hop"):
         detok.stream(hop=15, max_hop=10)

@@ -2,6 +2,7 @@
 the target codes, generation phonemizes the text so far; both give the same units. The real pip-shipped voice."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -611,6 +612,53 @@ def test_the_engine_tells_the_units_ahead_and_the_first_audio_comes_sooner(piper
     told_first = groups_before_first_audio()
     engine.units_ahead = lambda state, gen, row=0: None  # (the same answer, no units ahead)
     assert told_first < groups_before_first_audio()
+
+
+def test_while_little_audio_is_in_hand_the_engine_waits_for_each_rendering(piper, tmp_path):
+    """`stream_turn` hands the groups to a detokenizer on its own thread. Until the first chunk, and while the audio
+    handed out is less than `playback_margin_s` ahead of real-time playback, the engine waits for each group to be
+    taken (no decode step runs beside a rendering); with a margin of 0 only the first chunk is waited for, and the
+    later groups are taken beside the steps. The audio is the same either way."""
+    import time
+
+    from funaudiochat.engine.events import AudioChunk, stream_turn
+    from funaudiochat.errors import InputError
+    from funaudiochat.speech.piper_detokenizer import PiperDetokenizer
+
+    engine, prompt, gen = _text_locked(piper, tmp_path, "Tea is ready in five minutes, and the cups are on the table. ",
+                                       24)
+    steps = []
+    forward_step = engine.forward_step
+    engine.forward_step = lambda *a, **k: steps.append(1) or forward_step(*a, **k)
+    detok = PiperDetokenizer(piper.parts)
+
+    class Slow:  # a Piper stream that takes 30 ms over each group, recording the steps run meanwhile
+        def __init__(self):
+            self.stream, self.overlaps, self.sample_rate = detok.stream(hop=15), [], detok.sample_rate
+
+        def push(self, codes, ahead=None):
+            before = len(steps)
+            time.sleep(0.03)
+            chunks = self.stream.push(codes, ahead)
+            self.overlaps.append((bool(self.stream.chunks), len(steps) > before))
+            return chunks
+
+        def finalize(self):
+            return self.stream.finalize()
+
+    def run(**kw):
+        session = Slow()
+        audio = [e.samples for e in stream_turn(engine, prompt, gen, None, session, **kw) if isinstance(e, AudioChunk)]
+        return session.overlaps, np.concatenate(audio)
+
+    waited, audio = run(playback_margin_s=1000.0)
+    shared, shared_audio = run(playback_margin_s=0.0)
+    assert len(waited) > 4 and not any(overlap for _, overlap in waited)
+    assert not any(overlap for after_first, overlap in shared if not after_first)  # the first chunk: waited for
+    assert any(overlap for after_first, overlap in shared if after_first)
+    np.testing.assert_allclose(shared_audio, audio, atol=1e-6)
+    with pytest.raises(InputError, match="playback_margin_s must be >= 0"):
+        next(stream_turn(engine, prompt, gen, None, Slow(), playback_margin_s=-1.0))
 
 
 def test_the_voice_clock_holds_a_long_answer_to_the_voices_pace_or_its_own_asked_one(piper):

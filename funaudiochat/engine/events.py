@@ -8,8 +8,12 @@
         TurnEnd     -> final text, all codes, finish reason ("stop", "length", "cancelled"), usage and timings
 
 The detokenizer session runs on a thread of its own (`DetokenizerThread`): audio is rendered while the next LLM steps
-run (onnxruntime and torch release the GIL), and each chunk is handed out after the first step that follows it;
-the first chunk is handed out as soon as it is made (the engine waits for the detokenizer until then).
+run (onnxruntime and torch release the GIL), and each chunk is handed out after the first step that follows it. But
+the first chunk is handed out as soon as it is made (the engine waits for the detokenizer until then), and so is
+every chunk while the audio handed out is less than `playback_margin_s` ahead of a listener playing it in real time
+from its first sample: then the engine waits for each group's rendering instead of sharing the CPU with it (on a
+small CPU a chunk rendered beside the decode steps took several times longer than the audio in hand, a gap in what
+the listener hears; the engine runs several times faster than real time, so it can wait).
 
 Cancellation: set the `threading.Event` passed as `cancel`; the turn ends after the current step with
 finish_reason "cancelled" (the detokenizer is finalized so no audio already generated is lost).
@@ -154,12 +158,20 @@ class DetokenizerThread:
             self.todo.put(self._CLOSE)
 
 
+PLAYBACK_MARGIN_S = 0.5  # audio in hand (handed out, not yet played in real time) under which the engine waits for
+                         # each speech group's rendering
+
+
 def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer=None, detokenizer=None,
-                cancel: threading.Event | None = None, prefill: PrefillJob | None = None) -> Iterator:
+                cancel: threading.Event | None = None, prefill: PrefillJob | None = None,
+                playback_margin_s: float = PLAYBACK_MARGIN_S) -> Iterator:
     """Run one batch-1 generation and yield events (see module docstring). `prefill`: a started prefill of
-    `prompt` to finish (e.g. one that copies a conversation's cached keys and values, `Engine.steps`)."""
+    `prompt` to finish (e.g. one that copies a conversation's cached keys and values, `Engine.steps`).
+    `playback_margin_s`: see the module docstring (0: only the first chunk is waited for)."""
     if prompt.input_ids.shape[0] != 1:
         raise InputError("stream_turn streams one conversation; use Engine.generate for batches")
+    if not playback_margin_s >= 0:
+        raise InputError(f"playback_margin_s must be >= 0, got {playback_margin_s}")
     num_codes = engine.cfg.audio_config.num_codes
     decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
     t0 = time.perf_counter()
@@ -170,12 +182,19 @@ def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer
     state = None
     audio = DetokenizerThread(detokenizer) if detokenizer is not None else None
 
+    handed_s = 0.0  # seconds of audio handed out
+
     def hand_out(made):
-        nonlocal first_audio
+        nonlocal first_audio, handed_s
         for chunk in made:
             first_audio = first_audio or time.perf_counter() - t0
             chunks.append(chunk)
+            handed_s += len(chunk) / detokenizer.sample_rate
             yield AudioChunk(chunk, detokenizer.sample_rate)
+
+    def in_hand() -> float:
+        """Audio handed out and not yet played by a listener who started at the first chunk (none: 0)."""
+        return 0.0 if first_audio is None else handed_s - (time.perf_counter() - t0 - first_audio)
 
     try:
         for state, step in engine.steps(prompt, gen, prefill=prefill):
@@ -192,10 +211,10 @@ def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer
                 codes.extend(new_codes)
                 yield SpeechGroup(group, new_codes)
                 if audio is not None and new_codes:
-                    # until the first chunk, wait for the detokenizer to take each group: the chunk they complete
-                    # goes out now, not after the next engine step (the first audio's latency)
+                    # until the first chunk, and while little audio is in hand, wait for the detokenizer to take
+                    # each group: the chunk they complete goes out now, rendered on every core
                     ahead = engine.units_ahead(state, gen)
-                    if first_audio is None:
+                    if first_audio is None or in_hand() < playback_margin_s:
                         audio.push(new_codes, wait=True, ahead=ahead)
                         yield from hand_out(audio.ready())
                     else:

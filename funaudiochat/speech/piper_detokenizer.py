@@ -231,10 +231,12 @@ def _resampler():
 class PiperStream:
     """push(tokens) -> audio chunks once `_hop()` new tokens can be rendered (`_ready`: `lookahead` more tokens,
     the end of their unit, complete encoder blocks); finalize() -> the rest. The chunks need `first_hop` tokens,
-    then `hop`, then twice the one before up to `max_hop` (None: `hop` throughout): the first audio comes early, and
-    a long answer's later chunks render less context per second (each runs the flow over MARGIN_LEFT + MARGIN_RIGHT
-    frames and the decoder over 2 DECODER_MARGIN frames besides its own; chunks of 5, 15, 30, 60 tokens: a long
-    answer's decoder makes about 1.15x its audio, 1.5x at hop 15 throughout). Same methods as
+    then `hop`, then twice the one before up to `max_hop` (None: `hop` throughout), and never more than twice the
+    tokens of the chunk before: the first audio comes early, the second chunk comes while the first one plays (it
+    needs its own tokens and `lookahead` more said, then its rendering), and a long answer's later chunks render
+    less context per second (each runs the flow over MARGIN_LEFT + MARGIN_RIGHT frames and the decoder over 2
+    DECODER_MARGIN frames besides its own; chunks of 5, 10, 15, 30, 60 tokens: a long answer's decoder makes about
+    1.15x its audio, 1.5x at hop 15 throughout). Same methods as
     `detokenizer.StreamingDetokenizer`. A `lookahead` under LOOKAHEAD leaves the chunks less right context (they
     then differ more from the one-shot audio near their ends).
 
@@ -264,6 +266,7 @@ class PiperStream:
         #   start, the window's units)
         self.hint_misses = 0
         self.done = 0  # tokens whose audio has been returned
+        self.last_size = 0  # tokens of the last chunk
         self.tail: np.ndarray | None = None  # the last chunk's audio just past its end, for the cross-fade
         self.resampler = _resampler()
         self.closed = False
@@ -296,7 +299,7 @@ class PiperStream:
         """Tokens the next chunk needs (see the class doc)."""
         if not self.chunks:
             return self.first_hop
-        return min(self.hop << (self.chunks - 1), self.max_hop)
+        return min(self.hop << (self.chunks - 1), self.max_hop, 2 * self.last_size)
 
     def _guessing(self) -> bool:
         """Whether the next chunk's right context is guessed from the units ahead (the first chunk only)."""
@@ -380,6 +383,7 @@ class PiperStream:
             ramp = (np.arange(x, dtype=np.float32) + 0.5) / x
             out[:x] = self.tail[:x] * (1.0 - ramp) + out[:x] * ramp
         self.tail = None if final else audio[n:n + CROSSFADE]
+        self.last_size = end - self.done
         self.done = end
         self.chunks += 1
         return self.resampler.resample_chunk(out, last=final)

@@ -71,6 +71,13 @@ def _split(folder, instructions=("slower", "louder")):
     return folder
 
 
+def test_a_playback_gap_is_the_wait_for_a_chunk_after_the_audio_before_it_has_played():
+    assert ms.playback_gap([]) == 0.0
+    assert ms.playback_gap([(0.5, 0.2), (0.6, 1.0), (1.7, 0.5)]) == 0.0  # each came while the one before played
+    assert ms.playback_gap([(0.5, 0.2), (0.8, 1.0), (2.0, 0.5)]) == pytest.approx(0.1 + 0.2)
+    assert ms.playback_gap([(0.5, 0.2), (0.5, 0.2), (0.95, 0.1)]) == pytest.approx(0.05)  # (two at once play in turn)
+
+
 def test_reads_the_split_and_refuses_what_is_not_one(tmp_path):
     data = _split(tmp_path / "data")
     recs = ms.read_s2s_split(data, "test")
@@ -113,6 +120,7 @@ def test_eval_mini_speech_end_to_end(tmp_path):
     assert set(report["instructions"]) == {"slower", "louder"}
     assert "change" in items["q1.slower"] and "change" in items["q1.louder"]
     assert report["speech_wer"] is not None and report["latency"]["n"] == 1
+    assert report["gaps"]["n"] == 1 and items["q1"]["gap_s"] >= 0.0 and "playback gap" in run.stdout
     assert "| speech WER vs own text |" in run.stdout
 
 

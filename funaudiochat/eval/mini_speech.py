@@ -41,6 +41,7 @@ RATE = 16000  # user audio
 TARGETS = {"speech_wer": 0.08, "end_within_s": 1.0, "latency_p50_s": 0.5, "rtf": 0.5, "rate_change": 0.2,
            "level_change_db": 3.0, "instruction_share": 0.9}
 INSTRUCTIONS = ("slower", "faster", "louder", "quieter")
+GAP_HEARD_S = 0.02  # playback gaps shorter than this are not counted (a 20 ms gap is about one voice frame's rounding)
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -127,6 +128,16 @@ def speaking_rate(codes) -> float | None:
     return len(spans) * TOKEN_RATE / tokens if tokens else None
 
 
+def playback_gap(arrivals: list[tuple[float, float]]) -> float:
+    """Silence a listener hears inside an answer played in real time from its first sample: chunks (arrival time,
+    seconds of audio), in order; a chunk that arrives after the audio before it has played adds the wait."""
+    gap, played = 0.0, arrivals[0][0] if arrivals else 0.0
+    for at, seconds in arrivals:
+        gap += max(0.0, at - played)
+        played = max(played, at) + seconds
+    return gap
+
+
 def voiced_level_db(audio: np.ndarray, sample_rate: int, floor_db: float = 30.0) -> float | None:
     """RMS level (dBFS) of the 20 ms frames within `floor_db` of the loudest one (the voiced part)."""
     audio = np.asarray(audio, dtype=np.float64).reshape(-1)
@@ -194,7 +205,7 @@ class Speaker:
         return self.engine.start_prefill(prompt, self.engine.usable(gen), prefix=prefix, save_prefix=save)
 
     def speak(self, rec: SpokenRecord) -> dict:
-        from funaudiochat.engine.events import TurnEnd, stream_turn
+        from funaudiochat.engine.events import AudioChunk, TurnEnd, stream_turn
         from funaudiochat.engine.prompt import build_prompt
 
         audios = [load_audio(p, RATE) for p in rec.wavs]
@@ -204,10 +215,12 @@ class Speaker:
         prompt = build_prompt(self.tokenizer, self.engine.cfg, messages, audios)
         job = self._prefill(prompt, messages, gen)
         features_s = time.perf_counter() - t0
-        end = None
+        end, arrivals = None, []
         for event in stream_turn(self.engine, prompt, gen, self.tokenizer, self.detok.stream(hop=self.hop),
                                  prefill=job):
-            if isinstance(event, TurnEnd):
+            if isinstance(event, AudioChunk):
+                arrivals.append((time.perf_counter() - t0, len(event.samples) / event.sample_rate))
+            elif isinstance(event, TurnEnd):
                 end = event
         if job.saved_prefix is not None:
             self.engine.prefixes.put(job.saved_prefix)
@@ -216,7 +229,7 @@ class Speaker:
         first = end.usage.first_audio_s
         return {"text": end.text.strip(), "codes": list(end.speech_codes), "audio": audio,
                 "finish_reason": end.finish_reason, "audio_s": seconds,
-                "first_audio_s": None if first is None else features_s + first,
+                "first_audio_s": None if first is None else features_s + first, "gap_s": playback_gap(arrivals),
                 "rtf": (features_s + end.usage.total_s) / seconds if seconds else None}
 
 
@@ -248,7 +261,7 @@ def evaluate_speech(model: str | Path, data: str | Path, split: str = "test", li
         item = {"id": rec.id, "question_id": rec.question_id, "instruction": rec.instruction,
                 "reference": rec.answer, "text": out["text"],
                 "finish_reason": out["finish_reason"], "audio_s": out["audio_s"],
-                "first_audio_s": out["first_audio_s"], "rtf": out["rtf"],
+                "first_audio_s": out["first_audio_s"], "gap_s": out["gap_s"], "rtf": out["rtf"],
                 "codes": [int(c) for c in out["codes"]],  # kept so a report can be re-scored and read
                 "rate": speaking_rate(out["codes"]), "speech_s": speech_seconds(out["codes"]),
                 "level_db": voiced_level_db(out["audio"], me.detok.sample_rate)}
@@ -281,8 +294,11 @@ def evaluate_speech(model: str | Path, data: str | Path, split: str = "test", li
                       "median_difference_s": percentile(diffs, 50)}
     firsts = [i["first_audio_s"] for i in plain if i["first_audio_s"] is not None]
     rtfs = [i["rtf"] for i in plain if i["rtf"] is not None]
+    gaps = [i["gap_s"] for i in plain if i["first_audio_s"] is not None]
     report["latency"] = {"mode": "compiled" if compiled else "eager", "n": len(firsts),
                          "p50_s": percentile(firsts, 50), "p95_s": percentile(firsts, 95)}
+    report["gaps"] = {"n": len(gaps), "with_gap": sum(g > GAP_HEARD_S for g in gaps), "p95_s": percentile(gaps, 95),
+                      "max_s": max(gaps, default=None)}
     report["rtf"] = {"n": len(rtfs), "p50": percentile(rtfs, 50), "p95": percentile(rtfs, 95)}
     report["instructions"] = {}
     for name in INSTRUCTIONS:
@@ -320,6 +336,11 @@ def summary(report: dict) -> list[dict]:
     r = report["rtf"]
     row("answer RTF p50", r["p50"], fmt_beside(r["p95"], "p95"), f"<= {TARGETS['rtf']}",
         r["p50"] is not None and r["p50"] <= TARGETS["rtf"])
+    g = report.get("gaps")
+    if g and g["n"]:  # (reported; the issue sets no bar)
+        rows.append({"figure": f"answers with a playback gap > {GAP_HEARD_S * 1e3:.0f} ms",
+                     "value": g["with_gap"] / g["n"], "beside": f"gap p95 {g['p95_s']:.3f} s, longest "
+                     f"{g['max_s']:.3f} s", "target": "", "pass": None})
     for name, s in report["instructions"].items():
         row(f"'{name}' followed", s["followed"], f"{s['n']} items", f">= {TARGETS['instruction_share']}",
             s["followed"] >= TARGETS["instruction_share"])

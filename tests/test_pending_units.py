@@ -207,13 +207,10 @@ def test_a_text_lead_shows_the_head_text_further_ahead_and_says_the_llm_steps_in
     assert plain_led[0] == plain[0] and plain_led[1] == plain[1][:len(plain[1]) - 5 * 2]
 
 
-def test_the_forced_opener_is_prefilled_with_the_prompt_and_its_step_runs_no_llm(piper, tmp_path):
-    """With a text lead and a forced <|audio_bos|>, the prefill runs the LLM over the opener too and the first decode
-    step takes that position instead of an LLM pass of its own: one LLM pass less, and the same answer as the opener's
-    own step gives (left-padded batch, eager and compiled, sampled speech). Without a lead the opener's step runs the
-    speech head too, so nothing is folded."""
-    from funaudiochat.engine.generate import Engine, GenerationConfig
-    from funaudiochat.engine.prompt import Prompt, stack_prompts
+def _led_speaker(tmp_path, **gen_kw):
+    """A tiny text-locked speaking model whose LLM does not read its speech, its tokenizer, and sampled S2S settings
+    with a text lead of 2 (`gen_kw` on top)."""
+    from funaudiochat.engine.generate import GenerationConfig
     from funaudiochat.engine.presets import S2M_SAMPLING
     from funaudiochat.speech.pending_units import view_for
     from tests.helpers import make_tiny_tokenizer
@@ -222,9 +219,21 @@ def test_the_forced_opener_is_prefilled_with_the_prompt_and_its_step_runs_no_llm
     model = _speaking_model(width=3, answer_style=True, answer_cue=True, answer_prosody=True)
     model.cfg.audio_config.speech_feedback = False
     ends = view_for(model.cfg.text_config, tok, 3).text_ends
-    gen = GenerationConfig(max_new_tokens=14, force_text_abos=True, eos_token_id=502, pad_token_id=500,
-                           text_greedy=True, bad_words_ids=[[i] for i in sorted(ends)], **S2M_SAMPLING, seed=4,
-                           text_lead=2)
+    gen = GenerationConfig(force_text_abos=True, eos_token_id=502, pad_token_id=500, text_greedy=True,
+                           bad_words_ids=[[i] for i in sorted(ends)], **S2M_SAMPLING, seed=4, text_lead=2)
+    return tok, model, gen.with_(**gen_kw)
+
+
+def test_the_forced_opener_is_prefilled_with_the_prompt_and_its_step_runs_no_llm(piper, tmp_path):
+    """With a text lead and a forced <|audio_bos|>, the prefill runs the LLM over the opener too and the first decode
+    step takes that position instead of an LLM pass of its own: one LLM pass less, and the same answer as the opener's
+    own step gives (left-padded batch, eager and compiled, sampled speech). Without a lead the opener's step runs the
+    speech head too, so nothing is folded."""
+    from funaudiochat.engine.generate import Engine
+    from funaudiochat.engine.prompt import Prompt, stack_prompts
+    from funaudiochat.speech.pending_units import view_for
+
+    tok, model, gen = _led_speaker(tmp_path, max_new_tokens=14)
     rows = [Prompt(torch.randint(30, 400, (1, n), generator=torch.Generator().manual_seed(n))) for n in (7, 5)]
     batch = stack_prompts(rows, gen.pad_token_id, model.cfg.audio_config.pad_token_id)
 
@@ -258,20 +267,12 @@ def test_an_answer_asked_to_be_fast_gets_the_longer_text_lead(piper, tmp_path):
     """fast_text_lead L': an answer whose prosody's rate bias is positive at its opener (asked to be fast) runs its
     text L' steps ahead, exactly as a run with text_lead L' (eager and compiled); the same prompt with the rate
     bias's sign flipped keeps text_lead; a batch whose rows differ keeps text_lead for all; bad leads are refused."""
-    from funaudiochat.engine.generate import Engine, GenerationConfig
+    from funaudiochat.engine.generate import Engine
     from funaudiochat.engine.prompt import Prompt, stack_prompts
-    from funaudiochat.engine.presets import S2M_SAMPLING
     from funaudiochat.errors import ConfigError
     from funaudiochat.speech.pending_units import view_for
-    from tests.helpers import make_tiny_tokenizer
 
-    tok = make_tiny_tokenizer(tmp_path)
-    model = _speaking_model(width=3, answer_style=True, answer_cue=True, answer_prosody=True)
-    model.cfg.audio_config.speech_feedback = False
-    ends = view_for(model.cfg.text_config, tok, 3).text_ends
-    gen = GenerationConfig(max_new_tokens=16, force_text_abos=True, eos_token_id=502, pad_token_id=500,
-                           text_greedy=True, bad_words_ids=[[i] for i in sorted(ends)], **S2M_SAMPLING, seed=4,
-                           text_lead=2, fast_text_lead=4)
+    tok, model, gen = _led_speaker(tmp_path, max_new_tokens=16, fast_text_lead=4)
 
     def final_state(prompt, gen, compile=False):
         engine = Engine(model, compile=compile, pending_view=view_for(model.cfg.text_config, tok, 3))

@@ -41,7 +41,7 @@ RATE = 16000  # user audio
 TARGETS = {"speech_wer": 0.08, "end_within_s": 1.0, "latency_p50_s": 0.5, "rtf": 0.5, "rate_change": 0.2,
            "level_change_db": 3.0, "instruction_share": 0.9}
 INSTRUCTIONS = ("slower", "faster", "louder", "quieter")
-GAP_HEARD_S = 0.02  # playback gaps shorter than this are not counted (a 20 ms gap is about one voice frame's rounding)
+GAP_HEARD_S = 0.02  # playback gaps shorter than this are not counted (the hand-over between threads alone takes ms)
 
 
 # ---------------------------------------------------------------------------------------------------- records

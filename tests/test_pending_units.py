@@ -227,8 +227,8 @@ def _led_speaker(tmp_path, **gen_kw):
 def test_the_forced_opener_is_prefilled_with_the_prompt_and_its_step_runs_no_llm(piper, tmp_path):
     """With a text lead and a forced <|audio_bos|>, the prefill runs the LLM over the opener too and the first decode
     step takes that position instead of an LLM pass of its own: one LLM pass less, and the same answer as the opener's
-    own step gives (left-padded batch, eager and compiled, sampled speech). Without a lead the opener's step runs the
-    speech head too, so nothing is folded."""
+    own step gives (left-padded batch, sampled speech). Without a lead the opener's step runs the speech head too, so
+    nothing is folded."""
     from funaudiochat.engine.generate import Engine
     from funaudiochat.engine.prompt import Prompt, stack_prompts
     from funaudiochat.speech.pending_units import view_for
@@ -237,30 +237,23 @@ def test_the_forced_opener_is_prefilled_with_the_prompt_and_its_step_runs_no_llm
     rows = [Prompt(torch.randint(30, 400, (1, n), generator=torch.Generator().manual_seed(n))) for n in (7, 5)]
     batch = stack_prompts(rows, gen.pad_token_id, model.cfg.audio_config.pad_token_id)
 
-    passes = []
+    engine = Engine(model, pending_view=view_for(model.cfg.text_config, tok, 3))  # (compiled: the text-lead test)
+    engine.restrict_speech_codes(range(pt.VOCAB_SIZE))
+    passes, llm_position = [], engine._llm_position
+    engine._llm_position = lambda *a: passes.append(1) or llm_position(*a)  # (eager: every LLM pass of a step)
 
-    def counting(compile):
-        engine = Engine(model, compile=compile, pending_view=view_for(model.cfg.text_config, tok, 3))
-        engine.restrict_speech_codes(range(pt.VOCAB_SIZE))
-        llm_position, fused = engine._llm_position, engine._fused_s2s_step
-        engine._llm_position = lambda *a: passes.append(1) or llm_position(*a)
-        engine._fused_s2s_step = lambda *a: passes.append(1) or fused(*a)
-        return engine
-
-    def run(engine, fold, gen=gen):
+    def run(fold, gen=gen):
         engine.fold_opener = fold
         passes.clear()
         out = engine.generate(batch, gen)
         return out.new_text_ids.tolist(), out.speech_ids, len(passes)
 
-    eager, compiled = counting(False), counting(True)
-    for engine in (eager, compiled):
-        text, speech, folded = run(engine, True)
-        again, speech_again, unfolded = run(engine, False)
-        assert (text, speech) == (again, speech_again) and folded == unfolded - 1
-        assert all(len(s) > 5 for s in speech)  # (both rows spoke)
+    text, speech, folded = run(True)
+    again, speech_again, unfolded = run(False)
+    assert (text, speech) == (again, speech_again) and folded == unfolded - 1
+    assert all(len(s) > 5 for s in speech)  # (both rows spoke)
     unled = gen.with_(text_lead=0)
-    assert run(eager, True, unled)[2] == run(eager, False, unled)[2]
+    assert run(True, unled)[2] == run(False, unled)[2]
 
 
 def test_an_answer_asked_to_be_fast_gets_the_longer_text_lead(piper, tmp_path):

@@ -193,8 +193,8 @@ def stream_turn(engine: Engine, prompt: Prompt, gen: GenerationConfig, tokenizer
             yield AudioChunk(chunk, detokenizer.sample_rate)
 
     def in_hand() -> float:
-        """Audio handed out and not yet played by a listener who started at the first chunk (none: 0)."""
-        return 0.0 if first_audio is None else handed_s - (time.perf_counter() - t0 - first_audio)
+        """Audio handed out and not yet played by a listener who started at the first chunk (once there is one)."""
+        return handed_s - (time.perf_counter() - t0 - first_audio)
 
     try:
         for state, step in engine.steps(prompt, gen, prefill=prefill):

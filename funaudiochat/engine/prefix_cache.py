@@ -3,7 +3,8 @@
 - `PrefixStore`: system turns (LRU, keyed by ids and whether the speech head ran): a new conversation copies its
   system turn's keys and values instead of computing them. The server's scheduler keeps one; every `Engine` keeps
   one (`engine.prefixes`) for the `ChatSession`s on it.
-- `system_prefix_len`: how many leading ids of a prompt are its system turn alone (the shareable prefix).
+- `system_prefix_len`: how many leading ids of a prompt are its system turn alone (the shareable prefix);
+  `system_prefix`: that turn's stored keys and values on an engine (`engine.prefixes`), or how many ids to save.
 - `ConversationCache`: a conversation's last committed turn (its finished `DecodeState`), so the next turn, whose
   prompt repeats most of the last one, prefills only what follows their longest common prefix. Each cached position
   is named by its content: the text id, or (audio, group) for an `<|AUDIO|>` placeholder, so equal ids of different
@@ -60,6 +61,16 @@ def system_prefix_len(tokenizer, cfg, system: dict, ids: list[int]) -> int:
     if not 0 < n < len(ids) or list(ids[:n]) != sys_ids or cfg.audio_token_index in sys_ids:
         return 0
     return n
+
+
+def system_prefix(engine, tokenizer, system: dict, ids: list[int], speech: bool) -> tuple[PrefixKV | None, int]:
+    """(the engine's stored keys and values of the prompt `ids`' system turn `system`, or None; how many leading ids
+    to save as that system turn when none are stored yet, else 0)."""
+    n = system_prefix_len(tokenizer, engine.cfg, system, ids)
+    if not n:
+        return None, 0
+    prefix = engine.prefixes.get(tuple(ids[:n]), speech)
+    return prefix, 0 if prefix is not None else n
 
 
 def position_keys(ids: list[int], audios: list, counts: list[int], audio_token: int, k: int,

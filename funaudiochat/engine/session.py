@@ -39,7 +39,7 @@ from funaudiochat.engine.generate import Engine, GenerationConfig
 from funaudiochat.engine.incremental_audio import IncrementalAudio
 from funaudiochat.engine.prefill_ahead import AheadPrefix, prefill_ahead, take_ahead, with_audio_groups
 from funaudiochat.engine.inputs import check_trained, typed_text, user_audio
-from funaudiochat.engine.prefix_cache import ConversationCache, position_keys, system_prefix_len
+from funaudiochat.engine.prefix_cache import ConversationCache, position_keys, system_prefix
 from funaudiochat.engine.prompt import build_prompt, prompt_ids
 from funaudiochat.errors import ContextLengthError, InputError, SessionClosedError
 from funaudiochat.text.chat import user_content
@@ -153,15 +153,12 @@ class ChatSession:
     def lookup_prefix(self, msgs: list[dict], ids: list[int], keys: list, gen):
         """(cached keys and values the prompt `ids` starts with: this conversation's or its system turn's, or None;
         how many leading ids to save as the system turn's when none are stored yet)."""
-        engine, cfg = self.engine, self.engine.cfg
+        engine = self.engine
         prefix, save = None, 0
         if self.reuse_cache and self.cache is not None:
             prefix = self.cache.prefix(ids, keys, engine.k)
         if self.reuse_cache and prefix is None and self.system:
-            n = system_prefix_len(self.tokenizer, cfg, msgs[0], ids)
-            if n:
-                prefix = engine.prefixes.get(tuple(ids[:n]), not gen.disable_speech)
-                save = 0 if prefix is not None else n
+            prefix, save = system_prefix(engine, self.tokenizer, msgs[0], ids, not gen.disable_speech)
         return prefix, save
 
     def _stream(self, prompt, job, keys: list, audios: list, kept: list[Turn], cancel: threading.Event | None):

@@ -196,12 +196,10 @@ class Speaker:
     def _prefill(self, prompt, messages: list[dict], gen):
         """The prompt's prefill as `chat` and `serve` start it: the system turn's keys and values are computed once
         per engine (the first question saves them) and copied into every later prompt (`engine.prefixes`)."""
-        from funaudiochat.engine.prefix_cache import system_prefix_len
+        from funaudiochat.engine.prefix_cache import system_prefix
 
         ids = prompt.input_ids[0].tolist()
-        n = system_prefix_len(self.tokenizer, self.engine.cfg, messages[0], ids) if messages else 0
-        prefix = self.engine.prefixes.get(tuple(ids[:n]), True) if n else None
-        save = n if n and prefix is None else 0
+        prefix, save = system_prefix(self.engine, self.tokenizer, messages[0], ids, True) if messages else (None, 0)
         return self.engine.start_prefill(prompt, self.engine.usable(gen), prefix=prefix, save_prefix=save)
 
     def speak(self, rec: SpokenRecord) -> dict:

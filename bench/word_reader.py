@@ -4,10 +4,12 @@ For each ASR record of DATA/SPLIT.jsonl: the clip's log-mel, the encoder on the 
 beam search, its tokens decoded with Whisper's tokenizer; WER against the transcript (the project's English
 normaliser), and the median time of the encoder and of the read per clip. Settings are overridden on the
 checkpoint's reader (`--window`, `--beam`, `--no-cut`), and its products read the weights in each of `--compute` in
-turn (fp32, bf16 copies, or auto: bf16 where the CPU computes it natively), on the same clips in one run.
+turn (fp32, bf16 copies, or auto: bf16 where the CPU computes it natively; fp32-plain: fp32 with the vocabulary
+product on the plain weight instead of oneDNN's packed copy), on the same clips in one run; each setting after the
+first also says on how many clips it reads the same words as the first.
 
     .venv/bin/python bench/word_reader.py --model checkpoints/mini -n 150 --threads 2 [--window 10] [--beam 5] \
-        [--compute fp32 auto]
+        [--compute fp32 fp32-plain auto]
 
 Prints the machine line, then one row per setting: WER, clips, encode and read medians.
 """
@@ -36,7 +38,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=None, help="window_s override (seconds)")
     ap.add_argument("--beam", type=int, default=None, help="beam_size override (1: greedy)")
     ap.add_argument("--no-cut", action="store_true", help="keep a looping transcript as read")
-    ap.add_argument("--compute", nargs="+", default=["fp32", "auto"], choices=list(word_reader.COMPUTE_DTYPES),
+    ap.add_argument("--compute", nargs="+", default=["fp32", "auto"],
+                    choices=list(word_reader.COMPUTE_DTYPES) + ["fp32-plain"],
                     help="what the reader's products read, each measured in turn (default fp32 auto; auto: bf16 "
                          "copies of the weights where the CPU computes bf16 natively)")
     ap.add_argument("--load-dtype", default=None, choices=["fp32", "bf16"],
@@ -74,8 +77,10 @@ def main() -> None:
     dtype = next(tower.parameters()).dtype
     clips = [(f.to(dtype), m) for f, m in (frontend([load_audio(r.wavs[0])], padding="longest") for r in records)]
     print(f"{len(records)} ASR clips of {args.data / args.split}.jsonl; reader {json.dumps(reader.cfg.to_dict())}")
+    packs, first = word_reader._packs_for_cpu, None
     for dtype in args.compute:
-        reader.set_compute_dtype(dtype)
+        reader.set_compute_dtype("fp32" if dtype == "fp32-plain" else dtype)
+        word_reader._packs_for_cpu = (lambda z: False) if dtype == "fp32-plain" else packs
         hyps, encode_s, read_s = [], [], []
         with torch.no_grad():
             for features, mask in clips:
@@ -89,8 +94,11 @@ def main() -> None:
                 hyps.append(" ".join(tok.decode(tokens[i, : int(count[i])].tolist()) for i in range(len(count))))
         refs = [normalize_english(r.answer) for r in records]
         wer = error_rates(refs, [normalize_english(h) for h in hyps])[0]
+        same = "" if first is None else f"; the same words as {args.compute[0]} on " \
+            f"{sum(a == b for a, b in zip(first, hyps))} of {len(hyps)}"
+        first = hyps if first is None else first
         print(f"compute {dtype}: WER {wer:.3f} on {len(records)} clips; encode {statistics.median(encode_s):.3f} s, "
-              f"read {statistics.median(read_s):.3f} s (medians per clip)")
+              f"read {statistics.median(read_s):.3f} s (medians per clip){same}")
     if args.out is not None:
         items = [{"id": r.id, "reference": r.answer, "reading": h} for r, h in zip(records, hyps)]
         args.out.write_text(json.dumps(items, indent=1) + "\n")

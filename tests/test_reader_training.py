@@ -48,7 +48,7 @@ def test_teacher_forcing_computes_what_the_step_by_step_read_computes(whisper, s
         cross = [tuple(layer.cross_attn.split(t) for t in layer.cross_attn.kv(memory).chunk(2, dim=-1))
                  for layer in reader.layers]
         stepped = torch.stack([reader._word_logits(reader._step(tokens[:, p], p, k_cache, v_cache, cross),
-                                                   bf16=False)[0] for p in range(tokens.shape[1])])
+                                                   "plain")[0] for p in range(tokens.shape[1])])
     # (a read scores the words and the end token only: the rows up to end_id)
     torch.testing.assert_close(forced[0, :, : cfg.end_id + 1], stepped, rtol=1e-4, atol=1e-3)
     assert forced[0, len(cfg.start_ids) - 1:].argmax(-1).tolist() == [*words, cfg.end_id]

@@ -13,7 +13,10 @@ Reported, for N sessions together and for the same N one after the other:
 - per-session real-time factor: the session's generating time (end of speech -> response.done, summed over its
   turns) / the seconds of audio it received; below 1 is faster than real time (worst session and median);
 - aggregate speech tokens/s: all sessions' speech tokens / the time at least one answer was being generated (the
-  union of the end-of-speech -> response.done intervals; the real-time speaking in between is not counted).
+  union of the end-of-speech -> response.done intervals; the real-time speaking in between is not counted);
+- playback gaps: the silence a listener hears inside an answer played in real time from its first delta (each
+  delta arriving after the audio before it has played adds the wait; `eval mini-speech` counts them the same way):
+  the turns with a gap over 20 ms, and the p95 gap.
 At the end, a profile per run from the server's /metrics: seconds in decode steps, prefills and detokenizer rounds
 (sessions synthesised per round), which says which part limits the throughput.
 
@@ -43,6 +46,8 @@ from machine import machine_line  # bench/machine.py: CPU model and SIMD flags
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests/ holds the tiny checkpoint and detokenizer makers and the Piper question
+
+from funaudiochat.eval.mini_speech import GAP_HEARD_S, playback_gap  # noqa: E402  (the eval's own measure)
 
 RATE, CHUNK = 24000, 480  # pcm16 24 kHz, 20 ms per append
 
@@ -164,13 +169,15 @@ async def session(ws_url: str, question: np.ndarray, silence: np.ndarray, args) 
             else:
                 await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
                 await ws.send(json.dumps({"type": "response.create"}))
-            first, samples = None, 0
+            first, samples, arrivals = None, 0, []
             while True:
                 event = await next_event("response.output_audio.delta", "response.done")
                 if event["type"] == "response.done":
                     break
                 first = first or time.monotonic()
-                samples += len(base64.b64decode(event["delta"])) // 2
+                delta = len(base64.b64decode(event["delta"])) // 2
+                samples += delta
+                arrivals.append((time.monotonic(), delta / RATE))
             done = time.monotonic()
             if vad:
                 await trailing
@@ -179,7 +186,7 @@ async def session(ws_url: str, question: np.ndarray, silence: np.ndarray, args) 
                 raise RuntimeError(f"response {status}: {event['response'].get('status_details')}")
             usage = event["response"].get("usage") or {}
             turns.append({"ttfa": (first - end_of_speech) if first else None, "gen_start": end_of_speech,
-                          "gen_end": done, "audio_s": samples / RATE,
+                          "gen_end": done, "audio_s": samples / RATE, "gap": playback_gap(arrivals),
                           "tokens": usage.get("output_token_details", {}).get("audio_tokens", 0)})
         return turns
 
@@ -203,9 +210,11 @@ def summarise(sessions: list[list[dict]]) -> dict:
     ttfa = [t["ttfa"] for t in turns if t["ttfa"] is not None]
     rtf = [sum(t["gen_end"] - t["gen_start"] for t in s) / max(1e-9, sum(t["audio_s"] for t in s)) for s in sessions]
     busy = union_seconds([(t["gen_start"], t["gen_end"]) for t in turns])
+    gaps = [t["gap"] for t in turns if t["ttfa"] is not None]
     return {"ttfa_p50": percentile(ttfa, 50), "ttfa_p95": percentile(ttfa, 95), "rtf_median": statistics.median(rtf),
             "rtf_worst": max(rtf), "tokens_per_s": sum(t["tokens"] for t in turns) / busy if busy else 0.0,
-            "no_audio": sum(t["ttfa"] is None for t in turns)}
+            "no_audio": sum(t["ttfa"] is None for t in turns), "gap_turns": sum(g > GAP_HEARD_S for g in gaps),
+            "turns": len(gaps), "gap_p95": percentile(gaps, 95)}
 
 
 async def run(ws_url: str, n: int, together: bool, question, silence, args) -> dict:
@@ -242,7 +251,8 @@ def profile(before: dict, after: dict) -> str:
 
 def row(n: int, mode: str, s: dict) -> str:
     return (f"| {n:>2} | {mode:<13} | {s['ttfa_p50'] * 1000:7.0f} | {s['ttfa_p95'] * 1000:7.0f} | "
-            f"{s['rtf_median']:6.2f} | {s['rtf_worst']:6.2f} | {s['tokens_per_s']:8.1f} |")
+            f"{s['rtf_median']:6.2f} | {s['rtf_worst']:6.2f} | {s['tokens_per_s']:8.1f} | "
+            f"{s['gap_turns']:>2} of {s['turns']:<2} | {s['gap_p95'] * 1000:7.0f} |")
 
 
 def main() -> None:
@@ -287,8 +297,9 @@ def main() -> None:
             if args.compile:  # the graphs of batched steps too (docs/serve.md): steady state is what is measured
                 asyncio.run(run(ws_url, max(args.sessions), True, question, silence,
                                 argparse.Namespace(**{**vars(args), "turns": 2})))
-            print("| N | served | TTFA p50 ms | TTFA p95 ms | RTF median | RTF worst | speech tok/s |")
-            print("|---|---|---|---|---|---|---|")
+            print(f"| N | served | TTFA p50 ms | TTFA p95 ms | RTF median | RTF worst | speech tok/s | "
+                  f"turns with a gap > {GAP_HEARD_S * 1e3:.0f} ms | gap p95 ms |")
+            print("|---|---|---|---|---|---|---|---|---|")
             http_url, started, profiles = ws_url.replace("ws://", "http://"), time.monotonic(), []
             for n in args.sessions:
                 if args.budget_s is not None and time.monotonic() - started > args.budget_s:
@@ -303,7 +314,7 @@ def main() -> None:
                 profiles += [f"N = {n} together: {profile(mark, mid)}",
                              f"N = {n} one at a time: {profile(mid, scrape(http_url))}"]
                 print(f"|    | together / one at a time: {together['tokens_per_s'] / max(1e-9, alone['tokens_per_s']):.2f}"
-                      f"x speech tokens/s | | | | | |", flush=True)
+                      f"x speech tokens/s | | | | | | | |", flush=True)
                 if together["no_audio"] or alone["no_audio"]:
                     print(f"note: {together['no_audio'] + alone['no_audio']} turns got no audio (excluded from TTFA)")
             print("\n".join(profiles))

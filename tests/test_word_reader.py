@@ -102,15 +102,23 @@ def test_beam_search_and_greedy_read_what_ctranslate2_reads(whisper, spoken):
     assert both[1, : int(count[1])].tolist() == ours[5]
 
 
-def test_bf16_products_read_what_fp32_reads(whisper, spoken):
-    """The products reading bf16 copies of the weights (auto's choice where the CPU computes bf16 natively: half the
-    bytes a step reads) read the same tokens as fp32 on the clean clip and at 5 dB SNR."""
-    cfg, tok, encoder, reader = whisper
+@pytest.fixture(scope="module")
+def clean_and_noisy(whisper, spoken):
+    """The encoder's windows [2, T, C] of the spoken question, clean and at 5 dB SNR."""
+    encoder = whisper[2]
     noise = np.random.default_rng(0).standard_normal(len(spoken)).astype(np.float32)
     clips = [spoken, spoken + noise * np.sqrt(np.mean(spoken ** 2) / 10 ** 0.5)]
     padded, _ = WhisperFrontend(80)(clips, padding="max_length")
     with torch.no_grad():
-        memory = encoder.ln_post(torch.stack(encoder.encode_frames(padded, torch.tensor([padded.shape[-1]] * 2))))
+        return encoder.ln_post(torch.stack(encoder.encode_frames(padded, torch.tensor([padded.shape[-1]] * 2))))
+
+
+def test_bf16_products_read_what_fp32_reads(whisper, clean_and_noisy):
+    """The products reading bf16 copies of the weights (auto's choice where the CPU computes bf16 natively: half the
+    bytes a step reads) read the same tokens as fp32 on the clean clip and at 5 dB SNR."""
+    cfg, tok, _, reader = whisper
+    memory = clean_and_noisy
+    with torch.no_grad():
         read = {}
         for name in ("fp32", "bf16"):
             reader.set_compute_dtype(name)
@@ -129,18 +137,15 @@ def test_bf16_products_read_what_fp32_reads(whisper, spoken):
         reader.set_compute_dtype("int8")
 
 
-def test_packed_fp32_products_read_what_the_plain_weights_read(whisper, spoken, monkeypatch):
+def test_packed_fp32_products_read_what_the_plain_weights_read(whisper, clean_and_noisy, monkeypatch):
     """On a CPU without native bf16 the fp32 products read oneDNN's packed copies of the weights (the same sums in
     another order, ~2x faster for a beam's rows): the same tokens as the plain weights on the clean clip and at
     5 dB SNR; a copy follows its weight when the weight changes in place; training reads the weights themselves."""
-    cfg, tok, encoder, reader = whisper
+    cfg, tok, _, reader = whisper
     if not word_reader._packs_for_cpu(torch.device("cpu")):
         pytest.skip("this PyTorch build has no oneDNN")
-    noise = np.random.default_rng(0).standard_normal(len(spoken)).astype(np.float32)
-    clips = [spoken, spoken + noise * np.sqrt(np.mean(spoken ** 2) / 10 ** 0.5)]
-    padded, _ = WhisperFrontend(80)(clips, padding="max_length")
+    memory = clean_and_noisy
     with torch.no_grad():
-        memory = encoder.ln_post(torch.stack(encoder.encode_frames(padded, torch.tensor([padded.shape[-1]] * 2))))
         read = {}
         for packs in (True, False):
             monkeypatch.setattr(word_reader, "_packs_for_cpu", lambda device, packs=packs: packs)

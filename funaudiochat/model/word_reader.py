@@ -23,7 +23,8 @@ By default (`set_compute_dtype`) its products read bf16 copies of the weights wh
 natively: half the bytes. Only the products' inputs are rounded to bf16; sums, layer norms, attention and the
 residual stream stay fp32. It reads as well (the mini's 150 test ASR clips: bench/word_reader.py, figures in
 BENCHMARKS.md). On other CPUs the products read fp32 weights in oneDNN's packed layout, which a product of a few
-rows (the 5 beams) reads 1.3-3x faster than the plain weight: the same sums in another order.
+rows (the 5 beams) reads 1.3-3x faster than the plain weight: the same sums in another order. Either kind of copy is
+kept beside its weight (about 110 MB packed, for the tiny.en reader).
 
 Shape legend: A windows, B beams, T encoder frames of a window (50 Hz), C Whisper width, V Whisper vocabulary,
 S LLM sub-tokens per Whisper token, m tokens read, G 5 Hz slots, D LLM width.

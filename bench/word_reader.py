@@ -80,7 +80,7 @@ def main() -> None:
     packs, first = word_reader._packs_for_cpu, None
     for dtype in args.compute:
         reader.set_compute_dtype("fp32" if dtype == "fp32-plain" else dtype)
-        word_reader._packs_for_cpu = (lambda z: False) if dtype == "fp32-plain" else packs
+        word_reader._packs_for_cpu = (lambda device: False) if dtype == "fp32-plain" else packs
         hyps, encode_s, read_s = [], [], []
         with torch.no_grad():
             for features, mask in clips:

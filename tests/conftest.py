@@ -13,6 +13,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (`-n 2`, README's test command) each worker is one process of two on two cores: one torch
+# thread each, or four threads would fight over two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def _find_shared() -> Path | None:
     env = os.environ.get("FUNAUDIOCHAT_SHARED")

@@ -106,7 +106,7 @@ def start_server(model: Path, detok: Path, args, log: Path) -> tuple[subprocess.
            "--max-sessions", str(max(args.sessions)), "--max-waiting", str(2 * max(args.sessions)),
            "--wait-timeout", "300", "--max-seq-len", str(args.max_seq_len),
            "--allow-untrained",  # the bench measures cost: random or untrained parts answer too
-           "--dtype", args.dtype] + (["--compile"] if args.compile else [])
+           "--dtype", args.dtype, "--decode-weights", args.decode_weights] + (["--compile"] if args.compile else [])
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     wait_s = 1200 if args.compile else 300  # (with --compile, /ready waits for the server's warm-up compiles)
@@ -270,6 +270,7 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2, help="the server's torch threads")
     ap.add_argument("--dtype", default="fp32", help="the server's --dtype (fp32 | bf16 | int8)")
+    ap.add_argument("--decode-weights", default="fp32", help="the server's --decode-weights (fp32 | fp16)")
     ap.add_argument("--compile", action="store_true", help="the server's --compile")
     ap.add_argument("--server-log", type=Path, default=None, help="keep the server's output in this file")
     ap.add_argument("--turn-timeout", type=float, default=600.0, help="seconds to wait for any one event")
@@ -290,7 +291,7 @@ def main() -> None:
         try:
             print(f"model {args.model}, detokenizer {args.detokenizer}, {args.turns} turns, question "
                   f"{len(question) / RATE:.1f} s, {args.turn_detection}, max {args.max_output_tokens} text tokens "
-                  f"per answer, server --threads {args.threads} --dtype {args.dtype}"
+                  f"per answer, server --threads {args.threads} --dtype {args.dtype} --decode-weights {args.decode_weights}"
                   f"{' --compile' if args.compile else ''} --max-sessions {max(args.sessions)}")
             warm = argparse.Namespace(**{**vars(args), "turns": 1})
             asyncio.run(run(ws_url, 1, True, question, silence, warm))  # first calls build caches and graphs

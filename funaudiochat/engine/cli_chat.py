@@ -106,7 +106,8 @@ def main(args: argparse.Namespace) -> int:
         print("note: no --detokenizer: spoken answers are generated as speech codes only, no wav is written (give "
               "--detokenizer COSYVOICE_DIR for OUT/turnN.wav)", file=sys.stderr)
     rt = load_runtime(args.model, args.dtype, device, speech=mode == "s2s", detokenizer_dir=args.detokenizer,
-                      speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile)
+                      speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile,
+                      decode_weights=args.decode_weights)
     gen = generation_preset(mode, rt.tokenizer, cfg, **overrides)
     session = ChatSession(rt.engine, rt.tokenizer, gen, system, args.max_turns, rt.detokenizer,
                           allow_untrained=args.allow_untrained)

@@ -107,7 +107,8 @@ def main(args: argparse.Namespace) -> int:
               f"wav is made (give --detokenizer COSYVOICE_DIR for {args.out}/answer.wav)", file=sys.stderr)
 
     rt = load_runtime(args.model, args.dtype, device, speech=mode == "s2s", detokenizer_dir=args.detokenizer,
-                      speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile, tokenizer=tokenizer)
+                      speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile, tokenizer=tokenizer,
+                      decode_weights=args.decode_weights)
     detok = rt.detokenizer.stream() if rt.detokenizer is not None and mode == "s2s" else None
 
     end = None

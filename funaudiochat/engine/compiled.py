@@ -16,7 +16,8 @@ or a draw as torch.multinomial makes it from exponential noise drawn outside fro
 embedding in between. One
 call per step instead of six removes the Python, guard checks and small eager ops between them (each costs 10-200 us
 on a small CPU, as much as a layer's matmuls). Int8 linears (model/quantize.py) trace themselves the same way when
-compiled on CPU: a product-and-sum reduction over their int8 weights, the conversion fused into it.
+compiled on CPU: a product-and-sum reduction over their int8 weights, the conversion fused into it; so do the fp16
+decode copies of an fp32 model's linears (`Engine(decode_weights="fp16")`).
 
 On a GPU the layer is what is compiled, and each step is replayed as a CUDA graph (`CompiledDecoder`).
 
@@ -151,7 +152,8 @@ def _warn_slow_int8() -> None:
     capability = torch.backends.cpu.get_cpu_capability()
     if not capability.startswith("AVX512"):
         log.warning("int8 decoding compiled for %s (no AVX-512) runs slower than fp32 on this CPU: use --dtype fp32 "
-                    "or bf16 here (BENCHMARKS.md, 'Against llama.cpp')", capability)
+                    "here, with --decode-weights fp16 for half the bytes a step (BENCHMARKS.md, 'Against llama.cpp')",
+                    capability)
 
 
 class CompiledDecoder:

@@ -29,7 +29,7 @@ from funaudiochat.engine.sampling import SamplingParams, choose, exponential_noi
 from funaudiochat.errors import ConfigError, ContextLengthError
 from funaudiochat.model.backbone import MLP, Attention, KVCache, RopeTable, attention_mask_4d
 from funaudiochat.model.funaudiochat import FunAudioChatModel
-from funaudiochat.model.quantize import is_quantized, prompt_products
+from funaudiochat.model.quantize import DECODE_WEIGHTS, is_quantized, prompt_products, set_decode_weights
 from funaudiochat.speech.pending_units import HOLD_PRIOR_FROM, PAD, follow_on, is_start, text_locked, window
 
 
@@ -184,11 +184,12 @@ class Engine:
     the weight layout that its decoding reads fastest), so create the engine after the model is on its final device
     and dtype, and do not train that model afterwards. Engines sharing a model stay correct, but the last one created
     sets the layout for all. `compile` compiles the decode steps (engine/compiled.py); on a GPU they are then replayed
-    as CUDA graphs unless `cuda_graphs` is false.
+    as CUDA graphs unless `cuda_graphs` is false. `decode_weights` "fp16" (compiled CPU decoding of an fp32 model):
+    the decode steps read fp16 copies of the LLM's and speech head's weights (model/quantize.py `set_decode_weights`).
     """
 
     def __init__(self, model: FunAudioChatModel, max_seq_len: int = 4096, compile: bool = False,
-                 pending_view=None, cuda_graphs: bool = True):
+                 pending_view=None, cuda_graphs: bool = True, decode_weights: str = "fp32"):
         width = model.audio_invert_tower.pending_width if model.audio_invert_tower is not None else 0
         if width and (pending_view is None or pending_view.width != width):
             raise ConfigError(f"this checkpoint's speech head reads the next {width} pending units "
@@ -206,6 +207,9 @@ class Engine:
         self.max_seq_len = min(max_seq_len, t.max_position_embeddings)
         if self.device.type == "cpu":
             _weight_layout(model, column_major=not compile)
+        _check_decode_weights(decode_weights, compile, self.device, self.dtype, is_quantized(model))
+        set_decode_weights(model, decode_weights)
+        self.decode_weights = decode_weights
         for m in model.modules():
             if isinstance(m, (Attention, MLP)):
                 m.fuse()  # (again if an earlier engine fused it: the layout may have changed)
@@ -905,6 +909,15 @@ def cached_prefix(state: DecodeState, ids: tuple, start: int, k: int, clone: boo
     return PrefixKV(ids, part(state.llm_cache.k, a, b), part(state.llm_cache.v, a, b),
                     part(srh.k, k * a, k * b) if srh is not None else None,
                     part(srh.v, k * a, k * b) if srh is not None else None)
+
+
+def _check_decode_weights(kind: str, compile: bool, device: torch.device, dtype: torch.dtype, quantized: bool):
+    if kind not in DECODE_WEIGHTS:
+        raise ConfigError(f"decode weights must be one of {', '.join(DECODE_WEIGHTS)}, got {kind!r}")
+    if kind == "fp16" and not (compile and device.type == "cpu" and dtype == torch.float32 and not quantized):
+        raise ConfigError("fp16 decode weights are read by compiled CPU decoding of an fp32 model only (--compile, "
+                          f"--device cpu, --dtype fp32); this engine: compile={compile}, device {device}, "
+                          f"{'int8' if quantized else str(dtype).removeprefix('torch.')}")
 
 
 def _weight_layout(model: torch.nn.Module, column_major: bool) -> None:

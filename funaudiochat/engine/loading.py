@@ -25,7 +25,7 @@ class Runtime:
 def load_runtime(model_dir: str | Path, dtype: str | None = None, device: str = "cpu", speech: bool = True,
                  detokenizer_dir: str | Path | None = None, speaker=None, max_seq_len: int = 4096,
                  compile: bool = False, tokenizer: TextTokenizer | None = None,
-                 detokenizer_threads: int | None = None) -> Runtime:
+                 detokenizer_threads: int | None = None, decode_weights: str = "fp32") -> Runtime:
     device = resolve_device(device, "device")
     model_dir = Path(model_dir)
     read_config(model_dir)
@@ -41,7 +41,8 @@ def load_runtime(model_dir: str | Path, dtype: str | None = None, device: str = 
 
         view = view_for(model.cfg.text_config, tokenizer, model.audio_invert_tower.pending_width)
     with torch.no_grad():
-        engine = Engine(model, max_seq_len=max_seq_len, compile=compile, pending_view=view)
+        engine = Engine(model, max_seq_len=max_seq_len, compile=compile, pending_view=view,
+                        decode_weights=decode_weights)
     if detok is not None and speech and model.audio_invert_tower is not None:
         engine.restrict_speech_codes(getattr(detok, "valid_codes", None))  # Piper: [0, 4752); CosyVoice3: all
     return Runtime(engine, tokenizer, detok)
@@ -103,6 +104,10 @@ def add_runtime_arguments(p) -> None:
     p.add_argument("--max-seq-len", type=int, default=4096, help="context budget (prompt + answer), tokens")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (faster decoding after a one-time compile of ~20 s per graph)")
+    p.add_argument("--decode-weights", default="fp32", choices=["fp32", "fp16"],
+                   help="fp16: compiled CPU decoding (--compile, fp32 model) reads fp16 copies of the LLM's and speech "
+                        "head's weights, half the bytes a step, sums still fp32 (faster where int8 is slow: AVX2 "
+                        "CPUs; +2 bytes a weight of memory)")
     p.add_argument("--detokenizer", type=Path, default=None,
                    help="CosyVoice3 folder (flow.pt, hift.pt, spk2info.pt) to turn speech tokens into a wav, or a "
                         "folder whose detokenizer.json says {\"kind\": \"piper-joe\"} (the mini's Piper voice); "
@@ -147,6 +152,9 @@ def check_runtime_arguments(args) -> torch.device:
     if args.max_seq_len < 1:
         raise InputError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
     device = resolve_device(args.device)
+    if args.decode_weights == "fp16" and not (args.compile and device.type == "cpu" and args.dtype in (None, "fp32")):
+        raise InputError("--decode-weights fp16 is read by compiled CPU decoding of fp32 weights: add --compile, "
+                         "with --device cpu and --dtype fp32 (or no --dtype)")
     if args.detokenizer is not None and not args.detokenizer.is_dir():
         raise InputError(f"--detokenizer {args.detokenizer}: no such folder (a CosyVoice3 folder holds flow.pt, "
                          f"hift.pt, spk2info.pt; a Piper one holds detokenizer.json)")

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "int8"],
                    help="cast the weights (default: as stored, fp32); int8 is weight-only with a scale per output "
                         "channel, bf16 is faster only where the CPU computes it natively (AVX-512 BF16 or AMX)")
+    p.add_argument("--decode-weights", default="fp32", choices=["fp32", "fp16"],
+                   help="fp16: the compiled decode steps of an fp32 model read fp16 copies of its weights (needs "
+                        "--compile; faster where int8 is slow, on AVX2 CPUs)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -46,6 +49,9 @@ def main(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.decode_weights == "fp16" and not (args.compile and args.dtype in (None, "fp32")):
+        raise InputError("--decode-weights fp16 is read by compiled decoding of fp32 weights: add --compile "
+                         "(and no --dtype other than fp32)")
     read_config(args.model)  # a clear error before anything loads
     if not args.data.is_dir():
         raise InputError(f"--data {args.data}: no such folder (`funaudiochat data build-mini --out {args.data}`)")
@@ -64,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
                              allow_untrained=args.allow_untrained, progress=True, audio_dir=audio_dir,
                              detokenizer=args.detokenizer, follow_text=not args.free_speech,
                              ids=[i for i in args.ids.split(",") if i] if args.ids else None,
-                             variants=not args.no_variants, dtype=args.dtype)
+                             variants=not args.no_variants, dtype=args.dtype, decode_weights=args.decode_weights)
     out.mkdir(parents=True, exist_ok=True)
     json_path = fileio.write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     fileio.write_text(out / "report.md", markdown(report))

@@ -176,12 +176,13 @@ class Speaker:
 
     def __init__(self, model_dir: str | Path, max_new_tokens: int = 400, hop: int = 15, compile: bool = False,
                  allow_untrained: bool = False, detokenizer: str | Path | None = None, follow_text: bool = True,
-                 dtype: str | None = None):
+                 dtype: str | None = None, decode_weights: str = "fp32"):
         from funaudiochat.engine.inputs import check_trained
         from funaudiochat.engine.loading import load_runtime
         from funaudiochat.engine.presets import generation_preset
 
-        rt = load_runtime(model_dir, dtype=dtype, speech=True, compile=compile, detokenizer_dir=detokenizer)
+        rt = load_runtime(model_dir, dtype=dtype, speech=True, compile=compile, detokenizer_dir=detokenizer,
+                          decode_weights=decode_weights)
         if rt.detokenizer is None:
             raise InputError(f"{model_dir}: no detokenizer (a speaking mini checkpoint holds detokenizer.json; "
                              f"for a training checkpoint pass --detokenizer, e.g. a folder holding one)")
@@ -236,12 +237,12 @@ def evaluate_speech(model: str | Path, data: str | Path, split: str = "test", li
                     judge: bool = True, max_new_tokens: int = 400, compiled: bool = False,
                     allow_untrained: bool = False, progress: bool = False, audio_dir: str | Path | None = None,
                     detokenizer: str | Path | None = None, follow_text: bool = True, ids: list[str] | None = None,
-                    variants: bool = True, dtype: str | None = None) -> dict:
+                    variants: bool = True, dtype: str | None = None, decode_weights: str = "fp32") -> dict:
     from funaudiochat.speech.piper_tokens import PiperTokenizer
 
     records = read_s2s_split(data, split, limit, ids, variants)
     me = Speaker(model, max_new_tokens, compile=compiled, allow_untrained=allow_untrained, detokenizer=detokenizer,
-                 follow_text=follow_text, dtype=dtype)
+                 follow_text=follow_text, dtype=dtype, decode_weights=decode_weights)
     voice = PiperTokenizer()
     asr = None
     if judge:
@@ -278,7 +279,8 @@ def evaluate_speech(model: str | Path, data: str | Path, split: str = "test", li
     for rec_id, audio in answers.items():  # judged after all answers are made: its threads never share their timing
         items[rec_id]["transcript"] = asr.transcribe(audio, me.detok.sample_rate) if audio.size else ""
     plain = [i for i in items.values() if i["instruction"] is None]
-    report: dict = {"model": str(model), "dtype": dtype or "as stored", "data": str(data), "split": split,
+    report: dict = {"model": str(model), "dtype": dtype or "as stored", "decode_weights": decode_weights,
+                    "data": str(data), "split": split,
                     "limit": limit, "speech_follows_text": follow_text,
                     "counts": {"plain": len(plain), "instructions": len(items) - len(plain)}, "targets": TARGETS}
     if asr is not None:
@@ -347,6 +349,9 @@ def summary(report: dict) -> list[dict]:
 
 def markdown(report: dict) -> str:
     c = report["counts"]
-    return summary_table(f"# fun-audio-chat-mini speaking: {report['model']} ({report.get('dtype', 'as stored')}) on "
+    weights = report.get("dtype", "as stored")
+    if report.get("decode_weights", "fp32") != "fp32":
+        weights += f", {report['decode_weights']} decode weights"
+    return summary_table(f"# fun-audio-chat-mini speaking: {report['model']} ({weights}) on "
                          f"{report['data']} ({report['split']}: "
                          f"{c['plain']} questions, {c['instructions']} instruction variants)", report["summary"])

@@ -16,7 +16,7 @@ from torch import nn
 
 from funaudiochat.config import BackboneConfig
 from funaudiochat.errors import CacheOverflowError
-from funaudiochat.model.quantize import Int8Linear, Int8Weight, linear
+from funaudiochat.model.quantize import HalfDecodeLinear, HalfDecodeWeight, Int8Linear, Int8Weight, linear
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -118,9 +118,22 @@ def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor |
     """Concatenate the weights (and biases) of linears sharing an input into one tensor, and make each linear's
     parameters views into it: one matmul instead of several, no extra memory, state_dict unchanged (inference).
     The fused weight keeps the memory layout of the first weight (see `Engine`: column-major for eager CPU decoding).
-    Int8 linears fuse their int8 weights and scales into an `Int8Weight`."""
+    Int8 linears fuse their int8 weights and scales into an `Int8Weight`; linears with fp16 decode copies fuse into a
+    `HalfDecodeWeight` (fp32 and fp16, each linear's copy a view into the fused one)."""
     if isinstance(linears[0], Int8Linear):
         return _fuse_int8(linears)
+    if isinstance(linears[0], HalfDecodeLinear):
+        half = torch.cat([lin.weight_half for lin in linears])
+        row = 0
+        for lin in linears:
+            lin.weight_half = half[row:row + lin.out_features]
+            row += lin.out_features
+        weight, bias = _fuse_plain(linears)
+        return HalfDecodeWeight(weight, half), bias
+    return _fuse_plain(linears)
+
+
+def _fuse_plain(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     column_major = linears[0].weight.stride(0) == 1 and linears[0].weight.shape[1] > 1
     weight = torch.cat([lin.weight.detach() for lin in linears])
     if column_major:

@@ -25,6 +25,12 @@ tables and MoE routers. A tied head gets its own int8 copy; the embedding keeps 
 
 A quantized checkpoint stores each quantized linear's int8 weight under its usual name and the scales beside it
 (`NAME.weight_scale`); `checkpoint.load_model` recognises one by those keys and loads it as is.
+
+fp16 decode weights (`set_decode_weights(model, "fp16")`, `--decode-weights fp16`) are the exact-arithmetic
+alternative where int8 is slow (AVX2 CPUs, engine/compiled.py `_warn_slow_int8`): the same linears keep their fp32
+weights for everything but compiled CPU decoding, which reads an fp16 copy of each (`HalfDecodeLinear`): half the bytes
+a step, each weight converted to fp32 inside the product-and-sum reduction (F16C), so products and sums stay fp32.
+Only the weights are rounded (relative error at most 2^-11). Cost: 2 bytes a weight more memory (the mini: +0.3 GB).
 """
 from __future__ import annotations
 
@@ -112,6 +118,60 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     return y if bias is None else y + bias
 
 
+DECODE_WEIGHTS = ("fp32", "fp16")
+
+
+class HalfDecodeWeight:
+    """A fused fp32 weight and its fp16 copy (`HalfDecodeLinear`), held outside any module (`Attention.fused`,
+    `MLP.fused`)."""
+
+    __slots__ = ("weight", "half")
+
+    def __init__(self, weight: torch.Tensor, half: torch.Tensor):
+        self.weight, self.half = weight, half
+
+
+class HalfDecodeLinear(nn.Linear):
+    """nn.Linear whose compiled CPU decode steps read `weight_half`, an fp16 copy of its fp32 weight (a buffer that
+    state dicts leave out); everything else (prompt passes, eager steps) multiplies the fp32 weight as before."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return half_decode_linear(x, self.weight, self.weight_half, self.bias)
+
+
+def half_decode_linear(x: torch.Tensor, weight: torch.Tensor, half: torch.Tensor, bias: torch.Tensor | None = None):
+    """F.linear(x, weight, bias), traced for a compiled CPU decode step (few rows) as a product-and-sum reduction over
+    the fp16 copy `half` [N, K]: x * half promotes each weight to fp32, so only the weights' bytes are halved."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() <= PRODUCT_SUM_MAX_ROWS:
+        y = (x.unsqueeze(-2) * half).sum(-1)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+@torch.no_grad()
+def set_decode_weights(model: nn.Module, kind: str) -> None:
+    """"fp16": give the linears of the LLM, text head, SRH and speech head (int8's targets) fp16 copies that compiled
+    CPU decoding reads (`HalfDecodeLinear`); "fp32": drop any such copies. In place; fused projections are dropped
+    (an Engine fuses again, copies included)."""
+    if kind not in DECODE_WEIGHTS:
+        raise ValueError(f"decode weights must be one of {', '.join(DECODE_WEIGHTS)}, got {kind!r}")
+    _unfuse(model)
+    for m in model.modules():
+        if isinstance(m, HalfDecodeLinear):
+            m.__class__ = nn.Linear
+            del m._buffers["weight_half"]
+    if kind == "fp32":
+        return
+    for _, _, lin in list(_targets(model)):
+        if lin.weight.dtype != torch.float32:
+            raise ValueError(f"fp16 decode weights are copies of fp32 weights; this model's are {lin.weight.dtype}")
+        half = lin.weight.detach().to(torch.float16, memory_format=torch.contiguous_format)
+        if not torch.isfinite(half).all():
+            raise ValueError(f"a weight of {lin} exceeds fp16's range (65504): keep fp32 decode weights")
+        lin.__class__ = HalfDecodeLinear  # (same parameters and hooks; a subclass, so every nn.Linear check holds)
+        lin.register_buffer("weight_half", half, persistent=False)
+
+
 def set_prompt_products(mode: str) -> None:
     """How prompt passes multiply int8 weights: "auto" (bf16 where the CPU computes it natively, else fp32),
     "bf16" or "fp32" (as decoding does)."""
@@ -166,9 +226,11 @@ def _blockwise_dequantized_product(flat: torch.Tensor, q: torch.Tensor) -> torch
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a plain weight or an `Int8Weight` (the fused projections)."""
+    """F.linear for a plain weight, an `Int8Weight` or a `HalfDecodeWeight` (the fused projections)."""
     if isinstance(weight, Int8Weight):
         return int8_linear(x, weight.q, weight.scale, bias)
+    if isinstance(weight, HalfDecodeWeight):
+        return half_decode_linear(x, weight.weight, weight.half, bias)
     return F.linear(x, weight, bias)
 
 

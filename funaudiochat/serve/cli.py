@@ -100,6 +100,7 @@ def build_context(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     rt = load_runtime(args.model, args.dtype, args.device, speech=True, detokenizer_dir=args.detokenizer,
                       speaker=args.speaker, max_seq_len=args.max_seq_len, compile=args.compile,
+                      decode_weights=args.decode_weights,
                       detokenizer_threads=torch.get_num_threads())  # (it takes turns with the engine: see cpu_turns)
     scheduler = Scheduler(rt.engine, rt.tokenizer, rt.detokenizer, max_sessions=args.max_sessions,
                           max_waiting=args.max_waiting, wait_timeout_s=args.wait_timeout, detokenizer_hop=args.hop,

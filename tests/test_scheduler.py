@@ -775,3 +775,59 @@ def test_engine_steps_and_detokenizer_chunks_take_turns_on_the_cpu(parts, tmp_pa
     assert len(steps) >= 20 and len(syntheses) >= 6
     overlaps = [(s, d) for s in steps for d in syntheses if s[0] < d[1] and d[0] < s[1]]
     assert not overlaps, f"{len(overlaps)} engine steps ran while the detokenizer synthesised"
+
+
+@pytest.mark.parametrize("margin_s", [1e9, -1e9], ids=["short_of_audio", "well_ahead"])
+def test_a_session_short_of_audio_has_each_steps_speech_rendered_before_the_next_step(parts, tmp_path, one_thread,
+                                                                                    monkeypatch, margin_s):
+    """As `stream_turn` does: until its first audio, and while a session has less than RENDER_MARGIN_S of audio in
+    hand (here: always), the engine thread starts no step while the speech of its last step waits for the
+    detokenizer. Well ahead (a margin never reached), only the first chunk is waited for, and steps run on."""
+    from funaudiochat.serve import detok_worker, scheduler as scheduler_module
+    from funaudiochat.speech.detokenizer import Detokenizer
+
+    engine, tok = parts
+    detok = Detokenizer.from_dir(write_tiny_detokenizer(tmp_path / "cosyvoice"))
+    monkeypatch.setattr(scheduler_module, "RENDER_MARGIN_S", margin_s)
+    pushes, starts, lock = [], [], threading.Lock()  # pushes: [pushed at, its `done` event, rendered at]
+
+    def push(self, stream, codes, deliver, alive=None, ahead=None, done=None, _push=detok_worker.DetokenizerWorker.push):
+        with lock:
+            pushes.append([time.perf_counter(), done, None])
+        return _push(self, stream, codes, deliver, alive, ahead, done)
+
+    def rounds_done(items, _done=detok_worker._rounds_done):
+        _done(items)
+        events = {id(item[-1]) for item in items if item[0] == "push"}
+        with lock:
+            for entry in pushes:
+                if entry[2] is None and id(entry[1]) in events:
+                    entry[2] = time.perf_counter()
+
+    def forward_step(*args, _step=engine.forward_step):
+        starts.append(time.perf_counter())
+        return _step(*args)
+
+    monkeypatch.setattr(detok_worker.DetokenizerWorker, "push", push)
+    monkeypatch.setattr(detok_worker, "_rounds_done", rounds_done)
+    monkeypatch.setattr(engine, "forward_step", forward_step)
+    sched = Scheduler(engine, tok, detok, max_sessions=1, detokenizer_hop=5)
+    req = _request(0.6, 30, 24)
+    req.audio_out = True
+
+    async def main():
+        sched.start()
+        try:
+            return await _collect(await sched.submit(req))
+        finally:
+            await sched.stop()
+
+    end, speech = asyncio.run(main())
+    assert end.audio is not None and end.audio.size > 0 and len(speech) >= 40
+    waited = [entry for entry in pushes if entry[1] is not None]
+    assert all(done is not None for _, _, done in waited)  # every push waited for was rendered
+    during = [s for t, _, done in waited for s in starts if t < s < done]  # steps started while one was pending
+    if margin_s > 0:
+        assert len(waited) >= 8 and len(waited) == len(pushes) and not during
+    else:
+        assert 1 <= len(waited) < len(pushes)  # the first chunk's pushes only

@@ -46,11 +46,13 @@ class DetokenizerWorker:
         self._thread.start()
 
     # ------------------------------------------------------------------ any thread
-    def push(self, stream, codes: list[int], deliver, alive=None, ahead: list[int] | None = None) -> None:
+    def push(self, stream, codes: list[int], deliver, alive=None, ahead: list[int] | None = None,
+             done: threading.Event | None = None) -> None:
         """Add codes to `stream`; `deliver(list of chunks | exception)` is called on the worker thread. `alive()`
         False (the listener left): the codes are dropped unsynthesised, and so is what the stream still held.
-        `ahead`: the units known to follow them (`PiperStream.push`), for a stream that takes them."""
-        self._put(("push", stream, list(codes), deliver, alive, ahead))
+        `ahead`: the units known to follow them (`PiperStream.push`), for a stream that takes them. `done` is set
+        when the round that took them has run (whatever it delivered), or the worker closed."""
+        self._put(("push", stream, list(codes), deliver, alive, ahead, done))
 
     def finalize(self, stream) -> Future:
         """The stream's last chunk (`stream.finalize()`), once every chunk of the pushes before it is delivered."""
@@ -93,9 +95,11 @@ class DetokenizerWorker:
                 for item in items:
                     if item[0] != "push":
                         item[-1].set_exception(RuntimeError("the server is shutting down"))
+                _rounds_done(items)
                 return
             try:
                 self._round(items)
+                _rounds_done(items)
             except Exception as err:  # a bug here must not leave sessions waiting for ever: each gets the error
                 log.exception("a detokenizer round failed")
                 for item in items:
@@ -107,6 +111,7 @@ class DetokenizerWorker:
                 for deliver, _ in self._backlog.values():
                     _deliver(deliver, err)
                 self._backlog.clear()
+                _rounds_done(items)
 
     def _round(self, items: list[tuple]) -> None:
         """New codes join their streams; then ONE chunk of every stream with one ready, batched, is delivered: a
@@ -119,7 +124,7 @@ class DetokenizerWorker:
             if item[0] != "push":
                 others.append(item)
                 continue
-            _, stream, codes, deliver, alive, ahead = item
+            _, stream, codes, deliver, alive, ahead, _ = item
             if alive is None or alive():
                 entry = pushes.setdefault(stream, [[], deliver, alive, None])
                 entry[0] += codes
@@ -168,6 +173,13 @@ class DetokenizerWorker:
         if self.metrics is not None and synthesised:
             self.metrics.detok_round_seconds.observe(time.perf_counter() - t0)
             self.metrics.detok_round_streams.observe(len(synthesised))
+
+
+def _rounds_done(items: list[tuple]) -> None:
+    """Set the `done` events of a round's pushes."""
+    for item in items:
+        if item[0] == "push" and item[-1] is not None:
+            item[-1].set()
 
 
 def _outcome(fn, *args):

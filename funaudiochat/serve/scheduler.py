@@ -30,7 +30,10 @@ How it runs: a dedicated engine thread loops: chunks (`prefill_chunk` prompt pos
 then one decode step for each batch of running sessions. Waiting prompts go first for up to `prompt_burst_s` after a
 step (questions that end together all reach their first audio sooner), but never while a session playing its answer
 has less than PLAYBACK_MARGIN_S of audio in hand: then one chunk alternates with one step, so a long prompt never
-stalls a speaking session for more than a chunk. Audio of sessions waiting together is encoded in one batched call
+stalls a speaking session for more than a chunk. Until a session's first audio, and while it has less than
+RENDER_MARGIN_S of audio in hand, the engine thread waits after a step for the detokenizer's round that renders the
+speech that step made (at most RENDER_WAIT_S), as `stream_turn` waits for each rendering: its chunk goes out now, on
+every core, instead of behind the next step. Audio of sessions waiting together is encoded in one batched call
 (`Engine.encode_ahead`). Sessions waiting at the same moment with equal settings are prefilled together as one
 left-padded batch. The keys and values of each distinct system turn are computed once and copied into later prompts
 that start with it (copy-on-start prefix sharing, `max_prefixes` kept), so only the rest of a prompt is prefilled. A
@@ -67,6 +70,7 @@ import numpy as np
 import torch
 
 from funaudiochat.engine.compiled import CACHE_BUCKET
+from funaudiochat.engine.events import PLAYBACK_MARGIN_S as STREAM_MARGIN_S
 from funaudiochat.engine.events import AudioChunk, IncrementalDecoder, SpeechEnd, SpeechGroup, TextDelta, TurnEnd, Usage
 from funaudiochat.engine.generate import DecodeState, Engine, GenerationConfig, PrefillJob
 from funaudiochat.engine.inputs import check_trained
@@ -95,6 +99,9 @@ FLOW_WINDOW, HIFT_RESET = 200, 500
 # PROMPT_BURST_S (questions that end together all reach their first audio sooner than one prefill per step), unless
 # a session already playing its answer has less than PLAYBACK_MARGIN_S of audio in hand
 PROMPT_BURST_S, PLAYBACK_MARGIN_S = 0.8, 1.0
+# Renders before the next step: until its first audio, and while a session has less than RENDER_MARGIN_S of audio in
+# hand (the margin of `stream_turn`), a step that made it speech waits up to RENDER_WAIT_S for that speech's rendering
+RENDER_MARGIN_S, RENDER_WAIT_S = STREAM_MARGIN_S, 1.0
 
 
 class ServerBusyError(FunAudioChatError):
@@ -165,6 +172,12 @@ def _batch_key(session: "Session") -> tuple:
             gen.text_loop_stop, gen.text_lead, gen.fast_text_lead, own)
 
 
+def _release(event: threading.Event | None) -> None:
+    """Let the engine thread go on (a `_Step.rendered` that was not handed to a detokenizer worker)."""
+    if event is not None:
+        event.set()
+
+
 def _runs_alone(key: tuple) -> bool:
     return key[-1] is not None
 
@@ -221,6 +234,7 @@ class Session:
         self.submitted = time.perf_counter()
         self.audio_started: float | None = None  # (event loop) when its first audio chunk was handed out
         self.audio_seconds = 0.0                 # (event loop) seconds of audio handed out so far
+        self.speaks = False                      # (event loop) its speech codes go to a detokenizer
         self._pump = None
 
     # -- consumer side
@@ -257,6 +271,14 @@ class Session:
     def _push(self, item) -> None:
         self._loop.call_soon_threadsafe(self._raw.put_nowait, item)
 
+    def _awaits_audio(self) -> bool:
+        """Whether the engine should wait for its speech's rendering: it speaks, and has no audio yet or less than
+        RENDER_MARGIN_S in hand (handed out, not yet played by a listener who started at its first chunk)."""
+        if not self.speaks or self._abandoned:
+            return False
+        started = self.audio_started
+        return started is None or self.audio_seconds - (time.perf_counter() - started) < RENDER_MARGIN_S
+
 
 @dataclass
 class _Step:
@@ -264,6 +286,7 @@ class _Step:
     group: tuple | None
     speech_ended: bool
     ahead: list | None = None  # the units the speech says next, where its text tells them (Engine.units_ahead)
+    rendered: threading.Event | None = None  # set once the detokenizer's round with this group has run (or never will)
 
 
 @dataclass
@@ -309,6 +332,8 @@ class Scheduler:
         self._queued: deque[Session] = deque()       # (engine thread) sessions waiting for their prefill, in order
         self._prefill: _Prefill | None = None          # (engine thread) the prefill under way
         self._joining = 0                              # (engine thread) rows of a finished prefill still to join
+        self._renders: list[threading.Event] = []       # (engine thread) renderings to wait for (`_await_renders`)
+        self._num_codes = engine.cfg.audio_config.num_codes
         self._prefixes = PrefixStore(max_prefixes)  # system-turn keys and values, LRU
         # each conversation's last completed turn (keys and values), LRU; None: every turn prefills its whole prompt
         self.conversations = ConversationStore(max_conversations, max_conversation_bytes) if conversation_cache \
@@ -587,13 +612,16 @@ class Scheduler:
                 detok = await loop.run_in_executor(self._prep_pool, lambda: self.detokenizer.stream(
                     req.voice, self.detokenizer_hop, flow_window=FLOW_WINDOW, hift_reset=HIFT_RESET,
                     flow_cache=self.flow_cache, **self.detokenizer_hops))
+                session.speaks = True
             while True:
                 item = await session._raw.get()
                 if isinstance(item, BaseException):
                     session._out.put_nowait(item)
                     return
                 if isinstance(item, _Step):
+                    rendered, item.rendered = item.rendered, None
                     if stopped:
+                        _release(rendered)
                         continue
                     delta = decoder.push(item.token)
                     if delta:
@@ -609,9 +637,11 @@ class Scheduler:
                         session._out.put_nowait(SpeechGroup(item.group, new_codes))
                         if detok is not None and new_codes and failure is None:
                             worker.push(detok, new_codes, deliver, alive=lambda: not session._abandoned,
-                                        ahead=item.ahead)
+                                        ahead=item.ahead, done=rendered)
+                            rendered = None
                         if item.speech_ended:
                             session._out.put_nowait(SpeechEnd())
+                    _release(rendered)
                     continue
                 # _Finish
                 if detok is not None and codes and not session._abandoned and failure is None:
@@ -655,6 +685,7 @@ class Scheduler:
                     self._burst_start = time.perf_counter()
                 with self.turns.turn():
                     self._prefill_chunk()
+                self._await_renders()
                 if self._prompts_first():
                     continue
             self._burst_start = None
@@ -662,6 +693,7 @@ class Scheduler:
                 try:
                     with self.turns.turn():
                         self._step(batch)
+                    self._await_renders()  # (outside the turn: the detokenizer takes one to render)
                 except Exception as err:  # a failed step ends the sessions of its batch; the others go on
                     log.exception("a decode step failed; ending its %d session(s)", len(batch.live))
                     self._batches.pop(batch.key, None)
@@ -674,6 +706,14 @@ class Scheduler:
             self._end(session, EngineFailure("the server is shutting down"))
         while self._inbox:
             self._end(self._inbox.popleft(), EngineFailure("the server is shutting down"))
+
+    def _await_renders(self) -> None:
+        """Wait (at most RENDER_WAIT_S in all) for the renderings that the last step's sessions short of audio
+        wait for (`Session._awaits_audio`)."""
+        deadline = time.perf_counter() + RENDER_WAIT_S
+        for event in self._renders:
+            event.wait(max(0.0, deadline - time.perf_counter()))
+        self._renders.clear()
 
     def _prompts_first(self) -> bool:
         """Whether the next prompt piece goes before the next decode step (see PROMPT_BURST_S): a prompt is waiting,
@@ -907,16 +947,19 @@ class Scheduler:
         """Hand row i's step to its session (with the units its speech says next, read from `state`: the state
         right after this step, or None)."""
         token = int(result.text[i])
-        group = ahead = None
+        group = ahead = rendered = None
         if result.speech is not None and bool(result.speech_mask[i]):
             group = tuple(int(t) for t in result.speech[i])
             row.speech_tokens += len(group)
             ahead = self.engine.units_ahead(state, row.gen, i) if state is not None else None
+            if row.session._awaits_audio() and any(0 <= t < self._num_codes for t in group):
+                rendered = threading.Event()
+                self._renders.append(rendered)
         row.generated += 1
         row.text_ids.append(token)
         row.tail = (row.tail + [token])[-len(row.tail or [0]):]
         self.metrics.tokens.inc(1 + (len(group) if group else 0))
-        row.session._push(_Step(token, group, bool(result.speech_ended[i]), ahead))
+        row.session._push(_Step(token, group, bool(result.speech_ended[i]), ahead, rendered))
 
     def _row_done(self, row: _Row, state: DecodeState, i: int) -> bool:
         """Finish the row (row i of `state`) if its answer is complete -> True; a completed turn of a conversation

@@ -145,6 +145,14 @@ def sampling_overrides(args) -> dict:
     return out
 
 
+def check_decode_weights_flag(args, device: torch.device = torch.device("cpu")) -> None:
+    """`--decode-weights fp16` needs what reads the copies: `--compile`, a CPU and fp32 weights (checked before
+    loading; `Engine` checks the same for API callers)."""
+    if args.decode_weights == "fp16" and not (args.compile and device.type == "cpu" and args.dtype in (None, "fp32")):
+        raise InputError("--decode-weights fp16 is read by compiled CPU decoding of fp32 weights: add --compile, "
+                         "on a CPU, with --dtype fp32 (or no --dtype)")
+
+
 def check_runtime_arguments(args) -> torch.device:
     """Validate the runtime flags shared by `infer` and `chat` before anything is loaded; returns the device."""
     if args.threads is not None and args.threads < 1:
@@ -152,9 +160,7 @@ def check_runtime_arguments(args) -> torch.device:
     if args.max_seq_len < 1:
         raise InputError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
     device = resolve_device(args.device)
-    if args.decode_weights == "fp16" and not (args.compile and device.type == "cpu" and args.dtype in (None, "fp32")):
-        raise InputError("--decode-weights fp16 is read by compiled CPU decoding of fp32 weights: add --compile, "
-                         "with --device cpu and --dtype fp32 (or no --dtype)")
+    check_decode_weights_flag(args, device)
     if args.detokenizer is not None and not args.detokenizer.is_dir():
         raise InputError(f"--detokenizer {args.detokenizer}: no such folder (a CosyVoice3 folder holds flow.pt, "
                          f"hift.pt, spk2info.pt; a Piper one holds detokenizer.json)")

@@ -42,16 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from funaudiochat import fileio
-    from funaudiochat.engine.loading import read_config
+    from funaudiochat.engine.loading import check_decode_weights_flag, read_config
     from funaudiochat.errors import InputError
 
     for name in ("limit", "max_new_tokens", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.decode_weights == "fp16" and not (args.compile and args.dtype in (None, "fp32")):
-        raise InputError("--decode-weights fp16 is read by compiled decoding of fp32 weights: add --compile "
-                         "(and no --dtype other than fp32)")
+    check_decode_weights_flag(args)
     read_config(args.model)  # a clear error before anything loads
     if not args.data.is_dir():
         raise InputError(f"--data {args.data}: no such folder (`funaudiochat data build-mini --out {args.data}`)")

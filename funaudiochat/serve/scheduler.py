@@ -619,7 +619,7 @@ class Scheduler:
                     session._out.put_nowait(item)
                     return
                 if isinstance(item, _Step):
-                    rendered, item.rendered = item.rendered, None
+                    rendered = item.rendered
                     if stopped:
                         _release(rendered)
                         continue

@@ -183,9 +183,10 @@ class Engine:
     Construction prepares the model for fast inference (fused q|k|v and gate|up projections, rotary tables, on CPU
     the weight layout that its decoding reads fastest), so create the engine after the model is on its final device
     and dtype, and do not train that model afterwards. Engines sharing a model stay correct, but the last one created
-    sets the layout and the decode weights for all. `compile` compiles the decode steps (engine/compiled.py); on a GPU they are then replayed
-    as CUDA graphs unless `cuda_graphs` is false. `decode_weights` "fp16" (compiled CPU decoding of an fp32 model):
-    the decode steps read fp16 copies of the LLM's and speech head's weights (model/quantize.py `set_decode_weights`).
+    sets the layout and the decode weights for all. `compile` compiles the decode steps (engine/compiled.py); on a
+    GPU they are then replayed as CUDA graphs unless `cuda_graphs` is false. `decode_weights` "fp16" (compiled CPU
+    decoding of an fp32 model): the decode steps read fp16 copies of the LLM's and speech head's weights
+    (model/quantize.py `set_decode_weights`).
     """
 
     def __init__(self, model: FunAudioChatModel, max_seq_len: int = 4096, compile: bool = False,

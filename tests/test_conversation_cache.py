@@ -11,12 +11,12 @@ import torch
 
 from funaudiochat.engine.events import TextDelta, TurnEnd
 from funaudiochat.engine.generate import Engine, GenerationConfig
-from funaudiochat.engine.prefix_cache import ConversationCache, position_keys
+from funaudiochat.engine.prefix_cache import ConversationCache, position_keys, shared_prefix_len
 from funaudiochat.engine.prompt import build_prompt, prompt_ids
 from funaudiochat.engine.session import ChatSession
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
-from funaudiochat.text.chat import user_content
+from funaudiochat.text.chat import render_chatml, user_content
 from tests.helpers import make_tiny_tokenizer, noise_audio, words
 
 S2S = GenerationConfig(max_new_tokens=8, eos_token_id=511, pad_token_id=500, text_greedy=True, force_text_abos=True)
@@ -95,9 +95,10 @@ def test_reused_turns_answer_as_a_whole_prefill_and_prefill_only_the_new_turn(pa
         # the whole previous prompt is reused: with speech on all but its last position (the SRH's sampled group)
         assert end.usage.cached_tokens >= prev.usage.prompt_tokens - (1 if gen is S2S else 0)
         assert end.usage.prompt_tokens - end.usage.cached_tokens < 40  # the new turn (+ the answer as text)
-    # a new session on this engine copies the system turn computed by the first one
+    # a new session on this engine copies the system turn and user opening computed by the first one
     again, _ = _converse(ChatSession(engine, tok, gen, system=words([33, 34])), TURNS[:1])
-    assert again[0].usage.cached_tokens == len(tok.encode(f"<|im_start|>system\n{words([33, 34])}<|im_end|>\n"))
+    assert again[0].usage.cached_tokens == len(tok.encode(f"<|im_start|>system\n{words([33, 34])}<|im_end|>\n"
+                                                          f"<|im_start|>user\n"))
     _same_answers(again, ref[:1])
 
 
@@ -180,3 +181,22 @@ def test_cached_positions_are_named_by_content_not_by_id(parts):
     assert len(shared) == first  # up to the second audio, never into it
     assert len(cache.prefix(ids_ab, keys_ab, k)) == len(ids_ab) - 1
 
+
+
+def test_new_conversations_share_the_system_turn_and_the_user_turns_opening(parts):
+    """Spoken and typed first turns share the system turn and `<|im_start|>user\n`; what follows differs. Without
+    that opening (an assistant turn first) only the system turn is shared, and nothing without the system turn."""
+    engine, tok = parts
+    system = {"role": "system", "content": words([33, 34])}
+    n_system = len(tok.encode(render_chatml([system], False)))
+    spoken = tok.encode(render_chatml([system, {"role": "user", "content": user_content(1)}]))
+    typed = tok.encode(render_chatml([system, {"role": "user", "content": words([40])}]))
+    assistant_first = tok.encode(render_chatml([system, {"role": "assistant", "content": words([41])}]))
+    for ids in (spoken, typed):
+        n = shared_prefix_len(tok, engine.cfg, system, ids)
+        assert n == n_system + len(tok.encode("<|im_start|>user\n")) < len(ids)
+        assert spoken[:n] == typed[:n] and spoken[n] != typed[n]
+    assert shared_prefix_len(tok, engine.cfg, system, assistant_first) == n_system
+    other = {"role": "system", "content": words([35])}
+    assert shared_prefix_len(tok, engine.cfg, other, typed) == 0
+    assert shared_prefix_len(tok, engine.cfg, system, typed[:n_system + 3]) == n_system  # never the whole prompt

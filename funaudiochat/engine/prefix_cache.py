@@ -1,10 +1,11 @@
 """Keys and values computed once and copied into later prompts that start with the same content (copy-on-start).
 
-- `PrefixStore`: system turns (LRU, keyed by ids and whether the speech head ran): a new conversation copies its
-  system turn's keys and values instead of computing them. The server's scheduler keeps one; every `Engine` keeps
-  one (`engine.prefixes`) for the `ChatSession`s on it.
-- `system_prefix_len`: how many leading ids of a prompt are its system turn alone (the shareable prefix);
-  `system_prefix`: that turn's stored keys and values on an engine (`engine.prefixes`), or how many ids to save.
+- `PrefixStore`: shared prefixes (LRU, keyed by ids and whether the speech head ran): a new conversation copies the
+  keys and values of its system turn and its first user turn's opening instead of computing them. The server's
+  scheduler keeps one; every `Engine` keeps one (`engine.prefixes`) for the `ChatSession`s on it.
+- `shared_prefix_len`: how many leading ids of a prompt every new conversation with its system turn starts with
+  (the shareable prefix); `shared_prefix`: their stored keys and values on an engine (`engine.prefixes`), or how
+  many ids to save.
 - `ConversationCache`: a conversation's last committed turn (its finished `DecodeState`), so the next turn, whose
   prompt repeats most of the last one, prefills only what follows their longest common prefix. Each cached position
   is named by its content: the text id, or (audio, group) for an `<|AUDIO|>` placeholder, so equal ids of different
@@ -27,6 +28,8 @@ import numpy as np
 
 from funaudiochat.engine.generate import DecodeState, PrefixKV, cached_prefix
 from funaudiochat.text.chat import render_chatml
+
+USER_OPENING = "<|im_start|>user\n"  # how a user turn starts in ChatML (`render_chatml`)
 
 
 class PrefixStore:
@@ -52,21 +55,27 @@ class PrefixStore:
         return len(self._entries)
 
 
-def system_prefix_len(tokenizer, cfg, system: dict, ids: list[int]) -> int:
-    """How many leading `ids` are the system turn `system` alone (text only), or 0 when they are not."""
+def shared_prefix_len(tokenizer, cfg, system: dict, ids: list[int]) -> int:
+    """How many leading `ids` every new conversation with the system turn `system` starts with: that turn (text
+    only), then the first user turn's opening `<|im_start|>user\n` when `ids` go on with it (the same for a spoken
+    or a typed first turn: 3 positions fewer to compute in each new conversation's first prompt); 0 when `ids` do
+    not start with the system turn. Never the whole of `ids`."""
     if system.get("role") != "system" or not isinstance(system.get("content"), str):
         return 0
     sys_ids = tokenizer.encode(render_chatml([system], False))
     n = len(sys_ids)
     if not 0 < n < len(ids) or list(ids[:n]) != sys_ids or cfg.audio_token_index in sys_ids:
         return 0
+    opening = tokenizer.encode(USER_OPENING)
+    if n + len(opening) < len(ids) and list(ids[n:n + len(opening)]) == opening:
+        n += len(opening)
     return n
 
 
-def system_prefix(engine, tokenizer, system: dict, ids: list[int], speech: bool) -> tuple[PrefixKV | None, int]:
-    """(the engine's stored keys and values of the prompt `ids`' system turn `system`, or None; how many leading ids
-    to save as that system turn when none are stored yet, else 0)."""
-    n = system_prefix_len(tokenizer, engine.cfg, system, ids)
+def shared_prefix(engine, tokenizer, system: dict, ids: list[int], speech: bool) -> tuple[PrefixKV | None, int]:
+    """(the engine's stored keys and values of the shared prefix (`shared_prefix_len`) of the prompt `ids`, whose
+    system turn is `system`, or None; how many leading ids to save as that prefix when none is stored yet, else 0)."""
+    n = shared_prefix_len(tokenizer, engine.cfg, system, ids)
     if not n:
         return None, 0
     prefix = engine.prefixes.get(tuple(ids[:n]), speech)

@@ -14,9 +14,10 @@ Conversation KV reuse (`reuse_cache`, on by default): the session keeps the keys
 of its last completed turn, and a new turn prefills only what follows the longest common prefix of its prompt with
 the cached one (`prefix_cache.ConversationCache`): the new user turn (its audio alone is encoded) and the previous
 answer as the history renders it; with speech on, also the last position of the previous prompt, whose speech-head
-keys hold the sampled speech. A session's first turn copies its system turn's keys and values from the engine's
-`PrefixStore` (computed once per engine and system prompt). The answers are those of a whole prefill of the same
-prompt (up to float rounding: different matrix shapes), tests/test_conversation_cache.py.
+keys hold the sampled speech. A session's first turn copies the keys and values of its system turn and of its user
+turn's opening from the engine's `PrefixStore` (computed once per engine and system prompt). The answers are those
+of a whole prefill of the same prompt (up to float rounding: different matrix shapes),
+tests/test_conversation_cache.py.
 
 Audio while it is spoken (`start_audio()`, issue 15 item 3): an `IncrementalAudio` encodes each complete encoder chunk
 as it arrives and the session prefills the LLM positions of its final vectors (`prefill_ahead.py`), so at the end of
@@ -39,7 +40,7 @@ from funaudiochat.engine.generate import Engine, GenerationConfig
 from funaudiochat.engine.incremental_audio import IncrementalAudio
 from funaudiochat.engine.prefill_ahead import AheadPrefix, prefill_ahead, take_ahead, with_audio_groups
 from funaudiochat.engine.inputs import check_trained, typed_text, user_audio
-from funaudiochat.engine.prefix_cache import ConversationCache, position_keys, system_prefix
+from funaudiochat.engine.prefix_cache import ConversationCache, position_keys, shared_prefix
 from funaudiochat.engine.prompt import build_prompt, prompt_ids
 from funaudiochat.errors import ContextLengthError, InputError, SessionClosedError
 from funaudiochat.text.chat import user_content
@@ -133,7 +134,7 @@ class ChatSession:
     def _prefill(self, msgs: list[dict], audios: list, ids: list[int], counts: list[int], encoded=None,
                  incremental: IncrementalAudio | None = None):
         """The prompt and its started prefill, from the cached keys and values of this conversation or of its
-        system turn when there are some (only the audio after them is encoded), or of the newest audio prefilled
+        shared prefix when there are some (only the audio after them is encoded), or of the newest audio prefilled
         while it was spoken; -> (prompt, job, position keys)."""
         engine, cfg = self.engine, self.engine.cfg
         gen = engine.usable(self.gen)
@@ -151,21 +152,21 @@ class ChatSession:
         return prompt, engine.start_prefill(prompt, gen, prefix=prefix, save_prefix=save), keys
 
     def lookup_prefix(self, msgs: list[dict], ids: list[int], keys: list, gen):
-        """(cached keys and values the prompt `ids` starts with: this conversation's or its system turn's, or None;
-        how many leading ids to save as the system turn's when none are stored yet)."""
+        """(cached keys and values the prompt `ids` starts with: this conversation's or the shared prefix of its
+        system turn, or None; how many leading ids to save as that shared prefix when none is stored yet)."""
         engine = self.engine
         prefix, save = None, 0
         if self.reuse_cache and self.cache is not None:
             prefix = self.cache.prefix(ids, keys, engine.k)
         if self.reuse_cache and prefix is None and self.system:
-            prefix, save = system_prefix(engine, self.tokenizer, msgs[0], ids, not gen.disable_speech)
+            prefix, save = shared_prefix(engine, self.tokenizer, msgs[0], ids, not gen.disable_speech)
         return prefix, save
 
     def _stream(self, prompt, job, keys: list, audios: list, kept: list[Turn], cancel: threading.Event | None):
         detok = self.detokenizer.stream() if self.detokenizer is not None else None
         for event in stream_turn(self.engine, prompt, self.gen, self.tokenizer, detok, cancel, prefill=job):
             if isinstance(event, TurnEnd):
-                if job.saved_prefix is not None:  # the system turn, for the next sessions on this engine
+                if job.saved_prefix is not None:  # the shared prefix, for the next sessions on this engine
                     self.engine.prefixes.put(job.saved_prefix)
                 if event.finish_reason != "cancelled":
                     self.history = kept + [Turn("assistant", event.text.strip())]

@@ -195,12 +195,13 @@ class Speaker:
                              "--allow-untrained measures it anyway")
 
     def _prefill(self, prompt, messages: list[dict], gen):
-        """The prompt's prefill as `chat` and `serve` start it: the system turn's keys and values are computed once
-        per engine (the first question saves them) and copied into every later prompt (`engine.prefixes`)."""
-        from funaudiochat.engine.prefix_cache import system_prefix
+        """The prompt's prefill as `chat` and `serve` start it: the keys and values of the system turn and the user
+        turn's opening are computed once per engine (the first question saves them) and copied into every later
+        prompt (`engine.prefixes`, `prefix_cache.shared_prefix`)."""
+        from funaudiochat.engine.prefix_cache import shared_prefix
 
         ids = prompt.input_ids[0].tolist()
-        prefix, save = system_prefix(self.engine, self.tokenizer, messages[0], ids, True) if messages else (None, 0)
+        prefix, save = shared_prefix(self.engine, self.tokenizer, messages[0], ids, True) if messages else (None, 0)
         return self.engine.start_prefill(prompt, self.engine.usable(gen), prefix=prefix, save_prefix=save)
 
     def speak(self, rec: SpokenRecord) -> dict:

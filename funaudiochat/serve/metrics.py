@@ -63,7 +63,7 @@ class Metrics:
         self.batch_rows = Histogram(BATCH_BUCKETS)      # rows of each decode step
         self.detok_round_seconds = Histogram(STEP_BUCKETS)  # one detokenizer round (all sessions' new codes)
         self.detok_round_streams = Histogram(BATCH_BUCKETS)  # sessions whose codes one round synthesised
-        self.prefix_hits = Counter()      # prefills that started from a cached system-turn prefix
+        self.prefix_hits = Counter()      # prefills that started from a cached shared prefix (system turn)
         self.conversation_hits = Counter()  # prefills that started from their conversation's cached last turn
         self.conversation_tokens_saved = Counter()  # prompt positions copied from a conversation's cache
         self.prefill_tokens = Counter()   # prompt positions computed (not copied from a cache)

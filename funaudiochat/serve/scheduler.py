@@ -35,20 +35,20 @@ RENDER_MARGIN_S of audio in hand, the engine thread waits after a step for the d
 speech that step made (at most RENDER_WAIT_S), as `stream_turn` waits for each rendering: its chunk goes out now, on
 every core, instead of behind the next step. Audio of sessions waiting together is encoded in one batched call
 (`Engine.encode_ahead`). Sessions waiting at the same moment with equal settings are prefilled together as one
-left-padded batch. The keys and values of each distinct system turn are computed once and copied into later prompts
-that start with it (copy-on-start prefix sharing, `max_prefixes` kept), so only the rest of a prompt is prefilled. A
-request that names its conversation (`Request.conversation`) starts from that conversation's last completed turn
-instead: when a turn completes, its row's keys and values are kept (`ConversationStore`, LRU bounded in entries and
-bytes; `forget_conversation` drops one), and the next turn's prompt, compared position by position by content,
-prefills only what follows their longest common prefix (docs/serve.md, "Conversation cache"). When its prompt is in,
-a session chooses its first token exactly as a single run does and joins a batch. Sessions whose settings can share a
-step (same mode and sampling parameters; a seeded session always runs alone so its draws are its own) share a batch.
-A batch is one `DecodeState` whose live rows are right-aligned in a shared cache: a joining row's keys and values are
-copied to the slots just before the shared slot (its rope positions stay its own; slots before its first real
-position are masked, like left padding), so each row computes what it computes alone (tests/test_scheduler.py). The
-cache has free rows and spare slots: a session joins by being copied into a free row in place, and a finished or
-cancelled one leaves its row masked; the whole cache is copied (rebuilt: dead rows and slots dropped) only when no
-free row or slot is left or most rows are free.
+left-padded batch. The keys and values of each distinct system turn, with the user turn's opening after it, are computed
+once and copied into later prompts that start with them (copy-on-start prefix sharing, `max_prefixes` kept), so only the
+rest of a prompt is prefilled. A request that names its conversation (`Request.conversation`) starts from that
+conversation's last completed turn instead: when a turn completes, its row's keys and values are kept
+(`ConversationStore`, LRU bounded in entries and bytes; `forget_conversation` drops one), and the next turn's prompt,
+compared position by position by content, prefills only what follows their longest common prefix (docs/serve.md,
+"Conversation cache"). When its prompt is in, a session chooses its first token exactly as a single run does and joins a
+batch. Sessions whose settings can share a step (same mode and sampling parameters; a seeded session always runs alone
+so its draws are its own) share a batch. A batch is one `DecodeState` whose live rows are right-aligned in a shared
+cache: a joining row's keys and values are copied to the slots just before the shared slot (its rope positions stay its
+own; slots before its first real position are masked, like left padding), so each row computes what it computes alone
+(tests/test_scheduler.py). The cache has free rows and spare slots: a session joins by being copied into a free row in
+place, and a finished or cancelled one leaves its row masked; the whole cache is copied (rebuilt: dead rows and slots
+dropped) only when no free row or slot is left or most rows are free.
 
 Per session, text is decoded incrementally and speech codes go to a streaming detokenizer on a worker thread
 (`DetokenizerWorker`), which synthesises the chunks of all sessions in batched calls, so the engine thread only
@@ -75,7 +75,7 @@ from funaudiochat.engine.events import AudioChunk, IncrementalDecoder, SpeechEnd
 from funaudiochat.engine.generate import DecodeState, Engine, GenerationConfig, PrefillJob
 from funaudiochat.engine.inputs import check_trained
 from funaudiochat.engine.prefix_cache import (ConversationEntry, ConversationStore, PrefixKV, PrefixStore, audio_name,
-                                              audios_in, position_keys, snapshot_row, system_prefix_len)
+                                              audios_in, position_keys, snapshot_row, shared_prefix_len)
 from funaudiochat.engine.presets import default_system, generation_preset
 from funaudiochat.engine.prompt import Prompt, build_prompt, prompt_ids, stack_prompts
 from funaudiochat.errors import ContextLengthError, FunAudioChatError, InputError
@@ -138,8 +138,8 @@ class Request:
 @dataclass
 class _Prepared:
     """A validated request: its prompt (without audio inputs for the audios `prefix` covers), generation settings,
-    the length of its system turn, and, for a turn of a known conversation, its position keys and the cached keys
-    and values of the conversation's last turn it starts with."""
+    the length of its shareable prefix (its system turn and the user turn's opening), and, for a turn of a known
+    conversation, its position keys and the cached keys and values of the conversation's last turn it starts with."""
 
     prompt: Prompt
     gen: GenerationConfig
@@ -218,7 +218,7 @@ class Session:
         self.id = f"s{next(self._ids)}"
         self.request, self.prompt, self.gen = request, prepared.prompt, prepared.gen
         prompt = prepared.prompt
-        self.prefix_len = prepared.prefix_len  # leading prompt ids of the system turn (shareable keys and values)
+        self.prefix_len = prepared.prefix_len  # leading prompt ids every new conversation shares
         self.keys = prepared.keys  # (a conversation's turn) what each prompt position holds, for its commit
         self.conversation_prefix = prepared.conversation_prefix  # its conversation's cached keys and values
         self.cached_tokens = 0  # leading prompt positions copied from a cache, not computed (set at its prefill)
@@ -334,7 +334,7 @@ class Scheduler:
         self._joining = 0                              # (engine thread) rows of a finished prefill still to join
         self._renders: list[threading.Event] = []       # (engine thread) renderings to wait for (`_await_renders`)
         self._num_codes = engine.cfg.audio_config.num_codes
-        self._prefixes = PrefixStore(max_prefixes)  # system-turn keys and values, LRU
+        self._prefixes = PrefixStore(max_prefixes)  # shared prefixes' keys and values, LRU
         # each conversation's last completed turn (keys and values), LRU; None: every turn prefills its whole prompt
         self.conversations = ConversationStore(max_conversations, max_conversation_bytes) if conversation_cache \
             else None
@@ -400,7 +400,7 @@ class Scheduler:
         return prepared.prompt, prepared.gen
 
     def _prepare(self, request: Request, reuse: bool = True) -> _Prepared:
-        """`prepare`, plus the length of the prompt's system turn (its shareable prefix; 0 if none) and, with
+        """`prepare`, plus the length of the prompt's shareable prefix (`shared_prefix_len`; 0 if none) and, with
         `reuse`, the cached keys and values of the request's conversation that its prompt starts with."""
         if request.mode not in MODES:
             raise InputError(f"unknown mode {request.mode!r}; choose one of {', '.join(MODES)}")
@@ -449,13 +449,13 @@ class Scheduler:
             gen = gen.with_(max_new_tokens=room)
         if not gen.disable_speech and not self.speech:
             gen = gen.with_(disable_speech=True, force_text_abos=False)
-        n_system = system_prefix_len(self.tokenizer, cfg, messages[0], ids) if self.share_prefix else 0
+        n_shared = shared_prefix_len(self.tokenizer, cfg, messages[0], ids) if self.share_prefix else 0
         keys = prefix = None
         if reuse and request.conversation is not None and self.conversations is not None:
             keys = position_keys(ids, audios, counts, cfg.audio_token_index, self.engine.k,
                                  names=[audio_name(a) for a in audios])
             prefix = self.conversations.lookup(request.conversation, ids, keys, self._speech_on(gen), self.engine.k)
-            if prefix is not None and len(prefix) <= n_system:  # no more than the shared system turn
+            if prefix is not None and len(prefix) <= n_shared:  # no more than the shared prefix
                 prefix = None
         # the audios the conversation's keys and values cover are not encoded again: they get no audio inputs
         cached_audios = audios_in(keys[:len(prefix)]) if prefix is not None else 0
@@ -464,7 +464,7 @@ class Scheduler:
         if forced:
             prompt.input_ids = torch.cat([prompt.input_ids, torch.tensor([forced], dtype=prompt.input_ids.dtype)], 1)
             prompt.attention_mask = torch.ones_like(prompt.input_ids)
-        return _Prepared(prompt, gen, n_system, keys, prefix)
+        return _Prepared(prompt, gen, n_shared, keys, prefix)
 
     def longest_lead(self, mode: str) -> int:
         """The most LLM steps by which a spoken answer's text may run ahead of its speech in `mode` (the

@@ -52,6 +52,31 @@ def test_batched_rows_equal_single_runs(tmp_path, backbone):
         assert len(single.speech_ids[0]) > 0
 
 
+def test_a_started_prefill_skips_the_text_logits_nothing_reads(tmp_path):
+    """Greedy text with a forced first id reads no logits at the first step: a started prefill leaves them out (None)
+    and answers as the whole prefill that computes them; sampled text, which reads them, gets them."""
+    tok = make_tiny_tokenizer(tmp_path)
+    model = _model()
+    engine = Engine(model)
+    prompt = _audio_prompt(tok, model.cfg, 0.9, seed=3)
+    gen = GenerationConfig(max_new_tokens=10, force_text_abos=True, **GREEDY)
+    job = engine.start_prefill(prompt, gen)
+    steps = [(r.text.tolist(), r.speech) for _, r in engine.steps(prompt, gen, prefill=job)]
+    assert job.result[1] is None
+    whole = [(r.text.tolist(), r.speech) for _, r in engine.steps(prompt, gen)]
+    assert len(steps) == len(whole) and any(group is not None for _, group in whole)
+    for (ids, group), (ref_ids, ref_group) in zip(steps, whole):
+        assert ids == ref_ids and (group is None) == (ref_group is None)
+        assert group is None or torch.equal(group, ref_group)
+    sampled = gen.with_(text_greedy=False, do_sample=True, seed=1)
+    job = engine.start_prefill(prompt, sampled)
+    while not job.advance():
+        pass
+    assert job.result[1].shape == (1, model.cfg.text_config.vocab_size)
+    with pytest.raises(ConfigError, match="text logits are needed"):
+        engine.choose_step(job.result[0], None, job.result[2], sampled)
+
+
 def test_audio_encoded_ahead_for_several_prompts_prefills_as_each_prompt_encoding_its_own(tmp_path):
     """`Engine.encode_ahead` encodes the audios of several prompts in one call (a prompt with two audios of different
     lengths among them); each prompt then carries vectors instead of features, and its prefill computes what it

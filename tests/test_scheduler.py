@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from funaudiochat.engine.events import AudioChunk, SpeechGroup, TextDelta, TurnEnd
-from funaudiochat.engine.generate import Engine
+from funaudiochat.engine.generate import Engine, PrefillJob
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
 from funaudiochat.serve.scheduler import FLOW_WINDOW, HIFT_RESET, Request, Scheduler, ServerBusyError
@@ -243,7 +243,7 @@ def test_chunked_prefill_from_a_shared_prefix_equals_the_whole_prefill(parts, on
     assert prefix is not None and len(prefix) == n
 
     whole_state, whole_logits, whole_group = engine.prefill(prompt, gen)
-    job = engine.start_prefill(prompt, gen, chunk=3, prefix=prefix)
+    job = PrefillJob(engine, prompt, gen, chunk=3, prefix=prefix)  # (with the text logits, to compare them)
     calls = 1
     while not job.advance():
         calls += 1

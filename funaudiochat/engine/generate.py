@@ -298,8 +298,10 @@ class Engine:
     def start_prefill(self, prompt: Prompt, gen: GenerationConfig, chunk: int | None = None,
                       prefix: "PrefixKV | None" = None, save_prefix: int = 0,
                       cache_len: int | None = None) -> "PrefillJob":
-        """A prefill to run piece by piece (see `PrefillJob`), e.g. between the decode steps of other sessions."""
-        return PrefillJob(self, prompt, gen, None, chunk, prefix, save_prefix, cache_len)
+        """A prefill to run piece by piece (see `PrefillJob`), e.g. between the decode steps of other sessions. Its
+        result's text logits are None where the first text id is forced and text greedy (nothing reads them)."""
+        unread = gen.force_text_abos and gen.text_greedy
+        return PrefillJob(self, prompt, gen, None, chunk, prefix, save_prefix, cache_len, first_logits=not unread)
 
     # ------------------------------------------------------------------ SRH
     def _srh_group(self, state: DecodeState, fine: torch.Tensor, fine_pos: torch.Tensor, embed: torch.Tensor,
@@ -510,7 +512,11 @@ class Engine:
         row, the steps it may still take after this one (default: gen.max_new_tokens less the steps taken; the
         server passes each row's own)."""
         t_cfg, a_cfg = self.cfg.text_config, self.cfg.audio_config
-        if gen.text_greedy:
+        if text_logits is None:  # (a prefill's, where the first id is forced and text greedy: `PrefillJob`)
+            if not (gen.force_text_abos and gen.text_greedy and not state.tokens and tracer is None):
+                raise ConfigError("text logits are needed unless the first id is forced, text greedy and not traced")
+            scores, token = None, torch.full((state.batch,), t_cfg.audio_bos_index, device=self.device)
+        elif gen.text_greedy:
             scores = text_logits
             token = scores.argmax(-1)
         else:
@@ -691,7 +697,9 @@ class PrefixKV:
 
 class PrefillJob:
     """One prefill, run piece by piece: each `advance()` does the next piece and returns True once the prompt is in
-    the cache; `result` then holds what `Engine.prefill` returns (state, last text logits, first speech group).
+    the cache; `result` then holds what `Engine.prefill` returns (state, last text logits, first speech group); the
+    logits are None with `first_logits` false (and no tracer): where the first text id is forced and text greedy,
+    nothing reads them (`Engine.start_prefill`), and their product over the vocabulary is skipped.
 
     The first call embeds the prompt and encodes its audio (and copies each row's `prefix` keys and values); each
     further call runs the next `chunk` positions (all the rest when `chunk` is None) through the LLM, and through
@@ -711,11 +719,12 @@ class PrefillJob:
 
     def __init__(self, engine: Engine, prompt: Prompt, gen: GenerationConfig, tracer: Tracer | None = None,
                  chunk: int | None = None, prefix: "PrefixKV | list | None" = None, save_prefix: int = 0,
-                 cache_len: int | None = None):
+                 cache_len: int | None = None, first_logits: bool = True):
         self.engine, self.prompt, self.gen, self.tracer = engine, prompt, gen, tracer
         self.speech_on = not gen.disable_speech and engine.model.audio_invert_tower is not None
         self.b, self.p = prompt.input_ids.shape
         self.fold = engine.fold_opener and self.speech_on and gen.force_text_abos and gen.text_lead >= 1
+        self.first_logits = first_logits or tracer is not None
         total = self.p + gen.max_new_tokens
         if total > engine.max_seq_len:
             raise ContextLengthError(f"prompt of {self.p} tokens + max_new_tokens {gen.max_new_tokens} = {total} "
@@ -888,7 +897,8 @@ class PrefillJob:
         if end == self.save_at:
             self.saved_prefix = self._snapshot(self.pads[0], end)
         if last:
-            self.result = (state, m.language_model.lm_head(hidden[:, -1]).float(), group)
+            logits = m.language_model.lm_head(hidden[:, -1]).float() if self.first_logits else None
+            self.result = (state, logits, group)
             # (the job may be kept a little longer than needed)
             self.embeds = self.text_embeds = self.ids = self.openers = self.mask = None
 

@@ -1,12 +1,13 @@
 """The word reader alone (model/word_reader.py): what it reads from a split's ASR clips, and how long a read takes.
 
 For each ASR record of DATA/SPLIT.jsonl: the clip's log-mel, the encoder on the reader's padded windows, the reader's
-beam search, its tokens decoded with Whisper's tokenizer; WER against the transcript (the project's English
-normaliser), and the median time of the encoder and of the read per clip. Settings are overridden on the
-checkpoint's reader (`--window`, `--beam`, `--no-cut`), and its products read the weights in each of `--compute` in
-turn (fp32, bf16 copies, or auto: bf16 where the CPU computes it natively; fp32-plain: fp32 with the vocabulary
-product on the plain weight instead of oneDNN's packed copy), on the same clips in one run; each setting after the
-first also says on how many clips it reads the same words as the first.
+beam search, its tokens decoded with Whisper's tokenizer; WER against the transcript (the project's English normaliser),
+and the median time of the encoder and of the read per clip. Settings are overridden on the checkpoint's reader
+(`--window`, `--beam`, `--no-cut`), and its products read the weights in each of `--compute` in turn (fp32, bf16 copies,
+or auto: bf16 where the CPU computes it natively; fp32-plain: fp32 with the vocabulary product on the plain weight
+instead of oneDNN's packed copy; fp32-half-vocab: packed fp32 but the vocabulary product compiled over an fp16 copy, as
+with `--decode-weights fp16`), on the same clips in one run; each setting after the first also says on how many clips it
+reads the same words as the first.
 
     .venv/bin/python bench/word_reader.py --model checkpoints/mini -n 150 --threads 2 [--window 10] [--beam 5] \
         [--compute fp32 fp32-plain auto]
@@ -39,7 +40,7 @@ def main() -> None:
     ap.add_argument("--beam", type=int, default=None, help="beam_size override (1: greedy)")
     ap.add_argument("--no-cut", action="store_true", help="keep a looping transcript as read")
     ap.add_argument("--compute", nargs="+", default=["fp32", "auto"],
-                    choices=list(word_reader.COMPUTE_DTYPES) + ["fp32-plain"],
+                    choices=list(word_reader.COMPUTE_DTYPES) + ["fp32-plain", "fp32-half-vocab"],
                     help="what the reader's products read, each measured in turn (default fp32 auto; auto: bf16 "
                          "copies of the weights where the CPU computes bf16 natively)")
     ap.add_argument("--load-dtype", default=None, choices=["fp32", "bf16"],
@@ -79,8 +80,9 @@ def main() -> None:
     print(f"{len(records)} ASR clips of {args.data / args.split}.jsonl; reader {json.dumps(reader.cfg.to_dict())}")
     packs, first = word_reader._packs_for_cpu, None
     for dtype in args.compute:
-        reader.set_compute_dtype("fp32" if dtype == "fp32-plain" else dtype)
+        reader.set_compute_dtype("fp32" if dtype in ("fp32-plain", "fp32-half-vocab") else dtype)
         word_reader._packs_for_cpu = (lambda device: False) if dtype == "fp32-plain" else packs
+        reader.half_vocabulary = dtype == "fp32-half-vocab"
         hyps, encode_s, read_s = [], [], []
         with torch.no_grad():
             for features, mask in clips:

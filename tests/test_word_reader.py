@@ -176,6 +176,32 @@ def test_packed_fp32_products_read_what_the_plain_weights_read(whisper, clean_an
     reader.zero_grad(set_to_none=True)
 
 
+def test_an_fp16_vocabulary_reads_what_fp32_reads(whisper, clean_and_noisy):
+    """With fp16 decode weights (`set_decode_weights`) the packed fp32 read's largest product, one window's beams
+    times the vocabulary, reads an fp16 copy in a compiled product-and-sum (half its bytes): the same tokens as fp32
+    on the clean clip and at 5 dB SNR, logits within the copy's rounding; "fp32" decode weights turn it off."""
+    from funaudiochat.model.quantize import set_decode_weights
+
+    cfg, tok, _, reader = whisper
+    if not word_reader._packs_for_cpu(torch.device("cpu")):
+        pytest.skip("this PyTorch build has no oneDNN (the fp16 vocabulary replaces the packed product)")
+    holder = torch.nn.Module()
+    holder.word_reader = reader
+    memory = clean_and_noisy
+    read = {}
+    with torch.no_grad():
+        for kind in ("fp32", "fp16", "fp32"):
+            set_decode_weights(holder, kind)
+            assert reader.half_vocabulary == (kind == "fp16")
+            read[kind] = [reader.read(memory[i:i + 1], 100)[0][0].tolist() for i in range(2)]  # one window a read
+            if kind == "fp16":
+                z = reader.norm(memory[0, :cfg.beam_size])
+                half = reader._word_logits(z, "packed")
+                assert reader._projection_half.copy.dtype == torch.float16
+        torch.testing.assert_close(half, reader._word_logits(z, "packed"), rtol=1e-3, atol=1e-3)
+    assert read["fp16"] == read["fp32"] and "capital" in tok.decode(read["fp32"][0]).lower()
+
+
 def test_reads_the_tokens_ctranslate2_reads(whisper, spoken):
     cfg, tok, encoder, reader = whisper
     padded, _ = WhisperFrontend(80)([spoken], padding="max_length")  # Whisper's own 30 s input [1, 80, 3000]

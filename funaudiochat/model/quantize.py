@@ -151,10 +151,14 @@ def half_decode_linear(x: torch.Tensor, weight: torch.Tensor, half: torch.Tensor
 @torch.no_grad()
 def set_decode_weights(model: nn.Module, kind: str) -> None:
     """"fp16": give the linears of the LLM, text head, SRH and speech head (int8's targets) fp16 copies that compiled
-    CPU decoding reads (`HalfDecodeLinear`); "fp32": drop any such copies. In place; fused projections are dropped
-    (an Engine fuses again, copies included)."""
+    CPU decoding reads (`HalfDecodeLinear`), and make a word reader's fp32 vocabulary product read an fp16 copy
+    (`WordReader.half_vocabulary`); "fp32": drop any such copies. In place; fused projections are dropped (an Engine
+    fuses again, copies included)."""
     if kind not in DECODE_WEIGHTS:
         raise ValueError(f"decode weights must be one of {', '.join(DECODE_WEIGHTS)}, got {kind!r}")
+    reader = getattr(model, "word_reader", None)
+    if reader is not None:
+        reader.half_vocabulary = False
     _unfuse(model)
     for m in model.modules():
         if isinstance(m, HalfDecodeLinear):
@@ -170,6 +174,8 @@ def set_decode_weights(model: nn.Module, kind: str) -> None:
             raise ValueError(f"a weight of {lin} exceeds fp16's range (65504): keep fp32 decode weights")
         lin.__class__ = HalfDecodeLinear  # (same parameters and hooks; a subclass, so every nn.Linear check holds)
         lin.register_buffer("weight_half", half, persistent=False)
+    if reader is not None:
+        reader.half_vocabulary = True
 
 
 def set_prompt_products(mode: str) -> None:

@@ -24,7 +24,8 @@ natively: half the bytes. Only the products' inputs are rounded to bf16; sums, l
 residual stream stay fp32. It reads as well (the mini's 150 test ASR clips: bench/word_reader.py, figures in
 BENCHMARKS.md). On other CPUs the products read fp32 weights in oneDNN's packed layout, which a product of a few
 rows (the 5 beams) reads 1.3-3x faster than the plain weight: the same sums in another order. Either kind of copy is
-kept beside its weight (about 110 MB packed, for the tiny.en reader).
+kept beside its weight (about 110 MB packed, for the tiny.en reader). With fp16 decode weights
+(`quantize.set_decode_weights`) the vocabulary product of one window's beams reads an fp16 copy instead, compiled.
 
 Shape legend: A windows, B beams, T encoder frames of a window (50 Hz), C Whisper width, V Whisper vocabulary,
 S LLM sub-tokens per Whisper token, m tokens read, G 5 Hz slots, D LLM width.
@@ -154,6 +155,16 @@ def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def _rows_times_half(z: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """z [R, C] fp32 times the fp16 copy half [V, C] -> [R, V] fp32: a product-and-sum reduction per row, stacked,
+    which inductor fuses into one kernel that reads `half` once for all R rows (each weight converted to fp32 as it
+    is loaded; products and sums in fp32)."""
+    return torch.stack([(half * z[j]).sum(-1) for j in range(z.shape[0])])
+
+
+_compiled_rows_times_half = torch.compile(_rows_times_half, dynamic=False)  # (compiled at first use)
+
+
 class _Linear(nn.Linear):
     """nn.Linear whose product, during a read (`WordReader.read` sets `product`), reads a bf16 copy of the weight
     (the input rounded to bf16, the product accumulated and returned in fp32, the bias added in fp32) or oneDNN's
@@ -241,6 +252,8 @@ class WordReader(nn.Module):
         # Whisper token -> its LLM sub-tokens (-1 past the last one); set when the reader is attached
         self.register_buffer("llm_ids", torch.full((cfg.vocab_size, cfg.sub_tokens), -1, dtype=torch.long))
         self.compute_dtype = "auto"
+        self.half_vocabulary = False  # the fp32 CPU product over the vocabulary reads an fp16 copy, compiled
+        self._projection_half = _WeightCopy(lambda w: w[: cfg.end_id + 1].to(torch.float16).contiguous())
         self._projection_bf16 = _WeightCopy(_to_bf16)
         self._projection_packed = _WeightCopy(lambda w: _packed(cfg.beam_size)(w[: cfg.end_id + 1]))  # words' rows
 
@@ -274,7 +287,11 @@ class WordReader(nn.Module):
         and timestamps past them are never read, so their rows of the tied projection are not either. The
         projection [V, C] is read at every step, most of a read's time on a CPU whose cache does not hold it (80 MB
         in fp32); in bf16 it is half the bytes. On a CPU without native bf16 the fp32 product reads oneDNN's packed
-        layout instead: about 3x faster than the plain product for the B rows of a window's beams."""
+        layout instead: about 3x faster than the plain product for the B rows of a window's beams; with
+        `half_vocabulary` (set with fp16 decode weights, `quantize.set_decode_weights`), a compiled product over an
+        fp16 copy reads half those bytes (~1.6x faster again on an AVX2 CPU) for one window's B rows."""
+        if kind == "packed" and self.half_vocabulary and z.shape[0] == self.cfg.beam_size:
+            return _compiled_rows_times_half(z, self._projection_half.of(self.embed_tokens.weight))
         if kind == "packed":
             return _packed_product(z, self._projection_packed.of(self.embed_tokens.weight), None)
         w = self._projection_bf16.of(self.embed_tokens.weight) if kind == "bf16" else self.embed_tokens.weight

@@ -82,7 +82,7 @@ def main() -> None:
     for dtype in args.compute:
         reader.set_compute_dtype("fp32" if dtype in ("fp32-plain", "fp32-half-vocab") else dtype)
         word_reader._packs_for_cpu = (lambda device: False) if dtype == "fp32-plain" else packs
-        reader.half_vocabulary = dtype == "fp32-half-vocab"
+        reader.use_half_vocabulary(dtype == "fp32-half-vocab")
         hyps, encode_s, read_s = [], [], []
         with torch.no_grad():
             for features, mask in clips:

@@ -158,7 +158,7 @@ def set_decode_weights(model: nn.Module, kind: str) -> None:
         raise ValueError(f"decode weights must be one of {', '.join(DECODE_WEIGHTS)}, got {kind!r}")
     reader = getattr(model, "word_reader", None)
     if reader is not None:
-        reader.half_vocabulary = False
+        reader.use_half_vocabulary(False)
     _unfuse(model)
     for m in model.modules():
         if isinstance(m, HalfDecodeLinear):
@@ -175,7 +175,7 @@ def set_decode_weights(model: nn.Module, kind: str) -> None:
         lin.__class__ = HalfDecodeLinear  # (same parameters and hooks; a subclass, so every nn.Linear check holds)
         lin.register_buffer("weight_half", half, persistent=False)
     if reader is not None:
-        reader.half_vocabulary = True
+        reader.use_half_vocabulary(True)
 
 
 def set_prompt_products(mode: str) -> None:

@@ -263,6 +263,12 @@ class WordReader(nn.Module):
             raise ConfigError(f"word reader compute dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
         self.compute_dtype = name
 
+    def use_half_vocabulary(self, on: bool) -> None:
+        """Whether the packed fp32 read's vocabulary product reads an fp16 copy (`_word_logits`); off drops the copy."""
+        self.half_vocabulary = on
+        if not on:
+            self._projection_half.key = self._projection_half.copy = None
+
     def _product_kind(self, device: torch.device) -> str:
         """What this read's products read: "bf16" copies, the "packed" fp32 layout (a CPU), or the "plain" weights;
         sets every layer's products to match."""

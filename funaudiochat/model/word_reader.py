@@ -136,6 +136,9 @@ class _WeightCopy:
             self.key, self.copy = key, self.make(w.detach())
         return self.copy
 
+    def drop(self) -> None:
+        self.key = self.copy = None
+
 
 def _to_bf16(w: torch.Tensor) -> torch.Tensor:
     return w.to(torch.bfloat16)
@@ -267,7 +270,7 @@ class WordReader(nn.Module):
         """Whether the packed fp32 read's vocabulary product reads an fp16 copy (`_word_logits`); off drops the copy."""
         self.half_vocabulary = on
         if not on:
-            self._projection_half.key = self._projection_half.copy = None
+            self._projection_half.drop()
 
     def _product_kind(self, device: torch.device) -> str:
         """What this read's products read: "bf16" copies, the "packed" fp32 layout (a CPU), or the "plain" weights;

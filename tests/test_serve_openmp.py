@@ -33,18 +33,24 @@ def helper():
     (x @ x).sum()  # a BLAS product and a reduction: both would start workers with two threads
     return count() - before
 
+def settle(n):
+    deadline = time.monotonic() + 2.0  # a joined thread's task can linger in /proc for a moment
+    while count() != n and time.monotonic() < deadline:
+        time.sleep(0.01)
+
 def two_threads():
     threads_here(2)
     before = count()
     (x @ x).sum()
     started = count() - before
     release_pool_here()
-    deadline = time.monotonic() + 2.0  # a joined worker's task can linger in /proc for a moment
-    while count() - before and time.monotonic() < deadline:
-        time.sleep(0.01)
+    settle(before)
     return started, count() - before
 
-print(run_in_thread(helper), *run_in_thread(two_threads))
+alone = count()
+helper_started = run_in_thread(helper)
+settle(alone)  # the helper's thread gone, so that two_threads counts from the same threads
+print(helper_started, *run_in_thread(two_threads))
 """
 
 

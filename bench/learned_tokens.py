@@ -9,7 +9,7 @@ the z the voice's flow makes from them (192 channels at 86.13 Hz), whose HiFi-GA
 Features: Whisper tiny.en's encoder (mini-base's, as shipped in the wheel) on the 16 kHz audio in 10 s windows,
 50 Hz, paired to 25 Hz.
 
-Model (about 1.3 M parameters, trained here in minutes): features -> an 8-number bottleneck per 25 Hz frame ->
+Model (1.56 M parameters, trained here in minutes): features -> an 8-number bottleneck per 25 Hz frame ->
 (`fsq`) each number bounded and rounded to 3 levels, 3^8 = 6,561 codes as in CosyVoice's S3 tokenizer, the gradient
 passed straight through -> a convolutional decoder over the tokens, upsampled to z's rate -> z, trained by mean
 squared error on z (per-channel standardised). `continuous` is the same model without the rounding: what the
@@ -35,13 +35,12 @@ import torch.nn.functional as F
 
 from funaudiochat.audio.io import resample, save_wav
 from funaudiochat.audio.mel import log_mel
-from funaudiochat.eval.asr import AsrJudge, error_rates
-from funaudiochat.eval.normalize import normalize_english
+from funaudiochat.eval.asr import AsrJudge
 from funaudiochat.model.checkpoint import load_model
 from funaudiochat.speech.piper_voice import PiperVoiceParts
 
 from machine import machine_line  # bench/machine.py: CPU model and SIMD flags
-from mini_speech_tokens import HELD_OUT
+from mini_speech_tokens import HELD_OUT, wer
 
 TEXT_DATA = Path(__file__).resolve().parents[1] / "recipes" / "mini" / "data" / "text.jsonl.gz"
 WHISPER_RATE = 16_000
@@ -149,11 +148,6 @@ def train(model: Tokens, items, steps: int, batch: int, seed: int) -> list[float
     return losses
 
 
-def judge_wer(judge: AsrJudge, texts: list[str], wavs: list[np.ndarray], rate: int) -> tuple[float, float]:
-    hyps = [judge.transcribe(w, rate) for w in wavs]
-    return error_rates([normalize_english(t) for t in texts], [normalize_english(h) for h in hyps])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train", type=int, default=400, help="train sentences")
@@ -198,7 +192,7 @@ def main() -> None:
           f"{time.perf_counter() - t0:.0f} s")
 
     judge = AsrJudge(threads=args.threads)
-    w, c = judge_wer(judge, test_texts, test_wavs, rate)
+    w, c, _ = wer(judge, test_texts, test_wavs, rate)
     results = {"voice (reference)": {"wer": round(w, 4), "cer": round(c, 4)}}
     print(f"voice's own audio: WER {w:.4f} CER {c:.4f}")
     for name, quantize in (("continuous", False), ("fsq", True)):
@@ -215,7 +209,7 @@ def main() -> None:
                 test_loss.append(float(F.mse_loss(pred, z)))
                 wavs.append(parts.decode((pred * std + mean).numpy()))
             codes = torch.cat([model.codes(f[None])[0] for f, _ in test_norm]) if quantize else None
-        w, c = judge_wer(judge, test_texts, wavs, rate)
+        w, c, _ = wer(judge, test_texts, wavs, rate)
         row = {"wer": round(w, 4), "cer": round(c, 4), "train_loss_last100": round(float(np.mean(losses[-100:])), 4),
                "held_out_loss": round(float(np.mean(test_loss)), 4), "train_s": round(train_s, 1),
                "parameters": sum(q.numel() for q in model.parameters())}

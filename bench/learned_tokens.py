@@ -68,16 +68,7 @@ def train_sentences(n: int) -> list[str]:
 def voice_z(parts: PiperVoiceParts, text: str, seed: int) -> np.ndarray:
     """z [192, T] of `text` as the voice says it with seeded draws (sentences joined)."""
     rng = np.random.default_rng(seed)
-    zs = []
-    for phonemes in parts.phonemize(text):
-        ids = parts._voice().phonemes_to_ids(phonemes)
-        m_p, logs_p = parts.encode(ids)
-        frames = np.ceil(parts.durations(ids, parts.length_scale, parts.noise_w, rng.standard_normal((2, len(ids)))))
-        per_frame = np.repeat(np.arange(len(ids)), frames.astype(np.int64))
-        z_p = m_p[:, per_frame] + rng.standard_normal((192, per_frame.size)).astype(np.float32) \
-            * np.exp(logs_p[:, per_frame]) * parts.noise_scale
-        zs.append(parts.flow(z_p))
-    return np.concatenate(zs, axis=1)
+    return np.concatenate([parts.flow(z_p) for z_p in parts.prior_samples(text, parts.length_scale, rng)], axis=1)
 
 
 @torch.no_grad()

@@ -108,9 +108,19 @@ class PiperVoiceParts:
         normalised, as piper does), but with the voice's two random draws (the duration predictor's noise and z's
         noise) taken from `rng`: the same generator state gives the same audio in any process. The full ONNX
         graph draws them itself, unseeded."""
+        pieces = []
+        for z_p in self.prior_samples(text, length_scale, rng, noise_scale, noise_w):
+            audio = self.flow_decode(z_p)
+            peak = float(np.max(np.abs(audio)))
+            pieces.append(audio / peak if peak > 1e-8 else np.zeros_like(audio))
+        return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
+
+    def prior_samples(self, text: str, length_scale: float, rng: np.random.Generator,
+                      noise_scale: float | None = None, noise_w: float | None = None):
+        """Text -> z_p [192, T] of each sentence with frames (before the flow), the voice's two random draws taken
+        from `rng` in the order `speak` takes them."""
         noise_scale = self.noise_scale if noise_scale is None else noise_scale
         noise_w = self.noise_w if noise_w is None else noise_w
-        pieces = []
         for phonemes in self.phonemize(text):
             ids = self._voice().phonemes_to_ids(phonemes)
             m_p, logs_p = self.encode(ids)
@@ -118,12 +128,8 @@ class PiperVoiceParts:
             per_frame = np.repeat(np.arange(len(ids)), frames.astype(np.int64))  # id of every output frame
             if per_frame.size == 0:
                 continue
-            z_p = m_p[:, per_frame] + rng.standard_normal((m_p.shape[0], per_frame.size)).astype(np.float32) \
+            yield m_p[:, per_frame] + rng.standard_normal((m_p.shape[0], per_frame.size)).astype(np.float32) \
                 * np.exp(logs_p[:, per_frame]) * noise_scale
-            audio = self.flow_decode(z_p)
-            peak = float(np.max(np.abs(audio)))
-            pieces.append(audio / peak if peak > 1e-8 else np.zeros_like(audio))
-        return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
 
     def encode(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Phoneme ids [N] -> (m_p, logs_p), each float32 [192, N]."""

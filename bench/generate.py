@@ -35,9 +35,9 @@ from funaudiochat.model.quantize import Int8Weight, quantize_model
 from machine import machine_line  # bench/machine.py: CPU model and SIMD flags
 
 
-def make_prompt(cfg: FunAudioChatConfig, length: int, seed: int = 0) -> Prompt:
+def make_prompt(cfg: FunAudioChatConfig, length: int, seed: int = 0, batch: int = 1) -> Prompt:
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, min(cfg.text_config.vocab_size, 400), (1, length), generator=g)
+    ids = torch.randint(0, min(cfg.text_config.vocab_size, 400), (batch, length), generator=g)
     return Prompt(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded together (one conversation each; a step's "
+                    "time is the whole batch's)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and the released code")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"])
     ap.add_argument("--device", default="cpu")
@@ -152,7 +154,9 @@ def main() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     engine = Engine(model, compile=args.compile, cuda_graphs=not args.no_cuda_graphs)
-    prompt = make_prompt(cfg, args.prompt_len)
+    if args.batch < 1 or (args.batch > 1 and args.released_python):
+        raise SystemExit("--batch must be >= 1, and 1 beside the released code")
+    prompt = make_prompt(cfg, args.prompt_len, batch=args.batch)
     t = cfg.text_config
     # eos/pad ids outside the vocabulary keep random weights from stopping early
     base = dict(max_new_tokens=args.steps, eos_token_id=t.vocab_size, pad_token_id=0,
@@ -191,7 +195,7 @@ def main() -> None:
         released.stdin.close()
         released.wait()
     print(f"model: {config_name}, {n_params / 1e6:.1f}M parameters, {args.dtype}, {args.device}, "
-          f"{args.threads} threads, torch {torch.__version__}, compile={args.compile}, "
+          f"{args.threads} threads, torch {torch.__version__}, compile={args.compile}, batch {args.batch}, "
           f"{'sampled (S2S preset)' if args.sampled else 'greedy'}; "
           f"medians of {n_steps} steps x {args.repeats} runs, {args.rounds} rounds")
     rows = [("prefill, S2S (SRH on the prompt too)", "prefill_s_s2s"), ("prefill, S2T", "prefill_s_s2t"),

@@ -1,6 +1,6 @@
 """Weight-streaming products on CPU: BLAS vs inductor's product-and-sum reductions, for the engine's decode shapes.
 
-    .venv/bin/python bench/matvec.py [--threads 2] [--rows 1 2 4 8] [--config bench|mini]
+    .venv/bin/python bench/matvec.py [--threads 2] [--rows 1 2 4 8] [--config bench|mini] [--decode-weights fp32|fp16|int8]
 
 One decode step multiplies a few rows (one per conversation of a batch) by every weight of the model once, so it is
 bound by how fast the weights are read. This times the matrices of one S2S step (`bench`: `bench_config.json`, the
@@ -9,10 +9,14 @@ each input depending on the previous output as in a forward pass:
 
 - `blas row-major` / `blas column-major`: x @ W^T through ATen (MKL) with W [N, K] stored row- or column-major;
 - `broadcast`: (x[:, None, :] * W).sum(-1) compiled, what `Engine(compile=True)` runs (engine/compiled.py, and
-  model/quantize.py for fp16 and int8 weights): one reduction over all rows, which loads W once per row;
+  model/quantize.py for fp16 weights, and for int8 ones without the kernel): one reduction over all rows, which
+  loads W once per row;
 - `grouped`: the same products 4 rows at a time (`grouped` below), each group's reductions fused into one kernel
   that loads W once for its rows: not in the engine (docs/mini.md, "Batched decode products");
-- with `--decode-weights fp16` both product-sum columns read fp16 copies of W, products and sums in fp32;
+- with `--decode-weights fp16` both product-sum columns read fp16 copies of W, products and sums in fp32; with
+  `--decode-weights int8`, the int8 weights of `--dtype int8` (per-channel scales applied after the sums);
+- `int8 kernel`: the C++ int8 product the engine runs for `--dtype int8` (model/int8_kernel.py), compiled into the
+  chain as the engine's graphs call it: each int8 weight read once for all rows;
 - `read only`: W.sum() over the same bytes, the rate at which this machine streams them.
 """
 from __future__ import annotations
@@ -23,6 +27,8 @@ import time
 
 import torch
 
+from funaudiochat.model import int8_kernel
+from funaudiochat.model.quantize import quantize_weight
 from machine import machine_line  # bench/machine.py: CPU model and SIMD flags
 
 ROWS_PER_PASS = 4  # `grouped`: rows that share one pass over W
@@ -49,6 +55,14 @@ def chain(weights, x, product):
     """Feed each product's first output column back into the next input (no two products are independent)."""
     for w in weights:
         y = product(x[:, : w.shape[1]], w)
+        x = x + y[:, :1] * 1e-3
+    return x
+
+
+def int8_chain(quantized, x, kernel):
+    """`chain` through the int8 kernel: quantized holds (q [N, K] int8, scale [N]) per weight."""
+    for q, scale in quantized:
+        y = kernel(x[:, : q.shape[1]].contiguous(), q, scale)
         x = x + y[:, :1] * 1e-3
     return x
 
@@ -85,7 +99,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--config", choices=("bench", "mini"), default="bench")
-    ap.add_argument("--decode-weights", choices=("fp32", "fp16"), default="fp32",
+    ap.add_argument("--decode-weights", choices=("fp32", "fp16", "int8"), default="fp32",
                     help="what the product-and-sum columns read (BLAS always reads fp32)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,24 +108,28 @@ def main() -> None:
     torch.manual_seed(0)
     weights = step_matrices() if args.config == "bench" else mini_matrices()
     column_major = [w.t().contiguous().t() for w in weights]
-    read = weights if args.decode_weights == "fp32" else [w.half() for w in weights]
+    quantized = [quantize_weight(w) for w in weights]
+    read = {"fp32": weights, "fp16": [w.half() for w in weights], "int8": [q for q, _ in quantized]}[args.decode_weights]
     mb = sum(w.numel() * w.element_size() for w in weights) / 1e6
     compiled = {name: torch.compile(lambda x, ws, p=product: chain(ws, x, p), dynamic=False)
                 for name, product in (("broadcast", broadcast), ("grouped", grouped))}
+    kernel = int8_kernel.op(int8_kernel.this_cpus_variant())
+    compiled["int8 kernel"] = torch.compile(lambda x, qs: int8_chain(qs, x, kernel), dynamic=False)
     read_ms = median_ms(lambda: [w.sum() for w in weights])
     print(f"{args.config}: {mb:.0f} MB of fp32 weights per step, product-sums read {args.decode_weights}, "
           f"{args.threads} threads, torch {torch.__version__}")
     print(f"read only (W.sum(), fp32): {read_ms:.2f} ms, {mb / read_ms:.1f} GB/s")
     print(f"{'rows':>4s} {'blas row-major':>15s} {'blas col-major':>15s} {'broadcast':>12s} {'grouped':>12s} "
-          f"{'grouped / best blas':>20s}")
+          f"{'grouped / best blas':>20s} {'int8 kernel':>12s}")
     for rows in args.rows:
         x = torch.randn(rows, max(w.shape[1] for w in weights))
         row_ms = median_ms(lambda: chain(weights, x, blas))
         col_ms = median_ms(lambda: chain(column_major, x, blas))
         bc_ms = median_ms(lambda: compiled["broadcast"](x, read))
         gr_ms = median_ms(lambda: compiled["grouped"](x, read))
+        k_ms = median_ms(lambda: compiled["int8 kernel"](x, quantized))
         print(f"{rows:4d} {row_ms:12.2f} ms {col_ms:12.2f} ms {bc_ms:9.2f} ms {gr_ms:9.2f} ms "
-              f"{gr_ms / min(row_ms, col_ms):20.2f}")
+              f"{gr_ms / min(row_ms, col_ms):20.2f} {k_ms:9.2f} ms")
 
 
 if __name__ == "__main__":

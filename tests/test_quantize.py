@@ -39,17 +39,23 @@ def test_int8_product_matches_fp32_within_the_rounding_bound(one_thread):
     assert (y - ref).abs().max() > 0  # (it is an approximation)
     assert torch.equal(y[:, 3], bias[None, 3].expand(5))
 
-    # compiled decoding traces it as a product-and-sum reading the int8 weight itself (no int8 kernel call, no fp32
-    # weight buffer): the same values to fp32 rounding
+    # without the C++ kernel, compiled decoding traces it as a product-and-sum reading the int8 weight itself (no
+    # torch int8 kernel call, no fp32 weight buffer): the same values to fp32 rounding
     from torch._inductor.utils import run_and_get_code
 
     def step(x):
         with _LinearAsProductSum():  # as the compiled decode steps run their linears
             return int8_linear(x, q, scale, bias)
 
+    from funaudiochat.model import int8_kernel
+
     compiled = torch.compile(step, dynamic=False)
     row = x[:1, None]  # [1, 1, K]: one decode row
-    out, code = run_and_get_code(compiled, row)
+    try:
+        int8_kernel.set_enabled(False)  # (the kernel's own form: tests/test_int8_kernel.py)
+        out, code = run_and_get_code(compiled, row)
+    finally:
+        int8_kernel.set_enabled(True)
     assert (out[:, 0] - y[:1]).abs().max() <= 1e-5 * y.abs().max()
     code = "\n".join(code)
     assert "int8_t" in code and "_weight_int8pack_mm" not in code
@@ -147,16 +153,26 @@ def test_infer_dtype_int8_cli(tmp_path):
     assert run.returncode == 2 and "--dtype" in run.stderr and "int8" in run.stderr and "Traceback" not in run.stderr
 
 
-def test_compiled_int8_warns_where_its_reductions_lack_avx512(monkeypatch, caplog):
-    """inductor's AVX2 code loads int8 weights byte by byte (BENCHMARKS.md): a compiled int8 engine says so on such
-    a CPU, and an fp32 one, or one on an AVX-512 CPU, says nothing."""
+def test_compiled_int8_warns_where_its_reductions_lack_avx512_and_the_kernel_is_off(monkeypatch, caplog):
+    """Without the int8 kernel (model/int8_kernel.py), inductor's AVX2 code loads int8 weights byte by byte
+    (BENCHMARKS.md): a compiled int8 engine says so on such a CPU. With the kernel (built for AVX2 here), or on an
+    AVX-512 CPU, or for an fp32 engine, it says nothing."""
+    from funaudiochat.model import int8_kernel
+
     fp32, int8 = _model(), quantize_model(_model())
-    for capability, model, warned in (("AVX2", int8, True), ("AVX512", int8, False), ("AVX2", fp32, False)):
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="funaudiochat.engine.compiled"):
-            Engine(model, compile=True)  # (builds the compiled callables; nothing is traced before a first step)
-        assert any("no AVX-512" in r.getMessage() for r in caplog.records) == warned, (capability, warned)
+    cases = (("AVX2", int8, False, True), ("AVX2", int8, True, False), ("AVX512", int8, False, False),
+             ("AVX2", fp32, False, False))
+    try:
+        for capability, model, kernel, warned in cases:
+            monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+            int8_kernel.set_enabled(kernel)
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="funaudiochat.engine.compiled"):
+                Engine(model, compile=True)  # (builds the compiled callables; nothing is traced before a first step)
+            assert any("no AVX-512" in r.getMessage() for r in caplog.records) == warned, (capability, kernel)
+    finally:
+        monkeypatch.undo()
+        int8_kernel.set_enabled(True)
 
 
 def test_prompt_passes_multiply_the_exact_int8_weights_in_bf16_and_decoding_stays_fp32():

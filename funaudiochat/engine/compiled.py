@@ -40,6 +40,7 @@ from torch.overrides import TorchFunctionMode
 from funaudiochat.engine.cuda_graphs import GraphedStep
 from funaudiochat.engine.sampling import SamplingParams, choose, process
 from funaudiochat.model.backbone import Backbone, RopeTable
+from funaudiochat.model import int8_kernel
 from funaudiochat.model.quantize import PRODUCT_SUM_MAX_ROWS, Int8Linear
 from funaudiochat.speech.pending_units import follow_on, is_start, text_locked, window
 
@@ -147,8 +148,9 @@ class _LinearAsProductSum(TorchFunctionMode):
 
 
 def _warn_slow_int8() -> None:
-    """Compiled int8 decoding is fast where inductor vectorises the int8 reductions with AVX-512; with AVX2 code each
-    load of 8 int8 weights goes through memory byte by byte, and the step runs slower than fp32 (BENCHMARKS.md)."""
+    """Without the int8 kernel (model/int8_kernel.py: turned off, or no compiler), compiled int8 decoding is fast
+    where inductor vectorises the int8 reductions with AVX-512; with AVX2 code each load of 8 int8 weights goes
+    through memory byte by byte, and the step runs slower than fp32 (BENCHMARKS.md)."""
     capability = torch.backends.cpu.get_cpu_capability()
     if not capability.startswith("AVX512"):
         log.warning("int8 decoding compiled for %s (no AVX-512) runs slower than fp32 on this CPU: use --dtype fp32 "
@@ -171,8 +173,8 @@ class CompiledDecoder:
         self.model, self.rope, self.srh_rope = model, rope, srh_rope
         use_persistent_cache()
         if model.language_model.model.norm.weight.device.type == "cpu":
-            if any(isinstance(m, Int8Linear) for m in model.modules()):
-                _warn_slow_int8()
+            if any(isinstance(m, Int8Linear) for m in model.modules()) and int8_kernel.load() is None:
+                _warn_slow_int8()  # (the graphs look the kernel up as they are traced: loaded before them)
             self.layer_fn = layer_position
             # No weight freezing: it made no step faster (fp32, bf16, int8; BENCHMARKS.md, "Second start of infer
             # --compile"), and AOT autograd's cache refuses frozen graphs, so every start would compile again

@@ -1,12 +1,14 @@
 """Weight-only int8 linears with one scale per output channel, for CPU decoding (`--dtype int8`).
 
 W [N, K] ~ q [N, K] int8 x scale [N] (symmetric: scale = max|W[n]| / 127). y = (x @ q^T) * scale + b, the scale
-applied after the reduction, so decoding reads each weight as one byte and keeps no fp32 copy of it. Traced for a
-compiled CPU decode graph (engine/compiled.py), the product is a product-and-sum reduction over the int8 weights, the
-int8 -> fp32 conversion inside the reduction (x * q promotes per element; nothing for weight freezing to fold into an
-fp32 constant). Eagerly (prefill, eager decoding) blocks of rows are converted into one reused fp32 scratch buffer
-(16 MB at most, per thread) and multiplied by BLAS: torch's int8 kernel (`torch._weight_int8pack_mm`) measured 7x
-slower than fp32 for one row and 20x for 25 rows on an AVX2 CPU, and a fresh fp32 tensor per call costs page faults.
+applied after the reduction, so decoding reads each weight as one byte and keeps no fp32 copy of it. A decode step's
+few rows (up to `int8_kernel.MAX_ROWS`) go through the C++ kernel of model/int8_kernel.py, eagerly and inside compiled
+graphs: each int8 weight converted in registers, read once for all rows. Without it (not built, or turned off),
+traced for a compiled CPU decode graph (engine/compiled.py) the product is a product-and-sum reduction over the int8
+weights, the int8 -> fp32 conversion inside the reduction (x * q promotes per element). More rows (a prompt's
+positions), or eagerly without the kernel, blocks of rows are converted into one reused fp32 scratch buffer (16 MB at
+most, per thread) and multiplied by BLAS: torch's int8 kernel (`torch._weight_int8pack_mm`) measured 7x slower than
+fp32 for one row and 20x for 25 rows on an AVX2 CPU, and a fresh fp32 tensor per call costs page faults.
 Activations, norms, embeddings, biases and KV caches stay fp32.
 
 Prompt passes (`prompt_products()`: the prefill's LLM layers and the speech head's layers over a prompt's positions)
@@ -40,6 +42,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from funaudiochat.model.int8_kernel import kernel_for
 
 SCALE_SUFFIX = "_scale"
 PRODUCT_SUM_MAX_ROWS = 8  # compiled CPU decoding: from about 16 rows on, BLAS (one read of each weight for all rows)
@@ -109,7 +113,11 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
     """x [..., K] (fp32) times int8 q [N, K], then * scale [N] (+ bias) -> [..., N]."""
     flat = x.reshape(-1, x.shape[-1])
-    if torch.compiler.is_compiling() and x.device.type == "cpu":
+    in_prompt_pass = not torch.compiler.is_compiling() and getattr(_scratch, "product_dtype", None) is not None
+    kernel = None if in_prompt_pass else kernel_for(flat)
+    if kernel is not None:  # a decode step's few rows: the C++ kernel reads each int8 weight once for all of them
+        y = kernel(flat.contiguous(), q, scale)
+    elif torch.compiler.is_compiling() and x.device.type == "cpu":
         # one vectorised pass over the int8 weights (any row count: a BLAS form would need an fp32 weight)
         y = (flat.unsqueeze(-2) * q).sum(-1) * scale
     else:

@@ -15,9 +15,10 @@ new cache slots valid, and a whole speech-to-speech step is one graph: the LLM p
 or a draw as torch.multinomial makes it from exponential noise drawn outside from the seeded generator) and its
 embedding in between. One
 call per step instead of six removes the Python, guard checks and small eager ops between them (each costs 10-200 us
-on a small CPU, as much as a layer's matmuls). Int8 linears (model/quantize.py) trace themselves the same way when
-compiled on CPU: a product-and-sum reduction over their int8 weights, the conversion fused into it; so do the fp16
-decode copies of an fp32 model's linears (`Engine(decode_weights="fp16")`).
+on a small CPU, as much as a layer's matmuls). Int8 linears (model/quantize.py) call the C++ int8 kernel
+(model/int8_kernel.py) from inside the graph, or, without it, trace themselves as a product-and-sum reduction over
+their int8 weights, the conversion fused into it; the fp16 decode copies of an fp32 model's linears
+(`Engine(decode_weights="fp16")`) trace as such reductions.
 
 On a GPU the layer is what is compiled, and each step is replayed as a CUDA graph (`CompiledDecoder`).
 

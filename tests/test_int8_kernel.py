@@ -129,3 +129,26 @@ def test_a_quantized_engine_decodes_the_same_compiled_and_eager():
     assert eager.new_text_ids.tolist() == compiled.new_text_ids.tolist()
     assert eager.speech_ids == compiled.speech_ids and len(eager.speech_ids[0]) > 0
     assert (eager_logits - compiled_logits).abs().max() <= 1e-4 * eager_logits.abs().max()
+
+
+def test_without_a_compiler_int8_products_fall_back_with_one_warning(tmp_path):
+    """A machine where the kernel cannot be built (no compiler: $CXX names none, an empty cache folder) still
+    multiplies int8 weights, through the reductions and BLAS blocks, and says once why it is slower."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, torch\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from funaudiochat.model.quantize import int8_linear, quantize_weight\n"
+        "q, s = quantize_weight(torch.randn(8, 16))\n"
+        "x = torch.randn(2, 16)\n"
+        "ref = x @ (q.float() * s[:, None]).t()\n"
+        "for _ in range(2):\n"
+        "    assert (int8_linear(x, q, s) - ref).abs().max() <= 1e-5 * ref.abs().max()\n"
+        "print('ok')\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+    assert run.stderr.count("the int8 decode kernel could not be built") == 1, run.stderr

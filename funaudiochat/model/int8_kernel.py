@@ -61,7 +61,7 @@ def load() -> object | None:
                     _state["op"] = op(this_cpus_variant())
                 except (OSError, RuntimeError, subprocess.SubprocessError) as error:
                     log.warning("the int8 decode kernel could not be built (%s); int8 products use the slower "
-                                "reductions", str(error).strip().splitlines()[-1] if str(error).strip() else error)
+                                "reductions", (str(error).strip().splitlines() or [repr(error)])[-1])
     return _state["op"]
 
 

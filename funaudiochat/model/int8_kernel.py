@@ -43,7 +43,7 @@ def this_cpus_variant() -> str:
 def kernel_for(flat: torch.Tensor):
     """The int8 product op for the rows `flat` [M, K], or None where it does not apply (off, not built, not fp32 on
     the CPU, or more than MAX_ROWS rows). Outside a compiled graph the first call builds or loads it; inside one it
-    is only looked up (the engine's eager prefill has loaded it before any graph is traced)."""
+    is only looked up (a compiled engine loads it when it is built: engine/compiled.py `CompiledDecoder`)."""
     if flat.device.type != "cpu" or flat.dtype != torch.float32 or flat.shape[0] > MAX_ROWS:
         return None
     if not torch.compiler.is_compiling() and not _state["tried"]:

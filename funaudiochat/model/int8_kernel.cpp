@@ -2,9 +2,9 @@
 //
 // x [M, K] fp32 (a decode step's few rows), q [N, K] int8, scale [N] fp32 -> y [M, N] fp32. Each weight row is read
 // once for all M rows (4 rows of x at a time share a pass over it while it sits in L1), converted to fp32 in
-// registers, and multiplied into two fp32 accumulators per row of x: two independent FMA chains hide the FMA's
-// latency, which bounds a single-accumulator reduction (inductor's product-and-sum) on small CPUs. Built by
-// model/int8_kernel.py for one instruction set (FAC_NS names the op's namespace: one per build).
+// registers, and multiplied into independent fp32 accumulators (FMA chains: 2 per row of x, 4 for a single row),
+// which hide the FMA's latency that bounds a single-accumulator reduction (inductor's product-and-sum) on small
+// CPUs. Built by model/int8_kernel.py for one instruction set (FAC_NS names the op's namespace: one per build).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -22,44 +22,58 @@ constexpr int TILE = 4;  // rows of x per pass over a weight row
 // kernel"). Past the end of q it only touches the next bytes of the address space, which a prefetch never faults on.
 constexpr int64_t PREFETCH_AHEAD = 4096;
 
+// One vector type per build: LANES fp32 lanes, the int8 -> fp32 conversion of LANES weights, and a horizontal sum.
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int LANES = 16;
+inline Vec zero() { return _mm512_setzero_ps(); }
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec widen(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline float sum(Vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__)
+using Vec = __m256;
+constexpr int LANES = 8;
+inline Vec zero() { return _mm256_setzero_ps(); }
+inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec widen(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline float sum(Vec v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#endif  // (a scalar build has no vector type: the tail loop of rows_times_weight_row does all of K)
+
 // The rows [0, ROWS) of x (row stride K) times one weight row w -> y[r * ldy], r < ROWS.
 template <int ROWS>
 inline void rows_times_weight_row(const float* x, int64_t K, const int8_t* w, float s, float* y, int64_t ldy) {
   int64_t k = 0;
-  float sums[ROWS];
-#if defined(__AVX512F__)
-  __m512 acc0[ROWS], acc1[ROWS];
-  _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-  for (; k + 32 <= K; k += 32) {
-    if (k % 64 == 0) _mm_prefetch((const char*)(w + k + PREFETCH_AHEAD), _MM_HINT_T1);  // (once per cache line)
-    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k))));
-    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k + 16))));
-    _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; ++r) {
-      acc0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + k), w0, acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + k + 16), w1, acc1[r]);
-    }
-  }
-  _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; ++r) sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
-#elif defined(__AVX2__)
-  __m256 acc0[ROWS], acc1[ROWS];
-  _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
-  for (; k + 16 <= K; k += 16) {
-    if (k % 64 == 0) _mm_prefetch((const char*)(w + k + PREFETCH_AHEAD), _MM_HINT_T1);
-    __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k))));
-    __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k + 8))));
-    _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; ++r) {
-      acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k), w0, acc0[r]);
-      acc1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k + 8), w1, acc1[r]);
+  float sums[ROWS] = {};
+#if defined(__AVX512F__) || defined(__AVX2__)
+  constexpr int CHAINS = ROWS == 1 ? 4 : 2;  // accumulators per row; CHAINS * LANES weights per iteration
+  Vec acc[ROWS][CHAINS];
+  _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; ++r) for (int c = 0; c < CHAINS; ++c) acc[r][c] = zero();
+  for (; k + CHAINS * LANES <= K; k += CHAINS * LANES) {
+    _Pragma("GCC unroll 4") for (int c = 0; c < CHAINS; ++c) {
+      if ((k + c * LANES) % 64 == 0) _mm_prefetch((const char*)(w + k + c * LANES + PREFETCH_AHEAD), _MM_HINT_T1);
+      Vec wc = widen(w + k + c * LANES);  // LANES weights, converted once for all rows
+      _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; ++r) {
+        acc[r][c] = fmadd(load(x + r * K + k + c * LANES), wc, acc[r][c]);
+      }
     }
   }
   _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; ++r) {
-    __m256 v = _mm256_add_ps(acc0[r], acc1[r]);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    sums[r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    Vec v = acc[r][0];
+    for (int c = 1; c < CHAINS; ++c) v = add(v, acc[r][c]);
+    sums[r] = sum(v);
   }
-#else
-  for (int r = 0; r < ROWS; ++r) sums[r] = 0.0f;
 #endif
   for (int r = 0; r < ROWS; ++r) {
     float t = sums[r];

@@ -3,8 +3,9 @@
 Why a kernel: a decode step reads every int8 weight once, converts it to fp32 and multiplies it into a few rows.
 inductor traces that as a product-and-sum reduction with a single accumulator per output, so one FMA chain bounds
 it (about 15 G weights/s on two Zen 4 cores), and it reads the weights once per row of a batch. The kernel keeps two
-chains per row and passes over each weight row once for 4 rows: about 30 G weights/s for one row, and 4 rows for
-about 1.4x the time of one (BENCHMARKS.md, "The int8 decode kernel"). It is an operator of its own
+chains per row (four for a single row), prefetches the weights into L2 ahead of them and passes over each weight row
+once for 4 rows: one row at the rate the CPU reads memory (2 x 11 GB/s on two Intel AMX cores), 4 rows for about 1.7x
+the time of one (BENCHMARKS.md, "The int8 decode kernel"). It is an operator of its own
 (`torch.ops.funaudiochat_int8_<variant>.int8_mm`), so a compiled decode graph calls it between its fused kernels.
 
 Build: the compiler torch.compile already needs (`$CXX`, else g++), one shared library per instruction set

@@ -35,6 +35,12 @@ _FULL_WORDS = ("no space left", "storagefull", "code: 28", "disk quota exceeded"
 _LOW_SPACE = 64 * 1024  # free bytes under which an unexplained write failure is taken for a full disk
 
 
+def user_cache_dir() -> Path:
+    """The package's cache folder (compiled graphs, built kernels): $XDG_CACHE_HOME/funaudiochat, else
+    ~/.cache/funaudiochat. Not created here."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "funaudiochat"
+
+
 def temp_name(target: Path) -> Path:
     """`.STEM.tmp-PID.SUFFIX` beside the target: hidden, on the same file system (so the rename is atomic), and
     with the target's suffix (soundfile and matplotlib pick the format from it)."""

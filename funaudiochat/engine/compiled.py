@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from funaudiochat.engine.cuda_graphs import GraphedStep
 from funaudiochat.engine.sampling import SamplingParams, choose, process
+from funaudiochat.fileio import user_cache_dir
 from funaudiochat.model.backbone import Backbone, RopeTable
 from funaudiochat.model import int8_kernel
 from funaudiochat.model.quantize import PRODUCT_SUM_MAX_ROWS, Int8Linear
@@ -280,5 +280,4 @@ def use_persistent_cache() -> None:
     """Keep inductor's compiled graphs in the user's cache folder (not /tmp) unless $TORCHINDUCTOR_CACHE_DIR says
     where: a second process compiling the same graphs loads them instead."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "funaudiochat" / "torchinductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(user_cache_dir() / "torchinductor")

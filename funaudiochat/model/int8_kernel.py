@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from funaudiochat.fileio import user_cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_kernel.cpp")
@@ -96,7 +98,7 @@ def _library(variant: str, namespace: str) -> Path:
              f"-DFAC_NS={namespace}", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              *(f"-I{p}" for p in include_paths())]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "funaudiochat" / "kernels"
+    folder = user_cache_dir() / "kernels"
     target = folder / f"int8_mm_{variant}_{key[:16]}.so"
     if target.exists():
         return target

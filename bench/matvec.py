@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from funaudiochat import native
 from funaudiochat.model import int8_kernel
 from funaudiochat.model.quantize import quantize_weight
 from machine import machine_line  # bench/machine.py: CPU model and SIMD flags
@@ -113,7 +114,7 @@ def main() -> None:
     mb = sum(w.numel() * w.element_size() for w in weights) / 1e6
     compiled = {name: torch.compile(lambda x, ws, p=product: chain(ws, x, p), dynamic=False)
                 for name, product in (("broadcast", broadcast), ("grouped", grouped))}
-    kernel = int8_kernel.op(int8_kernel.this_cpus_variant())
+    kernel = int8_kernel.op(native.this_cpus_variant())
     compiled["int8 kernel"] = torch.compile(lambda x, qs: int8_chain(qs, x, kernel), dynamic=False)
     read_ms = median_ms(lambda: [w.sum() for w in weights])
     print(f"{args.config}: {mb:.0f} MB of fp32 weights per step, product-sums read {args.decode_weights}, "

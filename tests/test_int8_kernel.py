@@ -6,16 +6,11 @@ import torch
 from funaudiochat.engine.generate import Engine, GenerationConfig
 from funaudiochat.engine.prompt import Prompt
 from funaudiochat.model import int8_kernel
+from funaudiochat.native import runnable_variants
 from funaudiochat.model.funaudiochat import FunAudioChatModel
 from funaudiochat.model.presets import tiny
 from funaudiochat.model.quantize import int8_linear, prompt_products, quantize_model, quantize_weight, \
     set_prompt_products
-
-
-def runnable_variants() -> list[str]:
-    """The builds this CPU can execute (an AVX-512 CPU runs the AVX2 and scalar builds too)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    return {"AVX512": ["avx512", "avx2", "scalar"], "AVX2": ["avx2", "scalar"]}.get(capability, ["scalar"])
 
 
 def dequantized(x, q, scale):

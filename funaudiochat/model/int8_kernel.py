@@ -8,39 +8,29 @@ once for 4 rows: one row at the rate the CPU reads memory (2 x 11 GB/s on two In
 the time of one (BENCHMARKS.md, "The int8 decode kernel"). It is an operator of its own
 (`torch.ops.funaudiochat_int8_<variant>.int8_mm`), so a compiled decode graph calls it between its fused kernels.
 
-Build: the compiler torch.compile already needs (`$CXX`, else g++), one shared library per instruction set
-(`avx512`, `avx2`, `scalar`: ATen's capability, so `ATEN_CPU_CAPABILITY=avx2` picks the AVX2 build), source and torch
-version, kept in ~/.cache/funaudiochat/kernels ($XDG_CACHE_HOME); about 10 s the first time, then loaded.
+Built on first use for this CPU's instruction set (`funaudiochat/native.py`; about 10 s, then cached).
 `$FUNAUDIOCHAT_INT8_KERNEL=0` turns it off; a build that fails logs a warning once. Either way int8 products fall
 back to the product-and-sum reduction (compiled) or dequantized blocks and BLAS (eager), as before.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
-from funaudiochat.fileio import user_cache_dir
+from funaudiochat import native
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_kernel.cpp")
-VARIANT_FLAGS = {"avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"),
-                 "avx2": ("-mavx2", "-mfma"), "scalar": ()}
 MAX_ROWS = 32  # more rows (a prompt's positions) multiply faster through BLAS on dequantized blocks
 _state = {"op": None, "tried": False, "enabled": os.environ.get("FUNAUDIOCHAT_INT8_KERNEL", "1") != "0"}
 _ops: dict[str, object] = {}
 _lock = threading.Lock()
-
-
-def this_cpus_variant() -> str:
-    return {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "scalar")
 
 
 def kernel_for(flat: torch.Tensor):
@@ -61,7 +51,7 @@ def load() -> object | None:
             _state["tried"] = True
             if _state["enabled"]:
                 try:
-                    _state["op"] = op(this_cpus_variant())
+                    _state["op"] = op(native.this_cpus_variant())
                 except (OSError, RuntimeError, subprocess.SubprocessError) as error:
                     log.warning("the int8 decode kernel could not be built (%s); int8 products use the slower "
                                 "reductions", (str(error).strip().splitlines() or [repr(error)])[-1])
@@ -78,8 +68,7 @@ def op(variant: str):
     """The `int8_mm` op of one build variant (any the CPU can run: tests check each), built or loaded here."""
     if variant not in _ops:
         namespace = f"funaudiochat_int8_{variant}"
-        library = _library(variant, namespace)
-        torch.ops.load_library(str(library))
+        native.load_library(SOURCE, namespace, variant)
 
         @torch.library.register_fake(f"{namespace}::int8_mm")
         def _shape(x, q, scale):
@@ -87,32 +76,3 @@ def op(variant: str):
 
         _ops[variant] = getattr(torch.ops, namespace).int8_mm
     return _ops[variant]
-
-
-def _library(variant: str, namespace: str) -> Path:
-    """The shared library of `variant`, compiled into the cache folder unless it is there."""
-    from torch.utils.cpp_extension import include_paths, library_paths
-
-    torch_lib = library_paths()[0]
-    flags = ["-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", *VARIANT_FLAGS[variant],
-             f"-DFAC_NS={namespace}", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-             *(f"-I{p}" for p in include_paths())]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
-    folder = user_cache_dir() / "kernels"
-    target = folder / f"int8_mm_{variant}_{key[:16]}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        command = [os.environ.get("CXX", "g++"), *flags, str(SOURCE), "-o", tmp, f"-L{torch_lib}",
-                   f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"]
-        run = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        if run.returncode != 0:
-            raise RuntimeError(f"{command[0]} failed: {run.stderr[-2000:]}")
-        os.replace(tmp, target)  # (another process building the same library replaces it with the same bytes)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target

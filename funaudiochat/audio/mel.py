@@ -1,8 +1,9 @@
-"""Whisper log-mel front-end in torch: `log_mel` (openai-whisper / s3tokenizer) and `WhisperFrontend` (transformers).
+"""Whisper log-mel front-end: `log_mel` (openai-whisper / s3tokenizer) and `WhisperFrontend` (transformers).
 
 Both compute, at 16 kHz: a centred STFT (n_fft 400, hop 160, periodic Hann, reflect padding) without its last
 frame, power spectrum, Slaney mel filters (80 or 128 bins, 0-8 kHz), log10(max(mel, 1e-10)), a floor at the
-item's maximum - 8, then (x + 4) / 4. They run on the input's device, in float32.
+item's maximum - 8, then (x + 4) / 4. They run on the input's device, in float32: on AVX-512 / AVX2 CPUs the
+C++ kernel of mel_kernel.py computes the log mel and the floor, elsewhere torch's FFT and products.
 
 Shapes: B batch, S samples, T frames (S // 160), M mel bins.
 """
@@ -14,6 +15,7 @@ import math
 import numpy as np
 import torch
 
+from funaudiochat.audio import mel_kernel
 from funaudiochat.errors import InputError
 
 SAMPLE_RATE = 16000
@@ -46,8 +48,9 @@ def mel_filters(n_mels: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _constants(n_mels: int, device: torch.device) -> tuple[list, torch.Tensor]:
-    """The Hann window and the filter bank, built once per device, applied to the squared real view of the rfft
+def _constants(n_mels: int, device: torch.device) -> tuple[list, torch.Tensor, tuple]:
+    """The filter bank's blocks, the Hann window and the filter bank in the C++ kernel's sparse form, built once per
+    device. The blocks are applied to the squared real view of the rfft
     ([t, 2F]: re², im² of each bin side by side), so each filter column appears twice: the power re² + im² is summed
     by the projection itself, with no separate pass over the spectrum. The bank is banded: it is cut into row blocks,
     each with the span of columns it touches, so a few small matmuls over their spans skip most of its zeros."""
@@ -57,7 +60,7 @@ def _constants(n_mels: int, device: torch.device) -> tuple[list, torch.Tensor]:
         bins = np.flatnonzero(filters[rows].any(axis=0))
         r0, r1, c0, c1 = rows[0], rows[-1] + 1, bins[0], bins[-1] + 1
         blocks.append((r0, r1, c0, c1, torch.from_numpy(filters[r0:r1, c0:c1].copy()).to(device)))
-    return blocks, torch.hann_window(N_FFT, device=device)
+    return blocks, torch.hann_window(N_FFT, device=device), mel_kernel.sparse_form(mel_filters(n_mels))
 
 
 def _log_mel_unfloored(wav: torch.Tensor, n_mels: int, n_frames: int | None = None) -> torch.Tensor:
@@ -69,51 +72,58 @@ def _log_mel_unfloored(wav: torch.Tensor, n_mels: int, n_frames: int | None = No
     if samples <= N_FFT // 2:
         raise InputError(f"audio of {samples} samples is too short for the log-mel front-end (needs more than "
                          f"{N_FFT // 2} samples, {N_FFT // 2 / SAMPLE_RATE * 1000:.1f} ms at 16 kHz)")
-    half = N_FFT // 2
-    padded = torch.cat([wav[:, 1:half + 1].flip(-1), wav, wav[:, -half - 1:-1].flip(-1)], dim=-1)  # reflect
     computed = samples // HOP
-    frames = padded.unfold(-1, N_FFT, HOP)  # [B, T + 1, N_FFT] view; the last frame is never used
     out = wav.new_empty(batch, n_mels, n_frames or computed)
     out[..., computed:] = _LOG_SILENCE
-    for b in range(batch):
-        _log_mel_into(out[b, :, :computed], frames[b, :computed])
+    for b in range(batch):  # frame t is centred on sample 160 t: it starts 200 samples before it, reflected
+        _log_mel_into(out[b, :, :computed], wav[b], -(N_FFT // 2))
     return out
 
 
 def log_mel_frames(padded: torch.Tensor, n_mels: int) -> torch.Tensor:
     """Unfloored log10 mel of the frames of an already padded 1-D signal: frame i is padded[160 i : 160 i + 400]
     -> [M, (len - 400) // 160 + 1]. Used to extend a clip's features frame by frame as its samples arrive."""
-    frames = padded.unfold(-1, N_FFT, HOP)
-    out = padded.new_empty(n_mels, frames.shape[0])
-    _log_mel_into(out, frames)
+    out = padded.new_empty(n_mels, max(0, (padded.shape[-1] - N_FFT) // HOP + 1))
+    _log_mel_into(out, padded, 0)
     return out
 
 
-def _log_mel_into(out: torch.Tensor, frames: torch.Tensor) -> None:
-    """Write the log10 mel power of frames [T, N_FFT] (a strided view of the padded wave) into out [M, T].
+def _log_mel_into(out: torch.Tensor, wav: torch.Tensor, start: int) -> None:
+    """Write the log10 mel power of the frames wav[start + 160 t : start + 160 t + 400] of a 1-D wave, reflected past
+    either end, into out [M, T].
 
-    Frames go through in blocks of _FRAME_BLOCK (cache-sized), windowed into one reused buffer, and each block's
-    mel and log are written straight into its slice of the output, in place.
+    On AVX-512 / AVX2 CPUs the C++ kernel does it all (mel_kernel.py). Otherwise the frames go through in blocks of
+    _FRAME_BLOCK (cache-sized), windowed into one reused buffer, and each block's mel and log are written straight
+    into its slice of the output, in place.
     """
-    filter_blocks, window = _constants(out.shape[0], out.device)
-    total = frames.shape[0]
+    total = out.shape[1]
+    if total == 0:
+        return
+    filter_blocks, window, sparse = _constants(out.shape[0], out.device)
+    if mel_kernel.log_mel_into(out, wav, start, window, sparse):
+        return
+    left, right = max(0, -start), max(0, start + (total - 1) * HOP + N_FFT - wav.shape[-1])
+    padded = torch.cat([wav[1:left + 1].flip(-1), wav, wav[-right - 1:-1].flip(-1)]) if left or right else wav
+    frames = padded[start + left:].unfold(-1, N_FFT, HOP)  # [>= T, N_FFT] view
     block = min(_FRAME_BLOCK, total)
     windowed = frames.new_empty(block, N_FFT)
-    for start in range(0, total, block):
-        stop = min(start + block, total)
-        n = stop - start
-        torch.mul(frames[start:stop], window, out=windowed[:n])
+    for first in range(0, total, block):
+        stop = min(first + block, total)
+        n = stop - first
+        torch.mul(frames[first:stop], window, out=windowed[:n])
         spectrum = torch.fft.rfft(windowed[:n])  # (out= would add a copy: the FFT writes its own buffer)
         squares = torch.view_as_real(spectrum).square_().view(n, N_FFT + 2)  # [t, 2F]: re², im² side by side
         for r0, r1, c0, c1, weights in filter_blocks:
-            torch.matmul(weights, squares[:, c0:c1].T, out=out[r0:r1, start:stop])
-        log_block = out[:, start:stop].clamp_(min=1e-10)
+            torch.matmul(weights, squares[:, c0:c1].T, out=out[r0:r1, first:stop])
+        log_block = out[:, first:stop].clamp_(min=1e-10)
         torch.log10(log_block, out=log_block)  # while the block is still in cache (faster than log10_)
 
 
 def _floor_and_scale_(log_spec: torch.Tensor) -> torch.Tensor:
     """In place on [B, M, T]: max(x, item max - 8), then (x + 4) / 4."""
     floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0  # [B, 1, 1]
+    if mel_kernel.floor_and_scale_(log_spec, floor):
+        return log_spec
     return torch.maximum(log_spec, floor, out=log_spec).add_(4.0).mul_(0.25)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tokenizers
 import torch
+import torch.nn.functional as F
 
 from funaudiochat.assets.ct2 import read_ct2
 from funaudiochat.assets.whisper_decoder import llm_ids_table, reader_config, reader_state_dict
@@ -135,6 +136,22 @@ def test_bf16_products_read_what_fp32_reads(whisper, clean_and_noisy):
     torch.testing.assert_close(rounded, exact, rtol=0.05, atol=0.05)
     with pytest.raises(ConfigError, match="compute dtype must be one of"):
         reader.set_compute_dtype("int8")
+
+
+def test_bf16_copies_packed_for_the_cpu_compute_the_plain_bf16_product(whisper, clean_and_noisy):
+    """On a CPU the bf16 copies are kept in oneDNN's packed layout (1.5-2x faster for a window's beams on an AMX CPU):
+    the product of the same bf16-rounded inputs and weights as F.linear, to the bf16 rounding of its output."""
+    cfg, _, _, reader = whisper
+    if not word_reader._packs_for_cpu(torch.device("cpu")):
+        pytest.skip("this PyTorch build has no oneDNN")
+    z = reader.norm(clean_and_noisy[0, :5])
+    w = reader.layers[0].fc1.weight
+    packed = word_reader._bf16_copy(cfg.beam_size)(w)
+    plain = F.linear(z.to(torch.bfloat16), w.to(torch.bfloat16)).float()
+    with torch.no_grad():
+        got = word_reader._bf16_product(z, packed)
+    assert got.dtype == torch.float32 and got.shape == plain.shape
+    torch.testing.assert_close(got, plain, rtol=2 ** -7, atol=1e-3)
 
 
 def test_packed_fp32_products_read_what_the_plain_weights_read(whisper, clean_and_noisy, monkeypatch):

@@ -20,7 +20,8 @@ the encoder, on the training clips' scripts through noise and the telephone band
 of a known transcript in one pass). Released checkpoints have no reader. Each step reads all its weights (8 M in the
 layers) and scores the whole vocabulary (20 M in the tied projection): the step is bound by memory, not arithmetic.
 By default (`set_compute_dtype`) its products read bf16 copies of the weights where the device computes bf16
-natively: half the bytes. Only the products' inputs are rounded to bf16; sums, layer norms, attention and the
+natively: half the bytes (on a CPU in oneDNN's packed layout: a read 1.2x faster on an AMX CPU than with plain
+copies, the same words). Only the products' inputs are rounded to bf16; sums, layer norms, attention and the
 residual stream stay fp32. It reads as well (the mini's 150 test ASR clips: bench/word_reader.py, figures in
 BENCHMARKS.md). On other CPUs the products read fp32 weights in oneDNN's packed layout, which a product of a few
 rows (the 5 beams) reads 1.3-3x faster than the plain weight: the same sums in another order. Either kind of copy is
@@ -140,8 +141,22 @@ class _WeightCopy:
         self.key = self.copy = None
 
 
-def _to_bf16(w: torch.Tensor) -> torch.Tensor:
-    return w.to(torch.bfloat16)
+def _bf16_copy(rows: int):
+    """A maker of a weight's [N, C] bf16 copy: on a CPU in oneDNN's packed layout for products of about `rows` rows
+    (a window's beams: 1.5-2x faster than the plain bf16 weight on an AMX CPU, BENCHMARKS.md "Word reader"), else
+    plain."""
+    def make(w: torch.Tensor) -> torch.Tensor:
+        w = w.to(torch.bfloat16)
+        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows) if _packs_for_cpu(w.device) else w
+    return make
+
+
+def _bf16_product(x: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+    """x [R, C] rounded to bf16, times a `_bf16_copy` [N, C] -> [R, N] fp32 (the product rounded to bf16 either way)."""
+    x = x.to(torch.bfloat16)
+    if _packs_for_cpu(x.device):
+        return torch.ops.mkldnn._linear_pointwise(x, copy, None, "none", [], "").float()
+    return F.linear(x, copy).float()
 
 
 def _packs_for_cpu(device: torch.device) -> bool:
@@ -170,20 +185,20 @@ _compiled_rows_times_half = torch.compile(_rows_times_half, dynamic=False)  # (c
 
 class _Linear(nn.Linear):
     """nn.Linear whose product, during a read (`WordReader.read` sets `product`), reads a bf16 copy of the weight
-    (the input rounded to bf16, the product accumulated and returned in fp32, the bias added in fp32) or oneDNN's
+    (`_bf16_copy`; the input rounded to bf16, the product accumulated in fp32, the bias added in fp32) or oneDNN's
     packed fp32 layout of it (the same sums in another order). Training reads the weight itself ("plain")."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.product = "plain"
-        self._bf16, self._packed = _WeightCopy(_to_bf16), None
+        self._bf16, self._packed = _WeightCopy(_bf16_copy(WordReaderConfig.beam_size)), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.product == "plain" or self.weight.dtype != torch.float32:
             return super().forward(x)
         if self.product == "packed":
             return _packed_product(x, self._packed.of(self.weight), self.bias)
-        return F.linear(x.to(torch.bfloat16), self._bf16.of(self.weight)).float() + self.bias
+        return _bf16_product(x, self._bf16.of(self.weight)) + self.bias
 
 
 class _Attention(nn.Module):
@@ -257,7 +272,7 @@ class WordReader(nn.Module):
         self.compute_dtype = "auto"
         self.half_vocabulary = False  # the fp32 CPU product over the vocabulary reads an fp16 copy, compiled
         self._projection_half = _WeightCopy(lambda w: w[: cfg.end_id + 1].to(torch.float16).contiguous())
-        self._projection_bf16 = _WeightCopy(_to_bf16)
+        self._projection_bf16 = _WeightCopy(lambda w: _bf16_copy(cfg.beam_size)(w[: cfg.end_id + 1]))  # words' rows
         self._projection_packed = _WeightCopy(lambda w: _packed(cfg.beam_size)(w[: cfg.end_id + 1]))  # words' rows
 
     def set_compute_dtype(self, name: str) -> None:
@@ -303,7 +318,9 @@ class WordReader(nn.Module):
             return _compiled_rows_times_half(z, self._projection_half.of(self.embed_tokens.weight))
         if kind == "packed":
             return _packed_product(z, self._projection_packed.of(self.embed_tokens.weight), None)
-        w = self._projection_bf16.of(self.embed_tokens.weight) if kind == "bf16" else self.embed_tokens.weight
+        if kind == "bf16":
+            return _bf16_product(z, self._projection_bf16.of(self.embed_tokens.weight))
+        w = self.embed_tokens.weight
         return (z.to(w.dtype) @ w[: self.cfg.end_id + 1].T).float()
 
     def _step(self, token: torch.Tensor, pos: int, k_cache: torch.Tensor, v_cache: torch.Tensor,

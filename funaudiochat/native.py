@@ -19,6 +19,7 @@ import torch
 
 from funaudiochat.fileio import user_cache_dir
 
+PARALLEL_HEADER = Path(__file__).with_name("native_parallel.h")  # included by every library's source
 VARIANT_FLAGS = {"avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"),
                  "avx2": ("-mavx2", "-mfma"), "scalar": ()}
 
@@ -45,8 +46,9 @@ def _library(source: Path, namespace: str, variant: str) -> Path:
     torch_lib = library_paths()[0]
     flags = ["-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", *VARIANT_FLAGS[variant],
              f"-DFAC_NS={namespace}", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-             *(f"-I{p}" for p in include_paths())]
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
+             f"-I{PARALLEL_HEADER.parent}", *(f"-I{p}" for p in include_paths())]
+    key = hashlib.sha256(source.read_bytes() + PARALLEL_HEADER.read_bytes() + " ".join(flags).encode()
+                         + torch.__version__.encode()).hexdigest()
     folder = user_cache_dir() / "kernels"
     target = folder / f"{source.stem}_{variant}_{key[:16]}.so"
     if target.exists():

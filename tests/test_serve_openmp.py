@@ -110,3 +110,33 @@ def test_the_engine_thread_keeps_its_threads_while_prompt_builders_use_one(tmp_p
             sched.close()
     asyncio.run(main())
     assert seen and set(seen) == {2}, seen
+
+
+def test_the_cpp_kernels_leave_a_threads_count_as_the_thread_set_it():
+    """The int8 and mel kernels split their loops over the calling thread's OpenMP threads without ATen's inline
+    lazy set-up, which, inlined in each kernel library with a per-thread flag of its own, reset a thread's count to
+    the process-wide default at the thread's first call: after a helper's `one_thread_here` (default 1), the server's
+    engine thread fell to one thread at its first int8 product."""
+    from funaudiochat.audio import mel_kernel
+    from funaudiochat.audio.mel import log_mel
+    from funaudiochat.model import int8_kernel
+    from funaudiochat.model.quantize import quantize_weight
+
+    int8_op = int8_kernel.load()
+    if int8_op is None or mel_kernel.load() is None:
+        import pytest
+        pytest.skip("the C++ kernels do not build on this CPU")
+    q, scale = quantize_weight(torch.randn(256, 64))
+    wav = torch.randn(16000)
+
+    def engine_like():
+        threads_here(2)
+        helper = threading.Thread(target=one_thread_here)  # the process-wide default becomes 1
+        helper.start()
+        helper.join()
+        int8_op(torch.randn(1, 64), q, scale)  # (this thread's first call of each library)
+        after_int8 = torch.get_num_threads()
+        log_mel(wav)
+        return after_int8, torch.get_num_threads()
+
+    assert run_in_thread(engine_like) == (2, 2)

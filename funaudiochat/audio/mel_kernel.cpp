@@ -1,15 +1,16 @@
-// Whisper's log mel spectrum, vectorised across frames:
+// Whisper's log mel spectrum, vectorised across frames (`log_mel`):
 //   out[m, t] = log10(max(sum_k filters[m, k] |rfft(window * frame_t)[k]|^2, 1e-10))
-// wav [S] fp32, frame t = wav[start + 160 t + j], j < 400, reflected at both ends (index -i reads i, S - 1 + i reads
-// S - 1 - i), T frames -> out [M, T] fp32 (before the clip's max - 8 floor). A generic FFT library transforms one frame at a time and shuffles data inside its vectors; here
-// each of a vector's LANES lanes holds a different frame, so the 400-point transform is plain scalar code run on
-// LANES frames at once (no shuffles), and each mel row of LANES frames is one contiguous store into out.
+// wav [S] fp32, frame t = wav[start + 160 t + j], j < 400, reflected at both ends (index -i reads i, S - 1 + i
+// reads S - 1 - i), T frames -> out [M, T] fp32; `floor_and_scale_` then applies the clip's max - 8 floor and the
+// (x + 4) / 4 scale in one pass. A generic FFT library transforms one frame at a time and shuffles data inside its
+// vectors; here each of a vector's LANES lanes holds a different frame, so the 400-point transform is plain scalar
+// code run on LANES frames at once (no shuffles), and each mel row of LANES frames is one contiguous store into out.
 //
-// The 400-point real FFT is a 200-point complex FFT of z[n] = x[2n] + i x[2n+1] (radix 4, 2, 5, 5; Stockham
-// passes, so the result comes out in natural order), then the split X[k] = (Z[k] + conj Z[200-k]) / 2
+// The 400-point real FFT is a 200-point complex FFT of z[n] = x[2n] + i x[2n+1] (Stockham passes of radix 8, 5, 5,
+// so the result comes out in natural order), then the split X[k] = (Z[k] + conj Z[200-k]) / 2
 // - i/2 e^(-2 pi i k / 400) (Z[k] - conj Z[200-k]) for k = 0..200. Built by audio/mel_kernel.py (FAC_NS names the
 // op's namespace: one per instruction set).
-#include <ATen/Parallel.h>
+#include "native_parallel.h"
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -40,10 +41,6 @@ inline Vec loadu(const float* p) { return _mm512_loadu_ps(p); }
 inline void store(float* p, Vec v) { _mm512_store_ps(p, v); }
 inline void storeu(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 using Index = __m512i;
-inline Index lane_offsets(int stride) {
-  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                            _mm512_set1_epi32(stride));
-}
 inline Vec gather(const float* base, Index offsets) { return _mm512_i32gather_ps(offsets, base, 4); }
 inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 inline Vec reciprocal(Vec b) {  // 14-bit estimate and one Newton step: 1 / b to about 2^-23
@@ -72,9 +69,6 @@ inline Vec loadu(const float* p) { return _mm256_loadu_ps(p); }
 inline void store(float* p, Vec v) { _mm256_store_ps(p, v); }
 inline void storeu(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 using Index = __m256i;
-inline Index lane_offsets(int stride) {
-  return _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(stride));
-}
 inline Vec gather(const float* base, Index offsets) { return _mm256_i32gather_ps(base, offsets, 4); }
 inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 inline Vec reciprocal(Vec b) {  // 12-bit estimate and one Newton step: 1 / b to about 2^-22
@@ -122,7 +116,7 @@ inline Vec log10_clamped(Vec x) {
 // Twiddles of every pass (cos, sin of -2 pi q k / (p r)), and of the real split, computed once in double.
 struct Tables {
   std::vector<float> pass[PASSES][2];  // [pass][re|im][q * p + k]
-  std::vector<float> split[2];    // [re|im][k]: e^(-2 pi i k / 400)
+  std::vector<float> split[2];         // [re|im][k]: e^(-2 pi i k / 400)
   Tables() {
     int p = 1;
     for (int s = 0; s < PASSES; ++s) {
@@ -230,17 +224,14 @@ void frames_to_mel(const float* wav, int64_t samples, int64_t start, int64_t t0,
   const int64_t first_sample = start + t0 * HOP, last_sample = first_sample + (n_valid - 1) * HOP + N_FFT - 1;
   const bool inside = first_sample >= 0 && last_sample < samples;
   alignas(64) float edge[LANES * N_FFT];
-  const float* base = wav + first_sample;
-  int stride = HOP;
-  if (!inside) {
+  if (!inside)
     for (int l = 0; l < n_valid; ++l)
       for (int j = 0; j < N_FFT; ++j) {
         int64_t i = first_sample + l * HOP + j;
         edge[l * N_FFT + j] = wav[i < 0 ? -i : i >= samples ? 2 * (samples - 1) - i : i];
       }
-    base = edge;
-    stride = N_FFT;
-  }
+  const float* base = inside ? wav + first_sample : edge;
+  const int stride = inside ? HOP : N_FFT;
   alignas(64) int offsets[LANES];
   for (int l = 0; l < LANES; ++l) offsets[l] = (l < n_valid ? l : n_valid - 1) * stride;
   Index index;
@@ -313,7 +304,7 @@ void log_mel(const at::Tensor& wav, int64_t start, at::Tensor out, const at::Ten
   const int64_t ld = out.stride(0);
   tables();  // built before the threads start
   int64_t blocks = (n_frames + LANES - 1) / LANES;
-  at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
+  fac::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       int64_t t0 = b * LANES;
       frames_to_mel(x, samples, start, t0, (int)std::min<int64_t>(LANES, n_frames - t0), w, f, y, ld);
@@ -327,7 +318,7 @@ void floor_and_scale_(at::Tensor x, double floor) {
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "floor_and_scale_: x must be contiguous float32");
   float* p = x.data_ptr<float>();
   const Vec f = set1((float)floor), quarter = set1(0.25f), one = set1(1.f);
-  at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+  fac::parallel_for(0, x.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     for (; i + LANES <= end; i += LANES) storeu(p + i, fmadd(vmax(loadu(p + i), f), quarter, one));
     for (; i < end; ++i) p[i] = std::max(p[i], (float)floor) * 0.25f + 1.f;

@@ -5,7 +5,7 @@
 // registers, and multiplied into independent fp32 accumulators (FMA chains: 2 per row of x, 4 for a single row),
 // which hide the FMA's latency that bounds a single-accumulator reduction (inductor's product-and-sum) on small
 // CPUs. Built by model/int8_kernel.py for one instruction set (FAC_NS names the op's namespace: one per build).
-#include <ATen/Parallel.h>
+#include "native_parallel.h"
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -95,7 +95,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  fac::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int8_t* w = qp + n * K;
       int64_t m = 0;

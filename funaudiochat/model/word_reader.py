@@ -143,8 +143,8 @@ class _WeightCopy:
 
 def _bf16_copy(rows: int):
     """A maker of a weight's [N, C] bf16 copy: on a CPU in oneDNN's packed layout for products of about `rows` rows
-    (a window's beams: 1.5-2x faster than the plain bf16 weight on an AMX CPU, BENCHMARKS.md "Word reader"), else
-    plain."""
+    (a window's beams: 1.5-2x faster than the plain bf16 weight on an AMX CPU, where oneDNN repacks a plain weight at
+    every call; BENCHMARKS.md, "the word reader's bf16 copies packed"), else plain."""
     def make(w: torch.Tensor) -> torch.Tensor:
         w = w.to(torch.bfloat16)
         return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows) if _packs_for_cpu(w.device) else w

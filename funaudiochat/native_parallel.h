@@ -22,15 +22,16 @@ template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   if (begin >= end) return;
   const int64_t chunks = std::max<int64_t>(1, (end - begin + grain - 1) / std::max<int64_t>(grain, 1));
-  const int64_t threads = omp_in_parallel() ? 1 : std::min<int64_t>(omp_get_max_threads(), chunks);
-  if (threads <= 1) {
+  if (chunks == 1 || omp_in_parallel() || omp_get_max_threads() == 1) {
     f(begin, end);
     return;
   }
   std::exception_ptr error;
-#pragma omp parallel num_threads(threads)
+  // (no num_threads clause, as in ATen: a team whose size changes from region to region makes libgomp stop and start
+  // pool threads, pytorch/pytorch#32008; threads past the chunks' count idle through the region)
+#pragma omp parallel
   {
-    const int64_t n = omp_get_num_threads(), size = (end - begin + n - 1) / n;
+    const int64_t n = std::min<int64_t>(omp_get_num_threads(), chunks), size = (end - begin + n - 1) / n;
     const int64_t first = begin + omp_get_thread_num() * size, last = std::min(end, first + size);
     if (first < last) {
       try {

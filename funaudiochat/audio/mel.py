@@ -54,13 +54,14 @@ def _constants(n_mels: int, device: torch.device) -> tuple[list, torch.Tensor, t
     ([t, 2F]: re², im² of each bin side by side), so each filter column appears twice: the power re² + im² is summed
     by the projection itself, with no separate pass over the spectrum. The bank is banded: it is cut into row blocks,
     each with the span of columns it touches, so a few small matmuls over their spans skip most of its zeros."""
-    filters = np.repeat(mel_filters(n_mels), 2, axis=1)  # [M, 2F]
+    bank = mel_filters(n_mels)  # [M, F]
+    filters = np.repeat(bank, 2, axis=1)  # [M, 2F]
     blocks = []
     for rows in np.array_split(np.arange(n_mels), _FILTER_BLOCKS):
         bins = np.flatnonzero(filters[rows].any(axis=0))
         r0, r1, c0, c1 = rows[0], rows[-1] + 1, bins[0], bins[-1] + 1
         blocks.append((r0, r1, c0, c1, torch.from_numpy(filters[r0:r1, c0:c1].copy()).to(device)))
-    return blocks, torch.hann_window(N_FFT, device=device), mel_kernel.sparse_form(mel_filters(n_mels))
+    return blocks, torch.hann_window(N_FFT, device=device), mel_kernel.sparse_form(bank)
 
 
 def _log_mel_unfloored(wav: torch.Tensor, n_mels: int, n_frames: int | None = None) -> torch.Tensor:

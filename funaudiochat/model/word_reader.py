@@ -147,16 +147,14 @@ def _bf16_copy(rows: int):
     every call; BENCHMARKS.md, "the word reader's bf16 copies packed"), else plain."""
     def make(w: torch.Tensor) -> torch.Tensor:
         w = w.to(torch.bfloat16)
-        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows) if _packs_for_cpu(w.device) else w
+        return _packed(rows)(w) if _packs_for_cpu(w.device) else w
     return make
 
 
 def _bf16_product(x: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
     """x [R, C] rounded to bf16, times a `_bf16_copy` [N, C] -> [R, N] fp32 (the product rounded to bf16 either way)."""
     x = x.to(torch.bfloat16)
-    if _packs_for_cpu(x.device):
-        return torch.ops.mkldnn._linear_pointwise(x, copy, None, "none", [], "").float()
-    return F.linear(x, copy).float()
+    return (_packed_product(x, copy, None) if _packs_for_cpu(x.device) else F.linear(x, copy)).float()
 
 
 def _packs_for_cpu(device: torch.device) -> bool:
